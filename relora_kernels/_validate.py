@@ -1,0 +1,84 @@
+"""Argument checks shared by the public ops: clear ValueError/TypeError naming the argument and what it saw."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+SEED_LIMIT = 2**63
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_float_tensor(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16 or bfloat16), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got {t.dim()}-D ({_describe(t)})")
+
+
+def check_same_dtype_and_device(**tensors: torch.Tensor | None) -> None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    seen = ", ".join(f"{name}: {t.dtype} on {t.device}" for name, t in present.items())
+    if len({t.dtype for t in present.values()}) > 1:
+        raise TypeError(f"all tensors must share one dtype; got {seen}")
+    if len({t.device for t in present.values()}) > 1:
+        raise ValueError(f"all tensors must be on one device; got {seen}")
+
+
+def check_scalar(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def check_dropout_p(dropout_p) -> float:
+    p = check_scalar("dropout_p", dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return p
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return int(seed)
+
+
+def check_lora_linear_args(x, weight, lora_a, lora_b, bias) -> None:
+    """Shapes per DESIGN.md section 5: x (..., K), weight (N, K), lora_a (r, K), lora_b (N, r), bias (N,)."""
+    check_float_tensor("x", x)
+    check_float_tensor("weight", weight, ndim=2)
+    check_float_tensor("lora_a", lora_a, ndim=2)
+    check_float_tensor("lora_b", lora_b, ndim=2)
+    if bias is not None:
+        check_float_tensor("bias", bias, ndim=1)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., in_features), got a 0-d tensor")
+    check_same_dtype_and_device(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+
+    (n, k), r = weight.shape, lora_a.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_a must have r >= 1 rows, got shape {tuple(lora_a.shape)}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's in_features; x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if lora_a.shape[1] != k:
+        raise ValueError(f"lora_a must be (r, {k}) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (n, r):
+        raise ValueError(f"lora_b must be (out_features, r) = ({n}, {r}) to match weight {tuple(weight.shape)} and "
+                         f"lora_a {tuple(lora_a.shape)}, got {tuple(lora_b.shape)}")
+    if bias is not None and bias.shape[0] != n:
+        raise ValueError(f"bias must have out_features = {n} elements to match weight {tuple(weight.shape)}, "
+                         f"got shape {tuple(bias.shape)}")

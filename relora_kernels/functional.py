@@ -1,0 +1,97 @@
+"""The differentiable fused LoRA linear: `lora_linear`, backed by the Triton kernels or the reference.
+
+    forward   S = dropout_p(x) @ A.T;  y = x @ W.T + bias + s * S @ B.T            (2 launches)
+    backward  dS, dB, dA, dbias from one launch;  dx = dy @ W + mask(dS @ A)/(1-p)  (2 launches)
+
+Only S (M, r) is kept for the backward besides the inputs: the dropout mask is regenerated from the seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._backend import deterministic, use_triton
+from ._validate import check_dropout_p, check_lora_linear_args, check_scalar, check_seed
+
+# Seeds drawn for seed=None stay below 2**31 so the kernels see one integer type (no recompilation).
+_DRAWN_SEED_LIMIT = 2**31
+
+
+def _kernels():
+    # Imported on first use so that the reference path never needs triton.
+    from .kernels import lora_linear as kernels
+
+    return kernels
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd of the kernel path on 2-D x; returns (y, S), S being non-differentiable and kept for backward."""
+
+    @staticmethod
+    def forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic):
+        kernels = _kernels()
+        shrunk = kernels.lora_shrink(x, lora_a, dropout_p, seed)
+        y = kernels.lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias)
+        return y, shrunk
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic = inputs
+        _, shrunk = output
+        ctx.mark_non_differentiable(shrunk)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, shrunk)
+        ctx.scale, ctx.dropout_p, ctx.seed, ctx.deterministic = scale, dropout_p, seed, deterministic
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_shrunk):
+        x, weight, lora_a, lora_b, shrunk = ctx.saved_tensors
+        need_x, need_weight, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        kernels = _kernels()
+        # dS = s * dy @ B;  dB = s * dy.T @ S;  dA = dS.T @ x~;  dbias = dy.sum(0)
+        grad_a, grad_b, grad_shrunk, grad_bias = kernels.lora_grad_ab(
+            grad_y, x, shrunk, lora_b, ctx.scale, ctx.dropout_p, ctx.seed, need_bias, ctx.deterministic
+        )
+        # dx = dy @ W + (dS @ A) * m / (1-p)
+        grad_x = kernels.lora_input_grad(grad_y, weight, grad_shrunk, lora_a, ctx.dropout_p, ctx.seed) if need_x else None
+        # dW = dy.T @ x, only if the caller unfroze W (a full-rank phase); LoRA training keeps W frozen.
+        grad_weight = grad_y.T @ x if need_weight else None
+        # scale, dropout_p, seed and deterministic are Python scalars: no gradient.
+        return (grad_x, grad_weight, grad_a if need_a else None, grad_b if need_b else None, grad_bias,
+                None, None, None, None)
+
+
+def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, seed=None):
+    """y = x @ weight.T + bias + scale * dropout_p(x) @ lora_a.T @ lora_b.T.
+
+    Args:
+        x: (..., K) input, any leading dims (none or several), any strides; M = 0 rows is valid.
+        weight: (N, K) frozen weight. lora_a: (r, K). lora_b: (N, r). bias: (N,) or None.
+        scale: the LoRA scale s (alpha / r). dropout_p: LoRA-branch dropout probability in [0, 1).
+        seed: int keying the dropout mask; the mask depends only on (seed, element index), so the same seed gives
+            the same mask on any backend. None draws one from torch's default generator (only when
+            dropout_p > 0), so torch.manual_seed makes runs reproducible.
+
+    Returns (..., N) in x's dtype. All tensors must share one dtype (float32, float16 or bfloat16) and one device;
+    the computation runs in that dtype with fp32 accumulation. Autocast is not applied here: cast first.
+    Differentiable in x, lora_a, lora_b and bias (and in weight, with a plain matmul, if it requires grad).
+    """
+    check_lora_linear_args(x, weight, lora_a, lora_b, bias)
+    scale = check_scalar("scale", scale)
+    dropout_p = check_dropout_p(dropout_p)
+    if seed is None:
+        seed = int(torch.randint(_DRAWN_SEED_LIMIT, ()).item()) if dropout_p > 0.0 else 0
+    seed = check_seed(seed)
+
+    if not use_triton(x.device):
+        return reference.lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
+
+    kernels = _kernels()
+    rank = lora_a.shape[0]
+    if rank > kernels.MAX_RANK:
+        raise ValueError(f"lora_a has r = {rank} rows; the Triton kernels support r <= {kernels.MAX_RANK}")
+    out_features, in_features = weight.shape
+    y, _ = LoRALinearFunction.apply(
+        x.reshape(-1, in_features), weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic()
+    )
+    return y.reshape(*x.shape[:-1], out_features)

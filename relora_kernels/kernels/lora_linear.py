@@ -1,0 +1,446 @@
+"""Triton kernels of the fused LoRA linear and their launchers.
+
+The math (DESIGN.md section 1; x (M, K), W (N, K), A (r, K), B (N, r), s the scale, p the dropout):
+
+    x~ = dropout_p(x)                          mask m from (seed, m * K + k), scaled by 1/(1-p)
+    S  = x~ @ A.T                              _shrink_kernel            (lora_shrink)
+    y  = x @ W.T + bias + s * S @ B.T          _fused_matmul_kernel      (lora_forward_matmul)
+    dS = s * dy @ B                            \
+    dB = s * dy.T @ S                           | _grad_ab_kernel        (lora_grad_ab)
+    dA = dS.T @ x~                              | one launch: dy and x are each read once
+    dbias = dy.sum(0)                          /
+    dx = dy @ W + (dS @ A) * m / (1-p)         _fused_matmul_kernel      (lora_input_grad)
+
+The fused GEMM starts its fp32 accumulator from the low-rank term (plus bias) and then runs the ordinary K loop,
+so the LoRA branch costs no extra read or write of the (M, N) output. The dropout mask is never stored: every
+kernel that needs it regenerates it from Philox keyed by the seed and counted by the element's flat index in the
+(M, K) view of x. `reference.py` reproduces the same stream, so the reference drops the same elements.
+
+Launchers take 2-D tensors that `functional.py` has already validated (same dtype and device, matching shapes)
+and accept any strides. Limits: r <= MAX_RANK (the low-rank tiles live in registers).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import DROPOUT_BITS, dropout_threshold
+
+MAX_RANK = 256
+
+# tl.randint gives 32 random bits; the top DROPOUT_BITS of them are compared with round(p * 2**DROPOUT_BITS).
+_RANDOM_SHIFT = tl.constexpr(32 - DROPOUT_BITS)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _block_rank(rank: int) -> int:
+    """r padded to a power of two >= 16 because tl.dot needs every dimension >= 16; the padding is masked."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's own matmul setting (full fp32 unless TF32 was allowed); 16-bit ones ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@triton.jit
+def _keep_mask(seed, offsets, keep_threshold):
+    """True where the element at flat index `offsets` survives dropout (same stream as reference.dropout_mask)."""
+    bits = (tl.randint(seed, offsets) >> _RANDOM_SHIFT).to(tl.int32)
+    return bits >= keep_threshold
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fwd 1: S = dropout(x) @ A.T
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _shrink_kernel(
+    x_ptr,  # (M, K)
+    a_ptr,  # (R, K)
+    s_ptr,  # (M, R) output
+    M, K, R,
+    stride_xm, stride_xk,
+    stride_ar, stride_ak,
+    stride_sm, stride_sr,
+    seed, keep_threshold, inv_keep,
+    APPLY_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)  # M * stride can pass 2**31
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_tile = tl.load(
+            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0,
+        )
+        if APPLY_DROPOUT:
+            keep = _keep_mask(seed, rows[:, None] * K + offs_k[None, :], keep_threshold)
+            x_tile = tl.where(keep, x_tile, tl.zeros_like(x_tile))
+        a_tile = tl.load(  # (BLOCK_K, BLOCK_R) tile of A.T
+            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0,
+        )
+        acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
+    if APPLY_DROPOUT:
+        acc = acc * tl.to_tensor(inv_keep).to(tl.float32)  # the 1/(1-p) of every kept element, applied once
+    tl.store(
+        s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+        acc.to(s_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fwd 2 and bwd 2: out = lhs @ rhs + low_scale * mask(low @ up) + bias, the low-rank term as accumulator init
+#   forward:  y  = x  @ W.T + s * (S @ B.T) + bias        (lhs = x,  rhs = W.T, low = S,  up = B.T, no mask)
+#   backward: dx = dy @ W   + mask(dS @ A) / (1-p)         (lhs = dy, rhs = W,   low = dS, up = A)
+# The transposes are strides, never copies.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _fused_matmul_kernel(
+    lhs_ptr,  # (M, K)
+    rhs_ptr,  # (K, N)
+    low_ptr,  # (M, R)
+    up_ptr,  # (R, N)
+    bias_ptr,  # (N,), read only when HAS_BIAS
+    out_ptr,  # (M, N) output
+    M, N, K, R,
+    stride_lm, stride_lk,
+    stride_rk, stride_rn,
+    stride_wm, stride_wr,
+    stride_ur, stride_un,
+    stride_om, stride_on,
+    low_scale, seed, keep_threshold,
+    HAS_BIAS: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row-blocks share their rhs column-blocks while those are still in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    # Accumulator init: low_scale * (low @ up), masked by dropout, plus bias.
+    low_tile = tl.load(
+        low_ptr + rows[:, None] * stride_wm + offs_r[None, :] * stride_wr,
+        mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
+    )
+    up_tile = tl.load(
+        up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
+        mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0,
+    )
+    acc = tl.dot(low_tile, up_tile, input_precision=DOT_PRECISION) * tl.to_tensor(low_scale).to(tl.float32)
+    if APPLY_DROPOUT:
+        keep = _keep_mask(seed, rows[:, None] * N + cols[None, :], keep_threshold)
+        acc = tl.where(keep, acc, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+    # The ordinary K loop of lhs @ rhs.
+    lhs_ptrs = lhs_ptr + rows[:, None] * stride_lm + tl.arange(0, BLOCK_K)[None, :] * stride_lk
+    rhs_ptrs = rhs_ptr + tl.arange(0, BLOCK_K)[:, None] * stride_rk + cols[None, :] * stride_rn
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        lhs_tile = tl.load(lhs_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        rhs_tile = tl.load(rhs_ptrs, mask=(offs_k[:, None] < K) & mask_n[None, :], other=0.0)
+        acc = tl.dot(lhs_tile, rhs_tile, acc, input_precision=DOT_PRECISION)
+        lhs_ptrs += BLOCK_K * stride_lk
+        rhs_ptrs += BLOCK_K * stride_rk
+
+    tl.store(
+        out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bwd 1: dS, dB, dA (and dbias) in one launch, one program per block of tokens
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _accumulate(ptrs, value, mask, DETERMINISTIC: tl.constexpr):
+    """Add a program's partial into the reduction buffer: its own slice (deterministic) or fp32 atomics."""
+    if DETERMINISTIC:
+        tl.store(ptrs, value, mask=mask)
+    else:
+        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _grad_ab_kernel(
+    dy_ptr,  # (M, N)
+    x_ptr,  # (M, K)
+    s_ptr,  # (M, R) the forward's S
+    b_ptr,  # (N, R)
+    ds_ptr,  # (M, R) output dS
+    da_ptr,  # (SPLITS, R, K) fp32 output: dA partials (SPLITS = 1 with atomics)
+    db_ptr,  # (SPLITS, N, R) fp32 output: dB partials
+    dbias_ptr,  # (SPLITS, N) fp32 output: dbias partials, written only when HAS_BIAS_GRAD
+    M, N, K, R,
+    stride_dym, stride_dyn,
+    stride_xm, stride_xk,
+    stride_sm, stride_sr,
+    stride_bn, stride_br,
+    stride_dsm, stride_dsr,
+    stride_da_split, stride_da_r, stride_da_k,
+    stride_db_split, stride_db_n, stride_db_r,
+    stride_dbias_split,
+    scale, seed, keep_threshold, inv_keep,
+    HAS_BIAS_GRAD: tl.constexpr, APPLY_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = pid_m if DETERMINISTIC else 0
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
+    mask_m = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    scale = tl.to_tensor(scale).to(tl.float32)  # float scalars may arrive as fp64 (torch.compile)
+
+    s_tile = tl.load(
+        s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+        mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+    )
+
+    # Pass over N: dy is read once, feeding dS (reduced here over N) and dB (reduced over tokens by _accumulate).
+    ds_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        dy_tile = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+        )
+        b_tile = tl.load(
+            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            mask=mask_n[:, None] & mask_r[None, :], other=0.0,
+        )
+        # dS += dy @ B   (s applied once after the loop)
+        ds_acc = tl.dot(dy_tile, b_tile, ds_acc, input_precision=DOT_PRECISION)
+        # dB += s * dy.T @ S
+        db_part = tl.dot(tl.trans(dy_tile), s_tile, input_precision=DOT_PRECISION) * scale
+        _accumulate(
+            db_ptr + split * stride_db_split + offs_n[:, None] * stride_db_n + offs_r[None, :] * stride_db_r,
+            db_part, mask_n[:, None] & mask_r[None, :], DETERMINISTIC,
+        )
+        if HAS_BIAS_GRAD:
+            # dbias += dy.sum(0)
+            _accumulate(
+                dbias_ptr + split * stride_dbias_split + offs_n,
+                tl.sum(dy_tile.to(tl.float32), axis=0), mask_n, DETERMINISTIC,
+            )
+
+    ds = ds_acc * scale
+    tl.store(
+        ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+        ds.to(ds_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_r[None, :],
+    )
+    # dS enters dA in the input dtype, as it would in the eager computation.
+    ds_t = tl.trans(ds.to(x_ptr.dtype.element_ty))
+
+    # Pass over K: x is read once; dA = dS.T @ x~ with the dropout mask regenerated, not loaded.
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x_tile = tl.load(
+            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )
+        if APPLY_DROPOUT:
+            keep = _keep_mask(seed, rows[:, None] * K + offs_k[None, :], keep_threshold)
+            x_tile = tl.where(keep, x_tile, tl.zeros_like(x_tile))
+        # dA += dS.T @ x~
+        da_part = tl.dot(ds_t, x_tile, input_precision=DOT_PRECISION)
+        if APPLY_DROPOUT:
+            da_part = da_part * tl.to_tensor(inv_keep).to(tl.float32)
+        _accumulate(
+            da_ptr + split * stride_da_split + offs_r[:, None] * stride_da_r + offs_k[None, :] * stride_da_k,
+            da_part, mask_r[:, None] & mask_k[None, :], DETERMINISTIC,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configurations. Under the interpreter, one small config (it runs one program at a time on the CPU); on a GPU
+# the fused GEMM is autotuned over Hopper-class tiles (it writes a fresh output, so re-running it is safe) and
+# the in-place-accumulating grad kernel uses one fixed config (never autotune an atomic kernel blindly).
+# ---------------------------------------------------------------------------------------------------------------
+
+_INTERPRETER_BLOCK = 32
+
+_MATMUL_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+]
+
+_fused_matmul_autotuned = triton.autotune(configs=_MATMUL_CONFIGS, key=["M", "N", "K", "R"])(_fused_matmul_kernel)
+
+
+def _shrink_config(rank_block: int) -> dict:
+    if _interpreting():
+        return {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_K": _INTERPRETER_BLOCK}
+    return {"BLOCK_M": 64, "BLOCK_K": 128 if rank_block <= 64 else 64, "num_warps": 4, "num_stages": 3}
+
+
+def _grad_ab_config(rank_block: int) -> dict:
+    if _interpreting():
+        return {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK, "BLOCK_K": _INTERPRETER_BLOCK}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+
+
+def _dropout_args(dropout_p: float, seed: int) -> dict:
+    return {
+        "seed": seed,
+        "keep_threshold": dropout_threshold(dropout_p),
+        "APPLY_DROPOUT": dropout_p > 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers: same signatures as their twins in reference.py.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """S = dropout_p(x) @ A.T, (M, r) in x's dtype. x (M, K), lora_a (r, K)."""
+    (M, K), R = x.shape, lora_a.shape[0]
+    shrunk = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return shrunk
+    cfg = _shrink_config(_block_rank(R))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    _shrink_kernel[grid](
+        x, lora_a, shrunk,
+        M, K, R,
+        x.stride(0), x.stride(1),
+        lora_a.stride(0), lora_a.stride(1),
+        shrunk.stride(0), shrunk.stride(1),
+        inv_keep=1.0 / (1.0 - dropout_p),
+        BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
+        **_dropout_args(dropout_p, seed), **cfg,
+    )
+    return shrunk
+
+
+def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed):
+    """out = lhs @ rhs_t.T + low_scale * mask(low @ up_t.T) + bias, where rhs_t (N, K) and up_t (N, R)."""
+    (M, K), N, R = lhs.shape, rhs_t.shape[0], low.shape[1]
+    out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype)
+    if out.numel() == 0:
+        return out
+    args = (
+        lhs, rhs_t, low, up_t, bias if bias is not None else out, out,
+        M, N, K, R,
+        lhs.stride(0), lhs.stride(1),
+        rhs_t.stride(1), rhs_t.stride(0),
+        low.stride(0), low.stride(1),
+        up_t.stride(1), up_t.stride(0),
+        out.stride(0), out.stride(1),
+    )
+    meta = dict(
+        low_scale=float(low_scale), HAS_BIAS=bias is not None,
+        BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(lhs.dtype), **_dropout_args(dropout_p, seed),
+    )
+    if _interpreting():
+        block = _INTERPRETER_BLOCK
+        grid = (triton.cdiv(M, block) * triton.cdiv(N, block),)
+        _fused_matmul_kernel[grid](*args, BLOCK_M=block, BLOCK_N=block, BLOCK_K=block, GROUP_M=4, **meta)
+    else:
+        def grid(cfg):
+            return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+
+        _fused_matmul_autotuned[grid](*args, **meta)
+    return out
+
+
+def lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias):
+    """y = x @ W.T + bias + s * S @ B.T, (M, N) in x's dtype; the low-rank term seeds the accumulator."""
+    return _fused_matmul(x, weight, shrunk, lora_b, scale, bias, 0.0, 0)
+
+
+def lora_input_grad(grad_y, weight, grad_shrunk, lora_a, dropout_p, seed):
+    """dx = dy @ W + (dS @ A) * m / (1-p), (M, K) in dy's dtype; the masked low-rank term seeds the accumulator."""
+    return _fused_matmul(grad_y, weight.T, grad_shrunk, lora_a.T, 1.0 / (1.0 - dropout_p), None, dropout_p, seed)
+
+
+def lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic=False):
+    """(dA, dB, dS, dbias) from one launch, in x's dtype (reduced in fp32, rounded once).
+
+    Tokens are split across programs; each program's partial dA/dB/dbias is reduced by fp32 atomics into one
+    zeroed buffer, or, when `deterministic`, written to its own slice and summed afterwards (bit-identical run
+    to run, at the cost of SPLITS x (N + K) x r x 4 bytes of scratch).
+    """
+    (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
+    cfg = _grad_ab_config(_block_rank(R))
+    programs = triton.cdiv(M, cfg["BLOCK_M"])
+    splits = max(programs, 1) if deterministic else 1
+    dev = x.device
+    grad_a = torch.zeros((splits, R, K), device=dev, dtype=torch.float32)
+    grad_b = torch.zeros((splits, N, R), device=dev, dtype=torch.float32)
+    grad_bias = torch.zeros((splits, N), device=dev, dtype=torch.float32) if need_bias_grad else None
+    grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
+    if programs > 0:
+        _grad_ab_kernel[(programs,)](
+            grad_y, x, shrunk, lora_b, grad_shrunk, grad_a, grad_b, grad_bias if need_bias_grad else grad_b,
+            M, N, K, R,
+            grad_y.stride(0), grad_y.stride(1),
+            x.stride(0), x.stride(1),
+            shrunk.stride(0), shrunk.stride(1),
+            lora_b.stride(0), lora_b.stride(1),
+            grad_shrunk.stride(0), grad_shrunk.stride(1),
+            grad_a.stride(0), grad_a.stride(1), grad_a.stride(2),
+            grad_b.stride(0), grad_b.stride(1), grad_b.stride(2),
+            grad_bias.stride(0) if need_bias_grad else 0,
+            scale=float(scale), inv_keep=1.0 / (1.0 - dropout_p),
+            HAS_BIAS_GRAD=need_bias_grad, DETERMINISTIC=deterministic,
+            BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
+            **_dropout_args(dropout_p, seed), **cfg,
+        )
+    grad_a, grad_b = _reduce_splits(grad_a, x.dtype), _reduce_splits(grad_b, x.dtype)
+    grad_bias = _reduce_splits(grad_bias, x.dtype) if need_bias_grad else None
+    return grad_a, grad_b, grad_shrunk, grad_bias
+
+
+def _reduce_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the per-program partials (a fixed-order torch reduction) and round once into `dtype`."""
+    total = partials[0] if partials.shape[0] == 1 else partials.sum(0)
+    return total.to(dtype)

@@ -1,0 +1,124 @@
+"""Pure-PyTorch twins of every op in the package: the test oracle, the CPU fallback and the "eager" provider.
+
+Notation (DESIGN.md section 1, as nn.Linear): x (M, K), weight W (N, K), lora_a A (r, K), lora_b B (N, r),
+s the LoRA scale, p the LoRA-branch dropout probability.
+
+    x~ = dropout_p(x)                       mask from (seed, element index), inverted scaling 1/(1-p)
+    S  = x~ @ A.T                           lora_shrink
+    y  = x @ W.T + bias + s * S @ B.T       lora_forward_matmul
+    dS = s * dy @ B;  dB = s * dy.T @ S;  dA = dS.T @ x~;  dbias = dy.sum(0)      lora_grad_ab
+    dx = dy @ W + (dS @ A) * m / (1-p)      lora_input_grad
+
+Each function here has the same signature as the Triton launcher of the same name in `kernels/lora_linear.py`.
+The dropout mask is Philox-4x32-10 keyed by the seed and counted by the element's flat index (m * K + k), the
+exact stream Triton's `tl.randint` produces, so the kernels and this file drop the same elements.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The kernels compare the top 24 bits of a Philox draw with round(p * 2**24): an integer compare, so the
+# kernel and this file agree bit for bit on every element.
+DROPOUT_BITS = 24
+
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of a * b for a uint32 constant and a tensor of uint32 values held in int64.
+
+    a is split in 16-bit halves so that no partial product overflows int64.
+    """
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_hi, p_lo = a_hi * b, a_lo * b  # < 2**48 each
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & _MASK32
+    return hi, lo
+
+
+def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """First uint32 word (in int64) of Philox-4x32-10 for counters (offset_lo, offset_hi, 0, 0), key = seed."""
+    c0 = offsets & _MASK32
+    c1 = offsets >> 32
+    c2 = torch.zeros_like(offsets)
+    c3 = torch.zeros_like(offsets)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo_u32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo_u32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """An element is kept when the top DROPOUT_BITS bits of its draw are >= this threshold."""
+    return int(round(dropout_p * (1 << DROPOUT_BITS)))
+
+
+def dropout_mask(seed: int, rows: int, cols: int, dropout_p: float, device=None) -> torch.Tensor:
+    """Boolean keep-mask (rows, cols) for element (m, k) drawn from (seed, m * cols + k)."""
+    offsets = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
+    bits = philox_randint(seed, offsets) >> (32 - DROPOUT_BITS)
+    return bits >= dropout_threshold(dropout_p)
+
+
+def _dropout(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """x~ = x * m / (1-p) for a 2-D x; identity for p = 0."""
+    if dropout_p == 0.0:
+        return x
+    keep = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
+    return x * keep / (1.0 - dropout_p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The op as a whole: what lora_linear computes, differentiable by autograd.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, seed=0):
+    """y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T for x of any leading dims, computed in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    shrunk = F.linear(_dropout(x2, dropout_p, seed), lora_a)
+    y = F.linear(x2, weight, bias) + scale * F.linear(shrunk, lora_b)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The steps, one per kernel launch, on 2-D tensors (the twins of the launchers).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def lora_shrink(x, lora_a, dropout_p, seed):
+    """S = dropout_p(x) @ A.T, (M, r) in x's dtype."""
+    return _dropout(x, dropout_p, seed) @ lora_a.T
+
+
+def lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias):
+    """y = x @ W.T + bias + s * S @ B.T, (M, N)."""
+    y = x @ weight.T + scale * (shrunk @ lora_b.T)
+    return y if bias is None else y + bias
+
+
+def lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic=False):
+    """(dA, dB, dS, dbias): dS = s*dy@B, dB = s*dy.T@S, dA = dS.T@x~, dbias = dy.sum(0) (None unless asked).
+
+    `deterministic` is accepted for the launcher's signature; everything here is deterministic.
+    """
+    grad_shrunk = scale * (grad_y @ lora_b)
+    grad_b = scale * (grad_y.T @ shrunk)
+    grad_a = grad_shrunk.T @ _dropout(x, dropout_p, seed)
+    grad_bias = grad_y.sum(0) if need_bias_grad else None
+    return grad_a, grad_b, grad_shrunk, grad_bias
+
+
+def lora_input_grad(grad_y, weight, grad_shrunk, lora_a, dropout_p, seed):
+    """dx = dy @ W + (dS @ A) * m / (1-p), (M, K)."""
+    return grad_y @ weight + _dropout(grad_shrunk @ lora_a, dropout_p, seed)

@@ -53,7 +53,9 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_y, x, shrunk, lora_b, ctx.scale, ctx.dropout_p, ctx.seed, need_bias, ctx.deterministic
         )
         # dx = dy @ W + (dS @ A) * m / (1-p)
-        grad_x = kernels.lora_input_grad(grad_y, weight, grad_shrunk, lora_a, ctx.dropout_p, ctx.seed) if need_x else None
+        grad_x = None
+        if need_x:
+            grad_x = kernels.lora_input_grad(grad_y, weight, grad_shrunk, lora_a, ctx.dropout_p, ctx.seed)
         # dW = dy.T @ x, only if the caller unfroze W (a full-rank phase); LoRA training keeps W frozen.
         grad_weight = grad_y.T @ x if need_weight else None
         # scale, dropout_p, seed and deterministic are Python scalars: no gradient.

@@ -1,0 +1,51 @@
+"""Test set-up: without CUDA the Triton kernels run through the interpreter (set before triton is imported)."""
+
+import os
+import types
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Force the Triton kernels (the interpreter on CPU) for the duration of a test."""
+    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")
+    monkeypatch.delenv("RELORA_KERNELS_DETERMINISTIC", raising=False)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch, triton_backend):
+    """Count launcher calls and forbid the reference op, so a test proves the kernels (not the fallback) ran."""
+    from relora_kernels import functional
+    from relora_kernels.kernels import lora_linear as kernels
+
+    calls = {}
+    for name in ("lora_shrink", "lora_forward_matmul", "lora_grad_ab", "lora_input_grad"):
+        launcher = getattr(kernels, name)
+
+        def counted(*args, _launcher=launcher, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _launcher(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, counted)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the reference op ran where the Triton kernels were forced")
+
+    # Only the op's fallback is blocked; tests still call relora_kernels.reference as their oracle.
+    monkeypatch.setattr(functional, "reference", types.SimpleNamespace(lora_linear=forbidden))
+    return calls

@@ -1,0 +1,48 @@
+"""Shared test helpers: the dtype-derived error bound and input builders."""
+
+from __future__ import annotations
+
+import torch
+
+# Small per-dtype absolute slack on top of the 2x-PyTorch rule (flash-attention's tolerance rule).
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def assert_within_torch_error(name: str, got: torch.Tensor, exact: torch.Tensor, torch_same_dtype: torch.Tensor):
+    """|got - exact| <= 2 * max|torch_same_dtype - exact| + ATOL[dtype], everywhere.
+
+    `exact` is the float64 reference; `torch_same_dtype` is PyTorch's own computation in got's dtype, so the bound
+    follows the dtype rather than a hand-picked number. A failure reports where and by how much.
+    """
+    assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(exact.shape)}"
+    assert got.dtype == torch_same_dtype.dtype, f"{name}: dtype {got.dtype} != {torch_same_dtype.dtype}"
+    err = (got.double() - exact).abs()
+    torch_err = (torch_same_dtype.double() - exact).abs()
+    bound = 2 * torch_err.max().item() + ATOL[got.dtype] if exact.numel() else 0.0
+    bad = err > bound
+    if bad.any() or not torch.isfinite(got).all():
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(
+            f"{name} ({got.dtype}): {int(bad.sum())} of {err.numel()} elements exceed the bound {bound:.3g} "
+            f"(2 x torch's max error {torch_err.max().item():.3g} + {ATOL[got.dtype]:g}); first at {idx}; "
+            f"max error {err.max().item():.3g}, mean {err.mean().item():.3g}"
+        )
+
+
+def make_inputs(lead, k, n, r, dtype, device="cpu", bias=True, seed=0):
+    """x (*lead, k), weight (n, k), lora_a (r, k), lora_b (n, r), bias (n,) with O(1) outputs.
+
+    lora_b is random (not the zero init) so the low-rank path contributes to every output and gradient.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(device=device, dtype=dtype)
+
+    return {
+        "x": rand(*lead, k),
+        "weight": rand(n, k, std=k**-0.5),
+        "lora_a": rand(r, k, std=k**-0.5),
+        "lora_b": rand(n, r, std=r**-0.5),
+        "bias": rand(n) if bias else None,
+    }

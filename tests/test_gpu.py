@@ -1,0 +1,72 @@
+"""The same checks on a CUDA GPU at realistic shapes and in bf16 (marker `gpu`; skipped without CUDA).
+
+Run with `pytest -m gpu`. The error bound is the one the CPU tests use: 2x PyTorch's own error in the same dtype
+(cuBLAS, on the same GPU) against the float64 reference, plus a small per-dtype slack.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_inputs
+from test_lora_linear import GRAD_NAMES, check_against_reference, run
+
+import relora_kernels as rk
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+# (tokens, K, N): GPT-2 124M attention/MLP projections and a Llama-7B-sized square layer.
+REALISTIC = [(4096, 768, 768), (4096, 768, 3072), (4096, 3072, 768), (4096, 4096, 4096)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("rank", [16, 64])
+@pytest.mark.parametrize("shape", REALISTIC, ids=lambda s: "x".join(map(str, s)))
+def test_realistic_shapes_match_float64_reference(shape, rank, dropout_p, dtype, kernel_calls):
+    tokens, k, n = shape
+    inputs = make_inputs((tokens,), k, n, rank, dtype, device="cuda")
+    check_against_reference(inputs, 2.0, dropout_p, 2024, dtype)
+    assert kernel_calls["lora_grad_ab"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rank", [1, 5, 17, 128, 256])
+def test_odd_ranks_and_3d_input(rank, dtype, kernel_calls):
+    # r = 1 and r < 16 are padded to 16, r = 17 to 32; 3-D x with a prime token count (2 x 1021).
+    inputs = make_inputs((2, 1021), 1000, 1500, rank, dtype, device="cuda")
+    check_against_reference(inputs, 0.5, 0.1, 7, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_deterministic_mode_is_bit_identical_on_gpu(dtype, monkeypatch, kernel_calls):
+    # On a GPU the default fp32 atomics are order-dependent; the deterministic mode must not be.
+    monkeypatch.setenv("RELORA_KERNELS_DETERMINISTIC", "1")
+    inputs = make_inputs((8192,), 1024, 1024, 16, dtype, device="cuda")
+    grad_out = torch.randn(8192, 1024, device="cuda")
+    first = run(rk.lora_linear, inputs, 1.0, 0.1, 5, grad_out)
+    second = run(rk.lora_linear, inputs, 1.0, 0.1, 5, grad_out)
+    assert torch.equal(first[0], second[0])
+    for name in GRAD_NAMES:
+        assert torch.equal(first[1][name], second[1][name]), name
+
+
+def test_dropout_needs_no_extra_activation_memory(kernel_calls):
+    # With p > 0 the mask is regenerated in the backward, never stored: the saved activations are the same.
+    inputs = make_inputs((8192,), 4096, 4096, 16, torch.bfloat16, device="cuda")
+    peaks = {}
+    for p in (0.0, 0.1):
+        x = inputs["x"].clone().requires_grad_()
+        lora_a = inputs["lora_a"].clone().requires_grad_()
+        lora_b = inputs["lora_b"].clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        y = rk.lora_linear(x, inputs["weight"], lora_a, lora_b, 1.0, None, p, 1)
+        y.backward(torch.ones_like(y))
+        torch.cuda.synchronize()
+        peaks[p] = torch.cuda.max_memory_allocated() - base
+        del x, lora_a, lora_b, y
+    assert peaks[0.1] <= peaks[0.0], peaks

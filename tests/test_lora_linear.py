@@ -1,0 +1,219 @@
+"""lora_linear: the Triton kernels (through the interpreter on CPU) against the float64 reference.
+
+Every test here that uses `kernel_calls` forces RELORA_KERNELS_BACKEND=triton and blocks the reference fallback,
+so what is checked is the kernels' output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_within_torch_error, make_inputs
+
+import relora_kernels as rk
+from relora_kernels import reference
+
+GRAD_NAMES = ("x", "lora_a", "lora_b", "bias")
+
+# (leading dims of x, K, N, r, scale), each named for what it exercises. The interpreter's blocks are 32 wide.
+SHAPES = {
+    "M prime, K and N not multiples of any block, r < 16": ((37,), 45, 51, 5, 0.5),
+    "r = 1": ((23,), 40, 33, 1, 2.0),
+    "r just over 16 (two rank blocks of padding)": ((31,), 64, 48, 17, 1.0),
+    "3-D x, r = 8": ((3, 7), 40, 36, 8, 0.25),
+    "everything a multiple of the block": ((64,), 64, 32, 16, 1.0),
+}
+
+
+def run(fn, inputs, scale, dropout_p, seed, grad_out, dtype=None):
+    """Forward and backward of `fn` on fresh leaves (cast to `dtype`); returns y and the gradients by name."""
+    leaves = {}
+    for name, t in inputs.items():
+        if t is None:
+            continue
+        t = t.detach().to(dtype or t.dtype)
+        leaves[name] = t.requires_grad_(name != "weight")
+    y = fn(leaves["x"], leaves["weight"], leaves["lora_a"], leaves["lora_b"], scale, leaves.get("bias"),
+           dropout_p, seed)
+    y.backward(grad_out.to(y.dtype))
+    return y.detach(), {name: t.grad for name, t in leaves.items() if name != "weight"}
+
+
+def check_against_reference(inputs, scale, dropout_p, seed, dtype):
+    """Kernel output and gradients vs the float64 reference, bounded by PyTorch's own error in `dtype`."""
+    lead, n = inputs["x"].shape[:-1], inputs["weight"].shape[0]
+    grad_out = torch.randn(*lead, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y, grads = run(rk.lora_linear, inputs, scale, dropout_p, seed, grad_out)
+    y64, grads64 = run(reference.lora_linear, inputs, scale, dropout_p, seed, grad_out, dtype=torch.float64)
+    y_torch, grads_torch = run(reference.lora_linear, inputs, scale, dropout_p, seed, grad_out)
+    assert y.dtype == dtype
+    assert_within_torch_error("y", y, y64, y_torch)
+    assert set(grads) == set(grads64)
+    for name in grads:
+        assert grads[name].dtype == dtype
+        assert_within_torch_error(f"d{name}", grads[name], grads64[name], grads_torch[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_kernels_match_float64_reference(shape, bias, dtype, kernel_calls):
+    lead, k, n, r, scale = SHAPES[shape]
+    inputs = make_inputs(lead, k, n, r, dtype, bias=bias)
+    check_against_reference(inputs, scale, 0.0, 0, dtype)
+    assert kernel_calls == {"lora_shrink": 1, "lora_forward_matmul": 1, "lora_grad_ab": 1, "lora_input_grad": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", ["M prime, K and N not multiples of any block, r < 16", "3-D x, r = 8"])
+def test_kernels_match_reference_with_dropout(shape, dtype, kernel_calls):
+    # The reference draws the same Philox mask, so kernel and reference drop exactly the same elements.
+    lead, k, n, r, scale = SHAPES[shape]
+    check_against_reference(make_inputs(lead, k, n, r, dtype), scale, 0.3, 1234, dtype)
+    assert kernel_calls["lora_grad_ab"] == 1 and kernel_calls["lora_input_grad"] == 1
+
+
+def test_non_contiguous_inputs(kernel_calls):
+    # x a strided slice, weight a transposed view, lora_a and lora_b column slices: strides, not copies.
+    base = make_inputs((29,), 2 * 40, 36, 2 * 6, torch.float32)
+    inputs = {
+        "x": base["x"][:, ::2],
+        "weight": base["weight"][:, :40].T.contiguous().T,
+        "lora_a": base["lora_a"][::2, 1::2],
+        "lora_b": base["lora_b"][:, ::2],
+        "bias": base["bias"],
+    }
+    assert not any(t.is_contiguous() for name, t in inputs.items() if name != "bias")
+    check_against_reference(inputs, 0.7, 0.2, 99, torch.float32)
+
+
+def test_empty_batch(kernel_calls):
+    inputs = make_inputs((0,), 24, 20, 4, torch.float32)
+    y, grads = run(rk.lora_linear, inputs, 1.0, 0.1, 3, torch.ones(0, 20))
+    assert y.shape == (0, 20)
+    assert grads["x"].shape == (0, 24)
+    for name in ("lora_a", "lora_b", "bias"):
+        assert torch.equal(grads[name], torch.zeros_like(inputs[name])), name
+
+
+def test_weight_gradient_when_unfrozen(kernel_calls):
+    inputs = make_inputs((13,), 24, 20, 4, torch.float32)
+    w = inputs["weight"].clone().requires_grad_()
+    rk.lora_linear(inputs["x"], w, inputs["lora_a"], inputs["lora_b"]).sum().backward()
+    w64 = inputs["weight"].double().requires_grad_()
+    x64, a64, b64 = (inputs[name].double() for name in ("x", "lora_a", "lora_b"))
+    reference.lora_linear(x64, w64, a64, b64).sum().backward()
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_dropout_same_seed_same_result_and_different_seed_differs(kernel_calls):
+    inputs = make_inputs((19,), 40, 24, 4, torch.float32)
+    grad_out = torch.randn(19, 24)
+    y1, g1 = run(rk.lora_linear, inputs, 1.0, 0.5, 42, grad_out)
+    y2, g2 = run(rk.lora_linear, inputs, 1.0, 0.5, 42, grad_out)
+    y3, _ = run(rk.lora_linear, inputs, 1.0, 0.5, 43, grad_out)
+    assert torch.equal(y1, y2)
+    assert all(torch.equal(g1[name], g2[name]) for name in g1)
+    assert not torch.equal(y1, y3)
+
+
+def test_seed_none_follows_torch_manual_seed(kernel_calls):
+    inputs = make_inputs((11,), 40, 24, 4, torch.float32)
+    args = (inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"])
+    torch.manual_seed(5)
+    first = rk.lora_linear(*args, dropout_p=0.5)
+    second = rk.lora_linear(*args, dropout_p=0.5)
+    torch.manual_seed(5)
+    again = rk.lora_linear(*args, dropout_p=0.5)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second)
+
+
+def test_zero_dropout_ignores_the_seed_and_equals_no_dropout(kernel_calls):
+    inputs = make_inputs((17,), 40, 24, 4, torch.float32)
+    args = (inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"], 1.5, inputs["bias"])
+    no_dropout = rk.lora_linear(*args)
+    assert torch.equal(rk.lora_linear(*args, dropout_p=0.0, seed=7), no_dropout)
+    assert torch.equal(rk.lora_linear(*args, dropout_p=0.0, seed=8), no_dropout)
+
+
+def test_dropout_mask_keeps_the_right_fraction():
+    keep = reference.dropout_mask(seed=3, rows=200, cols=300, dropout_p=0.3)
+    # 60000 Bernoulli(0.7) draws: the standard error of the mean is 0.0019, so 0.01 is over 5 sigma.
+    assert abs(keep.double().mean().item() - 0.7) < 0.01
+
+
+def test_dropout_mean_over_seeds_approaches_no_dropout(kernel_calls):
+    # Inverted dropout is unbiased: E[y_p] = y_0. With W = 0 and no bias, y is the LoRA term alone.
+    inputs = make_inputs((8,), 32, 16, 4, torch.float32, bias=False)
+    weight = torch.zeros_like(inputs["weight"])
+    args = (inputs["x"], weight, inputs["lora_a"], inputs["lora_b"], 1.0)
+    y0 = rk.lora_linear(*args).double()
+    samples = torch.stack([rk.lora_linear(*args, dropout_p=0.5, seed=s).double() for s in range(64)])
+    # The squared error of the mean of n samples is var / n on average; allow 3x that (and it must not be 0).
+    mean_sq_err = ((samples.mean(0) - y0) ** 2).mean()
+    expected = samples.var(0).mean() / len(samples)
+    assert 0 < mean_sq_err < 3 * expected
+    # ...and a single sample is far off, so the test could tell a biased or absent mask from a good one.
+    assert ((samples[0] - y0) ** 2).mean() > 10 * expected
+
+
+def test_dropout_gradients_match_finite_differences_of_the_op(kernel_calls):
+    # With the seed fixed, y is linear in each of x, A, B and bias separately, so a central difference along a
+    # direction v is exact up to rounding: <grad, v> = <(f(t + v) - f(t - v)) / 2, dy>.
+    inputs = make_inputs((21,), 40, 24, 5, torch.float32)
+    grad_out = torch.randn(21, 24, generator=torch.Generator().manual_seed(2))
+    scale, p, seed = 0.8, 0.25, 77
+    _, grads = run(rk.lora_linear, inputs, scale, p, seed, grad_out)
+    for name in GRAD_NAMES:
+        direction = torch.randn(inputs[name].shape, generator=torch.Generator().manual_seed(3))
+        values = []
+        for sign in (1.0, -1.0):
+            shifted = dict(inputs, **{name: inputs[name] + sign * direction})
+            y = rk.lora_linear(shifted["x"], shifted["weight"], shifted["lora_a"], shifted["lora_b"], scale,
+                               shifted["bias"], p, seed)
+            values.append((y.double() * grad_out.double()).sum())
+        finite_difference = (values[0] - values[1]) / 2
+        analytic = (grads[name].double() * direction.double()).sum()
+        assert abs(analytic - finite_difference) <= 1e-4 * max(1.0, abs(finite_difference)), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Determinism and the reference's own gradients
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("switch", ["env", "torch"])
+def test_deterministic_mode_is_bit_identical(switch, monkeypatch, kernel_calls):
+    if switch == "env":
+        monkeypatch.setenv("RELORA_KERNELS_DETERMINISTIC", "1")
+    else:
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    inputs = make_inputs((71,), 40, 36, 6, torch.float32)  # 71 tokens: three token blocks of partials
+    grad_out = torch.randn(71, 36)
+    first = run(rk.lora_linear, inputs, 1.0, 0.1, 5, grad_out)
+    second = run(rk.lora_linear, inputs, 1.0, 0.1, 5, grad_out)
+    assert torch.equal(first[0], second[0])
+    for name in GRAD_NAMES:
+        assert torch.equal(first[1][name], second[1][name]), name
+    # And the partials path computes the same thing as the atomic one, up to summation order.
+    monkeypatch.delenv("RELORA_KERNELS_DETERMINISTIC", raising=False)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    atomic = run(rk.lora_linear, inputs, 1.0, 0.1, 5, grad_out)
+    for name in GRAD_NAMES:
+        torch.testing.assert_close(first[1][name], atomic[1][name], rtol=1e-5, atol=1e-5)
+
+
+def test_reference_gradcheck_float64():
+    inputs = make_inputs((2, 5), 7, 6, 3, torch.float64)
+    leaves = [inputs[name].clone().requires_grad_() for name in GRAD_NAMES]
+
+    def op(x, lora_a, lora_b, bias):
+        return reference.lora_linear(x, inputs["weight"], lora_a, lora_b, 0.7, bias, 0.3, 11)
+
+    assert torch.autograd.gradcheck(op, leaves)

@@ -1,0 +1,182 @@
+"""ReLoRA training machinery: optimizer-state pruning, the jagged cosine schedule, and the restart controller.
+
+At each ReLoRA restart the LoRA factors are merged into the frozen weight and re-initialised, so the Adam moments
+that were built up for the old factors no longer describe the new ones. ReLoRA therefore
+
+    prunes the optimizer state     prune_optimizer_state_: keep the largest (1 - ratio) of exp_avg / exp_avg_sq
+    re-warms the learning rate     jagged_cosine: a cosine envelope that drops to 0 at each restart and
+                                   climbs back linearly over restart_warmup_steps
+
+The short re-warmup is what makes the pruned state safe: right after a reset an element may keep its exp_avg but
+lose its exp_avg_sq, so the first few updates are unreliable and must be taken with a small learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+
+import torch
+
+# Only Adam's moments are pruned; amsgrad's max_exp_avg_sq and the step counter are left as they are.
+PRUNED_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+PRUNE_METHODS = ("magnitude", "random", "zero")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimizer-state pruning
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_ratio(ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio <= 1.0:
+        # `not 0 <= ratio <= 1` is also true for NaN, so NaN lands here too.
+        raise ValueError(f"ratio must be a real number in [0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def _num_kept(ratio: float, numel: int) -> int:
+    # Python's round: halves go to the even integer. (1 - ratio) is computed in float64 as written, so e.g.
+    # ratio=0.95 on 10 elements keeps round(0.5000000000000004) = 1.
+    return round((1.0 - ratio) * numel)
+
+
+def _prune_tensor_(state: torch.Tensor, ratio: float, method: str) -> None:
+    numel = state.numel()
+    n_keep = _num_kept(ratio, numel)
+    if method == "zero" or n_keep == 0:
+        state.zero_()
+        return
+    if n_keep >= numel:
+        return
+    if method == "magnitude":
+        # topk picks exactly n_keep indices even when several elements tie at the threshold; a `>= threshold`
+        # compare would keep every tied element and so more than n_keep.
+        keep = torch.topk(state.abs().flatten(), n_keep, sorted=False).indices
+    else:
+        # The default generator of the state's device, so torch.manual_seed reproduces the draw.
+        keep = torch.randperm(numel, device=state.device)[:n_keep]
+    keep_mask = torch.zeros(numel, dtype=torch.bool, device=state.device)
+    keep_mask.scatter_(0, keep, True)
+    # masked_fill_ writes through any strides, so a non-contiguous state tensor is pruned in place too.
+    state.masked_fill_(~keep_mask.view(state.shape), 0)
+
+
+def prune_optimizer_state_(
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[torch.Tensor],
+    ratio: float = 0.99,
+    method: str = "magnitude",
+) -> None:
+    """Prune, in place, the Adam moments `exp_avg` and `exp_avg_sq` of `params` in `optimizer`.
+
+    Each state tensor is pruned on its own: all but `n_keep = round((1 - ratio) * numel)` of its elements are set
+    to 0 (Python's round, halves to even; ratio=0 keeps everything, ratio=1 zeros everything).
+
+        method="magnitude"  keeps the n_keep elements of largest |value|, with their values unchanged; ties at
+                            the threshold are broken by torch.topk, never keeping more than n_keep
+        method="random"     keeps n_keep elements drawn uniformly without replacement from torch's default
+                            generator on the state's device (torch.manual_seed reproduces it)
+        method="zero"       zeros the tensors completely
+
+    Only the two keys above are touched: `state["step"]` (and so Adam's bias correction), any other key, and the
+    state of every parameter not in `params` stay exactly as they were. A parameter with no state yet (never
+    stepped) is skipped; a parameter listed twice is pruned once.
+
+    Raises ValueError if ratio is not a real number in [0, 1], if method is not one of PRUNE_METHODS, or if a
+    parameter is not in the optimizer's param_groups (checked for all of them before anything is changed).
+    """
+    ratio = _check_ratio(ratio)
+    if not isinstance(method, str) or method not in PRUNE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, PRUNE_METHODS))}, got {method!r}")
+    if isinstance(params, torch.Tensor):
+        # list(tensor) would silently iterate over its rows.
+        raise TypeError("params must be an iterable of tensors, not a single tensor; wrap it in a list")
+
+    # Parameters are compared by identity, as the optimizer keys its state by the tensor object.
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    unique_params = list({id(p): p for p in params}.values())
+    for index, p in enumerate(unique_params):
+        if id(p) not in in_optimizer:
+            shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+            raise ValueError(f"params[{index}] ({shape}) is not in the optimizer's param_groups")
+
+    with torch.no_grad():
+        for p in unique_params:
+            # .get, not [], because optimizer.state is a defaultdict and [] would add an empty entry.
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for key in PRUNED_STATE_KEYS:
+                if isinstance(state.get(key), torch.Tensor):
+                    _prune_tensor_(state[key], ratio, method)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def jagged_cosine(
+    step: int,
+    *,
+    max_steps: int,
+    warmup_steps: int,
+    restart_every: int,
+    restart_warmup_steps: int,
+    min_lr_ratio: float = 0.1,
+) -> float:
+    """Learning-rate multiplier of ReLoRA's jagged cosine schedule, for torch.optim.lr_scheduler.LambdaLR.
+
+    With `step` counted from 0 (as LambdaLR passes it):
+
+        step < warmup_steps                 step / warmup_steps                               initial warmup 0 -> 1
+        otherwise                           envelope(step), except
+        step = k * restart_every + j,       envelope(step) * j / restart_warmup_steps         restart warmup
+          k >= 1, 0 <= j < restart_warmup_steps
+
+        envelope(step) = min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos(pi * t)),
+        t = clamp((step - warmup_steps) / (max_steps - warmup_steps), 0, 1)
+
+    So the multiplier is 0 at each restart step and climbs back linearly to the envelope, which it rejoins at
+    j = restart_warmup_steps; past max_steps the envelope stays at min_lr_ratio (restarts still dip).
+
+    The initial warmup takes precedence: a restart falling inside it (restart_every < warmup_steps) does not dip,
+    and a restart warmup that straddles the end of the initial warmup continues its own ramp from the j it has
+    reached. restart_warmup_steps=0 means no dip at restarts.
+
+    Raises ValueError unless max_steps > warmup_steps >= 0, restart_every >= 1,
+    0 <= restart_warmup_steps <= restart_every, 0 <= min_lr_ratio <= 1 and step >= 0 (steps are integers).
+    """
+    step = _check_int("step", step, 0)
+    warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+    max_steps = _check_int("max_steps", max_steps, 1)
+    if max_steps <= warmup_steps:
+        raise ValueError(f"max_steps must be > warmup_steps ({warmup_steps}), got {max_steps}")
+    restart_every = _check_int("restart_every", restart_every, 1)
+    restart_warmup_steps = _check_int("restart_warmup_steps", restart_warmup_steps, 0)
+    if restart_warmup_steps > restart_every:
+        raise ValueError(f"restart_warmup_steps must be <= restart_every ({restart_every}), got {restart_warmup_steps}")
+    if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, numbers.Real) or not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be a real number in [0, 1], got {min_lr_ratio!r}")
+
+    if step < warmup_steps:
+        return step / warmup_steps
+
+    progress = min(max((step - warmup_steps) / (max_steps - warmup_steps), 0.0), 1.0)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    # Same value as min_lr_ratio + (1 - min_lr_ratio) * cosine, but exact at both ends: 1.0 when cosine == 1
+    # and min_lr_ratio when cosine == 0, whatever the rounding of 1 - min_lr_ratio.
+    envelope = cosine + min_lr_ratio * (1.0 - cosine)
+
+    restart_index, steps_since_restart = divmod(step, restart_every)
+    if restart_index >= 1 and steps_since_restart < restart_warmup_steps:
+        return envelope * steps_since_restart / restart_warmup_steps
+    return envelope

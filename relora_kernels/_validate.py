@@ -67,18 +67,24 @@ def check_lora_linear_args(x, weight, lora_a, lora_b, bias) -> None:
         raise ValueError("x must have at least one dimension (..., in_features), got a 0-d tensor")
     check_same_dtype_and_device(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
 
-    (n, k), r = weight.shape, lora_a.shape[0]
-    if r < 1:
-        raise ValueError(f"lora_a must have r >= 1 rows, got shape {tuple(lora_a.shape)}")
+    check_lora_shapes(weight, lora_a, lora_b)
+    k, n = weight.shape[1], weight.shape[0]
     if x.shape[-1] != k:
         raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's in_features; x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
+    if bias is not None and bias.shape[0] != n:
+        raise ValueError(f"bias must have out_features = {n} elements to match weight {tuple(weight.shape)}, "
+                         f"got shape {tuple(bias.shape)}")
+
+
+def check_lora_shapes(weight, lora_a, lora_b) -> None:
+    """weight (N, K), lora_a (r, K) with r >= 1, lora_b (N, r); all already known to be 2-D."""
+    (n, k), r = weight.shape, lora_a.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_a must have r >= 1 rows, got shape {tuple(lora_a.shape)}")
     if lora_a.shape[1] != k:
         raise ValueError(f"lora_a must be (r, {k}) to match weight {tuple(weight.shape)}, "
                          f"got {tuple(lora_a.shape)}")
     if tuple(lora_b.shape) != (n, r):
         raise ValueError(f"lora_b must be (out_features, r) = ({n}, {r}) to match weight {tuple(weight.shape)} and "
                          f"lora_a {tuple(lora_a.shape)}, got {tuple(lora_b.shape)}")
-    if bias is not None and bias.shape[0] != n:
-        raise ValueError(f"bias must have out_features = {n} elements to match weight {tuple(weight.shape)}, "
-                         f"got shape {tuple(bias.shape)}")

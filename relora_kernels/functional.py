@@ -12,7 +12,15 @@ import torch
 
 from . import reference
 from ._backend import deterministic, use_triton
-from ._validate import check_dropout_p, check_lora_linear_args, check_scalar, check_seed
+from ._validate import (
+    check_dropout_p,
+    check_float_tensor,
+    check_lora_linear_args,
+    check_lora_shapes,
+    check_same_dtype_and_device,
+    check_scalar,
+    check_seed,
+)
 
 # Seeds drawn for seed=None stay below 2**31 so the kernels see one integer type (no recompilation).
 _DRAWN_SEED_LIMIT = 2**31
@@ -63,6 +71,15 @@ class LoRALinearFunction(torch.autograd.Function):
                 None, None, None, None)
 
 
+def _autocast_inputs(*tensors):
+    """Cast every floating tensor to the autocast dtype when autocast is on for x's device type."""
+    x = tensors[0]
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, seed=None):
     """y = x @ weight.T + bias + scale * dropout_p(x) @ lora_a.T @ lora_b.T.
 
@@ -75,9 +92,12 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
             dropout_p > 0), so torch.manual_seed makes runs reproducible.
 
     Returns (..., N) in x's dtype. All tensors must share one dtype (float32, float16 or bfloat16) and one device;
-    the computation runs in that dtype with fp32 accumulation. Autocast is not applied here: cast first.
+    the computation runs in that dtype with fp32 accumulation. Under autocast (torch.autocast on x's device type)
+    every floating input is first cast to the autocast dtype, as F.linear would be, so the output is in that dtype
+    and each input's gradient comes back in the input's own dtype (e.g. fp32 parameters, bf16 compute).
     Differentiable in x, lora_a, lora_b and bias (and in weight, with a plain matmul, if it requires grad).
     """
+    x, weight, lora_a, lora_b, bias = _autocast_inputs(x, weight, lora_a, lora_b, bias)
     check_lora_linear_args(x, weight, lora_a, lora_b, bias)
     scale = check_scalar("scale", scale)
     dropout_p = check_dropout_p(dropout_p)
@@ -97,3 +117,28 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
         x.reshape(-1, in_features), weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic()
     )
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def merge_and_reinit_(weight, lora_a, lora_b, scale, *, seed):
+    """ReLoRA restart, in place: W <- W + scale * B @ A (fp32 accumulation, one rounding), then
+    A <- U(-1/sqrt(K), 1/sqrt(K)) from a random stream keyed by `seed`, and B <- 0. Returns None.
+
+    The layer's function is unchanged (B = 0 after), and the same seed gives the same A on any process, so DDP
+    ranks stay identical with no broadcast. weight (N, K), lora_a (r, K), lora_b (N, r), one dtype and device.
+    """
+    check_float_tensor("weight", weight, ndim=2)
+    check_float_tensor("lora_a", lora_a, ndim=2)
+    check_float_tensor("lora_b", lora_b, ndim=2)
+    check_same_dtype_and_device(weight=weight, lora_a=lora_a, lora_b=lora_b)
+    check_lora_shapes(weight, lora_a, lora_b)
+    scale = check_scalar("scale", scale)
+    seed = check_seed(seed)
+    with torch.no_grad():
+        if use_triton(weight.device):
+            from .kernels import merge as kernels
+
+            kernels.merge_lora_weight_(weight, lora_a, lora_b, scale)
+            kernels.reinit_lora_(lora_a, lora_b, seed)
+        else:
+            reference.merge_lora_weight_(weight, lora_a, lora_b, scale)
+            reference.reinit_lora_(lora_a, lora_b, seed)

@@ -122,3 +122,40 @@ def lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed, need_bias_gr
 def lora_input_grad(grad_y, weight, grad_shrunk, lora_a, dropout_p, seed):
     """dx = dy @ W + (dS @ A) * m / (1-p), (M, K)."""
     return grad_y @ weight + _dropout(grad_shrunk @ lora_a, dropout_p, seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Merge and re-initialise (ReLoRA restarts).
+#   merge   W <- W + s * B @ A    accumulated in fp32 (fp64 for fp64 weights), rounded once into W's dtype
+#   reinit  A <- U(-1/sqrt(K), 1/sqrt(K)) from Philox keyed by the seed, counted by A's flat index;  B <- 0
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def merged_weight(weight, lora_a, lora_b, scale):
+    """W + s * B @ A as a new tensor in W's dtype, accumulated in fp32 (fp64 for fp64) and rounded once."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return (weight.to(acc) + scale * (lora_b.to(acc) @ lora_a.to(acc))).to(weight.dtype)
+
+
+def reinit_uniform(seed: int, rows: int, cols: int, device=None) -> torch.Tensor:
+    """U(-1/sqrt(cols), 1/sqrt(cols)) as fp32 (rows, cols): u = (top 24 bits) / 2**24 exactly, then (2u - 1) * bound.
+
+    The kernel performs the same fp32 operations in the same order, so both give the same bits.
+    """
+    offsets = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
+    u = (philox_randint(seed, offsets) >> (32 - DROPOUT_BITS)).to(torch.float32) * (1.0 / (1 << DROPOUT_BITS))
+    bound = torch.tensor(cols**-0.5, dtype=torch.float32)
+    return (u * 2.0 - 1.0) * bound
+
+
+def merge_lora_weight_(weight, lora_a, lora_b, scale):
+    """W <- W + s * B @ A in place (see merged_weight)."""
+    with torch.no_grad():
+        weight.copy_(merged_weight(weight, lora_a, lora_b, scale))
+
+
+def reinit_lora_(lora_a, lora_b, seed):
+    """A <- U(-1/sqrt(K), 1/sqrt(K)) keyed by `seed` (same seed, same A, on any process); B <- 0. In place."""
+    with torch.no_grad():
+        lora_a.copy_(reinit_uniform(seed, *lora_a.shape, device=lora_a.device))
+        lora_b.zero_()

@@ -3,9 +3,12 @@
 At each ReLoRA restart the LoRA factors are merged into the frozen weight and re-initialised, so the Adam moments
 that were built up for the old factors no longer describe the new ones. ReLoRA therefore
 
+    merges and re-initialises      LoRALinear.merge_and_reinit, one seed per (run seed, restart, layer)
     prunes the optimizer state     prune_optimizer_state_: keep the largest (1 - ratio) of exp_avg / exp_avg_sq
     re-warms the learning rate     jagged_cosine: a cosine envelope that drops to 0 at each restart and
                                    climbs back linearly over restart_warmup_steps
+
+The controller `ReLoRA` does the first two at the right steps; the schedule goes to a LambdaLR.
 
 The short re-warmup is what makes the pruned state safe: right after a reset an element may keep its exp_avg but
 lose its exp_avg_sq, so the first few updates are unreliable and must be taken with a small learning rate.
@@ -13,11 +16,15 @@ lose its exp_avg_sq, so the first few updates are unreliable and must be taken w
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from collections.abc import Iterable
 
 import torch
+import torch.nn as nn
+
+from .modules import LoRALinear
 
 # Only Adam's moments are pruned; amsgrad's max_exp_avg_sq and the step counter are left as they are.
 PRUNED_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -180,3 +187,71 @@ def jagged_cosine(
     if restart_index >= 1 and steps_since_restart < restart_warmup_steps:
         return envelope * steps_since_restart / restart_warmup_steps
     return envelope
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The restart controller
+# --------------------------------------------------------------------------------------------------------------
+
+
+def restart_seed(seed: int, restart: int, layer: int) -> int:
+    """The reinit seed of one layer at one restart: a hash of (run seed, restart index, layer index) below 2**63.
+
+    A pure function of its arguments, so every DDP rank (and a resumed run) draws the same A with no broadcast.
+    """
+    digest = hashlib.blake2b(f"relora:{seed}:{restart}:{layer}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class ReLoRA:
+    """Merges, re-initialises and prunes at every `restart_every`-th optimizer step.
+
+    Call `step(step)` after optimizer step number `step` (1-based). When `step % restart_every == 0` every
+    LoRALinear in `model` (in `model.modules()` order) merges B @ A into its weight and re-draws A with the seed
+    `restart_seed(seed, step // restart_every, layer_index)`, B becomes 0, and the optimizer state of all lora_A /
+    lora_B parameters is pruned with `prune_optimizer_state_(ratio=prune_ratio, method=prune_method)`; it returns
+    True. Otherwise it returns False and changes nothing. The learning-rate re-warmup belongs to the scheduler
+    (`jagged_cosine` with the same `restart_every`).
+
+    Everything a restart does depends only on the step number and the constructor's arguments, so `state_dict()`
+    carries just the count of restarts done (for logging) and the settings, which `load_state_dict` checks.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, restart_every: int,
+                 prune_ratio: float = 0.99, prune_method: str = "magnitude", seed: int = 0):
+        self.restart_every = _check_int("restart_every", restart_every, 1)
+        self.prune_ratio = _check_ratio(prune_ratio)
+        if prune_method not in PRUNE_METHODS:
+            raise ValueError(f"prune_method must be one of {', '.join(map(repr, PRUNE_METHODS))}, got {prune_method!r}")
+        self.prune_method = prune_method
+        self.seed = _check_int("seed", seed, 0)
+        self.model, self.optimizer = model, optimizer
+        self.layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+        if not self.layers:
+            raise ValueError("model has no LoRALinear layers: call apply_lora(model, ...) before ReLoRA(...)")
+        self.restarts = 0
+
+    def step(self, step: int) -> bool:
+        step = _check_int("step", step, 1)
+        if step % self.restart_every != 0:
+            return False
+        restart = step // self.restart_every
+        for index, layer in enumerate(self.layers):
+            layer.merge_and_reinit(seed=restart_seed(self.seed, restart, index))
+        lora_params = [p for layer in self.layers for p in (layer.lora_A, layer.lora_B)]
+        prune_optimizer_state_(self.optimizer, lora_params, self.prune_ratio, self.prune_method)
+        self.restarts += 1
+        return True
+
+    def _settings(self) -> dict:
+        return {"restart_every": self.restart_every, "prune_ratio": self.prune_ratio,
+                "prune_method": self.prune_method, "seed": self.seed}
+
+    def state_dict(self) -> dict:
+        return {"restarts": self.restarts, **self._settings()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = {key: state[key] for key in self._settings()}
+        if saved != self._settings():
+            raise ValueError(f"ReLoRA state was saved with settings {saved}, this controller has {self._settings()}")
+        self.restarts = int(state["restarts"])

@@ -1,0 +1,134 @@
+"""Triton kernels of the ReLoRA restart: merge the low-rank update into W, then re-initialise A and zero B.
+
+    merge   W <- W + s * B @ A        _merge_kernel   (merge_lora_weight_)
+    reinit  A <- U(-1/sqrt(K), 1/sqrt(K)), B <- 0      _reinit_kernel  (reinit_lora_)
+
+W (N, K), A (r, K), B (N, r). The merge reads W once and writes it once: each program owns one (BLOCK_N, BLOCK_K)
+tile of W, forms s * B_tile @ A_tile in fp32 and rounds W_tile + that once into W's dtype (an eager bf16 merge
+rounds B @ A, s * (.), and the sum: three roundings that drift over many restarts). A and B are upcast to fp32
+before the dot: every bf16/fp16 value is exact in tf32, so the tensor-core products are exact and only the fp32
+sums round. The reinit is a second launch because the merge still reads A; its random stream is Philox keyed by
+the seed and counted by A's flat index, the same as reference.reinit_uniform, so any process with the same seed
+writes the same A. Both kernels work in place and are therefore not autotuned.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import DROPOUT_BITS
+from .lora_linear import MAX_RANK, _block_rank, _interpreting
+
+_RANDOM_SHIFT = tl.constexpr(32 - DROPOUT_BITS)
+_INV_RANDOM_RANGE = tl.constexpr(1.0 / (1 << DROPOUT_BITS))
+
+
+@triton.jit
+def _merge_kernel(
+    w_ptr,  # (N, K) updated in place
+    a_ptr,  # (R, K)
+    b_ptr,  # (N, R)
+    N, K, R,
+    stride_wn, stride_wk,
+    stride_ar, stride_ak,
+    stride_bn, stride_br,
+    scale,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_n.to(tl.int64)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+
+    b_tile = tl.load(b_ptr + rows[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                     mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+    a_tile = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    # s * B @ A in fp32
+    update = tl.dot(b_tile, a_tile, input_precision=DOT_PRECISION) * tl.to_tensor(scale).to(tl.float32)
+
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    w_mask = mask_n[:, None] & mask_k[None, :]
+    w_tile = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
+    tl.store(w_ptrs, (w_tile + update).to(w_ptr.dtype.element_ty), mask=w_mask)  # the one rounding
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _reinit_kernel(
+    a_ptr,  # (R, K) overwritten with U(-bound, bound)
+    b_ptr,  # (N, R) zeroed
+    R, K, N,
+    stride_ar, stride_ak,
+    stride_bn, stride_br,
+    seed, bound,
+    BLOCK: tl.constexpr,
+):
+    # Programs [0, blocks of A) write A; the rest zero B.
+    pid = tl.program_id(0)
+    a_blocks = tl.cdiv(R * K, BLOCK)
+    if pid < a_blocks:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        row, col = offs // K, offs % K
+        bits = (tl.randint(seed, offs) >> _RANDOM_SHIFT).to(tl.float32)
+        u = bits * _INV_RANDOM_RANGE  # exact: a 24-bit integer over 2**24
+        value = (u * 2.0 - 1.0) * tl.to_tensor(bound).to(tl.float32)
+        tl.store(a_ptr + row * stride_ar + col * stride_ak, value.to(a_ptr.dtype.element_ty), mask=offs < R * K)
+    else:
+        offs = (pid - a_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        row, col = offs // R, offs % R
+        zeros = tl.zeros((BLOCK,), dtype=b_ptr.dtype.element_ty)
+        tl.store(b_ptr + row * stride_bn + col * stride_br, zeros, mask=offs < N * R)
+
+
+def _merge_config() -> dict:
+    if _interpreting():
+        return {"BLOCK_N": 32, "BLOCK_K": 32}
+    # A memory-bound stream over W: 64x128 tiles keep enough loads in flight; r <= 256 keeps B and A in registers.
+    return {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8}
+
+
+def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
+    """W <- W + s * B @ A in place, fp32 accumulation, one rounding into W's dtype."""
+    (N, K), R = weight.shape, lora_a.shape[0]
+    if R > MAX_RANK:
+        raise ValueError(f"lora_a has r = {R} rows; the Triton kernels support r <= {MAX_RANK}")
+    if weight.numel() == 0:
+        return
+    cfg = _merge_config()
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    # fp32 weights get full fp32 products; 16-bit factors are exact in tf32 (see the module docstring).
+    precision = "ieee" if lora_a.dtype == torch.float32 else "tf32"
+    _merge_kernel[grid](
+        weight, lora_a, lora_b,
+        N, K, R,
+        weight.stride(0), weight.stride(1),
+        lora_a.stride(0), lora_a.stride(1),
+        lora_b.stride(0), lora_b.stride(1),
+        float(scale),
+        BLOCK_R=_block_rank(R), DOT_PRECISION=precision, **cfg,
+    )
+
+
+def reinit_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, seed: int) -> None:
+    """A <- U(-1/sqrt(K), 1/sqrt(K)) keyed by `seed`, B <- 0, in place."""
+    (R, K), N = lora_a.shape, lora_b.shape[0]
+    block = 1024 if not _interpreting() else 256
+    grid = (triton.cdiv(R * K, block) + triton.cdiv(N * R, block),)
+    if grid[0] == 0:
+        return
+    _reinit_kernel[grid](
+        lora_a, lora_b,
+        R, K, N,
+        lora_a.stride(0), lora_a.stride(1),
+        lora_b.stride(0), lora_b.stride(1),
+        seed, K**-0.5 if K else 0.0,
+        BLOCK=block,
+    )

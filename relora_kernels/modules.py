@@ -1,0 +1,153 @@
+"""LoRALinear, the drop-in replacement for nn.Linear, and apply_lora / merge_lora for whole models.
+
+    y = x @ W.T + bias + scale * dropout(x) @ A.T @ B.T      W frozen; A, B (and bias) trained
+    scale = alpha / r   (alpha / sqrt(r) with use_rslora)    alpha defaults to r, so scale = 1
+
+A fresh layer has B = 0, so it computes exactly what its frozen weight does; `merge_and_reinit` folds B @ A into W
+and starts the factors over (a ReLoRA restart) without changing the function.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn as nn
+
+from . import reference
+from .functional import lora_linear, merge_and_reinit_
+
+_DRAWN_SEED_LIMIT = 2**31
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face GPT-2's Conv1D: a linear layer that stores its weight as (in, out) and computes x @ W + b."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+class LoRALinear(nn.Module):
+    """nn.Linear with a frozen weight and a trainable low-rank update computed by the fused kernels.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as nn.Linear.
+        r: rank of the update (>= 1). alpha: scale numerator (default r). use_rslora: scale = alpha / sqrt(r).
+        dropout: dropout probability on the LoRA branch's input, active in training mode only.
+
+    Parameters: `weight` (out, in), frozen; `bias` (out,) trainable, or None; `lora_A` (r, in), kaiming-uniform
+    with a = sqrt(5) as nn.Linear and PEFT initialise it; `lora_B` (out, r), zero.
+    """
+
+    def __init__(self, in_features, out_features, r, alpha=None, dropout=0.0, bias=True, use_rslora=False,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        alpha = r if alpha is None else alpha
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number or None, got {alpha!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.alpha, self.use_rslora, self.dropout = alpha, use_rslora, float(dropout)
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+        # Base layer initialised exactly as nn.Linear would, then frozen.
+        base = nn.Linear(in_features, out_features, bias=bias, **factory)
+        self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        self.bias = nn.Parameter(base.bias.detach()) if bias else None
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @classmethod
+    def from_linear(cls, module, r, alpha=None, dropout=0.0, use_rslora=False) -> LoRALinear:
+        """Wrap an nn.Linear (its weight storage is shared, not copied) or a GPT-2 Conv1D (its (in, out) weight is
+        transposed into a new tensor). The result computes the same function until the factors are trained."""
+        if isinstance(module, nn.Linear):
+            weight = module.weight.detach()
+        elif _is_conv1d(module):
+            weight = module.weight.detach().T.contiguous()
+        else:
+            raise TypeError(f"from_linear takes an nn.Linear or a transformers Conv1D, got {type(module).__name__}")
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, r, alpha, dropout, bias=module.bias is not None,
+                    use_rslora=use_rslora, device=weight.device, dtype=weight.dtype)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropout_p = self.dropout if self.training else 0.0
+        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.bias, dropout_p)
+
+    @torch.no_grad()
+    def merge_and_reinit(self, seed: int | None = None) -> None:
+        """W += scale * B @ A, then A re-drawn from `seed` (None: from torch's default generator) and B = 0."""
+        if seed is None:
+            seed = int(torch.randint(_DRAWN_SEED_LIMIT, ()).item())
+        merge_and_reinit_(self.weight, self.lora_A, self.lora_B, self.scale, seed=seed)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the merged weight W + scale * B @ A (this layer is left unchanged)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight.copy_(reference.merged_weight(self.weight, self.lora_A, self.lora_B, self.scale))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scale={self.scale:g}{', rslora' if self.use_rslora else ''}, "
+                f"dropout={self.dropout:g}, bias={self.bias is not None}")
+
+
+def _matches(name: str, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use_rslora=False) -> nn.Module:
+    """Replace the matching nn.Linear / Conv1D modules of `model` by LoRALinear layers, in place; returns `model`.
+
+    target_modules: a str is a regular expression matched in full against each module's qualified name
+    ("h.0.attn.c_attn"); a list or tuple matches exact names or name suffixes at a dot ("c_attn" matches
+    "h.0.attn.c_attn"), as PEFT does. Unmatched modules are untouched; matched base weights are frozen.
+    Raises ValueError if nothing matches.
+    """
+    if not isinstance(target_modules, (str, list, tuple)) or not target_modules:
+        raise TypeError(f"target_modules must be a regex str or a non-empty list of names, got {target_modules!r}")
+    matched = [name for name, module in model.named_modules()
+               if name and _is_linear_like(module) and _matches(name, target_modules)]
+    if not matched:
+        linear_names = [name for name, module in model.named_modules() if name and _is_linear_like(module)]
+        shown = ", ".join(linear_names[:8]) + (", ..." if len(linear_names) > 8 else "")
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear/Conv1D module; "
+                         f"the model's linear modules are: {shown or 'none'}")
+    for name in matched:
+        layer = LoRALinear.from_linear(model.get_submodule(name), r, alpha, dropout, use_rslora)
+        _replace(model, name, layer)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear in `model` by a plain nn.Linear holding its merged weight, in place; returns it."""
+    names = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    for name in names:
+        _replace(model, name, model.get_submodule(name).to_linear())
+    return model

@@ -70,3 +70,25 @@ def test_dropout_needs_no_extra_activation_memory(kernel_calls):
         peaks[p] = torch.cuda.max_memory_allocated() - base
         del x, lora_a, lora_b, y
     assert peaks[0.1] <= peaks[0.0], peaks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_merge_rounds_once_on_gpu(dtype, triton_backend):
+    from test_merge import check_merge_rounds_once
+
+    check_merge_rounds_once(dtype, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_and_reinit_at_4096_on_gpu(dtype, triton_backend):
+    from relora_kernels import reference
+
+    weight, lora_a, lora_b = (t.to("cuda", dtype) for t in (torch.randn(4096, 4096) / 64, torch.randn(16, 4096) / 64,
+                                                           torch.randn(4096, 16) / 4))
+    expected = reference.merged_weight(weight, lora_a, lora_b, 2.0)
+    rk.merge_and_reinit_(weight, lora_a, lora_b, 2.0, seed=4)
+    # Both round once from fp32 sums of 16 exact products: at most one ulp apart, almost always equal.
+    assert (weight == expected).double().mean() > 0.999
+    torch.testing.assert_close(weight, expected, rtol=torch.finfo(dtype).eps, atol=0.0)
+    assert torch.equal(lora_a, reference.reinit_uniform(4, 16, 4096, device="cuda").to(dtype))
+    assert not lora_b.any()

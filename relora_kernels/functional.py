@@ -71,6 +71,11 @@ class LoRALinearFunction(torch.autograd.Function):
                 None, None, None, None)
 
 
+def _draw_seed() -> int:
+    """A dropout seed from torch's default generator (so torch.manual_seed reproduces it), below 2**31."""
+    return int(torch.randint(_DRAWN_SEED_LIMIT, ()).item())
+
+
 def _autocast_inputs(*tensors):
     """Cast every floating tensor to the autocast dtype when autocast is on for x's device type."""
     x = tensors[0]
@@ -101,9 +106,10 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
     check_lora_linear_args(x, weight, lora_a, lora_b, bias)
     scale = check_scalar("scale", scale)
     dropout_p = check_dropout_p(dropout_p)
-    if seed is None:
-        seed = int(torch.randint(_DRAWN_SEED_LIMIT, ()).item()) if dropout_p > 0.0 else 0
-    seed = check_seed(seed)
+    if seed is None:  # drawn only when used, so p = 0 leaves torch's generator untouched
+        seed = _draw_seed() if dropout_p > 0.0 else 0
+    else:
+        seed = check_seed(seed)
 
     if not use_triton(x.device):
         return reference.lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)

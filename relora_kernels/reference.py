@@ -37,15 +37,17 @@ def _mul_hi_lo_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """
     a_hi, a_lo = a >> 16, a & 0xFFFF
     p_hi, p_lo = a_hi * b, a_lo * b  # < 2**48 each
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & _MASK32
+    # Tensor shifts written as multiply / floor-divide (equal for these non-negative values): Inductor's CPU
+    # vectoriser miscompiles int64 tensor shifts (torch 2.13), and torch.compile must be able to trace this.
+    hi = (p_hi + p_lo // 2**16) // 2**16
+    lo = (p_lo + (p_hi & 0xFFFF) * 2**16) & _MASK32
     return hi, lo
 
 
 def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """First uint32 word (in int64) of Philox-4x32-10 for counters (offset_lo, offset_hi, 0, 0), key = seed."""
     c0 = offsets & _MASK32
-    c1 = offsets >> 32
+    c1 = offsets // 2**32
     c2 = torch.zeros_like(offsets)
     c3 = torch.zeros_like(offsets)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
@@ -66,7 +68,7 @@ def dropout_threshold(dropout_p: float) -> int:
 def dropout_mask(seed: int, rows: int, cols: int, dropout_p: float, device=None) -> torch.Tensor:
     """Boolean keep-mask (rows, cols) for element (m, k) drawn from (seed, m * cols + k)."""
     offsets = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
-    bits = philox_randint(seed, offsets) >> (32 - DROPOUT_BITS)
+    bits = philox_randint(seed, offsets) // 2 ** (32 - DROPOUT_BITS)
     return bits >= dropout_threshold(dropout_p)
 
 
@@ -143,7 +145,7 @@ def reinit_uniform(seed: int, rows: int, cols: int, device=None) -> torch.Tensor
     The kernel performs the same fp32 operations in the same order, so both give the same bits.
     """
     offsets = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
-    u = (philox_randint(seed, offsets) >> (32 - DROPOUT_BITS)).to(torch.float32) * (1.0 / (1 << DROPOUT_BITS))
+    u = (philox_randint(seed, offsets) // 2 ** (32 - DROPOUT_BITS)).to(torch.float32) * (1.0 / (1 << DROPOUT_BITS))
     bound = torch.tensor(cols**-0.5, dtype=torch.float32)
     return (u * 2.0 - 1.0) * bound
 

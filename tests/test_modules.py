@@ -140,7 +140,7 @@ def test_merge_lora_exports_plain_linears():
 
 
 def tiny_gpt2():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -168,7 +168,7 @@ def test_gpt2_conv1d_apply_lora_keeps_the_loss_and_trains(monkeypatch):
 
 def test_matches_peft_lora_layer(monkeypatch):
     # PEFT's Linear LoRA layer given the same factors: same output, same gradients for x, A, B and bias.
-    peft = pytest.importorskip("peft")
+    import peft
     monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(40, 36))

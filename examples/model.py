@@ -131,7 +131,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         # Cross-entropy in fp32 whatever the autocast dtype: the softmax over the vocabulary is where bf16 hurts.
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     @torch.no_grad()

@@ -1,0 +1,353 @@
+"""The GPT-2 ReLoRA pre-training example (examples/pretrain_gpt2.py): data, fused-vs-eager tracking, exact resume,
+DDP, faults, arguments. Every run here is a ~100k-parameter model on a generated folder of text, a few steps long.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import relora_kernels as rk
+from relora_kernels.relora import ReLoRA, jagged_cosine, prune_optimizer_state_
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import data as example_data  # noqa: E402
+import pretrain_gpt2  # noqa: E402
+from model import GPT, LORA_TARGETS, GPTConfig  # noqa: E402
+
+WORDS = ("the model merges low rank factors into frozen weights and restarts them while the loss keeps falling "
+         "def return import class self for in if else while tokens batch step learning rate warmup").split()
+
+
+def write_corpus(folder: Path, n_files: int = 12, seed: int = 0) -> Path:
+    """A folder of n_files generated text files (~2.5 KB each), plus a binary file that must be ignored."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(40)]
+        (folder / f"doc_{i:02d}.txt").write_text("\n".join(lines) + "\n")
+    (folder / "image.bin").write_bytes(bytes(range(256)) * 4)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("token_cache")
+
+
+def tiny_args(corpus, cache_dir, out_dir, *extra):
+    """A ~100k-parameter run on the generated corpus: every default that makes the example slow is overridden."""
+    return ["--data", str(corpus), "--cache_dir", str(cache_dir), "--out_dir", str(out_dir), "--device", "cpu",
+            "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "320",
+            "--batch_size", "4", "--eval_batches", "2", "--sample_tokens", "0", "--lora_r", "4", *extra]
+
+
+def read_rows(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def script_env() -> dict:
+    # One thread per process: these models are too small to gain from more, and two processes on two cores must
+    # not oversubscribe them. The same env for every run keeps the CPU arithmetic identical between runs.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RELORA_KERNELS_BACKEND": "auto"}
+
+
+def run_script(args, *, launcher=(), timeout=240):
+    cmd = [sys.executable, *launcher, str(EXAMPLES / "pretrain_gpt2.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=script_env(), timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data pipeline
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_data_pipeline_on_a_folder(corpus, tmp_path):
+    cache = example_data.prepare_data(str(corpus), 320, tmp_path, log=lambda *_: None)
+    dataset = example_data.load_data(cache)
+    meta = dataset.meta
+    text_files = sorted(p.name for p in corpus.glob("*.txt"))
+    # Split by file: disjoint, complete, the binary file left out, about 10% (at least one file) for validation.
+    assert sorted(meta["train_files"] + meta["val_files"]) == text_files
+    assert not set(meta["train_files"]) & set(meta["val_files"]) and len(meta["val_files"]) == 1
+    # uint16 streams whose lengths match the meta, documents separated by EOT, all ids in the vocabulary.
+    assert dataset.train.dtype == dataset.val.dtype == example_data.np.uint16
+    assert (len(dataset.train), len(dataset.val)) == (meta["train_tokens"], meta["val_tokens"])
+    assert int((dataset.train == meta["eot_id"]).sum()) == len(meta["train_files"])
+    assert int(dataset.train.max()) < dataset.vocab_size == 320
+    # Byte-level BPE: the validation file decodes back to exactly its text.
+    val_text = (corpus / meta["val_files"][0]).read_text()
+    assert dataset.tokenizer.decode(dataset.val[:-1].tolist()) == val_text
+    assert dataset.tokenizer.decode(dataset.tokenizer.encode("naïve → ∑ \t\n").ids) == "naïve → ∑ \t\n"
+
+    # A second call finds the cache (nothing rewritten); changing a file changes the key and rebuilds.
+    stamp = (cache / "train.bin").stat().st_mtime_ns
+    assert example_data.prepare_data(str(corpus), 320, tmp_path, log=lambda *_: None) == cache
+    assert (cache / "train.bin").stat().st_mtime_ns == stamp
+    changed = write_corpus(tmp_path / "changed")
+    (changed / "doc_00.txt").write_text("something else entirely\n" * 50)
+    assert example_data.prepare_data(str(changed), 320, tmp_path, log=lambda *_: None) != cache
+    assert example_data.prepare_data(str(corpus), 300, tmp_path, log=lambda *_: None) != cache
+    assert not list(tmp_path.glob(".tmp-*")), "a temporary cache directory was left behind"
+
+    # Batches: targets are the inputs shifted by one, and the same key gives the same windows.
+    x, y = example_data.get_batch(dataset.train, 3, 16, seed=5)
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(x, example_data.get_batch(dataset.train, 3, 16, seed=5)[0])
+    assert not torch.equal(x, example_data.get_batch(dataset.train, 3, 16, seed=6)[0])
+
+
+def test_data_pipeline_on_a_single_file(tmp_path):
+    text = "".join(f"line {i}: the quick brown fox\n" for i in range(400))
+    (tmp_path / "one.txt").write_text(text)
+    dataset = example_data.load_data(example_data.prepare_data(str(tmp_path / "one.txt"), 300, tmp_path / "c",
+                                                               log=lambda *_: None))
+    # One file is split by position at a line break: 90% train, 10% validation, together the whole text.
+    decoded = [dataset.tokenizer.decode(s[:-1].tolist()) for s in (dataset.train, dataset.val)]
+    assert decoded[0] + decoded[1] == text and decoded[1].startswith("line ")
+    assert 0.05 < len(decoded[1]) / len(text) < 0.15
+
+
+def test_default_corpus_is_the_standard_library():
+    root, files = example_data.stdlib_files()
+    names = {str(f.relative_to(root)) for f in files}
+    assert "os.py" in names and "json/decoder.py" in names
+    assert not any(part.startswith("test") or part in ("site-packages", "idlelib") for n in names
+                   for part in Path(n).parts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fused LoRALinear tracks an eager nn.Linear + LoRA model, restart included
+# --------------------------------------------------------------------------------------------------------------
+
+
+class EagerLoRALinear(nn.Module):
+    """PEFT-style LoRA from plain modules: frozen nn.Linear plus scale * B(A(x)), no fused op anywhere."""
+
+    def __init__(self, fused: rk.LoRALinear):
+        super().__init__()
+        self.base = nn.Linear(fused.in_features, fused.out_features)
+        self.base.weight = nn.Parameter(fused.weight.detach().clone(), requires_grad=False)
+        self.base.bias = nn.Parameter(fused.bias.detach().clone())
+        self.lora_A = nn.Parameter(fused.lora_A.detach().clone())
+        self.lora_B = nn.Parameter(fused.lora_B.detach().clone())
+        self.scale = fused.scale
+
+    def forward(self, x):
+        return self.base(x) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_fused_lora_tracks_eager_lora_through_a_restart(backend, monkeypatch):
+    # auto: the CPU path of lora_linear; triton: the Triton kernels themselves (through the interpreter on a CPU)
+    monkeypatch.setenv("RELORA_KERNELS_BACKEND", backend)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=97, block_size=24, n_layer=2, n_head=2, n_embd=32)
+    fused = GPT(config)
+    rk.apply_lora(fused, LORA_TARGETS, r=4, alpha=8)
+    eager = copy.deepcopy(fused)
+    for name, module in list(eager.named_modules()):
+        if isinstance(module, rk.LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(eager.get_submodule(parent), child, EagerLoRALinear(module))
+    assert not any(isinstance(m, rk.LoRALinear) for m in eager.modules())
+
+    def optimizer(model):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+
+    opt_fused, opt_eager = optimizer(fused), optimizer(eager)
+    relora = ReLoRA(fused, opt_fused, restart_every=3, prune_ratio=1.0, seed=1)
+    losses = []
+    x = torch.randint(97, (4, 24), generator=torch.Generator().manual_seed(0))  # one batch, so the loss must fall
+    for step in range(1, 7):
+        pair = []
+        # The jagged schedule's re-warmup after the restart (lr 0, then half), as the script uses it. The factors'
+        # Adam state is reset whole (prune_ratio=1): a kept first moment over a zeroed second moment makes a huge
+        # update that would amplify the rounding differences between the two models past any useful bound.
+        lr = 1e-2 * jagged_cosine(step - 1, max_steps=100, warmup_steps=0, restart_every=3, restart_warmup_steps=2)
+        for model, opt in ((fused, opt_fused), (eager, opt_eager)):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            pair.append(loss.item())
+        losses.append(pair)
+        if relora.step(step):  # the eager twin restarts by hand: W += s * B @ A, A as the fused one drew it, B = 0
+            lora_params = []
+            with torch.no_grad():
+                for f, e in zip([m for m in fused.modules() if isinstance(m, rk.LoRALinear)],
+                                [m for m in eager.modules() if isinstance(m, EagerLoRALinear)], strict=True):
+                    e.base.weight += e.scale * e.lora_B @ e.lora_A
+                    e.lora_A.copy_(f.lora_A)
+                    e.lora_B.zero_()
+                    lora_params += [e.lora_A, e.lora_B]
+            prune_optimizer_state_(opt_eager, lora_params, 1.0)
+
+    fused_losses, eager_losses = zip(*losses, strict=True)
+    worst = max(abs(a - b) for a, b in losses)
+    assert worst < 1e-4, f"fused and eager LoRA losses differ by up to {worst:.2e}: {losses}"
+    assert fused_losses[-1] < fused_losses[0] - 0.3, f"the loss did not fall: {fused_losses}"
+    # After six steps and a restart the merged weights still agree.
+    for f, e in zip([m for m in fused.modules() if isinstance(m, rk.LoRALinear)],
+                    [m for m in eager.modules() if isinstance(m, EagerLoRALinear)], strict=True):
+        torch.testing.assert_close(f.weight, e.base.weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(f.lora_B, e.lora_B, rtol=1e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Runs of the script
+# --------------------------------------------------------------------------------------------------------------
+
+RELORA_RUN = ("--mode", "relora", "--max_steps", "16", "--warmup_full_steps", "4", "--restart_every", "4",
+              "--restart_warmup_steps", "1", "--warmup_steps", "2", "--eval_every", "4", "--ckpt_every", "4",
+              "--lr", "3e-3")
+
+
+def test_killed_run_resumes_to_exactly_the_uninterrupted_losses(corpus, cache_dir, tmp_path):
+    whole = run_script(tiny_args(corpus, cache_dir, tmp_path / "whole", *RELORA_RUN))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    # Killed (SIGKILL, no clean-up) right after a checkpoint, twice: at step 4, the last full-rank step (the resumed
+    # run must switch to LoRA itself), and at step 12, in the LoRA phase just after the restart of step 12.
+    split_args = tiny_args(corpus, cache_dir, tmp_path / "split", *RELORA_RUN)
+    for kill_at, resume in ((4, ()), (12, ("--resume",))):
+        crashed = run_script([*split_args, *resume, "--kill_at_step", str(kill_at)])
+        assert crashed.returncode == -9, crashed.stderr[-3000:]
+        assert (tmp_path / f"split/ckpt/step_{kill_at:08d}/DONE").exists()
+        assert max(r["step"] for r in read_rows(tmp_path / "split")) == kill_at
+    resumed = run_script([*split_args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "(step 12)" in resumed.stdout
+
+    keys = ("step", "train_loss", "val_loss", "lr", "tokens", "restarts", "restart", "lora_start")
+    rows = {run: [{k: r.get(k) for k in keys} for r in read_rows(tmp_path / run)] for run in ("whole", "split")}
+    assert [r["step"] for r in rows["split"]] == list(range(17))
+    assert rows["split"] == rows["whole"], "the resumed run's losses differ from the uninterrupted run's"
+    assert [r["step"] for r in rows["whole"] if r["restart"]] == [8, 12]  # and none after the last step
+    assert [r["step"] for r in rows["whole"] if r["lora_start"]] == [5]
+    assert rows["whole"][-1]["val_loss"] < rows["whole"][0]["val_loss"] - 0.5
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(corpus, cache_dir, tmp_path):
+    args = tiny_args(corpus, cache_dir, tmp_path, "--mode", "relora", "--max_steps", "8", "--warmup_full_steps", "2",
+                     "--restart_every", "2", "--restart_warmup_steps", "1", "--warmup_steps", "1",
+                     "--eval_every", "4", "--ckpt_every", "4")
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    result = run_script(args, launcher=launcher)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = read_rows(tmp_path)
+    restarts = [r for r in rows if r.get("restart")]
+    assert [r["step"] for r in restarts] == [4, 6]  # LoRA from step 3; no restart after the last step
+    for r in restarts:  # a checksum of every parameter's bits, gathered from both ranks right after the restart
+        assert len(r["rank_checksums"]) == 2 and len(set(r["rank_checksums"])) == 1, r
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["restarts"] == 2
+    assert rows[-1]["tokens"] == 8 * 2 * 4 * 32  # steps x ranks x batch x block
+
+
+def test_nan_loss_is_skipped_and_a_streak_stops_the_run(corpus, cache_dir, tmp_path, capsys):
+    args = tiny_args(corpus, cache_dir, tmp_path / "one", "--mode", "full", "--max_steps", "6", "--eval_every", "3",
+                     "--ckpt_every", "3", "--nan_at_steps", "4")
+    assert pretrain_gpt2.main(args) == 0
+    rows = {r["step"]: r for r in read_rows(tmp_path / "one")}
+    assert rows[4].get("skipped") and math.isnan(rows[4]["train_loss"]) and rows[4]["skipped_steps"] == 1
+    assert all(math.isfinite(rows[s]["train_loss"]) and not rows[s].get("skipped") for s in (1, 2, 3, 5, 6))
+    assert rows[6]["skipped_steps"] == 1 and math.isfinite(rows[6]["val_loss"])
+    assert (tmp_path / "one/ckpt/step_00000006/DONE").exists()
+
+    capsys.readouterr()
+    args = tiny_args(corpus, cache_dir, tmp_path / "streak", "--mode", "full", "--max_steps", "8", "--ckpt_every", "2",
+                     "--nan_at_steps", "3,4,5", "--max_bad_steps", "3")
+    assert pretrain_gpt2.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "3 non-finite steps in a row" in err, err
+    # Skipped steps leave the weights as they were, so the checkpoint of step 4 is a good one; nothing after step 5.
+    assert max(r["step"] for r in read_rows(tmp_path / "streak")) == 5
+    assert [d.name for d in pretrain_gpt2.checkpoint_dirs(tmp_path / "streak")] == ["step_00000002", "step_00000004"]
+
+
+def test_checkpoints_are_atomic_and_never_written_from_non_finite_weights(tmp_path, capsys):
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    for step in (5, 10):
+        pretrain_gpt2.save_checkpoint(tmp_path, step, model, {"step": step}, keep=2)
+    # An interrupted write leaves a temporary directory, or a renamed one without its DONE marker: neither counts.
+    (tmp_path / "ckpt/.tmp-step_00000015-123").mkdir()
+    (tmp_path / "ckpt/step_00000020").mkdir()
+    (tmp_path / "ckpt/step_00000020/state.pt").write_bytes(b"truncated")
+    assert [d.name for d in pretrain_gpt2.checkpoint_dirs(tmp_path)] == ["step_00000005", "step_00000010"]
+    assert pretrain_gpt2.load_checkpoint_state(pretrain_gpt2.checkpoint_dirs(tmp_path)[-1])["step"] == 10
+    # Rewriting step 20 replaces the incomplete directory; keep=2 drops the oldest.
+    pretrain_gpt2.save_checkpoint(tmp_path, 20, model, {"step": 20}, keep=2)
+    assert [d.name for d in pretrain_gpt2.checkpoint_dirs(tmp_path)] == ["step_00000010", "step_00000020"]
+
+    # A fresh run (no --resume) refuses to start on top of them.
+    assert pretrain_gpt2.main(["--out_dir", str(tmp_path), "--device", "cpu"]) == 2
+    assert "holds a run (checkpoint at step 20): --resume continues it" in capsys.readouterr().err
+
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(pretrain_gpt2.RunError, match="not finite"):
+        pretrain_gpt2.save_checkpoint(tmp_path, 25, model, {"step": 25}, keep=2)
+    assert [d.name for d in pretrain_gpt2.checkpoint_dirs(tmp_path)] == ["step_00000010", "step_00000020"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_options_take_both_forms_and_resolve_against_the_preset():
+    given = pretrain_gpt2.parse_args(["--mode=full", "--max_steps", "600", "--lr=1e-3", "--resume", "--seed", "3"])
+    assert given == {"mode": "full", "max_steps": 600, "lr": 1e-3, "resume": True, "seed": 3}
+    cfg = pretrain_gpt2.resolve_config(given, None, torch.device("cpu"))
+    assert (cfg.preset, cfg.n_embd, cfg.batch_size) == ("tiny", 256, pretrain_gpt2.TRAIN_PRESETS["tiny"]["batch_size"])
+    # A run of twice the preset's length stretches the schedule with it; the LoRA phase starts on a restart.
+    assert cfg.restart_every == 2 * pretrain_gpt2.TRAIN_PRESETS["tiny"]["restart_every"]
+    assert cfg.warmup_full_steps % cfg.restart_every == 0
+    assert pretrain_gpt2.parse_args(["--resume=false"]) == {"resume": False}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "gpt9"], "--preset 'gpt9' is not one of"),
+    (["--data", "/no/such/folder"], "no such file or folder"),
+    (["--restart_every", "0"], "--restart_every must be >= 1"),
+    (["--restart_every=-3"], "--restart_every must be >= 1"),
+    (["--mode", "qlora"], "--mode 'qlora' is not one of"),
+    (["--max_steps", "many"], "invalid int value"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--n_embd", "30", "--n_head", "4"], "must be a multiple of --n_head"),
+    (["--warmup_full_steps", "400", "--max_steps", "300"], "the LoRA phase never starts"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--frobnicate", "1"], "unrecognized arguments"),
+])
+def test_bad_arguments_get_one_line(args, message, tmp_path, capsys):
+    assert pretrain_gpt2.main([*args, "--out_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err and message in err, err
+
+
+def test_bad_argument_from_the_command_line_has_no_traceback(tmp_path):
+    result = run_script(["--restart_every", "0", "--out_dir", str(tmp_path)], timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "pretrain_gpt2.py: error: --restart_every must be >= 1, got 0"

@@ -1,6 +1,6 @@
 """Pre-train a GPT-2 style model with ReLoRA: full-rank warm start, then LoRA layers merged and restarted.
 
-    python examples/pretrain_gpt2.py                      # CPU: tiny model on the Python stdlib, ~6 minutes
+    python examples/pretrain_gpt2.py                      # CPU: tiny model on the Python stdlib, 3-4 minutes
     python examples/pretrain_gpt2.py --mode full          # the same run, ordinary full-rank training
     python examples/pretrain_gpt2.py --resume             # continue from the newest checkpoint in --out_dir
     python examples/pretrain_gpt2.py --preset gpt2-124m --data my_corpus/       # GPU: GPT-2 small, bf16
@@ -108,7 +108,9 @@ class Config:
     kill_at_step: int = 0  # SIGKILL this process after this step (testing an interrupted run)
 
 
-# Training defaults per preset. tiny is sized for a 2-core CPU: ~6 minutes, val loss 8.3 -> ~4.
+# Training defaults per preset. tiny is sized for a 2-core CPU: ~3 minutes of training, val loss 8.36 -> 5.05 (see
+# examples/README.md). Its prune_ratio=1.0 (reset the factors' Adam state whole) beat the ReLoRA paper's 0.99 there:
+# val loss 5.053 vs 5.068, and the train loss after each restart up to 0.05 lower on the same batches.
 TRAIN_PRESETS = {
     "tiny": dict(
         vocab_size=4096, max_steps=300, batch_size=8, grad_accum=1, lr=2e-3, warmup_steps=30,
@@ -404,7 +406,7 @@ def plot_metrics(path: Path, png: Path, title: str) -> None:
             smooth.append((tokens, ema))
         ax.plot(*zip(*smooth, strict=True), lw=1.2, color="tab:blue", label="train loss (EMA)")
     if val:
-        ax.plot(*zip(*val, strict=True), "o-", ms=4, label="val loss")
+        ax.plot(*zip(*val, strict=True), "o-", ms=4, color="tab:orange", label="val loss")
     for i, r in enumerate(r for r in rows if r.get("restart")):
         ax.axvline(r["tokens"], color="gray", ls="--", lw=0.8, label="ReLoRA restart" if i == 0 else None)
     for r in rows:

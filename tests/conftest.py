@@ -5,6 +5,7 @@ import types
 
 import pytest
 import torch
+from helpers import count_launches
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -33,15 +34,9 @@ def kernel_calls(monkeypatch, triton_backend):
     from relora_kernels import functional
     from relora_kernels.kernels import lora_linear as kernels
 
-    calls = {}
-    for name in ("lora_shrink", "lora_forward_matmul", "lora_grad_ab", "lora_input_grad"):
-        launcher = getattr(kernels, name)
-
-        def counted(*args, _launcher=launcher, _name=name, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _launcher(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, name, counted)
+    calls = count_launches(
+        monkeypatch, kernels, ("lora_shrink", "lora_forward_matmul", "lora_grad_ab", "lora_input_grad")
+    )
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the reference op ran where the Triton kernels were forced")

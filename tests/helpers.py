@@ -46,3 +46,17 @@ def make_inputs(lead, k, n, r, dtype, device="cpu", bias=True, seed=0):
         "lora_b": rand(n, r, std=r**-0.5),
         "bias": rand(n) if bias else None,
     }
+
+
+def count_launches(monkeypatch, module, names) -> dict:
+    """Wrap the launchers `names` of `module` so that each call is counted in the returned dict."""
+    calls = {}
+    for name in names:
+        launcher = getattr(module, name)
+
+        def counted(*args, _launcher=launcher, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _launcher(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls

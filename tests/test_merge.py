@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_inputs
+from helpers import count_launches, make_inputs
 
 import relora_kernels as rk
 from relora_kernels import reference
@@ -24,16 +24,9 @@ def merge_kernel_calls(monkeypatch, triton_backend):
     """Count the merge launchers and block the reference twins, so the kernels are what a test checks."""
     from relora_kernels.kernels import merge as kernels
 
-    calls = {}
-    for name in ("merge_lora_weight_", "reinit_lora_"):
-        launcher = getattr(kernels, name)
-
-        def counted(*args, _launcher=launcher, _name=name, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _launcher(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, name, counted)
-    for name in ("merge_lora_weight_", "reinit_lora_"):
+    names = ("merge_lora_weight_", "reinit_lora_")
+    calls = count_launches(monkeypatch, kernels, names)
+    for name in names:
         monkeypatch.setattr(reference, name, lambda *a, **k: pytest.fail("the reference merge ran"))
     return calls
 

@@ -71,7 +71,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 None, None, None, None)
 
 
-def _draw_seed() -> int:
+def draw_seed() -> int:
     """A dropout seed from torch's default generator (so torch.manual_seed reproduces it), below 2**31."""
     return int(torch.randint(_DRAWN_SEED_LIMIT, ()).item())
 
@@ -107,7 +107,7 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
     scale = check_scalar("scale", scale)
     dropout_p = check_dropout_p(dropout_p)
     if seed is None:  # drawn only when used, so p = 0 leaves torch's generator untouched
-        seed = _draw_seed() if dropout_p > 0.0 else 0
+        seed = draw_seed() if dropout_p > 0.0 else 0
     else:
         seed = check_seed(seed)
 

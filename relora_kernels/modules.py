@@ -16,9 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import reference
-from .functional import lora_linear, merge_and_reinit_
-
-_DRAWN_SEED_LIMIT = 2**31
+from .functional import draw_seed, lora_linear, merge_and_reinit_
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -91,9 +89,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge_and_reinit(self, seed: int | None = None) -> None:
         """W += scale * B @ A, then A re-drawn from `seed` (None: from torch's default generator) and B = 0."""
-        if seed is None:
-            seed = int(torch.randint(_DRAWN_SEED_LIMIT, ()).item())
-        merge_and_reinit_(self.weight, self.lora_A, self.lora_B, self.scale, seed=seed)
+        merge_and_reinit_(self.weight, self.lora_A, self.lora_B, self.scale,
+                          seed=draw_seed() if seed is None else seed)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

@@ -3,7 +3,9 @@
     forward   S = dropout_p(x) @ A.T;  y = x @ W.T + bias + s * S @ B.T            (2 launches)
     backward  dS, dB, dA, dbias from one launch;  dx = dy @ W + mask(dS @ A)/(1-p)  (2 launches)
 
-Only S (M, r) is kept for the backward besides the inputs: the dropout mask is regenerated from the seed.
+Only S (M, r) is kept for the backward besides the inputs: the dropout mask is regenerated from the seed, which
+travels as a 0-d int64 tensor on x's device (drawn there when the caller gives none), so neither the op nor
+torch.compile ever reads it on the host. The kernels are called through their torch.library ops (ops.py).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from ._validate import (
 _DRAWN_SEED_LIMIT = 2**31
 
 
-def _kernels():
+def _ops():
     # Imported on first use so that the reference path never needs triton.
-    from .kernels import lora_linear as kernels
+    from . import ops
 
-    return kernels
+    return ops
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -38,9 +40,9 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic):
-        kernels = _kernels()
-        shrunk = kernels.lora_shrink(x, lora_a, dropout_p, seed)
-        y = kernels.lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias)
+        ops = _ops()
+        shrunk = ops.lora_shrink(x, lora_a, dropout_p, seed)
+        y = ops.lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias)
         return y, shrunk
 
     @staticmethod
@@ -48,32 +50,45 @@ class LoRALinearFunction(torch.autograd.Function):
         x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic = inputs
         _, shrunk = output
         ctx.mark_non_differentiable(shrunk)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, shrunk)
-        ctx.scale, ctx.dropout_p, ctx.seed, ctx.deterministic = scale, dropout_p, seed, deterministic
+        ctx.save_for_backward(x, weight, lora_a, lora_b, shrunk, seed)
+        ctx.scale, ctx.dropout_p, ctx.deterministic = scale, dropout_p, deterministic
 
     @staticmethod
     def backward(ctx, grad_y, _grad_shrunk):
-        x, weight, lora_a, lora_b, shrunk = ctx.saved_tensors
+        x, weight, lora_a, lora_b, shrunk, seed = ctx.saved_tensors
         need_x, need_weight, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        kernels = _kernels()
+        ops = _ops()
         # dS = s * dy @ B;  dB = s * dy.T @ S;  dA = dS.T @ x~;  dbias = dy.sum(0)
-        grad_a, grad_b, grad_shrunk, grad_bias = kernels.lora_grad_ab(
-            grad_y, x, shrunk, lora_b, ctx.scale, ctx.dropout_p, ctx.seed, need_bias, ctx.deterministic
+        grad_a, grad_b, grad_shrunk, grad_bias = ops.lora_grad_ab(
+            grad_y, x, shrunk, lora_b, ctx.scale, ctx.dropout_p, seed, need_bias, ctx.deterministic
         )
         # dx = dy @ W + (dS @ A) * m / (1-p)
         grad_x = None
         if need_x:
-            grad_x = kernels.lora_input_grad(grad_y, weight, grad_shrunk, lora_a, ctx.dropout_p, ctx.seed)
+            grad_x = ops.lora_input_grad(grad_y, weight, grad_shrunk, lora_a, ctx.dropout_p, seed)
         # dW = dy.T @ x, only if the caller unfroze W (a full-rank phase); LoRA training keeps W frozen.
         grad_weight = grad_y.T @ x if need_weight else None
         # scale, dropout_p, seed and deterministic are Python scalars: no gradient.
-        return (grad_x, grad_weight, grad_a if need_a else None, grad_b if need_b else None, grad_bias,
-                None, None, None, None)
+        return (grad_x, grad_weight, grad_a if need_a else None, grad_b if need_b else None,
+                grad_bias if need_bias else None, None, None, None, None)
 
 
 def draw_seed() -> int:
-    """A dropout seed from torch's default generator (so torch.manual_seed reproduces it), below 2**31."""
+    """A seed from torch's default generator (so torch.manual_seed reproduces it), below 2**31."""
     return int(torch.randint(_DRAWN_SEED_LIMIT, ()).item())
+
+
+def _dropout_seed(seed, dropout_p: float, device: torch.device) -> torch.Tensor | None:
+    """The dropout seed as a 0-d int64 tensor on `device`; None without dropout (the seed is then never read).
+
+    seed=None draws one on the device from its default generator: no host sync, and inside a compiled graph it
+    stays a graph op (Inductor then draws it with its own generator, as it does for torch's dropout).
+    """
+    if dropout_p == 0.0:
+        return None
+    if seed is None:
+        return torch.randint(_DRAWN_SEED_LIMIT, (), dtype=torch.int64, device=device)
+    return torch.tensor(seed, dtype=torch.int64, device=device)
 
 
 def _autocast_inputs(*tensors):
@@ -93,7 +108,7 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
         weight: (N, K) frozen weight. lora_a: (r, K). lora_b: (N, r). bias: (N,) or None.
         scale: the LoRA scale s (alpha / r). dropout_p: LoRA-branch dropout probability in [0, 1).
         seed: int keying the dropout mask; the mask depends only on (seed, element index), so the same seed gives
-            the same mask on any backend. None draws one from torch's default generator (only when
+            the same mask on any backend. None draws one from the default generator of x's device (only when
             dropout_p > 0), so torch.manual_seed makes runs reproducible.
 
     Returns (..., N) in x's dtype. All tensors must share one dtype (float32, float16 or bfloat16) and one device;
@@ -106,18 +121,19 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
     check_lora_linear_args(x, weight, lora_a, lora_b, bias)
     scale = check_scalar("scale", scale)
     dropout_p = check_dropout_p(dropout_p)
-    if seed is None:  # drawn only when used, so p = 0 leaves torch's generator untouched
-        seed = draw_seed() if dropout_p > 0.0 else 0
-    else:
-        seed = check_seed(seed)
+    if seed is not None:
+        check_seed(seed)  # also when p = 0, so a bad seed never passes unnoticed
+    # Drawn only when used, so p = 0 leaves torch's generator untouched.
+    seed = _dropout_seed(seed, dropout_p, x.device)
 
     if not use_triton(x.device):
         return reference.lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
 
-    kernels = _kernels()
+    from .kernels.lora_linear import MAX_RANK
+
     rank = lora_a.shape[0]
-    if rank > kernels.MAX_RANK:
-        raise ValueError(f"lora_a has r = {rank} rows; the Triton kernels support r <= {kernels.MAX_RANK}")
+    if rank > MAX_RANK:
+        raise ValueError(f"lora_a has r = {rank} rows; the Triton kernels support r <= {MAX_RANK}")
     out_features, in_features = weight.shape
     y, _ = LoRALinearFunction.apply(
         x.reshape(-1, in_features), weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic()
@@ -141,10 +157,9 @@ def merge_and_reinit_(weight, lora_a, lora_b, scale, *, seed):
     seed = check_seed(seed)
     with torch.no_grad():
         if use_triton(weight.device):
-            from .kernels import merge as kernels
-
-            kernels.merge_lora_weight_(weight, lora_a, lora_b, scale)
-            kernels.reinit_lora_(lora_a, lora_b, seed)
+            ops = _ops()
+            ops.merge_lora_weight_(weight, lora_a, lora_b, scale)
+            ops.reinit_lora_(lora_a, lora_b, seed)
         else:
             reference.merge_lora_weight_(weight, lora_a, lora_b, scale)
             reference.reinit_lora_(lora_a, lora_b, seed)

@@ -72,11 +72,24 @@ def dropout_mask(seed: int, rows: int, cols: int, dropout_p: float, device=None)
     return bits >= dropout_threshold(dropout_p)
 
 
-def _dropout(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
-    """x~ = x * m / (1-p) for a 2-D x; identity for p = 0."""
+@torch.library.custom_op("relora_kernels::dropout_mask", mutates_args=())
+def _dropout_mask_op(seed: torch.Tensor, rows: int, cols: int, dropout_p: float) -> torch.Tensor:
+    """dropout_mask with the seed in a tensor. An opaque op, so torch.compile neither traces the ten Philox rounds
+    (Inductor takes minutes over that int64 arithmetic) nor breaks the graph on reading the seed."""
+    return dropout_mask(int(seed), rows, cols, dropout_p, device=seed.device)
+
+
+@_dropout_mask_op.register_fake
+def _(seed, rows, cols, dropout_p):
+    return torch.empty((rows, cols), dtype=torch.bool, device=seed.device)
+
+
+def _dropout(x: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
+    """x~ = x * m / (1-p) for a 2-D x; identity for p = 0. seed: an int or a 0-d integer tensor."""
     if dropout_p == 0.0:
         return x
-    keep = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=x.device)
+    keep = _dropout_mask_op(seed, x.shape[0], x.shape[1], dropout_p)
     return x * keep / (1.0 - dropout_p)
 
 
@@ -86,7 +99,8 @@ def _dropout(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
 
 
 def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, seed=0):
-    """y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T for x of any leading dims, computed in x's dtype."""
+    """y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T for x of any leading dims, computed in x's dtype.
+    seed: an int or a 0-d integer tensor (what the launchers take)."""
     x2 = x.reshape(-1, x.shape[-1])
     shrunk = F.linear(_dropout(x2, dropout_p, seed), lora_a)
     y = F.linear(x2, weight, bias) + scale * F.linear(shrunk, lora_b)
@@ -110,14 +124,14 @@ def lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias):
 
 
 def lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic=False):
-    """(dA, dB, dS, dbias): dS = s*dy@B, dB = s*dy.T@S, dA = dS.T@x~, dbias = dy.sum(0) (None unless asked).
+    """(dA, dB, dS, dbias): dS = s*dy@B, dB = s*dy.T@S, dA = dS.T@x~, dbias = dy.sum(0) (empty (0,) unless asked).
 
     `deterministic` is accepted for the launcher's signature; everything here is deterministic.
     """
     grad_shrunk = scale * (grad_y @ lora_b)
     grad_b = scale * (grad_y.T @ shrunk)
     grad_a = grad_shrunk.T @ _dropout(x, dropout_p, seed)
-    grad_bias = grad_y.sum(0) if need_bias_grad else None
+    grad_bias = grad_y.sum(0) if need_bias_grad else grad_y.new_empty(0)
     return grad_a, grad_b, grad_shrunk, grad_bias
 
 

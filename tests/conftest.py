@@ -30,13 +30,10 @@ def triton_backend(monkeypatch):
 
 @pytest.fixture
 def kernel_calls(monkeypatch, triton_backend):
-    """Count launcher calls and forbid the reference op, so a test proves the kernels (not the fallback) ran."""
-    from relora_kernels import functional
-    from relora_kernels.kernels import lora_linear as kernels
+    """Count kernel-op calls and forbid the reference op, so a test proves the kernels (not the fallback) ran."""
+    from relora_kernels import functional, ops
 
-    calls = count_launches(
-        monkeypatch, kernels, ("lora_shrink", "lora_forward_matmul", "lora_grad_ab", "lora_input_grad")
-    )
+    calls = count_launches(monkeypatch, ops, ("lora_shrink", "lora_forward_matmul", "lora_grad_ab", "lora_input_grad"))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the reference op ran where the Triton kernels were forced")

@@ -40,6 +40,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+try:  # torch >= 2.6: launches that torch.compile can trace (and plain launches outside of tracing)
+    from torch.library import wrap_triton as traceable
+except ImportError:  # an older torch: ops.py then leaves the launchers unregistered, so plain launches suffice
+
+    def traceable(kernel):
+        return kernel
+
+
 def _block_rank(rank: int) -> int:
     """r padded to a power of two >= 16 because tl.dot needs every dimension >= 16; the padding is masked."""
     return max(16, triton.next_power_of_2(rank))
@@ -64,16 +72,17 @@ def _keep_mask(seed, offsets, keep_threshold):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _shrink_kernel(
     x_ptr,  # (M, K)
     a_ptr,  # (R, K)
     s_ptr,  # (M, R) output
+    seed_ptr,  # () int64 dropout seed, read only when APPLY_DROPOUT
     M, K, R,
     stride_xm, stride_xk,
     stride_ar, stride_ak,
     stride_sm, stride_sr,
-    seed, keep_threshold, inv_keep,
+    keep_threshold, inv_keep,
     APPLY_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -82,6 +91,8 @@ def _shrink_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)  # M * stride can pass 2**31
     offs_r = tl.arange(0, BLOCK_R)
+    if APPLY_DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -114,7 +125,7 @@ def _shrink_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _fused_matmul_kernel(
     lhs_ptr,  # (M, K)
     rhs_ptr,  # (K, N)
@@ -122,13 +133,14 @@ def _fused_matmul_kernel(
     up_ptr,  # (R, N)
     bias_ptr,  # (N,), read only when HAS_BIAS
     out_ptr,  # (M, N) output
+    seed_ptr,  # () int64 dropout seed, read only when APPLY_DROPOUT
     M, N, K, R,
     stride_lm, stride_lk,
     stride_rk, stride_rn,
     stride_wm, stride_wr,
     stride_ur, stride_un,
     stride_om, stride_on,
-    low_scale, seed, keep_threshold,
+    low_scale, keep_threshold,
     HAS_BIAS: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -162,7 +174,7 @@ def _fused_matmul_kernel(
     )
     acc = tl.dot(low_tile, up_tile, input_precision=DOT_PRECISION) * tl.to_tensor(low_scale).to(tl.float32)
     if APPLY_DROPOUT:
-        keep = _keep_mask(seed, rows[:, None] * N + cols[None, :], keep_threshold)
+        keep = _keep_mask(tl.load(seed_ptr), rows[:, None] * N + cols[None, :], keep_threshold)
         acc = tl.where(keep, acc, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -199,7 +211,7 @@ def _accumulate(ptrs, value, mask, DETERMINISTIC: tl.constexpr):
         tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _grad_ab_kernel(
     dy_ptr,  # (M, N)
     x_ptr,  # (M, K)
@@ -209,6 +221,7 @@ def _grad_ab_kernel(
     da_ptr,  # (SPLITS, R, K) fp32 output: dA partials (SPLITS = 1 with atomics)
     db_ptr,  # (SPLITS, N, R) fp32 output: dB partials
     dbias_ptr,  # (SPLITS, N) fp32 output: dbias partials, written only when HAS_BIAS_GRAD
+    seed_ptr,  # () int64 dropout seed, read only when APPLY_DROPOUT
     M, N, K, R,
     stride_dym, stride_dyn,
     stride_xm, stride_xk,
@@ -218,7 +231,7 @@ def _grad_ab_kernel(
     stride_da_split, stride_da_r, stride_da_k,
     stride_db_split, stride_db_n, stride_db_r,
     stride_dbias_split,
-    scale, seed, keep_threshold, inv_keep,
+    scale, keep_threshold, inv_keep,
     HAS_BIAS_GRAD: tl.constexpr, APPLY_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -231,6 +244,8 @@ def _grad_ab_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     scale = tl.to_tensor(scale).to(tl.float32)  # float scalars may arrive as fp64 (torch.compile)
+    if APPLY_DROPOUT:
+        seed = tl.load(seed_ptr)
 
     s_tile = tl.load(
         s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
@@ -327,20 +342,24 @@ def _grad_ab_config(rank_block: int) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
 
-def _dropout_args(dropout_p: float, seed: int) -> dict:
+def _dropout_args(dropout_p: float, seed: torch.Tensor | None, fallback: torch.Tensor) -> dict:
+    """Kernel arguments of the dropout mask; without dropout the seed is never read and any pointer will do."""
     return {
-        "seed": seed,
+        "seed_ptr": seed if dropout_p > 0.0 else fallback,
         "keep_threshold": dropout_threshold(dropout_p),
         "APPLY_DROPOUT": dropout_p > 0.0,
     }
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launchers: same signatures as their twins in reference.py.
+# Launchers: same signatures as their twins in reference.py. Every launch goes through `traceable` so that the
+# launchers can be registered as torch.library triton_ops (ops.py), which torch.compile traces into.
+# The dropout seed is a 0-d int64 tensor on the device (None without dropout) that the kernels load: no host
+# sync, and a seed drawn inside a compiled graph or a CUDA graph stays in it.
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """S = dropout_p(x) @ A.T, (M, r) in x's dtype. x (M, K), lora_a (r, K)."""
     (M, K), R = x.shape, lora_a.shape[0]
     shrunk = torch.empty((M, R), device=x.device, dtype=x.dtype)
@@ -348,15 +367,15 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: i
         return shrunk
     cfg = _shrink_config(_block_rank(R))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _shrink_kernel[grid](
+    traceable(_shrink_kernel)[grid](
         x, lora_a, shrunk,
-        M, K, R,
-        x.stride(0), x.stride(1),
-        lora_a.stride(0), lora_a.stride(1),
-        shrunk.stride(0), shrunk.stride(1),
+        M=M, K=K, R=R,
+        stride_xm=x.stride(0), stride_xk=x.stride(1),
+        stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1),
+        stride_sm=shrunk.stride(0), stride_sr=shrunk.stride(1),
         inv_keep=1.0 / (1.0 - dropout_p),
         BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
-        **_dropout_args(dropout_p, seed), **cfg,
+        **_dropout_args(dropout_p, seed, shrunk), **cfg,
     )
     return shrunk
 
@@ -365,45 +384,48 @@ def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed):
     """out = lhs @ rhs_t.T + low_scale * mask(low @ up_t.T) + bias, where rhs_t (N, K) and up_t (N, R)."""
     (M, K), N, R = lhs.shape, rhs_t.shape[0], low.shape[1]
     out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype)
-    if out.numel() == 0:
+    if M == 0 or N == 0:
         return out
-    args = (
-        lhs, rhs_t, low, up_t, bias if bias is not None else out, out,
-        M, N, K, R,
-        lhs.stride(0), lhs.stride(1),
-        rhs_t.stride(1), rhs_t.stride(0),
-        low.stride(0), low.stride(1),
-        up_t.stride(1), up_t.stride(0),
-        out.stride(0), out.stride(1),
-    )
-    meta = dict(
+    args = dict(
+        lhs_ptr=lhs, rhs_ptr=rhs_t, low_ptr=low, up_ptr=up_t, bias_ptr=bias if bias is not None else out, out_ptr=out,
+        M=M, N=N, K=K, R=R,
+        stride_lm=lhs.stride(0), stride_lk=lhs.stride(1),
+        stride_rk=rhs_t.stride(1), stride_rn=rhs_t.stride(0),
+        stride_wm=low.stride(0), stride_wr=low.stride(1),
+        stride_ur=up_t.stride(1), stride_un=up_t.stride(0),
+        stride_om=out.stride(0), stride_on=out.stride(1),
         low_scale=float(low_scale), HAS_BIAS=bias is not None,
-        BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(lhs.dtype), **_dropout_args(dropout_p, seed),
+        BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(lhs.dtype), **_dropout_args(dropout_p, seed, out),
     )
     if _interpreting():
         block = _INTERPRETER_BLOCK
         grid = (triton.cdiv(M, block) * triton.cdiv(N, block),)
-        _fused_matmul_kernel[grid](*args, BLOCK_M=block, BLOCK_N=block, BLOCK_K=block, GROUP_M=4, **meta)
+        traceable(_fused_matmul_kernel)[grid](**args, BLOCK_M=block, BLOCK_N=block, BLOCK_K=block, GROUP_M=4)
     else:
         def grid(cfg):
             return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
-        _fused_matmul_autotuned[grid](*args, **meta)
+        traceable(_fused_matmul_autotuned)[grid](**args)
     return out
 
 
-def lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias):
+def lora_forward_matmul(x: torch.Tensor, weight: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
+                        scale: float, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W.T + bias + s * S @ B.T, (M, N) in x's dtype; the low-rank term seeds the accumulator."""
-    return _fused_matmul(x, weight, shrunk, lora_b, scale, bias, 0.0, 0)
+    return _fused_matmul(x, weight, shrunk, lora_b, scale, bias, 0.0, None)
 
 
-def lora_input_grad(grad_y, weight, grad_shrunk, lora_a, dropout_p, seed):
+def lora_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, grad_shrunk: torch.Tensor, lora_a: torch.Tensor,
+                    dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """dx = dy @ W + (dS @ A) * m / (1-p), (M, K) in dy's dtype; the masked low-rank term seeds the accumulator."""
     return _fused_matmul(grad_y, weight.T, grad_shrunk, lora_a.T, 1.0 / (1.0 - dropout_p), None, dropout_p, seed)
 
 
-def lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic=False):
-    """(dA, dB, dS, dbias) from one launch, in x's dtype (reduced in fp32, rounded once).
+def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                 dropout_p: float, seed: torch.Tensor | None, need_bias_grad: bool,
+                 deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dA, dB, dS, dbias) from one launch, in x's dtype (reduced in fp32, rounded once); dbias is an empty (0,)
+    tensor unless `need_bias_grad` (a registered op cannot return None).
 
     Tokens are split across programs; each program's partial dA/dB/dbias is reduced by fp32 atomics into one
     zeroed buffer, or, when `deterministic`, written to its own slice and summed afterwards (bit-identical run
@@ -416,27 +438,26 @@ def lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed, need_bias_gr
     dev = x.device
     grad_a = torch.zeros((splits, R, K), device=dev, dtype=torch.float32)
     grad_b = torch.zeros((splits, N, R), device=dev, dtype=torch.float32)
-    grad_bias = torch.zeros((splits, N), device=dev, dtype=torch.float32) if need_bias_grad else None
+    grad_bias = torch.zeros((splits, N if need_bias_grad else 0), device=dev, dtype=torch.float32)
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
     if programs > 0:
-        _grad_ab_kernel[(programs,)](
+        traceable(_grad_ab_kernel)[(programs,)](
             grad_y, x, shrunk, lora_b, grad_shrunk, grad_a, grad_b, grad_bias if need_bias_grad else grad_b,
-            M, N, K, R,
-            grad_y.stride(0), grad_y.stride(1),
-            x.stride(0), x.stride(1),
-            shrunk.stride(0), shrunk.stride(1),
-            lora_b.stride(0), lora_b.stride(1),
-            grad_shrunk.stride(0), grad_shrunk.stride(1),
-            grad_a.stride(0), grad_a.stride(1), grad_a.stride(2),
-            grad_b.stride(0), grad_b.stride(1), grad_b.stride(2),
-            grad_bias.stride(0) if need_bias_grad else 0,
+            M=M, N=N, K=K, R=R,
+            stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1),
+            stride_xm=x.stride(0), stride_xk=x.stride(1),
+            stride_sm=shrunk.stride(0), stride_sr=shrunk.stride(1),
+            stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
+            stride_dsm=grad_shrunk.stride(0), stride_dsr=grad_shrunk.stride(1),
+            stride_da_split=grad_a.stride(0), stride_da_r=grad_a.stride(1), stride_da_k=grad_a.stride(2),
+            stride_db_split=grad_b.stride(0), stride_db_n=grad_b.stride(1), stride_db_r=grad_b.stride(2),
+            stride_dbias_split=grad_bias.stride(0),
             scale=float(scale), inv_keep=1.0 / (1.0 - dropout_p),
             HAS_BIAS_GRAD=need_bias_grad, DETERMINISTIC=deterministic,
             BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
-            **_dropout_args(dropout_p, seed), **cfg,
+            **_dropout_args(dropout_p, seed, grad_shrunk), **cfg,
         )
-    grad_a, grad_b = _reduce_splits(grad_a, x.dtype), _reduce_splits(grad_b, x.dtype)
-    grad_bias = _reduce_splits(grad_bias, x.dtype) if need_bias_grad else None
+    grad_a, grad_b, grad_bias = (_reduce_splits(t, x.dtype) for t in (grad_a, grad_b, grad_bias))
     return grad_a, grad_b, grad_shrunk, grad_bias
 
 

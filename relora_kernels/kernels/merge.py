@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..reference import DROPOUT_BITS
-from .lora_linear import MAX_RANK, _block_rank, _interpreting
+from .lora_linear import MAX_RANK, _block_rank, _interpreting, traceable
 
 _RANDOM_SHIFT = tl.constexpr(32 - DROPOUT_BITS)
 _INV_RANDOM_RANGE = tl.constexpr(1.0 / (1 << DROPOUT_BITS))
@@ -106,7 +106,7 @@ def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
     # fp32 weights get full fp32 products; 16-bit factors are exact in tf32 (see the module docstring).
     precision = "ieee" if lora_a.dtype == torch.float32 else "tf32"
-    _merge_kernel[grid](
+    traceable(_merge_kernel)[grid](
         weight, lora_a, lora_b,
         N, K, R,
         weight.stride(0), weight.stride(1),
@@ -124,7 +124,7 @@ def reinit_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, seed: int) -> None:
     grid = (triton.cdiv(R * K, block) + triton.cdiv(N * R, block),)
     if grid[0] == 0:
         return
-    _reinit_kernel[grid](
+    traceable(_reinit_kernel)[grid](
         lora_a, lora_b,
         R, K, N,
         lora_a.stride(0), lora_a.stride(1),

@@ -33,11 +33,12 @@ def check_same_dtype_and_device(**tensors: torch.Tensor | None) -> None:
 
 
 def check_scalar(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    symbolic = isinstance(value, torch.SymFloat)  # traced by torch.compile(dynamic=True): checked by its guards
+    if isinstance(value, bool) or not (symbolic or isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # comparisons rather than math.isfinite, which torch.compile cannot trace
         raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return value if symbolic else float(value)
 
 
 def check_dropout_p(dropout_p) -> float:

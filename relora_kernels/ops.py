@@ -9,8 +9,9 @@
 
 Each is a `triton_op`: torch.compile traces into it and sees the kernels themselves (launched through
 `wrap_triton`), so a model of LoRALinear layers compiles into one graph; running the launcher on fake tensors is
-its fake (meta) implementation, which is why the launchers do nothing data-dependent on the host. Where torch has
-no `triton_op` (before 2.6) the names below are the plain launchers: the same calls, without graph capture.
+its fake (meta) implementation, which is why the launchers do nothing data-dependent on the host. Under the
+Triton interpreter (CPU tests) they are opaque custom ops with explicit fake implementations instead, and where
+torch has neither (before 2.4) the names below are the plain launchers: the same calls, without graph capture.
 The autograd wrappers in functional.py call these names; nothing else does.
 """
 
@@ -23,24 +24,60 @@ from .kernels import merge as _merge_kernels
 
 _NAMESPACE = "relora_kernels"
 
-# (launcher, the arguments it writes in place)
+
+# Shapes and dtypes of each op's outputs, for tracing. A triton_op needs none (its launcher, run on fake tensors,
+# is its fake implementation), but the interpreter's kernels cannot be traced, so there the ops are opaque
+# custom ops and these are their fake implementations.
+def _fake_lora_shrink(x, lora_a, dropout_p, seed):
+    return x.new_empty((x.shape[0], lora_a.shape[0]))
+
+
+def _fake_lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _fake_lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic=False):
+    return (x.new_empty((shrunk.shape[1], x.shape[1])), x.new_empty(lora_b.shape), x.new_empty(shrunk.shape),
+            x.new_empty((grad_y.shape[1] if need_bias_grad else 0,)))
+
+
+def _fake_lora_input_grad(grad_y, weight, grad_shrunk, lora_a, dropout_p, seed):
+    return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
+
+
+def _fake_in_place(*args):
+    return None
+
+
+# name: (launcher, the arguments it writes in place, fake implementation)
 _LAUNCHERS = {
-    "lora_shrink": (_lora_kernels.lora_shrink, ()),
-    "lora_forward_matmul": (_lora_kernels.lora_forward_matmul, ()),
-    "lora_grad_ab": (_lora_kernels.lora_grad_ab, ()),
-    "lora_input_grad": (_lora_kernels.lora_input_grad, ()),
-    "merge_lora_weight_": (_merge_kernels.merge_lora_weight_, ("weight",)),
-    "reinit_lora_": (_merge_kernels.reinit_lora_, ("lora_a", "lora_b")),
+    "lora_shrink": (_lora_kernels.lora_shrink, (), _fake_lora_shrink),
+    "lora_forward_matmul": (_lora_kernels.lora_forward_matmul, (), _fake_lora_forward_matmul),
+    "lora_grad_ab": (_lora_kernels.lora_grad_ab, (), _fake_lora_grad_ab),
+    "lora_input_grad": (_lora_kernels.lora_input_grad, (), _fake_lora_input_grad),
+    "merge_lora_weight_": (_merge_kernels.merge_lora_weight_, ("weight",), _fake_in_place),
+    "reinit_lora_": (_merge_kernels.reinit_lora_, ("lora_a", "lora_b"), _fake_in_place),
 }
 
-REGISTERED = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+# How the ops are registered: "triton_op" (torch >= 2.6, compiled kernels), "custom_op" (under TRITON_INTERPRET=1,
+# whose interpreted kernels torch cannot trace into), or "none" (an older torch: the plain launchers).
+if hasattr(torch.library, "triton_op") and not _lora_kernels._interpreting():
+    REGISTRATION = "triton_op"
+elif hasattr(torch.library, "custom_op"):
+    REGISTRATION = "custom_op"
+else:
+    REGISTRATION = "none"
 
 
 def _register(name: str):
-    launcher, mutates = _LAUNCHERS[name]
-    if not REGISTERED:
-        return launcher
-    return torch.library.triton_op(f"{_NAMESPACE}::{name}", launcher, mutates_args=mutates)
+    launcher, mutates, fake = _LAUNCHERS[name]
+    if REGISTRATION == "triton_op":
+        return torch.library.triton_op(f"{_NAMESPACE}::{name}", launcher, mutates_args=mutates)
+    if REGISTRATION == "custom_op":
+        op = torch.library.custom_op(f"{_NAMESPACE}::{name}", launcher, mutates_args=mutates)
+        op.register_fake(fake)
+        return op
+    return launcher
 
 
 lora_shrink = _register("lora_shrink")

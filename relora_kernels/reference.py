@@ -60,36 +60,43 @@ def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     return c0
 
 
+@torch.library.custom_op("relora_kernels::philox_bits", mutates_args=())
+def philox_bits(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(rows, cols) int64: the top DROPOUT_BITS bits of the Philox draw of element (m, k), counted m * cols + k.
+
+    The random stream of the dropout masks and of the reinit values. An opaque op with the seed in a tensor, so
+    torch.compile neither traces the ten Philox rounds (Inductor spends minutes on that int64 arithmetic) nor
+    breaks the graph on reading the seed.
+    """
+    offsets = torch.arange(rows * cols, device=seed.device, dtype=torch.int64).view(rows, cols)
+    return philox_randint(int(seed), offsets) // 2 ** (32 - DROPOUT_BITS)
+
+
+@philox_bits.register_fake
+def _(seed, rows, cols):
+    return torch.empty((rows, cols), dtype=torch.int64, device=seed.device)
+
+
+def _seed_tensor(seed, device) -> torch.Tensor:
+    """An int or a 0-d integer tensor, as a 0-d int64 tensor on `device`."""
+    return torch.as_tensor(seed, dtype=torch.int64, device=device)
+
+
 def dropout_threshold(dropout_p: float) -> int:
     """An element is kept when the top DROPOUT_BITS bits of its draw are >= this threshold."""
     return int(round(dropout_p * (1 << DROPOUT_BITS)))
 
 
-def dropout_mask(seed: int, rows: int, cols: int, dropout_p: float, device=None) -> torch.Tensor:
-    """Boolean keep-mask (rows, cols) for element (m, k) drawn from (seed, m * cols + k)."""
-    offsets = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
-    bits = philox_randint(seed, offsets) // 2 ** (32 - DROPOUT_BITS)
-    return bits >= dropout_threshold(dropout_p)
-
-
-@torch.library.custom_op("relora_kernels::dropout_mask", mutates_args=())
-def _dropout_mask_op(seed: torch.Tensor, rows: int, cols: int, dropout_p: float) -> torch.Tensor:
-    """dropout_mask with the seed in a tensor. An opaque op, so torch.compile neither traces the ten Philox rounds
-    (Inductor takes minutes over that int64 arithmetic) nor breaks the graph on reading the seed."""
-    return dropout_mask(int(seed), rows, cols, dropout_p, device=seed.device)
-
-
-@_dropout_mask_op.register_fake
-def _(seed, rows, cols, dropout_p):
-    return torch.empty((rows, cols), dtype=torch.bool, device=seed.device)
+def dropout_mask(seed, rows: int, cols: int, dropout_p: float, device=None) -> torch.Tensor:
+    """Boolean keep-mask (rows, cols) for element (m, k) drawn from (seed, m * cols + k); seed an int or tensor."""
+    return philox_bits(_seed_tensor(seed, device), rows, cols) >= dropout_threshold(dropout_p)
 
 
 def _dropout(x: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
     """x~ = x * m / (1-p) for a 2-D x; identity for p = 0. seed: an int or a 0-d integer tensor."""
     if dropout_p == 0.0:
         return x
-    seed = torch.as_tensor(seed, dtype=torch.int64, device=x.device)
-    keep = _dropout_mask_op(seed, x.shape[0], x.shape[1], dropout_p)
+    keep = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
     return x * keep / (1.0 - dropout_p)
 
 
@@ -158,8 +165,7 @@ def reinit_uniform(seed: int, rows: int, cols: int, device=None) -> torch.Tensor
 
     The kernel performs the same fp32 operations in the same order, so both give the same bits.
     """
-    offsets = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
-    u = (philox_randint(seed, offsets) // 2 ** (32 - DROPOUT_BITS)).to(torch.float32) * (1.0 / (1 << DROPOUT_BITS))
+    u = philox_bits(_seed_tensor(seed, device), rows, cols).to(torch.float32) * (1.0 / (1 << DROPOUT_BITS))
     bound = torch.tensor(cols**-0.5, dtype=torch.float32)
     return (u * 2.0 - 1.0) * bound
 

@@ -29,15 +29,20 @@ def triton_backend(monkeypatch):
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch, triton_backend):
-    """Count kernel-op calls and forbid the reference op, so a test proves the kernels (not the fallback) ran."""
-    from relora_kernels import functional, ops
-
-    calls = count_launches(monkeypatch, ops, ("lora_shrink", "lora_forward_matmul", "lora_grad_ab", "lora_input_grad"))
+def reference_blocked(monkeypatch, triton_backend):
+    """Force the kernels and make the op's reference fallback fail, so a test proves the kernels ran."""
+    from relora_kernels import functional
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the reference op ran where the Triton kernels were forced")
 
     # Only the op's fallback is blocked; tests still call relora_kernels.reference as their oracle.
     monkeypatch.setattr(functional, "reference", types.SimpleNamespace(lora_linear=forbidden))
-    return calls
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch, reference_blocked):
+    """Count kernel-op calls (eager only: torch.compile cannot trace the counting wrapper)."""
+    from relora_kernels import ops
+
+    return count_launches(monkeypatch, ops, ("lora_shrink", "lora_forward_matmul", "lora_grad_ab", "lora_input_grad"))

@@ -283,7 +283,7 @@ def plots(results: dict, stem: Path) -> list[Path]:
         shown = [p for p in LORA_PROVIDERS if p != reference and any(_ms(g.get(p)) for g in groups.values())]
         if not groups or not shown:
             continue
-        fig, ax = plt.subplots(figsize=(max(8.0, 0.6 * len(groups) * max(1, len(shown)) / 3), 5.5))
+        fig, ax = plt.subplots(figsize=(max(8.0, 0.45 * len(groups)), 5.5))  # ~0.45 inch per case
         width = 0.8 / len(shown)
         for i, provider in enumerate(shown):
             values = []

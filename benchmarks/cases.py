@@ -1,0 +1,333 @@
+"""Benchmark cases: for an (op, provider, mode, shape) build the inputs and return the callable to measure.
+
+Nothing here times, sweeps or writes (harness.py and sweep.py do); the FLOP and byte counts of each op sit next to
+the TFLOP/s and GB/s they produce (`metrics`).
+
+lora_linear:  y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T; W and bias frozen, gradients for x, A and B.
+  floor          F.linear(x, W, bias) alone (cuBLAS): fwd x @ W.T + bias, bwd dx = dy @ W. What nothing beats.
+  native_floor   the same two GEMMs from C++ (csrc_bench): no autograd and no Python in the loop.
+  eager          PEFT's LoRA forward, the ops users run: F.linear(x, W, bias) + lora_B(lora_A(dropout(x))) * s
+                 with torch's dropout (PEFT's nn.Identity when p = 0); autograd does the backward.
+  compile        torch.compile(eager, fullgraph=True, dynamic=True): one compilation serves every shape.
+  native         csrc_bench: the unfused op from C++, cuBLAS GEMMs with beta = 1 accumulation. Its dropout mask is
+                 drawn once when the case is built (outside the timing), so native does no random-number work.
+  fused          rk.lora_linear on the Triton kernels (the mask is generated in-kernel, every call).
+  fused_compile  torch.compile(fullgraph=True, dynamic=True) of a function calling rk.lora_linear.
+  The fused providers pass an explicit dropout seed (a training loop draws one per step; LoRALinear does so).
+Modes: fwd (a forward with autograd recording, as in training), bwd (the backward of a graph built once outside the
+timing, run with retain_graph; the native providers call their backward function on saved tensors), fwd+bwd.
+
+merge_and_reinit:  W += s * B @ A;  A <- U(-1/sqrt(K), 1/sqrt(K));  B <- 0   (in place)
+  eager          PEFT's merge (delta = B @ A * s, then W += delta) and the re-initialisation as separate ops.
+  fused          rk.merge_and_reinit_ (the merge kernel, then the reinit kernel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import csrc_bench
+import relora_kernels as rk
+
+OPS = ("lora_linear", "merge_and_reinit")
+LORA_PROVIDERS = ("floor", "native_floor", "eager", "compile", "native", "fused", "fused_compile")
+MERGE_PROVIDERS = ("eager", "fused")
+COMPILE_PROVIDERS = ("compile", "fused_compile")
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+SCALE = 2.0  # the LoRA scale s = alpha / r with alpha = 2r
+DROPOUT_SEED = 1234  # the fused providers' explicit dropout seed
+REINIT_SEED = 7
+
+
+class Skip(Exception):  # noqa: N818 (a skip is not an error)
+    """This provider cannot run on this machine; the message is the reason the row records."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shapes. K = in_features, N = out_features, as nn.Linear.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _gpt2_layers(model: str, d: int) -> dict[str, tuple[int, int]]:
+    return {f"{model}.qkv": (d, 3 * d), f"{model}.proj": (d, d), f"{model}.fc": (d, 4 * d),
+            f"{model}.fc_proj": (4 * d, d)}
+
+
+LAYERS = {
+    **_gpt2_layers("gpt2-124m", 768),
+    **_gpt2_layers("gpt2-355m", 1024),
+    **_gpt2_layers("gpt2-774m", 1280),
+    "llama-7b.qkvo": (4096, 4096),
+    "llama-7b.up": (4096, 11008),
+    "llama-7b.down": (11008, 4096),
+    "llama-8b.up": (4096, 14336),
+    "llama-8b.down": (14336, 4096),
+}
+
+
+@dataclass(frozen=True)
+class LoraCase:
+    mode: str
+    M: int  # tokens
+    K: int
+    N: int
+    r: int
+    p: float
+    dtype: str
+    layer: str
+
+    def row(self) -> dict:
+        return {"op": "lora_linear", "mode": self.mode, "layer": self.layer, "M": self.M, "K": self.K, "N": self.N,
+                "r": self.r, "p": self.p, "dtype": self.dtype}
+
+    def label(self) -> str:
+        return f"{self.layer} {self.mode} {self.M}x{self.K}x{self.N} r={self.r} p={self.p:g} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class MergeCase:
+    K: int
+    N: int
+    r: int
+    dtype: str
+    layer: str
+    mode: str = "merge+reinit"
+
+    def row(self) -> dict:
+        return {"op": "merge_and_reinit", "mode": self.mode, "layer": self.layer, "K": self.K, "N": self.N,
+                "r": self.r, "dtype": self.dtype}
+
+    def label(self) -> str:
+        return f"{self.layer} merge {self.K}x{self.N} r={self.r} {self.dtype}"
+
+
+# The README's headline: forward+backward of a Llama-7B-sized square layer at 8192 tokens, r = 16, p = 0.1, bf16.
+HEADLINE = LoraCase("fwd+bwd", 8192, 4096, 4096, 16, 0.1, "bf16", "llama-7b.qkvo")
+# Interpreter-sized (~1e4 elements per tensor): K and N not multiples of any block, r < 16. fp32 because a bf16
+# tl.dot gives garbage under the interpreter.
+SMOKE = LoraCase("fwd+bwd", 64, 48, 80, 4, 0.1, "fp32", "tiny")
+
+GRIDS = ("default", "quick", "smoke")
+
+
+def lora_grid(grid: str) -> list[LoraCase]:
+    """The lora_linear cases of a sweep. default: ~43 cases, each axis varied around the headline case."""
+    if grid == "smoke":
+        return [dataclasses.replace(SMOKE, mode=mode, p=p) for p in (0.0, 0.1) for mode in MODES]
+    headline_modes = [dataclasses.replace(HEADLINE, mode=mode) for mode in MODES]
+    if grid == "quick":
+        return headline_modes + [
+            dataclasses.replace(HEADLINE, p=0.0),
+            dataclasses.replace(HEADLINE, K=768, N=3072, layer="gpt2-124m.fc"),
+            dataclasses.replace(HEADLINE, K=4096, N=11008, layer="llama-7b.up"),
+        ]
+    # Every layer shape at 8192 tokens, r = 16, with and without dropout.
+    cases = [dataclasses.replace(HEADLINE, K=k, N=n, p=p, layer=layer)
+             for layer, (k, n) in LAYERS.items() for p in (0.0, 0.1)]
+    cases += [c for c in headline_modes if c.mode != "fwd+bwd"]  # fwd and bwd apart, at the headline only
+    cases += [dataclasses.replace(HEADLINE, r=r) for r in (64, 128)]  # rank
+    cases += [dataclasses.replace(HEADLINE, M=m) for m in (2048, 4096, 16384)]  # tokens
+    cases += [dataclasses.replace(HEADLINE, dtype="fp16"),  # fp16
+              dataclasses.replace(HEADLINE, K=768, N=3072, dtype="fp16", layer="gpt2-124m.fc")]
+    return cases
+
+
+def merge_grid(grid: str) -> list[MergeCase]:
+    if grid == "smoke":
+        return [MergeCase(SMOKE.K, SMOKE.N, SMOKE.r, SMOKE.dtype, SMOKE.layer)]
+    square = MergeCase(HEADLINE.K, HEADLINE.N, HEADLINE.r, HEADLINE.dtype, HEADLINE.layer)
+    if grid == "quick":
+        return [square]
+    return ([MergeCase(k, n, 16, "bf16", layer) for layer, (k, n) in LAYERS.items()]
+            + [dataclasses.replace(square, r=r) for r in (64, 128)])
+
+
+def providers(op: str) -> tuple[str, ...]:
+    return LORA_PROVIDERS if op == "lora_linear" else MERGE_PROVIDERS
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs and bytes, and the throughput they give.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def lora_linear_flops(case: LoraCase, provider: str) -> int:
+    """2 x the multiply-adds of the GEMMs the op needs (bias, dropout and elementwise work not counted).
+
+    LoRA   fwd  x @ W.T: 2MNK,  S = x~ @ A.T: 2MKr,  S @ B.T: 2MNr
+           bwd  dy @ W: 2MNK,  dS @ A: 2MKr,  dS = dy @ B: 2MNr,  dB = dy.T @ S: 2MNr,  dA = dS.T @ x~: 2MKr
+    floor  fwd  x @ W.T: 2MNK;  bwd  dy @ W: 2MNK   (the floor providers do only these)
+    """
+    M, K, N, r = case.M, case.K, case.N, case.r
+    if provider in ("floor", "native_floor"):
+        fwd = bwd = 2 * M * N * K
+    else:
+        fwd = 2 * M * N * K + 2 * M * K * r + 2 * M * N * r
+        bwd = 2 * M * N * K + 4 * M * K * r + 4 * M * N * r
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.mode]
+
+
+def merge_bytes(case: MergeCase) -> int:
+    """Bytes merge+reinit must move: read and write W (N, K), read A (r, K) and B (N, r), write A and B."""
+    itemsize = DTYPES[case.dtype].itemsize
+    return (2 * case.N * case.K + 2 * case.r * case.K + 2 * case.N * case.r) * itemsize
+
+
+def metrics(case, provider: str, median_ms: float | None) -> dict:
+    """The row's work count and throughput: tflops = flops / time for lora_linear, gbps = bytes / time for merge."""
+    if isinstance(case, LoraCase):
+        flops = lora_linear_flops(case, provider)
+        return {"flops": flops, "tflops": None if median_ms is None else flops / (median_ms * 1e-3) / 1e12}
+    moved = merge_bytes(case)
+    return {"bytes": moved, "gbps": None if median_ms is None else moved / (median_ms * 1e-3) / 1e9}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The providers' functions.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def eager_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p):
+    """PEFT's LoRA Linear.forward in functional form: the base layer, then lora_B(lora_A(dropout(x))) * scaling."""
+    result = F.linear(x, weight, bias)
+    x_lora = F.dropout(x, dropout_p) if dropout_p > 0 else x  # PEFT uses nn.Identity for dropout 0
+    return result + F.linear(F.linear(x_lora, lora_a), lora_b) * scale
+
+
+def fused_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p):
+    return rk.lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed=DROPOUT_SEED)
+
+
+# Raised so that the few variants (dtype x dropout on/off x grad mode) never exhaust dynamo's cache and fall back
+# to eager silently; one compiled function (dynamic shapes) serves all shapes of a dtype.
+_RECOMPILE_LIMIT = 64
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    # The bwd mode re-runs one graph's backward (retain_graph), which AOTAutograd's donated buffers forbid. Donation
+    # only lets the compiled backward reuse saved-activation memory, so it changes compile's peak memory, not time.
+    torch._functorch.config.donated_buffer = False
+    return torch.compile(fn, fullgraph=True, dynamic=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs and callables.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraInputs:
+    x: torch.Tensor  # (M, K), requires grad
+    weight: torch.Tensor  # (N, K), frozen
+    bias: torch.Tensor  # (N,), frozen
+    lora_a: torch.Tensor  # (r, K), requires grad
+    lora_b: torch.Tensor  # (N, r), requires grad; non-zero, as after some training
+    grad_y: torch.Tensor  # (M, N)
+
+
+def lora_inputs(case: LoraCase, device: torch.device) -> LoraInputs:
+    torch.manual_seed(0)
+    like = {"device": device, "dtype": DTYPES[case.dtype]}
+    bound = 1 / math.sqrt(case.K)
+    return LoraInputs(
+        x=torch.randn(case.M, case.K, **like).requires_grad_(),
+        weight=torch.randn(case.N, case.K, **like) * bound,
+        bias=torch.randn(case.N, **like) * 0.02,
+        lora_a=torch.empty(case.r, case.K, **like).uniform_(-bound, bound).requires_grad_(),
+        lora_b=(torch.randn(case.N, case.r, **like) * 0.02).requires_grad_(),
+        grad_y=torch.randn(case.M, case.N, **like),
+    )
+
+
+def _autograd_callable(forward: Callable, grad_inputs: tuple, grad_y: torch.Tensor, mode: str) -> Callable:
+    if mode == "fwd":
+        return forward
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(forward(), grad_inputs, grad_y)
+    y = forward()  # bwd: the graph is built once, outside the timing, and kept by retain_graph
+    return lambda: torch.autograd.grad(y, grad_inputs, grad_y, retain_graph=True)
+
+
+def _native_ops(device: torch.device):
+    reason = csrc_bench.unavailable_reason(require_cuda=True)
+    if reason is not None or device.type != "cuda":
+        raise Skip(reason or "the native baseline is benchmarked on CUDA only")
+    return csrc_bench.load()  # a build failure here is an error of the row, not a skip
+
+
+def _native_callable(case: LoraCase, inp: LoraInputs, floor: bool) -> Callable:
+    ops = _native_ops(inp.x.device)
+    # Detached: the C++ functions are the whole forward and backward, nothing for autograd to record.
+    x, weight, bias, lora_a, lora_b = (t.detach() for t in (inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b))
+    grad_y = inp.grad_y
+    if floor:
+        forward = functools.partial(ops.floor_forward, x, weight, bias)
+        backward = functools.partial(ops.floor_backward, grad_y, weight)
+    else:
+        # The mask as 0/1 in x's dtype, drawn here once: outside every timed region.
+        mask = (torch.rand_like(x) >= case.p).to(x.dtype) if case.p > 0 else None
+        forward = functools.partial(ops.lora_forward, x, weight, bias, lora_a, lora_b, SCALE, mask, case.p)
+
+        def backward(saved):
+            _, shrunk, x_dropped = saved
+            return ops.lora_backward(grad_y, x, x_dropped, weight, lora_a, lora_b, shrunk, SCALE, mask, case.p,
+                                     False)
+
+    if case.mode == "fwd":
+        return forward
+    if floor:
+        return backward if case.mode == "bwd" else lambda: (forward(), backward())
+    if case.mode == "bwd":
+        saved = forward()
+        return lambda: backward(saved)
+    return lambda: backward(forward())
+
+
+def build_lora_linear(provider: str, case: LoraCase, device: torch.device) -> Callable:
+    """The callable that runs `case` with `provider` once; raises Skip where the provider cannot run here."""
+    inp = lora_inputs(case, device)
+    if provider in ("native", "native_floor"):
+        return _native_callable(case, inp, floor=provider == "native_floor")
+    if provider == "floor":
+        return _autograd_callable(lambda: F.linear(inp.x, inp.weight, inp.bias), (inp.x,), inp.grad_y, case.mode)
+    fn = {"eager": eager_lora_linear, "compile": compiled(eager_lora_linear), "fused": fused_lora_linear,
+          "fused_compile": compiled(fused_lora_linear)}[provider]
+    args = (inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, SCALE, case.p)
+    return _autograd_callable(lambda: fn(*args), (inp.x, inp.lora_a, inp.lora_b), inp.grad_y, case.mode)
+
+
+def build_merge(provider: str, case: MergeCase, device: torch.device) -> Callable:
+    """merge+reinit in place on fresh W, A, B (the same work every call: B @ A costs the same once B is 0)."""
+    torch.manual_seed(0)
+    like = {"device": device, "dtype": DTYPES[case.dtype]}
+    bound = 1 / math.sqrt(case.K)
+    weight = torch.randn(case.N, case.K, **like) * bound
+    lora_a = torch.empty(case.r, case.K, **like).uniform_(-bound, bound)
+    lora_b = torch.randn(case.N, case.r, **like) * 0.02
+    if provider == "fused":
+        return lambda: rk.merge_and_reinit_(weight, lora_a, lora_b, SCALE, seed=REINIT_SEED)
+
+    @torch.no_grad()
+    def eager():
+        weight.add_(lora_b @ lora_a * SCALE)  # PEFT: delta_weight = B @ A * scaling; weight.data += delta_weight
+        lora_a.uniform_(-bound, bound)
+        lora_b.zero_()
+
+    return eager
+
+
+def build(provider: str, case, device: torch.device) -> Callable:
+    if isinstance(case, LoraCase):
+        return build_lora_linear(provider, case, device)
+    return build_merge(provider, case, device)

@@ -1,0 +1,128 @@
+"""Timing, peak memory, the environment record and result files: everything a benchmark case does not decide.
+
+A case is a zero-argument callable that runs the op once on inputs it already holds (see cases.py). `measure`
+turns it into numbers:
+- time: triton.testing.do_bench (CUDA events, a warm-up, the L2 cache flushed before every run by writing a
+  256 MB buffer), median and 20th / 80th percentiles in ms;
+- peak memory: one separate, un-timed call after torch.cuda.reset_peak_memory_stats, reported as
+  max_memory_allocated minus what was allocated just before the call, i.e. the memory the call itself needs on
+  top of its inputs (and, for a backward, on top of the graph built by the forward);
+- smoke mode (CPU, the Triton interpreter): the callable runs once, nothing is timed, every number is None.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
+WARMUP_MS = 25  # do_bench's warm-up budget per case
+REP_MS = 100  # do_bench's measuring budget per case
+COPY_BYTES = 1 << 30  # 1 GiB read + 1 GiB written by the device-to-device copy that sets the bandwidth reference
+
+MEMORY_NOTE = ("peak_mem_mb: torch.cuda.max_memory_allocated during one un-timed call after reset_peak_memory_stats, "
+               "minus the memory allocated just before it (inputs and, for bwd, the forward's graph excluded); "
+               "for op=pretrain the whole training step's peak including model, gradients and optimizer state")
+TIMING_NOTE = (f"triton.testing.do_bench: CUDA events, warm-up {WARMUP_MS} ms, {REP_MS} ms of runs, L2 flushed "
+               "before each run; median_ms with p20_ms / p80_ms")
+
+
+def measure(fn, device: torch.device, smoke: bool) -> dict:
+    """{median_ms, p20_ms, p80_ms, peak_mem_mb} of fn(); all None in smoke mode, where fn runs exactly once."""
+    if smoke:
+        fn()
+        return {"median_ms": None, "p20_ms": None, "p80_ms": None, "peak_mem_mb": None}
+    fn()  # first call: compiles, autotunes, allocates caches; kept out of both the memory figure and the timing
+    peak = peak_memory_mb(fn, device)
+    from triton.testing import do_bench
+
+    median, p20, p80 = do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, quantiles=list(QUANTILES))
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mem_mb": peak}
+
+
+def peak_memory_mb(fn, device: torch.device) -> float:
+    """MiB that one call of fn allocates at its peak beyond what was allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def copy_bandwidth_gbps(device: torch.device, smoke: bool) -> float | None:
+    """Achieved GB/s (1e9 bytes/s) of a large device-to-device dst.copy_(src): bytes read plus bytes written."""
+    if smoke:
+        return None
+    from triton.testing import do_bench
+
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    median_ms = do_bench(lambda: dst.copy_(src), warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+    return 2 * COPY_BYTES / (median_ms * 1e-3) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}), Triton interpreter"
+
+
+def device_slug(name: str) -> str:
+    """A short file name for a GPU: 'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA A100-SXM4-80GB' -> 'a100'."""
+    vendor = {"nvidia", "geforce", "tesla", "amd", "radeon", "instinct"}
+    packaging = re.compile(r"\d+gb|hbm\d*e?|pcie|sxm\d*|nvl|mig.*", re.IGNORECASE)
+    words = [w for w in re.split(r"[\s\-_/()]+", name.lower()) if w and w not in vendor and not packaging.fullmatch(w)]
+    slug = re.sub(r"[^a-z0-9.]+", "-", "-".join(words)).strip("-")
+    return slug or "gpu"
+
+
+def git_commit() -> str:
+    """HEAD of the checkout being measured, '-dirty' if it has changes; $RELORA_BENCH_COMMIT where there is no git."""
+    if os.environ.get("RELORA_BENCH_COMMIT"):
+        return os.environ["RELORA_BENCH_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        # Result files rewritten by this very run do not make the measured code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!benchmarks/results"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment(device: torch.device, smoke: bool) -> dict:
+    """The conditions every row of one run shares (the top-level keys of a result file, before `rows`)."""
+    import triton
+
+    return {
+        "device": device_name(device),
+        "smoke": smoke,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timing": "none: smoke run, every callable ran once" if smoke else TIMING_NOTE,
+        "memory": MEMORY_NOTE,
+    }
+
+
+def write_results(path: Path, env: dict, copy_gbps: float | None, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**env, "copy_gbps": copy_gbps, "rows": rows}, indent=1) + "\n")
+    return path
+
+
+def error_reason(error: BaseException) -> str:
+    """One line, at most 300 characters, naming the exception: what a failed row records."""
+    return " ".join(f"{type(error).__name__}: {error}".split())[:300]

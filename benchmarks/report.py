@@ -1,0 +1,340 @@
+"""A result file (sweep.py's JSON) -> markdown tables, PNG plots, the README headline and the goal checks.
+
+    python -m benchmarks.report benchmarks/results/h100.json             # h100.md, h100_speedup.png,
+                                                                         # h100_vs_floor.png; prints the goals
+    python -m benchmarks.report benchmarks/results/h100.json --headline  # print the README headline snippet
+
+A smoke file (CPU interpreter, "smoke": true) gets a markdown listing of what ran, but no plots and no headline:
+it holds no timings, and interpreter timings would not be performance numbers anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cases import HEADLINE, LORA_PROVIDERS
+
+SPEEDUP_GOAL = 1.45  # fused fwd+bwd vs eager at the headline case
+FLOOR_GOAL = 1.12  # fused fwd+bwd time / floor time at the headline case
+COPY_GOAL = 0.85  # fused merge+reinit GB/s / device-to-device copy GB/s at the headline layer
+REQUIRED = ("device", "torch", "triton", "commit", "date", "copy_gbps", "rows")
+COMMAND = "bash benchmarks/run_gpu.sh"
+
+
+class SmokeResults(ValueError):
+    """The file is a smoke run: no timings to report."""
+
+
+def load(path: Path) -> dict:
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from error
+    missing = [key for key in REQUIRED if key not in results] if isinstance(results, dict) else list(REQUIRED)
+    if missing:
+        raise ValueError(f"{path} is not a sweep result file: missing {', '.join(missing)}")
+    return results
+
+
+def conditions(results: dict) -> str:
+    return (f"{results['device']}, torch {results['torch']}, triton {results['triton']}, "
+            f"commit {results['commit'][:12]}, {results['date']}")
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value).replace("|", "/")
+
+
+def _row_case(row: dict) -> str:
+    shape = " ".join(f"{k}={row[k]}" for k in ("mode", "M", "K", "N", "r", "p", "dtype") if row.get(k) is not None)
+    return f"{row.get('layer') or row.get('model')} {shape}"
+
+
+def _ms(row: dict | None) -> float | None:
+    return row["median_ms"] if row and row.get("status") == "ok" else None
+
+
+def _cell(row: dict | None):
+    """A table cell for one provider's row: its median ms, else what happened (a smoke row that ran: 'ran')."""
+    if row is None:
+        return None
+    if row.get("status") != "ok":
+        return row["status"]
+    return "ran" if row["median_ms"] is None else row["median_ms"]
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or denominator is None else numerator / denominator
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouping rows by case.
+# ----------------------------------------------------------------------------------------------------------------
+
+_LORA_KEY = ("layer", "mode", "M", "K", "N", "r", "p", "dtype")
+
+
+def lora_groups(results: dict) -> dict[tuple, dict[str, dict]]:
+    """{(layer, mode, M, K, N, r, p, dtype): {provider: row}} for op lora_linear, in file order."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for row in results["rows"]:
+        if row["op"] == "lora_linear":
+            groups.setdefault(tuple(row[k] for k in _LORA_KEY), {})[row["provider"]] = row
+    return groups
+
+
+def _is_headline(key: tuple, mode: str = "fwd+bwd") -> bool:
+    layer, case_mode, M, K, N, r, p, dtype = key
+    return (case_mode, M, K, N, r, p, dtype) == (mode, HEADLINE.M, HEADLINE.K, HEADLINE.N, HEADLINE.r, HEADLINE.p,
+                                                  HEADLINE.dtype)
+
+
+def _case_name(key: tuple) -> str:
+    layer, mode, M, K, N, r, p, dtype = key
+    return f"{layer} {mode} {M}x{K}x{N} r={r} p={p:g} {dtype}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Goals.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Goal:
+    name: str
+    met: bool | None  # None: not measured in this file
+    detail: str
+
+    def line(self) -> str:
+        verdict = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[self.met]
+        return f"{verdict:12s} {self.name}: {self.detail}"
+
+
+def goals(results: dict) -> list[Goal]:
+    groups = lora_groups(results)
+    headline = next((providers for key, providers in groups.items() if _is_headline(key)), {})
+    fused, eager, floor = (_ms(headline.get(p)) for p in ("fused", "eager", "floor"))
+    case = f"fwd+bwd {HEADLINE.M}x{HEADLINE.K}x{HEADLINE.N} r={HEADLINE.r} p={HEADLINE.p:g} {HEADLINE.dtype}"
+
+    speedup = _ratio(eager, fused)
+    found = [Goal(f"fused >= {SPEEDUP_GOAL}x eager ({case})", None if speedup is None else speedup >= SPEEDUP_GOAL,
+                  "not measured" if speedup is None else f"{speedup:.2f}x (eager {eager:.3f}, fused {fused:.3f} ms)")]
+    of_floor = _ratio(fused, floor)
+    found.append(Goal(f"fused <= {FLOOR_GOAL}x floor ({case})", None if of_floor is None else of_floor <= FLOOR_GOAL,
+                      "not measured" if of_floor is None else f"{of_floor:.2f}x (floor {floor:.3f} ms)"))
+
+    # fused ahead of compile and native wherever both ran; a fused failure where a rival ran counts against it.
+    compared, behind = 0, []
+    for key, providers in groups.items():
+        for rival in ("compile", "native"):
+            rival_ms, fused_ms = _ms(providers.get(rival)), _ms(providers.get("fused"))
+            if rival_ms is None:
+                continue
+            compared += 1
+            if fused_ms is None or fused_ms >= rival_ms:
+                behind.append(f"{_case_name(key)} vs {rival} ({_fmt(fused_ms)} vs {rival_ms:.3g} ms)")
+    found.append(Goal("fused ahead of compile and native at every shape", None if not compared else not behind,
+                      "not measured" if not compared else f"{compared - len(behind)}/{compared} comparisons won"
+                      + ("; behind at " + "; ".join(behind) if behind else "")))
+
+    copy = results["copy_gbps"]
+    merges = {(r["K"], r["N"], r["r"], r["dtype"]): r for r in results["rows"]
+              if r["op"] == "merge_and_reinit" and r["provider"] == "fused" and r.get("status") == "ok"}
+    square = merges.get((HEADLINE.K, HEADLINE.N, HEADLINE.r, HEADLINE.dtype))
+    fraction = _ratio(square["gbps"] if square else None, copy)
+    lowest = min(merges.values(), key=lambda r: r["gbps"], default=None) if copy else None
+    found.append(Goal(f"merge+reinit >= {COPY_GOAL:.0%} of copy bandwidth ({HEADLINE.K}x{HEADLINE.N} "
+                      f"r={HEADLINE.r} {HEADLINE.dtype})", None if fraction is None else fraction >= COPY_GOAL,
+                      "not measured" if fraction is None else
+                      f"{fraction:.0%} ({square['gbps']:.0f} of {copy:.0f} GB/s); lowest over all layers "
+                      f"{lowest['gbps'] / copy:.0%} at {lowest['K']}x{lowest['N']} r={lowest['r']}"))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Markdown.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+
+
+def markdown(results: dict) -> str:
+    smoke = results.get("smoke", False)
+    lines = [f"# Benchmark results: {results['device']}", ""]
+    if smoke:
+        lines += ["**Smoke run (CPU, Triton interpreter): nothing was timed. Not performance numbers.**", ""]
+    lines += [f"- torch {results['torch']}, triton {results['triton']}, CUDA {results.get('cuda')}, "
+              f"commit `{results['commit']}`, {results['date']}",
+              f"- timing: {results.get('timing')}", f"- memory: {results.get('memory')}",
+              f"- device-to-device copy bandwidth (bytes read + written): {_fmt(results['copy_gbps'], 4)} GB/s",
+              f"- produced by `{COMMAND}` (sweep: `python -m benchmarks.sweep`)", "", "## Goals", ""]
+    lines += [f"- {goal.line()}" for goal in goals(results)]
+
+    groups = lora_groups(results)
+    present = [p for p in LORA_PROVIDERS if any(p in providers for providers in groups.values())]
+    if groups:
+        lines += ["", "## lora_linear: median ms", "",
+                  "y = x @ W.T + bias + s * dropout(x) @ A.T @ B.T, K -> N; gradients for x, A, B. "
+                  "TFLOP/s counts the GEMM FLOPs of the op (cases.lora_linear_flops). p20/p80 are in the JSON.", ""]
+        table = []
+        for key, providers in groups.items():
+            layer, mode, M, K, N, r, p, dtype = key
+            fused, eager, floor = (_ms(providers.get(q)) for q in ("fused", "eager", "floor"))
+            tflops = providers["fused"].get("tflops") if "fused" in providers else None
+            table.append([layer, mode, M, f"{K}->{N}", r, p, dtype, *(_cell(providers.get(q)) for q in present),
+                          _ratio(eager, fused), _ratio(fused, floor), tflops])
+        lines += _table(["layer", "mode", "M", "K->N", "r", "p", "dtype", *present, "fused vs eager",
+                         "fused / floor", "fused TFLOP/s"], table)
+        lines += ["", "## lora_linear: peak memory beyond the inputs (MiB)", ""]
+        memory = [[*key[:3], f"{key[3]}->{key[4]}", *key[5:],
+                   *(providers[q]["peak_mem_mb"] if q in providers else None for q in present)]
+                  for key, providers in groups.items()]
+        lines += _table(["layer", "mode", "M", "K->N", "r", "p", "dtype", *present], memory)
+
+    merges: dict[tuple, dict[str, dict]] = {}
+    for row in results["rows"]:
+        if row["op"] == "merge_and_reinit":
+            merges.setdefault((row["layer"], row["K"], row["N"], row["r"], row["dtype"]), {})[row["provider"]] = row
+    if merges:
+        lines += ["", "## merge_and_reinit", "",
+                  "GB/s counts the bytes the op must move: W read and written, A and B read and written "
+                  "(cases.merge_bytes); copy = a large device-to-device copy, bytes read + written.", ""]
+        table = []
+        for (layer, K, N, r, dtype), providers in merges.items():
+            gbps = {q: providers[q].get("gbps") if q in providers else None for q in ("eager", "fused")}
+            table.append([layer, f"{K}->{N}", r, dtype, _cell(providers.get("eager")), _cell(providers.get("fused")),
+                          gbps["eager"], gbps["fused"], _ratio(gbps["fused"], results["copy_gbps"])])
+        lines += _table(["layer", "K->N", "r", "dtype", "eager ms", "fused ms", "eager GB/s", "fused GB/s",
+                         "fused / copy"], table)
+
+    pretrain = [row for row in results["rows"] if row["op"] == "pretrain"]
+    if pretrain:
+        lines += ["", "## pretrain: one training step end to end (benchmarks/e2e.py)", ""]
+        lines += _table(["config", "model", "tokens/step", "r", "p", "dtype", "step ms", "p20-p80 ms", "tokens/s",
+                         "peak MiB (all)"],
+                        [[r["provider"], r["model"], r["M"], r["r"], r["p"], r["dtype"], r["median_ms"],
+                          None if r["p20_ms"] is None else f"{r['p20_ms']:.3g}-{r['p80_ms']:.3g}",
+                          r["tokens_per_s"], r["peak_mem_mb"]] for r in pretrain])
+
+    problems = [row for row in results["rows"] if row.get("status") != "ok"]
+    if problems:
+        lines += ["", "## Not measured", ""]
+        lines += _table(["op", "provider", "case", "status", "reason"],
+                        [[r["op"], r["provider"], _row_case(r), r["status"], r.get("reason")] for r in problems])
+    return "\n".join(lines) + "\n"
+
+
+def headline(results: dict) -> str:
+    """The README's headline snippet: the headline case per provider, with the machine and the command."""
+    if results.get("smoke"):
+        raise SmokeResults("this is a smoke run (CPU interpreter, nothing timed): no headline can come from it")
+    groups = lora_groups(results)
+    by_mode = {mode: next((p for key, p in groups.items() if _is_headline(key, mode)), {})
+               for mode in ("fwd", "bwd", "fwd+bwd")}
+    both = by_mode["fwd+bwd"]
+    if not any(_ms(row) for row in both.values()):
+        raise ValueError("the file has no timed headline case (fwd+bwd 8192x4096x4096 r=16 p=0.1 bf16)")
+    eager, floor = _ms(both.get("eager")), _ms(both.get("floor"))
+    rows = []
+    for provider in LORA_PROVIDERS:
+        if provider not in both:
+            continue
+        total = _ms(both[provider])
+        rows.append([f"`{provider}`", *(_ms(by_mode[m].get(provider)) for m in ("fwd", "bwd")), total,
+                     _ratio(eager, total), _ratio(total, floor), both[provider]["peak_mem_mb"]])
+    lines = [f"One LoRA linear layer, {HEADLINE.M} tokens x {HEADLINE.K} -> {HEADLINE.N}, r = {HEADLINE.r}, "
+             f"dropout {HEADLINE.p}, {HEADLINE.dtype}; median ms over CUDA-event timings with the L2 cache flushed. "
+             f"Measured on {conditions(results)} with `{COMMAND}`.", ""]
+    lines += _table(["provider", "fwd ms", "bwd ms", "fwd+bwd ms", "speedup vs eager", "time / floor",
+                     "peak MiB beyond inputs (fwd+bwd)"], rows)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def plots(results: dict, stem: Path) -> list[Path]:
+    """<stem>_speedup.png (eager time / provider time) and <stem>_vs_floor.png (provider time / floor time), one
+    group of bars per fwd+bwd case."""
+    if results.get("smoke"):
+        raise SmokeResults("a smoke run has no timings to plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {key: providers for key, providers in lora_groups(results).items() if key[1] == "fwd+bwd"}
+    written = []
+    for suffix, reference, invert, ylabel, goal in (
+        ("speedup", "eager", True, "speedup vs eager (eager ms / provider ms)", SPEEDUP_GOAL),
+        ("vs_floor", "floor", False, "time / floor (provider ms / floor ms)", FLOOR_GOAL),
+    ):
+        shown = [p for p in LORA_PROVIDERS if p != reference and any(_ms(g.get(p)) for g in groups.values())]
+        if not groups or not shown:
+            continue
+        fig, ax = plt.subplots(figsize=(max(8.0, 0.45 * len(groups)), 5.5))  # ~0.45 inch per case
+        width = 0.8 / len(shown)
+        for i, provider in enumerate(shown):
+            values = []
+            for providers in groups.values():
+                ratio = _ratio(_ms(providers.get(reference)), _ms(providers.get(provider)))
+                values.append(float("nan") if ratio is None else (ratio if invert else 1 / ratio))
+            ax.bar([x + i * width for x in range(len(groups))], values, width, label=provider)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(goal, color="tab:red", linestyle="--", linewidth=0.8, label=f"goal {goal}x (fused, headline)")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
+        ax.set_xticklabels([f"{k[0]} {k[2]}x{k[3]}x{k[4]}\nr={k[5]} p={k[6]:g} {k[7]}" for k in groups],
+                           rotation=90, fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"lora_linear fwd+bwd, M x K x N\n{conditions(results)}", fontsize=9)
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        path = stem.with_name(f"{stem.name}_{suffix}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="a result file written by python -m benchmarks.sweep")
+    parser.add_argument("--headline", action="store_true", help="print the README headline snippet and exit")
+    args = parser.parse_args(argv)
+    try:
+        results = load(args.results)
+        if args.headline:
+            print(headline(results), end="")
+            return 0
+        stem = args.results.with_suffix("")
+        markdown_path = stem.with_suffix(".md")
+        markdown_path.write_text(markdown(results))
+        print(f"wrote {markdown_path}")
+        if results.get("smoke"):
+            print("smoke run: no plots, no goals (nothing was timed)")
+            return 0
+        for path in plots(results, stem):
+            print(f"wrote {path}")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"goals ({conditions(results)}):")
+    for goal in goals(results):
+        print("  " + goal.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Record GPU results: the GPU tests, the benchmark sweep (lora_linear, merge_and_reinit, end-to-end pretrain step)
+# and its report, all written flat into one folder.
+#
+#   bash benchmarks/run_gpu.sh [DIR] [sweep options...]     e.g. bash benchmarks/run_gpu.sh "$OUT" --quick
+#
+# DIR defaults to $OUT, else benchmarks/results/. It receives 6 files: <gpu>.json, <gpu>.md, <gpu>_speedup.png,
+# <gpu>_vs_floor.png, pytest_gpu.txt (summary of `pytest tests -m gpu`) and sweep.log. <gpu> is the short device
+# name (h100 for "NVIDIA H100 80GB HBM3"). Where the checkout has no .git, set RELORA_BENCH_COMMIT to the commit.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-benchmarks/results}}"
+shift $(($# > 0 ? 1 : 0))
+mkdir -p "$out"
+python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'run_gpu.sh needs a CUDA GPU')" || exit 1
+name=$(python -c "import torch; from benchmarks.harness import device_name, device_slug
+print(device_slug(device_name(torch.device('cuda'))))")
+start=$SECONDS
+
+# 1. The GPU tests (realistic shapes, bf16). A failure is recorded; the benchmarks still run.
+python -m pytest tests -m gpu -q -rfEs > "$out/pytest_gpu.txt" 2>&1
+tests_rc=$?
+echo "pytest tests -m gpu (exit $tests_rc): $(tail -n 1 "$out/pytest_gpu.txt")"
+
+# 2. The sweep, then the markdown table, the plots and the goal checks.
+python -m benchmarks.sweep --out "$out" --name "$name" "$@" 2>&1 | tee "$out/sweep.log"
+sweep_rc=${PIPESTATUS[0]}
+python -m benchmarks.report "$out/$name.json" 2>&1 | tee -a "$out/sweep.log"
+report_rc=${PIPESTATUS[0]}
+
+echo "run_gpu.sh: $((SECONDS - start)) s; exit codes: tests $tests_rc, sweep $sweep_rc, report $report_rc"
+[ "$tests_rc" -eq 0 ] && [ "$sweep_rc" -eq 0 ] && [ "$report_rc" -eq 0 ]

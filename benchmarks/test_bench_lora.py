@@ -1,0 +1,120 @@
+"""The benchmark cases as tests: every provider of each op builds and runs (timed on a GPU, once on a CPU), and the
+providers compute the same function, so a benchmark never times something other than the op.
+
+GPU: the headline case (8192 x 4096 -> 4096, r = 16, bf16). CPU: the interpreter-sized smoke case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch._dynamo.exc
+
+import csrc_bench
+from relora_kernels import reference
+
+from . import cases, sweep
+from .conftest import HAS_CUDA
+
+LORA_CASE = cases.HEADLINE if HAS_CUDA else cases.SMOKE
+MERGE_CASE = cases.merge_grid("quick" if HAS_CUDA else "smoke")[0]
+
+
+def _build(provider, case, device):
+    try:
+        return cases.build(provider, case, device)
+    except cases.Skip as skip:
+        pytest.skip(str(skip))
+
+
+def _call(provider, fn):
+    try:
+        return fn()
+    except torch._dynamo.exc.Unsupported as error:  # a graph break under fullgraph=True
+        if provider == "fused_compile":
+            pytest.xfail(f"rk.lora_linear does not compile with fullgraph=True yet: {error}".splitlines()[0])
+        raise
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("mode", cases.MODES)
+@pytest.mark.parametrize("provider", cases.LORA_PROVIDERS)
+def test_lora_linear(provider, mode, p, device, run_case):
+    case = dataclasses.replace(LORA_CASE, mode=mode, p=p)
+    fn = _call(provider, lambda: _build(provider, case, device))  # bwd mode runs the forward here
+    _call(provider, fn)  # compiles / autotunes outside the measurement, and turns a graph break into an xfail
+    run_case(fn)
+
+
+@pytest.mark.parametrize("provider", cases.MERGE_PROVIDERS)
+def test_merge_and_reinit(provider, device, run_case):
+    run_case(_build(provider, MERGE_CASE, device))
+
+
+@pytest.mark.parametrize("provider", ["eager", "compile", "fused", "fused_compile"])
+def test_providers_compute_lora_linear(provider, device):
+    # p = 0: no dropout mask to agree on; compared in float64-accumulated reference terms at the case's dtype.
+    case = dataclasses.replace(LORA_CASE, p=0.0, M=min(LORA_CASE.M, 256))
+    inp = cases.lora_inputs(case, device)
+    fn = {"eager": cases.eager_lora_linear, "compile": cases.compiled(cases.eager_lora_linear),
+          "fused": cases.fused_lora_linear, "fused_compile": cases.compiled(cases.fused_lora_linear)}[provider]
+    y = _call(provider, lambda: fn(inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, cases.SCALE, 0.0))
+    grads = torch.autograd.grad(y, (inp.x, inp.lora_a, inp.lora_b), inp.grad_y)
+    wide = [t.detach().double().requires_grad_() for t in (inp.x, inp.weight, inp.lora_a, inp.lora_b, inp.bias)]
+    x, weight, lora_a, lora_b, bias = wide
+    y_ref = reference.lora_linear(x, weight, lora_a, lora_b, cases.SCALE, bias)
+    grads_ref = torch.autograd.grad(y_ref, (x, lora_a, lora_b), inp.grad_y.double())
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[inp.x.dtype]
+    for name, got, want in zip(("y", "dx", "dA", "dB"), (y, *grads), (y_ref, *grads_ref), strict=True):
+        scale = want.abs().max().item() or 1.0
+        assert (got.double() - want).abs().max().item() <= tol * scale, f"{provider}: {name} differs"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_native_matches_reference(p):
+    # The C++ baseline's math, on the CPU when there is no GPU (ATen ops run on any device).
+    reason = csrc_bench.unavailable_reason(require_cuda=False)
+    if reason:
+        pytest.skip(reason)
+    ops = csrc_bench.load(require_cuda=False)
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    torch.manual_seed(0)
+    M, K, N, r, s = 37, 29, 23, 5, 0.7  # odd sizes, r < 16
+    x, weight, lora_a, lora_b = (torch.randn(*shape, dtype=torch.float64, device=device)
+                                 for shape in ((M, K), (N, K), (r, K), (N, r)))
+    bias, grad_y = torch.randn(N, dtype=torch.float64, device=device), torch.randn(M, N, dtype=torch.float64,
+                                                                                   device=device)
+    mask = (torch.rand(M, K, device=device) >= p).double() if p > 0 else None
+    y, shrunk, x_dropped = ops.lora_forward(x, weight, bias, lora_a, lora_b, s, mask, p)
+    dx, da, db, dbias = ops.lora_backward(grad_y, x, x_dropped, weight, lora_a, lora_b, shrunk, s, mask, p, True)
+
+    leaves = [t.clone().requires_grad_() for t in (x, lora_a, lora_b, bias)]
+    x_tilde = leaves[0] if mask is None else leaves[0] * mask / (1 - p)
+    y_ref = leaves[0] @ weight.T + leaves[3] + s * (x_tilde @ leaves[1].T) @ leaves[2].T
+    grads = torch.autograd.grad(y_ref, leaves, grad_y)
+    for name, got, want in zip(("y", "dx", "dA", "dB", "dbias"), (y, dx, da, db, dbias), (y_ref, *grads),
+                               strict=True):
+        torch.testing.assert_close(got, want, msg=lambda m, name=name: f"native {name}: {m}")
+    floor_y = ops.floor_forward(x, weight, bias)
+    torch.testing.assert_close(floor_y, x @ weight.T + bias)
+    torch.testing.assert_close(ops.floor_backward(grad_y, weight), grad_y @ weight)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--providers", "fused,bogus"], "bogus not in"),
+    (["--modes", "sideways"], "sideways not in"),
+    (["--smoke", "--quick"], "not allowed with"),
+])
+def test_sweep_rejects_bad_input(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sweep_lists_the_default_grid(capsys):
+    assert sweep.main(["--list", "--ops", "lora_linear", "--shapes", "llama-7b.qkvo", "--providers", "fused"]) == 0
+    out = capsys.readouterr().out
+    assert "fused          llama-7b.qkvo fwd+bwd 8192x4096x4096 r=16 p=0.1 bf16" in out

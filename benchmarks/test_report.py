@@ -1,0 +1,116 @@
+"""report.py on a synthetic result file: tables, plots, headline and goal checks.
+
+The numbers below are invented to exercise the report (device "FAKE-GPU for tests"); they live only in pytest's
+temporary folder and never in benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from . import cases, report
+
+FAKE_MS = {"floor": 1.0, "native_floor": 0.98, "eager": 1.6, "compile": 1.3, "native": 1.25, "fused": 1.05,
+           "fused_compile": 1.06}
+COPY_GBPS = 3000.0
+
+
+def _lora_rows(case, times):
+    return [{**case.row(), "provider": provider, "median_ms": ms, "p20_ms": ms * 0.99, "p80_ms": ms * 1.01,
+             "peak_mem_mb": 100.0, **cases.metrics(case, provider, ms), "status": "ok"}
+            for provider, ms in times.items()]
+
+
+def fake_results(smoke=False) -> dict:
+    rows = []
+    for mode in cases.MODES:
+        rows += _lora_rows(dataclasses.replace(cases.HEADLINE, mode=mode), FAKE_MS)
+    # One shape where fused is behind compile: the "ahead everywhere" goal must catch it.
+    small = dataclasses.replace(cases.HEADLINE, K=768, N=3072, layer="gpt2-124m.fc")
+    small_ms = {provider: ms for provider, ms in FAKE_MS.items() if provider != "native"}
+    rows += _lora_rows(small, {**small_ms, "fused": 0.5, "compile": 0.4})
+    rows.append({**small.row(), "provider": "native", "median_ms": None, "p20_ms": None, "p80_ms": None,
+                 "peak_mem_mb": None, "status": "skipped", "reason": "no CUDA device"})
+    square = cases.merge_grid("quick")[0]
+    moved = cases.merge_bytes(square)
+    for provider, fraction in (("eager", 0.3), ("fused", 0.9)):
+        ms = moved / (fraction * COPY_GBPS * 1e9) * 1e3
+        rows.append({**square.row(), "provider": provider, "median_ms": ms, "p20_ms": ms, "p80_ms": ms,
+                     "peak_mem_mb": 0.0, **cases.metrics(square, provider, ms), "status": "ok"})
+    for config, ms in (("full_eager", 100.0), ("lora_eager", 90.0), ("relora_fused", 80.0)):
+        rows.append({"op": "pretrain", "provider": config, "mode": "train_step", "model": "gpt2-124m", "M": 8192,
+                     "r": 128, "p": 0.1, "dtype": "bf16", "median_ms": ms, "p20_ms": ms, "p80_ms": ms,
+                     "peak_mem_mb": 5000.0, "tokens_per_s": 8192 / (ms * 1e-3), "status": "ok"})
+    if smoke:
+        rows = [{**row, "median_ms": None, "p20_ms": None, "p80_ms": None} for row in rows]
+    return {"device": "FAKE-GPU for tests", "smoke": smoke, "torch": "0.0", "triton": "0.0", "cuda": "0.0",
+            "commit": "0" * 40, "date": "2000-01-01T00:00:00+00:00", "copy_gbps": None if smoke else COPY_GBPS,
+            "rows": rows}
+
+
+@pytest.fixture
+def fake_file(tmp_path):
+    path = tmp_path / "fake.json"
+    path.write_text(json.dumps(fake_results()))
+    return path
+
+
+def test_goals_are_checked():
+    met = {goal.name.split(" (")[0]: goal for goal in report.goals(fake_results())}
+    assert met["fused >= 1.45x eager"].met is True  # 1.6 / 1.05 = 1.52
+    assert met["fused <= 1.12x floor"].met is True  # 1.05
+    ahead = met["fused ahead of compile and native at every shape"]
+    assert ahead.met is False and "gpt2-124m.fc" in ahead.detail and "vs compile" in ahead.detail
+    assert "6/7 comparisons won" in ahead.detail  # 3 headline modes x 2 rivals, then gpt2 fc vs compile only
+    assert met["merge+reinit >= 85% of copy bandwidth"].met is True  # 90%
+
+
+def test_goals_fail_when_fused_is_slow():
+    results = fake_results()
+    for row in results["rows"]:
+        if row["op"] == "lora_linear" and row["provider"] == "fused":
+            row["median_ms"] = 1.5
+    met = {goal.name.split(" (")[0]: goal.met for goal in report.goals(results)}
+    assert met["fused >= 1.45x eager"] is False and met["fused <= 1.12x floor"] is False
+
+
+def test_report_writes_table_plots_and_goals(fake_file, capsys):
+    assert report.main([str(fake_file)]) == 0
+    out = capsys.readouterr().out
+    text = fake_file.with_suffix(".md").read_text()
+    assert "# Benchmark results: FAKE-GPU for tests" in text
+    assert "| llama-7b.qkvo | fwd+bwd | 8192 | 4096->4096 | 16 | 0.1 | bf16 | 1 | 0.98 | 1.6 | 1.3 | 1.25 | 1.05 |" in (
+        text)
+    assert "| relora_fused | gpt2-124m | 8192 |" in text and "## Not measured" in text
+    for suffix in ("speedup", "vs_floor"):
+        png = fake_file.with_name(f"fake_{suffix}.png")
+        assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "NOT MET      fused ahead of compile and native" in out
+
+
+def test_headline_names_the_machine_and_the_case(fake_file, capsys):
+    assert report.main([str(fake_file), "--headline"]) == 0
+    out = capsys.readouterr().out
+    assert "FAKE-GPU for tests" in out and "8192 tokens x 4096 -> 4096, r = 16, dropout 0.1, bf16" in out
+    assert "| `fused` | 1.05 | 1.05 | 1.05 | 1.52 | 1.05 | 100 |" in out
+
+
+def test_smoke_file_gives_no_headline_and_no_plots(tmp_path, capsys):
+    path = tmp_path / "smoke.json"
+    path.write_text(json.dumps(fake_results(smoke=True)))
+    assert report.main([str(path), "--headline"]) == 2
+    assert "smoke run" in capsys.readouterr().err
+    with pytest.raises(report.SmokeResults):
+        report.plots(fake_results(smoke=True), tmp_path / "smoke")
+    assert report.main([str(path)]) == 0  # the markdown listing of what ran is still written
+    assert "nothing was timed" in path.with_suffix(".md").read_text()
+
+
+def test_not_a_result_file(tmp_path, capsys):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"rows": []}))
+    assert report.main([str(path)]) == 2
+    assert "missing device" in capsys.readouterr().err

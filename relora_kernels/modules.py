@@ -54,6 +54,7 @@ class LoRALinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.alpha, self.use_rslora, self.dropout = alpha, use_rslora, float(dropout)
+        self.fan_in_fan_out = False  # True when made from a GPT-2 Conv1D ((in, out) weight); PEFT's config records it
         self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
 
         # Base layer initialised exactly as nn.Linear would, then frozen.
@@ -78,6 +79,7 @@ class LoRALinear(nn.Module):
         layer = cls(in_features, out_features, r, alpha, dropout, bias=module.bias is not None,
                     use_rslora=use_rslora, device=weight.device, dtype=weight.dtype)
         layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.fan_in_fan_out = _is_conv1d(module)
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
         return layer

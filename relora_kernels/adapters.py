@@ -1,0 +1,175 @@
+"""Hugging Face PEFT adapters in and out: `save_peft_adapter` and `load_peft_adapter`.
+
+PEFT's on-disk LoRA adapter is two files in a folder:
+    adapter_config.json          {"peft_type": "LORA", "r": ..., "lora_alpha": ..., "target_modules": ..., ...}
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight (r, in), ...lora_B.weight (out, r)
+which is exactly LoRALinear's lora_A / lora_B layout, so the factors travel unchanged. An adapter holds only the
+factors: PEFT must be given a base model whose weights equal this model's frozen weights (after ReLoRA restarts
+have merged updates into them, save those weights too, e.g. `merge_lora` then the model's own save).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .modules import LoRALinear, _is_linear_like, _replace
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_FACTOR_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight")
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(temp_path) then rename over `path`: a crash leaves the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_peft_adapter(model: nn.Module, path) -> None:
+    """Write the LoRALinear layers of `model` as a PEFT LoRA adapter in the folder `path` (created if needed), so
+    that `peft.PeftModel.from_pretrained(base_model, path)` computes what `model` computes.
+
+    target_modules is written as a regex matching exactly these layers' names; layers whose rank or alpha differ
+    from the most common one go into rank_pattern / alpha_pattern. PEFT has one lora_dropout per adapter: the
+    most common layer dropout is written. All layers must agree on use_rslora.
+    """
+    from safetensors.torch import save_file
+
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRALinear layer to save (apply_lora or load_peft_adapter adds them)")
+    rslora = {layer.use_rslora for layer in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError("the LoRALinear layers mix use_rslora=True and False, which one PEFT adapter cannot hold")
+    r = _most_common(layer.r for layer in layers.values())
+    alpha = _most_common(layer.alpha for layer in layers.values())
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": _most_common(layer.dropout for layer in layers.values()),
+        "use_rslora": rslora.pop(),
+        # A regex in full over module names (a list would also match name suffixes: "0" would catch "2.0").
+        "target_modules": "|".join(re.escape(name) for name in layers),
+        "rank_pattern": {re.escape(name): layer.r for name, layer in layers.items() if layer.r != r},
+        "alpha_pattern": {re.escape(name): layer.alpha for name, layer in layers.items() if layer.alpha != alpha},
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "bias": "none",
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+    }
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def _read_config(folder: Path) -> dict:
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {name} is missing")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{folder / CONFIG_NAME}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
+    unsupported = {
+        "use_dora": bool(config.get("use_dora")),
+        "bias": config.get("bias", "none") != "none",
+        "lora_bias": bool(config.get("lora_bias")),
+        "modules_to_save": bool(config.get("modules_to_save")),
+        "layer_replication": bool(config.get("layer_replication")),
+        "target_parameters": bool(config.get("target_parameters")),
+    }
+    for key, used in unsupported.items():
+        if used:
+            raise ValueError(f"{folder / CONFIG_NAME}: {key}={config[key]!r} is not supported by LoRALinear")
+    return config
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """PEFT's rank/alpha_pattern rule: a key matches a module whose name ends with it at a dot boundary."""
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
+            return value
+    return default
+
+
+def load_peft_adapter(model: nn.Module, path) -> nn.Module:
+    """Put the PEFT LoRA adapter saved in the folder `path` into `model`, in place; returns `model`.
+
+    Each adapted module of `model` becomes a LoRALinear (as apply_lora would make it, weight frozen) holding the
+    adapter's factors in the module's dtype and device; a module that is already a LoRALinear of the same rank
+    has its factors overwritten. rank, alpha (incl. rank_pattern / alpha_pattern), dropout and use_rslora follow
+    the adapter's config. Raises ValueError for what LoRALinear cannot represent (DoRA, trained biases, ...).
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    config = _read_config(folder)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(folder / WEIGHTS_NAME).items():
+        match = _FACTOR_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"{folder / WEIGHTS_NAME}: tensor {key!r} is not a LoRA factor of a linear layer")
+        factors.setdefault(match["module"], {})[match["factor"]] = tensor
+    if not factors:
+        raise ValueError(f"{folder / WEIGHTS_NAME} holds no LoRA factors")
+
+    for name, pair in factors.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{folder / WEIGHTS_NAME}: module {name!r} lacks one of lora_A / lora_B")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the adapter adapts {name!r}, which model has no module of that name") from None
+        lora_a, lora_b = pair["lora_A"], pair["lora_B"]
+        r = lora_a.shape[0]
+        if isinstance(module, LoRALinear):
+            if module.r != r:
+                raise ValueError(f"{name} is a LoRALinear of r = {module.r}; the adapter's factors have r = {r}")
+            layer = module
+        elif _is_linear_like(module):
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+            layer = LoRALinear.from_linear(module, r, alpha, float(config.get("lora_dropout", 0.0)),
+                                           bool(config.get("use_rslora", False)))
+            _replace(model, name, layer)
+        else:
+            raise ValueError(f"the adapter adapts {name!r}, a {type(module).__name__}; only nn.Linear / Conv1D load")
+        if lora_a.shape != layer.lora_A.shape or lora_b.shape != layer.lora_B.shape:
+            raise ValueError(f"{name}: adapter factors {tuple(lora_a.shape)} and {tuple(lora_b.shape)} do not fit "
+                             f"the layer's {tuple(layer.lora_A.shape)} and {tuple(layer.lora_B.shape)}")
+        with torch.no_grad():
+            layer.lora_A.copy_(lora_a)
+            layer.lora_B.copy_(lora_b)
+    return model

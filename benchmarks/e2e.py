@@ -4,6 +4,7 @@ Same model, same random tokens (no data download), AdamW, bf16 autocast on a GPU
   full_eager    every Linear full-rank and trainable (plain nn.Linear)
   lora_eager    the attention and MLP Linears (LORA_TARGETS) as PEFT-style eager LoRA layers
   relora_fused  the same Linears as relora_kernels.LoRALinear (apply_lora) on the Triton kernels
+  relora_fused_compile   relora_fused under torch.compile(fullgraph=True): the kernels inside one compiled graph
 GPU: preset gpt2-124m, GPT-2's 50304-token (padded) vocabulary, 8 x 1024 tokens per step, LoRA r = 128 (the
 example's gpt2 setting), alpha = r, dropout 0.1. Smoke (CPU, interpreter): a 2-layer 32-wide model, 1 step, no timing.
 
@@ -29,7 +30,7 @@ from model import GPT, LORA_TARGETS, PRESETS, GPTConfig  # noqa: E402
 
 import relora_kernels as rk  # noqa: E402
 
-CONFIGS = ("full_eager", "lora_eager", "relora_fused")
+CONFIGS = ("full_eager", "lora_eager", "relora_fused", "relora_fused_compile")
 MODEL = "gpt2-124m"
 GPU_SETUP = {"vocab_size": 50304, "batch_size": 8, "r": 128, "p": 0.1, "warmup_steps": 3, "steps": 10}
 SMOKE_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16}
@@ -57,7 +58,7 @@ class EagerLoRALinear(nn.Module):
 def build_model(config: str, model_config: GPTConfig, r: int, p: float, device: torch.device) -> GPT:
     torch.manual_seed(0)
     model = GPT(model_config).to(device)
-    if config == "relora_fused":
+    if config.startswith("relora_fused"):
         rk.apply_lora(model, LORA_TARGETS, r=r, dropout=p)
     elif config == "lora_eager":
         for name, module in list(model.named_modules()):
@@ -99,10 +100,11 @@ def _measure(config, model_config, setup, batch, autocast, device, smoke) -> dic
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, fused=device.type == "cuda")
     inputs, targets = batch[:, :-1], batch[:, 1:]
+    forward = torch.compile(model, fullgraph=True) if config.endswith("_compile") else model
 
     def step():
         with autocast:
-            _, loss = model(inputs, targets)
+            _, loss = forward(inputs, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -92,3 +92,38 @@ def test_merge_and_reinit_at_4096_on_gpu(dtype, triton_backend):
     torch.testing.assert_close(weight, expected, rtol=torch.finfo(dtype).eps, atol=0.0)
     assert torch.equal(lora_a, reference.reinit_uniform(4, 16, 4096, device="cuda").to(dtype))
     assert not lora_b.any()
+
+
+def test_compiled_model_on_the_triton_ops_in_bf16(reference_blocked):
+    # The registered triton_ops under torch.compile(fullgraph=True): one graph, the same results as eager (bf16).
+    from test_compile import lora_model, output_and_grads
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from relora_kernels import ops
+
+    assert ops.REGISTRATION == "triton_op"
+    torch._dynamo.reset()
+    model = lora_model(0.1).cuda()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(4, 512, 24, device="cuda")
+    with torch._inductor.config.patch(fallback_random=True), torch.autocast("cuda", dtype=torch.bfloat16):
+        want_y, want_grads = output_and_grads(model, model, x)
+        got_y, got_grads = output_and_grads(compiled, model, x)
+    assert counter.frame_count == 1 and got_y.dtype == torch.bfloat16
+    torch.testing.assert_close(got_y, want_y)  # bf16 defaults: rtol 1.6e-2, atol 1e-5
+    for name, grad in got_grads.items():
+        assert grad.dtype == want_grads[name].dtype
+        torch.testing.assert_close(grad, want_grads[name], rtol=1.6e-2, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("case", ["lora_shrink, dropout", "lora_forward_matmul, bias", "lora_grad_ab, dropout, bias",
+                                  "lora_input_grad, dropout", "merge_lora_weight_", "reinit_lora_"])
+def test_triton_ops_pass_opcheck_on_gpu(case):
+    from test_compile import op_cases
+
+    from relora_kernels import ops
+
+    name, args = op_cases()[case]
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(getattr(ops, name), args)

@@ -10,8 +10,8 @@
 Each is a `triton_op`: torch.compile traces into it and sees the kernels themselves (launched through
 `wrap_triton`), so a model of LoRALinear layers compiles into one graph; running the launcher on fake tensors is
 its fake (meta) implementation, which is why the launchers do nothing data-dependent on the host. Under the
-Triton interpreter (CPU tests) they are opaque custom ops with explicit fake implementations instead, and where
-torch has neither (before 2.4) the names below are the plain launchers: the same calls, without graph capture.
+Triton interpreter (CPU tests) and on torch < 2.6 they are opaque custom ops with explicit fake implementations
+instead: the same calls, still captured whole by torch.compile, but not fused into by Inductor.
 The autograd wrappers in functional.py call these names; nothing else does.
 """
 
@@ -59,25 +59,19 @@ _LAUNCHERS = {
     "reinit_lora_": (_merge_kernels.reinit_lora_, ("lora_a", "lora_b"), _fake_in_place),
 }
 
-# How the ops are registered: "triton_op" (torch >= 2.6, compiled kernels), "custom_op" (under TRITON_INTERPRET=1,
-# whose interpreted kernels torch cannot trace into), or "none" (an older torch: the plain launchers).
-if hasattr(torch.library, "triton_op") and not _lora_kernels._interpreting():
-    REGISTRATION = "triton_op"
-elif hasattr(torch.library, "custom_op"):
-    REGISTRATION = "custom_op"
-else:
-    REGISTRATION = "none"
+# How the ops are registered: "triton_op" (torch >= 2.6: Inductor traces into the kernels), else "custom_op"
+# (torch 2.4-2.5, or under TRITON_INTERPRET=1 whose interpreted kernels torch cannot trace): opaque to Inductor,
+# still one graph under torch.compile.
+REGISTRATION = "triton_op" if hasattr(torch.library, "triton_op") and not _lora_kernels._interpreting() else "custom_op"
 
 
 def _register(name: str):
     launcher, mutates, fake = _LAUNCHERS[name]
     if REGISTRATION == "triton_op":
         return torch.library.triton_op(f"{_NAMESPACE}::{name}", launcher, mutates_args=mutates)
-    if REGISTRATION == "custom_op":
-        op = torch.library.custom_op(f"{_NAMESPACE}::{name}", launcher, mutates_args=mutates)
-        op.register_fake(fake)
-        return op
-    return launcher
+    op = torch.library.custom_op(f"{_NAMESPACE}::{name}", launcher, mutates_args=mutates)
+    op.register_fake(fake)
+    return op
 
 
 lora_shrink = _register("lora_shrink")

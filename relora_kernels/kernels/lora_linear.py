@@ -42,7 +42,7 @@ def _interpreting() -> bool:
 
 try:  # torch >= 2.6: launches that torch.compile can trace (and plain launches outside of tracing)
     from torch.library import wrap_triton as traceable
-except ImportError:  # an older torch: ops.py then leaves the launchers unregistered, so plain launches suffice
+except ImportError:  # torch < 2.6: ops.py registers opaque custom ops, never traced, so plain launches do
 
     def traceable(kernel):
         return kernel

@@ -109,7 +109,7 @@ def _shrink_kernel(
         )
         acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
     if APPLY_DROPOUT:
-        acc = acc * tl.to_tensor(inv_keep).to(tl.float32)  # the 1/(1-p) of every kept element, applied once
+        acc = acc * tl.cast(inv_keep, tl.float32)  # the 1/(1-p) of every kept element, applied once
     tl.store(
         s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
         acc.to(s_ptr.dtype.element_ty),
@@ -172,7 +172,7 @@ def _fused_matmul_kernel(
         up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
         mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0,
     )
-    acc = tl.dot(low_tile, up_tile, input_precision=DOT_PRECISION) * tl.to_tensor(low_scale).to(tl.float32)
+    acc = tl.dot(low_tile, up_tile, input_precision=DOT_PRECISION) * tl.cast(low_scale, tl.float32)
     if APPLY_DROPOUT:
         keep = _keep_mask(tl.load(seed_ptr), rows[:, None] * N + cols[None, :], keep_threshold)
         acc = tl.where(keep, acc, 0.0)
@@ -243,7 +243,7 @@ def _grad_ab_kernel(
     mask_m = offs_m < M
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-    scale = tl.to_tensor(scale).to(tl.float32)  # float scalars may arrive as fp64 (torch.compile)
+    scale = tl.cast(scale, tl.float32)  # float scalars may arrive as fp64 (torch.compile)
     if APPLY_DROPOUT:
         seed = tl.load(seed_ptr)
 
@@ -303,7 +303,7 @@ def _grad_ab_kernel(
         # dA += dS.T @ x~
         da_part = tl.dot(ds_t, x_tile, input_precision=DOT_PRECISION)
         if APPLY_DROPOUT:
-            da_part = da_part * tl.to_tensor(inv_keep).to(tl.float32)
+            da_part = da_part * tl.cast(inv_keep, tl.float32)
         _accumulate(
             da_ptr + split * stride_da_split + offs_r[:, None] * stride_da_r + offs_k[None, :] * stride_da_k,
             da_part, mask_r[:, None] & mask_k[None, :], DETERMINISTIC,

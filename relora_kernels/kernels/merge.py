@@ -53,7 +53,7 @@ def _merge_kernel(
     a_tile = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                      mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
     # s * B @ A in fp32
-    update = tl.dot(b_tile, a_tile, input_precision=DOT_PRECISION) * tl.to_tensor(scale).to(tl.float32)
+    update = tl.dot(b_tile, a_tile, input_precision=DOT_PRECISION) * tl.cast(scale, tl.float32)
 
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
     w_mask = mask_n[:, None] & mask_k[None, :]
@@ -79,7 +79,7 @@ def _reinit_kernel(
         row, col = offs // K, offs % K
         bits = (tl.randint(seed, offs) >> _RANDOM_SHIFT).to(tl.float32)
         u = bits * _INV_RANDOM_RANGE  # exact: a 24-bit integer over 2**24
-        value = (u * 2.0 - 1.0) * tl.to_tensor(bound).to(tl.float32)
+        value = (u * 2.0 - 1.0) * tl.cast(bound, tl.float32)
         tl.store(a_ptr + row * stride_ar + col * stride_ak, value.to(a_ptr.dtype.element_ty), mask=offs < R * K)
     else:
         offs = (pid - a_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -144,3 +144,16 @@ def test_kernel_ops_pass_opcheck(case):
 def test_reference_random_stream_op_passes_opcheck():
     # The reference's Philox stream is an opaque op, so compiling the reference path never traces it.
     torch.library.opcheck(torch.ops.relora_kernels.philox_bits.default, (torch.tensor(3), 5, 7))
+
+
+def test_launchers_register_as_triton_ops():
+    # On a GPU ops.py registers triton_ops (not runnable here): schema inference and the search for the kernels a
+    # launcher calls must accept every launcher, giving the schemas of the custom ops that the CPU tests exercise.
+    from relora_kernels import ops
+
+    if not hasattr(torch.library, "triton_op"):
+        pytest.skip("torch < 2.6 has no triton_op; ops.py registers custom ops there")
+    for name, (launcher, mutates, _) in ops._LAUNCHERS.items():
+        op = torch.library.triton_op(f"relora_kernels_registration_test::{name}", launcher, mutates_args=mutates)
+        registered = getattr(ops, name)._opoverload._schema
+        assert str(op._opoverload._schema).split("::")[1] == str(registered).split("::")[1], name

@@ -68,7 +68,7 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_x = ops.lora_input_grad(grad_y, weight, grad_shrunk, lora_a, ctx.dropout_p, seed)
         # dW = dy.T @ x, only if the caller unfroze W (a full-rank phase); LoRA training keeps W frozen.
         grad_weight = grad_y.T @ x if need_weight else None
-        # scale, dropout_p, seed and deterministic are Python scalars: no gradient.
+        # scale, dropout_p and deterministic are Python scalars, seed an integer tensor: no gradient.
         return (grad_x, grad_weight, grad_a if need_a else None, grad_b if need_b else None,
                 grad_bias if need_bias else None, None, None, None, None)
 

@@ -38,7 +38,7 @@ def _mul_hi_lo_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     a_hi, a_lo = a >> 16, a & 0xFFFF
     p_hi, p_lo = a_hi * b, a_lo * b  # < 2**48 each
     # Tensor shifts written as multiply / floor-divide (equal for these non-negative values): Inductor's CPU
-    # vectoriser miscompiles int64 tensor shifts (torch 2.13), and torch.compile must be able to trace this.
+    # vectoriser miscompiles int64 tensor shifts (torch 2.13), should this ever be traced outside philox_bits.
     hi = (p_hi + p_lo // 2**16) // 2**16
     lo = (p_lo + (p_hi & 0xFFFF) * 2**16) & _MASK32
     return hi, lo

@@ -343,7 +343,9 @@ def _grad_ab_config(rank_block: int) -> dict:
 
 
 def _dropout_args(dropout_p: float, seed: torch.Tensor | None, fallback: torch.Tensor) -> dict:
-    """Kernel arguments of the dropout mask; without dropout the seed is never read and any pointer will do."""
+    """Kernel arguments of the dropout mask. Without dropout the seed is never read and `fallback` stands in for it;
+    placeholders like it are always inputs the kernel does not write, so that torch.compile's analysis of what a
+    kernel mutates never sees one buffer both written and passed again."""
     return {
         "seed_ptr": seed if dropout_p > 0.0 else fallback,
         "keep_threshold": dropout_threshold(dropout_p),
@@ -375,7 +377,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: t
         stride_sm=shrunk.stride(0), stride_sr=shrunk.stride(1),
         inv_keep=1.0 / (1.0 - dropout_p),
         BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
-        **_dropout_args(dropout_p, seed, shrunk), **cfg,
+        **_dropout_args(dropout_p, seed, x), **cfg,
     )
     return shrunk
 
@@ -387,7 +389,7 @@ def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed):
     if M == 0 or N == 0:
         return out
     args = dict(
-        lhs_ptr=lhs, rhs_ptr=rhs_t, low_ptr=low, up_ptr=up_t, bias_ptr=bias if bias is not None else out, out_ptr=out,
+        lhs_ptr=lhs, rhs_ptr=rhs_t, low_ptr=low, up_ptr=up_t, bias_ptr=bias if bias is not None else lhs, out_ptr=out,
         M=M, N=N, K=K, R=R,
         stride_lm=lhs.stride(0), stride_lk=lhs.stride(1),
         stride_rk=rhs_t.stride(1), stride_rn=rhs_t.stride(0),
@@ -395,7 +397,7 @@ def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed):
         stride_ur=up_t.stride(1), stride_un=up_t.stride(0),
         stride_om=out.stride(0), stride_on=out.stride(1),
         low_scale=float(low_scale), HAS_BIAS=bias is not None,
-        BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(lhs.dtype), **_dropout_args(dropout_p, seed, out),
+        BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(lhs.dtype), **_dropout_args(dropout_p, seed, lhs),
     )
     if _interpreting():
         block = _INTERPRETER_BLOCK
@@ -442,7 +444,7 @@ def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lo
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
     if programs > 0:
         traceable(_grad_ab_kernel)[(programs,)](
-            grad_y, x, shrunk, lora_b, grad_shrunk, grad_a, grad_b, grad_bias if need_bias_grad else grad_b,
+            grad_y, x, shrunk, lora_b, grad_shrunk, grad_a, grad_b, grad_bias if need_bias_grad else grad_y,
             M=M, N=N, K=K, R=R,
             stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1),
             stride_xm=x.stride(0), stride_xk=x.stride(1),
@@ -455,7 +457,7 @@ def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lo
             scale=float(scale), inv_keep=1.0 / (1.0 - dropout_p),
             HAS_BIAS_GRAD=need_bias_grad, DETERMINISTIC=deterministic,
             BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
-            **_dropout_args(dropout_p, seed, grad_shrunk), **cfg,
+            **_dropout_args(dropout_p, seed, x), **cfg,
         )
     grad_a, grad_b, grad_bias = (_reduce_splits(t, x.dtype) for t in (grad_a, grad_b, grad_bias))
     return grad_a, grad_b, grad_shrunk, grad_bias

@@ -101,6 +101,7 @@ class Config:
     # system
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
+    compile: bool = False  # torch.compile the training forward (the LoRA kernels compile into the same graph)
     seed: int = 1337
     # fault handling, and fault injection for the tests
     max_bad_steps: int = 10  # stop after this many non-finite steps in a row
@@ -511,7 +512,12 @@ def train(argv=None) -> dict:
         torch.set_rng_state(ckpt_state["rng"]["torch"])
         if device.type == "cuda" and ckpt_state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt_state["rng"]["cuda"], device)
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    def wrap_for_training(model):
+        """(the DDP wrapper or the model itself, the forward the loop calls: compiled with --compile)."""
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+        return wrapped, torch.compile(wrapped) if cfg.compile else wrapped
+
+    train_model, train_forward = wrap_for_training(model)
 
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     log(f"{cfg.mode} | preset {cfg.preset}: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head} heads, context "
@@ -572,9 +578,9 @@ def train(argv=None) -> dict:
             relora = ReLoRA(model, optimizer, restart_every=cfg.restart_every, prune_ratio=cfg.prune_ratio,
                             seed=cfg.seed)
             lora_on, row["lora_start"] = True, True
-            if ddp:  # the old wrapper's gradient hooks are on the old parameter set
-                del train_model
-                train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # A new wrapper: the old DDP's gradient hooks (and a compiled graph) are on the old modules.
+            del train_model, train_forward
+            train_model, train_forward = wrap_for_training(model)
             log(f"step {step}: LoRA phase starts: {param_counts(model)}")
 
         # learning rate: warmup, cosine, and the jagged re-warmups after restarts
@@ -590,7 +596,7 @@ def train(argv=None) -> dict:
             if ddp:
                 train_model.require_backward_grad_sync = micro == cfg.grad_accum - 1
             with autocast:
-                _, loss = train_model(x, y)
+                _, loss = train_forward(x, y)
             if step in nan_steps and master:
                 loss = loss * float("nan")  # injected fault (--nan_at_steps): only rank 0, the others must follow
             (loss / cfg.grad_accum).backward()

@@ -249,6 +249,20 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_losses(corpus, cache_di
     assert rows["whole"][-1]["val_loss"] < rows["whole"][0]["val_loss"] - 0.5
 
 
+def test_compiled_training_forward_tracks_the_eager_run(corpus, cache_dir, tmp_path):
+    # --compile: full-rank steps, the switch to LoRA (a new compiled forward), two restarts (in-place merges under
+    # an existing graph); fp32, so the compiled run may differ from eager only by reordered rounding.
+    eager = run_script(tiny_args(corpus, cache_dir, tmp_path / "eager", *RELORA_RUN))
+    compiled = run_script(tiny_args(corpus, cache_dir, tmp_path / "compiled", *RELORA_RUN, "--compile"))
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-3000:]
+    rows = {run: read_rows(tmp_path / run) for run in ("eager", "compiled")}
+    for want, got in zip(rows["eager"], rows["compiled"], strict=True):
+        assert got.get("restart") == want.get("restart") and got.get("lora_start") == want.get("lora_start")
+        for key in ("train_loss", "val_loss"):
+            if want.get(key) is not None:
+                assert got[key] == pytest.approx(want[key], rel=1e-5), f"step {want['step']} {key}"
+
+
 def test_two_process_gloo_run_keeps_ranks_identical(corpus, cache_dir, tmp_path):
     args = tiny_args(corpus, cache_dir, tmp_path, "--mode", "relora", "--max_steps", "8", "--warmup_full_steps", "2",
                      "--restart_every", "2", "--restart_warmup_steps", "1", "--warmup_steps", "1",

@@ -127,3 +127,23 @@ def test_triton_ops_pass_opcheck_on_gpu(case):
     name, args = op_cases()[case]
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(getattr(ops, name), args)
+
+
+@pytest.mark.parametrize("rank", [16, 128])
+@pytest.mark.parametrize("config_index", range(6))
+def test_every_fused_gemm_tile_is_correct(config_index, rank, monkeypatch, kernel_calls):
+    # The autotuner may pick any of these tiles for some shape: each one, forced, against the float64 reference
+    # (bf16, dropout on, M and N not multiples of any tile).
+    from relora_kernels.kernels import lora_linear as kernels
+
+    config = kernels._MATMUL_CONFIGS[config_index]
+    monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", "0")
+    monkeypatch.setattr(kernels, "_fixed_matmul_config", lambda rank_block: config)
+    inputs = make_inputs((1000,), 1024, 1500, rank, torch.bfloat16, device="cuda")
+    check_against_reference(inputs, 2.0, 0.1, 11, torch.bfloat16)
+
+
+def test_autotuned_fused_gemm_matches_reference(monkeypatch, kernel_calls):
+    monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", "1")  # the default, whatever the test run's environment says
+    inputs = make_inputs((2048,), 1024, 1536, 16, torch.bfloat16, device="cuda")
+    check_against_reference(inputs, 2.0, 0.1, 12, torch.bfloat16)

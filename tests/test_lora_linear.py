@@ -217,3 +217,28 @@ def test_reference_gradcheck_float64():
         return reference.lora_linear(x, inputs["weight"], lora_a, lora_b, 0.7, bias, 0.3, 11)
 
     assert torch.autograd.gradcheck(op, leaves)
+
+
+@pytest.mark.parametrize("rank", [16, 100])  # the two fixed tiles: r <= 64 and r > 64
+def test_gpu_launch_branch_with_a_fixed_tile(rank, monkeypatch):
+    # The fused-GEMM launch a GPU takes with RELORA_KERNELS_AUTOTUNE=0 (Hopper-sized tiles, launch options), run
+    # through the interpreter, which otherwise uses its own small tile: checks that branch's grid and arguments.
+    from relora_kernels.kernels import lora_linear as kernels
+
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", "0")
+    # M, N past one 128 tile and not multiples of it, K not a multiple of 64: several programs, masked edges.
+    x, weight, lora_a, lora_b, bias = make_inputs((150,), 70, 139, rank, torch.float32).values()
+    shrunk, grad_y, seed = x @ lora_a.T, torch.randn(150, 139), torch.tensor(5)
+    grad_shrunk = grad_y @ lora_b
+
+    def both(module, dtype):
+        args = [t.to(dtype) for t in (x, weight, shrunk, lora_b, bias, grad_y, grad_shrunk, lora_a)]
+        x_, weight_, shrunk_, lora_b_, bias_, grad_y_, grad_shrunk_, lora_a_ = args
+        return (module.lora_forward_matmul(x_, weight_, shrunk_, lora_b_, 0.5, bias_),
+                module.lora_input_grad(grad_y_, weight_, grad_shrunk_, lora_a_, 0.3, seed))
+
+    for name, got, exact, same_dtype in zip(("y", "dx"), both(kernels, torch.float32),
+                                            both(reference, torch.float64), both(reference, torch.float32),
+                                            strict=True):
+        assert_within_torch_error(name, got, exact, same_dtype)

@@ -330,6 +330,18 @@ _MATMUL_CONFIGS = [
 _fused_matmul_autotuned = triton.autotune(configs=_MATMUL_CONFIGS, key=["M", "N", "K", "R"])(_fused_matmul_kernel)
 
 
+def _autotune() -> bool:
+    """RELORA_KERNELS_AUTOTUNE=0 launches the fused GEMM with one fixed tile instead of autotuning every new shape
+    (the GPU tests use it: a cold autotune of each of their ~70 shape/dtype keys would take minutes)."""
+    return os.environ.get("RELORA_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def _fixed_matmul_config(rank_block: int) -> triton.Config:
+    """The tile used when autotuning is off: a guess, not yet measured; a smaller one past r = 64 so that the
+    (BLOCK_M, r) and (r, BLOCK_N) low-rank tiles fit in shared memory beside the pipelined K loop."""
+    return _MATMUL_CONFIGS[2] if rank_block <= 64 else _MATMUL_CONFIGS[4]
+
+
 def _shrink_config(rank_block: int) -> dict:
     if _interpreting():
         return {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_K": _INTERPRETER_BLOCK}
@@ -403,11 +415,15 @@ def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed):
         block = _INTERPRETER_BLOCK
         grid = (triton.cdiv(M, block) * triton.cdiv(N, block),)
         traceable(_fused_matmul_kernel)[grid](**args, BLOCK_M=block, BLOCK_N=block, BLOCK_K=block, GROUP_M=4)
-    else:
+    elif _autotune():
         def grid(cfg):
             return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
         traceable(_fused_matmul_autotuned)[grid](**args)
+    else:
+        cfg = _fixed_matmul_config(args["BLOCK_R"])
+        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
+        traceable(_fused_matmul_kernel)[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

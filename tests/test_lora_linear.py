@@ -219,13 +219,15 @@ def test_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(op, leaves)
 
 
-@pytest.mark.parametrize("rank", [16, 100])  # the two fixed tiles: r <= 64 and r > 64
+@pytest.mark.parametrize("rank", [16, 100])  # in fp32 on an H100 two different tiles: 64x128 and 64x64
 def test_gpu_launch_branch_with_a_fixed_tile(rank, monkeypatch):
-    # The fused-GEMM launch a GPU takes with RELORA_KERNELS_AUTOTUNE=0 (Hopper-sized tiles, launch options), run
-    # through the interpreter, which otherwise uses its own small tile: checks that branch's grid and arguments.
+    # The fused-GEMM launch a GPU takes with RELORA_KERNELS_AUTOTUNE=0 (the first tile that fits an H100's shared
+    # memory, launch options), run through the interpreter, which otherwise uses its own small tile: checks that
+    # branch's selection, grid and arguments.
     from relora_kernels.kernels import lora_linear as kernels
 
     monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: H100_SHARED_MEMORY)
     monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", "0")
     # M, N past one 128 tile and not multiples of it, K not a multiple of 64: several programs, masked edges.
     x, weight, lora_a, lora_b, bias = make_inputs((150,), 70, 139, rank, torch.float32).values()
@@ -242,3 +244,38 @@ def test_gpu_launch_branch_with_a_fixed_tile(rank, monkeypatch):
                                             both(reference, torch.float64), both(reference, torch.float32),
                                             strict=True):
         assert_within_torch_error(name, got, exact, same_dtype)
+
+
+H100_SHARED_MEMORY, A100_SHARED_MEMORY, RTX4090_SHARED_MEMORY = 232448, 166912, 101376
+
+
+@pytest.mark.parametrize("limit", [H100_SHARED_MEMORY, A100_SHARED_MEMORY, RTX4090_SHARED_MEMORY])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_tiles_are_chosen_to_fit_the_gpu_shared_memory(limit, dtype, monkeypatch):
+    # Every kernel has a tile at every rank up to MAX_RANK on every GPU of 99 KiB or more, and the selection keeps
+    # exactly the tiles whose estimate fits, in their order of preference. (That the estimates bound what Triton
+    # really allocates is checked by benchmarks/test_gpu_build.py, which compiles for sm_80-sm_90.)
+    from relora_kernels.kernels import lora_linear as kernels
+
+    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: limit)
+    lists = [(kernels._MATMUL_CONFIGS, kernels._matmul_shared_bytes),
+             (kernels._SHRINK_CONFIGS, kernels._shrink_shared_bytes),
+             (kernels._GRAD_AB_CONFIGS, kernels._grad_ab_shared_bytes)]
+    for rank_block in (16, 32, 64, 128, kernels.MAX_RANK):
+        for configs, shared_bytes in lists:
+            chosen = kernels._fitting(configs, shared_bytes, rank_block, dtype)
+            expected = [c for c in configs if shared_bytes(c, rank_block, dtype.itemsize) <= limit]
+            assert chosen == expected and chosen, (configs, rank_block)
+    # On an H100 in bf16 the preferred Hopper-sized tiles stay in at the common ranks.
+    if limit == H100_SHARED_MEMORY and dtype == torch.bfloat16:
+        for rank_block in (16, 64):
+            assert kernels._fitting(kernels._MATMUL_CONFIGS, kernels._matmul_shared_bytes, rank_block,
+                                    dtype)[:3] == kernels._MATMUL_CONFIGS[:3]
+
+
+def test_no_tile_fits_names_the_limit_and_the_way_out(monkeypatch):
+    from relora_kernels.kernels import lora_linear as kernels
+
+    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: 16 * 1024)
+    with pytest.raises(RuntimeError, match=r"16384 bytes of shared memory.*r <= 256.*RELORA_KERNELS_BACKEND"):
+        kernels._fitting(kernels._MATMUL_CONFIGS, kernels._matmul_shared_bytes, 256, torch.float32)

@@ -22,6 +22,7 @@ and accept any strides. Limits: r <= MAX_RANK (the low-rank tiles live in regist
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -311,23 +312,87 @@ def _grad_ab_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Configurations. Under the interpreter, one small config (it runs one program at a time on the CPU); on a GPU
-# the fused GEMM is autotuned over Hopper-class tiles (it writes a fresh output, so re-running it is safe) and
-# the in-place-accumulating grad kernel uses one fixed config (never autotune an atomic kernel blindly).
+# Configurations. Under the interpreter, one small tile (it runs one program at a time on the CPU). On a GPU, tiles
+# are chosen to fit the device's shared memory (227 KiB per block on an H100, 163 KiB on an A100, 99 KiB on an RTX
+# 4090): the low-rank tiles grow with r, so a tile that fits at r = 16 may not at r = 256. The estimates below are
+# what Triton allocates (exactly, for the fused GEMM) or bound it from above; `python -m benchmarks.gpu_build`
+# compiles every launch for sm_80/86/89/90 without a GPU and checks them. The fused GEMM is autotuned over the tiles
+# that fit (it writes a fresh output, so re-running it is safe); the grad kernel, which accumulates with atomics,
+# and the shrink use the first tile of their list that fits (never autotune an atomic kernel blindly).
 # ---------------------------------------------------------------------------------------------------------------
 
 _INTERPRETER_BLOCK = 32
 
+# In order of preference for a fixed tile (RELORA_KERNELS_AUTOTUNE=0); Hopper-sized first, the last fits anywhere
+# (r = 256 in fp32 on a 99 KiB GPU). Guesses, not yet measured on a GPU.
 _MATMUL_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
     triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=2, num_warps=4),
+]
+# The autotuner tries the first few that fit (each costs a compile and a timing per new shape), the small last-resort
+# tiles only where the large ones do not fit.
+_AUTOTUNED_TILES = 6
+_SHRINK_CONFIGS = [
+    {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+]
+_GRAD_AB_CONFIGS = [
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},  # fp32 at r = 256, 99-163 KiB
 ]
 
-_fused_matmul_autotuned = triton.autotune(configs=_MATMUL_CONFIGS, key=["M", "N", "K", "R"])(_fused_matmul_kernel)
+
+def _matmul_shared_bytes(config: triton.Config, rank_block: int, element_size: int) -> int:
+    """The fused GEMM's shared memory: the x and W tiles of every pipeline stage, plus the (BLOCK_M, r) and
+    (r, BLOCK_N) low-rank tiles of the accumulator init."""
+    block_m, block_n, block_k = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return element_size * (config.num_stages * (block_m + block_n) * block_k + rank_block * (block_m + block_n))
+
+
+def _shrink_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
+    """The shrink's: the x and A tiles of every stage."""
+    return element_size * config["num_stages"] * (config["BLOCK_M"] + rank_block) * config["BLOCK_K"]
+
+
+def _grad_ab_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
+    """The grad kernel's: the dy and B tiles of every stage, plus S, dS and dS.T, each (BLOCK_M, r)."""
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    return element_size * (config["num_stages"] * (block_m + rank_block) * block_n + 3 * block_m * rank_block)
+
+
+@functools.cache
+def _device_shared_memory(device: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
+
+
+def _shared_memory_limit() -> int:
+    """Shared memory one block may use on the device Triton launches on (the current one)."""
+    return _device_shared_memory(triton.runtime.driver.active.get_current_device())
+
+
+def _fitting(configs, shared_bytes, rank_block: int, dtype: torch.dtype) -> list:
+    """The configs whose estimated shared memory fits the device, in their order of preference."""
+    limit, element_size = _shared_memory_limit(), dtype.itemsize
+    fitting = [c for c in configs if shared_bytes(c, rank_block, element_size) <= limit]
+    if not fitting:  # the last config of each list fits 99 KiB at r = 256 in fp32: only a tiny GPU gets here
+        raise RuntimeError(f"no tile of the LoRA kernels fits this GPU's {limit} bytes of shared memory per block "
+                           f"at r <= {rank_block} in {dtype}; use a smaller rank or RELORA_KERNELS_BACKEND=reference")
+    return fitting
+
+
+@functools.cache
+def _autotuned_matmul(configs: tuple[triton.Config, ...]):
+    """One autotuner per set of fitting tiles (it keeps its own choices per shape)."""
+    return triton.autotune(configs=list(configs), key=["M", "N", "K", "R"])(_fused_matmul_kernel)
 
 
 def _autotune() -> bool:
@@ -336,22 +401,16 @@ def _autotune() -> bool:
     return os.environ.get("RELORA_KERNELS_AUTOTUNE", "1") != "0"
 
 
-def _fixed_matmul_config(rank_block: int) -> triton.Config:
-    """The tile used when autotuning is off: a guess, not yet measured; a smaller one past r = 64 so that the
-    (BLOCK_M, r) and (r, BLOCK_N) low-rank tiles fit in shared memory beside the pipelined K loop."""
-    return _MATMUL_CONFIGS[2] if rank_block <= 64 else _MATMUL_CONFIGS[4]
-
-
-def _shrink_config(rank_block: int) -> dict:
+def _shrink_config(rank_block: int, dtype: torch.dtype) -> dict:
     if _interpreting():
         return {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_K": _INTERPRETER_BLOCK}
-    return {"BLOCK_M": 64, "BLOCK_K": 128 if rank_block <= 64 else 64, "num_warps": 4, "num_stages": 3}
+    return _fitting(_SHRINK_CONFIGS, _shrink_shared_bytes, rank_block, dtype)[0]
 
 
-def _grad_ab_config(rank_block: int) -> dict:
+def _grad_ab_config(rank_block: int, dtype: torch.dtype) -> dict:
     if _interpreting():
         return {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK, "BLOCK_K": _INTERPRETER_BLOCK}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    return _fitting(_GRAD_AB_CONFIGS, _grad_ab_shared_bytes, rank_block, dtype)[0]
 
 
 def _dropout_args(dropout_p: float, seed: torch.Tensor | None, fallback: torch.Tensor) -> dict:
@@ -379,7 +438,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: t
     shrunk = torch.empty((M, R), device=x.device, dtype=x.dtype)
     if M == 0:
         return shrunk
-    cfg = _shrink_config(_block_rank(R))
+    cfg = _shrink_config(_block_rank(R), x.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     traceable(_shrink_kernel)[grid](
         x, lora_a, shrunk,
@@ -415,15 +474,18 @@ def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed):
         block = _INTERPRETER_BLOCK
         grid = (triton.cdiv(M, block) * triton.cdiv(N, block),)
         traceable(_fused_matmul_kernel)[grid](**args, BLOCK_M=block, BLOCK_N=block, BLOCK_K=block, GROUP_M=4)
-    elif _autotune():
-        def grid(cfg):
-            return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-
-        traceable(_fused_matmul_autotuned)[grid](**args)
     else:
-        cfg = _fixed_matmul_config(args["BLOCK_R"])
-        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
-        traceable(_fused_matmul_kernel)[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        tiles = _fitting(_MATMUL_CONFIGS, _matmul_shared_bytes, args["BLOCK_R"], lhs.dtype)
+        if _autotune():
+            def grid(cfg):
+                return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+
+            traceable(_autotuned_matmul(tuple(tiles[:_AUTOTUNED_TILES])))[grid](**args)
+        else:
+            cfg = tiles[0]
+            grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
+            traceable(_fused_matmul_kernel)[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                  num_stages=cfg.num_stages)
     return out
 
 
@@ -450,7 +512,7 @@ def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lo
     to run, at the cost of SPLITS x (N + K) x r x 4 bytes of scratch).
     """
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
-    cfg = _grad_ab_config(_block_rank(R))
+    cfg = _grad_ab_config(_block_rank(R), x.dtype)
     programs = triton.cdiv(M, cfg["BLOCK_M"])
     splits = max(programs, 1) if deterministic else 1
     dev = x.device

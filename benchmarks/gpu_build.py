@@ -1,0 +1,264 @@
+"""Build every kernel launch for a GPU architecture on a machine without one, and report what each build needs.
+
+    python -m benchmarks.gpu_build                                  # sm_90 (H100/H200), bf16, r = 16, 64, 128, 256
+    python -m benchmarks.gpu_build --arch 80 86 89 90 --dtypes bf16 fp16 fp32 --out DIR
+    python -m benchmarks.gpu_build --ranks 16 --json build.json     # what the CI test runs
+
+The real launchers (kernels/lora_linear.py, kernels/merge.py) are called on CPU tensors with Triton's driver
+replaced by a stand-in that names the target GPU, and with every launch turned into Triton's `warmup` (compile, never
+run). Each kernel is therefore built exactly as the launcher would build it on that GPU (the same constexprs and tiles,
+the same specialisation of the arguments on alignment and divisibility by 16), through the installed Triton's own
+compiler, LLVM and ptxas. For each build the report gives the shared memory it needs against the architecture's
+per-block limit, its registers, its local memory (register spills) and, on sm_90, whether the GEMMs run on Hopper's
+wgmma. It catches without a GPU a kernel that does not compile for the target with this Triton, or a tile that could
+not launch there; it measures no speed. Exit status 1 when a build fails or a launch would exceed the shared memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Triton reads this when it is first imported: the kernels must be JIT functions here, not interpreted ones.
+os.environ["TRITON_INTERPRET"] = "0"
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+from unittest import mock  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+from relora_kernels.kernels import lora_linear, merge  # noqa: E402
+
+# Largest shared memory one block may opt into, per compute capability (CUDA C programming guide, "Technical
+# Specifications per Compute Capability"): A100 and Orin 163 KB, consumer Ampere/Ada 99 KB, H100/H200 227 KB.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# A realistic layer's specialisation (every size and stride divisible by 16), small enough to allocate on a CPU.
+TOKENS, IN_FEATURES, OUT_FEATURES = 512, 768, 640
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK", "GROUP_M")
+_VARIANT_KEYS = ("HAS_BIAS", "APPLY_DROPOUT", "HAS_BIAS_GRAD", "DETERMINISTIC")
+
+
+class _StandInDriver:
+    """The part of Triton's driver that compiling needs: the target, device 0, its stream and its shared memory."""
+
+    def __init__(self, capability: int):
+        self.target = GPUTarget("cuda", capability, 32)
+        properties = {"max_shared_mem": SHARED_MEMORY_LIMIT[capability]}
+        self.utils = SimpleNamespace(get_device_properties=lambda device: properties)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+class _BuildOnly:
+    """Stands in for `traceable(kernel)`: `[grid](**kwargs)` compiles the launch (every config of an autotuned
+    kernel) with Triton's warmup and records each build, instead of running anything."""
+
+    def __init__(self, kernel, record):
+        self.kernel, self.record = kernel, record
+
+    def __getitem__(self, grid):
+        def build(*args, **kwargs):
+            autotuned = isinstance(self.kernel, Autotuner)
+            configs, jit = (self.kernel.configs, self.kernel.fn) if autotuned else (None, self.kernel)
+            for config in configs or [None]:
+                options = config.all_kwargs() if config is not None else {}
+                start = time.perf_counter()
+                compiled = jit.warmup(*args, grid=grid, **kwargs, **options)
+                self.record(jit.__name__, {**kwargs, **options}, compiled, time.perf_counter() - start,
+                            "autotune" if configs else "fixed")
+
+        return build
+
+
+def _resources(compiled) -> dict:
+    """Registers and local memory per thread from the cubin (cuobjdump ships with Triton's NVIDIA backend)."""
+    cuobjdump = Path(triton.knobs.nvidia.ptxas.path).with_name("cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    registers, stack, local = (int(g) for g in found.groups()) if found else (None, None, None)
+    return {"registers": registers, "local_bytes": local, "stack_bytes": stack}
+
+
+def _estimated_shared(kernel: str, kwargs: dict, num_stages: int, element_size: int) -> int | None:
+    """What the launcher estimated for this build when it chose the tile (None: a kernel chosen without one)."""
+    config, rank_block = {**kwargs, "num_stages": num_stages}, kwargs.get("BLOCK_R")
+    if kernel == "_fused_matmul_kernel":
+        return lora_linear._matmul_shared_bytes(triton.Config(kwargs, num_stages=num_stages), rank_block, element_size)
+    if kernel == "_shrink_kernel":
+        return lora_linear._shrink_shared_bytes(config, rank_block, element_size)
+    if kernel == "_grad_ab_kernel":
+        return lora_linear._grad_ab_shared_bytes(config, rank_block, element_size)
+    return None
+
+
+def _drive_launchers(dtype: torch.dtype, rank: int) -> None:
+    """Every launcher, in every variant a training step or a ReLoRA restart uses (on CPU tensors: nothing runs)."""
+    x = torch.zeros(TOKENS, IN_FEATURES, dtype=dtype)
+    weight = torch.zeros(OUT_FEATURES, IN_FEATURES, dtype=dtype)
+    lora_a, lora_b = torch.zeros(rank, IN_FEATURES, dtype=dtype), torch.zeros(OUT_FEATURES, rank, dtype=dtype)
+    bias, grad_y = torch.zeros(OUT_FEATURES, dtype=dtype), torch.zeros(TOKENS, OUT_FEATURES, dtype=dtype)
+    shrunk, seed = torch.zeros(TOKENS, rank, dtype=dtype), torch.tensor(1234)
+    for dropout_p in (0.0, 0.1):
+        lora_linear.lora_shrink(x, lora_a, dropout_p, seed)
+        lora_linear.lora_input_grad(grad_y, weight, shrunk, lora_a, dropout_p, seed)
+    for with_bias in (bias, None):
+        lora_linear.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, with_bias)
+    lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.1, seed, need_bias_grad=True)
+    lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.0, None, need_bias_grad=False, deterministic=True)
+    merge.merge_lora_weight_(weight, lora_a, lora_b, 2.0)
+    merge.reinit_lora_(lora_a, lora_b, 1234)
+
+
+def build_all(capability: int, dtype_name: str, rank: int) -> list[dict]:
+    """Build every launch for one (architecture, dtype, rank); one row per distinct build, with its resources."""
+    builds: dict[str, dict] = {}
+
+    def record(kernel, kwargs, compiled, seconds, path):
+        key = compiled.hash
+        if key in builds:  # Triton's cache returned an earlier build: the same kernel reached another way
+            builds[key]["paths"] = sorted(set(builds[key]["paths"]) | {path})
+            return
+        meta = compiled.metadata
+        builds[key] = {
+            "arch": f"sm_{capability}", "dtype": dtype_name, "r": rank, "kernel": kernel.lstrip("_"),
+            "variant": " ".join(k.lower() for k in _VARIANT_KEYS if kwargs.get(k)) or "-",
+            "tile": {k: kwargs[k] for k in _TILE_KEYS if k in kwargs},
+            "num_warps": meta.num_warps, "num_stages": meta.num_stages, "paths": [path],
+            "shared_bytes": meta.shared, "shared_limit": SHARED_MEMORY_LIMIT[capability],
+            "shared_estimate": _estimated_shared(kernel, kwargs, meta.num_stages, DTYPES[dtype_name].itemsize),
+            "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "compile_s": round(seconds, 2),
+            **_resources(compiled),
+        }
+
+    def build_only(kernel):
+        return _BuildOnly(kernel, record)
+
+    with contextlib.ExitStack() as stack:
+        for module in (lora_linear, merge):
+            stack.enter_context(mock.patch.object(module, "traceable", build_only))
+        # For good: a machine without a GPU has no driver to go back to (main runs each job in a worker process).
+        driver.set_active(_StandInDriver(capability))
+        for autotune in ("1", "0"):  # the autotuned configs, then the fixed tile of RELORA_KERNELS_AUTOTUNE=0
+            with mock.patch.dict(os.environ, {"RELORA_KERNELS_AUTOTUNE": autotune}):
+                _drive_launchers(DTYPES[dtype_name], rank)
+    return list(builds.values())
+
+
+def problems(rows: list[dict]) -> list[str]:
+    """What would fail on the GPU: a launch over the shared-memory limit (it raises OutOfResources), or an estimate
+    below what Triton allocates (a tile the launcher thinks fits might not, on some other GPU)."""
+    found = []
+    for row in rows:
+        build = f"{row['arch']} {row['dtype']} r={row['r']} {row['kernel']} {row['variant']} {_tile(row)}"
+        if row["shared_bytes"] > row["shared_limit"]:
+            found.append(f"{build}: would not launch, {row['shared_bytes']} B shared > {row['shared_limit']} B")
+        if row["shared_estimate"] is not None and row["shared_bytes"] > row["shared_estimate"]:
+            found.append(f"{build}: estimate too low, {row['shared_bytes']} B shared > {row['shared_estimate']} B")
+    return found
+
+
+def _tile(row: dict) -> str:
+    tile = "x".join(str(v) for k, v in row["tile"].items() if k not in ("BLOCK_R", "GROUP_M"))
+    return f"{tile} w{row['num_warps']} s{row['num_stages']}"
+
+
+def _kib(size: int | None) -> str:
+    return "-" if size is None else f"{size / 1024:.0f}"
+
+
+def markdown(rows: list[dict], environment: dict) -> str:
+    lines = [
+        "# Kernel builds per GPU architecture (compiled on a CPU machine, never run: no timings)",
+        "",
+        "| " + " | ".join(f"{k}: {v}" for k, v in environment.items()) + " |",
+        "",
+        "| arch | dtype | r | kernel | variant | tile (MxNxK or block) | path | shared KiB / estimate / limit | regs "
+        "| local B | wgmma |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        flag = "" if row["shared_bytes"] <= row["shared_limit"] else " **over**"
+        lines.append(
+            f"| {row['arch']} | {row['dtype']} | {row['r']} | {row['kernel']} | {row['variant']} | {_tile(row)} "
+            f"| {'+'.join(row['paths'])} | {row['shared_bytes'] / 1024:.0f} / {_kib(row['shared_estimate'])} / "
+            f"{row['shared_limit'] / 1024:.0f}{flag} "
+            f"| {row['registers']} | {row['local_bytes']} | {'yes' if row['wgmma'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _build_job(job):
+    return build_all(*job)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_MEMORY_LIMIT),
+                        help="compute capabilities (90 = H100/H200, 80 = A100, 89 = RTX 4090 / L4 / L40)")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=list(DTYPES))
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64, 128, 256])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="build processes (default: one per core)")
+    parser.add_argument("--out", type=Path, help="folder for gpu_build.md and gpu_build.json (else: table to stdout)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    bad_ranks = [r for r in args.ranks if not 1 <= r <= lora_linear.MAX_RANK]
+    if bad_ranks:
+        parser.error(f"--ranks {bad_ranks}: each must be in 1..{lora_linear.MAX_RANK}")
+
+    from .harness import git_commit
+
+    environment = {
+        "triton": triton.__version__, "torch": torch.__version__, "commit": git_commit(),
+        "shape": f"M={TOKENS} K={IN_FEATURES} N={OUT_FEATURES}", "command": "python -m benchmarks.gpu_build "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    jobs = [(arch, dtype, rank) for arch in args.arch for dtype in args.dtypes for rank in args.ranks]
+    start = time.perf_counter()
+    # One process per job: Triton keeps the target of device 0 per kernel for the life of a process.
+    with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(jobs))), max_tasks_per_child=1) as pool:
+        rows = [row for job_rows in pool.map(_build_job, jobs) for row in job_rows]
+    print(f"{len(rows)} builds for {len(jobs)} (arch, dtype, rank) in {time.perf_counter() - start:.0f} s",
+          file=sys.stderr)
+
+    table = markdown(rows, environment)
+    payload = json.dumps({**environment, "rows": rows}, indent=1)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_build.md").write_text(table)
+        (args.out / "gpu_build.json").write_text(payload)
+    else:
+        print(table)
+    if args.json:
+        args.json.write_text(payload)
+    failures = problems(rows)
+    for failure in failures:
+        print(failure, file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""benchmarks/gpu_build.py: every kernel launch compiles for a real GPU with the installed Triton, and fits it.
+
+Runs the tool in a subprocess (it needs Triton without the interpreter, which this test process has switched on) for
+the largest low-rank tiles (r = 256) on an H100 (sm_90, wgmma) and the common r = 16 on an A100 (sm_80, mma).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GEMM_KERNELS = {"fused_matmul_kernel", "shrink_kernel", "grad_ab_kernel", "merge_kernel"}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_build") / "builds.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    runs = [
+        subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_build", "--arch", arch, "--ranks", rank, "--jobs", "1",
+                          "--json", str(out.with_suffix(f".{arch}.json"))],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for arch, rank in (("90", "256"), ("80", "16"))
+    ]
+    for run in runs:
+        _, stderr = run.communicate(timeout=900)
+        assert run.returncode == 0, f"{run.args}: exit {run.returncode}\n{stderr[-4000:]}"
+    return [row for arch in ("90", "80") for row in json.loads(out.with_suffix(f".{arch}.json").read_text())["rows"]]
+
+
+def test_every_kernel_is_built_for_each_architecture(builds):
+    for arch in ("sm_90", "sm_80"):
+        kernels = {row["kernel"] for row in builds if row["arch"] == arch}
+        assert kernels == GEMM_KERNELS | {"reinit_kernel"}, arch
+        variants = {row["variant"] for row in builds if row["arch"] == arch and row["kernel"] == "grad_ab_kernel"}
+        assert variants == {"apply_dropout has_bias_grad", "deterministic"}
+
+
+def test_launches_fit_shared_memory_and_estimates_bound_it(builds):
+    for row in builds:
+        assert row["shared_bytes"] <= row["shared_limit"], row
+        if row["kernel"] != "reinit_kernel" and row["kernel"] != "merge_kernel":
+            assert row["shared_bytes"] <= row["shared_estimate"], row
+
+
+def test_hopper_builds_run_the_gemms_on_wgmma(builds):
+    # Hopper's tensor-core instruction: a change that pushed a GEMM back to the older mma path would show here.
+    # (A warpgroup's wgmma covers 64 rows: the last-resort 32-row tile cannot use it.)
+    for row in builds:
+        if row["arch"] == "sm_90" and row["kernel"] in GEMM_KERNELS and row["tile"].get("BLOCK_M", 64) >= 64:
+            assert row["wgmma"], row
+
+
+def test_autotuned_and_fixed_paths_are_both_built(builds):
+    matmul = [row for row in builds if row["kernel"] == "fused_matmul_kernel" and row["arch"] == "sm_90"]
+    assert any("fixed" in row["paths"] for row in matmul)
+    assert len({(tuple(row["tile"].items()), row["num_stages"], row["num_warps"]) for row in matmul}) >= 3

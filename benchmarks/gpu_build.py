@@ -112,6 +112,8 @@ def _estimated_shared(kernel: str, kwargs: dict, num_stages: int, element_size: 
         return lora_linear._shrink_shared_bytes(config, rank_block, element_size)
     if kernel == "_grad_ab_kernel":
         return lora_linear._grad_ab_shared_bytes(config, rank_block, element_size)
+    if kernel == "_merge_kernel":
+        return merge._merge_shared_bytes(config, rank_block, element_size)
     return None
 
 

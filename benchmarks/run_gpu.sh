@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/run_gpu.sh [DIR] [sweep options...]     e.g. bash benchmarks/run_gpu.sh "$OUT" --quick
 #
-# DIR defaults to $OUT, else benchmarks/results/. It receives 6 files: <gpu>.json, <gpu>.md, <gpu>_speedup.png,
-# <gpu>_vs_floor.png, pytest_gpu.txt (summary of `pytest tests -m gpu`) and sweep.log. <gpu> is the short device
+# DIR defaults to $OUT, else benchmarks/results/. It receives 8 files: <gpu>.json, <gpu>.md, <gpu>_speedup.png,
+# <gpu>_vs_floor.png, pytest_gpu.txt (summary of `pytest tests -m gpu`), sweep.log, gpu_build.md and gpu_build.json
+# (the kernel builds for this GPU). <gpu> is the short device
 # name (h100 for "NVIDIA H100 80GB HBM3"). Where the checkout has no .git, set RELORA_BENCH_COMMIT to the commit.
 # Where one command may run at most 10 minutes (the device tool), split it in two calls:
 #   GPU_TESTS=only bash benchmarks/run_gpu.sh "$OUT"      then      GPU_TESTS=skip bash benchmarks/run_gpu.sh "$OUT"
@@ -21,6 +22,18 @@ mkdir -p "$out"
 name=$("$py" -c "import torch; from benchmarks.harness import device_name, device_slug
 print(device_slug(device_name(torch.device('cuda'))))")
 start=$SECONDS
+
+# 0. Every kernel launch the run makes (each dtype, r up to 256, autotuned tiles and fixed ones), compiled on all
+#    cores into Triton's cache, with their resources in gpu_build.md/.json. Without it the autotuner compiles its
+#    tiles one after another inside the first calls: minutes on a fresh machine.
+capability=$("$py" -c "import torch; major, minor = torch.cuda.get_device_capability(); print(10 * major + minor)")
+if "$py" -m benchmarks.gpu_build --arch "$capability" --dtypes bf16 fp16 fp32 --ranks 16 32 64 128 256 \
+        --out "$out" > "$out/gpu_build.log" 2>&1; then
+    echo "kernels built for sm_$capability in $((SECONDS - start)) s (gpu_build.md)"
+else
+    echo "gpu_build for sm_$capability failed or found a problem (not fatal here): $(tail -n 3 "$out/gpu_build.log")"
+fi
+rm -f "$out/gpu_build.log"
 
 # 1. The GPU tests (realistic shapes, bf16). A failure is recorded; the benchmarks still run.
 tests_rc=0

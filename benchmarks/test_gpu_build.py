@@ -43,7 +43,7 @@ def test_every_kernel_is_built_for_each_architecture(builds):
 def test_launches_fit_shared_memory_and_estimates_bound_it(builds):
     for row in builds:
         assert row["shared_bytes"] <= row["shared_limit"], row
-        if row["kernel"] != "reinit_kernel" and row["kernel"] != "merge_kernel":
+        if row["kernel"] != "reinit_kernel":  # no shared memory to speak of: not estimated
             assert row["shared_bytes"] <= row["shared_estimate"], row
 
 

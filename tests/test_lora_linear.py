@@ -256,11 +256,13 @@ def test_tiles_are_chosen_to_fit_the_gpu_shared_memory(limit, dtype, monkeypatch
     # exactly the tiles whose estimate fits, in their order of preference. (That the estimates bound what Triton
     # really allocates is checked by benchmarks/test_gpu_build.py, which compiles for sm_80-sm_90.)
     from relora_kernels.kernels import lora_linear as kernels
+    from relora_kernels.kernels import merge
 
     monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: limit)
     lists = [(kernels._MATMUL_CONFIGS, kernels._matmul_shared_bytes),
              (kernels._SHRINK_CONFIGS, kernels._shrink_shared_bytes),
-             (kernels._GRAD_AB_CONFIGS, kernels._grad_ab_shared_bytes)]
+             (kernels._GRAD_AB_CONFIGS, kernels._grad_ab_shared_bytes),
+             (merge._MERGE_CONFIGS, merge._merge_shared_bytes)]
     for rank_block in (16, 32, 64, 128, kernels.MAX_RANK):
         for configs, shared_bytes in lists:
             chosen = kernels._fitting(configs, shared_bytes, rank_block, dtype)

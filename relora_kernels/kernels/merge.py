@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..reference import DROPOUT_BITS
-from .lora_linear import MAX_RANK, _block_rank, _interpreting, traceable
+from .lora_linear import MAX_RANK, _block_rank, _fitting, _interpreting, traceable
 
 _RANDOM_SHIFT = tl.constexpr(32 - DROPOUT_BITS)
 _INV_RANDOM_RANGE = tl.constexpr(1.0 / (1 << DROPOUT_BITS))
@@ -88,11 +88,24 @@ def _reinit_kernel(
         tl.store(b_ptr + row * stride_bn + col * stride_br, zeros, mask=offs < N * R)
 
 
-def _merge_config() -> dict:
+# A memory-bound stream over W: 64x128 tiles keep enough loads in flight; where the fp32 copies of the A and B tiles
+# do not fit the GPU's shared memory (r = 256 in fp32 below an H100), a smaller tile.
+_MERGE_CONFIGS = [
+    {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8},
+    {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4},
+]
+
+
+def _merge_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
+    """The fp32 copies of the (BLOCK_N, r) and (r, BLOCK_K) tiles whatever W's dtype (`element_size` is not used),
+    r counted as at least 32 since the dot pads smaller operands."""
+    return 4 * max(rank_block, 32) * (config["BLOCK_N"] + config["BLOCK_K"])
+
+
+def _merge_config(rank_block: int, dtype: torch.dtype) -> dict:
     if _interpreting():
         return {"BLOCK_N": 32, "BLOCK_K": 32}
-    # A memory-bound stream over W: 64x128 tiles keep enough loads in flight; r <= 256 keeps B and A in registers.
-    return {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8}
+    return _fitting(_MERGE_CONFIGS, _merge_shared_bytes, rank_block, dtype)[0]
 
 
 def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
@@ -102,7 +115,7 @@ def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
         raise ValueError(f"lora_a has r = {R} rows; the Triton kernels support r <= {MAX_RANK}")
     if weight.numel() == 0:
         return
-    cfg = _merge_config()
+    cfg = _merge_config(_block_rank(R), weight.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
     # fp32 weights get full fp32 products; 16-bit factors are exact in tf32 (see the module docstring).
     precision = "ieee" if lora_a.dtype == torch.float32 else "tf32"

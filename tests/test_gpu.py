@@ -70,7 +70,9 @@ def test_dropout_needs_no_extra_activation_memory(kernel_calls):
         torch.cuda.synchronize()
         peaks[p] = torch.cuda.max_memory_allocated() - base
         del x, lora_a, lora_b, y
-    assert peaks[0.1] <= peaks[0.0], peaks
+    # All that p > 0 may add is the 0-d seed tensor the backward reads (one 512-byte block of the caching
+    # allocator); a stored mask would be 32 MiB even as bool.
+    assert peaks[0.1] - peaks[0.0] <= 512, peaks
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -88,9 +90,13 @@ def test_merge_and_reinit_at_4096_on_gpu(dtype, triton_backend):
                                                            torch.randn(4096, 16) / 4))
     expected = reference.merged_weight(weight, lora_a, lora_b, 2.0)
     rk.merge_and_reinit_(weight, lora_a, lora_b, 2.0, seed=4)
-    # Both round once from fp32 sums of 16 exact products: at most one ulp apart, almost always equal.
-    assert (weight == expected).double().mean() > 0.999
-    torch.testing.assert_close(weight, expected, rtol=torch.finfo(dtype).eps, atol=0.0)
+    if dtype == torch.float32:
+        # fp32 products are not exact, so the kernel's and cuBLAS's sums of 16 of them may round apart.
+        torch.testing.assert_close(weight, expected, rtol=2e-6, atol=1e-6)
+    else:
+        # Both round once from fp32 sums of 16 exact products: at most one ulp apart, almost always equal.
+        assert (weight == expected).double().mean() > 0.999
+        torch.testing.assert_close(weight, expected, rtol=torch.finfo(dtype).eps, atol=0.0)
     assert torch.equal(lora_a, reference.reinit_uniform(4, 16, 4096, device="cuda").to(dtype))
     assert not lora_b.any()
 

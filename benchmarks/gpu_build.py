@@ -24,6 +24,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import platform  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -196,7 +197,9 @@ def markdown(rows: list[dict], environment: dict) -> str:
     lines = [
         "# Kernel builds per GPU architecture (compiled on a CPU machine, never run: no timings)",
         "",
-        "| " + " | ".join(f"{k}: {v}" for k, v in environment.items()) + " |",
+        *(f"- {key}: {value}" for key, value in environment.items()),
+        f"- {len(rows)} builds; launches over the shared-memory limit or above their estimate: "
+        + ("; ".join(problems(rows)) or "none"),
         "",
         "| arch | dtype | r | kernel | variant | tile (MxNxK or block) | path | shared KiB / estimate / limit | regs "
         "| local B | wgmma |",
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     from .harness import git_commit
 
     environment = {
+        "built on": f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU (Triton's compiler and ptxas only)",
         "triton": triton.__version__, "torch": torch.__version__, "commit": git_commit(),
         "shape": f"M={TOKENS} K={IN_FEATURES} N={OUT_FEATURES}", "command": "python -m benchmarks.gpu_build "
         + " ".join(argv if argv is not None else sys.argv[1:]),

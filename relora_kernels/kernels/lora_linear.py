@@ -317,9 +317,9 @@ def _grad_ab_kernel(
 # 4090): the low-rank tiles grow with r, so a tile that fits at r = 16 may not at r = 256. The estimates below bound
 # what Triton allocates from above (exactly, for the fused GEMM on sm_90; 1.25-2.5x over on sm_8x):
 # `python -m benchmarks.gpu_build` compiles every launch for sm_80/86/89/90 without a GPU and checks them (so does
-# CI, for sm_90 and sm_80). The fused GEMM is autotuned over the tiles
-# that fit (it writes a fresh output, so re-running it is safe); the grad kernel, which accumulates with atomics,
-# and the shrink use the first tile of their list that fits (never autotune an atomic kernel blindly).
+# CI, for sm_90 and sm_80). The fused GEMM is autotuned over the tiles that fit (it writes a fresh output, so
+# re-running it is safe); the grad kernel, which accumulates with atomics, the shrink and the merge use the first
+# tile of their list that fits (never autotune an atomic or in-place kernel blindly).
 # ---------------------------------------------------------------------------------------------------------------
 
 _INTERPRETER_BLOCK = 32

@@ -124,8 +124,8 @@ def lora_grid(grid: str) -> list[LoraCase]:
     if grid == "smoke":
         return [dataclasses.replace(SMOKE, mode=mode, p=p) for p in (0.0, 0.1) for mode in MODES]
     headline_modes = [dataclasses.replace(HEADLINE, mode=mode) for mode in MODES]
-    if grid == "quick":
-        return headline_modes + [
+    if grid == "quick":  # the headline first: a sweep runs the quick grid's cases before the rest
+        return [HEADLINE, *(c for c in headline_modes if c != HEADLINE)] + [
             dataclasses.replace(HEADLINE, p=0.0),
             dataclasses.replace(HEADLINE, K=768, N=3072, layer="gpt2-124m.fc"),
             dataclasses.replace(HEADLINE, K=4096, N=11008, layer="llama-7b.up"),

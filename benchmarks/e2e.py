@@ -17,6 +17,7 @@ import argparse
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,8 +69,32 @@ def build_model(config: str, model_config: GPTConfig, r: int, p: float, device: 
     return model
 
 
+@dataclass(frozen=True)
+class PretrainCase:
+    """The end-to-end case as the sweep plans it: one training step of `model`, one row per configuration."""
+
+    model: str
+    op: str = "pretrain"
+    mode: str = "train_step"
+
+    def row(self) -> dict:
+        return {"op": self.op, "mode": self.mode, "model": self.model}
+
+    def label(self) -> str:
+        return f"pretrain {self.model}"
+
+
+def case(smoke: bool) -> PretrainCase:
+    return PretrainCase("smoke-tiny" if smoke else MODEL)
+
+
 def run(device: torch.device, smoke: bool, configs=CONFIGS) -> list[dict]:
-    """One row per configuration: op pretrain, the step time's median / p20 / p80, tokens_per_s, peak_mem_mb."""
+    """One row per configuration (see run_config)."""
+    return [run_config(config, device, smoke) for config in configs]
+
+
+def run_config(config: str, device: torch.device, smoke: bool) -> dict:
+    """The row of one configuration: op pretrain, the step time's median / p20 / p80, tokens_per_s, peak_mem_mb."""
     setup = SMOKE_SETUP if smoke else GPU_SETUP
     shape = SMOKE_MODEL if smoke else PRESETS[MODEL]
     model_config = GPTConfig(vocab_size=setup["vocab_size"], **shape)
@@ -78,21 +103,18 @@ def run(device: torch.device, smoke: bool, configs=CONFIGS) -> list[dict]:
     batch = torch.randint(model_config.vocab_size, (setup["batch_size"], model_config.block_size + 1),
                           generator=generator).to(device)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    rows = []
-    for config in configs:
-        lora = config != "full_eager"
-        row = {"op": "pretrain", "provider": config, "mode": "train_step", "model": "smoke-tiny" if smoke else MODEL,
-               "M": tokens, "r": setup["r"] if lora else None, "p": setup["p"] if lora else None,
-               "dtype": "bf16" if device.type == "cuda" else "fp32"}
-        try:
-            row.update(_measure(config, model_config, setup, batch, autocast, device, smoke), status="ok")
-        except Exception as error:  # an OOM or a kernel failure is recorded, the other configurations still run
-            row.update(median_ms=None, p20_ms=None, p80_ms=None, peak_mem_mb=None, tokens_per_s=None, status="error",
-                       reason=harness.error_reason(error))
-        rows.append(row)
+    lora = config != "full_eager"
+    row = {**case(smoke).row(), "provider": config, "M": tokens, "r": setup["r"] if lora else None,
+           "p": setup["p"] if lora else None, "dtype": "bf16" if device.type == "cuda" else "fp32"}
+    try:
+        row.update(_measure(config, model_config, setup, batch, autocast, device, smoke), status="ok")
+    except Exception as error:  # an OOM or a kernel failure is recorded, the other configurations still run
+        row.update(median_ms=None, p20_ms=None, p80_ms=None, peak_mem_mb=None, tokens_per_s=None, status="error",
+                   reason=harness.error_reason(error))
+    finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return row
 
 
 def _measure(config, model_config, setup, batch, autocast, device, smoke) -> dict:

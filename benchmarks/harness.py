@@ -118,8 +118,11 @@ def environment(device: torch.device, smoke: bool) -> dict:
 
 
 def write_results(path: Path, env: dict, copy_gbps: float | None, rows: list[dict]) -> Path:
+    """Write the result file whole or not at all: a kill mid-write leaves the previous version in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**env, "copy_gbps": copy_gbps, "rows": rows}, indent=1) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({**env, "copy_gbps": copy_gbps, "rows": rows}, indent=1) + "\n")
+    os.replace(partial, path)
     return path
 
 

@@ -176,7 +176,13 @@ def markdown(results: dict) -> str:
               f"commit `{results['commit']}`, {results['date']}",
               f"- timing: {results.get('timing')}", f"- memory: {results.get('memory')}",
               f"- device-to-device copy bandwidth (bytes read + written): {_fmt(results['copy_gbps'], 4)} GB/s",
-              f"- produced by `{COMMAND}` (sweep: `python -m benchmarks.sweep`)", "", "## Goals", ""]
+              f"- produced by `{COMMAND}` (sweep: `python -m benchmarks.sweep`)"]
+    if results.get("resumed"):
+        lines += [f"- resumed (same device, versions and commit) on {', '.join(results['resumed'])}"]
+    if results.get("not_run"):
+        lines += [f"- **incomplete: {results['not_run']} of {results['planned']} planned runs were not run** (a time "
+                  "budget or an interruption); `python -m benchmarks.sweep --resume <this json>` runs them"]
+    lines += ["", "## Goals", ""]
     lines += [f"- {goal.line()}" for goal in goals(results)]
 
     groups = lora_groups(results)
@@ -330,6 +336,8 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if results.get("not_run"):
+        print(f"incomplete: {results['not_run']} of {results['planned']} planned runs not run")
     print(f"goals ({conditions(results)}):")
     for goal in goals(results):
         print("  " + goal.line())

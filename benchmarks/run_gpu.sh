@@ -8,8 +8,13 @@
 # <gpu>_vs_floor.png, pytest_gpu.txt (summary of `pytest tests -m gpu`), sweep.log, gpu_build.md and gpu_build.json
 # (the kernel builds for this GPU). <gpu> is the short device
 # name (h100 for "NVIDIA H100 80GB HBM3"). Where the checkout has no .git, set RELORA_BENCH_COMMIT to the commit.
-# Where one command may run at most 10 minutes (the device tool), split it in two calls:
-#   GPU_TESTS=only bash benchmarks/run_gpu.sh "$OUT"      then      GPU_TESTS=skip bash benchmarks/run_gpu.sh "$OUT"
+# Where one command may run at most 10 minutes (the device tool), split it and give each call a budget:
+#   RUN_BUDGET_S=560 GPU_TESTS=only bash benchmarks/run_gpu.sh "$OUT"                 the tests
+#   RUN_BUDGET_S=560 GPU_TESTS=skip bash benchmarks/run_gpu.sh "$OUT"                 the sweep, most important first
+#   RUN_BUDGET_S=560 GPU_TESTS=skip bash benchmarks/run_gpu.sh "$OUT" --resume F      the runs file F still lacks
+# RUN_BUDGET_S: the seconds this command may take. The tests are stopped (SIGINT: pytest still writes its summary)
+# and the sweep starts no new run once it would overrun, leaving SWEEP_MARGIN_S (default 120: the longest single
+# run, a torch.compile, plus the report) for what is under way. The sweep's JSON is rewritten after every run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The interpreter that holds torch: $PYTHON, else python3 (some GPU images have no plain `python`).
@@ -22,6 +27,8 @@ mkdir -p "$out"
 name=$("$py" -c "import torch; from benchmarks.harness import device_name, device_slug
 print(device_slug(device_name(torch.device('cuda'))))")
 start=$SECONDS
+# Seconds left of RUN_BUDGET_S after a margin ($1), at least 1.
+left() { local s=$((RUN_BUDGET_S - (SECONDS - start) - ${1:-0})); echo $((s > 1 ? s : 1)); }
 
 # 0. Every kernel launch the run makes (each dtype, r up to 256, autotuned tiles and fixed ones), compiled on all
 #    cores into Triton's cache, with their resources in gpu_build.md/.json. Without it the autotuner compiles its
@@ -40,14 +47,18 @@ tests_rc=0
 if [ "${GPU_TESTS:-run}" != skip ]; then
     # A fixed GEMM tile: autotuning each of the tests' shape/dtype keys from cold would take minutes; the tests
     # check every tile, and the autotuned path once, explicitly.
-    RELORA_KERNELS_AUTOTUNE=0 "$py" -m pytest tests -m gpu -q -rfEs > "$out/pytest_gpu.txt" 2>&1
+    limit=()
+    [ -n "${RUN_BUDGET_S:-}" ] && limit=(timeout -s INT -k 30 "$(left 45)")
+    RELORA_KERNELS_AUTOTUNE=0 "${limit[@]}" "$py" -m pytest tests -m gpu -q -rfEs > "$out/pytest_gpu.txt" 2>&1
     tests_rc=$?
     echo "pytest tests -m gpu (exit $tests_rc): $(tail -n 1 "$out/pytest_gpu.txt")"
     [ "${GPU_TESTS:-run}" = only ] && exit "$tests_rc"
 fi
 
 # 2. The sweep, then the markdown table, the plots and the goal checks.
-"$py" -m benchmarks.sweep --out "$out" --name "$name" "$@" 2>&1 | tee "$out/sweep.log"
+budget=()
+[ -n "${RUN_BUDGET_S:-}" ] && budget=(--budget-s "$(left "${SWEEP_MARGIN_S:-120}")")
+"$py" -m benchmarks.sweep --out "$out" --name "$name" "${budget[@]}" "$@" 2>&1 | tee "$out/sweep.log"
 sweep_rc=${PIPESTATUS[0]}
 "$py" -m benchmarks.report "$out/$name.json" 2>&1 | tee -a "$out/sweep.log"
 report_rc=${PIPESTATUS[0]}

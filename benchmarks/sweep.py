@@ -5,16 +5,24 @@
     python -m benchmarks.sweep --smoke --out /tmp/x   # CPU / CI: tiny shapes through the Triton interpreter, untimed
     python -m benchmarks.sweep --list                 # print the planned cases and exit
     python -m benchmarks.sweep --ops lora_linear --providers eager,fused --shapes llama-7b --modes fwd+bwd
+    python -m benchmarks.sweep --budget-s 420                 # start no run after 420 s; the file says what is left
+    python -m benchmarks.sweep --resume benchmarks/results/h100.json   # the runs that file lacks, added to its rows
 
 Ops: lora_linear and merge_and_reinit (cases.py), pretrain (e2e.py). --shapes keeps cases whose layer (or model)
 name contains one of the given substrings (e.g. gpt2-124m, llama-7b.up, qkv); --modes filters lora_linear only.
 A provider that cannot run here (native without CUDA) gives a row with status "skipped" and its reason; one that
 fails (a compile error, an OOM) a row with status "error"; the sweep goes on either way (--strict: exit 1 on errors).
+
+Runs go in order of importance: the quick grid's cases (the headline first), the end-to-end step, then the rest of
+the grid. The result file is rewritten after every run, so a run cut short (a time limit, a crash, Ctrl-C) keeps
+what it measured; `planned` and `not_run` in the file say how complete it is, and --resume finishes it later (same
+device, versions and commit, or it refuses).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,6 +51,16 @@ def _choices(allowed):
     return parse
 
 
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return seconds
+
+
 def _substrings(text: str) -> tuple[str, ...]:
     items = tuple(item.strip() for item in text.split(",") if item.strip())
     if not items:
@@ -68,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shapes", type=_substrings, help="keep layers whose name contains one of these")
     parser.add_argument("--list", action="store_true", help="print the planned (case, provider) pairs and exit")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any row is an error")
+    parser.add_argument("--budget-s", type=_seconds, help="start no new run after this many seconds")
+    parser.add_argument("--resume", type=Path, metavar="FILE",
+                        help="a result file of an earlier run: keep its ok and skipped rows, run only what it lacks")
     args = parser.parse_args(argv)
     args.grid = "smoke" if args.smoke else "quick" if args.quick else "default"
     if not args.smoke and not args.list and not torch.cuda.is_available():
@@ -77,24 +98,64 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def plan(args) -> list[tuple[object, str]]:
-    """The (case, provider) pairs of the chosen grid that pass the filters, in run order."""
-    pairs = []
+    """The (case, provider) pairs of the chosen grid that pass the filters, most important first: the quick grid's
+    lora_linear and merge cases, the end-to-end configurations (case e2e.PretrainCase), then the rest of the grid."""
     grids = {"lora_linear": cases.lora_grid, "merge_and_reinit": cases.merge_grid}
+    first, rest = [], []
     for op in (op for op in cases.OPS if op in args.ops):
-        for case in grids[op](args.grid):
+        grid = grids[op](args.grid)
+        # The default grid holds the quick grid's cases: those go first, in the quick grid's order.
+        quick = [case for case in grids[op]("quick") if case in grid] if args.grid == "default" else grid
+        for case in quick + [case for case in grid if case not in quick]:
             if isinstance(case, cases.LoraCase) and case.mode not in args.modes:
                 continue
             if case.dtype not in args.dtypes or not _shape_selected(case.layer, args.shapes):
                 continue
-            pairs += [(case, provider) for provider in cases.providers(op) if provider in args.providers]
-    return pairs
+            pairs = [(case, provider) for provider in cases.providers(op) if provider in args.providers]
+            (first if case in quick else rest).extend(pairs)
+    pretrain = e2e.case(args.smoke)
+    if "pretrain" in args.ops and _shape_selected(pretrain.model, args.shapes):
+        first += [(pretrain, config) for config in e2e.CONFIGS if config in args.providers]
+    return first + rest
 
 
 def _shape_selected(name: str, shapes) -> bool:
     return shapes is None or any(fragment in name for fragment in shapes)
 
 
+def run_key(row: dict) -> tuple:
+    """What names a run in a result file: the provider and the case's fields, not the measurements."""
+    fields = ("op", "provider", "mode", "layer", "model", "M", "K", "N", "r", "p", "dtype")
+    if row["op"] == "pretrain":  # its M, r, p and dtype follow from the model and the machine
+        fields = ("op", "provider", "mode", "model")
+    return tuple(row.get(field) for field in fields)
+
+
+def _planned_key(case, provider: str) -> tuple:
+    return run_key({**case.row(), "provider": provider})
+
+
+# The conditions a resumed file must share with this run: rows measured under others would not compare.
+RESUME_MUST_MATCH = ("device", "smoke", "torch", "triton", "cuda", "commit")
+
+
+def resumed_results(path: Path, env: dict) -> dict:
+    """The earlier result file at `path`, checked to come from the same device, versions and commit as `env`."""
+    try:
+        earlier = json.loads(path.read_text())
+        rows = earlier["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        sys.exit(f"--resume {path}: not a readable result file ({type(error).__name__}: {error})")
+    for field in RESUME_MUST_MATCH:
+        if earlier.get(field) != env[field]:
+            sys.exit(f"--resume {path}: its {field} is {earlier.get(field)!r}, this run's is {env[field]!r}; "
+                     "rows measured under different conditions are not mixed in one file")
+    return {**earlier, "rows": [row for row in rows if row.get("status") in ("ok", "skipped")]}
+
+
 def measure_case(case, provider: str, device: torch.device, smoke: bool) -> dict:
+    if isinstance(case, e2e.PretrainCase):
+        return e2e.run_config(provider, device, smoke)
     row = {**case.row(), "provider": provider}
     fn = None
     try:
@@ -114,40 +175,58 @@ def measure_case(case, provider: str, device: torch.device, smoke: bool) -> dict
 def main(argv=None) -> int:
     args = parse_args(argv)
     pairs = plan(args)
-    run_e2e = "pretrain" in args.ops and (args.shapes is None or _shape_selected(e2e.MODEL, args.shapes))
-    e2e_configs = tuple(c for c in e2e.CONFIGS if c in args.providers) if run_e2e else ()
     if args.list:
         for case, provider in pairs:
             print(f"{provider:14s} {case.label()}")
-        for config in e2e_configs:
-            print(f"{config:14s} pretrain {'smoke-tiny' if args.smoke else e2e.MODEL}")
-        print(f"{len(pairs) + len(e2e_configs)} runs ({args.grid} grid)")
+        print(f"{len(pairs)} runs ({args.grid} grid)")
         return 0
-    if not pairs and not e2e_configs:
+    if not pairs:
         sys.exit("nothing to run: the filters exclude every case (see --list)")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     env = harness.environment(device, args.smoke)
-    measure_copy = any(isinstance(case, cases.MergeCase) for case, _ in pairs)
-    copy_gbps = harness.copy_bandwidth_gbps(device, args.smoke) if measure_copy else None
-    rows = []
-    progress = tqdm(pairs, desc=f"sweep ({args.grid})", unit="run", mininterval=1.0)
-    for case, provider in progress:
+    earlier = resumed_results(args.resume, env) if args.resume else {"rows": [], "copy_gbps": None}
+    if args.resume:
+        env = {**env, "date": earlier["date"], "resumed": [*earlier.get("resumed", []), env["date"]]}
+    rows = earlier["rows"]
+    done = {run_key(row) for row in rows}
+    todo = [(case, provider) for case, provider in pairs if _planned_key(case, provider) not in done]
+    copy_gbps = earlier["copy_gbps"]
+    if copy_gbps is None and any(isinstance(case, cases.MergeCase) for case, _ in todo):
+        copy_gbps = harness.copy_bandwidth_gbps(device, args.smoke)
+    order = {key: index for index, key in enumerate(_planned_key(case, provider) for case, provider in pairs)}
+
+    name = args.name or ("cpu-smoke" if args.smoke else harness.device_slug(env["device"]))
+    path = args.out / f"{name}.json"
+
+    def save(not_run: int) -> None:
+        rows.sort(key=lambda row: order.get(run_key(row), len(order)))  # plan order; rows the plan lacks last
+        harness.write_results(path, {**env, "planned": len(pairs), "not_run": not_run}, copy_gbps, rows)
+
+    if args.resume:
+        print(f"resuming {args.resume}: {len(pairs) - len(todo)} of {len(pairs)} planned runs already there")
+    progress = tqdm(todo, desc=f"sweep ({args.grid})", unit="run", mininterval=1.0)
+    for index, (case, provider) in enumerate(progress):
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            tqdm.write(f"time budget of {args.budget_s:g} s spent: {len(todo) - index} runs not started "
+                       f"(finish them with --resume {path})")
+            break
         progress.set_postfix_str(f"{provider} {case.label()}")
         row = measure_case(case, provider, device, args.smoke)
         if row["status"] != "ok":
             tqdm.write(f"{row['status']}: {provider} {case.label()}: {row['reason']}")
         rows.append(row)
-    if e2e_configs:
-        print(f"end-to-end training step: {', '.join(e2e_configs)}")
-        rows += e2e.run(device, args.smoke, e2e_configs)
+        save(not_run=len(todo) - index - 1)
+    progress.close()
+    measured = {run_key(row) for row in rows}
+    not_run = sum(_planned_key(case, provider) not in measured for case, provider in pairs)
+    save(not_run)
 
-    name = args.name or ("cpu-smoke" if args.smoke else harness.device_slug(env["device"]))
-    path = harness.write_results(args.out / f"{name}.json", env, copy_gbps, rows)
     counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "skipped", "error")}
-    print(f"wrote {path}: {len(rows)} rows ({', '.join(f'{n} {s}' for s, n in counts.items())}) "
-          f"in {time.perf_counter() - start:.0f} s" + (" -- smoke run: nothing timed" if args.smoke else ""))
+    print(f"wrote {path}: {len(rows)} rows ({', '.join(f'{n} {s}' for s, n in counts.items())}"
+          f"{f', {not_run} planned runs not run' if not_run else ''}) in {time.perf_counter() - start:.0f} s"
+          + (" -- smoke run: nothing timed" if args.smoke else ""))
     return 1 if args.strict and counts["error"] else 0
 
 

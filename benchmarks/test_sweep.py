@@ -1,0 +1,108 @@
+"""The sweep as a long job on a borrowed GPU: most important runs first, the file rewritten after every run, a time
+budget, and --resume to finish a file later. The measurements are replaced by a stand-in (these tests are about
+bookkeeping); test_bench_lora.py runs the real cases.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from . import cases, e2e, report, sweep
+
+SUBSET = ["--smoke", "--ops", "merge_and_reinit,pretrain"]  # 2 merge + 4 pretrain runs
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Replace measure_case by a stand-in that records which runs it was asked for."""
+    calls = []
+
+    def fake_measure(case, provider, device, smoke):
+        calls.append(sweep._planned_key(case, provider))
+        return {**case.row(), "provider": provider, **sweep.NO_MEASUREMENT, "status": "ok"}
+
+    monkeypatch.setattr(sweep, "measure_case", fake_measure)
+    return calls
+
+
+def _read(path):
+    return json.loads(path.read_text())
+
+
+def test_default_grid_runs_the_headline_first_and_everything_once():
+    pairs = sweep.plan(sweep.parse_args(["--list"]))
+    keys = [sweep._planned_key(case, provider) for case, provider in pairs]
+    assert len(set(keys)) == len(keys), "two runs share a key: --resume would confuse them"
+    assert pairs[0][0] == cases.HEADLINE
+    first_pretrain = next(i for i, (case, _) in enumerate(pairs) if isinstance(case, e2e.PretrainCase))
+    quick = set(cases.lora_grid("quick")) | set(cases.merge_grid("quick"))
+    assert all(case in quick for case, _ in pairs[:first_pretrain])
+    assert not any(case in quick for case, _ in pairs[first_pretrain + len(e2e.CONFIGS):])
+    every = {(case, provider) for op, grid in (("lora_linear", cases.lora_grid), ("merge_and_reinit", cases.merge_grid))
+             for case in grid("default") for provider in cases.providers(op)}
+    every |= {(e2e.case(False), config) for config in e2e.CONFIGS}
+    assert set(pairs) == every
+
+
+def test_an_interrupted_sweep_keeps_the_rows_it_measured(measured, monkeypatch, tmp_path):
+    real = sweep.measure_case
+
+    def third_run_interrupted(case, provider, device, smoke):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        return real(case, provider, device, smoke)
+
+    monkeypatch.setattr(sweep, "measure_case", third_run_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main([*SUBSET, "--out", str(tmp_path)])
+    results = _read(tmp_path / "cpu-smoke.json")
+    assert [row["provider"] for row in results["rows"]] == ["eager", "fused"]
+    assert (results["planned"], results["not_run"]) == (6, 4)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_spent_budget_starts_no_run_and_the_file_says_so(measured, tmp_path):
+    assert sweep.main([*SUBSET, "--out", str(tmp_path), "--budget-s", "0"]) == 0
+    results = _read(tmp_path / "cpu-smoke.json")
+    assert (measured, results["rows"], results["planned"], results["not_run"]) == ([], [], 6, 6)
+    assert "incomplete: 6 of 6 planned runs were not run" in report.markdown(results)
+
+
+def test_resume_runs_only_what_the_file_lacks(measured, tmp_path):
+    sweep.main(["--smoke", "--ops", "pretrain", "--providers", "full_eager,lora_eager", "--out", str(tmp_path)])
+    path = tmp_path / "cpu-smoke.json"
+    earlier = _read(path)
+    earlier["rows"][1]["status"] = "error"  # an error is run again
+    path.write_text(json.dumps(earlier))
+    measured.clear()
+
+    assert sweep.main([*SUBSET, "--out", str(tmp_path), "--resume", str(path)]) == 0
+    results = _read(path)
+    assert [key[1] for key in measured] == ["eager", "fused", "lora_eager", "relora_fused", "relora_fused_compile"]
+    assert [row["provider"] for row in results["rows"]] == ["eager", "fused", *e2e.CONFIGS]  # the plan's order
+    assert (results["planned"], results["not_run"], results["date"]) == (6, 0, earlier["date"])
+    assert len(results["resumed"]) == 1
+
+
+@pytest.mark.parametrize("field", ["commit", "device", "torch"])
+def test_resume_refuses_a_file_measured_under_other_conditions(field, measured, tmp_path):
+    sweep.main([*SUBSET, "--out", str(tmp_path), "--budget-s", "0"])
+    path = tmp_path / "cpu-smoke.json"
+    path.write_text(json.dumps({**_read(path), field: "something else"}))
+    with pytest.raises(SystemExit, match=f"its {field} is 'something else'"):
+        sweep.main([*SUBSET, "--out", str(tmp_path), "--resume", str(path)])
+
+
+def test_resume_names_an_unreadable_file(tmp_path):
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit, match="not a readable result file"):
+        sweep.main([*SUBSET, "--out", str(tmp_path), "--resume", str(tmp_path / "bad.json")])
+
+
+def test_budget_must_be_a_non_negative_number(capsys):
+    for bad in ("-1", "soon", "nan"):
+        with pytest.raises(SystemExit):
+            sweep.parse_args(["--budget-s", bad])
+        assert "--budget-s" in capsys.readouterr().err

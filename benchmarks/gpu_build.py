@@ -9,7 +9,7 @@ replaced by a stand-in that names the target GPU, and with every launch turned i
 run). Each kernel is therefore built exactly as the launcher would build it on that GPU (the same constexprs and tiles,
 the same specialisation of the arguments on alignment and divisibility by 16), through the installed Triton's own
 compiler, LLVM and ptxas. For each build the report gives the shared memory it needs against the architecture's
-per-block limit, its registers, its local memory (register spills) and, on sm_90, whether the GEMMs run on Hopper's
+per-block limit, its registers, its stack frame (register spills) and, on sm_90, whether the GEMMs run on Hopper's
 wgmma. It catches without a GPU a kernel that does not compile for the target with this Triton, or a tile that could
 not launch there; it measures no speed. Exit status 1 when a build fails or a launch would exceed the shared memory.
 """
@@ -93,7 +93,8 @@ class _BuildOnly:
 
 
 def _resources(compiled) -> dict:
-    """Registers and local memory per thread from the cubin (cuobjdump ships with Triton's NVIDIA backend)."""
+    """Registers, stack frame and local memory per thread from the cubin (cuobjdump ships with Triton's NVIDIA
+    backend). Register spills land in the stack frame (STACK); LOCAL counts only explicit local arrays."""
     cuobjdump = Path(triton.knobs.nvidia.ptxas.path).with_name("cuobjdump")
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
@@ -200,9 +201,11 @@ def markdown(rows: list[dict], environment: dict) -> str:
         *(f"- {key}: {value}" for key, value in environment.items()),
         f"- {len(rows)} builds; launches over the shared-memory limit or above their estimate: "
         + ("; ".join(problems(rows)) or "none"),
+        f"- builds with a stack frame (registers spilled to local memory; not an error, a speed cost): "
+        f"{sum(bool(row['stack_bytes']) for row in rows)}",
         "",
         "| arch | dtype | r | kernel | variant | tile (MxNxK or block) | path | shared KiB / estimate / limit | regs "
-        "| local B | wgmma |",
+        "| stack B | wgmma |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -211,7 +214,7 @@ def markdown(rows: list[dict], environment: dict) -> str:
             f"| {row['arch']} | {row['dtype']} | {row['r']} | {row['kernel']} | {row['variant']} | {_tile(row)} "
             f"| {'+'.join(row['paths'])} | {row['shared_bytes'] / 1024:.0f} / {_kib(row['shared_estimate'])} / "
             f"{row['shared_limit'] / 1024:.0f}{flag} "
-            f"| {row['registers']} | {row['local_bytes']} | {'yes' if row['wgmma'] else 'no'} |"
+            f"| {row['registers']} | {row['stack_bytes']} | {'yes' if row['wgmma'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 

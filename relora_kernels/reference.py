@@ -10,8 +10,9 @@ s the LoRA scale, p the LoRA-branch dropout probability.
     dx = dy @ W + (dS @ A) * m / (1-p)      lora_input_grad
 
 Each function here has the same signature as the Triton launcher of the same name in `kernels/lora_linear.py`.
-The dropout mask is Philox-4x32-10 keyed by the seed and counted by the element's flat index (m * K + k), the
-exact stream Triton's `tl.randint` produces, so the kernels and this file drop the same elements.
+The dropout mask is Philox-4x32-10 keyed by the seed, element (m, k) taking word k % 4 of the draw counted
+m * ceil(K / 4) + k // 4: the exact stream of Triton's `tl.randint4x` as the kernels use it, so the kernels and
+this file drop the same elements.
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ def _mul_hi_lo_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return hi, lo
 
 
-def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """First uint32 word (in int64) of Philox-4x32-10 for counters (offset_lo, offset_hi, 0, 0), key = seed."""
-    c0 = offsets & _MASK32
-    c1 = offsets // 2**32
-    c2 = torch.zeros_like(offsets)
-    c3 = torch.zeros_like(offsets)
+def philox_4x32(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four uint32 words (in int64) of Philox-4x32-10 for counters (counter_lo, counter_hi, 0, 0), key = seed:
+    tl.randint4x's stream."""
+    c0 = counters & _MASK32
+    c1 = counters // 2**32
+    c2 = torch.zeros_like(counters)
+    c3 = torch.zeros_like(counters)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(10):
         hi_b, lo_b = _mul_hi_lo_u32(_PHILOX_ROUND_B, c2)
@@ -57,22 +59,38 @@ def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
 
 
 @torch.library.custom_op("relora_kernels::philox_bits", mutates_args=())
 def philox_bits(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """(rows, cols) int64: the top DROPOUT_BITS bits of the Philox draw of element (m, k), counted m * cols + k.
+    """(rows, cols) int64: the top DROPOUT_BITS bits of the first word of the Philox draw counted m * cols + k
+    (tl.randint's stream): the reinit values' stream.
 
-    The random stream of the dropout masks and of the reinit values. An opaque op with the seed in a tensor, so
-    torch.compile neither traces the ten Philox rounds (Inductor spends minutes on that int64 arithmetic) nor
-    breaks the graph on reading the seed.
+    Like dropout_bits, an opaque op with the seed in a tensor, so torch.compile neither traces the ten Philox
+    rounds (Inductor spends minutes on that int64 arithmetic) nor breaks the graph on reading the seed.
     """
-    offsets = torch.arange(rows * cols, device=seed.device, dtype=torch.int64).view(rows, cols)
-    return philox_randint(int(seed), offsets) // 2 ** (32 - DROPOUT_BITS)
+    counters = torch.arange(rows * cols, device=seed.device, dtype=torch.int64).view(rows, cols)
+    return philox_4x32(int(seed), counters)[0] // 2 ** (32 - DROPOUT_BITS)
 
 
 @philox_bits.register_fake
+def _(seed, rows, cols):
+    return torch.empty((rows, cols), dtype=torch.int64, device=seed.device)
+
+
+@torch.library.custom_op("relora_kernels::dropout_bits", mutates_args=())
+def dropout_bits(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(rows, cols) int64: the dropout masks' stream. Element (m, k) gets the top DROPOUT_BITS bits of word k % 4 of
+    the Philox draw counted m * ceil(cols / 4) + k // 4: one draw serves four neighbours of a row (the kernels'
+    _keep_mask), a quarter of the integer work of one draw per element."""
+    groups = -(-cols // 4)
+    counters = torch.arange(rows * groups, device=seed.device, dtype=torch.int64).view(rows, groups)
+    words = torch.stack(philox_4x32(int(seed), counters), dim=-1).view(rows, 4 * groups)[:, :cols]
+    return words // 2 ** (32 - DROPOUT_BITS)
+
+
+@dropout_bits.register_fake
 def _(seed, rows, cols):
     return torch.empty((rows, cols), dtype=torch.int64, device=seed.device)
 
@@ -88,8 +106,8 @@ def dropout_threshold(dropout_p: float) -> int:
 
 
 def dropout_mask(seed, rows: int, cols: int, dropout_p: float, device=None) -> torch.Tensor:
-    """Boolean keep-mask (rows, cols) for element (m, k) drawn from (seed, m * cols + k); seed an int or tensor."""
-    return philox_bits(_seed_tensor(seed, device), rows, cols) >= dropout_threshold(dropout_p)
+    """Boolean keep-mask (rows, cols) from the stream of dropout_bits; seed an int or a 0-d integer tensor."""
+    return dropout_bits(_seed_tensor(seed, device), rows, cols) >= dropout_threshold(dropout_p)
 
 
 def _dropout(x: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:

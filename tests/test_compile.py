@@ -141,9 +141,10 @@ def test_kernel_ops_pass_opcheck(case):
     torch.library.opcheck(getattr(ops, name), args)  # schema, fake implementation, autograd registration, AOT
 
 
-def test_reference_random_stream_op_passes_opcheck():
-    # The reference's Philox stream is an opaque op, so compiling the reference path never traces it.
-    torch.library.opcheck(torch.ops.relora_kernels.philox_bits.default, (torch.tensor(3), 5, 7))
+@pytest.mark.parametrize("stream", ["philox_bits", "dropout_bits"])
+def test_reference_random_stream_op_passes_opcheck(stream):
+    # The reference's Philox streams are opaque ops, so compiling the reference path never traces them.
+    torch.library.opcheck(getattr(torch.ops.relora_kernels, stream).default, (torch.tensor(3), 5, 7))
 
 
 def test_launchers_register_as_triton_ops():

@@ -148,6 +148,18 @@ def test_dropout_mask_keeps_the_right_fraction():
     assert abs(keep.double().mean().item() - 0.7) < 0.01
 
 
+def test_dropout_mask_neighbours_sharing_a_draw_are_independent():
+    # Columns 4g..4g+3 take the four words of one Philox draw: each word, and each pair of words, must behave like
+    # independent Bernoulli(0.5) draws. 400 x 400 elements: 40000 per word, 40000 per pair of columns j, j + 1.
+    keep = reference.dropout_mask(seed=11, rows=400, cols=400, dropout_p=0.5).double().view(400, 100, 4)
+    per_word = keep.mean(dim=(0, 1))
+    assert ((per_word - 0.5).abs() < 5 * 0.5 / 200).all(), per_word  # 5 sigma, sigma = 0.5 / sqrt(40000)
+    both = (keep[..., :-1] * keep[..., 1:]).mean(dim=(0, 1))  # within a draw: words (0, 1), (1, 2), (2, 3)
+    across = (keep[:, :-1, 3] * keep[:, 1:, 0]).mean()  # word 3 of one draw, word 0 of the next
+    sigma = (0.25 * 0.75 / 40000) ** 0.5
+    assert ((both - 0.25).abs() < 5 * sigma).all() and abs(across - 0.25) < 5 * sigma, (both, across)
+
+
 def test_dropout_mean_over_seeds_approaches_no_dropout(kernel_calls):
     # Inverted dropout is unbiased: E[y_p] = y_0. With W = 0 and no bias, y is the LoRA term alone.
     inputs = make_inputs((8,), 32, 16, 4, torch.float32, bias=False)

@@ -46,6 +46,9 @@ from relora_kernels.kernels import lora_linear, merge  # noqa: E402
 # Largest shared memory one block may opt into, per compute capability (CUDA C programming guide, "Technical
 # Specifications per Compute Capability"): A100 and Orin 163 KB, consumer Ampere/Ada 99 KB, H100/H200 227 KB.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+# SMs of a representative GPU of each capability (A100, RTX 3090, Orin, RTX 4090, H100 SXM): only grid sizes
+# depend on it, never what is compiled.
+MULTIPROCESSORS = {80: 108, 86: 82, 87: 16, 89: 128, 90: 132}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # A realistic layer's specialisation (every size and stride divisible by 16), small enough to allocate on a CPU.
 TOKENS, IN_FEATURES, OUT_FEATURES = 512, 768, 640
@@ -58,7 +61,8 @@ class _StandInDriver:
 
     def __init__(self, capability: int):
         self.target = GPUTarget("cuda", capability, 32)
-        properties = {"max_shared_mem": SHARED_MEMORY_LIMIT[capability]}
+        properties = {"max_shared_mem": SHARED_MEMORY_LIMIT[capability],
+                      "multiprocessor_count": MULTIPROCESSORS[capability]}
         self.utils = SimpleNamespace(get_device_properties=lambda device: properties)
 
     def get_current_target(self):
@@ -112,8 +116,10 @@ def _estimated_shared(kernel: str, kwargs: dict, num_stages: int, element_size: 
         return lora_linear._matmul_shared_bytes(triton.Config(kwargs, num_stages=num_stages), rank_block, element_size)
     if kernel == "_shrink_kernel":
         return lora_linear._shrink_shared_bytes(config, rank_block, element_size)
-    if kernel == "_grad_ab_kernel":
-        return lora_linear._grad_ab_shared_bytes(config, rank_block, element_size)
+    if kernel == "_grad_b_kernel":
+        return lora_linear._grad_b_shared_bytes(config, rank_block, element_size)
+    if kernel == "_grad_a_kernel":
+        return lora_linear._grad_a_shared_bytes(config, rank_block, element_size)
     if kernel == "_merge_kernel":
         return merge._merge_shared_bytes(config, rank_block, element_size)
     return None

@@ -293,3 +293,34 @@ def test_no_tile_fits_names_the_limit_and_the_way_out(monkeypatch):
     monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: 16 * 1024)
     with pytest.raises(RuntimeError, match=r"16384 bytes of shared memory.*r <= 256.*RELORA_KERNELS_BACKEND"):
         kernels._fitting(kernels._MATMUL_CONFIGS, kernels._matmul_shared_bytes, 256, torch.float32)
+
+
+@pytest.mark.parametrize("token_blocks", [1, 3, 32, 128, 4096])
+@pytest.mark.parametrize("chunks", [0, 1, 5, 64, 172])
+def test_gradient_shares_cover_every_chunk_once_and_fill_the_gpu(token_blocks, chunks, monkeypatch):
+    # An H100's 132 SMs x 4: 528 programs wanted. Shares split the N (or K) chunks of each token block: every chunk
+    # in exactly one share, no empty share, and enough programs where there are chunks enough.
+    from relora_kernels.kernels import lora_linear as kernels
+
+    monkeypatch.setattr(kernels, "_target_programs", lambda: 528)
+    shares, per_share = kernels._shares(token_blocks, chunks)
+    assert shares >= 1 and per_share >= 1
+    assert shares * per_share >= chunks and (shares - 1) * per_share < max(chunks, 1)
+    assert token_blocks * shares >= min(528, token_blocks * chunks)
+
+
+def test_shrink_blocks_shrink_until_the_gpu_has_programs_enough(monkeypatch):
+    from relora_kernels.kernels import lora_linear as kernels
+
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: H100_SHARED_MEMORY)
+    monkeypatch.setattr(kernels, "_target_programs", lambda: 528)
+    first = kernels._SHRINK_CONFIGS[0]
+    assert kernels._shrink_config(16, torch.bfloat16, 1 << 16) == first  # 1024 programs of 64 tokens
+    assert kernels._shrink_config(16, torch.bfloat16, 8192)["BLOCK_M"] == 16  # 512 programs: as many as can be
+    assert kernels._shrink_config(16, torch.bfloat16, 20000)["BLOCK_M"] == 32  # 625 programs
+    assert {k: v for k, v in kernels._shrink_config(16, torch.bfloat16, 8192).items() if k != "BLOCK_M"} == {
+        k: v for k, v in first.items() if k != "BLOCK_M"}
+    # At r = 128 each program reads 128 x K of A: no smaller than 64 tokens (A's traffic at most twice x's).
+    assert kernels._shrink_config(128, torch.bfloat16, 2048)["BLOCK_M"] == 64
+    assert kernels._shrink_config(64, torch.bfloat16, 2048)["BLOCK_M"] == 32

@@ -209,13 +209,18 @@ def _fused_matmul_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# bwd 1: dS, dB, dA (and dbias) in one launch, one program per block of tokens
+# bwd 1: dS, dB, dA (and dbias) in two launches that read dy and x once each. A program owns a block of tokens and a
+# share of the N (or K) chunks, so that short inputs still give the GPU enough programs (one program per token
+# block alone would be M / 64: 32 programs for 2048 tokens on an H100's 132 SMs).
+#   _grad_b_kernel (token block, N share):  dS_partial = dy @ B over its N share;  dB += s * dy.T @ S;  dbias
+#   _grad_a_kernel (token block, K share):  dS = s * sum of the dS partials;       dA += dS.T @ x~
+# Reductions over tokens (dB, dA, dbias) and over the N shares (dS) go through _accumulate.
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _accumulate(ptrs, value, mask, DETERMINISTIC: tl.constexpr):
-    """Add a program's partial into the reduction buffer: its own slice (deterministic) or fp32 atomics."""
+    """Add a program's partial into a reduction buffer: its own slice (deterministic) or fp32 atomics."""
     if DETERMINISTIC:
         tl.store(ptrs, value, mask=mask)
     else:
@@ -223,51 +228,45 @@ def _accumulate(ptrs, value, mask, DETERMINISTIC: tl.constexpr):
 
 
 @triton.jit
-def _grad_ab_kernel(
+def _grad_b_kernel(
     dy_ptr,  # (M, N)
-    x_ptr,  # (M, K)
     s_ptr,  # (M, R) the forward's S
     b_ptr,  # (N, R)
-    ds_ptr,  # (M, R) output dS
-    da_ptr,  # (SPLITS, R, K) fp32 output: dA partials (SPLITS = 1 with atomics)
-    db_ptr,  # (SPLITS, N, R) fp32 output: dB partials
-    dbias_ptr,  # (SPLITS, N) fp32 output: dbias partials, written only when HAS_BIAS_GRAD
-    seed_ptr,  # () int64 dropout seed, read only when APPLY_DROPOUT
-    M, N, K, R,
+    ds_ptr,  # (DS_SLOTS, M, R) fp32 output: dy @ B partials, one slot per N share (DS_SLOTS = 1 with atomics)
+    db_ptr,  # (SLOTS, N, R) fp32 output: dB partials, one slot per token block (SLOTS = 1 with atomics)
+    dbias_ptr,  # (SLOTS, N) fp32 output: dbias partials, written only when HAS_BIAS_GRAD
+    M, N, R,
     stride_dym, stride_dyn,
-    stride_xm, stride_xk,
     stride_sm, stride_sr,
     stride_bn, stride_br,
-    stride_dsm, stride_dsr,
-    stride_da_split, stride_da_r, stride_da_k,
-    stride_db_split, stride_db_n, stride_db_r,
-    stride_dbias_split,
-    scale, keep_threshold, inv_keep,
-    HAS_BIAS_GRAD: tl.constexpr, APPLY_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_ds_slot, stride_ds_m, stride_ds_r,
+    stride_db_slot, stride_db_n, stride_db_r,
+    stride_dbias_slot,
+    scale, chunks_per_share,
+    HAS_BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    split = pid_m if DETERMINISTIC else 0
+    pid_m, share = tl.program_id(0), tl.program_id(1)
+    slot = pid_m if DETERMINISTIC else 0
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)
     mask_m = offs_m < M
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     scale = tl.cast(scale, tl.float32)  # float scalars may arrive as fp64 (torch.compile)
-    if APPLY_DROPOUT:
-        seed = tl.load(seed_ptr)
-
     s_tile = tl.load(
         s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
         mask=mask_m[:, None] & mask_r[None, :], other=0.0,
     )
 
-    # Pass over N: dy is read once, feeding dS (reduced here over N) and dB (reduced over tokens by _accumulate).
+    # dy is read once, feeding dS (reduced here over this share of N) and dB (reduced over tokens).
+    n_start = share * chunks_per_share * BLOCK_N
+    n_end = min(N, n_start + chunks_per_share * BLOCK_N)
     ds_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+        mask_n = offs_n < n_end
         dy_tile = tl.load(
             dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
             mask=mask_m[:, None] & mask_n[None, :], other=0.0,
@@ -276,34 +275,75 @@ def _grad_ab_kernel(
             b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
             mask=mask_n[:, None] & mask_r[None, :], other=0.0,
         )
-        # dS += dy @ B   (s applied once after the loop)
+        # dS += dy @ B   (s applied once, by _grad_a_kernel)
         ds_acc = tl.dot(dy_tile, b_tile, ds_acc, input_precision=DOT_PRECISION)
         # dB += s * dy.T @ S
         db_part = tl.dot(tl.trans(dy_tile), s_tile, input_precision=DOT_PRECISION) * scale
         _accumulate(
-            db_ptr + split * stride_db_split + offs_n[:, None] * stride_db_n + offs_r[None, :] * stride_db_r,
+            db_ptr + slot * stride_db_slot + offs_n[:, None] * stride_db_n + offs_r[None, :] * stride_db_r,
             db_part, mask_n[:, None] & mask_r[None, :], DETERMINISTIC,
         )
         if HAS_BIAS_GRAD:
             # dbias += dy.sum(0)
             _accumulate(
-                dbias_ptr + split * stride_dbias_split + offs_n,
+                dbias_ptr + slot * stride_dbias_slot + offs_n,
                 tl.sum(dy_tile.to(tl.float32), axis=0), mask_n, DETERMINISTIC,
             )
-
-    ds = ds_acc * scale
-    tl.store(
-        ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-        ds.to(ds_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_r[None, :],
+    ds_slot = share if DETERMINISTIC else 0
+    _accumulate(
+        ds_ptr + ds_slot * stride_ds_slot + rows[:, None] * stride_ds_m + offs_r[None, :] * stride_ds_r,
+        ds_acc, mask_m[:, None] & mask_r[None, :], DETERMINISTIC,
     )
+
+
+@triton.jit
+def _grad_a_kernel(
+    x_ptr,  # (M, K)
+    ds_partial_ptr,  # (DS_SLOTS, M, R) fp32: _grad_b_kernel's dy @ B partials
+    ds_ptr,  # (M, R) output dS, in x's dtype
+    da_ptr,  # (SLOTS, R, K) fp32 output: dA partials, one slot per token block (SLOTS = 1 with atomics)
+    seed_ptr,  # () int64 dropout seed, read only when APPLY_DROPOUT
+    M, K, R, DS_SLOTS,
+    stride_xm, stride_xk,
+    stride_dsp_slot, stride_dsp_m, stride_dsp_r,
+    stride_dsm, stride_dsr,
+    stride_da_slot, stride_da_r, stride_da_k,
+    scale, keep_threshold, inv_keep, chunks_per_share,
+    APPLY_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m, share = tl.program_id(0), tl.program_id(1)
+    slot = pid_m if DETERMINISTIC else 0
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
+    mask_m = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    mask_mr = mask_m[:, None] & mask_r[None, :]
+
+    # dS = s * (sum of the N shares' partials), in a fixed order.
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for ds_slot in range(0, DS_SLOTS):
+        ds += tl.load(
+            ds_partial_ptr + ds_slot * stride_dsp_slot + rows[:, None] * stride_dsp_m + offs_r[None, :] * stride_dsp_r,
+            mask=mask_mr, other=0.0,
+        )
+    ds = ds * tl.cast(scale, tl.float32)
+    if share == 0:
+        tl.store(ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+                 ds.to(ds_ptr.dtype.element_ty), mask=mask_mr)
     # dS enters dA in the input dtype, as it would in the eager computation.
     ds_t = tl.trans(ds.to(x_ptr.dtype.element_ty))
+    if APPLY_DROPOUT:
+        seed = tl.load(seed_ptr)
 
-    # Pass over K: x is read once; dA = dS.T @ x~ with the dropout mask regenerated, not loaded.
-    for k0 in range(0, K, BLOCK_K):
+    # x is read once; dA = dS.T @ x~ with the dropout mask regenerated, not loaded.
+    k_start = share * chunks_per_share * BLOCK_K
+    k_end = min(K, k_start + chunks_per_share * BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
+        mask_k = offs_k < k_end
         x_tile = tl.load(
             x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
             mask=mask_m[:, None] & mask_k[None, :], other=0.0,
@@ -316,7 +356,7 @@ def _grad_ab_kernel(
         if APPLY_DROPOUT:
             da_part = da_part * tl.cast(inv_keep, tl.float32)
         _accumulate(
-            da_ptr + split * stride_da_split + offs_r[:, None] * stride_da_r + offs_k[None, :] * stride_da_k,
+            da_ptr + slot * stride_da_slot + offs_r[:, None] * stride_da_r + offs_k[None, :] * stride_da_k,
             da_part, mask_r[:, None] & mask_k[None, :], DETERMINISTIC,
         )
 
@@ -374,20 +414,53 @@ def _shrink_shared_bytes(config: dict, rank_block: int, element_size: int) -> in
     return element_size * config["num_stages"] * (config["BLOCK_M"] + rank_block) * config["BLOCK_K"]
 
 
+def _grad_b_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
+    """_grad_b_kernel's: the dy and B tiles of every stage, plus three (BLOCK_M, r) tiles (S, dS, layouts)."""
+    block_m = config["BLOCK_M"]
+    return element_size * (config["num_stages"] * (block_m + rank_block) * config["BLOCK_N"] + 3 * block_m * rank_block)
+
+
+def _grad_a_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
+    """_grad_a_kernel's: the x tiles of every stage, plus three (BLOCK_M, r) tiles (dS, dS.T, layouts)."""
+    block_m = config["BLOCK_M"]
+    return element_size * (config["num_stages"] * block_m * config["BLOCK_K"] + 3 * block_m * rank_block)
+
+
 def _grad_ab_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
-    """The grad kernel's: the dy and B tiles of every stage, plus S, dS and dS.T, each (BLOCK_M, r)."""
-    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
-    return element_size * (config["num_stages"] * (block_m + rank_block) * block_n + 3 * block_m * rank_block)
+    """The two gradient kernels share a config: the larger of their needs."""
+    return max(_grad_b_shared_bytes(config, rank_block, element_size),
+               _grad_a_shared_bytes(config, rank_block, element_size))
 
 
 @functools.cache
-def _device_shared_memory(device: int) -> int:
-    return triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
+def _device_properties(device: int) -> dict:
+    return triton.runtime.driver.active.utils.get_device_properties(device)
 
 
 def _shared_memory_limit() -> int:
     """Shared memory one block may use on the device Triton launches on (the current one)."""
-    return _device_shared_memory(triton.runtime.driver.active.get_current_device())
+    return _device_properties(triton.runtime.driver.active.get_current_device())["max_shared_mem"]
+
+
+# Programs a memory-bound launch should have: enough for several per SM, so that each SM keeps many loads in
+# flight. Under the interpreter a small number, so that the tests' tiny inputs still exercise the split paths.
+_PROGRAMS_PER_SM = 4
+_INTERPRETER_PROGRAMS = 4
+
+
+def _target_programs() -> int:
+    if _interpreting():
+        return _INTERPRETER_PROGRAMS
+    device = _device_properties(triton.runtime.driver.active.get_current_device())
+    return _PROGRAMS_PER_SM * device["multiprocessor_count"]
+
+
+def _shares(token_blocks: int, chunks: int) -> tuple[int, int]:
+    """(shares, chunks per share): split `chunks` column chunks into shares so that token_blocks x shares reaches
+    _target_programs(), with no empty share."""
+    wanted = max(1, min(chunks, triton.cdiv(_target_programs(), max(token_blocks, 1))))
+    per_share = max(1, chunks // wanted)  # rounded down: at least `wanted` shares
+    return max(1, triton.cdiv(chunks, per_share)), per_share
 
 
 def _fitting(configs, shared_bytes, rank_block: int, dtype: torch.dtype) -> list:
@@ -412,10 +485,17 @@ def _autotune() -> bool:
     return os.environ.get("RELORA_KERNELS_AUTOTUNE", "1") != "0"
 
 
-def _shrink_config(rank_block: int, dtype: torch.dtype) -> dict:
+def _shrink_config(rank_block: int, dtype: torch.dtype, tokens: int) -> dict:
+    """The first fitting tile, its BLOCK_M halved while the launch would have too few programs. The shrink has no
+    reduction across programs; the price of small token blocks is that every program reads all of A (from L2):
+    r / BLOCK_M times the bytes of x in all, so BLOCK_M stays >= max(16, r / 2) (at most twice x's traffic)."""
     if _interpreting():
         return {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_K": _INTERPRETER_BLOCK}
-    return _fitting(_SHRINK_CONFIGS, _shrink_shared_bytes, rank_block, dtype)[0]
+    config = dict(_fitting(_SHRINK_CONFIGS, _shrink_shared_bytes, rank_block, dtype)[0])
+    smallest = max(16, rank_block // 2)
+    while config["BLOCK_M"] > smallest and triton.cdiv(tokens, config["BLOCK_M"]) < _target_programs():
+        config["BLOCK_M"] //= 2
+    return config
 
 
 def _grad_ab_config(rank_block: int, dtype: torch.dtype) -> dict:
@@ -449,7 +529,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: t
     shrunk = torch.empty((M, R), device=x.device, dtype=x.dtype)
     if M == 0:
         return shrunk
-    cfg = _shrink_config(_block_rank(R), x.dtype)
+    cfg = _shrink_config(_block_rank(R), x.dtype, M)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     traceable(_shrink_kernel)[grid](
         x, lora_a, shrunk,
@@ -515,38 +595,53 @@ def lora_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, grad_shrunk: tor
 def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, scale: float,
                  dropout_p: float, seed: torch.Tensor | None, need_bias_grad: bool,
                  deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dA, dB, dS, dbias) from one launch, in x's dtype (reduced in fp32, rounded once); dbias is an empty (0,)
-    tensor unless `need_bias_grad` (a registered op cannot return None).
+    """(dA, dB, dS, dbias) from two launches that read dy and x once each, in x's dtype (reduced in fp32, rounded
+    once); dbias is an empty (0,) tensor unless `need_bias_grad` (a registered op cannot return None).
 
-    Tokens are split across programs; each program's partial dA/dB/dbias is reduced by fp32 atomics into one
-    zeroed buffer, or, when `deterministic`, written to its own slice and summed afterwards (bit-identical run
-    to run, at the cost of SPLITS x (N + K) x r x 4 bytes of scratch).
+    Programs own a block of tokens and a share of the N (then K) chunks. Their partial sums are reduced by fp32
+    atomics into zeroed buffers, or, when `deterministic`, written to their own slices and summed in a fixed order
+    (bit-identical run to run on one GPU model, at the cost of token_blocks x (N + K) x r x 4 bytes of scratch).
     """
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
     cfg = _grad_ab_config(_block_rank(R), x.dtype)
-    programs = triton.cdiv(M, cfg["BLOCK_M"])
-    splits = max(programs, 1) if deterministic else 1
+    block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    launch = {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg}
+    token_blocks = triton.cdiv(M, block_m)
+    n_shares, n_chunks_per_share = _shares(token_blocks, triton.cdiv(N, block_n))
+    k_shares, k_chunks_per_share = _shares(token_blocks, triton.cdiv(K, block_k))
+    slots = max(token_blocks, 1) if deterministic else 1
     dev = x.device
-    grad_a = torch.zeros((splits, R, K), device=dev, dtype=torch.float32)
-    grad_b = torch.zeros((splits, N, R), device=dev, dtype=torch.float32)
-    grad_bias = torch.zeros((splits, N if need_bias_grad else 0), device=dev, dtype=torch.float32)
+    grad_a = torch.zeros((slots, R, K), device=dev, dtype=torch.float32)
+    grad_b = torch.zeros((slots, N, R), device=dev, dtype=torch.float32)
+    grad_bias = torch.zeros((slots, N if need_bias_grad else 0), device=dev, dtype=torch.float32)
+    ds_partial = torch.zeros((n_shares if deterministic else 1, M, R), device=dev, dtype=torch.float32)
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
-    if programs > 0:
-        traceable(_grad_ab_kernel)[(programs,)](
-            grad_y, x, shrunk, lora_b, grad_shrunk, grad_a, grad_b, grad_bias if need_bias_grad else grad_y,
-            M=M, N=N, K=K, R=R,
+    common = dict(DETERMINISTIC=deterministic, BLOCK_M=block_m, BLOCK_R=_block_rank(R),
+                  DOT_PRECISION=_dot_precision(x.dtype), **launch)
+    if token_blocks > 0:
+        traceable(_grad_b_kernel)[(token_blocks, n_shares)](
+            grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y,
+            M=M, N=N, R=R,
             stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1),
-            stride_xm=x.stride(0), stride_xk=x.stride(1),
             stride_sm=shrunk.stride(0), stride_sr=shrunk.stride(1),
             stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
+            stride_ds_slot=ds_partial.stride(0), stride_ds_m=ds_partial.stride(1), stride_ds_r=ds_partial.stride(2),
+            stride_db_slot=grad_b.stride(0), stride_db_n=grad_b.stride(1), stride_db_r=grad_b.stride(2),
+            stride_dbias_slot=grad_bias.stride(0),
+            scale=float(scale), chunks_per_share=n_chunks_per_share,
+            HAS_BIAS_GRAD=need_bias_grad, BLOCK_N=block_n, **common,
+        )
+        dropout = _dropout_args(dropout_p, seed, x)
+        traceable(_grad_a_kernel)[(token_blocks, k_shares)](
+            x, ds_partial, grad_shrunk, grad_a, dropout["seed_ptr"],
+            M=M, K=K, R=R, DS_SLOTS=ds_partial.shape[0],
+            stride_xm=x.stride(0), stride_xk=x.stride(1),
+            stride_dsp_slot=ds_partial.stride(0), stride_dsp_m=ds_partial.stride(1),
+            stride_dsp_r=ds_partial.stride(2),
             stride_dsm=grad_shrunk.stride(0), stride_dsr=grad_shrunk.stride(1),
-            stride_da_split=grad_a.stride(0), stride_da_r=grad_a.stride(1), stride_da_k=grad_a.stride(2),
-            stride_db_split=grad_b.stride(0), stride_db_n=grad_b.stride(1), stride_db_r=grad_b.stride(2),
-            stride_dbias_split=grad_bias.stride(0),
-            scale=float(scale), inv_keep=1.0 / (1.0 - dropout_p),
-            HAS_BIAS_GRAD=need_bias_grad, DETERMINISTIC=deterministic,
-            BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
-            **_dropout_args(dropout_p, seed, x), **cfg,
+            stride_da_slot=grad_a.stride(0), stride_da_r=grad_a.stride(1), stride_da_k=grad_a.stride(2),
+            scale=float(scale), keep_threshold=dropout["keep_threshold"], inv_keep=1.0 / (1.0 - dropout_p),
+            chunks_per_share=k_chunks_per_share, APPLY_DROPOUT=dropout["APPLY_DROPOUT"], BLOCK_K=block_k, **common,
         )
     grad_a, grad_b, grad_bias = (_reduce_splits(t, x.dtype) for t in (grad_a, grad_b, grad_bias))
     return grad_a, grad_b, grad_shrunk, grad_bias

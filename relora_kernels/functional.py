@@ -1,7 +1,7 @@
 """The differentiable fused LoRA linear: `lora_linear`, backed by the Triton kernels or the reference.
 
     forward   S = dropout_p(x) @ A.T;  y = x @ W.T + bias + s * S @ B.T            (2 launches)
-    backward  dS, dB, dA, dbias from one launch;  dx = dy @ W + mask(dS @ A)/(1-p)  (2 launches)
+    backward  dS, dB, dA, dbias (2 launches);  dx = dy @ W + mask(dS @ A)/(1-p)     (3 launches)
 
 Only S (M, r) is kept for the backward besides the inputs: the dropout mask is regenerated from the seed, which
 travels as a 0-d int64 tensor on x's device (drawn there when the caller gives none), so neither the op nor

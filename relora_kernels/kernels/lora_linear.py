@@ -5,10 +5,9 @@ The math (DESIGN.md section 1; x (M, K), W (N, K), A (r, K), B (N, r), s the sca
     x~ = dropout_p(x)                          mask m from (seed, m, k), scaled by 1/(1-p)
     S  = x~ @ A.T                              _shrink_kernel            (lora_shrink)
     y  = x @ W.T + bias + s * S @ B.T          _fused_matmul_kernel      (lora_forward_matmul)
-    dS = s * dy @ B                            \
-    dB = s * dy.T @ S                           | _grad_ab_kernel        (lora_grad_ab)
-    dA = dS.T @ x~                              | one launch: dy and x are each read once
-    dbias = dy.sum(0)                          /
+    dS = s * dy @ B;  dB = s * dy.T @ S;       _grad_b_kernel            (lora_grad_ab: dy and x are each
+    dbias = dy.sum(0)                                                     read once, by programs that split
+    dA = dS.T @ x~                             _grad_a_kernel             the tokens and the N / K columns)
     dx = dy @ W + (dS @ A) * m / (1-p)         _fused_matmul_kernel      (lora_input_grad)
 
 The fused GEMM starts its fp32 accumulator from the low-rank term (plus bias) and then runs the ordinary K loop,

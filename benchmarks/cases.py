@@ -18,6 +18,12 @@ lora_linear:  y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T; W and bias froz
 Modes: fwd (a forward with autograd recording, as in training), bwd (the backward of a graph built once outside the
 timing, run with retain_graph; the native providers call their backward function on saved tensors), fwd+bwd.
 
+lora_launches: each kernel launch of the fused op alone, on the launchers (no autograd), next to the cuBLAS GEMMs
+and a copy of x that bound them: where the fused op's time goes. Providers: shrink, forward_matmul, grad_ab (both
+gradient kernels), input_grad; floor_fwd (F.linear), floor_bwd (dy @ W), copy_x (x.copy_, the memory-bound kernels'
+yardstick). Each row carries its FLOPs and the fewest bytes it must move (launch_work), so time / floor and GB/s
+against copy_gbps read off directly.
+
 merge_and_reinit:  W += s * B @ A;  A <- U(-1/sqrt(K), 1/sqrt(K));  B <- 0   (in place)
   eager          PEFT's merge (delta = B @ A * s, then W += delta) and the re-initialisation as separate ops.
   fused          rk.merge_and_reinit_ (the merge kernel, then the reinit kernel).
@@ -37,8 +43,9 @@ import torch.nn.functional as F
 import csrc_bench
 import relora_kernels as rk
 
-OPS = ("lora_linear", "merge_and_reinit")
+OPS = ("lora_linear", "merge_and_reinit", "lora_launches")
 LORA_PROVIDERS = ("floor", "native_floor", "eager", "compile", "native", "fused", "fused_compile")
+LAUNCH_PROVIDERS = ("shrink", "forward_matmul", "grad_ab", "input_grad", "floor_fwd", "floor_bwd", "copy_x")
 MERGE_PROVIDERS = ("eager", "fused")
 COMPILE_PROVIDERS = ("compile", "fused_compile")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -110,6 +117,25 @@ class MergeCase:
         return f"{self.layer} merge {self.K}x{self.N} r={self.r} {self.dtype}"
 
 
+@dataclass(frozen=True)
+class LaunchCase:
+    M: int
+    K: int
+    N: int
+    r: int
+    p: float
+    dtype: str
+    layer: str
+    mode: str = "launch"
+
+    def row(self) -> dict:
+        return {"op": "lora_launches", "mode": self.mode, "layer": self.layer, "M": self.M, "K": self.K,
+                "N": self.N, "r": self.r, "p": self.p, "dtype": self.dtype}
+
+    def label(self) -> str:
+        return f"{self.layer} launches {self.M}x{self.K}x{self.N} r={self.r} p={self.p:g} {self.dtype}"
+
+
 # The README's headline: forward+backward of a Llama-7B-sized square layer at 8192 tokens, r = 16, p = 0.1, bf16.
 HEADLINE = LoraCase("fwd+bwd", 8192, 4096, 4096, 16, 0.1, "bf16", "llama-7b.qkvo")
 # Interpreter-sized (~1e4 elements per tensor): K and N not multiples of any block, r < 16. fp32 because a bf16
@@ -151,8 +177,16 @@ def merge_grid(grid: str) -> list[MergeCase]:
             + [dataclasses.replace(square, r=r) for r in (64, 128)])
 
 
+def launch_grid(grid: str) -> list[LaunchCase]:
+    """The headline shape with and without dropout, and at 2048 tokens (the fewest programs per SM)."""
+    base = SMOKE if grid == "smoke" else HEADLINE
+    head = LaunchCase(base.M, base.K, base.N, base.r, base.p, base.dtype, base.layer)
+    short = [] if grid == "smoke" else [dataclasses.replace(head, M=2048)]
+    return [head, dataclasses.replace(head, p=0.0), *short]
+
+
 def providers(op: str) -> tuple[str, ...]:
-    return LORA_PROVIDERS if op == "lora_linear" else MERGE_PROVIDERS
+    return {"lora_linear": LORA_PROVIDERS, "merge_and_reinit": MERGE_PROVIDERS, "lora_launches": LAUNCH_PROVIDERS}[op]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,8 +216,30 @@ def merge_bytes(case: MergeCase) -> int:
     return (2 * case.N * case.K + 2 * case.r * case.K + 2 * case.N * case.r) * itemsize
 
 
+def launch_work(case: LaunchCase, provider: str) -> tuple[int, int]:
+    """(FLOPs, fewest bytes moved) of one launch: every tensor it must read or write, once (dA / dB / dbias and
+    their atomics, (r, K) + (N, r) + N values, left out: under 1 % at the benchmarked shapes)."""
+    M, K, N, r, size = case.M, case.K, case.N, case.r, DTYPES[case.dtype].itemsize
+    work = {
+        "shrink": (2 * M * K * r, M * K + r * K + M * r),  # x, A -> S
+        "forward_matmul": (2 * M * N * K + 2 * M * N * r, M * K + N * K + M * r + N * r + M * N),  # x, W, S, B -> y
+        "grad_ab": (4 * M * N * r + 2 * M * K * r, M * N + M * K + N * r + 2 * M * r),  # dy, x, B, S -> dS
+        "input_grad": (2 * M * N * K + 2 * M * K * r, M * N + N * K + M * r + r * K + M * K),  # dy, W, dS, A -> dx
+        "floor_fwd": (2 * M * N * K, M * K + N * K + M * N),
+        "floor_bwd": (2 * M * N * K, M * N + N * K + M * K),
+        "copy_x": (0, 2 * M * K),
+    }[provider]
+    return work[0], work[1] * size
+
+
 def metrics(case, provider: str, median_ms: float | None) -> dict:
-    """The row's work count and throughput: tflops = flops / time for lora_linear, gbps = bytes / time for merge."""
+    """The row's work count and throughput: tflops = flops / time for lora_linear, gbps = bytes / time for merge;
+    both for a launch."""
+    seconds = None if median_ms is None else median_ms * 1e-3
+    if isinstance(case, LaunchCase):
+        flops, moved = launch_work(case, provider)
+        return {"flops": flops, "tflops": None if seconds is None else flops / seconds / 1e12,
+                "bytes": moved, "gbps": None if seconds is None else moved / seconds / 1e9}
     if isinstance(case, LoraCase):
         flops = lora_linear_flops(case, provider)
         return {"flops": flops, "tflops": None if median_ms is None else flops / (median_ms * 1e-3) / 1e12}
@@ -327,7 +383,31 @@ def build_merge(provider: str, case: MergeCase, device: torch.device) -> Callabl
     return eager
 
 
+def build_launch(provider: str, case: LaunchCase, device: torch.device) -> Callable:
+    """One launcher of the fused op on realistic inputs (its inputs made once by the other launchers)."""
+    from relora_kernels.kernels import lora_linear as launchers
+
+    inp = lora_inputs(case, device)
+    x, weight, bias, lora_a, lora_b, grad_y = (t.detach() for t in (inp.x, inp.weight, inp.bias, inp.lora_a,
+                                                                      inp.lora_b, inp.grad_y))
+    p, seed = case.p, torch.tensor(REINIT_SEED, device=device) if case.p > 0 else None
+    shrunk = launchers.lora_shrink(x, lora_a, p, seed)
+    grad_shrunk = launchers.lora_grad_ab(grad_y, x, shrunk, lora_b, SCALE, p, seed, True)[2]
+    copy = torch.empty_like(x)
+    return {
+        "shrink": lambda: launchers.lora_shrink(x, lora_a, p, seed),
+        "forward_matmul": lambda: launchers.lora_forward_matmul(x, weight, shrunk, lora_b, SCALE, bias),
+        "grad_ab": lambda: launchers.lora_grad_ab(grad_y, x, shrunk, lora_b, SCALE, p, seed, True),
+        "input_grad": lambda: launchers.lora_input_grad(grad_y, weight, grad_shrunk, lora_a, p, seed),
+        "floor_fwd": lambda: F.linear(x, weight, bias),
+        "floor_bwd": lambda: grad_y @ weight,
+        "copy_x": lambda: copy.copy_(x),
+    }[provider]
+
+
 def build(provider: str, case, device: torch.device) -> Callable:
     if isinstance(case, LoraCase):
         return build_lora_linear(provider, case, device)
+    if isinstance(case, LaunchCase):
+        return build_launch(provider, case, device)
     return build_merge(provider, case, device)

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cases import HEADLINE, LORA_PROVIDERS
+from .cases import HEADLINE, LAUNCH_PROVIDERS, LORA_PROVIDERS
 
 SPEEDUP_GOAL = 1.45  # fused fwd+bwd vs eager at the headline case
 FLOOR_GOAL = 1.12  # fused fwd+bwd time / floor time at the headline case
@@ -206,6 +206,8 @@ def markdown(results: dict) -> str:
                   for key, providers in groups.items()]
         lines += _table(["layer", "mode", "M", "K->N", "r", "p", "dtype", *present], memory)
 
+    lines += _launch_section(results)
+
     merges: dict[tuple, dict[str, dict]] = {}
     for row in results["rows"]:
         if row["op"] == "merge_and_reinit":
@@ -237,6 +239,40 @@ def markdown(results: dict) -> str:
         lines += _table(["op", "provider", "case", "status", "reason"],
                         [[r["op"], r["provider"], _row_case(r), r["status"], r.get("reason")] for r in problems])
     return "\n".join(lines) + "\n"
+
+
+# A GEMM launch is held against cuBLAS's GEMM of the same shape; a memory-bound one against a copy of x.
+_LAUNCH_YARDSTICK = {"forward_matmul": "floor_fwd", "input_grad": "floor_bwd", "shrink": "copy_x", "grad_ab": "copy_x"}
+
+
+def _launch_section(results: dict) -> list[str]:
+    groups: dict[tuple, dict[str, dict]] = {}
+    for row in results["rows"]:
+        if row["op"] == "lora_launches":
+            key = tuple(row[k] for k in ("layer", "M", "K", "N", "r", "p", "dtype"))
+            groups.setdefault(key, {})[row["provider"]] = row
+    if not groups:
+        return []
+    lines = ["", "## lora_launches: where the fused op's time goes", "",
+             "Each launch alone, on the launchers (no autograd). `vs yardstick`: a GEMM launch's time over cuBLAS's "
+             "GEMM of the same shape (floor_fwd / floor_bwd), a memory-bound launch's GB/s (the fewest bytes it must "
+             "move, cases.launch_work) over copy_x's. `launches / floor`: shrink + forward_matmul + grad_ab + "
+             "input_grad over floor_fwd + floor_bwd.", ""]
+    table = []
+    for (layer, M, K, N, r, p, dtype), providers in groups.items():
+        fused = [_ms(providers.get(q)) for q in ("shrink", "forward_matmul", "grad_ab", "input_grad")]
+        floor = [_ms(providers.get(q)) for q in ("floor_fwd", "floor_bwd")]
+        total = None if None in fused or None in floor else sum(fused) / sum(floor)
+        for provider in (q for q in LAUNCH_PROVIDERS if q in providers):
+            row, yardstick = providers[provider], providers.get(_LAUNCH_YARDSTICK.get(provider, ""))
+            if provider in ("shrink", "grad_ab"):
+                versus = _ratio(row.get("gbps"), yardstick and yardstick.get("gbps"))
+            else:
+                versus = _ratio(_ms(row), _ms(yardstick))
+            table.append([layer, M, f"{K}->{N}", r, p, dtype, provider, _cell(row), row.get("tflops"),
+                          row.get("gbps"), versus, total if provider == "shrink" else None])
+    return lines + _table(["layer", "M", "K->N", "r", "p", "dtype", "launch", "ms", "TFLOP/s", "GB/s", "vs yardstick",
+                           "launches / floor"], table)
 
 
 def headline(results: dict) -> str:

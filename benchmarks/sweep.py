@@ -8,10 +8,11 @@
     python -m benchmarks.sweep --budget-s 420                 # start no run after 420 s; the file says what is left
     python -m benchmarks.sweep --resume benchmarks/results/h100.json   # the runs that file lacks, added to its rows
 
-Ops: lora_linear and merge_and_reinit (cases.py), pretrain (e2e.py). --shapes keeps cases whose layer (or model)
-name contains one of the given substrings (e.g. gpt2-124m, llama-7b.up, qkv); --modes filters lora_linear only.
-A provider that cannot run here (native without CUDA) gives a row with status "skipped" and its reason; one that
-fails (a compile error, an OOM) a row with status "error"; the sweep goes on either way (--strict: exit 1 on errors).
+Ops: lora_linear, merge_and_reinit and lora_launches (cases.py), pretrain (e2e.py). --shapes keeps cases whose layer
+(or model) name contains one of the given substrings (e.g. gpt2-124m, llama-7b.up, qkv); --modes filters lora_linear
+only. A provider that cannot run here (native without CUDA) gives a row with status "skipped" and its reason; one
+that fails (a compile error, an OOM) a row with status "error"; the sweep goes on either way (--strict: exit 1 on
+errors).
 
 Runs go in order of importance: the quick grid's cases (the headline first), the end-to-end step, then the rest of
 the grid. The result file is rewritten after every run, so a run cut short (a time limit, a crash, Ctrl-C) keeps
@@ -33,7 +34,8 @@ from tqdm import tqdm
 from . import cases, e2e, harness
 
 ALL_OPS = (*cases.OPS, "pretrain")
-ALL_PROVIDERS = tuple(dict.fromkeys(cases.LORA_PROVIDERS + cases.MERGE_PROVIDERS + e2e.CONFIGS))
+ALL_PROVIDERS = tuple(dict.fromkeys(cases.LORA_PROVIDERS + cases.MERGE_PROVIDERS + cases.LAUNCH_PROVIDERS
+                                    + e2e.CONFIGS))
 NO_MEASUREMENT = {"median_ms": None, "p20_ms": None, "p80_ms": None, "peak_mem_mb": None}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -100,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def plan(args) -> list[tuple[object, str]]:
     """The (case, provider) pairs of the chosen grid that pass the filters, most important first: the quick grid's
     lora_linear and merge cases, the end-to-end configurations (case e2e.PretrainCase), then the rest of the grid."""
-    grids = {"lora_linear": cases.lora_grid, "merge_and_reinit": cases.merge_grid}
+    grids = {"lora_linear": cases.lora_grid, "merge_and_reinit": cases.merge_grid, "lora_launches": cases.launch_grid}
     first, rest = [], []
     for op in (op for op in cases.OPS if op in args.ops):
         grid = grids[op](args.grid)

@@ -38,6 +38,11 @@ def test_lora_linear(provider, mode, p, device, run_case):
     run_case(fn)
 
 
+@pytest.mark.parametrize("provider", cases.LAUNCH_PROVIDERS)
+def test_lora_launch(provider, device, run_case):
+    run_case(_build(provider, cases.launch_grid("quick" if HAS_CUDA else "smoke")[0], device))
+
+
 @pytest.mark.parametrize("provider", cases.MERGE_PROVIDERS)
 def test_merge_and_reinit(provider, device, run_case):
     run_case(_build(provider, MERGE_CASE, device))

@@ -114,3 +114,20 @@ def test_not_a_result_file(tmp_path, capsys):
     path.write_text(json.dumps({"rows": []}))
     assert report.main([str(path)]) == 2
     assert "missing device" in capsys.readouterr().err
+
+
+def test_launch_breakdown_holds_each_launch_against_its_yardstick():
+    case = cases.launch_grid("quick")[0]
+    # Invented times: the two GEMMs at 0.5 ms with cuBLAS at 0.45; x copied at 2.0 TB/s, the shrink at half that.
+    copy_ms = cases.launch_work(case, "copy_x")[1] / 2.0e12 * 1e3
+    shrink_ms = cases.launch_work(case, "shrink")[1] / 1.0e12 * 1e3
+    times = {"shrink": shrink_ms, "forward_matmul": 0.5, "grad_ab": 0.05, "input_grad": 0.5, "floor_fwd": 0.45,
+             "floor_bwd": 0.45, "copy_x": copy_ms}
+    rows = [{**case.row(), "provider": provider, "median_ms": ms, "p20_ms": ms, "p80_ms": ms, "peak_mem_mb": 0.0,
+             **cases.metrics(case, provider, ms), "status": "ok"} for provider, ms in times.items()]
+    text = report.markdown({**fake_results(), "rows": rows})
+    table = {line.split(" | ")[6]: line.split(" | ") for line in text.splitlines() if line.startswith("| llama")}
+    assert float(table["forward_matmul"][10]) == pytest.approx(0.5 / 0.45, rel=5e-3)
+    assert float(table["shrink"][10]) == pytest.approx(0.5, rel=5e-3)  # half the copy's GB/s
+    total = (shrink_ms + 0.5 + 0.05 + 0.5) / 0.9
+    assert float(table["shrink"][11].rstrip(" |")) == pytest.approx(total, rel=5e-3)  # 3 significant digits

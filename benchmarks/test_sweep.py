@@ -37,11 +37,12 @@ def test_default_grid_runs_the_headline_first_and_everything_once():
     assert len(set(keys)) == len(keys), "two runs share a key: --resume would confuse them"
     assert pairs[0][0] == cases.HEADLINE
     first_pretrain = next(i for i, (case, _) in enumerate(pairs) if isinstance(case, e2e.PretrainCase))
-    quick = set(cases.lora_grid("quick")) | set(cases.merge_grid("quick"))
+    grids = {"lora_linear": cases.lora_grid, "merge_and_reinit": cases.merge_grid, "lora_launches": cases.launch_grid}
+    quick = {case for grid in grids.values() for case in grid("quick")}
     assert all(case in quick for case, _ in pairs[:first_pretrain])
     assert not any(case in quick for case, _ in pairs[first_pretrain + len(e2e.CONFIGS):])
-    every = {(case, provider) for op, grid in (("lora_linear", cases.lora_grid), ("merge_and_reinit", cases.merge_grid))
-             for case in grid("default") for provider in cases.providers(op)}
+    every = {(case, provider) for op, grid in grids.items() for case in grid("default")
+             for provider in cases.providers(op)}
     every |= {(e2e.case(False), config) for config in e2e.CONFIGS}
     assert set(pairs) == every
 

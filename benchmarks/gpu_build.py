@@ -172,7 +172,8 @@ def build_all(capability: int, dtype_name: str, rank: int) -> list[dict]:
             stack.enter_context(mock.patch.object(module, "traceable", build_only))
         # For good: a machine without a GPU has no driver to go back to (main runs each job in a worker process).
         driver.set_active(_StandInDriver(capability))
-        for autotune in ("1", "0"):  # the autotuned configs, then the fixed tile of RELORA_KERNELS_AUTOTUNE=0
+        # The autotuned configs, the fixed tile of RELORA_KERNELS_AUTOTUNE=0, then the default: the tuned table's tiles.
+        for autotune in ("1", "0", ""):
             with mock.patch.dict(os.environ, {"RELORA_KERNELS_AUTOTUNE": autotune}):
                 _drive_launchers(DTYPES[dtype_name], rank)
     return list(builds.values())

@@ -6,8 +6,12 @@ so what is checked is the kernels' output.
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
+import triton
 from helpers import assert_within_torch_error, make_inputs
 
 import relora_kernels as rk
@@ -324,3 +328,83 @@ def test_shrink_blocks_shrink_until_the_gpu_has_programs_enough(monkeypatch):
     # At r = 128 each program reads 128 x K of A: no smaller than 64 tokens (A's traffic at most twice x's).
     assert kernels._shrink_config(128, torch.bfloat16, 2048)["BLOCK_M"] == 64
     assert kernels._shrink_config(64, torch.bfloat16, 2048)["BLOCK_M"] == 32
+
+
+def test_tile_names_round_trip_and_bad_ones_are_named():
+    from relora_kernels.kernels import lora_linear as kernels
+
+    for config in kernels._MATMUL_CONFIGS:
+        again = kernels.parse_tile(kernels.tile_name(config))
+        assert (again.kwargs, again.num_warps, again.num_stages) == (config.kwargs, config.num_warps,
+                                                                     config.num_stages)
+    for bad in ("128x128 g8 w8 s4", "128x128x64 w8 g8 s4", "big"):
+        with pytest.raises(ValueError, match="not a tile name"):
+            kernels.parse_tile(bad)
+
+
+def test_shipped_tuned_table_is_well_formed():
+    # What benchmarks/tune.py writes: per architecture, where it was measured, defaults and shapes, valid tiles.
+    from relora_kernels.kernels import lora_linear as kernels
+
+    table = json.loads(kernels.TUNED_TABLE.read_text())
+    for arch, entry in table.items():
+        assert re.fullmatch(r"sm_\d+", arch) and {"device", "triton", "commit"} <= set(entry["measured"]), arch
+        for key, name in {**entry["default"], **entry["shapes"]}.items():
+            assert re.fullmatch(r"(bf16|fp16|fp32)/r\d+/(forward(\+bias)?|input_grad(\+dropout)?)(/M\d+/N\d+/K\d+)?",
+                                key), key
+            kernels.parse_tile(name)
+
+
+@pytest.mark.parametrize("setting, table_arch, shape_listed, expected", [
+    ("", "sm_90", True, "shape"),  # a tuned shape: its own tile
+    ("", "sm_90", False, "default"),  # another shape: the variant's default
+    ("", "sm_80", True, "autotune"),  # an architecture the table lacks: the autotuner
+    ("1", "sm_90", True, "autotune"),  # RELORA_KERNELS_AUTOTUNE=1: the autotuner whatever the table says
+    ("0", "sm_90", True, "first"),  # RELORA_KERNELS_AUTOTUNE=0: the first tile that fits
+])
+def test_fused_gemm_tile_comes_from_the_tuned_table(setting, table_arch, shape_listed, expected, monkeypatch):
+    from relora_kernels.kernels import lora_linear as kernels
+
+    M, N, K, rank = 300, 96, 80, 16
+    default, shape = kernels.tuned_keys(torch.float32, 16, "forward", True, False, M, N, K)
+    tiles = {"shape": "64x64x64 g4 w4 s3", "default": "32x32x32 g8 w4 s2"}
+    table = {table_arch: {"measured": {}, "default": {default: tiles["default"]},
+                          "shapes": {shape: tiles["shape"]} if shape_listed else {}}}
+    monkeypatch.setattr(kernels, "_tuned_table", lambda: table)
+    monkeypatch.setattr(kernels, "_current_arch", lambda: 90)
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: H100_SHARED_MEMORY)
+    monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", setting)
+    launches = []
+
+    class Recorder:  # stands in for traceable(kernel): records what would be launched, runs nothing
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda **kwargs: launches.append((self.kernel, kwargs))
+
+    monkeypatch.setattr(kernels, "traceable", Recorder)
+    x, weight, lora_a, lora_b, bias = make_inputs((M,), K, N, rank, torch.float32).values()
+    kernels.lora_forward_matmul(x, weight, x @ lora_a.T, lora_b, 0.5, bias)
+    (kernel, kwargs), = launches
+    if expected == "autotune":
+        assert isinstance(kernel, triton.runtime.autotuner.Autotuner)
+        return
+    first = kernels._fitting(kernels._MATMUL_CONFIGS, kernels._matmul_shared_bytes, 16, torch.float32)[0]
+    want = first if expected == "first" else kernels.parse_tile(tiles[expected])
+    assert {k: kwargs[k] for k in want.kwargs} == want.kwargs
+    assert (kwargs["num_warps"], kwargs["num_stages"]) == (want.num_warps, want.num_stages)
+
+
+def test_a_tuned_tile_that_does_not_fit_is_not_launched(monkeypatch):
+    from relora_kernels.kernels import lora_linear as kernels
+
+    monkeypatch.setattr(kernels, "_current_arch", lambda: 89)
+    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: RTX4090_SHARED_MEMORY)
+    default, _ = kernels.tuned_keys(torch.bfloat16, 256, "input_grad", False, True, 4096, 4096, 4096)
+    monkeypatch.setattr(kernels, "_tuned_table", lambda: {"sm_89": {"default": {default: "128x256x64 g8 w8 s3"}}})
+    assert kernels._tuned_tile(torch.bfloat16, 256, "input_grad", False, True, 4096, 4096, 4096) is None
+    monkeypatch.setattr(kernels, "_tuned_table", lambda: {"sm_89": {"default": {default: "32x32x32 g8 w4 s2"}}})
+    assert kernels._tuned_tile(torch.bfloat16, 256, "input_grad", False, True, 4096, 4096, 4096).kwargs[
+        "BLOCK_M"] == 32

@@ -23,7 +23,9 @@ and accept any strides. Limits: r <= MAX_RANK (the low-rank tiles live in regist
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -366,9 +368,10 @@ def _grad_a_kernel(
 # 4090): the low-rank tiles grow with r, so a tile that fits at r = 16 may not at r = 256. The estimates below bound
 # what Triton allocates from above (exactly, for the fused GEMM on sm_90; 1.25-2.5x over on sm_8x):
 # `python -m benchmarks.gpu_build` compiles every launch for sm_80/86/89/90 without a GPU and checks them (so does
-# CI, for sm_90 and sm_80). The fused GEMM is autotuned over the tiles that fit (it writes a fresh output, so
-# re-running it is safe); the grad kernel, which accumulates with atomics, the shrink and the merge use the first
-# tile of their list that fits (never autotune an atomic or in-place kernel blindly).
+# CI, for sm_90 and sm_80). The fused GEMM takes its tile from the measured per-architecture table (TUNED_TABLE),
+# else is autotuned over the tiles that fit (it writes a fresh output, so re-running it is safe); the gradient
+# kernels, which accumulate with atomics, the shrink and the merge use the first tile of their list that fits
+# (never autotune an atomic or in-place kernel blindly).
 # ---------------------------------------------------------------------------------------------------------------
 
 _INTERPRETER_BLOCK = 32
@@ -478,10 +481,78 @@ def _autotuned_matmul(configs: tuple[triton.Config, ...]):
     return triton.autotune(configs=list(configs), key=["M", "N", "K", "R"])(_fused_matmul_kernel)
 
 
-def _autotune() -> bool:
-    """RELORA_KERNELS_AUTOTUNE=0 launches the fused GEMM with one fixed tile instead of autotuning every new shape
-    (the GPU tests use it: a cold autotune of each of their ~70 shape/dtype keys would take minutes)."""
-    return os.environ.get("RELORA_KERNELS_AUTOTUNE", "1") != "0"
+def _tile_choice() -> str:
+    """How the fused GEMM's tile is chosen, from RELORA_KERNELS_AUTOTUNE:
+    unset  "table": the measured per-architecture table (tuned_gemm.json), else the autotuner;
+    1      "autotune": the autotuner, over the first _AUTOTUNED_TILES fitting tiles, for every new shape;
+    0      "fixed": the first fitting tile (the GPU tests: a cold autotune of their ~70 keys would take minutes)."""
+    return {"0": "fixed", "1": "autotune"}.get(os.environ.get("RELORA_KERNELS_AUTOTUNE", ""), "table")
+
+
+# The fused GEMM's tiles measured per GPU architecture by `python -m benchmarks.tune` and kept in the repository:
+#   {"sm_90": {"measured": {device, torch, triton, commit, date},
+#              "default": {"bf16/r16/forward+bias": tile, ...},          one per (dtype, rank block, variant)
+#              "shapes": {"bf16/r16/forward+bias/M8192/N4096/K4096": tile, ...}}}    the tuned shapes
+# A variant is the launch (forward: y = x @ W.T ..., input_grad: dx = dy @ W ..., whose W is read transposed) with
+# its options (+bias, +dropout).
+# A tuned shape takes its own tile, any other shape its (dtype, r, variant)'s default; an architecture or variant
+# missing from the table is autotuned. A tile is written "128x128x64 g8 w8 s4" (BLOCK_M x BLOCK_N x BLOCK_K,
+# GROUP_M, warps, stages).
+TUNED_TABLE = Path(__file__).with_name("tuned_gemm.json")
+
+
+def _current_arch() -> int:
+    """The compute capability Triton compiles for, e.g. 90 on an H100."""
+    return triton.runtime.driver.active.get_current_target().arch
+
+
+@functools.cache
+def _tuned_table() -> dict:
+    return json.loads(TUNED_TABLE.read_text()) if TUNED_TABLE.exists() else {}
+
+
+def tile_name(config: triton.Config) -> str:
+    tile = config.kwargs
+    return (f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} g{tile['GROUP_M']} w{config.num_warps} "
+            f"s{config.num_stages}")
+
+
+def parse_tile(name: str) -> triton.Config:
+    """The inverse of tile_name; a ValueError naming the text if it is not one."""
+    try:
+        blocks, group, warps, stages = name.split()
+        block_m, block_n, block_k = (int(b) for b in blocks.split("x"))
+        if (group[0], warps[0], stages[0]) != ("g", "w", "s"):
+            raise ValueError
+        kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": int(group[1:])}
+        return triton.Config(kwargs, num_warps=int(warps[1:]), num_stages=int(stages[1:]))
+    except ValueError:
+        raise ValueError(f"not a tile name like '128x128x64 g8 w8 s4': {name!r}") from None
+
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def tuned_keys(dtype: torch.dtype, rank_block: int, kind: str, bias: bool, dropout: bool, M: int, N: int, K: int):
+    """(default key, shape key) of a launch in the table: kind "forward" or "input_grad"; the kernel's M (tokens,
+    by power-of-two bucket), N (outputs) and K (the reduction), exact."""
+    options = ("+bias" if bias else "") + ("+dropout" if dropout else "")
+    variant = f"{_DTYPE_NAMES[dtype]}/r{rank_block}/{kind}{options}"
+    return variant, f"{variant}/M{triton.next_power_of_2(M)}/N{N}/K{K}"
+
+
+def _tuned_tile(dtype, rank_block, kind, bias, dropout, M, N, K) -> triton.Config | None:
+    """The table's tile for this launch on the current GPU, or None (no entry, or one that does not fit)."""
+    entry = _tuned_table().get(f"sm_{_current_arch()}")
+    if not entry:
+        return None
+    default, shape = tuned_keys(dtype, rank_block, kind, bias, dropout, M, N, K)
+    name = entry.get("shapes", {}).get(shape) or entry.get("default", {}).get(default)
+    if name is None:
+        return None
+    tile = parse_tile(name)
+    fits = _matmul_shared_bytes(tile, rank_block, dtype.itemsize) <= _shared_memory_limit()
+    return tile if fits else None
 
 
 def _shrink_config(rank_block: int, dtype: torch.dtype, tokens: int) -> dict:
@@ -543,8 +614,9 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: t
     return shrunk
 
 
-def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed):
-    """out = lhs @ rhs_t.T + low_scale * mask(low @ up_t.T) + bias, where rhs_t (N, K) and up_t (N, R)."""
+def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed, kind):
+    """out = lhs @ rhs_t.T + low_scale * mask(low @ up_t.T) + bias, where rhs_t (N, K) and up_t (N, R); kind names
+    the launch in the tuned table ("forward" or "input_grad")."""
     (M, K), N, R = lhs.shape, rhs_t.shape[0], low.shape[1]
     out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype)
     if M == 0 or N == 0:
@@ -566,29 +638,33 @@ def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed):
         traceable(_fused_matmul_kernel)[grid](**args, BLOCK_M=block, BLOCK_N=block, BLOCK_K=block, GROUP_M=4)
     else:
         tiles = _fitting(_MATMUL_CONFIGS, _matmul_shared_bytes, args["BLOCK_R"], lhs.dtype)
-        if _autotune():
+        choice = _tile_choice()
+        tile = tiles[0] if choice == "fixed" else None
+        if choice == "table":
+            tile = _tuned_tile(lhs.dtype, args["BLOCK_R"], kind, bias is not None, args["APPLY_DROPOUT"], M, N, K)
+        if tile is None:
             def grid(cfg):
                 return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
             traceable(_autotuned_matmul(tuple(tiles[:_AUTOTUNED_TILES])))[grid](**args)
         else:
-            cfg = tiles[0]
-            grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
-            traceable(_fused_matmul_kernel)[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps,
-                                                  num_stages=cfg.num_stages)
+            grid = (triton.cdiv(M, tile.kwargs["BLOCK_M"]) * triton.cdiv(N, tile.kwargs["BLOCK_N"]),)
+            traceable(_fused_matmul_kernel)[grid](**args, **tile.kwargs, num_warps=tile.num_warps,
+                                                  num_stages=tile.num_stages)
     return out
 
 
 def lora_forward_matmul(x: torch.Tensor, weight: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
                         scale: float, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W.T + bias + s * S @ B.T, (M, N) in x's dtype; the low-rank term seeds the accumulator."""
-    return _fused_matmul(x, weight, shrunk, lora_b, scale, bias, 0.0, None)
+    return _fused_matmul(x, weight, shrunk, lora_b, scale, bias, 0.0, None, "forward")
 
 
 def lora_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, grad_shrunk: torch.Tensor, lora_a: torch.Tensor,
                     dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """dx = dy @ W + (dS @ A) * m / (1-p), (M, K) in dy's dtype; the masked low-rank term seeds the accumulator."""
-    return _fused_matmul(grad_y, weight.T, grad_shrunk, lora_a.T, 1.0 / (1.0 - dropout_p), None, dropout_p, seed)
+    return _fused_matmul(grad_y, weight.T, grad_shrunk, lora_a.T, 1.0 / (1.0 - dropout_p), None, dropout_p, seed,
+                         "input_grad")
 
 
 def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, scale: float,

@@ -159,3 +159,19 @@ def test_autotuned_fused_gemm_matches_reference(monkeypatch, kernel_calls):
     monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", "1")  # the default, whatever the test run's environment says
     inputs = make_inputs((2048,), 1024, 1536, 16, torch.bfloat16, device="cuda")
     check_against_reference(inputs, 2.0, 0.1, 12, torch.bfloat16)
+
+
+def test_tuned_table_tiles_run_and_are_correct(monkeypatch, kernel_calls):
+    # The table path on the GPU: a table naming the small 64x64 tile for this GPU's architecture (every variant of
+    # the test's dtype and rank), its launches against the float64 reference (bf16, dropout on: forward and dx).
+    table_tile = "64x64x64 g8 w4 s4"
+    variants = [kernels.tuned_keys(torch.bfloat16, 16, kind, bias, dropout, 1, 1, 1)[0]
+                for kind, bias, dropout in (("forward", True, False), ("input_grad", False, True))]
+    monkeypatch.setattr(kernels, "_tuned_table",
+                        lambda: {f"sm_{kernels._current_arch()}": {"default": dict.fromkeys(variants, table_tile),
+                                                                   "shapes": {}}})
+    monkeypatch.delenv("RELORA_KERNELS_AUTOTUNE", raising=False)
+    assert kernels.tile_name(kernels._tuned_tile(torch.bfloat16, 16, "forward", True, False, 1000, 1500, 1024)) == (
+        table_tile)
+    inputs = make_inputs((1000,), 1024, 1500, 16, torch.bfloat16, device="cuda")
+    check_against_reference(inputs, 2.0, 0.1, 13, torch.bfloat16)

@@ -19,10 +19,13 @@ measurement and is never an architecture's entry.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from tqdm import tqdm
@@ -98,23 +101,12 @@ def time_tiles(launch: dict, device: torch.device, smoke: bool) -> dict[str, flo
     return times
 
 
-class _forced:
+@contextlib.contextmanager
+def _forced(tile):
     """Within the block, the launcher's fixed path runs `tile` (RELORA_KERNELS_AUTOTUNE=0 over a one-tile list)."""
-
-    def __init__(self, tile):
-        self.tile = tile
-
-    def __enter__(self):
-        self.saved = kernels._MATMUL_CONFIGS, kernels.os.environ.get("RELORA_KERNELS_AUTOTUNE")
-        kernels._MATMUL_CONFIGS = [self.tile]
-        kernels.os.environ["RELORA_KERNELS_AUTOTUNE"] = "0"
-
-    def __exit__(self, *exc):
-        kernels._MATMUL_CONFIGS, setting = self.saved
-        if setting is None:
-            kernels.os.environ.pop("RELORA_KERNELS_AUTOTUNE", None)
-        else:
-            kernels.os.environ["RELORA_KERNELS_AUTOTUNE"] = setting
+    with mock.patch.object(kernels, "_MATMUL_CONFIGS", [tile]), \
+            mock.patch.dict(os.environ, {"RELORA_KERNELS_AUTOTUNE": "0"}):
+        yield
 
 
 def choose(results: list[dict]) -> tuple[dict[str, str], dict[str, str]]:

@@ -5,7 +5,8 @@ RELORA_KERNELS_BACKEND=auto|triton|reference, read at every call so a test or a 
   triton     the kernels always; on a CPU tensor they run only under TRITON_INTERPRET=1, otherwise a clear error.
   reference  the pure-PyTorch twins.
 RELORA_KERNELS_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)) replaces the kernels' fp32 atomics
-with per-program partials and a fixed-order sum, so gradients are bit-identical run to run.
+with per-program partials and a fixed-order sum, so gradients are bit-identical run to run on one GPU model (the
+work is split by its SM count).
 """
 
 from __future__ import annotations

@@ -229,6 +229,16 @@ def _accumulate(ptrs, value, mask, DETERMINISTIC: tl.constexpr):
 
 
 @triton.jit
+def _token_block(M, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    """A gradient program's block of tokens (axis 0 of the grid): its partials' slot, its rows (int64: M * stride
+    can pass 2**31), their mask, and the rank offsets and mask."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    return pid_m if DETERMINISTIC else 0, offs_m.to(tl.int64), offs_m < M, offs_r, offs_r < R
+
+
+@triton.jit
 def _grad_b_kernel(
     dy_ptr,  # (M, N)
     s_ptr,  # (M, R) the forward's S
@@ -248,13 +258,8 @@ def _grad_b_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m, share = tl.program_id(0), tl.program_id(1)
-    slot = pid_m if DETERMINISTIC else 0
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = offs_m.to(tl.int64)
-    mask_m = offs_m < M
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
+    share = tl.program_id(1)
+    slot, rows, mask_m, offs_r, mask_r = _token_block(M, R, BLOCK_M, BLOCK_R, DETERMINISTIC)
     scale = tl.cast(scale, tl.float32)  # float scalars may arrive as fp64 (torch.compile)
     s_tile = tl.load(
         s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
@@ -314,13 +319,8 @@ def _grad_a_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m, share = tl.program_id(0), tl.program_id(1)
-    slot = pid_m if DETERMINISTIC else 0
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = offs_m.to(tl.int64)
-    mask_m = offs_m < M
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
+    share = tl.program_id(1)
+    slot, rows, mask_m, offs_r, mask_r = _token_block(M, R, BLOCK_M, BLOCK_R, DETERMINISTIC)
     mask_mr = mask_m[:, None] & mask_r[None, :]
 
     # dS = s * (sum of the N shares' partials), in a fixed order.

@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu_build                                  # sm_90 (H100/H200), bf16, r = 16, 64, 128, 256
     python -m benchmarks.gpu_build --arch 80 86 89 90 --dtypes bf16 fp16 fp32 --out DIR
-    python -m benchmarks.gpu_build --ranks 16 --json build.json     # what the CI test runs
+    python -m benchmarks.gpu_build --ranks 16 --trace --json build.json   # what the CI test runs (sm_90)
 
 The real launchers (kernels/lora_linear.py, kernels/merge.py) are called on CPU tensors with Triton's driver
 replaced by a stand-in that names the target GPU, and with every launch turned into Triton's `warmup` (compile, never
@@ -12,6 +12,9 @@ compiler, LLVM and ptxas. For each build the report gives the shared memory it n
 per-block limit, its registers, its stack frame (register spills) and, on sm_90, whether the GEMMs run on Hopper's
 wgmma. It catches without a GPU a kernel that does not compile for the target with this Triton, or a tile that could
 not launch there; it measures no speed. Exit status 1 when a build fails or a launch would exceed the shared memory.
+
+With --trace it also records each op as torch.compile sees it on that GPU (`trace_for_compile`): the triton_ops
+decomposed into their launches, and which tensors Inductor's analysis of each kernel found it writes.
 """
 
 from __future__ import annotations
@@ -179,6 +182,75 @@ def build_all(capability: int, dtype_name: str, rank: int) -> list[dict]:
     return list(builds.values())
 
 
+def _op_calls(dtype: torch.dtype, rank: int) -> list[tuple[str, object, tuple]]:
+    """(label, function, its tensor arguments) for each op in every variant a training step or a restart calls."""
+    from relora_kernels import ops
+
+    x, weight = torch.zeros(TOKENS, IN_FEATURES, dtype=dtype), torch.zeros(OUT_FEATURES, IN_FEATURES, dtype=dtype)
+    lora_a, lora_b = torch.zeros(rank, IN_FEATURES, dtype=dtype), torch.zeros(OUT_FEATURES, rank, dtype=dtype)
+    bias, grad_y = torch.zeros(OUT_FEATURES, dtype=dtype), torch.zeros(TOKENS, OUT_FEATURES, dtype=dtype)
+    shrunk, seed = torch.zeros(TOKENS, rank, dtype=dtype), torch.tensor(1234)
+    return [
+        ("lora_shrink p=0.1", lambda x, a, seed: ops.lora_shrink(x, a, 0.1, seed), (x, lora_a, seed)),
+        ("lora_shrink p=0", lambda x, a: ops.lora_shrink(x, a, 0.0, None), (x, lora_a)),
+        ("lora_forward_matmul bias", lambda x, w, s, b, bias: ops.lora_forward_matmul(x, w, s, b, 2.0, bias),
+         (x, weight, shrunk, lora_b, bias)),
+        ("lora_forward_matmul", lambda x, w, s, b: ops.lora_forward_matmul(x, w, s, b, 2.0, None),
+         (x, weight, shrunk, lora_b)),
+        ("lora_grad_ab p=0.1 dbias", lambda dy, x, s, b, seed: ops.lora_grad_ab(dy, x, s, b, 2.0, 0.1, seed, True),
+         (grad_y, x, shrunk, lora_b, seed)),
+        ("lora_grad_ab deterministic", lambda dy, x, s, b: ops.lora_grad_ab(dy, x, s, b, 2.0, 0.0, None, False, True),
+         (grad_y, x, shrunk, lora_b)),
+        ("lora_input_grad p=0.1", lambda dy, w, ds, a, seed: ops.lora_input_grad(dy, w, ds, a, 0.1, seed),
+         (grad_y, weight, shrunk, lora_a, seed)),
+        ("lora_input_grad p=0", lambda dy, w, ds, a: ops.lora_input_grad(dy, w, ds, a, 0.0, None),
+         (grad_y, weight, shrunk, lora_a)),
+        ("merge_lora_weight_", lambda w, a, b: ops.merge_lora_weight_(w, a, b, 2.0), (weight, lora_a, lora_b)),
+        ("reinit_lora_", lambda a, b: ops.reinit_lora_(a, b, 1234), (lora_a, lora_b)),
+    ]
+
+
+def trace_for_compile(capability: int, dtype_name: str, rank: int) -> list[dict]:
+    """Each op as torch.compile sees it on that GPU: AOTAutograd's graph of one call, on fake tensors (nothing is
+    allocated or run). A triton_op is decomposed there into its kernel launches, which Inductor then schedules with
+    the rest of the model; for each launch Inductor analyses the kernel's Triton IR to learn which tensor arguments
+    it writes, and copies only those (where the analysis fails it assumes every tensor argument is written: extra
+    copies in every step). One row per op call: its launches (kernel, grid per autotune config, tensors written,
+    tensor arguments) and the ops left opaque (not decomposed: custom ops, torch < 2.6)."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    driver.set_active(_StandInDriver(capability))  # for good, as in build_all
+    rows, graphs = [], []
+
+    def keep_graph(graph, example_inputs):
+        graphs.append(graph)
+        return graph
+
+    for label, function, tensors in _op_calls(DTYPES[dtype_name], rank):
+        with FakeTensorMode() as mode:
+            aot_function(function, fw_compiler=keep_graph)(*(mode.from_tensor(t) for t in tensors))
+        launches, opaque = [], []
+        for node in graphs[-1].graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+                kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+                arguments = node.kwargs["kwargs"]
+                launches.append({
+                    "kernel": (kernel.fn if isinstance(kernel, Autotuner) else kernel).__name__.lstrip("_"),
+                    "grid": [list(grid) for grid in node.kwargs["grid"]],
+                    "written": sorted(node.kwargs["tensors_to_clone"]),
+                    "tensor_args": sorted(k for k, v in arguments.items() if isinstance(v, torch.fx.Node)),
+                })
+            elif str(node.target).startswith("relora_kernels."):
+                opaque.append(str(node.target))
+        rows.append({"arch": f"sm_{capability}", "dtype": dtype_name, "r": rank, "op": label, "launches": launches,
+                     "opaque": opaque})
+    return rows
+
+
 def problems(rows: list[dict]) -> list[str]:
     """What would fail on the GPU: a launch over the shared-memory limit (it raises OutOfResources), or an estimate
     below what Triton allocates (a tile the launcher thinks fits might not, on some other GPU)."""
@@ -230,6 +302,24 @@ def _build_job(job):
     return build_all(*job)
 
 
+def _trace_job(job):
+    return trace_for_compile(*job)
+
+
+def traced_markdown(traced: list[dict]) -> str:
+    """The launches torch.compile sees per op, and what Inductor found each kernel writes."""
+    lines = ["", "## Each op as torch.compile sees it (AOTAutograd's graph on fake tensors; Inductor's analysis of "
+             "what each kernel writes: it copies only those)", "",
+             "| arch | dtype | r | op | launches: kernel (grid of the first config) writes / of tensor arguments "
+             "| left opaque |", "|---|---|---|---|---|---|"]
+    for row in traced:
+        launches = "; ".join(f"{launch['kernel']} {tuple(launch['grid'][0])} {', '.join(launch['written'])} / "
+                             f"{len(launch['tensor_args'])}" for launch in row["launches"])
+        lines.append(f"| {row['arch']} | {row['dtype']} | {row['r']} | {row['op']} | {launches or '-'} "
+                     f"| {', '.join(row['opaque']) or 'none'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_MEMORY_LIMIT),
@@ -239,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="build processes (default: one per core)")
     parser.add_argument("--out", type=Path, help="folder for gpu_build.md and gpu_build.json (else: table to stdout)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--trace", action="store_true",
+                        help="also trace each op as torch.compile sees it (its kernel launches, what each writes)")
     args = parser.parse_args(argv)
     bad_ranks = [r for r in args.ranks if not 1 <= r <= lora_linear.MAX_RANK]
     if bad_ranks:
@@ -257,11 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     # One process per job: Triton keeps the target of device 0 per kernel for the life of a process.
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(jobs))), max_tasks_per_child=1) as pool:
         rows = [row for job_rows in pool.map(_build_job, jobs) for row in job_rows]
+        traced = [row for job_rows in pool.map(_trace_job, jobs if args.trace else []) for row in job_rows]
     print(f"{len(rows)} builds for {len(jobs)} (arch, dtype, rank) in {time.perf_counter() - start:.0f} s",
           file=sys.stderr)
 
-    table = markdown(rows, environment)
-    payload = json.dumps({**environment, "rows": rows}, indent=1)
+    table = markdown(rows, environment) + (traced_markdown(traced) if args.trace else "")
+    payload = json.dumps({**environment, "rows": rows, **({"traced": traced} if args.trace else {})}, indent=1)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_build.md").write_text(table)

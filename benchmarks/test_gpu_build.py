@@ -12,25 +12,31 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 GEMM_KERNELS = {"fused_matmul_kernel", "shrink_kernel", "grad_b_kernel", "grad_a_kernel", "merge_kernel"}
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
+def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_build") / "builds.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     runs = [
         subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_build", "--arch", arch, "--ranks", rank, "--jobs", "1",
-                          "--json", str(out.with_suffix(f".{arch}.json"))],
+                          "--json", str(out.with_suffix(f".{arch}.json")), *(["--trace"] if arch == "90" else [])],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for arch, rank in (("90", "16"), ("80", "256"))
     ]
     for run in runs:
         _, stderr = run.communicate(timeout=900)
         assert run.returncode == 0, f"{run.args}: exit {run.returncode}\n{stderr[-4000:]}"
-    return [row for arch in ("90", "80") for row in json.loads(out.with_suffix(f".{arch}.json").read_text())["rows"]]
+    return {arch: json.loads(out.with_suffix(f".{arch}.json").read_text()) for arch in ("90", "80")}
+
+
+@pytest.fixture(scope="module")
+def builds(reports):
+    return [row for report in reports.values() for row in report["rows"]]
 
 
 def test_every_kernel_is_built_for_each_architecture(builds):
@@ -71,3 +77,28 @@ def test_hopper_fixed_tiles_do_not_spill(builds):
     for row in builds:
         if row["arch"] == "sm_90" and "fixed" in row["paths"]:
             assert row["stack_bytes"] == 0, row
+
+
+# What each kernel writes (its output pointers), which Inductor's analysis of the kernel must find: were the analysis
+# to fail, Inductor would assume every tensor argument written and copy the inputs (x, W, ...) in every step.
+WRITTEN = {"shrink_kernel": ["s_ptr"], "fused_matmul_kernel": ["out_ptr"], "grad_a_kernel": ["da_ptr", "ds_ptr"],
+           "merge_kernel": ["w_ptr"], "reinit_kernel": ["a_ptr", "b_ptr"]}
+LAUNCHES = {"lora_shrink": ["shrink_kernel"], "lora_forward_matmul": ["fused_matmul_kernel"],
+            "lora_grad_ab": ["grad_b_kernel", "grad_a_kernel"], "lora_input_grad": ["fused_matmul_kernel"],
+            "merge_lora_weight_": ["merge_kernel"], "reinit_lora_": ["reinit_kernel"]}
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="torch < 2.6 registers opaque custom ops")
+def test_compile_sees_every_op_as_its_kernels_and_what_they_write(reports):
+    traced = reports["90"]["traced"]
+    assert {row["op"].split()[0] for row in traced} == set(LAUNCHES)
+    for row in traced:
+        op = row["op"].split()[0]
+        assert row["opaque"] == [], row  # decomposed: Inductor schedules the kernels themselves
+        assert [launch["kernel"] for launch in row["launches"]] == LAUNCHES[op], row
+        for launch in row["launches"]:
+            written = WRITTEN.get(launch["kernel"])
+            if launch["kernel"] == "grad_b_kernel":  # dbias only when asked
+                written = ["db_ptr", "dbias_ptr", "ds_ptr"] if "dbias" in row["op"] else ["db_ptr", "ds_ptr"]
+            assert launch["written"] == written, (row["op"], launch)
+            assert set(written) < set(launch["tensor_args"]) or launch["kernel"] == "reinit_kernel", launch

@@ -62,7 +62,7 @@ _LAUNCHERS = {
 # How the ops are registered: "triton_op" (torch >= 2.6: Inductor traces into the kernels), else "custom_op"
 # (torch 2.4-2.5, or under TRITON_INTERPRET=1 whose interpreted kernels torch cannot trace): opaque to Inductor,
 # still one graph under torch.compile.
-REGISTRATION = "triton_op" if hasattr(torch.library, "triton_op") and not _lora_kernels._interpreting() else "custom_op"
+REGISTRATION = "triton_op" if _lora_kernels.TRACEABLE_LAUNCHES else "custom_op"
 
 
 def _register(name: str):

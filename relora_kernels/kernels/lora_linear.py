@@ -44,11 +44,19 @@ def _interpreting() -> bool:
 
 
 try:  # torch >= 2.6: launches that torch.compile can trace (and plain launches outside of tracing)
-    from torch.library import wrap_triton as traceable
-except ImportError:  # torch < 2.6: ops.py registers opaque custom ops, never traced, so plain launches do
+    from torch.library import wrap_triton as _wrap_triton
+except ImportError:  # torch < 2.6
+    _wrap_triton = None
 
-    def traceable(kernel):
-        return kernel
+# Whether ops.py registers the launchers as triton_ops, which torch.compile traces into, or as opaque custom ops:
+# not before torch 2.6, nor under the interpreter, whose kernels torch cannot trace (torch <= 2.11's wrap_triton even
+# refuses them). Fixed at import, as the registration is.
+TRACEABLE_LAUNCHES = _wrap_triton is not None and not _interpreting()
+
+
+def traceable(kernel):
+    """`kernel` in the form every launch uses: wrapped for tracing where the ops are triton_ops, else itself."""
+    return _wrap_triton(kernel) if TRACEABLE_LAUNCHES else kernel
 
 
 def _block_rank(rank: int) -> int:

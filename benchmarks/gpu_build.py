@@ -216,7 +216,7 @@ def trace_for_compile(capability: int, dtype_name: str, rank: int) -> list[dict]
     the rest of the model; for each launch Inductor analyses the kernel's Triton IR to learn which tensor arguments
     it writes, and copies only those (where the analysis fails it assumes every tensor argument is written: extra
     copies in every step). One row per op call: its launches (kernel, grid per autotune config, tensors written,
-    tensor arguments) and the ops left opaque (not decomposed: custom ops, torch < 2.6)."""
+    tensor arguments) and the ops left opaque (not decomposed)."""
     from torch._functorch.aot_autograd import aot_function
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.fake_tensor import FakeTensorMode

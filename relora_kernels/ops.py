@@ -10,7 +10,7 @@
 Each is a `triton_op`: torch.compile traces into it and sees the kernels themselves (launched through
 `wrap_triton`), so a model of LoRALinear layers compiles into one graph; running the launcher on fake tensors is
 its fake (meta) implementation, which is why the launchers do nothing data-dependent on the host. Under the
-Triton interpreter (CPU tests) and on torch < 2.6 they are opaque custom ops with explicit fake implementations
+Triton interpreter (CPU tests) they are opaque custom ops with explicit fake implementations
 instead: the same calls, still captured whole by torch.compile, but not fused into by Inductor.
 The autograd wrappers in functional.py call these names; nothing else does.
 """
@@ -59,9 +59,9 @@ _LAUNCHERS = {
     "reinit_lora_": (_merge_kernels.reinit_lora_, ("lora_a", "lora_b"), _fake_in_place),
 }
 
-# How the ops are registered: "triton_op" (torch >= 2.6: Inductor traces into the kernels), else "custom_op"
-# (torch 2.4-2.5, or under TRITON_INTERPRET=1 whose interpreted kernels torch cannot trace): opaque to Inductor,
-# still one graph under torch.compile.
+# How the ops are registered: "triton_op" (Inductor traces into the kernels), or "custom_op" under
+# TRITON_INTERPRET=1, whose interpreted kernels torch cannot trace: opaque to Inductor, still one graph under
+# torch.compile.
 REGISTRATION = "triton_op" if _lora_kernels.TRACEABLE_LAUNCHES else "custom_op"
 
 

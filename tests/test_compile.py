@@ -152,8 +152,6 @@ def test_launchers_register_as_triton_ops():
     # launcher calls must accept every launcher, giving the schemas of the custom ops that the CPU tests exercise.
     from relora_kernels import ops
 
-    if not hasattr(torch.library, "triton_op"):
-        pytest.skip("torch < 2.6 has no triton_op; ops.py registers custom ops there")
     for name, (launcher, mutates, _) in ops._LAUNCHERS.items():
         op = torch.library.triton_op(f"relora_kernels_registration_test::{name}", launcher, mutates_args=mutates)
         registered = getattr(ops, name)._opoverload._schema

@@ -43,20 +43,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-try:  # torch >= 2.6: launches that torch.compile can trace (and plain launches outside of tracing)
-    from torch.library import wrap_triton as _wrap_triton
-except ImportError:  # torch < 2.6
-    _wrap_triton = None
-
 # Whether ops.py registers the launchers as triton_ops, which torch.compile traces into, or as opaque custom ops:
-# not before torch 2.6, nor under the interpreter, whose kernels torch cannot trace (torch <= 2.11's wrap_triton even
-# refuses them). Fixed at import, as the registration is.
-TRACEABLE_LAUNCHES = _wrap_triton is not None and not _interpreting()
+# the latter under the interpreter, whose kernels torch cannot trace (torch <= 2.11's wrap_triton even refuses them).
+# Fixed at import, as the registration is.
+TRACEABLE_LAUNCHES = not _interpreting()
 
 
 def traceable(kernel):
     """`kernel` in the form every launch uses: wrapped for tracing where the ops are triton_ops, else itself."""
-    return _wrap_triton(kernel) if TRACEABLE_LAUNCHES else kernel
+    return torch.library.wrap_triton(kernel) if TRACEABLE_LAUNCHES else kernel
 
 
 def _block_rank(rank: int) -> int:

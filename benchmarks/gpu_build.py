@@ -215,40 +215,69 @@ def trace_for_compile(capability: int, dtype_name: str, rank: int) -> list[dict]
     allocated or run). A triton_op is decomposed there into its kernel launches, which Inductor then schedules with
     the rest of the model; for each launch Inductor analyses the kernel's Triton IR to learn which tensor arguments
     it writes, and copies only those (where the analysis fails it assumes every tensor argument is written: extra
-    copies in every step). One row per op call: its launches (kernel, grid per autotune config, tensors written,
-    tensor arguments) and the ops left opaque (not decomposed)."""
+    copies in every step). One row per op call, then the forward and the backward graph of a LoRALinear layer's
+    training step (through the autograd wrapper): its launches (kernel, grid per autotune config, tensors written,
+    tensor arguments), the ops left opaque (not decomposed), and the other ATen ops in the graph."""
     from torch._functorch.aot_autograd import aot_function
-    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    driver.set_active(_StandInDriver(capability))  # for good, as in build_all
-    rows, graphs = [], []
+    import relora_kernels as rk
+    from relora_kernels import functional
 
-    def keep_graph(graph, example_inputs):
-        graphs.append(graph)
-        return graph
+    driver.set_active(_StandInDriver(capability))  # for good, as in build_all
+    rows, graphs = [], {}
+
+    def keep(kind):
+        def compiler(graph, example_inputs):
+            graphs[kind] = graph
+            return graph
+
+        return compiler
+
+    def row(op: str, graph) -> dict:
+        return {"arch": f"sm_{capability}", "dtype": dtype_name, "r": rank, "op": op, **_graph_launches(graph)}
 
     for label, function, tensors in _op_calls(DTYPES[dtype_name], rank):
         with FakeTensorMode() as mode:
-            aot_function(function, fw_compiler=keep_graph)(*(mode.from_tensor(t) for t in tensors))
-        launches, opaque = [], []
-        for node in graphs[-1].graph.nodes:
-            if node.op != "call_function":
-                continue
-            if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
-                kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
-                arguments = node.kwargs["kwargs"]
-                launches.append({
-                    "kernel": (kernel.fn if isinstance(kernel, Autotuner) else kernel).__name__.lstrip("_"),
-                    "grid": [list(grid) for grid in node.kwargs["grid"]],
-                    "written": sorted(node.kwargs["tensors_to_clone"]),
-                    "tensor_args": sorted(k for k, v in arguments.items() if isinstance(v, torch.fx.Node)),
-                })
-            elif str(node.target).startswith("relora_kernels."):
-                opaque.append(str(node.target))
-        rows.append({"arch": f"sm_{capability}", "dtype": dtype_name, "r": rank, "op": label, "launches": launches,
-                     "opaque": opaque})
+            aot_function(function, fw_compiler=keep("forward"))(*(mode.from_tensor(t) for t in tensors))
+        rows.append(row(label, graphs["forward"]))
+
+    # CPU fake tensors stand for the GPU's (the CPU-only torch cannot make CUDA ones, nor run autograd on them), so
+    # the kernels are chosen by hand where functional.py would choose them for a CUDA tensor.
+    with mock.patch.object(functional, "use_triton", lambda device: True), FakeTensorMode():
+        layer = rk.LoRALinear(IN_FEATURES, OUT_FEATURES, r=rank, dropout=0.1, dtype=DTYPES[dtype_name])
+        names, parameters = zip(*layer.named_parameters(), strict=True)
+
+        def step(x, *parameters):
+            return torch.func.functional_call(layer, dict(zip(names, parameters, strict=True)), (x,))
+
+        x = torch.zeros(TOKENS, IN_FEATURES, dtype=DTYPES[dtype_name], requires_grad=True)
+        aot_function(step, fw_compiler=keep("forward"), bw_compiler=keep("backward"))(x, *parameters).sum().backward()
+    rows += [row(f"LoRALinear p=0.1 {kind}", graphs[kind]) for kind in ("forward", "backward")]
     return rows
+
+
+def _graph_launches(graph) -> dict:
+    """The kernel launches of an AOTAutograd graph, the relora_kernels ops left whole, and the other ATen ops."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    launches, opaque, aten = [], [], set()
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            launches.append({
+                "kernel": (kernel.fn if isinstance(kernel, Autotuner) else kernel).__name__.lstrip("_"),
+                "grid": [list(grid) for grid in node.kwargs["grid"]],
+                "written": sorted(node.kwargs["tensors_to_clone"]),
+                "tensor_args": sorted(k for k, v in node.kwargs["kwargs"].items() if isinstance(v, torch.fx.Node)),
+            })
+        elif str(node.target).startswith("relora_kernels."):
+            opaque.append(str(node.target))
+        elif str(node.target).startswith("aten."):
+            aten.add(str(node.target).split(".")[1])
+    return {"launches": launches, "opaque": opaque, "aten_ops": sorted(aten)}
 
 
 def problems(rows: list[dict]) -> list[str]:
@@ -311,12 +340,12 @@ def traced_markdown(traced: list[dict]) -> str:
     lines = ["", "## Each op as torch.compile sees it (AOTAutograd's graph on fake tensors; Inductor's analysis of "
              "what each kernel writes: it copies only those)", "",
              "| arch | dtype | r | op | launches: kernel (grid of the first config) writes / of tensor arguments "
-             "| left opaque |", "|---|---|---|---|---|---|"]
+             "| left opaque | other ATen ops |", "|---|---|---|---|---|---|---|"]
     for row in traced:
         launches = "; ".join(f"{launch['kernel']} {tuple(launch['grid'][0])} {', '.join(launch['written'])} / "
                              f"{len(launch['tensor_args'])}" for launch in row["launches"])
         lines.append(f"| {row['arch']} | {row['dtype']} | {row['r']} | {row['op']} | {launches or '-'} "
-                     f"| {', '.join(row['opaque']) or 'none'} |")
+                     f"| {', '.join(row['opaque']) or 'none'} | {', '.join(row['aten_ops']) or '-'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -218,7 +218,7 @@ def trace_for_compile(capability: int, dtype_name: str, rank: int) -> list[dict]
     copies in every step). One row per op call, then the forward and the backward graph of a LoRALinear layer's
     training step (through the autograd wrapper): its launches (kernel, grid per autotune config, tensors written,
     tensor arguments), the ops left opaque (not decomposed), and the other ATen ops in the graph."""
-    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.aot_autograd import aot_function, make_boxed_func
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import relora_kernels as rk
@@ -230,7 +230,7 @@ def trace_for_compile(capability: int, dtype_name: str, rank: int) -> list[dict]
     def keep(kind):
         def compiler(graph, example_inputs):
             graphs[kind] = graph
-            return graph
+            return make_boxed_func(graph)  # the calling convention AOTAutograd expects of a compiler
 
         return compiler
 
@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
 
     environment = {
         "built on": f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU (Triton's compiler and ptxas only)",
-        "triton": triton.__version__, "torch": torch.__version__, "commit": git_commit(),
+        "python": platform.python_version(), "triton": triton.__version__, "torch": torch.__version__,
+        "commit": git_commit(),
         "shape": f"M={TOKENS} K={IN_FEATURES} N={OUT_FEATURES}", "command": "python -m benchmarks.gpu_build "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }

@@ -27,13 +27,13 @@ os.environ["TRITON_INTERPRET"] = "0"
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 from unittest import mock  # noqa: E402
@@ -377,9 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(arch, dtype, rank) for arch in args.arch for dtype in args.dtypes for rank in args.ranks]
     start = time.perf_counter()
     # One process per job: Triton keeps the target of device 0 per kernel for the life of a process.
-    with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(jobs))), max_tasks_per_child=1) as pool:
-        rows = [row for job_rows in pool.map(_build_job, jobs) for row in job_rows]
-        traced = [row for job_rows in pool.map(_trace_job, jobs if args.trace else []) for row in job_rows]
+    # (multiprocessing's Pool: concurrent.futures' max_tasks_per_child needs Python 3.11.)
+    with multiprocessing.Pool(max(1, min(args.jobs, len(jobs))), maxtasksperchild=1) as pool:
+        rows = [row for job_rows in pool.map(_build_job, jobs, chunksize=1) for row in job_rows]
+        traced = [row for job_rows in pool.map(_trace_job, jobs if args.trace else [], chunksize=1) for row in job_rows]
     print(f"{len(rows)} builds for {len(jobs)} (arch, dtype, rank) in {time.perf_counter() - start:.0f} s",
           file=sys.stderr)
 

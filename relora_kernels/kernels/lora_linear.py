@@ -407,28 +407,38 @@ _GRAD_AB_CONFIGS = [
 ]
 
 
+# What Triton allocates beside the tiles counted below (barriers, scratch): on sm_90, 1 KiB for the shrink and
+# gradient kernels under triton 3.4 and nothing under 3.6 and 3.9 (benchmarks/gpu_build.py). Added to every estimate
+# so that each bounds what every supported Triton allocates; the tiles chosen are the same with or without it.
+_TRITON_SHARED_OVERHEAD = 1024
+
+
 def _matmul_shared_bytes(config: triton.Config, rank_block: int, element_size: int) -> int:
     """The fused GEMM's shared memory: the x and W tiles of every pipeline stage, plus the (BLOCK_M, r) and
     (r, BLOCK_N) low-rank tiles of the accumulator init."""
     block_m, block_n, block_k = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    return element_size * (config.num_stages * (block_m + block_n) * block_k + rank_block * (block_m + block_n))
+    tiles = config.num_stages * (block_m + block_n) * block_k + rank_block * (block_m + block_n)
+    return element_size * tiles + _TRITON_SHARED_OVERHEAD
 
 
 def _shrink_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
     """The shrink's: the x and A tiles of every stage."""
-    return element_size * config["num_stages"] * (config["BLOCK_M"] + rank_block) * config["BLOCK_K"]
+    tiles = config["num_stages"] * (config["BLOCK_M"] + rank_block) * config["BLOCK_K"]
+    return element_size * tiles + _TRITON_SHARED_OVERHEAD
 
 
 def _grad_b_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
     """_grad_b_kernel's: the dy and B tiles of every stage, plus three (BLOCK_M, r) tiles (S, dS, layouts)."""
     block_m = config["BLOCK_M"]
-    return element_size * (config["num_stages"] * (block_m + rank_block) * config["BLOCK_N"] + 3 * block_m * rank_block)
+    tiles = config["num_stages"] * (block_m + rank_block) * config["BLOCK_N"] + 3 * block_m * rank_block
+    return element_size * tiles + _TRITON_SHARED_OVERHEAD
 
 
 def _grad_a_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
     """_grad_a_kernel's: the x tiles of every stage, plus three (BLOCK_M, r) tiles (dS, dS.T, layouts)."""
     block_m = config["BLOCK_M"]
-    return element_size * (config["num_stages"] * block_m * config["BLOCK_K"] + 3 * block_m * rank_block)
+    tiles = config["num_stages"] * block_m * config["BLOCK_K"] + 3 * block_m * rank_block
+    return element_size * tiles + _TRITON_SHARED_OVERHEAD
 
 
 def _grad_ab_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:

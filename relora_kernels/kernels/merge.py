@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..reference import DROPOUT_BITS
-from .lora_linear import MAX_RANK, _block_rank, _fitting, _interpreting, traceable
+from .lora_linear import _TRITON_SHARED_OVERHEAD, MAX_RANK, _block_rank, _fitting, _interpreting, traceable
 
 _RANDOM_SHIFT = tl.constexpr(32 - DROPOUT_BITS)
 _INV_RANDOM_RANGE = tl.constexpr(1.0 / (1 << DROPOUT_BITS))
@@ -99,7 +99,7 @@ _MERGE_CONFIGS = [
 def _merge_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
     """The fp32 copies of the (BLOCK_N, r) and (r, BLOCK_K) tiles whatever W's dtype (`element_size` is not used),
     r counted as at least 32 since the dot pads smaller operands."""
-    return 4 * max(rank_block, 32) * (config["BLOCK_N"] + config["BLOCK_K"])
+    return 4 * max(rank_block, 32) * (config["BLOCK_N"] + config["BLOCK_K"]) + _TRITON_SHARED_OVERHEAD
 
 
 def _merge_config(rank_block: int, dtype: torch.dtype) -> dict:

@@ -21,11 +21,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def default_switches(monkeypatch):
+    """Every test starts from the package's default backend and mode, whatever the process inherited: a user's
+    exported switches, or `pytest tests benchmarks`, whose import of `benchmarks` forces the kernels process-wide."""
+    monkeypatch.delenv("RELORA_KERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("RELORA_KERNELS_DETERMINISTIC", raising=False)
+
+
 @pytest.fixture
 def triton_backend(monkeypatch):
     """Force the Triton kernels (the interpreter on CPU) for the duration of a test."""
     monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")
-    monkeypatch.delenv("RELORA_KERNELS_DETERMINISTIC", raising=False)
 
 
 @pytest.fixture

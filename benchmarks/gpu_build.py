@@ -42,9 +42,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
 
-from relora_kernels.kernels import lora_linear, merge  # noqa: E402
+from relora_kernels.kernels import lora_linear, merge, policy  # noqa: E402
 
 # Largest shared memory one block may opt into, per compute capability (CUDA C programming guide, "Technical
 # Specifications per Compute Capability"): A100 and Orin 163 KB, consumer Ampere/Ada 99 KB, H100/H200 227 KB.
@@ -56,7 +55,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # A realistic layer's specialisation (every size and stride divisible by 16), small enough to allocate on a CPU.
 TOKENS, IN_FEATURES, OUT_FEATURES = 512, 768, 640
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK", "GROUP_M")
-_VARIANT_KEYS = ("HAS_BIAS", "APPLY_DROPOUT", "HAS_BIAS_GRAD", "DETERMINISTIC")
+_VARIANT_KEYS = ("HAS_BIAS", "APPLY_DROPOUT", "HAS_BIAS_GRAD", "DETERMINISTIC", "EXPAND", "WRITE_DX")
 
 
 class _StandInDriver:
@@ -79,22 +78,17 @@ class _StandInDriver:
 
 
 class _BuildOnly:
-    """Stands in for `traceable(kernel)`: `[grid](**kwargs)` compiles the launch (every config of an autotuned
-    kernel) with Triton's warmup and records each build, instead of running anything."""
+    """Stands in for `traceable(kernel)`: `[grid](**kwargs)` compiles the launch with Triton's warmup and records the
+    build, instead of running anything."""
 
     def __init__(self, kernel, record):
         self.kernel, self.record = kernel, record
 
     def __getitem__(self, grid):
         def build(*args, **kwargs):
-            autotuned = isinstance(self.kernel, Autotuner)
-            configs, jit = (self.kernel.configs, self.kernel.fn) if autotuned else (None, self.kernel)
-            for config in configs or [None]:
-                options = config.all_kwargs() if config is not None else {}
-                start = time.perf_counter()
-                compiled = jit.warmup(*args, grid=grid, **kwargs, **options)
-                self.record(jit.__name__, {**kwargs, **options}, compiled, time.perf_counter() - start,
-                            "autotune" if configs else "fixed")
+            start = time.perf_counter()
+            compiled = self.kernel.warmup(*args, grid=grid, **kwargs)
+            self.record(self.kernel.__name__, kwargs, compiled, time.perf_counter() - start, "fixed")
 
         return build
 
@@ -140,16 +134,14 @@ def _estimated_shared(kernel: str, kwargs: dict, num_stages: int, element_size: 
     """What the launcher estimated for this build when it chose the tile (None: a kernel chosen without one)."""
     config, rank_block = {**kwargs, "num_stages": num_stages}, kwargs.get("BLOCK_R")
     if kernel == "_fused_matmul_kernel":
-        return lora_linear._matmul_shared_bytes(triton.Config(kwargs, num_stages=num_stages), rank_block, element_size)
-    if kernel == "_shrink_kernel":
-        return lora_linear._shrink_shared_bytes(config, rank_block, element_size)
-    if kernel == "_grad_b_kernel":
-        return lora_linear._grad_b_shared_bytes(config, rank_block, element_size)
+        tile = policy.GemmTile(kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["GROUP_M"], 0,
+                               num_stages)
+        return policy.gemm_shared_bytes(tile, rank_block, element_size)
     if kernel == "_grad_a_kernel":
-        return lora_linear._grad_a_shared_bytes(config, rank_block, element_size)
-    if kernel == "_merge_kernel":
-        return merge._merge_shared_bytes(config, rank_block, element_size)
-    return None
+        return policy.grad_a_shared_bytes(config, rank_block, element_size, write_dx=kwargs["WRITE_DX"])
+    estimates = {"_shrink_kernel": policy.shrink_shared_bytes, "_grad_b_kernel": policy.grad_b_shared_bytes,
+                 "_merge_kernel": merge._merge_shared_bytes}
+    return estimates[kernel](config, rank_block, element_size) if kernel in estimates else None
 
 
 # The shapes the benchmarks headline (8192 tokens x 4096 x 4096; a Llama-8B MLP's 14336) besides the small one: grid
@@ -173,6 +165,10 @@ def _drive_launchers(dtype: torch.dtype, rank: int, shape: tuple[int, int, int] 
     lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.1, seed, need_bias_grad=True)
     lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.0, None, need_bias_grad=False)
     lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.0, None, need_bias_grad=False, deterministic=True)
+    # The cuBLAS-composed engine's Triton launches (its addmm is cuBLAS's, nothing to build).
+    for dropout_p, with_bias in ((0.0, bias), (0.1, None)):
+        lora_linear.lora_shrink_expand(x, lora_a, lora_b, 2.0, with_bias, dropout_p, seed)
+        lora_linear.lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, 2.0, dropout_p, seed, with_bias is not None)
     merge.merge_lora_weight_(weight, lora_a, lora_b, 2.0)
     merge.reinit_lora_(lora_a, lora_b, 1234)
 
@@ -195,6 +191,8 @@ def _drive_launchers_strided(dtype: torch.dtype, rank: int) -> None:
     for deterministic in (False, True):
         lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.1, seed, need_bias_grad=True,
                                  deterministic=deterministic)
+    lora_linear.lora_shrink_expand(x, lora_a, lora_b, 2.0, bias, 0.1, seed)
+    lora_linear.lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, 2.0, 0.1, seed, True)
     merge.merge_lora_weight_(weight, lora_a, lora_b, 2.0)
     merge.reinit_lora_(lora_a, lora_b, 1234)
 
@@ -281,17 +279,22 @@ def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ..
             stack.enter_context(mock.patch.object(module, "traceable", build_only))
         # For good: a machine without a GPU has no driver to go back to (main runs each job in a worker process).
         driver.set_active(_StandInDriver(capability))
-        # The autotuned configs, the fixed tile of RELORA_KERNELS_AUTOTUNE=0, then the default: the tuned table's tiles.
-        for autotune in ("1", "0", ""):
-            with mock.patch.dict(os.environ, {"RELORA_KERNELS_AUTOTUNE": autotune}):
-                _drive_launchers(DTYPES[dtype_name], rank)
+        dtype = DTYPES[dtype_name]
+        # Every tile tuning would time (the candidates that fit), then the fixed tile of RELORA_KERNELS_AUTOTUNE=0.
+        stage["label"] = "tuned"
+        for tile in policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, lora_linear._block_rank(rank),
+                                   dtype)[:policy.TUNED_CANDIDATES]:
+            with policy.forced_tile(tile):
+                _drive_launchers(dtype, rank)
+        stage["label"] = None
         # The fixed tiles at the headline shapes, and with every operand strided.
         with mock.patch.dict(os.environ, {"RELORA_KERNELS_AUTOTUNE": "0"}):
+            _drive_launchers(dtype, rank)
             for name in shapes:
                 stage["label"] = name
-                _drive_launchers(DTYPES[dtype_name], rank, SHAPES[name])
+                _drive_launchers(dtype, rank, SHAPES[name])
             stage["label"] = "strided"
-            _drive_launchers_strided(DTYPES[dtype_name], rank)
+            _drive_launchers_strided(dtype, rank)
     return list(builds.values())
 
 
@@ -303,21 +306,19 @@ def _op_calls(dtype: torch.dtype, rank: int) -> list[tuple[str, object, tuple]]:
     lora_a, lora_b = torch.zeros(rank, IN_FEATURES, dtype=dtype), torch.zeros(OUT_FEATURES, rank, dtype=dtype)
     bias, grad_y = torch.zeros(OUT_FEATURES, dtype=dtype), torch.zeros(TOKENS, OUT_FEATURES, dtype=dtype)
     shrunk, seed = torch.zeros(TOKENS, rank, dtype=dtype), torch.tensor(1234)
+
+    def backward(dropout_p, need_bias_grad, deterministic):
+        return lambda dy, x, w, a, b, s, *seed: ops.lora_backward(dy, x, w, a, b, s, 2.0, dropout_p,
+                                                                   seed[0] if seed else None, True, need_bias_grad,
+                                                                   deterministic)
+
     return [
-        ("lora_shrink p=0.1", lambda x, a, seed: ops.lora_shrink(x, a, 0.1, seed), (x, lora_a, seed)),
-        ("lora_shrink p=0", lambda x, a: ops.lora_shrink(x, a, 0.0, None), (x, lora_a)),
-        ("lora_forward_matmul bias", lambda x, w, s, b, bias: ops.lora_forward_matmul(x, w, s, b, 2.0, bias),
-         (x, weight, shrunk, lora_b, bias)),
-        ("lora_forward_matmul", lambda x, w, s, b: ops.lora_forward_matmul(x, w, s, b, 2.0, None),
-         (x, weight, shrunk, lora_b)),
-        ("lora_grad_ab p=0.1 dbias", lambda dy, x, s, b, seed: ops.lora_grad_ab(dy, x, s, b, 2.0, 0.1, seed, True),
-         (grad_y, x, shrunk, lora_b, seed)),
-        ("lora_grad_ab deterministic", lambda dy, x, s, b: ops.lora_grad_ab(dy, x, s, b, 2.0, 0.0, None, False, True),
-         (grad_y, x, shrunk, lora_b)),
-        ("lora_input_grad p=0.1", lambda dy, w, ds, a, seed: ops.lora_input_grad(dy, w, ds, a, 0.1, seed),
-         (grad_y, weight, shrunk, lora_a, seed)),
-        ("lora_input_grad p=0", lambda dy, w, ds, a: ops.lora_input_grad(dy, w, ds, a, 0.0, None),
-         (grad_y, weight, shrunk, lora_a)),
+        ("lora_forward p=0.1 bias", lambda x, w, a, b, bias, seed: ops.lora_forward(x, w, a, b, 2.0, bias, 0.1, seed),
+         (x, weight, lora_a, lora_b, bias, seed)),
+        ("lora_forward p=0", lambda x, w, a, b: ops.lora_forward(x, w, a, b, 2.0, None, 0.0, None),
+         (x, weight, lora_a, lora_b)),
+        ("lora_backward p=0.1 dbias", backward(0.1, True, False), (grad_y, x, weight, lora_a, lora_b, shrunk, seed)),
+        ("lora_backward deterministic", backward(0.0, False, True), (grad_y, x, weight, lora_a, lora_b, shrunk)),
         ("merge_lora_weight_", lambda w, a, b: ops.merge_lora_weight_(w, a, b, 2.0), (weight, lora_a, lora_b)),
         ("reinit_lora_", lambda a, b: ops.reinit_lora_(a, b, 1234), (lora_a, lora_b)),
     ]
@@ -334,9 +335,6 @@ def trace_for_compile(capability: int, dtype_name: str, rank: int) -> list[dict]
     from torch._functorch.aot_autograd import aot_function, make_boxed_func
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import relora_kernels as rk
-    from relora_kernels import functional
-
     driver.set_active(_StandInDriver(capability))  # for good, as in build_all
     rows, graphs = [], {}
 
@@ -347,16 +345,31 @@ def trace_for_compile(capability: int, dtype_name: str, rank: int) -> list[dict]
 
         return compiler
 
-    def row(op: str, graph) -> dict:
-        return {"arch": f"sm_{capability}", "dtype": dtype_name, "r": rank, "op": op, **_graph_launches(graph)}
+    def row(op: str, engine: str, graph) -> dict:
+        return {"arch": f"sm_{capability}", "dtype": dtype_name, "r": rank, "engine": engine, "op": op,
+                **_graph_launches(graph)}
 
-    for label, function, tensors in _op_calls(DTYPES[dtype_name], rank):
-        with FakeTensorMode() as mode:
-            aot_function(function, fw_compiler=keep("forward"))(*(mode.from_tensor(t) for t in tensors))
-        rows.append(row(label, graphs["forward"]))
+    for engine in policy.ENGINES:
+        with mock.patch.dict(os.environ, {"RELORA_KERNELS_ENGINE": engine}):
+            for label, function, tensors in _op_calls(DTYPES[dtype_name], rank):
+                with FakeTensorMode() as mode:
+                    aot_function(function, fw_compiler=keep("forward"))(*(mode.from_tensor(t) for t in tensors))
+                rows.append(row(label, engine, graphs["forward"]))
+            _trace_layer_step(dtype_name, rank, keep)
+            rows += [row(f"LoRALinear p=0.1 {kind}", engine, graphs[kind]) for kind in ("forward", "backward")]
+    return rows
 
-    # CPU fake tensors stand for the GPU's (the CPU-only torch cannot make CUDA ones, nor run autograd on them), so
-    # the kernels are chosen by hand where functional.py would choose them for a CUDA tensor.
+
+def _trace_layer_step(dtype_name: str, rank: int, keep) -> None:
+    """A LoRALinear layer's training step through the autograd wrapper, its graphs to keep(kind). CPU fake
+    tensors stand for the GPU's (the CPU-only torch cannot make CUDA ones, nor run autograd on them), so the kernels
+    are chosen by hand where functional.py would choose them for a CUDA tensor."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import relora_kernels as rk
+    from relora_kernels import functional
+
     with mock.patch.object(functional, "use_triton", lambda device: True), FakeTensorMode():
         layer = rk.LoRALinear(IN_FEATURES, OUT_FEATURES, r=rank, dropout=0.1, dtype=DTYPES[dtype_name])
         names, parameters = zip(*layer.named_parameters(), strict=True)
@@ -366,8 +379,6 @@ def trace_for_compile(capability: int, dtype_name: str, rank: int) -> list[dict]
 
         x = torch.zeros(TOKENS, IN_FEATURES, dtype=DTYPES[dtype_name], requires_grad=True)
         aot_function(step, fw_compiler=keep("forward"), bw_compiler=keep("backward"))(x, *parameters).sum().backward()
-    rows += [row(f"LoRALinear p=0.1 {kind}", graphs[kind]) for kind in ("forward", "backward")]
-    return rows
 
 
 def _graph_launches(graph) -> dict:
@@ -381,7 +392,8 @@ def _graph_launches(graph) -> dict:
         if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
             kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
             launches.append({
-                "kernel": (kernel.fn if isinstance(kernel, Autotuner) else kernel).__name__.lstrip("_"),
+                # torch wraps a kernel launched with num_warps / num_stages as a one-config Autotuner
+                "kernel": getattr(kernel, "fn", kernel).__name__.lstrip("_"),
                 "grid": [list(grid) for grid in node.kwargs["grid"]],
                 "written": sorted(node.kwargs["tensors_to_clone"]),
                 "tensor_args": sorted(k for k, v in node.kwargs["kwargs"].items() if isinstance(v, torch.fx.Node)),
@@ -455,12 +467,13 @@ def traced_markdown(traced: list[dict]) -> str:
     """The launches torch.compile sees per op, and what Inductor found each kernel writes."""
     lines = ["", "## Each op as torch.compile sees it (AOTAutograd's graph on fake tensors; Inductor's analysis of "
              "what each kernel writes: it copies only those)", "",
-             "| arch | dtype | r | op | launches: kernel (grid of the first config) writes / of tensor arguments "
+             "| arch | dtype | r | engine: op | launches: kernel (grid) writes / of tensor arguments "
              "| left opaque | other ATen ops |", "|---|---|---|---|---|---|---|"]
     for row in traced:
         launches = "; ".join(f"{launch['kernel']} {tuple(launch['grid'][0])} {', '.join(launch['written'])} / "
                              f"{len(launch['tensor_args'])}" for launch in row["launches"])
-        lines.append(f"| {row['arch']} | {row['dtype']} | {row['r']} | {row['op']} | {launches or '-'} "
+        lines.append(f"| {row['arch']} | {row['dtype']} | {row['r']} | {row['engine']}: {row['op']} "
+                     f"| {launches or '-'} "
                      f"| {', '.join(row['opaque']) or 'none'} | {', '.join(row['aten_ops']) or '-'} |")
     return "\n".join(lines) + "\n"
 

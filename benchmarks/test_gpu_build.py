@@ -44,9 +44,13 @@ def test_every_kernel_is_built_for_each_architecture(builds):
     for arch in ("sm_90", "sm_80"):
         kernels = {row["kernel"] for row in builds if row["arch"] == arch}
         assert kernels == GEMM_KERNELS | {"reinit_kernel"}, arch
-        for kernel, variant in (("grad_b_kernel", "has_bias_grad"), ("grad_a_kernel", "apply_dropout")):
-            variants = {row["variant"] for row in builds if row["arch"] == arch and row["kernel"] == kernel}
-            assert variants == {variant, "-", "deterministic", f"{variant} deterministic"}, (arch, kernel, variants)
+        variants = {kernel: {row["variant"] for row in builds if row["arch"] == arch and row["kernel"] == kernel}
+                    for kernel in ("grad_b_kernel", "grad_a_kernel", "shrink_kernel")}
+        assert variants["grad_b_kernel"] == {"has_bias_grad", "-", "deterministic", "has_bias_grad deterministic"}
+        assert variants["grad_a_kernel"] == {"apply_dropout", "-", "deterministic", "apply_dropout deterministic",
+                                             "write_dx", "apply_dropout write_dx"}, variants  # write_dx: cuBLAS engine
+        assert variants["shrink_kernel"] == {"-", "apply_dropout", "has_bias expand", "apply_dropout expand",
+                                             "has_bias apply_dropout expand"}, variants  # the last: strided
         # Every kernel also built with every operand strided (each stride a runtime argument): the int64 audit's case.
         strided = {row["kernel"] for row in builds if row["arch"] == arch and "strided" in row["paths"]}
         assert strided == GEMM_KERNELS | {"reinit_kernel"}, arch
@@ -92,10 +96,13 @@ def test_hopper_builds_run_the_gemms_on_wgmma(builds):
             assert row["wgmma"], row
 
 
-def test_autotuned_and_fixed_paths_are_both_built(builds):
+def test_tuned_candidates_and_fixed_paths_are_both_built(builds):
     matmul = [row for row in builds if row["kernel"] == "fused_matmul_kernel" and row["arch"] == "sm_90"]
     assert any("fixed" in row["paths"] for row in matmul)
-    assert len({(tuple(row["tile"].items()), row["num_stages"], row["num_warps"]) for row in matmul}) >= 3
+    for rank in (16, 64):
+        tuned = {(tuple(row["tile"].items()), row["num_stages"], row["num_warps"]) for row in matmul
+                 if "tuned" in row["paths"] and row["r"] == rank}
+        assert len(tuned) == 6, rank  # policy.TUNED_CANDIDATES, all fitting on an H100 at r <= 64
 
 
 def test_hopper_fixed_tiles_do_not_spill(builds):
@@ -110,31 +117,42 @@ def test_hopper_fixed_tiles_do_not_spill(builds):
 # to fail, Inductor would assume every tensor argument written and copy the inputs (x, W, ...) in every step.
 WRITTEN = {"shrink_kernel": ["s_ptr"], "fused_matmul_kernel": ["out_ptr"], "grad_a_kernel": ["da_ptr", "ds_ptr"],
            "merge_kernel": ["w_ptr"], "reinit_kernel": ["a_ptr", "b_ptr"]}
-LAUNCHES = {"lora_shrink": ["shrink_kernel"], "lora_forward_matmul": ["fused_matmul_kernel"],
-            "lora_grad_ab": ["grad_b_kernel", "grad_a_kernel"], "lora_input_grad": ["fused_matmul_kernel"],
-            "merge_lora_weight_": ["merge_kernel"], "reinit_lora_": ["reinit_kernel"],
-            # A layer's training step through the autograd wrapper: its kernels and no GEMM of ATen's beside them.
-            "LoRALinear forward": ["shrink_kernel", "fused_matmul_kernel"],
-            "LoRALinear backward": ["grad_b_kernel", "grad_a_kernel", "fused_matmul_kernel"]}
+# Per engine, each op's launches; the cuBLAS-composed engine's passes end in an ATen addmm, the Triton engine's in none.
+LAUNCHES = {
+    "triton": {"lora_forward": ["shrink_kernel", "fused_matmul_kernel"],
+               "lora_backward": ["grad_b_kernel", "grad_a_kernel", "fused_matmul_kernel"]},
+    "cublas": {"lora_forward": ["shrink_kernel"], "lora_backward": ["grad_b_kernel", "grad_a_kernel"]},
+}
+RESTART_LAUNCHES = {"merge_lora_weight_": ["merge_kernel"], "reinit_lora_": ["reinit_kernel"]}
 ATEN_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_mm"}
 
 
 def _op(label: str) -> str:
-    """The op (or layer and pass) a traced row stands for: "lora_grad_ab deterministic" -> "lora_grad_ab"."""
+    """The op a traced row stands for: "lora_backward deterministic" -> "lora_backward", and a LoRALinear layer's
+    "LoRALinear p=0.1 forward" -> "lora_forward"."""
     words = label.split()
-    return f"{words[0]} {words[-1]}" if words[0] == "LoRALinear" else words[0]
+    return f"lora_{words[-1]}" if words[0] == "LoRALinear" else words[0]
 
 
 def test_compile_sees_every_op_as_its_kernels_and_what_they_write(reports):
     traced = reports["90"]["traced"]
-    assert {_op(row["op"]) for row in traced} == set(LAUNCHES)
-    for row in traced:
-        assert row["opaque"] == [], row  # decomposed: Inductor schedules the kernels themselves
-        assert [launch["kernel"] for launch in row["launches"]] == LAUNCHES[_op(row["op"])], row
-        assert not ATEN_GEMMS & set(row["aten_ops"]), row
-        for launch in row["launches"]:
-            written = WRITTEN.get(launch["kernel"])
-            if launch["kernel"] == "grad_b_kernel":  # dbias only when asked (the layer's bias is trained)
-                written = ["db_ptr", "ds_ptr"] if "deterministic" in row["op"] else ["db_ptr", "dbias_ptr", "ds_ptr"]
-            assert launch["written"] == written, (row["op"], launch)
-            assert set(written) < set(launch["tensor_args"]) or launch["kernel"] == "reinit_kernel", launch
+    for engine, launches in LAUNCHES.items():
+        rows = [row for row in traced if row["engine"] == engine]
+        assert {_op(row["op"]) for row in rows} == set(launches) | set(RESTART_LAUNCHES)
+        for row in rows:
+            op = _op(row["op"])
+            assert row["opaque"] == [], row  # decomposed: Inductor schedules the kernels themselves
+            assert [launch["kernel"] for launch in row["launches"]] == {**launches, **RESTART_LAUNCHES}[op], row
+            gemms = ATEN_GEMMS & set(row["aten_ops"])
+            assert gemms == ({"addmm"} if engine == "cublas" and op in launches else set()), row
+            for launch in row["launches"]:
+                written = WRITTEN.get(launch["kernel"])
+                if launch["kernel"] == "grad_b_kernel":  # dbias only when asked (the layer's bias is trained)
+                    written = ["db_ptr", "ds_ptr"] + ([] if "deterministic" in row["op"] else ["dbias_ptr"])
+                    written.sort()
+                if engine == "cublas" and launch["kernel"] == "shrink_kernel":
+                    written = ["out_ptr", "s_ptr"]  # and the start value of y
+                if engine == "cublas" and launch["kernel"] == "grad_a_kernel":
+                    written = ["da_ptr", "ds_ptr", "dx_ptr"]  # and the start value of dx
+                assert launch["written"] == written, (engine, row["op"], launch)
+                assert set(written) < set(launch["tensor_args"]) or launch["kernel"] == "reinit_kernel", launch

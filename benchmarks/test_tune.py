@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from relora_kernels.kernels import lora_linear as kernels
+from relora_kernels.kernels import policy
 
 from . import tune
 
@@ -22,16 +23,20 @@ def _launch(variant="forward+bias", n_out=4096, k_in=4096):
             "K_in": k_in}
 
 
-def test_each_shape_gets_its_fastest_tile_and_the_default_the_smallest_mean_slowdown():
+def test_each_shape_gets_its_fastest_choice_and_the_default_the_smallest_mean_slowdown():
+    cublas = tune.CUBLAS
     results = [
-        {"launch": _launch(), "times": {"A": 1.0, "B": 1.1, "C": 0.9}},  # C timed on one shape only
-        {"launch": _launch(n_out=11008), "times": {"A": 2.0, "B": 1.0}},
-        {"launch": _launch("input_grad+dropout"), "times": {"A": 1.0, "B": 3.0}},
+        {"launch": _launch(), "times": {cublas: 0.95, "A": 1.0, "B": 1.1, "C": 0.9}},  # C timed on one shape only
+        {"launch": _launch(n_out=11008), "times": {cublas: 1.5, "A": 2.0, "B": 1.0}},
+        {"launch": _launch("input_grad+dropout"), "times": {cublas: 0.5, "A": 1.0, "B": 3.0}},
     ]
     defaults, shapes = tune.choose(results)
-    assert [shapes[tune.keys(r["launch"])[1]] for r in results] == ["C", "B", "A"]
-    # forward+bias: A slows down by (1.0/0.9 + 2.0/1.0) / 2 = 1.56, B by (1.1/0.9 + 1) / 2 = 1.11; C lacks a shape.
-    assert defaults == {"bf16/r16/forward+bias": "B", "bf16/r16/input_grad+dropout": "A"}
+    assert [shapes[tune.keys(r["launch"])[1]] for r in results] == [
+        {"engine": "triton", "tile": "C"}, {"engine": "triton", "tile": "B"}, {"engine": "cublas", "tile": "A"}]
+    # forward+bias: cuBLAS slows down by (0.95/0.9 + 1.5/1.0) / 2 = 1.28, A by (1.0/0.9 + 2.0) / 2 = 1.56, B by
+    # (1.1/0.9 + 1) / 2 = 1.11; C lacks a shape.
+    assert defaults == {"bf16/r16/forward+bias": {"engine": "triton", "tile": "B"},
+                        "bf16/r16/input_grad+dropout": {"engine": "cublas", "tile": "A"}}
 
 
 def test_plan_covers_every_layer_both_launches_and_their_variants_once():
@@ -43,39 +48,44 @@ def test_plan_covers_every_layer_both_launches_and_their_variants_once():
     assert "bf16/r16/input_grad+dropout/M8192/N4096/K11008" in shape_keys  # llama-7b.up's dx = dy @ W
 
 
-def test_the_launcher_finds_what_tune_writes(monkeypatch):
-    # The same launch, keyed by tune.keys and looked up by the launcher: the written tile is what would run.
+def test_the_package_finds_what_tune_writes(monkeypatch):
+    # The same pass, keyed by tune.keys and looked up by the package: the written engine and tile are what run.
     launch = {"dtype": "fp32", "r": 4, "kind": "input_grad", "variant": "input_grad+dropout", "M": 64, "N_out": 48,
               "K_in": 80}
-    monkeypatch.setattr(kernels, "_tuned_table",
-                        lambda: {"sm_90": {"default": {}, "shapes": {tune.keys(launch)[1]: "32x32x32 g8 w4 s2"}}})
-    monkeypatch.setattr(kernels, "_current_arch", lambda: 90)
-    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
-    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: H100_SHARED_MEMORY)
+    entry = {"engine": "triton", "tile": "32x32x32 g8 w4 s2"}
+    monkeypatch.setattr(policy, "tuned_table",
+                        lambda: {"sm_90": {"default": {}, "shapes": {tune.keys(launch)[1]: entry}}})
+    monkeypatch.setattr(policy, "current_arch", lambda: 90)
+    monkeypatch.setattr(policy, "interpreting", lambda: False)
+    monkeypatch.setattr(policy, "shared_memory_limit", lambda: H100_SHARED_MEMORY)
+    monkeypatch.setattr(policy, "target_programs", lambda: 528)
     monkeypatch.delenv("RELORA_KERNELS_AUTOTUNE", raising=False)
     launched = []
-    monkeypatch.setattr(kernels, "traceable", lambda kernel: _Recorder(launched))
+    monkeypatch.setattr(kernels, "traceable", lambda kernel: _Recorder(kernel, launched))
     tune.build(launch, torch.device("cpu"))()
-    (kwargs,) = launched
+    (kwargs,) = [kwargs for kernel, kwargs in launched if kernel is kernels._fused_matmul_kernel]
     assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["num_stages"]) == (32, 32, 32, 2)
+    # (M, N, K) of dx = dy @ W: N is x's K_in, the reduction dy's N_out.
+    assert (kwargs["M"], kwargs["N"], kwargs["K"]) == (64, 80, 48)
 
 
 class _Recorder:
-    def __init__(self, launched):
-        self.launched = launched
+    def __init__(self, kernel, launched):
+        self.kernel, self.launched = kernel, launched
 
     def __getitem__(self, grid):
-        return lambda **kwargs: self.launched.append(kwargs)
+        return lambda *args, **kwargs: self.launched.append((self.kernel, kwargs))
 
 
 def test_smoke_run_writes_an_untimed_table_under_its_own_key(tmp_path):
     assert tune.main(["--smoke", "--out", str(tmp_path)]) == 0
     table = json.loads((tmp_path / "tuned_gemm.json").read_text())
-    assert set(table) - set(json.loads(kernels.TUNED_TABLE.read_text())) == {"smoke"}
+    assert set(table) - set(json.loads(policy.TUNED_TABLE.read_text())) == {"smoke"}
     smoke = table["smoke"]
     assert smoke["measured"]["tokens"] == 64 and smoke["measured"]["launches_tuned"] == 4
-    for name in {**smoke["default"], **smoke["shapes"]}.values():
-        kernels.parse_tile(name)
+    for entry in {**smoke["default"], **smoke["shapes"]}.values():
+        assert entry["engine"] in policy.ENGINES
+        policy.parse_tile(entry["tile"])
     assert "nothing timed" in (tmp_path / "tune.md").read_text()
 
 

@@ -1,19 +1,21 @@
-"""Measure the fused GEMM's tiles on this GPU and write the per-architecture table the launcher reads.
+"""Measure both engines of each frozen-GEMM pass and the Triton engine's tiles on this GPU; write the table of
+engines and tiles the package reads.
 
     python -m benchmarks.tune --out "$OUT"              # GPU: tuned_gemm.json + tune.md into $OUT
     python -m benchmarks.tune --dtypes bf16 fp16 --ranks 16 64 128 --tokens 8192 --budget-s 400
     python -m benchmarks.tune --smoke --out /tmp/t      # CPU: the plumbing on one tiny shape, nothing timed
 
-Launches: the fused GEMM as the op makes it, for every layer shape of cases.LAYERS at --tokens tokens, per dtype
-and rank: `forward` (y = x @ W.T + s * S @ B.T, with and without bias) and `input_grad` (dx = dy @ W + ..., W read
-transposed, with and without dropout). Every tile that fits the GPU's shared memory is timed with
-triton.testing.do_bench (CUDA events, L2 flushed, median). A launch's fastest tile is its shape's entry; each
-(dtype, rank, variant) gets as default the tile with the smallest mean slowdown over its shapes (time / that shape's
-best): what untuned shapes run. The table written is the package's (relora_kernels/kernels/tuned_gemm.json) with
-this GPU's architecture replaced, plus where it was measured; copy it there to use it. tune.md lists per launch the
-best tile, its time and how much faster it is than the first fitting tile (what RELORA_KERNELS_AUTOTUNE=0 runs).
---smoke runs each candidate once through the interpreter and times nothing: its table (key "smoke") is not a
-measurement and is never an architecture's entry.
+Passes: for every layer shape of cases.LAYERS at --tokens tokens, per dtype and rank, the `forward` pass (y = x @ W.T
++ s * S @ B.T, with and without bias) and the `input_grad` pass (the backward with dx = dy @ W + ..., with and without
+dropout), each run whole as the op runs it: on the cuBLAS-composed engine, and on the Triton engine with every tile
+that fits the GPU's shared memory, timed with triton.testing.do_bench (CUDA events, L2 flushed, median). A pass's
+fastest choice is its shape's entry (its engine, and the Triton engine's fastest tile for when that engine is
+forced); each (dtype, rank, variant) gets as default the choice with the smallest mean slowdown over its shapes (time
+/ that shape's best): what untuned shapes run. The table written is the package's
+(relora_kernels/kernels/tuned_gemm.json) with this GPU's architecture replaced, plus where it was measured; copy it
+there to use it. tune.md lists per pass the best choice, its time, and how it compares with the cuBLAS-composed
+engine and the first fitting tile (what RELORA_KERNELS_AUTOTUNE=0 runs). --smoke runs each choice once through the
+interpreter and times nothing: its table (key "smoke") is not a measurement and is never an architecture's entry.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from relora_kernels.kernels import lora_linear as kernels
+from relora_kernels.kernels import policy
 
 from . import cases, harness
 
@@ -56,102 +59,125 @@ def plan(dtypes, ranks, tokens: int, smoke: bool) -> list[dict]:
     return list(launches.values())
 
 
+CUBLAS = "cublas"  # the choice that is the cuBLAS-composed engine; every other choice is a Triton tile's name
+
+
+def gemm_launch(launch: dict) -> policy.GemmLaunch:
+    """The pass as the package's table keys it: the forward's GEMM is (M, N_out, K_in), dx's (M, K_in, N_out)."""
+    n, k = (launch["N_out"], launch["K_in"]) if launch["kind"] == "forward" else (launch["K_in"], launch["N_out"])
+    return policy.GemmLaunch(cases.DTYPES[launch["dtype"]], kernels._block_rank(launch["r"]), launch["kind"],
+                             "+bias" in launch["variant"], "+dropout" in launch["variant"], launch["M"], n, k)
+
+
 def keys(launch: dict) -> tuple[str, str]:
-    """(default key, shape key) of the launch in the table, as the launcher looks them up."""
-    return kernels.tuned_keys(cases.DTYPES[launch["dtype"]], kernels._block_rank(launch["r"]), launch["kind"],
-                              "+bias" in launch["variant"], "+dropout" in launch["variant"], launch["M"],
-                              launch["N_out"], launch["K_in"])
+    """(default key, shape key) of the pass in the table, as the package looks them up."""
+    gemm = gemm_launch(launch)
+    return gemm.variant, gemm.shape_key
 
 
 def build(launch: dict, device: torch.device):
-    """The launcher call of `launch` on fresh inputs with the op's strides (dy @ W reads W (K_in, N_out) transposed)."""
+    """The pass of `launch` on fresh inputs, as the op runs it (the forward, or the backward that computes dx)."""
     torch.manual_seed(0)
     like = {"device": device, "dtype": cases.DTYPES[launch["dtype"]]}
     M, n_out, k_in, r = launch["M"], launch["N_out"], launch["K_in"], launch["r"]
-    lhs, low = torch.randn(M, k_in, **like), torch.randn(M, r, **like) * 0.1
+    x, weight = torch.randn(M, k_in, **like), torch.randn(n_out, k_in, **like) / k_in**0.5
+    lora_a, lora_b = torch.randn(r, k_in, **like) * 0.1, torch.randn(n_out, r, **like) * 0.1
     if launch["kind"] == "input_grad":
-        weight, lora_a = torch.randn(k_in, n_out, **like) / k_in**0.5, torch.randn(r, n_out, **like) * 0.1
+        grad_y, shrunk = torch.randn(M, n_out, **like), torch.randn(M, r, **like) * 0.1
         p = 0.1 if "+dropout" in launch["variant"] else 0.0
         seed = torch.tensor(1, device=device) if p else None
-        return lambda: kernels.lora_input_grad(lhs, weight, low, lora_a, p, seed)
-    weight, lora_b = torch.randn(n_out, k_in, **like) / k_in**0.5, torch.randn(n_out, r, **like) * 0.1
+        return lambda: kernels.lora_backward(grad_y, x, weight, lora_a, lora_b, shrunk, 2.0, p, seed, True, False)
     bias = torch.randn(n_out, **like) if "+bias" in launch["variant"] else None
-    return lambda: kernels.lora_forward_matmul(lhs, weight, low, lora_b, 2.0, bias)
-
-
-def time_tiles(launch: dict, device: torch.device, smoke: bool) -> dict[str, float | None]:
-    """{tile name: median ms} over every tile that fits (smoke: the two smallest tiles, each run once through the
-    interpreter, which ignores tiles: None, not timed)."""
-    if smoke:
-        tiles = kernels._MATMUL_CONFIGS[-2:]
-    else:
-        tiles = kernels._fitting(kernels._MATMUL_CONFIGS, kernels._matmul_shared_bytes,
-                                 kernels._block_rank(launch["r"]), cases.DTYPES[launch["dtype"]])
-    fn, times = build(launch, device), {}
-    for tile in tiles:
-        with _forced(tile):
-            if smoke:
-                fn()
-                times[kernels.tile_name(tile)] = None
-                continue
-            from triton.testing import do_bench
-
-            fn()  # compile outside the timing
-            times[kernels.tile_name(tile)] = do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
-    return times
+    return lambda: kernels.lora_forward(x, weight, lora_a, lora_b, 2.0, bias, 0.0, None)
 
 
 @contextlib.contextmanager
-def _forced(tile):
-    """Within the block, the launcher's fixed path runs `tile` (RELORA_KERNELS_AUTOTUNE=0 over a one-tile list)."""
-    with mock.patch.object(kernels, "_MATMUL_CONFIGS", [tile]), \
-            mock.patch.dict(os.environ, {"RELORA_KERNELS_AUTOTUNE": "0"}):
+def _choice(choice: str):
+    """Within the block the pass runs on `choice`: the cuBLAS-composed engine, or the Triton engine with that tile."""
+    if choice == CUBLAS:
+        with mock.patch.dict(os.environ, {"RELORA_KERNELS_ENGINE": "cublas"}):
+            yield
+        return
+    tile = policy.parse_tile(choice)
+    with mock.patch.dict(os.environ, {"RELORA_KERNELS_ENGINE": "triton"}), policy.forced_tile(tile):
         yield
 
 
-def choose(results: list[dict]) -> tuple[dict[str, str], dict[str, str]]:
-    """(defaults, shapes) from timed results [{launch, times}]: each shape's fastest tile; per default key, the tile
-    with the smallest mean slowdown (time / the shape's best) over the shapes that timed it. Untimed results (smoke)
-    give their first tile."""
+def time_choices(launch: dict, device: torch.device, smoke: bool) -> dict[str, float | None]:
+    """{choice: median ms}: the cuBLAS-composed engine, then every Triton tile that fits (smoke: the two smallest
+    tiles), each run once through the interpreter under --smoke, which ignores tiles and times nothing (None)."""
+    if smoke:
+        tiles = policy.GEMM_TILES[-2:]
+    else:
+        tiles = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, kernels._block_rank(launch["r"]),
+                               cases.DTYPES[launch["dtype"]])
+    fn, times = build(launch, device), {}
+    for choice in [CUBLAS] + [tile.name for tile in tiles]:
+        with _choice(choice):
+            fn()  # compile outside the timing
+            if smoke:
+                times[choice] = None
+                continue
+            from triton.testing import do_bench
+
+            times[choice] = do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+    return times
+
+
+def _best(times: dict[str, float | None], among) -> str:
+    timed = {choice: ms for choice, ms in times.items() if ms is not None and choice in among}
+    return min(timed, key=timed.get) if timed else next(c for c in times if c in among)
+
+
+def _entry(best_choice: str, best_tile: str) -> dict:
+    return {"engine": "cublas" if best_choice == CUBLAS else "triton", "tile": best_tile}
+
+
+def choose(results: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(defaults, shapes) from timed results [{launch, times}]: each shape's fastest choice (and fastest tile); per
+    default key, the choice (and the tile) with the smallest mean slowdown (time / the shape's best) over the shapes
+    that timed it. Untimed results (smoke) give the cuBLAS engine and their first tile."""
     shapes, slowdowns = {}, {}
     for result in results:
         default, shape = keys(result["launch"])
-        timed = {tile: ms for tile, ms in result["times"].items() if ms is not None}
-        if not timed:
-            shapes[shape] = next(iter(result["times"]))
-            slowdowns.setdefault(default, {}).setdefault(shapes[shape], []).append(1.0)
-            continue
-        best = min(timed.values())
-        shapes[shape] = min(timed, key=timed.get)
-        for tile, ms in timed.items():
-            slowdowns.setdefault(default, {}).setdefault(tile, []).append(ms / best)
+        times = result["times"]
+        tiles = [choice for choice in times if choice != CUBLAS]
+        shapes[shape] = _entry(_best(times, times), _best(times, tiles))
+        timed = {choice: ms for choice, ms in times.items() if ms is not None}
+        best = min(timed.values()) if timed else None
+        for choice in times:
+            slowdown = 1.0 if best is None else (timed[choice] / best if choice in timed else None)
+            if slowdown is not None:
+                slowdowns.setdefault(default, {}).setdefault(choice, []).append(slowdown)
     defaults = {}
-    for default, per_tile in slowdowns.items():
-        shapes_seen = max(len(v) for v in per_tile.values())
-        complete = {tile: v for tile, v in per_tile.items() if len(v) == shapes_seen}  # timed on every shape
-        defaults[default] = min(complete, key=lambda tile: sum(complete[tile]) / shapes_seen)
+    for default, per_choice in slowdowns.items():
+        shapes_seen = max(len(v) for v in per_choice.values())
+        mean = {choice: sum(v) / shapes_seen for choice, v in per_choice.items() if len(v) == shapes_seen}
+        best_tile = min((c for c in mean if c != CUBLAS), key=mean.get, default=None)
+        best_choice = min(mean, key=mean.get)
+        defaults[default] = _entry(best_choice, best_tile) if best_tile else {"engine": "cublas"}
     return defaults, shapes
 
 
 def markdown(results: list[dict], environment: dict, smoke: bool) -> str:
-    lines = ["# Fused GEMM tiles measured per launch" + (" (smoke: nothing timed)" if smoke else ""), "",
-             *(f"- {key}: {value}" for key, value in environment.items()), "",
-             "| launch | M x N_out x K_in | tiles | best tile | best ms | TFLOP/s | first fitting tile ms "
-             "| best vs it |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["# Both engines and the Triton tiles measured per pass" + (" (smoke: nothing timed)" if smoke else ""),
+             "", *(f"- {key}: {value}" for key, value in environment.items()), "",
+             "| pass | M x N_out x K_in | choices | best | best ms | TFLOP/s | cuBLAS-composed ms "
+             "| first fitting tile ms | best vs cuBLAS-composed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         launch, times = result["launch"], result["times"]
-        timed = {tile: ms for tile, ms in times.items() if ms is not None}
+        timed = {choice: ms for choice, ms in times.items() if ms is not None}
         best = min(timed, key=timed.get) if timed else None
-        first = next(iter(times))
+        first = next(choice for choice in times if choice != CUBLAS)
         flops = 2 * launch["M"] * launch["N_out"] * (launch["K_in"] + launch["r"])
         row = [f"{launch['dtype']} r={launch['r']} {launch['variant']}",
                f"{launch['M']} x {launch['N_out']} x {launch['K_in']}", len(times), best or "—"]
         if best:
-            row += [f"{timed[best]:.4g}", f"{flops / (timed[best] * 1e-3) / 1e12:.0f}", f"{timed[first]:.4g}",
-                    f"{timed[first] / timed[best]:.3f}x"]
+            row += [f"{timed[best]:.4g}", f"{flops / (timed[best] * 1e-3) / 1e12:.0f}", f"{timed[CUBLAS]:.4g}",
+                    f"{timed[first]:.4g}", f"{timed[CUBLAS] / timed[best]:.3f}x"]
         else:
-            row += ["—"] * 4
+            row += ["—"] * 5
         lines.append("| " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -181,11 +207,11 @@ def main(argv=None) -> int:
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
             tqdm.write(f"time budget spent: {len(launches) - len(results)} launches not tuned")
             break
-        results.append({"launch": launch, "times": time_tiles(launch, device, args.smoke)})
+        results.append({"launch": launch, "times": time_choices(launch, device, args.smoke)})
 
     defaults, shapes = choose(results)
-    table = json.loads(kernels.TUNED_TABLE.read_text()) if kernels.TUNED_TABLE.exists() else {}
-    arch = "smoke" if args.smoke else f"sm_{kernels._current_arch()}"
+    table = json.loads(policy.TUNED_TABLE.read_text()) if policy.TUNED_TABLE.exists() else {}
+    arch = "smoke" if args.smoke else f"sm_{policy.current_arch()}"
     table[arch] = {"measured": {k: environment[k] for k in ("device", "torch", "triton", "cuda", "commit", "date")}
                    | {"tokens": launches[0]["M"], "launches_tuned": len(results), "launches_planned": len(launches)},
                    "default": defaults, "shapes": shapes}

@@ -3,6 +3,9 @@
     forward   S = dropout_p(x) @ A.T;  y = x @ W.T + bias + s * S @ B.T            (2 launches)
     backward  dS, dB, dA, dbias (2 launches);  dx = dy @ W + mask(dS @ A)/(1-p)     (3 launches)
 
+(the Triton engine's launches; the cuBLAS-composed engine replaces each fused GEMM by a cuBLAS addmm onto a start
+value written by the launch before it: kernels/policy.py).
+
 Only S (M, r) is kept for the backward besides the inputs: the dropout mask is regenerated from the seed, which
 travels as a 0-d int64 tensor on x's device (drawn there when the caller gives none), so neither the op nor
 torch.compile ever reads it on the host. The kernels are called through their torch.library ops (ops.py).
@@ -41,10 +44,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic):
-        ops = _ops()
-        shrunk = ops.lora_shrink(x, lora_a, dropout_p, seed)
-        y = ops.lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias)
-        return y, shrunk
+        return _ops().lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -58,19 +58,15 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_shrunk):
         x, weight, lora_a, lora_b, shrunk, seed = ctx.saved_tensors
         need_x, need_weight, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        ops = _ops()
-        # dS = s * dy @ B;  dB = s * dy.T @ S;  dA = dS.T @ x~;  dbias = dy.sum(0)
-        grad_a, grad_b, grad_shrunk, grad_bias = ops.lora_grad_ab(
-            grad_y, x, shrunk, lora_b, ctx.scale, ctx.dropout_p, seed, need_bias, ctx.deterministic
+        # dS = s * dy @ B;  dB = s * dy.T @ S;  dA = dS.T @ x~;  dbias = dy.sum(0);  dx = dy @ W + (dS @ A) * m / (1-p)
+        grad_x, grad_a, grad_b, grad_bias = _ops().lora_backward(
+            grad_y, x, weight, lora_a, lora_b, shrunk, ctx.scale, ctx.dropout_p, seed, need_x, need_bias,
+            ctx.deterministic,
         )
-        # dx = dy @ W + (dS @ A) * m / (1-p)
-        grad_x = None
-        if need_x:
-            grad_x = ops.lora_input_grad(grad_y, weight, grad_shrunk, lora_a, ctx.dropout_p, seed)
         # dW = dy.T @ x, only if the caller unfroze W (a full-rank phase); LoRA training keeps W frozen.
         grad_weight = grad_y.T @ x if need_weight else None
         # scale, dropout_p and deterministic are Python scalars, seed an integer tensor: no gradient.
-        return (grad_x, grad_weight, grad_a if need_a else None, grad_b if need_b else None,
+        return (grad_x if need_x else None, grad_weight, grad_a if need_a else None, grad_b if need_b else None,
                 grad_bias if need_bias else None, None, None, None, None)
 
 

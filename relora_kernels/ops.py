@@ -1,18 +1,17 @@
 """The Triton launchers registered as torch.library ops (DESIGN.md section 4, layer 3).
 
-    relora_kernels::lora_shrink           S = dropout_p(x) @ A.T
-    relora_kernels::lora_forward_matmul   y = x @ W.T + bias + s * S @ B.T
-    relora_kernels::lora_grad_ab          (dA, dB, dS, dbias)
-    relora_kernels::lora_input_grad       dx = dy @ W + mask(dS @ A) / (1-p)
+    relora_kernels::lora_forward          (y, S): y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T
+    relora_kernels::lora_backward         (dx, dA, dB, dbias)
     relora_kernels::merge_lora_weight_    W <- W + s * B @ A            (mutates weight)
     relora_kernels::reinit_lora_          A <- U(...), B <- 0           (mutates lora_a, lora_b)
 
-Each is a `triton_op`: torch.compile traces into it and sees the kernels themselves (launched through
-`wrap_triton`), so a model of LoRALinear layers compiles into one graph; running the launcher on fake tensors is
-its fake (meta) implementation, which is why the launchers do nothing data-dependent on the host. Under the
-Triton interpreter (CPU tests) they are opaque custom ops with explicit fake implementations
-instead: the same calls, still captured whole by torch.compile, but not fused into by Inductor.
-The autograd wrappers in functional.py call these names; nothing else does.
+Each pass runs on the engine kernels/policy.py chooses for it (the fused Triton GEMM, or Triton launches composed
+with cuBLAS's addmm). Each is a `triton_op`: torch.compile traces into it and sees the kernels themselves (launched
+through `wrap_triton`) and any addmm beside them, so a model of LoRALinear layers compiles into one graph; running
+the launcher on fake tensors is its fake (meta) implementation, which is why the launchers do nothing
+data-dependent on the host. Under the Triton interpreter (CPU tests) they are opaque custom ops with explicit fake
+implementations instead: the same calls, still captured whole by torch.compile, but not fused into by Inductor.
+The autograd wrapper in functional.py calls these names; nothing else does.
 """
 
 from __future__ import annotations
@@ -28,21 +27,14 @@ _NAMESPACE = "relora_kernels"
 # Shapes and dtypes of each op's outputs, for tracing. A triton_op needs none (its launcher, run on fake tensors,
 # is its fake implementation), but the interpreter's kernels cannot be traced, so there the ops are opaque
 # custom ops and these are their fake implementations.
-def _fake_lora_shrink(x, lora_a, dropout_p, seed):
-    return x.new_empty((x.shape[0], lora_a.shape[0]))
+def _fake_lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
 
 
-def _fake_lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias):
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-def _fake_lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic=False):
-    return (x.new_empty((shrunk.shape[1], x.shape[1])), x.new_empty(lora_b.shape), x.new_empty(shrunk.shape),
-            x.new_empty((grad_y.shape[1] if need_bias_grad else 0,)))
-
-
-def _fake_lora_input_grad(grad_y, weight, grad_shrunk, lora_a, dropout_p, seed):
-    return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
+def _fake_lora_backward(grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_input_grad,
+                        need_bias_grad, deterministic=False):
+    return (x.new_empty((x.shape[0] if need_input_grad else 0, x.shape[1])), x.new_empty(lora_a.shape),
+            x.new_empty(lora_b.shape), x.new_empty((grad_y.shape[1] if need_bias_grad else 0,)))
 
 
 def _fake_in_place(*args):
@@ -51,10 +43,8 @@ def _fake_in_place(*args):
 
 # name: (launcher, the arguments it writes in place, fake implementation)
 _LAUNCHERS = {
-    "lora_shrink": (_lora_kernels.lora_shrink, (), _fake_lora_shrink),
-    "lora_forward_matmul": (_lora_kernels.lora_forward_matmul, (), _fake_lora_forward_matmul),
-    "lora_grad_ab": (_lora_kernels.lora_grad_ab, (), _fake_lora_grad_ab),
-    "lora_input_grad": (_lora_kernels.lora_input_grad, (), _fake_lora_input_grad),
+    "lora_forward": (_lora_kernels.lora_forward, (), _fake_lora_forward),
+    "lora_backward": (_lora_kernels.lora_backward, (), _fake_lora_backward),
     "merge_lora_weight_": (_merge_kernels.merge_lora_weight_, ("weight",), _fake_in_place),
     "reinit_lora_": (_merge_kernels.reinit_lora_, ("lora_a", "lora_b"), _fake_in_place),
 }
@@ -74,9 +64,7 @@ def _register(name: str):
     return op
 
 
-lora_shrink = _register("lora_shrink")
-lora_forward_matmul = _register("lora_forward_matmul")
-lora_grad_ab = _register("lora_grad_ab")
-lora_input_grad = _register("lora_input_grad")
+lora_forward = _register("lora_forward")
+lora_backward = _register("lora_backward")
 merge_lora_weight_ = _register("merge_lora_weight_")
 reinit_lora_ = _register("reinit_lora_")

@@ -27,6 +27,7 @@ def default_switches(monkeypatch):
     exported switches, or `pytest tests benchmarks`, whose import of `benchmarks` forces the kernels process-wide."""
     monkeypatch.delenv("RELORA_KERNELS_BACKEND", raising=False)
     monkeypatch.delenv("RELORA_KERNELS_DETERMINISTIC", raising=False)
+    monkeypatch.delenv("RELORA_KERNELS_ENGINE", raising=False)
 
 
 @pytest.fixture
@@ -47,9 +48,17 @@ def reference_blocked(monkeypatch, triton_backend):
     monkeypatch.setattr(functional, "reference", types.SimpleNamespace(lora_linear=forbidden))
 
 
+@pytest.fixture(params=["triton", "cublas"])
+def engine(request, monkeypatch):
+    """Each engine of the frozen GEMMs in turn (RELORA_KERNELS_ENGINE): the fused Triton GEMM, and the Triton
+    launches composed with the CPU's (here) or cuBLAS's (on a GPU) addmm."""
+    monkeypatch.setenv("RELORA_KERNELS_ENGINE", request.param)
+    return request.param
+
+
 @pytest.fixture
-def kernel_calls(monkeypatch, reference_blocked):
-    """Count kernel-op calls (eager only: torch.compile cannot trace the counting wrapper)."""
+def kernel_calls(monkeypatch, reference_blocked, engine):
+    """Count kernel-op calls (eager only: torch.compile cannot trace the counting wrapper), for each engine."""
     from relora_kernels import ops
 
-    return count_launches(monkeypatch, ops, ("lora_shrink", "lora_forward_matmul", "lora_grad_ab", "lora_input_grad"))
+    return count_launches(monkeypatch, ops, ("lora_forward", "lora_backward"))

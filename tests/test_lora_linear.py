@@ -11,7 +11,6 @@ import re
 
 import pytest
 import torch
-import triton
 from helpers import assert_within_bound, assert_within_torch_error, make_inputs, rounding_bound
 
 import relora_kernels as rk
@@ -65,7 +64,7 @@ def test_kernels_match_float64_reference(shape, bias, dtype, kernel_calls):
     lead, k, n, r, scale = SHAPES[shape]
     inputs = make_inputs(lead, k, n, r, dtype, bias=bias)
     check_against_reference(inputs, scale, 0.0, 0, dtype)
-    assert kernel_calls == {"lora_shrink": 1, "lora_forward_matmul": 1, "lora_grad_ab": 1, "lora_input_grad": 1}
+    assert kernel_calls == {"lora_forward": 1, "lora_backward": 1}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -74,7 +73,7 @@ def test_kernels_match_reference_with_dropout(shape, dtype, kernel_calls):
     # The reference draws the same Philox mask, so kernel and reference drop exactly the same elements.
     lead, k, n, r, scale = SHAPES[shape]
     check_against_reference(make_inputs(lead, k, n, r, dtype), scale, 0.3, 1234, dtype)
-    assert kernel_calls["lora_grad_ab"] == 1 and kernel_calls["lora_input_grad"] == 1
+    assert kernel_calls == {"lora_forward": 1, "lora_backward": 1}
 
 
 def test_non_contiguous_inputs(kernel_calls):
@@ -246,9 +245,10 @@ def test_gpu_launch_branch_with_a_fixed_tile(rank, monkeypatch):
     # memory, launch options), run through the interpreter, which otherwise uses its own small tile: checks that
     # branch's selection, grid and arguments.
     from relora_kernels.kernels import lora_linear as kernels
+    from relora_kernels.kernels import policy
 
-    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
-    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: H100_SHARED_MEMORY)
+    monkeypatch.setattr(policy, "interpreting", lambda: False)
+    monkeypatch.setattr(policy, "shared_memory_limit", lambda: H100_SHARED_MEMORY)
     monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", "0")
     # M, N past one 128 tile and not multiples of it, K not a multiple of 64: several programs, masked edges.
     x, weight, lora_a, lora_b, bias = make_inputs((150,), 70, 139, rank, torch.float32).values()
@@ -277,31 +277,32 @@ def test_tiles_are_chosen_to_fit_the_gpu_shared_memory(limit, dtype, monkeypatch
     # exactly the tiles whose estimate fits, in their order of preference. (That the estimates bound what Triton
     # really allocates is checked by benchmarks/test_gpu_build.py, which compiles for sm_80-sm_90.)
     from relora_kernels.kernels import lora_linear as kernels
-    from relora_kernels.kernels import merge
+    from relora_kernels.kernels import merge, policy
 
-    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: limit)
-    lists = [(kernels._MATMUL_CONFIGS, kernels._matmul_shared_bytes),
-             (kernels._SHRINK_CONFIGS, kernels._shrink_shared_bytes),
-             (kernels._GRAD_AB_CONFIGS, kernels._grad_ab_shared_bytes),
+    monkeypatch.setattr(policy, "shared_memory_limit", lambda: limit)
+    lists = [(policy.GEMM_TILES, policy.gemm_shared_bytes),
+             (policy.SHRINK_CONFIGS, policy.shrink_shared_bytes),
+             (policy.GRAD_AB_CONFIGS, policy.grad_ab_shared_bytes),
+             (policy.GRAD_AB_CONFIGS, policy.grad_ab_with_dx_shared_bytes),
              (merge._MERGE_CONFIGS, merge._merge_shared_bytes)]
     for rank_block in (16, 32, 64, 128, kernels.MAX_RANK):
         for configs, shared_bytes in lists:
-            chosen = kernels._fitting(configs, shared_bytes, rank_block, dtype)
+            chosen = policy.fitting(configs, shared_bytes, rank_block, dtype)
             expected = [c for c in configs if shared_bytes(c, rank_block, dtype.itemsize) <= limit]
             assert chosen == expected and chosen, (configs, rank_block)
     # On an H100 in bf16 the preferred Hopper-sized tiles stay in at the common ranks.
     if limit == H100_SHARED_MEMORY and dtype == torch.bfloat16:
         for rank_block in (16, 64):
-            assert kernels._fitting(kernels._MATMUL_CONFIGS, kernels._matmul_shared_bytes, rank_block,
-                                    dtype)[:3] == kernels._MATMUL_CONFIGS[:3]
+            assert policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, rank_block,
+                                  dtype)[:3] == policy.GEMM_TILES[:3]
 
 
 def test_no_tile_fits_names_the_limit_and_the_way_out(monkeypatch):
-    from relora_kernels.kernels import lora_linear as kernels
+    from relora_kernels.kernels import policy
 
-    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: 16 * 1024)
+    monkeypatch.setattr(policy, "shared_memory_limit", lambda: 16 * 1024)
     with pytest.raises(RuntimeError, match=r"16384 bytes of shared memory.*r <= 256.*RELORA_KERNELS_BACKEND"):
-        kernels._fitting(kernels._MATMUL_CONFIGS, kernels._matmul_shared_bytes, 256, torch.float32)
+        policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, 256, torch.float32)
 
 
 @pytest.mark.parametrize("token_blocks", [1, 3, 32, 128, 4096])
@@ -310,8 +311,9 @@ def test_gradient_shares_cover_every_chunk_once_and_fill_the_gpu(token_blocks, c
     # An H100's 132 SMs x 4: 528 programs wanted. Shares split the N (or K) chunks of each token block: every chunk
     # in exactly one share, no empty share, and enough programs where there are chunks enough.
     from relora_kernels.kernels import lora_linear as kernels
+    from relora_kernels.kernels import policy
 
-    monkeypatch.setattr(kernels, "_target_programs", lambda: 528)
+    monkeypatch.setattr(policy, "target_programs", lambda: 528)
     shares, per_share = kernels._shares(token_blocks, chunks)
     assert shares >= 1 and per_share >= 1
     assert shares * per_share >= chunks and (shares - 1) * per_share < max(chunks, 1)
@@ -320,11 +322,12 @@ def test_gradient_shares_cover_every_chunk_once_and_fill_the_gpu(token_blocks, c
 
 def test_shrink_blocks_shrink_until_the_gpu_has_programs_enough(monkeypatch):
     from relora_kernels.kernels import lora_linear as kernels
+    from relora_kernels.kernels import policy
 
-    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
-    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: H100_SHARED_MEMORY)
-    monkeypatch.setattr(kernels, "_target_programs", lambda: 528)
-    first = kernels._SHRINK_CONFIGS[0]
+    monkeypatch.setattr(policy, "interpreting", lambda: False)
+    monkeypatch.setattr(policy, "shared_memory_limit", lambda: H100_SHARED_MEMORY)
+    monkeypatch.setattr(policy, "target_programs", lambda: 528)
+    first = policy.SHRINK_CONFIGS[0]
     assert kernels._shrink_config(16, torch.bfloat16, 1 << 16) == first  # 1024 programs of 64 tokens
     assert kernels._shrink_config(16, torch.bfloat16, 8192)["BLOCK_M"] == 16  # 512 programs: as many as can be
     assert kernels._shrink_config(16, torch.bfloat16, 20000)["BLOCK_M"] == 32  # 625 programs
@@ -336,80 +339,26 @@ def test_shrink_blocks_shrink_until_the_gpu_has_programs_enough(monkeypatch):
 
 
 def test_tile_names_round_trip_and_bad_ones_are_named():
-    from relora_kernels.kernels import lora_linear as kernels
+    from relora_kernels.kernels import policy
 
-    for config in kernels._MATMUL_CONFIGS:
-        again = kernels.parse_tile(kernels.tile_name(config))
-        assert (again.kwargs, again.num_warps, again.num_stages) == (config.kwargs, config.num_warps,
-                                                                     config.num_stages)
+    for tile in policy.GEMM_TILES:
+        assert policy.parse_tile(tile.name) == tile
     for bad in ("128x128 g8 w8 s4", "128x128x64 w8 g8 s4", "big"):
         with pytest.raises(ValueError, match="not a tile name"):
-            kernels.parse_tile(bad)
+            policy.parse_tile(bad)
 
 
 def test_shipped_tuned_table_is_well_formed():
-    # What benchmarks/tune.py writes: per architecture, where it was measured, defaults and shapes, valid tiles.
-    from relora_kernels.kernels import lora_linear as kernels
+    # What benchmarks/tune.py writes: per architecture, where it was measured, engine-and-tile entries per variant
+    # (default) and per shape, valid tiles.
+    from relora_kernels.kernels import policy
 
-    table = json.loads(kernels.TUNED_TABLE.read_text())
+    table = json.loads(policy.TUNED_TABLE.read_text())
     for arch, entry in table.items():
         assert re.fullmatch(r"sm_\d+", arch) and {"device", "triton", "commit"} <= set(entry["measured"]), arch
-        for key, name in {**entry["default"], **entry["shapes"]}.items():
+        for key, choice in {**entry["default"], **entry["shapes"]}.items():
             assert re.fullmatch(r"(bf16|fp16|fp32)/r\d+/(forward(\+bias)?|input_grad(\+dropout)?)(/M\d+/N\d+/K\d+)?",
                                 key), key
-            kernels.parse_tile(name)
-
-
-@pytest.mark.parametrize("setting, table_arch, shape_listed, expected", [
-    ("", "sm_90", True, "shape"),  # a tuned shape: its own tile
-    ("", "sm_90", False, "default"),  # another shape: the variant's default
-    ("", "sm_80", True, "autotune"),  # an architecture the table lacks: the autotuner
-    ("1", "sm_90", True, "autotune"),  # RELORA_KERNELS_AUTOTUNE=1: the autotuner whatever the table says
-    ("0", "sm_90", True, "first"),  # RELORA_KERNELS_AUTOTUNE=0: the first tile that fits
-])
-def test_fused_gemm_tile_comes_from_the_tuned_table(setting, table_arch, shape_listed, expected, monkeypatch):
-    from relora_kernels.kernels import lora_linear as kernels
-
-    M, N, K, rank = 300, 96, 80, 16
-    default, shape = kernels.tuned_keys(torch.float32, 16, "forward", True, False, M, N, K)
-    tiles = {"shape": "64x64x64 g4 w4 s3", "default": "32x32x32 g8 w4 s2"}
-    table = {table_arch: {"measured": {}, "default": {default: tiles["default"]},
-                          "shapes": {shape: tiles["shape"]} if shape_listed else {}}}
-    monkeypatch.setattr(kernels, "_tuned_table", lambda: table)
-    monkeypatch.setattr(kernels, "_current_arch", lambda: 90)
-    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
-    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: H100_SHARED_MEMORY)
-    monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", setting)
-    launches = []
-
-    class Recorder:  # stands in for traceable(kernel): records what would be launched, runs nothing
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda **kwargs: launches.append((self.kernel, kwargs))
-
-    monkeypatch.setattr(kernels, "traceable", Recorder)
-    x, weight, lora_a, lora_b, bias = make_inputs((M,), K, N, rank, torch.float32).values()
-    kernels.lora_forward_matmul(x, weight, x @ lora_a.T, lora_b, 0.5, bias)
-    (kernel, kwargs), = launches
-    if expected == "autotune":
-        assert isinstance(kernel, triton.runtime.autotuner.Autotuner)
-        return
-    first = kernels._fitting(kernels._MATMUL_CONFIGS, kernels._matmul_shared_bytes, 16, torch.float32)[0]
-    want = first if expected == "first" else kernels.parse_tile(tiles[expected])
-    assert {k: kwargs[k] for k in want.kwargs} == want.kwargs
-    assert (kwargs["num_warps"], kwargs["num_stages"]) == (want.num_warps, want.num_stages)
-
-
-def test_a_tuned_tile_that_does_not_fit_is_not_launched(monkeypatch):
-    from relora_kernels.kernels import lora_linear as kernels
-
-    monkeypatch.setattr(kernels, "_current_arch", lambda: 89)
-    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda: RTX4090_SHARED_MEMORY)
-    default, _ = kernels.tuned_keys(torch.bfloat16, 256, "input_grad", False, True, 4096, 4096, 4096)
-    monkeypatch.setattr(kernels, "_tuned_table", lambda: {"sm_89": {"default": {default: "128x256x64 g8 w8 s3"}}})
-    assert kernels._tuned_tile(torch.bfloat16, 256, "input_grad", False, True, 4096, 4096, 4096) is None
-    monkeypatch.setattr(kernels, "_tuned_table", lambda: {"sm_89": {"default": {default: "32x32x32 g8 w4 s2"}}})
-    assert kernels._tuned_tile(torch.bfloat16, 256, "input_grad", False, True, 4096, 4096, 4096).kwargs[
-        "BLOCK_M"] == 32
+            assert choice["engine"] in policy.ENGINES, (key, choice)
+            if "tile" in choice:
+                policy.parse_tile(choice["tile"])

@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import os
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
 from ..reference import DROPOUT_BITS, dropout_threshold
+from . import policy
 
 MAX_RANK = 256
 
@@ -40,14 +38,9 @@ MAX_RANK = 256
 _RANDOM_SHIFT = tl.constexpr(32 - DROPOUT_BITS)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # Whether ops.py registers the launchers as triton_ops, which torch.compile traces into, or as opaque custom ops:
-# the latter under the interpreter, whose kernels torch cannot trace (torch <= 2.11's wrap_triton even refuses them).
-# Fixed at import, as the registration is.
-TRACEABLE_LAUNCHES = not _interpreting()
+# the latter under the interpreter, whose kernels torch cannot trace. Fixed at import, as the registration is.
+TRACEABLE_LAUNCHES = not policy.interpreting()
 
 
 def traceable(kernel):
@@ -115,18 +108,25 @@ def _shrink_kernel(
     a_ptr,  # (R, K)
     s_ptr,  # (M, R) output
     seed_ptr,  # () int64 dropout seed, read only when APPLY_DROPOUT
-    M, K, R,
+    b_ptr,  # (N, R), read only when EXPAND
+    bias_ptr,  # (N,), read only when EXPAND and HAS_BIAS
+    out_ptr,  # (M, N) output when EXPAND: scale * S @ B.T + bias, which cuBLAS then accumulates x @ W.T onto
+    M, K, R, N,
     stride_xm, stride_xk,
     stride_ar, stride_ak,
     stride_sm, stride_sr,
-    keep_threshold, inv_keep,
-    APPLY_DROPOUT: tl.constexpr,
+    stride_bn, stride_br,
+    stride_bias,
+    stride_om, stride_on,
+    scale, keep_threshold, inv_keep,
+    APPLY_DROPOUT: tl.constexpr, EXPAND: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)  # M * stride can pass 2**31
+    mask_m = offs_m < M
     offs_r = tl.arange(0, BLOCK_R)
     if APPLY_DROPOUT:
         seed = tl.load(seed_ptr)
@@ -136,7 +136,7 @@ def _shrink_kernel(
         cols = offs_k.to(tl.int64)
         x_tile = tl.load(
             x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0,
+            mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0,
         )
         if APPLY_DROPOUT:
             keep = _keep_mask(seed, rows, k0, K, keep_threshold, BLOCK_M, BLOCK_K)
@@ -148,11 +148,25 @@ def _shrink_kernel(
         acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
     if APPLY_DROPOUT:
         acc = acc * tl.cast(inv_keep, tl.float32)  # the 1/(1-p) of every kept element, applied once
-    tl.store(
-        s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-        acc.to(s_ptr.dtype.element_ty),
-        mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
-    )
+    shrunk = acc.to(s_ptr.dtype.element_ty)
+    tl.store(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr, shrunk,
+             mask=mask_m[:, None] & (offs_r[None, :] < R))
+
+    if EXPAND:
+        # The cuBLAS-composed engine's start value, from S as stored (in x's dtype, as the fused GEMM reads it).
+        for n0 in range(0, N, BLOCK_K):
+            offs_n = n0 + tl.arange(0, BLOCK_K)
+            out_cols = offs_n.to(tl.int64)
+            mask_n = offs_n < N
+            b_tile = tl.load(  # (BLOCK_R, BLOCK_K) tile of B.T
+                b_ptr + offs_r[:, None] * stride_br + out_cols[None, :] * stride_bn,
+                mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0,
+            )
+            start = tl.dot(shrunk, b_tile, input_precision=DOT_PRECISION) * tl.cast(scale, tl.float32)
+            if HAS_BIAS:
+                start += tl.load(bias_ptr + out_cols * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rows[:, None] * stride_om + out_cols[None, :] * stride_on,
+                     start.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,13 +354,17 @@ def _grad_a_kernel(
     ds_ptr,  # (M, R) output dS, in x's dtype
     da_ptr,  # (SLOTS, R, K) fp32 output: dA partials, one slot per token block (SLOTS = 1 with atomics)
     seed_ptr,  # () int64 dropout seed, read only when APPLY_DROPOUT
+    a_ptr,  # (R, K), read only when WRITE_DX
+    dx_ptr,  # (M, K) output when WRITE_DX: mask(dS @ A) / (1-p), which cuBLAS then accumulates dy @ W onto
     M, K, R, DS_SLOTS,
     stride_xm, stride_xk,
     stride_dsp_slot, stride_dsp_m, stride_dsp_r,
     stride_dsm, stride_dsr,
     stride_da_slot, stride_da_r, stride_da_k,
+    stride_ar, stride_ak,
+    stride_dxm, stride_dxk,
     scale, keep_threshold, inv_keep, chunks_per_share,
-    APPLY_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    APPLY_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, WRITE_DX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -363,8 +381,9 @@ def _grad_a_kernel(
     if share == 0:
         tl.store(ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
                  ds.to(ds_ptr.dtype.element_ty), mask=mask_mr)
-    # dS enters dA in the input dtype, as it would in the eager computation.
-    ds_t = tl.trans(ds.to(x_ptr.dtype.element_ty))
+    # dS enters dA (and the dx term) in the input dtype, as it would in the eager computation.
+    ds_rounded = ds.to(x_ptr.dtype.element_ty)
+    ds_t = tl.trans(ds_rounded)
     if APPLY_DROPOUT:
         seed = tl.load(seed_ptr)
 
@@ -390,228 +409,49 @@ def _grad_a_kernel(
             da_ptr + slot * stride_da_slot + offs_r[:, None] * stride_da_r + cols[None, :] * stride_da_k,
             da_part, mask_r[:, None] & mask_k[None, :], DETERMINISTIC,
         )
+        if WRITE_DX:
+            # dx's start: mask(dS @ A) / (1-p) for this block of tokens and columns, with the mask already made.
+            a_tile = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
+                             mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            start = tl.dot(ds_rounded, a_tile, input_precision=DOT_PRECISION)
+            if APPLY_DROPOUT:
+                start = tl.where(keep, start, 0.0) * tl.cast(inv_keep, tl.float32)
+            tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
+                     start.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Configurations. Under the interpreter, one small tile (it runs one program at a time on the CPU). On a GPU, tiles
-# are chosen to fit the device's shared memory (227 KiB per block on an H100, 163 KiB on an A100, 99 KiB on an RTX
-# 4090): the low-rank tiles grow with r, so a tile that fits at r = 16 may not at r = 256. The estimates below bound
-# what Triton allocates from above (exactly, for the fused GEMM on sm_90; 1.25-2.5x over on sm_8x):
-# `python -m benchmarks.gpu_build` compiles every launch for sm_80/86/89/90 without a GPU and checks them (so does
-# CI, for sm_90 and sm_80). The fused GEMM takes its tile from the measured per-architecture table (TUNED_TABLE),
-# else is autotuned over the tiles that fit (it writes a fresh output, so re-running it is safe); the gradient
-# kernels, which accumulate with atomics, the shrink and the merge use the first tile of their list that fits
-# (never autotune an atomic or in-place kernel blindly).
+# Launch configuration: tiles, grids and the engine (policy.py).
 # ---------------------------------------------------------------------------------------------------------------
-
-_INTERPRETER_BLOCK = 32
-
-# In order of preference for a fixed tile (RELORA_KERNELS_AUTOTUNE=0); Hopper-sized first, the last fits anywhere
-# (r = 256 in fp32 on a 99 KiB GPU). Guesses, not yet measured on a GPU.
-_MATMUL_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=2, num_warps=4),
-]
-# The autotuner tries the first few that fit (each costs a compile and a timing per new shape), the small last-resort
-# tiles only where the large ones do not fit.
-_AUTOTUNED_TILES = 6
-_SHRINK_CONFIGS = [
-    {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
-]
-_GRAD_AB_CONFIGS = [
-    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},  # fp32 at r = 256, 99-163 KiB
-]
-
-
-# What Triton allocates beside the tiles counted below (barriers, scratch): on sm_90, 1 KiB for the shrink and
-# gradient kernels under triton 3.4 and nothing under 3.6 and 3.9 (benchmarks/gpu_build.py). Added to every estimate
-# so that each bounds what every supported Triton allocates; the tiles chosen are the same with or without it.
-_TRITON_SHARED_OVERHEAD = 1024
-
-
-def _matmul_shared_bytes(config: triton.Config, rank_block: int, element_size: int) -> int:
-    """The fused GEMM's shared memory: the x and W tiles of every pipeline stage, plus the (BLOCK_M, r) and
-    (r, BLOCK_N) low-rank tiles of the accumulator init."""
-    block_m, block_n, block_k = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    tiles = config.num_stages * (block_m + block_n) * block_k + rank_block * (block_m + block_n)
-    return element_size * tiles + _TRITON_SHARED_OVERHEAD
-
-
-def _shrink_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
-    """The shrink's: the x and A tiles of every stage."""
-    tiles = config["num_stages"] * (config["BLOCK_M"] + rank_block) * config["BLOCK_K"]
-    return element_size * tiles + _TRITON_SHARED_OVERHEAD
-
-
-def _grad_b_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
-    """_grad_b_kernel's: the dy and B tiles of every stage, plus three (BLOCK_M, r) tiles (S, dS, layouts)."""
-    block_m = config["BLOCK_M"]
-    tiles = config["num_stages"] * (block_m + rank_block) * config["BLOCK_N"] + 3 * block_m * rank_block
-    return element_size * tiles + _TRITON_SHARED_OVERHEAD
-
-
-def _grad_a_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
-    """_grad_a_kernel's: the x tiles of every stage, plus three (BLOCK_M, r) tiles (dS, dS.T, layouts)."""
-    block_m = config["BLOCK_M"]
-    tiles = config["num_stages"] * block_m * config["BLOCK_K"] + 3 * block_m * rank_block
-    return element_size * tiles + _TRITON_SHARED_OVERHEAD
-
-
-def _grad_ab_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
-    """The two gradient kernels share a config: the larger of their needs."""
-    return max(_grad_b_shared_bytes(config, rank_block, element_size),
-               _grad_a_shared_bytes(config, rank_block, element_size))
-
-
-@functools.cache
-def _device_properties(device: int) -> dict:
-    return triton.runtime.driver.active.utils.get_device_properties(device)
-
-
-def _shared_memory_limit() -> int:
-    """Shared memory one block may use on the device Triton launches on (the current one)."""
-    return _device_properties(triton.runtime.driver.active.get_current_device())["max_shared_mem"]
-
-
-# Programs a memory-bound launch should have: enough for several per SM, so that each SM keeps many loads in
-# flight. Under the interpreter a small number, so that the tests' tiny inputs still exercise the split paths.
-_PROGRAMS_PER_SM = 4
-_INTERPRETER_PROGRAMS = 4
-
-
-def _target_programs() -> int:
-    if _interpreting():
-        return _INTERPRETER_PROGRAMS
-    device = _device_properties(triton.runtime.driver.active.get_current_device())
-    return _PROGRAMS_PER_SM * device["multiprocessor_count"]
 
 
 def _shares(token_blocks: int, chunks: int) -> tuple[int, int]:
     """(shares, chunks per share): split `chunks` column chunks into shares so that token_blocks x shares reaches
-    _target_programs(), with no empty share."""
-    wanted = max(1, min(chunks, triton.cdiv(_target_programs(), max(token_blocks, 1))))
+    policy.target_programs(), with no empty share."""
+    wanted = max(1, min(chunks, triton.cdiv(policy.target_programs(), max(token_blocks, 1))))
     per_share = max(1, chunks // wanted)  # rounded down: at least `wanted` shares
     return max(1, triton.cdiv(chunks, per_share)), per_share
-
-
-def _fitting(configs, shared_bytes, rank_block: int, dtype: torch.dtype) -> list:
-    """The configs whose estimated shared memory fits the device, in their order of preference."""
-    limit, element_size = _shared_memory_limit(), dtype.itemsize
-    fitting = [c for c in configs if shared_bytes(c, rank_block, element_size) <= limit]
-    if not fitting:  # the last config of each list fits 99 KiB at r = 256 in fp32: only a tiny GPU gets here
-        raise RuntimeError(f"no tile of the LoRA kernels fits this GPU's {limit} bytes of shared memory per block "
-                           f"at r <= {rank_block} in {dtype}; use a smaller rank or RELORA_KERNELS_BACKEND=reference")
-    return fitting
-
-
-@functools.cache
-def _autotuned_matmul(configs: tuple[triton.Config, ...]):
-    """One autotuner per set of fitting tiles (it keeps its own choices per shape)."""
-    return triton.autotune(configs=list(configs), key=["M", "N", "K", "R"])(_fused_matmul_kernel)
-
-
-def _tile_choice() -> str:
-    """How the fused GEMM's tile is chosen, from RELORA_KERNELS_AUTOTUNE:
-    unset  "table": the measured per-architecture table (tuned_gemm.json), else the autotuner;
-    1      "autotune": the autotuner, over the first _AUTOTUNED_TILES fitting tiles, for every new shape;
-    0      "fixed": the first fitting tile (the GPU tests: a cold autotune of their ~70 keys would take minutes)."""
-    return {"0": "fixed", "1": "autotune"}.get(os.environ.get("RELORA_KERNELS_AUTOTUNE", ""), "table")
-
-
-# The fused GEMM's tiles measured per GPU architecture by `python -m benchmarks.tune` and kept in the repository:
-#   {"sm_90": {"measured": {device, torch, triton, commit, date},
-#              "default": {"bf16/r16/forward+bias": tile, ...},          one per (dtype, rank block, variant)
-#              "shapes": {"bf16/r16/forward+bias/M8192/N4096/K4096": tile, ...}}}    the tuned shapes
-# A variant is the launch (forward: y = x @ W.T ..., input_grad: dx = dy @ W ..., whose W is read transposed) with
-# its options (+bias, +dropout).
-# A tuned shape takes its own tile, any other shape its (dtype, r, variant)'s default; an architecture or variant
-# missing from the table is autotuned. A tile is written "128x128x64 g8 w8 s4" (BLOCK_M x BLOCK_N x BLOCK_K,
-# GROUP_M, warps, stages).
-TUNED_TABLE = Path(__file__).with_name("tuned_gemm.json")
-
-
-def _current_arch() -> int:
-    """The compute capability Triton compiles for, e.g. 90 on an H100."""
-    return triton.runtime.driver.active.get_current_target().arch
-
-
-@functools.cache
-def _tuned_table() -> dict:
-    return json.loads(TUNED_TABLE.read_text()) if TUNED_TABLE.exists() else {}
-
-
-def tile_name(config: triton.Config) -> str:
-    tile = config.kwargs
-    return (f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} g{tile['GROUP_M']} w{config.num_warps} "
-            f"s{config.num_stages}")
-
-
-def parse_tile(name: str) -> triton.Config:
-    """The inverse of tile_name; a ValueError naming the text if it is not one."""
-    try:
-        blocks, group, warps, stages = name.split()
-        block_m, block_n, block_k = (int(b) for b in blocks.split("x"))
-        if (group[0], warps[0], stages[0]) != ("g", "w", "s"):
-            raise ValueError
-        kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": int(group[1:])}
-        return triton.Config(kwargs, num_warps=int(warps[1:]), num_stages=int(stages[1:]))
-    except ValueError:
-        raise ValueError(f"not a tile name like '128x128x64 g8 w8 s4': {name!r}") from None
-
-
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def tuned_keys(dtype: torch.dtype, rank_block: int, kind: str, bias: bool, dropout: bool, M: int, N: int, K: int):
-    """(default key, shape key) of a launch in the table: kind "forward" or "input_grad"; the kernel's M (tokens,
-    by power-of-two bucket), N (outputs) and K (the reduction), exact."""
-    options = ("+bias" if bias else "") + ("+dropout" if dropout else "")
-    variant = f"{_DTYPE_NAMES[dtype]}/r{rank_block}/{kind}{options}"
-    return variant, f"{variant}/M{triton.next_power_of_2(M)}/N{N}/K{K}"
-
-
-def _tuned_tile(dtype, rank_block, kind, bias, dropout, M, N, K) -> triton.Config | None:
-    """The table's tile for this launch on the current GPU, or None (no entry, or one that does not fit)."""
-    entry = _tuned_table().get(f"sm_{_current_arch()}")
-    if not entry:
-        return None
-    default, shape = tuned_keys(dtype, rank_block, kind, bias, dropout, M, N, K)
-    name = entry.get("shapes", {}).get(shape) or entry.get("default", {}).get(default)
-    if name is None:
-        return None
-    tile = parse_tile(name)
-    fits = _matmul_shared_bytes(tile, rank_block, dtype.itemsize) <= _shared_memory_limit()
-    return tile if fits else None
 
 
 def _shrink_config(rank_block: int, dtype: torch.dtype, tokens: int) -> dict:
     """The first fitting tile, its BLOCK_M halved while the launch would have too few programs. The shrink has no
     reduction across programs; the price of small token blocks is that every program reads all of A (from L2):
     r / BLOCK_M times the bytes of x in all, so BLOCK_M stays >= max(16, r / 2) (at most twice x's traffic)."""
-    if _interpreting():
-        return {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_K": _INTERPRETER_BLOCK}
-    config = dict(_fitting(_SHRINK_CONFIGS, _shrink_shared_bytes, rank_block, dtype)[0])
+    if policy.interpreting():
+        return {"BLOCK_M": policy.INTERPRETER_BLOCK, "BLOCK_K": policy.INTERPRETER_BLOCK}
+    config = dict(policy.fitting(policy.SHRINK_CONFIGS, policy.shrink_shared_bytes, rank_block, dtype)[0])
     smallest = max(16, rank_block // 2)
-    while config["BLOCK_M"] > smallest and triton.cdiv(tokens, config["BLOCK_M"]) < _target_programs():
+    while config["BLOCK_M"] > smallest and triton.cdiv(tokens, config["BLOCK_M"]) < policy.target_programs():
         config["BLOCK_M"] //= 2
     return config
 
 
-def _grad_ab_config(rank_block: int, dtype: torch.dtype) -> dict:
-    if _interpreting():
-        return {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK, "BLOCK_K": _INTERPRETER_BLOCK}
-    return _fitting(_GRAD_AB_CONFIGS, _grad_ab_shared_bytes, rank_block, dtype)[0]
+def _grad_ab_config(rank_block: int, dtype: torch.dtype, write_dx: bool) -> dict:
+    if policy.interpreting():
+        block = policy.INTERPRETER_BLOCK
+        return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_K": block}
+    estimate = policy.grad_ab_with_dx_shared_bytes if write_dx else policy.grad_ab_shared_bytes
+    return policy.fitting(policy.GRAD_AB_CONFIGS, estimate, rank_block, dtype)[0]
 
 
 def _dropout_args(dropout_p: float, seed: torch.Tensor | None, fallback: torch.Tensor) -> dict:
@@ -625,39 +465,62 @@ def _dropout_args(dropout_p: float, seed: torch.Tensor | None, fallback: torch.T
     }
 
 
+def _is_fake(*tensors: torch.Tensor) -> bool:
+    """Whether the launch is being traced (torch.compile runs the launchers on fake tensors), or captured into a CUDA
+    graph: then nothing can be timed."""
+    from torch._subclasses.fake_tensor import is_fake  # also sees through the functional tensors of AOT tracing
+
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return capturing or any(is_fake(t) for t in tensors)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers: same signatures as their twins in reference.py. Every launch goes through `traceable` so that the
-# launchers can be registered as torch.library triton_ops (ops.py), which torch.compile traces into.
+# passes can be registered as torch.library triton_ops (ops.py), which torch.compile traces into.
 # The dropout seed is a 0-d int64 tensor on the device (None without dropout) that the kernels load: no host
 # sync, and a seed drawn inside a compiled graph or a CUDA graph stays in it.
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@on_tensors_device
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
-    """S = dropout_p(x) @ A.T, (M, r) in x's dtype. x (M, K), lora_a (r, K)."""
+def _shrink(x, lora_a, dropout_p, seed, expand=None):
+    """S = dropout_p(x) @ A.T; with expand = (lora_b, scale, bias) also out = scale * S @ B.T + bias. Returns
+    (S, out or None)."""
     (M, K), R = x.shape, lora_a.shape[0]
     shrunk = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    lora_b, scale, bias = expand if expand is not None else (x, 0.0, None)
+    N = lora_b.shape[0] if expand is not None else 0
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype) if expand is not None else None
     if M == 0:
-        return shrunk
+        return shrunk, out
     cfg = _shrink_config(_block_rank(R), x.dtype, M)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    out_strides = out.stride() if out is not None else (0, 0)
     traceable(_shrink_kernel)[grid](
-        x, lora_a, shrunk,
-        M=M, K=K, R=R,
+        x, lora_a, shrunk, b_ptr=lora_b, bias_ptr=bias if bias is not None else x,
+        out_ptr=out if out is not None else x,
+        M=M, K=K, R=R, N=N,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1),
         stride_sm=shrunk.stride(0), stride_sr=shrunk.stride(1),
-        inv_keep=1.0 / (1.0 - dropout_p),
+        stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
+        stride_bias=bias.stride(0) if bias is not None else 0,
+        stride_om=out_strides[0], stride_on=out_strides[1],
+        scale=float(scale), inv_keep=1.0 / (1.0 - dropout_p), EXPAND=expand is not None, HAS_BIAS=bias is not None,
         BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
         **_dropout_args(dropout_p, seed, x), **cfg,
     )
-    return shrunk
+    return shrunk, out
+
+
+@on_tensors_device
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """S = dropout_p(x) @ A.T, (M, r) in x's dtype. x (M, K), lora_a (r, K)."""
+    return _shrink(x, lora_a, dropout_p, seed)[0]
 
 
 def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed, kind):
     """out = lhs @ rhs_t.T + low_scale * mask(low @ up_t.T) + bias, where rhs_t (N, K) and up_t (N, R); kind names
-    the launch in the tuned table ("forward" or "input_grad")."""
+    the pass in the table ("forward" or "input_grad")."""
     (M, K), N, R = lhs.shape, rhs_t.shape[0], low.shape[1]
     out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype)
     if M == 0 or N == 0:
@@ -674,25 +537,16 @@ def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed, kind)
         low_scale=float(low_scale), HAS_BIAS=bias is not None,
         BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(lhs.dtype), **_dropout_args(dropout_p, seed, lhs),
     )
-    if _interpreting():
-        block = _INTERPRETER_BLOCK
-        grid = (triton.cdiv(M, block) * triton.cdiv(N, block),)
-        traceable(_fused_matmul_kernel)[grid](**args, BLOCK_M=block, BLOCK_N=block, BLOCK_K=block, GROUP_M=4)
-    else:
-        tiles = _fitting(_MATMUL_CONFIGS, _matmul_shared_bytes, args["BLOCK_R"], lhs.dtype)
-        choice = _tile_choice()
-        tile = tiles[0] if choice == "fixed" else None
-        if choice == "table":
-            tile = _tuned_tile(lhs.dtype, args["BLOCK_R"], kind, bias is not None, args["APPLY_DROPOUT"], M, N, K)
-        if tile is None:
-            def grid(cfg):
-                return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
-            traceable(_autotuned_matmul(tuple(tiles[:_AUTOTUNED_TILES])))[grid](**args)
-        else:
-            grid = (triton.cdiv(M, tile.kwargs["BLOCK_M"]) * triton.cdiv(N, tile.kwargs["BLOCK_N"]),)
-            traceable(_fused_matmul_kernel)[grid](**args, **tile.kwargs, num_warps=tile.num_warps,
-                                                  num_stages=tile.num_stages)
+    def launch(tile: policy.GemmTile) -> None:
+        grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n),)
+        traceable(_fused_matmul_kernel)[grid](**args, **tile.launch_options)
+
+    def time_tile(tile: policy.GemmTile) -> float:
+        return triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=20, return_mode="median")
+
+    gemm = policy.GemmLaunch(lhs.dtype, args["BLOCK_R"], kind, bias is not None, args["APPLY_DROPOUT"], M, N, K)
+    launch(policy.gemm_tile(gemm, None if _is_fake(lhs) else time_tile))
     return out
 
 
@@ -711,19 +565,11 @@ def lora_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, grad_shrunk: tor
                          "input_grad")
 
 
-@on_tensors_device
-def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                 dropout_p: float, seed: torch.Tensor | None, need_bias_grad: bool,
-                 deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dA, dB, dS, dbias) from two launches that read dy and x once each, in x's dtype (reduced in fp32, rounded
-    once); dbias is an empty (0,) tensor unless `need_bias_grad` (a registered op cannot return None).
-
-    Programs own a block of tokens and a share of the N (then K) chunks. Their partial sums are reduced by fp32
-    atomics into zeroed buffers, or, when `deterministic`, written to their own slices and summed in a fixed order
-    (bit-identical run to run on one GPU model, at the cost of token_blocks x (N + K) x r x 4 bytes of scratch).
-    """
+def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic):
+    """(dA, dB, dS, dbias, dx start or None): dx's start mask(dS @ A) / (1-p) is written by the dA launch when
+    lora_a is given (the cuBLAS-composed engine)."""
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
-    cfg = _grad_ab_config(_block_rank(R), x.dtype)
+    cfg = _grad_ab_config(_block_rank(R), x.dtype, write_dx=lora_a is not None)
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg}
     token_blocks = triton.cdiv(M, block_m)
@@ -736,6 +582,7 @@ def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lo
     grad_bias = torch.zeros((slots, N if need_bias_grad else 0), device=dev, dtype=torch.float32)
     ds_partial = torch.zeros((n_shares if deterministic else 1, M, R), device=dev, dtype=torch.float32)
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
+    dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if lora_a is not None else None
     common = dict(DETERMINISTIC=deterministic, BLOCK_M=block_m, BLOCK_R=_block_rank(R),
                   DOT_PRECISION=_dot_precision(x.dtype), **launch)
     if token_blocks > 0:
@@ -752,22 +599,103 @@ def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lo
             HAS_BIAS_GRAD=need_bias_grad, BLOCK_N=block_n, **common,
         )
         dropout = _dropout_args(dropout_p, seed, x)
+        a, dx = (lora_a, dx_start) if lora_a is not None else (x, x)
         traceable(_grad_a_kernel)[(token_blocks, k_shares)](
-            x, ds_partial, grad_shrunk, grad_a, dropout["seed_ptr"],
+            x, ds_partial, grad_shrunk, grad_a, dropout["seed_ptr"], a, dx,
             M=M, K=K, R=R, DS_SLOTS=ds_partial.shape[0],
             stride_xm=x.stride(0), stride_xk=x.stride(1),
             stride_dsp_slot=ds_partial.stride(0), stride_dsp_m=ds_partial.stride(1),
             stride_dsp_r=ds_partial.stride(2),
             stride_dsm=grad_shrunk.stride(0), stride_dsr=grad_shrunk.stride(1),
             stride_da_slot=grad_a.stride(0), stride_da_r=grad_a.stride(1), stride_da_k=grad_a.stride(2),
+            stride_ar=a.stride(0), stride_ak=a.stride(1), stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
             scale=float(scale), keep_threshold=dropout["keep_threshold"], inv_keep=1.0 / (1.0 - dropout_p),
-            chunks_per_share=k_chunks_per_share, APPLY_DROPOUT=dropout["APPLY_DROPOUT"], BLOCK_K=block_k, **common,
+            chunks_per_share=k_chunks_per_share, APPLY_DROPOUT=dropout["APPLY_DROPOUT"],
+            WRITE_DX=lora_a is not None, BLOCK_K=block_k, **common,
         )
     grad_a, grad_b, grad_bias = (_reduce_splits(t, x.dtype) for t in (grad_a, grad_b, grad_bias))
-    return grad_a, grad_b, grad_shrunk, grad_bias
+    return grad_a, grad_b, grad_shrunk, grad_bias, dx_start
+
+
+@on_tensors_device
+def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                 dropout_p: float, seed: torch.Tensor | None, need_bias_grad: bool,
+                 deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dA, dB, dS, dbias) from two launches that read dy and x once each, in x's dtype (reduced in fp32, rounded
+    once); dbias is an empty (0,) tensor unless `need_bias_grad` (a registered op cannot return None).
+
+    Programs own a block of tokens and a share of the N (then K) chunks. Their partial sums are reduced by fp32
+    atomics into zeroed buffers, or, when `deterministic`, written to their own slices and summed in a fixed order
+    (bit-identical run to run on one GPU model, at the cost of token_blocks x (N + K) x r x 4 bytes of scratch).
+    """
+    return _grad_ab(grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic)[:4]
 
 
 def _reduce_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Sum the per-program partials (a fixed-order torch reduction) and round once into `dtype`."""
     total = partials[0] if partials.shape[0] == 1 else partials.sum(0)
     return total.to(dtype)
+
+
+@on_tensors_device
+def lora_shrink_expand(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                       bias: torch.Tensor | None, dropout_p: float,
+                       seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, start): S = dropout_p(x) @ A.T and start = s * S @ B.T + bias, (M, N), in one launch: the cuBLAS-composed
+    engine's forward accumulates x @ W.T onto start."""
+    return _shrink(x, lora_a, dropout_p, seed, expand=(lora_b, scale, bias))
+
+
+@on_tensors_device
+def lora_grad_ab_start(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lora_a: torch.Tensor,
+                       lora_b: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor | None,
+                       need_bias_grad: bool, deterministic: bool = False):
+    """lora_grad_ab's (dA, dB, dbias), and dx's start mask(dS @ A) / (1-p), (M, K), written by the dA launch: the
+    cuBLAS-composed engine's backward accumulates dy @ W onto it."""
+    grad_a, grad_b, _, grad_bias, start = _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed,
+                                                   need_bias_grad, deterministic)
+    return grad_a, grad_b, grad_bias, start
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two passes of the op, each on the engine policy.py chooses for it (the registered ops of ops.py).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@on_tensors_device
+def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                 bias: torch.Tensor | None, dropout_p: float,
+                 seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, S): y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T and S = dropout_p(x) @ A.T, kept for backward.
+    triton: the shrink, then the fused GEMM; cublas: the shrink also writes s * S @ B.T + bias into y, then cuBLAS
+    adds x @ W.T."""
+    (M, K), N = x.shape, weight.shape[0]
+    gemm = policy.GemmLaunch(x.dtype, _block_rank(lora_a.shape[0]), "forward", bias is not None, False, M, N, K)
+    if policy.choose_engine(gemm) == "cublas":
+        shrunk, y = lora_shrink_expand(x, lora_a, lora_b, scale, bias, dropout_p, seed)
+        return y.addmm_(x, weight.T), shrunk
+    shrunk = lora_shrink(x, lora_a, dropout_p, seed)
+    return lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias), shrunk
+
+
+@on_tensors_device
+def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, shrunk: torch.Tensor, scale: float, dropout_p: float,
+                  seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool,
+                  deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB, dbias); dx is an empty (0, K) tensor unless `need_input_grad`, dbias an empty (0,) one unless
+    `need_bias_grad`. dS, dB, dbias and dA from lora_grad_ab's two launches; dx = dy @ W + mask(dS @ A) / (1-p):
+    triton, the fused GEMM; cublas, the dA launch also writes the low-rank term into dx, then cuBLAS adds dy @ W."""
+    (M, K), N = x.shape, weight.shape[0]
+    gemm = policy.GemmLaunch(x.dtype, _block_rank(lora_a.shape[0]), "input_grad", False, dropout_p > 0.0, M, K, N)
+    if need_input_grad and policy.choose_engine(gemm) == "cublas":
+        grad_a, grad_b, grad_bias, grad_x = lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p,
+                                                               seed, need_bias_grad, deterministic)
+        return grad_x.addmm_(grad_y, weight), grad_a, grad_b, grad_bias
+    grad_a, grad_b, grad_shrunk, grad_bias = lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed,
+                                                          need_bias_grad, deterministic)
+    if need_input_grad:
+        grad_x = lora_input_grad(grad_y, weight, grad_shrunk, lora_a, dropout_p, seed)
+    else:
+        grad_x = x.new_empty((0, K))
+    return grad_x, grad_a, grad_b, grad_bias

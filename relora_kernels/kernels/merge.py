@@ -19,15 +19,8 @@ import triton
 import triton.language as tl
 
 from ..reference import DROPOUT_BITS
-from .lora_linear import (
-    _TRITON_SHARED_OVERHEAD,
-    MAX_RANK,
-    _block_rank,
-    _fitting,
-    _interpreting,
-    on_tensors_device,
-    traceable,
-)
+from . import policy
+from .lora_linear import MAX_RANK, _block_rank, on_tensors_device, traceable
 
 _RANDOM_SHIFT = tl.constexpr(32 - DROPOUT_BITS)
 _INV_RANDOM_RANGE = tl.constexpr(1.0 / (1 << DROPOUT_BITS))
@@ -108,13 +101,13 @@ _MERGE_CONFIGS = [
 def _merge_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
     """The fp32 copies of the (BLOCK_N, r) and (r, BLOCK_K) tiles whatever W's dtype (`element_size` is not used),
     r counted as at least 32 since the dot pads smaller operands."""
-    return 4 * max(rank_block, 32) * (config["BLOCK_N"] + config["BLOCK_K"]) + _TRITON_SHARED_OVERHEAD
+    return 4 * max(rank_block, 32) * (config["BLOCK_N"] + config["BLOCK_K"]) + policy.TRITON_SHARED_OVERHEAD
 
 
 def _merge_config(rank_block: int, dtype: torch.dtype) -> dict:
-    if _interpreting():
-        return {"BLOCK_N": 32, "BLOCK_K": 32}
-    return _fitting(_MERGE_CONFIGS, _merge_shared_bytes, rank_block, dtype)[0]
+    if policy.interpreting():
+        return {"BLOCK_N": policy.INTERPRETER_BLOCK, "BLOCK_K": policy.INTERPRETER_BLOCK}
+    return policy.fitting(_MERGE_CONFIGS, _merge_shared_bytes, rank_block, dtype)[0]
 
 
 @on_tensors_device
@@ -144,7 +137,7 @@ def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
 def reinit_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, seed: int) -> None:
     """A <- U(-1/sqrt(K), 1/sqrt(K)) keyed by `seed`, B <- 0, in place."""
     (R, K), N = lora_a.shape, lora_b.shape[0]
-    block = 1024 if not _interpreting() else 256
+    block = 1024 if not policy.interpreting() else 256
     grid = (triton.cdiv(R * K, block) + triton.cdiv(N * R, block),)
     if grid[0] == 0:
         return

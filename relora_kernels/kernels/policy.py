@@ -1,0 +1,348 @@
+"""How each launch is configured: its tiles, their shared memory, and which engine runs the frozen GEMMs.
+
+Two engines compute the same op, with the same dropout masks, seeds and saved tensors (x, S and the seed):
+    triton   the fused GEMM: one Triton launch per pass computes the frozen GEMM and adds the low-rank term
+    cublas   one Triton launch writes the low-rank term (plus bias) into the output buffer, then cuBLAS accumulates
+             the frozen GEMM onto it (torch's addmm with beta = 1): one more write and read of the output
+RELORA_KERNELS_ENGINE=auto|triton|cublas, read at every call. auto takes the engine-and-tile table's entry for the
+launch (TUNED_TABLE, written by `python -m benchmarks.tune` on a GPU), else the analytic rule `predicted_engine`.
+
+The Triton engine's GEMM tile: the table's, else the first fitting tile (RELORA_KERNELS_AUTOTUNE=0), else tuned once
+per launch key (the default, or =1). A key counts tokens by power-of-two bucket, never the exact M, so a varying
+batch size never re-tunes; a launch that cannot be timed (traced on fake tensors, or inside a CUDA-graph capture)
+takes the bucket's tuned tile if there is one, else the first fitting tile. Gradient, shrink and merge kernels,
+which accumulate with atomics or write in place, always take the first tile of their list that fits.
+
+Tiles are chosen to fit the device's shared memory (227 KiB per block on an H100, 163 KiB on an A100, 99 KiB on an
+RTX 4090): the low-rank tiles grow with r. The estimates bound what Triton allocates from above; `python -m
+benchmarks.gpu_build` compiles every launch for sm_80-sm_90 without a GPU and checks them (CI does, for sm_90 and
+sm_80). Under the interpreter every kernel runs one small tile (it executes one program at a time on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+
+ENGINES = ("triton", "cublas")
+ENGINE_SETTINGS = ("auto", *ENGINES)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1, read once per process by
+    Triton when it is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def engine_setting() -> str:
+    name = os.environ.get("RELORA_KERNELS_ENGINE", "auto").strip().lower() or "auto"
+    if name not in ENGINE_SETTINGS:
+        raise ValueError(f"RELORA_KERNELS_ENGINE must be one of {', '.join(ENGINE_SETTINGS)}; got {name!r}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiles and their shared memory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTile:
+    """A tile of the fused GEMM, written "128x128x64 g8 w8 s4" (BLOCK_M x BLOCK_N x BLOCK_K, GROUP_M, warps,
+    stages)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
+                f"s{self.num_stages}")
+
+    @property
+    def constexprs(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m}
+
+    @property
+    def launch_options(self) -> dict:
+        return {**self.constexprs, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def parse_tile(name: str) -> GemmTile:
+    """The inverse of GemmTile.name; a ValueError naming the text if it is not one."""
+    try:
+        blocks, group, warps, stages = name.split()
+        block_m, block_n, block_k = (int(b) for b in blocks.split("x"))
+        if (group[0], warps[0], stages[0]) != ("g", "w", "s"):
+            raise ValueError
+        return GemmTile(block_m, block_n, block_k, int(group[1:]), int(warps[1:]), int(stages[1:]))
+    except ValueError:
+        raise ValueError(f"not a tile name like '128x128x64 g8 w8 s4': {name!r}") from None
+
+
+INTERPRETER_BLOCK = 32
+INTERPRETER_TILE = GemmTile(INTERPRETER_BLOCK, INTERPRETER_BLOCK, INTERPRETER_BLOCK, 4, 4, 1)
+
+# In order of preference for a fixed tile; Hopper-sized first, the last fits anywhere (r = 256 in fp32 on a 99 KiB
+# GPU). What a GPU measures replaces the order through the table.
+GEMM_TILES = [parse_tile(name) for name in (
+    "128x128x64 g8 w8 s4", "128x256x64 g8 w8 s3", "256x128x64 g8 w8 s3", "128x128x64 g8 w4 s4", "64x128x64 g8 w4 s4",
+    "128x128x32 g8 w4 s4", "64x64x64 g8 w4 s4", "32x32x32 g8 w4 s2",
+)]
+# Tuning times the first few that fit (each a compile and a timing per launch key); the small last-resort tiles
+# only where the large ones do not fit.
+TUNED_CANDIDATES = 6
+SHRINK_CONFIGS = [
+    {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},  # fp32 at r = 256 on 99 KiB
+]
+GRAD_AB_CONFIGS = [
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},  # fp32 at r = 256, 99-163 KiB
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},  # and writing dx's start
+]
+
+# What Triton allocates beside the tiles counted below (barriers, scratch), which differs between the supported
+# Tritons (benchmarks/PERF_NOTES.md): added to every estimate so that each bounds all of them.
+TRITON_SHARED_OVERHEAD = 1024
+
+
+def gemm_shared_bytes(tile: GemmTile, rank_block: int, element_size: int) -> int:
+    """The fused GEMM's shared memory: the x and W tiles of every pipeline stage, plus the (BLOCK_M, r) and
+    (r, BLOCK_N) low-rank tiles."""
+    tiles = tile.num_stages * (tile.block_m + tile.block_n) * tile.block_k + rank_block * (tile.block_m + tile.block_n)
+    return element_size * tiles + TRITON_SHARED_OVERHEAD
+
+
+def shrink_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
+    """The shrink's (also when it expands: the B tiles of its second loop are not pipelined): the x and A tiles of
+    every stage."""
+    tiles = config["num_stages"] * (config["BLOCK_M"] + rank_block) * config["BLOCK_K"]
+    return element_size * tiles + TRITON_SHARED_OVERHEAD
+
+
+def grad_b_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
+    """_grad_b_kernel's: the dy and B tiles of every stage, plus three (BLOCK_M, r) tiles (S, dS, layouts)."""
+    block_m = config["BLOCK_M"]
+    tiles = config["num_stages"] * (block_m + rank_block) * config["BLOCK_N"] + 3 * block_m * rank_block
+    return element_size * tiles + TRITON_SHARED_OVERHEAD
+
+
+def grad_a_shared_bytes(config: dict, rank_block: int, element_size: int, write_dx: bool = False) -> int:
+    """_grad_a_kernel's: the x tiles of every stage, plus three (BLOCK_M, r) tiles (dS, dS.T, layouts); writing dx's
+    start (the cuBLAS-composed engine), also the (r, BLOCK_K) A tiles of every stage and one more for the layout."""
+    block_m, block_k, stages = config["BLOCK_M"], config["BLOCK_K"], config["num_stages"]
+    tiles = stages * block_m * block_k + 3 * block_m * rank_block + (stages + 1) * rank_block * block_k * write_dx
+    return element_size * tiles + TRITON_SHARED_OVERHEAD
+
+
+def grad_ab_shared_bytes(config: dict, rank_block: int, element_size: int, write_dx: bool = False) -> int:
+    """The two gradient kernels share a config: the larger of their needs."""
+    return max(grad_b_shared_bytes(config, rank_block, element_size),
+               grad_a_shared_bytes(config, rank_block, element_size, write_dx))
+
+
+def grad_ab_with_dx_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
+    return grad_ab_shared_bytes(config, rank_block, element_size, write_dx=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The device
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _device_properties(device: int) -> dict:
+    return triton.runtime.driver.active.utils.get_device_properties(device)
+
+
+def shared_memory_limit() -> int:
+    """Shared memory one block may use on the device Triton launches on (the current one)."""
+    return _device_properties(triton.runtime.driver.active.get_current_device())["max_shared_mem"]
+
+
+def current_arch() -> int:
+    """The compute capability Triton compiles for, e.g. 90 on an H100."""
+    return triton.runtime.driver.active.get_current_target().arch
+
+
+# Programs a memory-bound launch should have: enough for several per SM, so that each SM keeps many loads in
+# flight. Under the interpreter a small number, so that the tests' tiny inputs still exercise the split paths.
+PROGRAMS_PER_SM = 4
+INTERPRETER_PROGRAMS = 4
+
+
+def target_programs() -> int:
+    if interpreting():
+        return INTERPRETER_PROGRAMS
+    device = _device_properties(triton.runtime.driver.active.get_current_device())
+    return PROGRAMS_PER_SM * device["multiprocessor_count"]
+
+
+def fitting(configs: list, shared_bytes: Callable, rank_block: int, dtype: torch.dtype) -> list:
+    """The configs whose estimated shared memory fits the device, in their order of preference."""
+    limit, element_size = shared_memory_limit(), dtype.itemsize
+    fits = [c for c in configs if shared_bytes(c, rank_block, element_size) <= limit]
+    if not fits:  # the last config of each list fits 99 KiB at r = 256 in fp32: only a tiny GPU gets here
+        raise RuntimeError(f"no tile of the LoRA kernels fits this GPU's {limit} bytes of shared memory per block "
+                           f"at r <= {rank_block} in {dtype}; use a smaller rank or RELORA_KERNELS_BACKEND=reference")
+    return fits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch keys and the engine-and-tile table
+# ---------------------------------------------------------------------------------------------------------------
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+KINDS = ("forward", "input_grad")
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmLaunch:
+    """One frozen-GEMM pass as the table knows it: `kind` "forward" (y = x @ W.T ...) or "input_grad" (dx = dy @ W
+    ..., whose W is read transposed), its options, and its shape: M tokens (by power-of-two bucket), N outputs, K the
+    reduction."""
+
+    dtype: torch.dtype
+    rank_block: int
+    kind: str
+    bias: bool
+    dropout: bool
+    M: int
+    N: int
+    K: int
+
+    @property
+    def variant(self) -> str:
+        options = ("+bias" if self.bias else "") + ("+dropout" if self.dropout else "")
+        return f"{DTYPE_NAMES[self.dtype]}/r{self.rank_block}/{self.kind}{options}"
+
+    @property
+    def m_bucket(self) -> int:
+        return triton.next_power_of_2(max(self.M, 1))
+
+    @property
+    def shape_key(self) -> str:
+        return f"{self.variant}/M{self.m_bucket}/N{self.N}/K{self.K}"
+
+
+# {"sm_90": {"measured": {device, torch, triton, commit, date, ...},
+#            "default": {"bf16/r16/forward+bias": {"engine": "triton", "tile": "128x128x64 g8 w8 s4"}, ...},
+#            "shapes": {"bf16/r16/forward+bias/M8192/N4096/K4096": {"engine": "cublas"}, ...}}}
+# A shape entry is used for its launches, a default entry for its variant's other shapes; "tile" is what the Triton
+# engine runs there (also when the entry's engine is cuBLAS and RELORA_KERNELS_ENGINE=triton forces it), optional.
+TUNED_TABLE = Path(__file__).with_name("tuned_gemm.json")
+
+
+@functools.cache
+def tuned_table() -> dict:
+    return json.loads(TUNED_TABLE.read_text()) if TUNED_TABLE.exists() else {}
+
+
+def table_entry(launch: GemmLaunch) -> dict | None:
+    """The table's entry for `launch` on the current GPU: its shape's, else its variant's default, else None."""
+    entry = tuned_table().get(f"sm_{current_arch()}")
+    if not entry:
+        return None
+    return entry.get("shapes", {}).get(launch.shape_key) or entry.get("default", {}).get(launch.variant)
+
+
+# The analytic rule (benchmarks/PERF_NOTES.md, "Which engine"): a Triton GEMM at ~80 % of cuBLAS's efficiency loses
+# 0.25 x the GEMM's time, while the cuBLAS-composed engine pays one write and one read of the (M, N) output: cuBLAS
+# wins once 0.25 * 2MNK / F > 2MN * bytes / BW, i.e. K > 8 F / BW for 16-bit types (1,670 on an H100 at 70 % of
+# its dense bf16 peak and 3.35 TB/s; 1,170 on an H200's 4.8 TB/s). fp32 matmuls: cuBLAS's.
+CUBLAS_MIN_REDUCTION = 1536
+
+
+def predicted_engine(launch: GemmLaunch) -> str:
+    if launch.dtype == torch.float32 or launch.K >= CUBLAS_MIN_REDUCTION:
+        return "cublas"
+    return "triton"
+
+
+def choose_engine(launch: GemmLaunch) -> str:
+    """The engine for `launch`: RELORA_KERNELS_ENGINE if set, else the table's entry, else predicted_engine."""
+    setting = engine_setting()
+    if setting != "auto":
+        return setting
+    entry = table_entry(launch) if not interpreting() else None
+    return entry["engine"] if entry else predicted_engine(launch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Triton engine's GEMM tile
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TileTuner:
+    """Times the candidate tiles of a launch key once and keeps the fastest (per process)."""
+
+    def __init__(self):
+        self.tiles: dict[tuple, GemmTile] = {}
+        self.tunings = 0  # how many keys were timed
+
+    def tile(self, key: tuple, candidates: list[GemmTile], time_tile: Callable[[GemmTile], float] | None) -> GemmTile:
+        """The key's tuned tile; `time_tile` None (a launch that cannot be timed) takes the first candidate unless
+        the key was tuned before."""
+        if key not in self.tiles:
+            if time_tile is None:
+                return candidates[0]
+            times = [time_tile(tile) for tile in candidates]
+            self.tiles[key] = candidates[times.index(min(times))]
+            self.tunings += 1
+        return self.tiles[key]
+
+
+TUNER = TileTuner()
+_forced_tiles: list[GemmTile] = []
+
+
+@contextlib.contextmanager
+def forced_tile(tile: GemmTile):
+    """Every fused-GEMM launch inside takes `tile` (benchmarks.tune times each tile, gpu_build builds each)."""
+    _forced_tiles.append(tile)
+    try:
+        yield
+    finally:
+        _forced_tiles.pop()
+
+
+def tile_choice() -> str:
+    """How the Triton engine's tile is chosen, from RELORA_KERNELS_AUTOTUNE: "0" the first fitting tile (the GPU
+    tests: tuning each of their shapes cold would take minutes), else "tune" (table, else tuned per key)."""
+    return "fixed" if os.environ.get("RELORA_KERNELS_AUTOTUNE", "") == "0" else "tune"
+
+
+def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None) -> GemmTile:
+    """The Triton engine's tile for `launch` (see the module docstring); `time_tile` times one tile, or is None
+    where the launch cannot be timed."""
+    if interpreting():
+        return INTERPRETER_TILE
+    if _forced_tiles:
+        return _forced_tiles[-1]
+    candidates = fitting(GEMM_TILES, gemm_shared_bytes, launch.rank_block, launch.dtype)
+    if tile_choice() == "fixed":
+        return candidates[0]
+    entry = table_entry(launch)
+    if entry and entry.get("tile"):  # the Triton engine's tile, also where the entry's engine is cuBLAS
+        tile = parse_tile(entry["tile"])
+        if gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= shared_memory_limit():
+            return tile
+    key = (current_arch(), launch.shape_key)
+    return TUNER.tile(key, candidates[:TUNED_CANDIDATES], time_tile)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ, BATCH = 96, 16, 4
 MAX_STEPS, WARMUP, RESTART_EVERY, RESTART_WARMUP = 12, 2, 4, 2
 PRUNE_RATIO, LR = 0.75, 1e-2
+SAVE_EVERY = 2
+# Where each family's run is resumed: at a restart (its checkpoint holds the merged model) and between two.
+RESUME_FROM = {"gpt2": 4, "llama": 6}
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
            "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
@@ -47,7 +52,8 @@ class TokenDataset(torch.utils.data.Dataset):
 def make_model(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "gpt2":
-        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_layer=2, n_head=2, n_embd=32)
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_layer=2, n_head=2, n_embd=32,
+                                          bos_token_id=0, eos_token_id=0)
         model = transformers.GPT2LMHeadModel(config)
     else:
         config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -56,7 +62,7 @@ def make_model(family: str) -> torch.nn.Module:
     return rk.apply_lora(model, TARGETS[family], r=4, alpha=8)
 
 
-def make_trainer(model, out_dir, callbacks, *, max_steps=MAX_STEPS, save_steps=RESTART_EVERY):
+def make_trainer(model, out_dir, callbacks, *, max_steps=MAX_STEPS, save_steps=SAVE_EVERY):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     scheduler = jagged_cosine_scheduler(optimizer, max_steps=MAX_STEPS, warmup_steps=WARMUP,
                                         restart_every=RESTART_EVERY, restart_warmup_steps=RESTART_WARMUP)
@@ -145,7 +151,7 @@ class TrainingLosses:
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def run(request, tmp_path_factory):
-    """One 12-step Trainer run with restart_every=4, checkpoints every 4 steps, probes around the callback."""
+    """One 12-step Trainer run with restart_every=4, checkpoints every 2 steps, probes around the callback."""
     family = request.param
     model = make_model(family)
     before, after = BeforeReLoRA(), AfterReLoRA()
@@ -239,3 +245,83 @@ def test_learning_rate_follows_the_jagged_schedule(run):
     else:
         shift = 1  # older versions log the scheduler's value after its step, the next step's
     assert [logged[s] for s in range(1, MAX_STEPS + 1 - shift)] == expected[shift:]
+
+
+def test_resume_from_a_checkpoint_continues_exactly(run, tmp_path):
+    # The run's own checkpoint, written before its later steps ran: what a run killed after it left on disk.
+    resume_step = RESUME_FROM[run["family"]]
+    checkpoint = run["out_dir"] / f"checkpoint-{resume_step}"
+    model = make_model(run["family"])
+    for p in model.parameters():  # nothing of the fresh model may survive the load
+        p.data.add_(1.0)
+    relora = ReLoRACallback(RESTART_EVERY, prune_ratio=PRUNE_RATIO, seed=3)
+    losses = TrainingLosses(model)
+    trainer = make_trainer(model, tmp_path, [relora])
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert losses.losses == run["losses"][resume_step:]
+    assert len(losses.losses) == MAX_STEPS - resume_step
+    assert relora.restarts == 3 == run["callback"].restarts
+    for (name, p), q in zip(model.named_parameters(), run["model"].parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_two_gloo_ranks_hold_identical_factors_after_a_restart(tmp_path):
+    # One thread per process: two processes on two cores must not oversubscribe them.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "transformers_ddp_worker.py"), str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert not torch.equal(ranks[0]["first_ids"][0], ranks[1]["first_ids"][0])  # each rank trained on its own shard
+    for step in (1, 2, 3):
+        params = [rank["steps"][step] for rank in ranks]
+        for name in params[0]:
+            assert torch.equal(params[0][name], params[1][name]), (step, name)
+    restart, before = ranks[0]["steps"][2], ranks[0]["steps"][1]
+    lora_a = [name for name in restart if name.endswith("lora_A")]
+    assert lora_a and all(not restart[name.replace("lora_A", "lora_B")].any() for name in lora_a)
+    assert all(not torch.equal(restart[name], before[name]) for name in lora_a)  # re-drawn at the restart
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="restart_every must be an integer >= 1"):
+        ReLoRACallback(0)
+    with pytest.raises(ValueError, match="ratio must be a real number in \\[0, 1\\]"):
+        ReLoRACallback(4, prune_ratio=1.5)
+    with pytest.raises(ValueError, match="prune_method must be one of"):
+        ReLoRACallback(4, prune_method="largest")
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        ReLoRACallback(4, seed=-1)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="restart_warmup_steps must be <= restart_every"):
+        jagged_cosine_scheduler(optimizer, max_steps=10, warmup_steps=1, restart_every=2, restart_warmup_steps=3)
+    with pytest.raises(ValueError, match="max_steps must be > warmup_steps"):
+        jagged_cosine_scheduler(optimizer, max_steps=1, warmup_steps=1, restart_every=2, restart_warmup_steps=1)
+
+
+def test_bad_model_or_optimizer_is_refused_when_training_begins(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    state, control = transformers.TrainerState(), transformers.TrainerControl()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="model has no LoRALinear layers"):
+        ReLoRACallback(2).on_train_begin(args, state, control, model=model,
+                                         optimizer=torch.optim.AdamW(model.parameters()))
+    rk.apply_lora(model, ["1"], r=2)
+    only_first = torch.optim.AdamW(model[0].parameters())
+    with pytest.raises(ValueError, match=r"optimizer lacks 2 LoRA factors of the model \(1.lora_A, 1.lora_B\)"):
+        ReLoRACallback(2).on_train_begin(args, state, control, model=model, optimizer=only_first)
+    with pytest.raises(TypeError, match="optimizer is None"):
+        ReLoRACallback(2).on_train_begin(args, state, control, model=model, optimizer=None)
+    with pytest.raises(RuntimeError, match="before on_train_begin"):
+        ReLoRACallback(2).on_step_end(args, state, control)
+
+
+def test_import_relora_kernels_imports_nothing_from_transformers():
+    code = ("import sys, relora_kernels, relora_kernels.integrations, relora_kernels.relora; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"

@@ -11,6 +11,7 @@ import inspect
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -314,6 +315,9 @@ def test_bad_model_or_optimizer_is_refused_when_training_begins(tmp_path):
         ReLoRACallback(2).on_train_begin(args, state, control, model=model, optimizer=only_first)
     with pytest.raises(TypeError, match="optimizer is None"):
         ReLoRACallback(2).on_train_begin(args, state, control, model=model, optimizer=None)
+    sharded = types.SimpleNamespace(deepspeed=None, fsdp="full_shard")
+    with pytest.raises(ValueError, match="does not support DeepSpeed or FSDP"):
+        ReLoRACallback(2).on_train_begin(sharded, state, control, model=model, optimizer=only_first)
     with pytest.raises(RuntimeError, match="before on_train_begin"):
         ReLoRACallback(2).on_step_end(args, state, control)
 

@@ -10,8 +10,8 @@
     trainer = transformers.Trainer(model, args, train_dataset=data, optimizers=(optimizer, scheduler),
                                    callbacks=[ReLoRACallback(restart_every=2_000)])
 
-`args.max_steps` must be the scheduler's `max_steps`, and both must be given the same `restart_every`: the
-callback restarts the factors, the scheduler re-warms the learning rate after each restart.
+`args.max_steps` must be the scheduler's `max_steps`, and the scheduler and the callback need the same
+`restart_every`: the callback restarts the factors, the scheduler re-warms the learning rate after each restart.
 
 A full-rank warm start is two stages, two Trainers: a full-rank run, then `apply_lora` on the trained model and a
 LoRA run with the callback (README, "With the Hugging Face Trainer"). It cannot be one run because the Trainer

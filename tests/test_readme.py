@@ -15,7 +15,8 @@ SNIPPETS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S |
 def test_the_readme_has_the_snippets_the_docs_promise():
     text = "\n".join(SNIPPETS)
     for call in ("rk.lora_linear(", "rk.LoRALinear(", "rk.apply_lora(", "torch.compile(", "torch.autocast(",
-                 "rk.save_peft_adapter(", "rk.load_peft_adapter(", "peft.PeftModel.from_pretrained(", "ReLoRA("):
+                 "rk.save_peft_adapter(", "rk.load_peft_adapter(", "peft.PeftModel.from_pretrained(", "ReLoRA(",
+                 "ReLoRACallback(", "jagged_cosine_scheduler("):
         assert call in text, f"no README snippet shows {call}"
 
 

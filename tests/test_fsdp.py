@@ -1,0 +1,196 @@
+"""ReLoRA under FSDP2 (fully_shard) on 2 CPU processes with gloo: shard-local restarts, sharded optimizer-state
+pruning, and the package's entry points on a sharded model.
+
+One torchrun launch of tests/fsdp_worker.py (module-scoped fixture) computes everything, for the reference backend
+and for the Triton kernels through the interpreter; the tests read its results.json. The worker's one-process run
+performs the ranks' operations on the ranks' shapes (see its docstring), so its losses and states must equal the
+sharded run's exactly; only the merge multiplies B by A in row blocks of another shape, so W is compared within
+the rounding bound of its fp32 r-term sums.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from relora_kernels import reference
+from relora_kernels.distributed import merge_and_reinit_sharded_
+from relora_kernels.relora import restart_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+SEED = 11  # the worker's ReLoRA seed
+LAYERS = {"block.up": 8 / 4, "block.mid": 1.0, "head": 1.0}  # LoRALinear layers in modules() order: their scale
+BACKENDS = ("reference", "triton")
+UNIT_ROUNDOFF = torch.finfo(torch.float32).eps / 2
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    # One thread per process (2 processes on 2 cores); the interpreter so the worker also runs the kernels' path.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT),
+           "RELORA_KERNELS_BACKEND": "reference"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+           str(out_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    data = json.loads((out_dir / "results.json").read_text())
+    data["out_dir"] = out_dir
+    return data
+
+
+def tensor(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64).float()  # JSON held the fp32 values exactly
+
+
+def restarts(results, backend):
+    run = results["runs"][backend]
+    assert run["restarts"], f"{backend}: no restart happened"
+    return run["restarts"]
+
+
+def gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of n fp32 roundings."""
+    return n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
+
+
+def merge_bound(weight, lora_a, lora_b, scale) -> torch.Tensor:
+    """Elementwise bound on |W1 - W2| for two fp32 merges fl(W + fl(s * fl(B @ A))) summing the r products of
+    each element in any order: each lies within (1 + u) |s| gamma_{r+2} (|B| @ |A|) + u |W + s B @ A| of the exact
+    value (r - 1 sums and r products, the product by s and its rounding to fp32, then the sum with W)."""
+    w, a, b = weight.double(), lora_a.double(), lora_b.double()
+    r = a.shape[0]
+    exact = w + scale * (b @ a)
+    one = (1 + UNIT_ROUNDOFF) * abs(scale) * gamma(r + 2) * (b.abs() @ a.abs()) + UNIT_ROUNDOFF * exact.abs()
+    return 2 * one
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_losses_and_states_equal_the_single_process_run(results, backend):
+    run = results["runs"][backend]
+    assert len(run["losses"]) == len(run["single_losses"]) > 0
+    # Same operations on the same shapes (the ranks' halves of each global batch): equal to the bit.
+    assert run["losses"] == run["single_losses"]
+    for record in restarts(results, backend):
+        assert record["fsdp_before"] == record["single_before"], f"step {record['step']}: states before the restart"
+    assert run["fsdp_final"] == run["single_final"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restart_draws_a_bit_identical_and_zeros_b(results, backend):
+    for restart, record in enumerate(restarts(results, backend), start=1):
+        for index, name in enumerate(LAYERS):
+            got = tensor(record["fsdp_after"][f"{name}.lora_A"])
+            # The single-process draw, and the oracle's: the A that seed gives in one process.
+            assert torch.equal(got, tensor(record["single_after"][f"{name}.lora_A"])), (record["step"], name)
+            drawn = reference.reinit_uniform(restart_seed(SEED, restart, index), *got.shape)
+            assert torch.equal(got, drawn), (record["step"], name)
+            # The layer was really re-drawn: the A before the restart was another one.
+            assert not torch.equal(got, tensor(record["fsdp_before"][f"{name}.lora_A"]))
+            lora_b = tensor(record["fsdp_after"][f"{name}.lora_B"])
+            assert lora_b.numel() and torch.equal(lora_b, torch.zeros_like(lora_b)), (record["step"], name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restart_merges_w_within_fp32_rounding(results, backend):
+    for record in restarts(results, backend):
+        for name, scale in LAYERS.items():
+            before = {part: tensor(record["single_before"][f"{name}.{part}"]) for part in ("weight", "lora_A",
+                                                                                          "lora_B")}
+            got = tensor(record["fsdp_after"][f"{name}.weight"])
+            want = tensor(record["single_after"][f"{name}.weight"])
+            bound = merge_bound(before["weight"], before["lora_A"], before["lora_B"], scale)
+            excess = (got.double() - want.double()).abs() - bound
+            assert (excess <= 0).all(), f"step {record['step']} {name}: max excess {excess.max().item():.3g}"
+            # The restart merged a nonzero update: W moved.
+            assert not torch.equal(got, before["weight"]), (record["step"], name)
+            # Other parameters (the biases) are untouched by a restart.
+            assert record["fsdp_after"][f"{name}.bias"] == record["fsdp_before"][f"{name}.bias"]
+
+
+def test_restart_gathers_only_a(results):
+    # One all-gather per layer per restart (its A); W and B never leave their rank.
+    for rank, per_rank in enumerate(results["per_rank"]):
+        for backend in BACKENDS:
+            for counts in per_rank[backend]["comm_counts"]:
+                assert counts == {"c10d_functional.all_gather_into_tensor": len(LAYERS)}, (rank, backend)
+
+
+def test_triton_backend_runs_the_kernels_on_every_rank(results):
+    for rank, per_rank in enumerate(results["per_rank"]):
+        kernels, plain = per_rank["triton"], per_rank["reference"]
+        assert kernels["restart_calls"] == [{"merge_lora_weight_": len(LAYERS), "reinit_lora_": len(LAYERS)}] * len(
+            results["runs"]["triton"]["restarts"]), rank
+        assert all(calls == {"lora_shrink": len(LAYERS)} for calls in kernels["step_calls"]), rank
+        assert all(calls == {} for calls in plain["restart_calls"] + plain["step_calls"]), rank
+
+
+def test_pruning_ranks_within_each_shard(results):
+    pruning = results["pruning"]
+    full = tensor(pruning["full"])
+    # FSDP2's Shard(0) rows: torch.chunk's blocks, 4 + 3 rows; rank 0's values are 100x larger.
+    shards = torch.chunk(full, results["world"])
+
+    def keep_largest(t):  # magnitude pruning of one tensor at ratio 0.5: its round(numel / 2) largest |values|
+        flat = t.flatten()
+        keep = flat.abs().argsort(descending=True)[: round(0.5 * flat.numel())]
+        kept = torch.zeros_like(flat)
+        kept[keep] = flat[keep]
+        return kept.view_as(t)
+
+    within_shards = torch.cat([keep_largest(shard) for shard in shards])
+    whole_tensor = keep_largest(full)
+    assert not torch.equal(within_shards, whole_tensor)  # the data tell the two rankings apart
+    magnitude = pruning["magnitude"]
+    assert torch.equal(tensor(magnitude["exp_avg"]), within_shards)
+    assert torch.equal(tensor(magnitude["exp_avg_sq"]), within_shards.abs())
+    assert magnitude["step"] == 3.0
+
+    # "random": n_keep from each shard's numel, the kept elements unchanged.
+    for key, original in (("exp_avg", full), ("exp_avg_sq", full.abs())):
+        got = tensor(pruning["random"][key])
+        for got_shard, shard in zip(torch.chunk(got, results["world"]), torch.chunk(original, results["world"]),
+                                    strict=True):
+            kept = got_shard != 0
+            assert int(kept.sum()) == round(0.5 * shard.numel()), key
+            assert torch.equal(got_shard[kept], shard[kept]), key
+
+
+def test_entry_points_on_a_sharded_model(results):
+    api = results["api"]
+    assert "LoRALinear.merge_and_reinit" in api["merge_and_reinit_"] and "ReLoRA" in api["merge_and_reinit_"]
+    assert "FSDP2" in api["merge_lora"] and "to_linear" in api["merge_lora"]
+    assert "seed must be given" in api["merge_and_reinit_no_seed"]
+    assert "sharded alike" in api["mismatched_placements"]
+    assert set(api["to_linear"]) == set(LAYERS)
+    for name, linear in api["to_linear"].items():  # the full merged layer, as the single-process model gives it
+        assert linear["fsdp"] == linear["single"] and linear["fsdp_bias"] == linear["single_bias"], name
+
+    from safetensors.torch import load_file
+
+    out_dir = results["out_dir"]
+    assert not (out_dir / "adapter_fsdp_1").exists()  # rank 0 writes, rank 1 only gathers
+    written = load_file(out_dir / "adapter_fsdp_0" / "adapter_model.safetensors")
+    want = load_file(out_dir / "adapter_single" / "adapter_model.safetensors")
+    assert set(written) == set(want) and len(want) == 2 * len(LAYERS)
+    for key, value in want.items():
+        assert torch.equal(written[key], value), key
+    assert (out_dir / "adapter_fsdp_0" / "adapter_config.json").read_text() == (
+        out_dir / "adapter_single" / "adapter_config.json").read_text()
+
+
+def test_sharded_restart_rejects_plain_tensors():
+    weight, lora_a, lora_b = torch.zeros(3, 2), torch.zeros(1, 2), torch.zeros(3, 1)
+    with pytest.raises(TypeError, match="weight, lora_a, lora_b are plain"):
+        merge_and_reinit_sharded_(weight, lora_a, lora_b, 1.0, seed=0)
+

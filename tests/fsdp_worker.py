@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import relora_kernels as rk
 from relora_kernels.distributed import merge_and_reinit_sharded_
@@ -111,6 +111,22 @@ def count_ops() -> None:
         setattr(ops, name, counted)
 
 
+class Collectives(TorchDispatchMode):
+    """Logs every collective the ranks run (name and input shapes), as DTensor issues them."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # let DTensor turn its op into plain ops and collectives, which come back here
+        name = str(func.overloadpacket)
+        if "c10d" in name and not name.endswith(("wait_tensor", "_wrap_tensor_autograd")):
+            self.log.append([name, [list(a.shape) for a in args if isinstance(a, torch.Tensor)]])
+        return func(*args, **(kwargs or {}))
+
+
 def calls_during(fn) -> dict:
     OP_CALLS.clear()
     fn()
@@ -166,9 +182,9 @@ def train(backend: str, rank: int) -> dict:
         if step % restart_every:
             continue
         record = {"step": step, "fsdp_before": gathered_state(model)}
-        with CommDebugMode() as comm:
+        with Collectives() as collectives:
             record["calls"] = calls_during(lambda: relora.step(step))  # noqa: B023
-        record["comm_counts"] = {str(op): n for op, n in comm.get_comm_counts().items()}
+        record["collectives"] = collectives.log
         record["fsdp_after"] = gathered_state(model)
         if rank == 0:
             record["single_before"] = gathered_state(single)
@@ -257,7 +273,7 @@ def main() -> int:
         run, model, single = train(backend, rank)
         per_rank[backend] = {"step_calls": run.pop("step_calls"),
                              "restart_calls": [r.pop("calls") for r in run["restarts"]],
-                             "comm_counts": [r.pop("comm_counts") for r in run["restarts"]]}
+                             "collectives": [r.pop("collectives") for r in run["restarts"]]}
         results["runs"][backend] = run
         if backend == "reference":
             results["api"] = api_checks(model, single, out_dir, rank)

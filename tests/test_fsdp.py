@@ -27,7 +27,8 @@ from relora_kernels.relora import restart_seed
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 SEED = 11  # the worker's ReLoRA seed
-LAYERS = {"block.up": 8 / 4, "block.mid": 1.0, "head": 1.0}  # LoRALinear layers in modules() order: their scale
+# The worker's LoRALinear layers in modules() order: (scale, r, in_features K)
+LAYERS = {"block.up": (8 / 4, 4, 6), "block.mid": (1.0, 1, 7), "head": (1.0, 2, 5)}
 BACKENDS = ("reference", "triton")
 UNIT_ROUNDOFF = torch.finfo(torch.float32).eps / 2
 
@@ -104,7 +105,7 @@ def test_restart_draws_a_bit_identical_and_zeros_b(results, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_restart_merges_w_within_fp32_rounding(results, backend):
     for record in restarts(results, backend):
-        for name, scale in LAYERS.items():
+        for name, (scale, _, _) in LAYERS.items():
             before = {part: tensor(record["single_before"][f"{name}.{part}"]) for part in ("weight", "lora_A",
                                                                                           "lora_B")}
             got = tensor(record["fsdp_after"][f"{name}.weight"])
@@ -119,11 +120,16 @@ def test_restart_merges_w_within_fp32_rounding(results, backend):
 
 
 def test_restart_gathers_only_a(results):
-    # One all-gather per layer per restart (its A); W and B never leave their rank.
+    # One collective per layer per restart: the all-gather of its A, each rank sending at most one shard of A's
+    # rows (DTensor pads a short or empty shard to ceil(r / world) rows); W and B never leave their rank.
+    world = results["world"]
+    want = [(-(-r // world), k) for _, r, k in LAYERS.values()]
     for rank, per_rank in enumerate(results["per_rank"]):
         for backend in BACKENDS:
-            for counts in per_rank[backend]["comm_counts"]:
-                assert counts == {"c10d_functional.all_gather_into_tensor": len(LAYERS)}, (rank, backend)
+            for log in per_rank[backend]["collectives"]:
+                assert [name.rpartition(".")[2] for name, _ in log] == ["all_gather_into_tensor"] * len(LAYERS)
+                for (_, shapes), (rows, k) in zip(log, want, strict=True):
+                    assert len(shapes) == 1 and shapes[0][1] == k and shapes[0][0] <= rows, (rank, backend, log)
 
 
 def test_triton_backend_runs_the_kernels_on_every_rank(results):

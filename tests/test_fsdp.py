@@ -39,8 +39,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp")
     # One thread per process (2 processes on 2 cores); the interpreter so the worker also runs the kernels' path.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT),
-           "RELORA_KERNELS_BACKEND": "reference"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
            str(out_dir)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
@@ -133,12 +132,18 @@ def test_restart_gathers_only_a(results):
 
 
 def test_triton_backend_runs_the_kernels_on_every_rank(results):
+    restart_ops = {"merge_lora_weight_": len(LAYERS), "reinit_lora_": len(LAYERS)}
     for rank, per_rank in enumerate(results["per_rank"]):
         kernels, plain = per_rank["triton"], per_rank["reference"]
-        assert kernels["restart_calls"] == [{"merge_lora_weight_": len(LAYERS), "reinit_lora_": len(LAYERS)}] * len(
-            results["runs"]["triton"]["restarts"]), rank
+        assert kernels["restart_calls"] == [restart_ops] * len(restarts(results, "triton")), rank
         assert all(calls == {"lora_shrink": len(LAYERS)} for calls in kernels["step_calls"]), rank
         assert all(calls == {} for calls in plain["restart_calls"] + plain["step_calls"]), rank
+    # The one-process runs beside them (rank 0): the same ops, each step on both halves of the batch.
+    for backend, runs_kernels in (("triton", True), ("reference", False)):
+        run = results["runs"][backend]
+        assert all(r["single_calls"] == (restart_ops if runs_kernels else {}) for r in run["restarts"]), backend
+        step_ops = {"lora_shrink": results["world"] * len(LAYERS)} if runs_kernels else {}
+        assert run["single_step_calls"] == [step_ops] * len(run["losses"]), backend
 
 
 def test_pruning_ranks_within_each_shard(results):

@@ -112,6 +112,30 @@ def _resources(compiled) -> dict:
     return {"registers": registers, "local_bytes": local, "stack_bytes": stack}
 
 
+def _atomics(ptx: str) -> dict:
+    """The kernel's global reductions (fp32 atomics) by width: a vectorised one adds 2 or 4 elements at once."""
+    widths = re.findall(r"\bred\.global\.[\w.]*?add(\.v[24])?\.f32", ptx)
+    return {"vector": sum(bool(w) for w in widths), "scalar": sum(not w for w in widths)}
+
+
+# Per SM, by compute capability (CUDA C programming guide, "Technical Specifications per Compute Capability"):
+# shared memory, threads and resident blocks; every one has 64K 32-bit registers, allocated per warp in units of 256.
+SM_SHARED_MEMORY = {80: 167936, 86: 102400, 87: 167936, 89: 102400, 90: 233472}
+SM_THREADS = {80: 2048, 86: 1536, 87: 2048, 89: 1536, 90: 2048}
+SM_BLOCKS = {80: 32, 86: 16, 87: 32, 89: 24, 90: 32}
+_BLOCK_RESERVED_SHARED = 1024  # what the CUDA runtime keeps per resident block
+
+
+def blocks_per_sm(capability: int, num_warps: int, registers: int | None, shared_bytes: int) -> int | None:
+    """How many blocks of this build one SM holds at once (occupancy), the least of its four limits."""
+    if registers is None:
+        return None
+    warp_registers = -(-registers * 32 // 256) * 256
+    by_registers = (65536 // warp_registers) // num_warps
+    by_shared = SM_SHARED_MEMORY[capability] // (shared_bytes + _BLOCK_RESERVED_SHARED)
+    return min(SM_BLOCKS[capability], SM_THREADS[capability] // (32 * num_warps), by_registers, by_shared)
+
+
 def _estimated_shared(kernel: str, kwargs: dict, num_stages: int, element_size: int) -> int | None:
     """What the launcher estimated for this build when it chose the tile (None: a kernel chosen without one)."""
     config, rank_block = {**kwargs, "num_stages": num_stages}, kwargs.get("BLOCK_R")
@@ -128,29 +152,108 @@ def _estimated_shared(kernel: str, kwargs: dict, num_stages: int, element_size: 
     return None
 
 
-def _drive_launchers(dtype: torch.dtype, rank: int) -> None:
-    """Every launcher, in every variant a training step or a ReLoRA restart uses (on CPU tensors: nothing runs)."""
-    x = torch.zeros(TOKENS, IN_FEATURES, dtype=dtype)
-    weight = torch.zeros(OUT_FEATURES, IN_FEATURES, dtype=dtype)
-    lora_a, lora_b = torch.zeros(rank, IN_FEATURES, dtype=dtype), torch.zeros(OUT_FEATURES, rank, dtype=dtype)
-    bias, grad_y = torch.zeros(OUT_FEATURES, dtype=dtype), torch.zeros(TOKENS, OUT_FEATURES, dtype=dtype)
-    shrunk, seed = torch.zeros(TOKENS, rank, dtype=dtype), torch.tensor(1234)
+# The shapes the benchmarks headline (8192 tokens x 4096 x 4096; a Llama-8B MLP's 14336) besides the small one: grid
+# sizes and the shrink's token block depend on them, and what the launcher chooses at them is what a GPU runs.
+SHAPES = {"small": (TOKENS, IN_FEATURES, OUT_FEATURES), "headline": (8192, 4096, 4096), "mlp": (16384, 4096, 14336)}
+
+
+def _drive_launchers(dtype: torch.dtype, rank: int, shape: tuple[int, int, int] = SHAPES["small"]) -> None:
+    """Every launcher, in every variant a training step or a ReLoRA restart uses (on CPU tensors: nothing runs; the
+    tensors are never read, so they are left uninitialised)."""
+    tokens, k, n = shape
+    x, weight = torch.empty(tokens, k, dtype=dtype), torch.empty(n, k, dtype=dtype)
+    lora_a, lora_b = torch.empty(rank, k, dtype=dtype), torch.empty(n, rank, dtype=dtype)
+    bias, grad_y = torch.empty(n, dtype=dtype), torch.empty(tokens, n, dtype=dtype)
+    shrunk, seed = torch.empty(tokens, rank, dtype=dtype), torch.tensor(1234)
     for dropout_p in (0.0, 0.1):
         lora_linear.lora_shrink(x, lora_a, dropout_p, seed)
         lora_linear.lora_input_grad(grad_y, weight, shrunk, lora_a, dropout_p, seed)
     for with_bias in (bias, None):
         lora_linear.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, with_bias)
     lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.1, seed, need_bias_grad=True)
+    lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.0, None, need_bias_grad=False)
     lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.0, None, need_bias_grad=False, deterministic=True)
     merge.merge_lora_weight_(weight, lora_a, lora_b, 2.0)
     merge.reinit_lora_(lora_a, lora_b, 1234)
 
 
-def build_all(capability: int, dtype_name: str, rank: int) -> list[dict]:
-    """Build every launch for one (architecture, dtype, rank); one row per distinct build, with its resources."""
+def _column_major(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(cols, rows, dtype=dtype).T
+
+
+def _drive_launchers_strided(dtype: torch.dtype, rank: int) -> None:
+    """Every launcher once more with every operand column-major, so that every stride the kernels take is a runtime
+    argument (a stride of 1 is compiled in as a constant), for the int64 audit of their offsets."""
+    tokens, k, n = SHAPES["small"]
+    x, weight = _column_major(tokens, k, dtype), _column_major(n, k, dtype)
+    lora_a, lora_b = _column_major(rank, k, dtype), _column_major(n, rank, dtype)
+    bias, grad_y = torch.empty(2 * n, dtype=dtype)[::2], _column_major(tokens, n, dtype)
+    shrunk, seed = _column_major(tokens, rank, dtype), torch.tensor(1234)
+    lora_linear.lora_shrink(x, lora_a, 0.1, seed)
+    lora_linear.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, bias)
+    lora_linear.lora_input_grad(grad_y, weight, shrunk, lora_a, 0.1, seed)
+    for deterministic in (False, True):
+        lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.1, seed, need_bias_grad=True,
+                                 deterministic=deterministic)
+    merge.merge_lora_weight_(weight, lora_a, lora_b, 2.0)
+    merge.reinit_lora_(lora_a, lora_b, 1234)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The int64 audit: a pointer offset computed as an i32 product of a program id or loop index with a runtime stride
+# wraps once it passes 2**31 (a transposed operand's stride is its row count), reading or writing elsewhere.
+# ---------------------------------------------------------------------------------------------------------------
+
+_LOC = re.compile(r"\s+loc\((?:[^()]|\([^()]*\))*\)")
+_DEFINITION = re.compile(r"^\s*(%[\w.\-]+)(?::\d+)?\s*=\s*([\w.]+)\b(.*)$")
+_VALUE = re.compile(r"%[\w.\-]+")
+_STRIDE_ARGUMENT = re.compile(r"(%stride\w*): i(?:32|64)\b")
+
+
+def int32_pointer_offsets(ttir: str) -> list[str]:
+    """The pointer offsets of a kernel's Triton IR that come from an i32 product of an index (a program id, a loop
+    induction variable, or a value computed from one) with a runtime stride argument (named stride_*): one line per
+    `tt.addptr` reached, naming the product."""
+    taint: dict[str, set] = {}  # value -> {"index", "stride"} it is computed from
+    wrapped: dict[str, str] = {}  # value -> the i32 product line it is computed from
+    found = []
+    for raw in ttir.splitlines():
+        line = _LOC.sub("", raw)
+        if "tt.func" in line:
+            taint.update({name: {"stride"} for name in _STRIDE_ARGUMENT.findall(line)})
+            continue
+        loop = re.search(r"scf\.for (%[\w.\-]+) = (.*?) iter_args|scf\.for (%[\w.\-]+) = (.*)", line)
+        if loop:
+            variable, bounds = (loop.group(1), loop.group(2)) if loop.group(1) else (loop.group(3), loop.group(4))
+            taint[variable] = {"index"}.union(*(taint.get(v, set()) for v in _VALUE.findall(bounds)))
+        definition = _DEFINITION.match(line)
+        if not definition:
+            continue
+        result, op, rest = definition.groups()
+        operands = _VALUE.findall(rest.rsplit(" : ", 1)[0])
+        taint[result] = {"index"} if op == "tt.get_program_id" else set().union(*(taint.get(v, set())
+                                                                                 for v in operands))
+        source = next((wrapped[v] for v in operands if v in wrapped), None)
+        element_i32 = re.search(r":\s*(?:tensor<[\dx]*)?i32>?\s*$", rest)
+        if op == "arith.muli" and element_i32 and len(operands) == 2:
+            kinds = [taint.get(v, set()) for v in operands]
+            if any("index" in a and "stride" in b for a, b in (kinds, kinds[::-1])):
+                source = line.strip()
+        if source is not None:
+            wrapped[result] = source
+            if op == "tt.addptr" and operands[1] in wrapped:
+                found.append(f"{result} = tt.addptr ... offset from i32 product: {source}")
+    return found
+
+
+def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ...] = ()) -> list[dict]:
+    """Build every launch for one (architecture, dtype, rank), also at the named SHAPES (the fixed tiles); one row per
+    distinct build, with its resources and its int64 audit."""
     builds: dict[str, dict] = {}
+    stage = {"label": None}  # names the pass that reaches a fixed-tile build, where it is not the first one
 
     def record(kernel, kwargs, compiled, seconds, path):
+        path = stage["label"] if stage["label"] and path == "fixed" else path
         key = compiled.hash
         if key in builds:  # Triton's cache returned an earlier build: the same kernel reached another way
             builds[key]["paths"] = sorted(set(builds[key]["paths"]) | {path})
@@ -164,8 +267,11 @@ def build_all(capability: int, dtype_name: str, rank: int) -> list[dict]:
             "shared_bytes": meta.shared, "shared_limit": SHARED_MEMORY_LIMIT[capability],
             "shared_estimate": _estimated_shared(kernel, kwargs, meta.num_stages, DTYPES[dtype_name].itemsize),
             "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "compile_s": round(seconds, 2),
+            "atomics": _atomics(compiled.asm["ptx"]), "int32_offsets": int32_pointer_offsets(compiled.asm["ttir"]),
             **_resources(compiled),
         }
+        builds[key]["blocks_per_sm"] = blocks_per_sm(capability, meta.num_warps, builds[key]["registers"],
+                                                     meta.shared)
 
     def build_only(kernel):
         return _BuildOnly(kernel, record)
@@ -179,6 +285,13 @@ def build_all(capability: int, dtype_name: str, rank: int) -> list[dict]:
         for autotune in ("1", "0", ""):
             with mock.patch.dict(os.environ, {"RELORA_KERNELS_AUTOTUNE": autotune}):
                 _drive_launchers(DTYPES[dtype_name], rank)
+        # The fixed tiles at the headline shapes, and with every operand strided.
+        with mock.patch.dict(os.environ, {"RELORA_KERNELS_AUTOTUNE": "0"}):
+            for name in shapes:
+                stage["label"] = name
+                _drive_launchers(DTYPES[dtype_name], rank, SHAPES[name])
+            stage["label"] = "strided"
+            _drive_launchers_strided(DTYPES[dtype_name], rank)
     return list(builds.values())
 
 
@@ -281,8 +394,9 @@ def _graph_launches(graph) -> dict:
 
 
 def problems(rows: list[dict]) -> list[str]:
-    """What would fail on the GPU: a launch over the shared-memory limit (it raises OutOfResources), or an estimate
-    below what Triton allocates (a tile the launcher thinks fits might not, on some other GPU)."""
+    """What would fail on the GPU: a launch over the shared-memory limit (it raises OutOfResources), an estimate
+    below what Triton allocates (a tile the launcher thinks fits might not, on some other GPU), or a pointer offset
+    that wraps at 2**31 (int32_pointer_offsets)."""
     found = []
     for row in rows:
         build = f"{row['arch']} {row['dtype']} r={row['r']} {row['kernel']} {row['variant']} {_tile(row)}"
@@ -290,6 +404,7 @@ def problems(rows: list[dict]) -> list[str]:
             found.append(f"{build}: would not launch, {row['shared_bytes']} B shared > {row['shared_limit']} B")
         if row["shared_estimate"] is not None and row["shared_bytes"] > row["shared_estimate"]:
             found.append(f"{build}: estimate too low, {row['shared_bytes']} B shared > {row['shared_estimate']} B")
+        found += [f"{build}: {offset}" for offset in row["int32_offsets"]]
     return found
 
 
@@ -313,8 +428,8 @@ def markdown(rows: list[dict], environment: dict) -> str:
         f"{sum(bool(row['stack_bytes']) for row in rows)}",
         "",
         "| arch | dtype | r | kernel | variant | tile (MxNxK or block) | path | shared KiB / estimate / limit | regs "
-        "| stack B | wgmma |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stack B | blocks/SM | wgmma | atomics vector/scalar |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         flag = "" if row["shared_bytes"] <= row["shared_limit"] else " **over**"
@@ -322,7 +437,8 @@ def markdown(rows: list[dict], environment: dict) -> str:
             f"| {row['arch']} | {row['dtype']} | {row['r']} | {row['kernel']} | {row['variant']} | {_tile(row)} "
             f"| {'+'.join(row['paths'])} | {row['shared_bytes'] / 1024:.0f} / {_kib(row['shared_estimate'])} / "
             f"{row['shared_limit'] / 1024:.0f}{flag} "
-            f"| {row['registers']} | {row['stack_bytes']} | {'yes' if row['wgmma'] else 'no'} |"
+            f"| {row['registers']} | {row['stack_bytes']} | {row['blocks_per_sm']} | {'yes' if row['wgmma'] else 'no'} "
+            f"| {row['atomics']['vector']}/{row['atomics']['scalar']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -358,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="build processes (default: one per core)")
     parser.add_argument("--out", type=Path, help="folder for gpu_build.md and gpu_build.json (else: table to stdout)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--shapes", nargs="*", default=[], choices=[name for name in SHAPES if name != "small"],
+                        help="also build the fixed tiles at these shapes: headline = 8192 tokens x 4096 x 4096, "
+                             "mlp = 16384 x 4096 x 14336")
     parser.add_argument("--trace", action="store_true",
                         help="also trace each op as torch.compile sees it (its kernel launches, what each writes)")
     args = parser.parse_args(argv)
@@ -371,16 +490,19 @@ def main(argv: list[str] | None = None) -> int:
         "built on": f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU (Triton's compiler and ptxas only)",
         "python": platform.python_version(), "triton": triton.__version__, "torch": torch.__version__,
         "commit": git_commit(),
-        "shape": f"M={TOKENS} K={IN_FEATURES} N={OUT_FEATURES}", "command": "python -m benchmarks.gpu_build "
+        "shapes": ", ".join(f"{name} M={m} K={k} N={n}" for name, (m, k, n) in SHAPES.items()
+                            if name == "small" or name in args.shapes), "command": "python -m benchmarks.gpu_build "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    jobs = [(arch, dtype, rank) for arch in args.arch for dtype in args.dtypes for rank in args.ranks]
+    jobs = [(arch, dtype, rank, tuple(args.shapes)) for arch in args.arch for dtype in args.dtypes
+            for rank in args.ranks]
     start = time.perf_counter()
     # One process per job: Triton keeps the target of device 0 per kernel for the life of a process.
     # (multiprocessing's Pool: concurrent.futures' max_tasks_per_child needs Python 3.11.)
     with multiprocessing.Pool(max(1, min(args.jobs, len(jobs))), maxtasksperchild=1) as pool:
         rows = [row for job_rows in pool.map(_build_job, jobs, chunksize=1) for row in job_rows]
-        traced = [row for job_rows in pool.map(_trace_job, jobs if args.trace else [], chunksize=1) for row in job_rows]
+        traced = [row for job_rows in pool.map(_trace_job, [job[:3] for job in jobs] if args.trace else [], chunksize=1)
+                  for row in job_rows]
     print(f"{len(rows)} builds for {len(jobs)} (arch, dtype, rank) in {time.perf_counter() - start:.0f} s",
           file=sys.stderr)
 

@@ -1,8 +1,9 @@
 """benchmarks/gpu_build.py: every kernel launch compiles for a real GPU with the installed Triton, and fits it.
 
 Runs the tool in a subprocess (it needs Triton without the interpreter, which this test process has switched on) for
-the common r = 16 on an H100 (sm_90, wgmma: the headline's launches) and the largest low-rank tiles (r = 256) on an
-A100 (sm_80, mma, 163 KiB of shared memory per block).
+r = 16 and 64 on an H100 (sm_90, wgmma), also at the headline shapes (8192 x 4096 x 4096, 16384 x 4096 x 14336) and
+with every operand strided, and for the largest low-rank tiles (r = 256) on an A100 (sm_80, mma, 163 KiB of shared
+memory per block).
 """
 
 import json
@@ -21,11 +22,12 @@ GEMM_KERNELS = {"fused_matmul_kernel", "shrink_kernel", "grad_b_kernel", "grad_a
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_build") / "builds.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    options = {"90": ["--ranks", "16", "64", "--shapes", "headline", "mlp", "--trace"], "80": ["--ranks", "256"]}
     runs = [
-        subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_build", "--arch", arch, "--ranks", rank, "--jobs", "1",
-                          "--json", str(out.with_suffix(f".{arch}.json")), *(["--trace"] if arch == "90" else [])],
+        subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_build", "--arch", arch, "--jobs", "1",
+                          "--json", str(out.with_suffix(f".{arch}.json")), *arch_options],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for arch, rank in (("90", "16"), ("80", "256"))
+        for arch, arch_options in options.items()
     ]
     for run in runs:
         _, stderr = run.communicate(timeout=900)
@@ -44,7 +46,33 @@ def test_every_kernel_is_built_for_each_architecture(builds):
         assert kernels == GEMM_KERNELS | {"reinit_kernel"}, arch
         for kernel, variant in (("grad_b_kernel", "has_bias_grad"), ("grad_a_kernel", "apply_dropout")):
             variants = {row["variant"] for row in builds if row["arch"] == arch and row["kernel"] == kernel}
-            assert variants == {variant, "deterministic"}, (arch, kernel, variants)
+            assert variants == {variant, "-", "deterministic", f"{variant} deterministic"}, (arch, kernel, variants)
+        # Every kernel also built with every operand strided (each stride a runtime argument): the int64 audit's case.
+        strided = {row["kernel"] for row in builds if row["arch"] == arch and "strided" in row["paths"]}
+        assert strided == GEMM_KERNELS | {"reinit_kernel"}, arch
+
+
+def test_no_pointer_offset_wraps_at_2_to_the_31(builds):
+    # An i32 product of a program id or loop index with a runtime stride, as a pointer offset, wraps at 2**31: the
+    # deterministic slots (slot * N * r) and a transposed x (k * M) did, before they were made int64.
+    for row in builds:
+        assert row["int32_offsets"] == [], row
+
+
+def test_headline_shapes_build_with_what_hopper_needs(builds):
+    # At the headline shapes on sm_90: the GEMMs on wgmma, the default tiles without spills, the gradient
+    # reductions as vector atomics (a scalar one only for dbias, (N,) per token block), occupancy reported.
+    headline = [row for row in builds if row["arch"] == "sm_90" and {"headline", "mlp"} & set(row["paths"])]
+    assert {row["r"] for row in headline} == {16, 64}
+    assert {row["kernel"] for row in headline} == GEMM_KERNELS | {"reinit_kernel"}
+    for row in headline:
+        assert row["stack_bytes"] == 0, row
+        assert row["blocks_per_sm"] >= 1, row
+        if row["kernel"] == "fused_matmul_kernel":
+            assert row["wgmma"], row
+        if row["kernel"] in ("grad_a_kernel", "grad_b_kernel") and "deterministic" not in row["variant"]:
+            assert row["atomics"]["vector"] >= 2, row
+            assert row["atomics"]["scalar"] <= ("has_bias_grad" in row["variant"]), row
 
 
 def test_launches_fit_shared_memory_and_estimates_bound_it(builds):
@@ -74,7 +102,7 @@ def test_hopper_fixed_tiles_do_not_spill(builds):
     # The fixed tiles at r = 16 on an H100 (RELORA_KERNELS_AUTOTUNE=0, the GPU tests) keep everything in registers.
     # One Philox draw per dropout element once gave the dropout GEMM 255 registers and a 2.5 KB stack frame.
     for row in builds:
-        if row["arch"] == "sm_90" and "fixed" in row["paths"]:
+        if row["arch"] == "sm_90" and {"fixed", "headline", "mlp", "strided"} & set(row["paths"]):
             assert row["stack_bytes"] == 0, row
 
 

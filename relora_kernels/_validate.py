@@ -27,9 +27,20 @@ def check_float_tensor(name: str, t, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor (float32, float16 or bfloat16), got {t.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16 or bfloat16; float64 on the "
+                        f"reference), got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got {t.dim()}-D ({_describe(t)})")
+
+
+# What the Triton kernels compute in; float64 runs on the PyTorch reference only.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name}: the Triton kernels compute in float32, float16 or bfloat16, got {t.dtype}; "
+                        f"float64 runs on the PyTorch reference (RELORA_KERNELS_BACKEND=reference)")
 
 
 def check_same_dtype_and_device(**tensors: torch.Tensor | None) -> None:

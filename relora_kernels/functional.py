@@ -17,6 +17,7 @@ from ._backend import deterministic, use_triton
 from ._validate import (
     check_dropout_p,
     check_float_tensor,
+    check_kernel_dtype,
     check_lora_linear_args,
     check_lora_shapes,
     check_same_dtype_and_device,
@@ -89,7 +90,9 @@ def _dropout_seed(seed, dropout_p: float, device: torch.device) -> torch.Tensor 
         return None
     if seed is None:
         return torch.randint(_DRAWN_SEED_LIMIT, (), dtype=torch.int64, device=device)
-    return torch.tensor(seed, dtype=torch.int64, device=device)
+    # A fill kernel with the seed as its argument: torch.tensor(seed, device=...) would copy from the host and
+    # synchronise the stream on every call.
+    return torch.full((), seed, dtype=torch.int64, device=device)
 
 
 def _autocast_inputs(*tensors):
@@ -132,6 +135,7 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
 
     from .kernels.lora_linear import MAX_RANK
 
+    check_kernel_dtype("x", x)  # one dtype for all, checked above
     rank = lora_a.shape[0]
     if rank > MAX_RANK:
         raise ValueError(f"lora_a has r = {rank} rows; the Triton kernels support r <= {MAX_RANK}")
@@ -162,6 +166,7 @@ def merge_and_reinit_(weight, lora_a, lora_b, scale, *, seed):
     seed = check_seed(seed)
     with torch.no_grad():
         if use_triton(weight.device):
+            check_kernel_dtype("weight", weight)
             ops = _ops()
             ops.merge_lora_weight_(weight, lora_a, lora_b, scale)
             ops.reinit_lora_(lora_a, lora_b, seed)

@@ -29,6 +29,32 @@ def assert_within_torch_error(name: str, got: torch.Tensor, exact: torch.Tensor,
         )
 
 
+def rounding_bound(dtype: torch.dtype, terms: int, magnitude: torch.Tensor) -> torch.Tensor:
+    """Higham's a priori bound on the rounding error of a sum of `terms` products computed in `dtype`, whatever the
+    order of summation or the CPU: gamma_n * sum|products|, gamma_n = n u / (1 - n u), u the unit roundoff.
+    `magnitude` is the float64 sum of the products' absolute values (e.g. |a| @ |b|)."""
+    u = torch.finfo(dtype).eps / 2
+    return terms * u / (1 - terms * u) * magnitude.double()
+
+
+def assert_within_bound(name: str, got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor):
+    """|got - want| <= bound everywhere (bound from rounding_bound); a failure says where and by how much."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got.double() - want.double()).abs()
+    bad = ~(err <= bound)  # NaN counts as bad
+    if bad.any():
+        raise AssertionError(f"{name}: {int(bad.sum())} of {err.numel()} elements exceed their rounding bound; "
+                             f"first at {bad.nonzero()[:5].tolist()}; worst excess {(err - bound).max().item():.3g}")
+
+
+def linear_magnitude(x, weight, lora_a, lora_b, scale, bias=None) -> torch.Tensor:
+    """sum|products| of y = x @ W.T + bias + s * (x @ A.T) @ B.T, element by element, in float64 (for
+    rounding_bound with K + r + 2 terms: the two reductions and the additions)."""
+    x, weight, lora_a, lora_b = (t.detach().double().abs() for t in (x, weight, lora_a, lora_b))
+    magnitude = x @ weight.T + abs(scale) * (x @ lora_a.T) @ lora_b.T
+    return magnitude if bias is None else magnitude + bias.detach().double().abs()
+
+
 def make_inputs(lead, k, n, r, dtype, device="cpu", bias=True, seed=0):
     """x (*lead, k), weight (n, k), lora_a (r, k), lora_b (n, r), bias (n,) with O(1) outputs.
 

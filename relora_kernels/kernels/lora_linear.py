@@ -22,6 +22,7 @@ and accept any strides. Limits: r <= MAX_RANK (the low-rank tiles live in regist
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -54,14 +55,35 @@ def traceable(kernel):
     return torch.library.wrap_triton(kernel) if TRACEABLE_LAUNCHES else kernel
 
 
+def on_tensors_device(launcher):
+    """Run `launcher` with its first tensor's CUDA device current: Triton launches on the current device, which
+    need not be the one the tensors are on."""
+
+    @functools.wraps(launcher)
+    def launch(first: torch.Tensor, *args, **kwargs):
+        guard = torch.cuda.device(first.device) if first.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return launcher(first, *args, **kwargs)
+
+    return launch
+
+
 def _block_rank(rank: int) -> int:
     """r padded to a power of two >= 16 because tl.dot needs every dimension >= 16; the padding is masked."""
     return max(16, triton.next_power_of_2(rank))
 
 
+def _fp32_matmul_allows_tf32() -> bool:
+    """torch's own setting for fp32 matmuls. `fp32_precision` (torch >= 2.9) reflects the legacy `allow_tf32` and
+    `set_float32_matmul_precision` as well, whereas reading `allow_tf32` raises once the new API has been used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return matmul.allow_tf32 if precision is None else precision == "tf32"
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's own matmul setting (full fp32 unless TF32 was allowed); 16-bit ones ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _fp32_matmul_allows_tf32():
         return "ieee"
     return "tf32"
 
@@ -111,15 +133,16 @@ def _shrink_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        cols = offs_k.to(tl.int64)
         x_tile = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0,
         )
         if APPLY_DROPOUT:
             keep = _keep_mask(seed, rows, k0, K, keep_threshold, BLOCK_M, BLOCK_K)
             x_tile = tl.where(keep, x_tile, tl.zeros_like(x_tile))
         a_tile = tl.load(  # (BLOCK_K, BLOCK_R) tile of A.T
-            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            a_ptr + offs_r[None, :] * stride_ar + cols[:, None] * stride_ak,
             mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0,
         )
         acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
@@ -155,6 +178,7 @@ def _fused_matmul_kernel(
     stride_wm, stride_wr,
     stride_ur, stride_un,
     stride_om, stride_on,
+    stride_bias,
     low_scale, keep_threshold,
     HAS_BIAS: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -192,18 +216,20 @@ def _fused_matmul_kernel(
         keep = _keep_mask(tl.load(seed_ptr), rows, pid_n * BLOCK_N, N, keep_threshold, BLOCK_M, BLOCK_N)
         acc = tl.where(keep, acc, 0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
-    # The ordinary K loop of lhs @ rhs.
+    # The ordinary K loop of lhs @ rhs; the pointer steps in int64, as a transposed operand's stride is M or N.
     lhs_ptrs = lhs_ptr + rows[:, None] * stride_lm + tl.arange(0, BLOCK_K)[None, :] * stride_lk
     rhs_ptrs = rhs_ptr + tl.arange(0, BLOCK_K)[:, None] * stride_rk + cols[None, :] * stride_rn
+    lhs_step = tl.cast(stride_lk, tl.int64) * BLOCK_K
+    rhs_step = tl.cast(stride_rk, tl.int64) * BLOCK_K
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         lhs_tile = tl.load(lhs_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         rhs_tile = tl.load(rhs_ptrs, mask=(offs_k[:, None] < K) & mask_n[None, :], other=0.0)
         acc = tl.dot(lhs_tile, rhs_tile, acc, input_precision=DOT_PRECISION)
-        lhs_ptrs += BLOCK_K * stride_lk
-        rhs_ptrs += BLOCK_K * stride_rk
+        lhs_ptrs += lhs_step
+        rhs_ptrs += rhs_step
 
     tl.store(
         out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
@@ -238,7 +264,8 @@ def _token_block(M, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, DETERMINIST
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    return pid_m if DETERMINISTIC else 0, offs_m.to(tl.int64), offs_m < M, offs_r, offs_r < R
+    slot = pid_m.to(tl.int64) if DETERMINISTIC else 0  # slot * stride can pass 2**31
+    return slot, offs_m.to(tl.int64), offs_m < M, offs_r, offs_r < R
 
 
 @triton.jit
@@ -276,12 +303,13 @@ def _grad_b_kernel(
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
+        cols = offs_n.to(tl.int64)
         dy_tile = tl.load(
-            dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
             mask=mask_m[:, None] & mask_n[None, :], other=0.0,
         )
         b_tile = tl.load(
-            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
             mask=mask_n[:, None] & mask_r[None, :], other=0.0,
         )
         # dS += dy @ B   (s applied once, by _grad_a_kernel)
@@ -289,16 +317,16 @@ def _grad_b_kernel(
         # dB += s * dy.T @ S
         db_part = tl.dot(tl.trans(dy_tile), s_tile, input_precision=DOT_PRECISION) * scale
         _accumulate(
-            db_ptr + slot * stride_db_slot + offs_n[:, None] * stride_db_n + offs_r[None, :] * stride_db_r,
+            db_ptr + slot * stride_db_slot + cols[:, None] * stride_db_n + offs_r[None, :] * stride_db_r,
             db_part, mask_n[:, None] & mask_r[None, :], DETERMINISTIC,
         )
         if HAS_BIAS_GRAD:
             # dbias += dy.sum(0)
             _accumulate(
-                dbias_ptr + slot * stride_dbias_slot + offs_n,
+                dbias_ptr + slot * stride_dbias_slot + cols,
                 tl.sum(dy_tile.to(tl.float32), axis=0), mask_n, DETERMINISTIC,
             )
-    ds_slot = share if DETERMINISTIC else 0
+    ds_slot = share.to(tl.int64) if DETERMINISTIC else 0
     _accumulate(
         ds_ptr + ds_slot * stride_ds_slot + rows[:, None] * stride_ds_m + offs_r[None, :] * stride_ds_r,
         ds_acc, mask_m[:, None] & mask_r[None, :], DETERMINISTIC,
@@ -328,11 +356,9 @@ def _grad_a_kernel(
 
     # dS = s * (sum of the N shares' partials), in a fixed order.
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    ds_ptrs = ds_partial_ptr + rows[:, None] * stride_dsp_m + offs_r[None, :] * stride_dsp_r
     for ds_slot in range(0, DS_SLOTS):
-        ds += tl.load(
-            ds_partial_ptr + ds_slot * stride_dsp_slot + rows[:, None] * stride_dsp_m + offs_r[None, :] * stride_dsp_r,
-            mask=mask_mr, other=0.0,
-        )
+        ds += tl.load(ds_ptrs + tl.cast(ds_slot, tl.int64) * stride_dsp_slot, mask=mask_mr, other=0.0)
     ds = ds * tl.cast(scale, tl.float32)
     if share == 0:
         tl.store(ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
@@ -348,8 +374,9 @@ def _grad_a_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
+        cols = offs_k.to(tl.int64)
         x_tile = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
             mask=mask_m[:, None] & mask_k[None, :], other=0.0,
         )
         if APPLY_DROPOUT:
@@ -360,7 +387,7 @@ def _grad_a_kernel(
         if APPLY_DROPOUT:
             da_part = da_part * tl.cast(inv_keep, tl.float32)
         _accumulate(
-            da_ptr + slot * stride_da_slot + offs_r[:, None] * stride_da_r + offs_k[None, :] * stride_da_k,
+            da_ptr + slot * stride_da_slot + offs_r[:, None] * stride_da_r + cols[None, :] * stride_da_k,
             da_part, mask_r[:, None] & mask_k[None, :], DETERMINISTIC,
         )
 
@@ -606,6 +633,7 @@ def _dropout_args(dropout_p: float, seed: torch.Tensor | None, fallback: torch.T
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@on_tensors_device
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """S = dropout_p(x) @ A.T, (M, r) in x's dtype. x (M, K), lora_a (r, K)."""
     (M, K), R = x.shape, lora_a.shape[0]
@@ -642,6 +670,7 @@ def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed, kind)
         stride_wm=low.stride(0), stride_wr=low.stride(1),
         stride_ur=up_t.stride(1), stride_un=up_t.stride(0),
         stride_om=out.stride(0), stride_on=out.stride(1),
+        stride_bias=bias.stride(0) if bias is not None else 0,
         low_scale=float(low_scale), HAS_BIAS=bias is not None,
         BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(lhs.dtype), **_dropout_args(dropout_p, seed, lhs),
     )
@@ -667,12 +696,14 @@ def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed, kind)
     return out
 
 
+@on_tensors_device
 def lora_forward_matmul(x: torch.Tensor, weight: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
                         scale: float, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W.T + bias + s * S @ B.T, (M, N) in x's dtype; the low-rank term seeds the accumulator."""
     return _fused_matmul(x, weight, shrunk, lora_b, scale, bias, 0.0, None, "forward")
 
 
+@on_tensors_device
 def lora_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, grad_shrunk: torch.Tensor, lora_a: torch.Tensor,
                     dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """dx = dy @ W + (dS @ A) * m / (1-p), (M, K) in dy's dtype; the masked low-rank term seeds the accumulator."""
@@ -680,6 +711,7 @@ def lora_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, grad_shrunk: tor
                          "input_grad")
 
 
+@on_tensors_device
 def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, scale: float,
                  dropout_p: float, seed: torch.Tensor | None, need_bias_grad: bool,
                  deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,7 +19,15 @@ import triton
 import triton.language as tl
 
 from ..reference import DROPOUT_BITS
-from .lora_linear import _TRITON_SHARED_OVERHEAD, MAX_RANK, _block_rank, _fitting, _interpreting, traceable
+from .lora_linear import (
+    _TRITON_SHARED_OVERHEAD,
+    MAX_RANK,
+    _block_rank,
+    _fitting,
+    _interpreting,
+    on_tensors_device,
+    traceable,
+)
 
 _RANDOM_SHIFT = tl.constexpr(32 - DROPOUT_BITS)
 _INV_RANDOM_RANGE = tl.constexpr(1.0 / (1 << DROPOUT_BITS))
@@ -44,18 +52,19 @@ def _merge_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     rows = offs_n.to(tl.int64)
+    cols = offs_k.to(tl.int64)
     mask_n = offs_n < N
     mask_k = offs_k < K
     mask_r = offs_r < R
 
     b_tile = tl.load(b_ptr + rows[:, None] * stride_bn + offs_r[None, :] * stride_br,
                      mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-    a_tile = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+    a_tile = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
                      mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
     # s * B @ A in fp32
     update = tl.dot(b_tile, a_tile, input_precision=DOT_PRECISION) * tl.cast(scale, tl.float32)
 
-    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk
     w_mask = mask_n[:, None] & mask_k[None, :]
     w_tile = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
     tl.store(w_ptrs, (w_tile + update).to(w_ptr.dtype.element_ty), mask=w_mask)  # the one rounding
@@ -108,6 +117,7 @@ def _merge_config(rank_block: int, dtype: torch.dtype) -> dict:
     return _fitting(_MERGE_CONFIGS, _merge_shared_bytes, rank_block, dtype)[0]
 
 
+@on_tensors_device
 def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
     """W <- W + s * B @ A in place, fp32 accumulation, one rounding into W's dtype."""
     (N, K), R = weight.shape, lora_a.shape[0]
@@ -130,6 +140,7 @@ def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
     )
 
 
+@on_tensors_device
 def reinit_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, seed: int) -> None:
     """A <- U(-1/sqrt(K), 1/sqrt(K)) keyed by `seed`, B <- 0, in place."""
     (R, K), N = lora_a.shape, lora_b.shape[0]

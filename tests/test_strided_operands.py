@@ -1,0 +1,99 @@
+"""Every operand of every op as a strided view: column-major storage, every other column, stride 0 (broadcast).
+
+The kernels take any strides; a kernel that ignored one (reading a strided bias as if contiguous, say) computes
+silently wrong numbers, or reads past a stride-0 operand's one-element buffer. Each case runs the kernels and the
+reference on the view and checks both against the float64 reference of a contiguous copy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_within_torch_error, make_inputs
+from test_lora_linear import GRAD_NAMES, run
+
+import relora_kernels as rk
+from relora_kernels import reference
+
+M, K, N, R = 29, 40, 36, 6
+
+
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    return t.T.contiguous().T
+
+
+def every_other_column(t: torch.Tensor) -> torch.Tensor:
+    """The same values, as a view that skips every other element of its last dimension."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Stride 0 along the first dimension: every row (every element, for a vector) is the first one."""
+    return t[:1].expand(t.shape)
+
+
+LAYOUTS = {"column-major": column_major, "every other column": every_other_column, "stride 0": broadcast}
+CASES = [(name, layout) for name in ("x", "weight", "lora_a", "lora_b") for layout in LAYOUTS]
+CASES += [("bias", "every other column"), ("bias", "stride 0"), ("grad_y", "column-major"), ("grad_y", "stride 0")]
+
+
+def strided_inputs(operand: str, layout: str):
+    inputs = make_inputs((M,), K, N, R, torch.float32)
+    grad_out = torch.randn(M, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
+    if operand == "grad_y":
+        grad_out = LAYOUTS[layout](grad_out)
+    else:
+        inputs[operand] = LAYOUTS[layout](inputs[operand])
+    view = inputs[operand] if operand != "grad_y" else grad_out
+    assert not view.is_contiguous(), (operand, layout, view.stride())
+    return inputs, grad_out
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("operand, layout", CASES, ids=[f"{o}-{lay}" for o, lay in CASES])
+def test_strided_operand_forward_and_gradients(operand, layout, deterministic, monkeypatch, kernel_calls):
+    if deterministic:
+        monkeypatch.setenv("RELORA_KERNELS_DETERMINISTIC", "1")
+    inputs, grad_out = strided_inputs(operand, layout)
+    contiguous = {name: None if t is None else t.contiguous() for name, t in inputs.items()}
+    scale, p, seed = 0.7, 0.2, 99
+    exact = run(reference.lora_linear, contiguous, scale, p, seed, grad_out.double(), dtype=torch.float64)
+    torch_twin = run(reference.lora_linear, contiguous, scale, p, seed, grad_out.contiguous())
+    for path, fn in (("kernels", rk.lora_linear), ("reference", reference.lora_linear)):
+        y, grads = run(fn, inputs, scale, p, seed, grad_out)
+        assert_within_torch_error(f"{path} y", y, exact[0], torch_twin[0])
+        for name in GRAD_NAMES:
+            assert_within_torch_error(f"{path} d{name}", grads[name], exact[1][name], torch_twin[1][name])
+    assert kernel_calls == {"lora_shrink": 1, "lora_forward_matmul": 1, "lora_grad_ab": 1, "lora_input_grad": 1}
+
+
+def poisoned_view(t: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, view): `view` holds t's values inside `base`, whose other elements are NaN (the merge and the reinit
+    write views in place: what they must not touch stays NaN)."""
+    if layout == "column-major":
+        base = t.T.contiguous()
+        return base, base.T
+    base = torch.full((t.shape[0], 2 * t.shape[1]), float("nan"), dtype=t.dtype)
+    base[:, 1::2] = t
+    return base, base[:, 1::2]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("operand", ["weight", "lora_a", "lora_b"])
+@pytest.mark.parametrize("layout", ["column-major", "every other column"])
+def test_strided_merge_and_reinit(operand, layout, backend, monkeypatch):
+    monkeypatch.setenv("RELORA_KERNELS_BACKEND", backend)
+    inputs = make_inputs((1,), K, N, R, torch.float32)
+    tensors = {name: inputs[name] for name in ("weight", "lora_a", "lora_b")}
+    merged = reference.merged_weight(tensors["weight"].double(), tensors["lora_a"].double(),
+                                     tensors["lora_b"].double(), 0.5)
+    torch_twin = reference.merged_weight(tensors["weight"], tensors["lora_a"], tensors["lora_b"], 0.5)
+    base, tensors[operand] = poisoned_view(tensors[operand], layout)
+    untouched = base.isnan()
+    rk.merge_and_reinit_(tensors["weight"], tensors["lora_a"], tensors["lora_b"], 0.5, seed=21)
+    assert_within_torch_error("W", tensors["weight"].contiguous(), merged, torch_twin)
+    assert torch.equal(tensors["lora_a"], reference.reinit_uniform(21, R, K))
+    assert torch.equal(tensors["lora_b"], torch.zeros(N, R))
+    assert base[untouched].isnan().all(), "an element outside the view was written"

@@ -127,13 +127,14 @@ class Collectives(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def calls_during(fn) -> dict:
+def counting(fn, *args):
+    """fn(*args) and the kernels' ops it called."""
     OP_CALLS.clear()
-    fn()
-    return dict(OP_CALLS)
+    result = fn(*args)
+    return result, dict(OP_CALLS)
 
 
-def train(backend: str, rank: int) -> dict:
+def train(backend: str, rank: int):
     """The sharded run on every rank and, on rank 0, the single-process run beside it, step by step."""
     os.environ["RELORA_KERNELS_BACKEND"] = backend
     steps, restart_every = STEPS[backend], RESTART_EVERY[backend]
@@ -146,8 +147,9 @@ def train(backend: str, rank: int) -> dict:
     fully_shard(model.head)
     fully_shard(model)
     optimizer = make_optimizer(model)
+    local_shapes = {name: list(p.to_local().shape) for name, p in model.named_parameters()}
     relora = ReLoRA(model, optimizer, restart_every=restart_every, prune_method="zero", seed=SEED)
-    single = build_model()
+    single = build_model()  # built on every rank (it is tiny), trained on rank 0
     single_optimizer = make_optimizer(single)
     single_relora = ReLoRA(single, single_optimizer, restart_every=restart_every, prune_method="zero", seed=SEED)
 
@@ -172,23 +174,27 @@ def train(backend: str, rank: int) -> dict:
         single_optimizer.zero_grad()
         return ((halves[0] + halves[1]) / WORLD).item()
 
-    out = {"losses": [], "single_losses": [], "restarts": [], "step_calls": [], "single_step_calls": []}
+    out = {"losses": [], "single_losses": [], "restarts": [], "step_calls": [], "single_step_calls": [],
+           "local_shapes": local_shapes}
     for step in range(1, steps + 1):
         x, y = xs[step - 1], ys[step - 1]
-        out["step_calls"].append(calls_during(lambda: out["losses"].append(sharded_step(x, y))))  # noqa: B023
+        loss, calls = counting(sharded_step, x, y)
+        out["losses"].append(loss)
+        out["step_calls"].append(calls)
         if rank == 0:
-            out["single_step_calls"].append(
-                calls_during(lambda: out["single_losses"].append(single_step(x, y))))  # noqa: B023
+            loss, calls = counting(single_step, x, y)
+            out["single_losses"].append(loss)
+            out["single_step_calls"].append(calls)
         if step % restart_every:
             continue
         record = {"step": step, "fsdp_before": gathered_state(model)}
         with Collectives() as collectives:
-            record["calls"] = calls_during(lambda: relora.step(step))  # noqa: B023
+            record["restarted"], record["calls"] = counting(relora.step, step)
         record["collectives"] = collectives.log
         record["fsdp_after"] = gathered_state(model)
         if rank == 0:
             record["single_before"] = gathered_state(single)
-            record["single_calls"] = calls_during(lambda: single_relora.step(step))  # noqa: B023
+            record["single_restarted"], record["single_calls"] = counting(single_relora.step, step)
             record["single_after"] = gathered_state(single)
             # The single run goes on from the sharded run's merged W (the test bounds their difference), so that
             # every later step compares the two from one state.
@@ -271,7 +277,7 @@ def main() -> int:
     per_rank = {}
     for backend in backends:
         run, model, single = train(backend, rank)
-        per_rank[backend] = {"step_calls": run.pop("step_calls"),
+        per_rank[backend] = {"local_shapes": run.pop("local_shapes"), "step_calls": run.pop("step_calls"),
                              "restart_calls": [r.pop("calls") for r in run["restarts"]],
                              "collectives": [r.pop("collectives") for r in run["restarts"]]}
         results["runs"][backend] = run

@@ -81,6 +81,7 @@ def test_losses_and_states_equal_the_single_process_run(results, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_restart_draws_a_bit_identical_and_zeros_b(results, backend):
     for restart, record in enumerate(restarts(results, backend), start=1):
+        assert record["restarted"] and record["single_restarted"], record["step"]
         for index, name in enumerate(LAYERS):
             got = tensor(record["fsdp_after"][f"{name}.lora_A"])
             # The single-process draw, and the oracle's: the A that seed gives in one process.
@@ -107,6 +108,16 @@ def test_restart_merges_w_within_fp32_rounding(results, backend):
             assert not torch.equal(got, before["weight"]), (record["step"], name)
             # Other parameters (the biases) are untouched by a restart.
             assert record["fsdp_after"][f"{name}.bias"] == record["fsdp_before"][f"{name}.bias"]
+
+
+def test_shards_are_uneven_and_some_empty(results):
+    # What the worker's layer shapes are there for: FSDP2's Shard(0) blocks, ceil(rows / 2) rows on rank 0.
+    shapes = [per_rank["reference"]["local_shapes"] for per_rank in results["per_rank"]]
+    assert [s["block.up.weight"] for s in shapes] == [[4, 6], [3, 6]]  # uneven
+    assert [s["block.up.lora_B"] for s in shapes] == [[4, 4], [3, 4]]  # B's rows split as W's
+    assert [s["block.mid.lora_A"] for s in shapes] == [[1, 7], [0, 7]]  # r = 1: rank 1 holds no row of A
+    assert [s["head.weight"] for s in shapes] == [[1, 5], [0, 5]]  # N = 1: rank 1 holds no row of W or B
+    assert [s["head.lora_B"] for s in shapes] == [[1, 2], [0, 2]]
 
 
 def test_restart_gathers_only_a(results):

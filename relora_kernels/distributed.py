@@ -18,7 +18,10 @@ the gathered A is the buffer it is drawn into, and the new A is bit-identical to
 
 from __future__ import annotations
 
+import sys
+
 import torch
+import torch.nn as nn
 
 from ._validate import check_lora_shapes, is_dtensor
 from .functional import merge_and_reinit_
@@ -32,6 +35,17 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 def full_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
     """The whole tensor: all-gathered from a DTensor (a collective: every rank of its mesh must call it), or t."""
     return t.full_tensor() if is_dtensor(t) else t
+
+
+def fsdp_managed(model: nn.Module) -> set[str]:
+    """Names of the modules of `model` whose parameters FSDP2 manages: those at or under a fully_shard'ed module."""
+    # As for DTensor, an FSDP2 module exists only once torch.distributed.fsdp has been imported.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return set()
+    roots = [name for name, module in model.named_modules() if isinstance(module, fsdp.FSDPModule)]
+    return {name for name, _ in model.named_modules()
+            if any(root == "" or name == root or name.startswith(root + ".") for root in roots)}
 
 
 def _shard_box(name: str, t, rows_only: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:

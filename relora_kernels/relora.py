@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from .distributed import local_tensor
+from .distributed import fsdp_managed, local_tensor
 from .modules import LoRALinear
 
 # Only Adam's moments are pruned; amsgrad's max_exp_avg_sq and the step counter are left as they are.
@@ -248,12 +248,24 @@ class ReLoRA:
         if step % self.restart_every != 0:
             return False
         restart = step // self.restart_every
+        self._check_sharded()
         for index, layer in enumerate(self.layers):
             layer.merge_and_reinit(seed=restart_seed(self.seed, restart, index))
         lora_params = [p for layer in self.layers for p in (layer.lora_A, layer.lora_B)]
         prune_optimizer_state_(self.optimizer, lora_params, self.prune_ratio, self.prune_method)
         self.restarts += 1
         return True
+
+    def _check_sharded(self) -> None:
+        # Unsharded FSDP2 parameters are the all-gathered copies, dropped at the next reshard: a restart there
+        # would be lost without a trace.
+        managed = fsdp_managed(self.model)
+        for name, layer in self.model.named_modules():
+            if name in managed and isinstance(layer, LoRALinear) and not layer._is_sharded():
+                raise RuntimeError(f"ReLoRA.step: {name or 'the model'} is under fully_shard but holds unsharded "
+                                   f"parameters (after unshard(), or a forward with reshard_after_forward=False); "
+                                   f"restart after optimizer.step(), when FSDP2 holds them sharded, or reshard() "
+                                   f"first")
 
     def _settings(self) -> dict:
         return {"restart_every": self.restart_every, "prune_ratio": self.prune_ratio,

@@ -204,12 +204,21 @@ def train(backend: str, rank: int):
         out["restarts"].append(record)
     out["fsdp_final"] = gathered_state(model)
     out["single_final"] = gathered_state(single)
-    return out, model, single
+    return out, model, single, relora
 
 
-def api_checks(model, single, out_dir: Path, rank: int) -> dict:
+def api_checks(model, single, relora, out_dir: Path, rank: int) -> dict:
     """The sharded model through the package's other entry points, next to the single-process model."""
     result = {}
+    model.block.unshard()  # the block's layers now hold the all-gathered, plain parameters
+    before = gathered_state(model)
+    try:
+        relora.step(relora.restart_every)
+        result["unsharded_restart"] = "returned"
+    except RuntimeError as error:
+        result["unsharded_restart"] = str(error)
+    model.block.reshard()
+    result["unsharded_restart_changed_nothing"] = gathered_state(model) == before
     layer = model.block.up
     try:
         rk.merge_and_reinit_(layer.weight, layer.lora_A, layer.lora_B, layer.scale, seed=0)
@@ -276,13 +285,13 @@ def main() -> int:
     results = {"world": WORLD, "runs": {}}
     per_rank = {}
     for backend in backends:
-        run, model, single = train(backend, rank)
+        run, model, single, relora = train(backend, rank)
         per_rank[backend] = {"local_shapes": run.pop("local_shapes"), "step_calls": run.pop("step_calls"),
                              "restart_calls": [r.pop("calls") for r in run["restarts"]],
                              "collectives": [r.pop("collectives") for r in run["restarts"]]}
         results["runs"][backend] = run
         if backend == "reference":
-            results["api"] = api_checks(model, single, out_dir, rank)
+            results["api"] = api_checks(model, single, relora, out_dir, rank)
     os.environ["RELORA_KERNELS_BACKEND"] = "reference"
     results["pruning"] = pruning_checks(rank)
     gathered = [None] * WORLD

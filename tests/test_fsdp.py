@@ -185,6 +185,9 @@ def test_entry_points_on_a_sharded_model(results):
     assert "FSDP2" in api["merge_lora"] and "to_linear" in api["merge_lora"]
     assert "seed must be given" in api["merge_and_reinit_no_seed"]
     assert "sharded alike" in api["mismatched_placements"]
+    # A restart while FSDP2 holds the block unsharded would write to copies it drops: refused, nothing changed.
+    assert "block.up is under fully_shard but holds unsharded" in api["unsharded_restart"]
+    assert api["unsharded_restart_changed_nothing"]
     assert set(api["to_linear"]) == set(LAYERS)
     for name, linear in api["to_linear"].items():  # the full merged layer, as the single-process model gives it
         assert linear["fsdp"] == linear["single"] and linear["fsdp_bias"] == linear["single_bias"], name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 
@@ -12,6 +13,14 @@ SEED_LIMIT = 2**63
 
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def is_dtensor(t) -> bool:
+    """True for a torch.distributed DTensor (e.g. a parameter sharded by FSDP2's fully_shard)."""
+    # A DTensor exists only once torch.distributed.tensor has been imported, so looking it up in sys.modules keeps
+    # that import (about a second) out of this package's own import.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def check_float_tensor(name: str, t, ndim: int | None = None) -> None:

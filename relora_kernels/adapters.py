@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .distributed import full_tensor
 from .modules import LoRALinear, _is_linear_like, _replace
 
 CONFIG_NAME = "adapter_config.json"
@@ -55,6 +56,9 @@ def save_peft_adapter(model: nn.Module, path) -> None:
     target_modules is written as a regex matching exactly these layers' names; layers whose rank or alpha differ
     from the most common one go into rank_pattern / alpha_pattern. PEFT has one lora_dropout per adapter: the
     most common layer dropout is written. All layers must agree on use_rslora.
+
+    On an FSDP2-sharded model the factors are all-gathered (a collective: every rank must call it) and only the
+    process of rank 0 writes the folder; the other ranks return without writing.
     """
     from safetensors.torch import save_file
 
@@ -87,8 +91,10 @@ def save_peft_adapter(model: nn.Module, path) -> None:
     }
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = full_tensor(layer.lora_A.detach()).cpu().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = full_tensor(layer.lora_B.detach()).cpu().contiguous()
+    if any(layer._is_sharded() for layer in layers.values()) and torch.distributed.get_rank() != 0:
+        return
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from ._validate import (
     check_same_dtype_and_device,
     check_scalar,
     check_seed,
+    is_dtensor,
 )
 
 # Seeds drawn for seed=None stay below 2**31 so the kernels see one integer type (no recompilation).
@@ -147,7 +148,11 @@ def merge_and_reinit_(weight, lora_a, lora_b, scale, *, seed):
 
     The layer's function is unchanged (B = 0 after), and the same seed gives the same A on any process, so DDP
     ranks stay identical with no broadcast. weight (N, K), lora_a (r, K), lora_b (N, r), one dtype and device.
+    Plain tensors only: FSDP2-sharded (DTensor) parameters restart through LoRALinear.merge_and_reinit or ReLoRA.
     """
+    if any(map(is_dtensor, (weight, lora_a, lora_b))):
+        raise TypeError("merge_and_reinit_ takes plain tensors, got DTensors (FSDP2-sharded parameters): restart "
+                        "the layer with LoRALinear.merge_and_reinit or ReLoRA.step, which merge each shard locally")
     check_float_tensor("weight", weight, ndim=2)
     check_float_tensor("lora_a", lora_a, ndim=2)
     check_float_tensor("lora_b", lora_b, ndim=2)

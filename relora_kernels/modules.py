@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 
 from . import reference
+from ._validate import is_dtensor
+from .distributed import full_tensor, merge_and_reinit_sharded_
 from .functional import draw_seed, lora_linear, merge_and_reinit_
 
 
@@ -88,20 +90,38 @@ class LoRALinear(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.bias, dropout_p)
 
+    def _is_sharded(self) -> bool:
+        return any(map(is_dtensor, (self.weight, self.lora_A, self.lora_B)))
+
     @torch.no_grad()
     def merge_and_reinit(self, seed: int | None = None) -> None:
-        """W += scale * B @ A, then A re-drawn from `seed` (None: from torch's default generator) and B = 0."""
+        """W += scale * B @ A, then A re-drawn from `seed` (None: from torch's default generator) and B = 0.
+
+        Under FSDP2 (fully_shard; the parameters are DTensors between steps) each rank merges its own rows of W
+        and only A is all-gathered (distributed.merge_and_reinit_sharded_): every rank must call it, and with an
+        explicit seed, since ranks' default generators need not agree.
+        """
+        if self._is_sharded():
+            if seed is None:
+                raise ValueError("seed must be given for an FSDP2-sharded layer: every rank must draw the same A")
+            merge_and_reinit_sharded_(self.weight, self.lora_A, self.lora_B, self.scale, seed=seed)
+            return
         merge_and_reinit_(self.weight, self.lora_A, self.lora_B, self.scale,
                           seed=draw_seed() if seed is None else seed)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding the merged weight W + scale * B @ A (this layer is left unchanged)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        linear.weight.copy_(reference.merged_weight(self.weight, self.lora_A, self.lora_B, self.scale))
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
+        """A plain nn.Linear holding the merged weight W + scale * B @ A (this layer is left unchanged).
+
+        Under FSDP2 the parameters are all-gathered first (a collective: every rank must call it), so every rank
+        gets the full merged layer as plain tensors.
+        """
+        weight, lora_a, lora_b, bias = map(full_tensor, (self.weight, self.lora_A, self.lora_B, self.bias))
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(reference.merged_weight(weight, lora_a, lora_b, self.scale))
+        if bias is not None:
+            linear.bias.copy_(bias)
         return linear
 
     def extra_repr(self) -> str:
@@ -145,8 +165,17 @@ def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear in `model` by a plain nn.Linear holding its merged weight, in place; returns it."""
+    """Replace every LoRALinear in `model` by a plain nn.Linear holding its merged weight, in place; returns it.
+
+    Raises TypeError on an FSDP2-sharded model, whose parameter groups would still hold the replaced layers';
+    there, `layer.to_linear()` gives each merged layer in full, or merge an unsharded copy of the model.
+    """
     names = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    sharded = [name for name in names if model.get_submodule(name)._is_sharded()]
+    if sharded:
+        raise TypeError(f"merge_lora cannot replace layers of an FSDP2-sharded model ({sharded[0]} holds DTensors): "
+                        f"call layer.to_linear() on each LoRALinear (full tensors on every rank), or load the full "
+                        f"state dict into an unsharded model and merge_lora that")
     for name in names:
         _replace(model, name, model.get_submodule(name).to_linear())
     return model

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from .distributed import fsdp_managed, local_tensor
 from .modules import LoRALinear
 
 # Only Adam's moments are pruned; amsgrad's max_exp_avg_sq and the step counter are left as they are.
@@ -87,6 +88,12 @@ def prune_optimizer_state_(
                             generator on the state's device (torch.manual_seed reproduces it)
         method="zero"       zeros the tensors completely
 
+    Sharded state (DTensors, as FSDP2's parameters give Adam) is pruned within each shard: every rank ranks (or
+    draws, or zeros) only the elements it holds, with n_keep from its local numel, so pruning needs no
+    communication. Magnitude pruning therefore keeps each shard's largest elements rather than the whole tensor's
+    (a shard of small values keeps as large a fraction as one of large values), and "random" draws from each
+    rank's own generator.
+
     Only the two keys above are touched: `state["step"]` (and so Adam's bias correction), any other key, and the
     state of every parameter not in `params` stay exactly as they were. A parameter with no state yet (never
     stepped) is skipped; a parameter listed twice is pruned once.
@@ -117,7 +124,8 @@ def prune_optimizer_state_(
                 continue
             for key in PRUNED_STATE_KEYS:
                 if isinstance(state.get(key), torch.Tensor):
-                    _prune_tensor_(state[key], ratio, method)
+                    # The local shard is a view of the DTensor's storage, so pruning it in place prunes the state.
+                    _prune_tensor_(local_tensor(state[key]), ratio, method)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -213,6 +221,10 @@ class ReLoRA:
     True. Otherwise it returns False and changes nothing. The learning-rate re-warmup belongs to the scheduler
     (`jagged_cosine` with the same `restart_every`).
 
+    Under FSDP2 (fully_shard) every rank calls `step` and each layer restarts shard-locally: A is all-gathered once,
+    each rank merges its own rows of W (never gathered), keeps its rows of the new A and zeros its rows of B (see
+    LoRALinear.merge_and_reinit); the optimizer state is pruned within each shard (see prune_optimizer_state_).
+
     Everything a restart does depends only on the step number and the constructor's arguments, so `state_dict()`
     carries just the count of restarts done (for logging) and the settings, which `load_state_dict` checks.
     """
@@ -236,12 +248,24 @@ class ReLoRA:
         if step % self.restart_every != 0:
             return False
         restart = step // self.restart_every
+        self._check_sharded()
         for index, layer in enumerate(self.layers):
             layer.merge_and_reinit(seed=restart_seed(self.seed, restart, index))
         lora_params = [p for layer in self.layers for p in (layer.lora_A, layer.lora_B)]
         prune_optimizer_state_(self.optimizer, lora_params, self.prune_ratio, self.prune_method)
         self.restarts += 1
         return True
+
+    def _check_sharded(self) -> None:
+        # Unsharded FSDP2 parameters are the all-gathered copies, dropped at the next reshard: a restart there
+        # would be lost without a trace.
+        managed = fsdp_managed(self.model)
+        for name, layer in self.model.named_modules():
+            if name in managed and isinstance(layer, LoRALinear) and not layer._is_sharded():
+                raise RuntimeError(f"ReLoRA.step: {name or 'the model'} is under fully_shard but holds unsharded "
+                                   f"parameters (after unshard(), or a forward with reshard_after_forward=False); "
+                                   f"restart after optimizer.step(), when FSDP2 holds them sharded, or reshard() "
+                                   f"first")
 
     def _settings(self) -> dict:
         return {"restart_every": self.restart_every, "prune_ratio": self.prune_ratio,

@@ -18,9 +18,12 @@ import os
 import platform
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
 WARMUP_MS = 25  # do_bench's warm-up budget per case
@@ -129,3 +132,40 @@ def write_results(path: Path, env: dict, copy_gbps: float | None, rows: list[dic
 def error_reason(error: BaseException) -> str:
     """One line, at most 300 characters, naming the exception: what a failed row records."""
     return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+
+
+class Progress:
+    """Progress over `total` items: tqdm's bar on a terminal; anywhere else (a log file, a pipe, the device tool's
+    captured output) one plain line per completed item, since the bar's carriage-return frames would pile up there
+    by the thousand."""
+
+    def __init__(self, total: int, desc: str, unit: str, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.plain = not (hasattr(self.stream, "isatty") and self.stream.isatty())
+        self.total, self.desc, self.done, self.start = total, desc, 0, time.perf_counter()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, mininterval=1.0, file=self.stream, disable=self.plain)
+
+    def starting(self, text: str) -> None:
+        """What runs next: the bar's postfix (a plain log gets the line when it completes)."""
+        self.bar.set_postfix_str(text)
+
+    def completed(self, text: str, problem: bool = False) -> None:
+        """One item done: `text` says which and how it went; on a terminal it is printed only for a `problem`."""
+        self.done += 1
+        if self.plain:
+            print(f"{self.desc} [{self.done}/{self.total}] {text} ({time.perf_counter() - self.start:.0f} s)",
+                  file=self.stream, flush=True)
+            return
+        if problem:
+            self.bar.write(text, file=self.stream)
+        self.bar.update(1)
+
+    def note(self, text: str) -> None:
+        """A message between items, on its own line either way."""
+        if self.plain:
+            print(text, file=self.stream, flush=True)
+        else:
+            self.bar.write(text, file=self.stream)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -209,8 +209,8 @@ def check_outputs(folder: Path) -> list[str]:
             problems.append(f"{path.name}: not JSON ({error})")
             continue
         key = "parts" if path.name == "run_gpu.json" else "rows"
-        if not isinstance(content, dict) or not isinstance(content.get(key), list):
-            problems.append(f"{path.name}: no list {key!r}")
+        if not isinstance(content, dict) or not isinstance(content.get(key), list) or not content[key]:
+            problems.append(f"{path.name}: no {key!r}, or none in it")
     problems += [f"{r.with_suffix('.md').name}: missing (the report of {r.name})" for r in results
                  if r.with_suffix(".md").name not in names]
     summary = folder / "pytest_gpu.txt"

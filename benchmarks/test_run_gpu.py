@@ -34,7 +34,8 @@ def test_a_complete_folder_passes(tmp_path):
 @pytest.mark.parametrize(("change", "problem"), [
     ({"a.png": "", "b.png": "", "c.png": ""}, "9 files, more than the 8"),
     ({"cpu-smoke.json": "{"}, "cpu-smoke.json: not JSON"),
-    ({"run_gpu.json": json.dumps({"parts": None})}, "run_gpu.json: no list 'parts'"),
+    ({"run_gpu.json": json.dumps({"parts": None})}, "run_gpu.json: no 'parts'"),
+    ({"cpu-smoke.json": json.dumps({"rows": []})}, "cpu-smoke.json: no 'rows', or none in it"),
     ({"pytest_gpu.txt": "....\n!!! KeyboardInterrupt\n"}, "not pytest's summary"),
     ({"h200 log.txt": ""}, "a name the device tool does not return"),
     ({"other.json": json.dumps({"rows": []})}, "expected one sweep result file"),

@@ -105,8 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a result file of an earlier run: keep its ok and skipped rows, run only what it lacks")
     args = parser.parse_args(argv)
     if args.smoke and args.quick:
-        parser.error("--smoke and --quick: choose one grid (--smoke --first runs the first contact's providers on "
-                     "the smoke shapes)")
+        parser.error("argument --quick: not allowed with argument --smoke (--smoke --first runs the first "
+                     "contact's providers on the smoke shapes)")
     args.grid = "smoke" if args.smoke else "quick" if args.quick else "first" if args.first else "default"
     if args.first:
         args.providers = tuple(p for p in args.providers if p in FIRST_PROVIDERS)

@@ -3,8 +3,9 @@
 Run with `pytest -m gpu`. The error bound is the one the CPU tests use: 2x PyTorch's own error in the same dtype
 (cuBLAS, on the same GPU) against the float64 reference, plus a small per-dtype slack. Inputs are random, never
 zero, and the launchers' outputs are poisoned (NaN-filled when allocated), so an element a kernel leaves unwritten
-fails the comparison instead of passing on whatever the allocator held. The in-place merge and reinit start from
-random W, A and B and are compared everywhere, which catches an element they skip.
+fails the comparison instead of passing on whatever the allocator held. dA, dB and dbias are reduced into zeroed
+buffers (the atomics need zeros): a contribution missing there is an O(1) error on random data, which the bound
+catches. The in-place merge and reinit start from random W, A and B and are compared everywhere.
 """
 
 from __future__ import annotations
@@ -244,9 +245,9 @@ def test_tuned_table_tiles_run_and_are_correct(monkeypatch, kernel_calls, poison
 
 @gpu
 def test_a_training_step_makes_no_host_device_sync():
-    # The hot path of LoRALinear training (forward, backward with dropout and a bias gradient, an SGD step) under
-    # CUDA's sync check: a copy to or from the host or a stream synchronisation raises. One step first, outside the
-    # check, so that compiling and any tile choice stay out of it.
+    # The hot path of LoRALinear training (forward, backward with dropout and a bias gradient, an SGD step; and the
+    # op with an int seed) under CUDA's sync check: a copy to or from the host or a stream synchronisation raises.
+    # Each runs once first, outside the check, so that compiling and any tile choice stay out of it.
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         rk.LoRALinear(1024, 2048, r=16, dropout=0.1, device="cuda", dtype=torch.bfloat16),
@@ -264,11 +265,19 @@ def test_a_training_step_makes_no_host_device_sync():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def int_seed_op():  # an int seed becomes a device tensor by a fill kernel, not a host copy
+        layer = model[0]
+        y = rk.lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.scale, layer.bias, 0.1, seed=1234)
+        y.float().square().mean().backward()
+        optimizer.zero_grad(set_to_none=True)
+
     step()
+    int_seed_op()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         step()
+        int_seed_op()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

@@ -16,7 +16,8 @@
 #              run; then the report: <gpu>.md, <gpu>_speedup.png, <gpu>_vs_floor.png.
 #   3 tests    pytest tests/test_gpu.py (bf16 and fp16 against float64, poisoned outputs, a training step under
 #              torch.cuda.set_sync_debug_mode("error")) with RELORA_KERNELS_AUTOTUNE=0: fixed tiles, so no test
-#              autotunes; on pytest-xdist's 8 workers where it is installed (compiles run in parallel). pytest_gpu.txt.
+#              autotunes; on pytest-xdist's 8 workers where it is installed (compiles run in parallel), each test
+#              limited to 120 s where pytest-timeout is. pytest_gpu.txt.
 #   4 rest     the sweep resumed (--resume <gpu>.json): the headline's launch breakdown and any run part 2 left; the
 #              report again.
 #   5 check    the folder against what the device tool returns: at most 8 files, each under 16 MiB, plain names;
@@ -106,10 +107,12 @@ record sweep $((SECONDS - t)) $((sweep_rc || report_rc))
 
 # 3. The GPU tests.
 t=$SECONDS
-workers=()
-[ "$smoke" != 1 ] && "$py" -c "import xdist" 2>/dev/null && workers=(-n 8)
+test_options=()
+[ "$smoke" != 1 ] && "$py" -c "import xdist" 2>/dev/null && test_options=(-n 8)
+# A test stuck in a kernel fails alone after 120 s (its worker is replaced) instead of taking the part's whole time.
+[ "$smoke" != 1 ] && "$py" -c "import pytest_timeout" 2>/dev/null && test_options+=(--timeout 120 --timeout-method thread)
 RELORA_KERNELS_AUTOTUNE=0 timeout -s INT -k 20 "$(left 45)" \
-    "$py" -m pytest tests/test_gpu.py -q -rfEs --durations=15 -p no:cacheprovider "${workers[@]}" \
+    "$py" -m pytest tests/test_gpu.py -q -rfEs --durations=15 -p no:cacheprovider "${test_options[@]}" \
     > "$out/pytest_gpu.txt" 2>&1
 tests_rc=$?
 echo "pytest tests/test_gpu.py: $(tail -n 1 "$out/pytest_gpu.txt")"

@@ -142,13 +142,18 @@ HEADLINE = LoraCase("fwd+bwd", 8192, 4096, 4096, 16, 0.1, "bf16", "llama-7b.qkvo
 # tl.dot gives garbage under the interpreter.
 SMOKE = LoraCase("fwd+bwd", 64, 48, 80, 4, 0.1, "fp32", "tiny")
 
-GRIDS = ("default", "quick", "smoke")
+GRIDS = ("default", "quick", "first", "smoke")
 
 
 def lora_grid(grid: str) -> list[LoraCase]:
-    """The lora_linear cases of a sweep. default: ~43 cases, each axis varied around the headline case."""
+    """The lora_linear cases of a sweep. default: ~43 cases, each axis varied around the headline case; first: the
+    four of the first GPU contact."""
     if grid == "smoke":
         return [dataclasses.replace(SMOKE, mode=mode, p=p) for p in (0.0, 0.1) for mode in MODES]
+    if grid == "first":  # the first GPU contact (run_gpu.sh): the headline, a short GPT-2 batch, a Llama-8B MLP
+        return [HEADLINE, dataclasses.replace(HEADLINE, p=0.0),
+                dataclasses.replace(HEADLINE, M=2048, K=768, N=3072, layer="gpt2-124m.fc"),
+                dataclasses.replace(HEADLINE, K=4096, N=14336, layer="llama-8b.up")]
     headline_modes = [dataclasses.replace(HEADLINE, mode=mode) for mode in MODES]
     if grid == "quick":  # the headline first: a sweep runs the quick grid's cases before the rest
         return [HEADLINE, *(c for c in headline_modes if c != HEADLINE)] + [
@@ -171,16 +176,19 @@ def merge_grid(grid: str) -> list[MergeCase]:
     if grid == "smoke":
         return [MergeCase(SMOKE.K, SMOKE.N, SMOKE.r, SMOKE.dtype, SMOKE.layer)]
     square = MergeCase(HEADLINE.K, HEADLINE.N, HEADLINE.r, HEADLINE.dtype, HEADLINE.layer)
-    if grid == "quick":
+    if grid in ("quick", "first"):
         return [square]
     return ([MergeCase(k, n, 16, "bf16", layer) for layer, (k, n) in LAYERS.items()]
             + [dataclasses.replace(square, r=r) for r in (64, 128)])
 
 
 def launch_grid(grid: str) -> list[LaunchCase]:
-    """The headline shape with and without dropout, and at 2048 tokens (the fewest programs per SM)."""
+    """The headline shape with and without dropout, and at 2048 tokens (the fewest programs per SM); first: the
+    headline shape alone."""
     base = SMOKE if grid == "smoke" else HEADLINE
     head = LaunchCase(base.M, base.K, base.N, base.r, base.p, base.dtype, base.layer)
+    if grid == "first":
+        return [head]
     short = [] if grid == "smoke" else [dataclasses.replace(head, M=2048)]
     return [head, dataclasses.replace(head, p=0.0), *short]
 

@@ -12,15 +12,19 @@ turns it into numbers:
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
 WARMUP_MS = 25  # do_bench's warm-up budget per case
@@ -129,3 +133,106 @@ def write_results(path: Path, env: dict, copy_gbps: float | None, rows: list[dic
 def error_reason(error: BaseException) -> str:
     """One line, at most 300 characters, naming the exception: what a failed row records."""
     return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+
+
+class Progress:
+    """Progress over `total` items: tqdm's bar on a terminal; anywhere else (a log file, a pipe, the device tool's
+    captured output) one plain line per completed item, since the bar's carriage-return frames would pile up there
+    by the thousand."""
+
+    def __init__(self, total: int, desc: str, unit: str, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.plain = not (hasattr(self.stream, "isatty") and self.stream.isatty())
+        self.total, self.desc, self.done, self.start = total, desc, 0, time.perf_counter()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, mininterval=1.0, file=self.stream, disable=self.plain)
+
+    def starting(self, text: str) -> None:
+        """What runs next: the bar's postfix (a plain log gets the line when it completes)."""
+        self.bar.set_postfix_str(text)
+
+    def completed(self, text: str, problem: bool = False) -> None:
+        """One item done: `text` says which and how it went; on a terminal it is printed only for a `problem`."""
+        self.done += 1
+        if self.plain:
+            print(f"{self.desc} [{self.done}/{self.total}] {text} ({time.perf_counter() - self.start:.0f} s)",
+                  file=self.stream, flush=True)
+            return
+        if problem:
+            self.bar.write(text, file=self.stream)
+        self.bar.update(1)
+
+    def note(self, text: str) -> None:
+        """A message between items, on its own line either way."""
+        if self.plain:
+            print(text, file=self.stream, flush=True)
+        else:
+            self.bar.write(text, file=self.stream)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# What the device tool returns from $OUT: at most this many files, each under this size, named in these characters.
+RETURNED_FILES = 8
+RETURNED_FILE_BYTES = 16 * 2**20
+RETURNED_NAME = re.compile(r"[A-Za-z0-9._-]+")
+RUN_FILES = ("run_gpu.log", "run_gpu.json", "pytest_gpu.txt", "gpu_build.md")
+_PYTEST_SUMMARY = re.compile(r"\b(passed|failed|errors?|skipped|deselected|no tests ran)\b.* in \d")
+
+
+def check_outputs(folder: Path) -> list[str]:
+    """What is wrong with a run_gpu.sh folder (empty: nothing): more files than the device tool returns, one too
+    large, badly named or in a subfolder; a missing part (run_gpu.sh's files, the sweep's JSON and its report); a JSON
+    file that does not parse; a test summary without pytest's final line."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder}: no such folder"]
+    entries = sorted(folder.iterdir())
+    problems = [f"{e.name}: a folder (run_gpu.sh writes files only)" for e in entries if not e.is_file()]
+    files = [e for e in entries if e.is_file()]
+    if len(files) > RETURNED_FILES:
+        problems.append(f"{len(files)} files, more than the {RETURNED_FILES} the device tool returns: "
+                        + ", ".join(f.name for f in files))
+    problems += [f"{f.name}: {f.stat().st_size} bytes, over {RETURNED_FILE_BYTES}" for f in files
+                 if f.stat().st_size >= RETURNED_FILE_BYTES]
+    problems += [f"{f.name!r}: a name the device tool does not return" for f in files
+                 if not RETURNED_NAME.fullmatch(f.name)]
+    names = {f.name for f in files}
+    problems += [f"{name}: missing" for name in RUN_FILES if name not in names]
+    results = [f for f in files if f.suffix == ".json" and f.name != "run_gpu.json"]
+    if len(results) != 1:
+        problems.append(f"expected one sweep result file (<gpu>.json), found {[f.name for f in results]}")
+    for path in (f for f in files if f.suffix == ".json"):
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            problems.append(f"{path.name}: not JSON ({error})")
+            continue
+        key = "parts" if path.name == "run_gpu.json" else "rows"
+        if not isinstance(content, dict) or not isinstance(content.get(key), list) or not content[key]:
+            problems.append(f"{path.name}: no {key!r}, or none in it")
+    problems += [f"{r.with_suffix('.md').name}: missing (the report of {r.name})" for r in results
+                 if r.with_suffix(".md").name not in names]
+    summary = folder / "pytest_gpu.txt"
+    lines = summary.read_text(errors="replace").strip().splitlines() if summary.is_file() else []
+    if summary.is_file() and not (lines and _PYTEST_SUMMARY.search(lines[-1])):
+        problems.append(f"pytest_gpu.txt: its last line is not pytest's summary: {lines[-1:]}")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.harness")
+    parser.add_argument("--check-outputs", type=Path, metavar="DIR", required=True,
+                        help="check a benchmarks/run_gpu.sh folder against what the device tool returns")
+    args = parser.parse_args(argv)
+    problems = check_outputs(args.check_outputs)
+    for problem in problems:
+        print(f"{args.check_outputs}: {problem}", file=sys.stderr)
+    files = sorted(f.name for f in args.check_outputs.iterdir()) if args.check_outputs.is_dir() else []
+    print(f"{args.check_outputs}: {len(files)} files ({', '.join(files)}): "
+          + (f"{len(problems)} problems" if problems else "as the device tool returns them"))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

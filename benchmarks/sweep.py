@@ -2,6 +2,7 @@
 
     python -m benchmarks.sweep                        # default grid on a GPU -> benchmarks/results/<gpu>.json
     python -m benchmarks.sweep --quick                # the headline case and a few more
+    python -m benchmarks.sweep --first                # the first GPU contact's selection (run_gpu.sh)
     python -m benchmarks.sweep --smoke --out /tmp/x   # CPU / CI: tiny shapes through the Triton interpreter, untimed
     python -m benchmarks.sweep --list                 # print the planned cases and exit
     python -m benchmarks.sweep --ops lora_linear --providers eager,fused --shapes llama-7b --modes fwd+bwd
@@ -13,6 +14,12 @@ Ops: lora_linear, merge_and_reinit and lora_launches (cases.py), pretrain (e2e.p
 only. A provider that cannot run here (native without CUDA) gives a row with status "skipped" and its reason; one
 that fails (a compile error, an OOM) a row with status "error"; the sweep goes on either way (--strict: exit 1 on
 errors).
+
+--first (what benchmarks/run_gpu.sh runs in the few minutes a lent GPU gives): floor, eager, compile and fused at the
+headline case with p = 0.1 and 0, at 2048 tokens of GPT-2 124M's fc (768 -> 3072) and at a Llama-8B MLP layer
+(8192 x 4096 -> 14336), fwd+bwd, bf16; merge+reinit at 4096 x 4096 against the copy bandwidth; the end-to-end step
+(full_eager, lora_eager, relora_fused); then the headline's launch breakdown. With --smoke the same providers run on
+the smoke grid's tiny shapes (fwd+bwd only).
 
 Runs go in order of importance: the quick grid's cases (the headline first), the end-to-end step, then the rest of
 the grid. The result file is rewritten after every run, so a run cut short (a time limit, a crash, Ctrl-C) keeps
@@ -29,13 +36,16 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import cases, e2e, harness
 
 ALL_OPS = (*cases.OPS, "pretrain")
 ALL_PROVIDERS = tuple(dict.fromkeys(cases.LORA_PROVIDERS + cases.MERGE_PROVIDERS + cases.LAUNCH_PROVIDERS
                                     + e2e.CONFIGS))
+# The providers of the first GPU contact, per op: lora_linear's four, merge's two, the end-to-end step without
+# torch.compile (a whole-model compile would cost a minute of a lent GPU's few), every launch of the breakdown.
+FIRST_PROVIDERS = ("floor", "eager", "compile", "fused", *cases.MERGE_PROVIDERS, "full_eager", "lora_eager",
+                   "relora_fused", *cases.LAUNCH_PROVIDERS)
 NO_MEASUREMENT = {"median_ms": None, "p20_ms": None, "p80_ms": None, "peak_mem_mb": None}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -74,8 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     grid = parser.add_mutually_exclusive_group()
-    grid.add_argument("--smoke", action="store_true", help="tiny shapes, each callable run once, nothing timed")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, each callable run once, nothing timed")
     grid.add_argument("--quick", action="store_true", help="the headline case and a few shapes (~1 min on a GPU)")
+    grid.add_argument("--first", action="store_true",
+                      help="the first GPU contact's selection (run_gpu.sh); with --smoke, on the smoke shapes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result folder (default: %(default)s)")
     parser.add_argument("--name", help="result file stem (default: the GPU's short name, e.g. h100; cpu-smoke)")
     parser.add_argument("--ops", type=_choices(ALL_OPS), default=ALL_OPS, help=f"subset of {','.join(ALL_OPS)}")
@@ -92,7 +104,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", type=Path, metavar="FILE",
                         help="a result file of an earlier run: keep its ok and skipped rows, run only what it lacks")
     args = parser.parse_args(argv)
-    args.grid = "smoke" if args.smoke else "quick" if args.quick else "default"
+    if args.smoke and args.quick:
+        parser.error("argument --quick: not allowed with argument --smoke (--smoke --first runs the first "
+                     "contact's providers on the smoke shapes)")
+    args.grid = "smoke" if args.smoke else "quick" if args.quick else "first" if args.first else "default"
+    if args.first:
+        args.providers = tuple(p for p in args.providers if p in FIRST_PROVIDERS)
+        args.modes = tuple(m for m in args.modes if m == "fwd+bwd")
+        if not args.providers or not args.modes:
+            parser.error("--first runs fwd+bwd with the providers " + ",".join(FIRST_PROVIDERS)
+                         + ": --providers / --modes leave none of them")
     if not args.smoke and not args.list and not torch.cuda.is_available():
         parser.error("no CUDA device: timings need a GPU (the CPU runs Triton only through its interpreter); "
                      "use --smoke for the CPU smoke run")
@@ -101,13 +122,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def plan(args) -> list[tuple[object, str]]:
     """The (case, provider) pairs of the chosen grid that pass the filters, most important first: the quick grid's
-    lora_linear and merge cases, the end-to-end configurations (case e2e.PretrainCase), then the rest of the grid."""
+    lora_linear and merge cases (--first: its lora_linear and merge cases), the end-to-end configurations (case
+    e2e.PretrainCase), then the rest of the grid."""
     grids = {"lora_linear": cases.lora_grid, "merge_and_reinit": cases.merge_grid, "lora_launches": cases.launch_grid}
     first, rest = [], []
     for op in (op for op in cases.OPS if op in args.ops):
         grid = grids[op](args.grid)
         # The default grid holds the quick grid's cases: those go first, in the quick grid's order.
-        quick = [case for case in grids[op]("quick") if case in grid] if args.grid == "default" else grid
+        if args.grid == "default":
+            quick = [case for case in grids[op]("quick") if case in grid]
+        else:  # --first puts the launch breakdown after the end-to-end step
+            quick = [] if args.first and op == "lora_launches" else grid
         for case in quick + [case for case in grid if case not in quick]:
             if isinstance(case, cases.LoraCase) and case.mode not in args.modes:
                 continue
@@ -174,6 +199,13 @@ def measure_case(case, provider: str, device: torch.device, smoke: bool) -> dict
             torch.cuda.empty_cache()
 
 
+def _run_line(row: dict, provider: str, case) -> str:
+    """One completed run: status, provider, case, and its median where it was timed (never in smoke)."""
+    timed = f" {row['median_ms']:.4g} ms" if row.get("median_ms") is not None else ""
+    reason = f": {row['reason']}" if row["status"] != "ok" else ""
+    return f"{row['status']}: {provider} {case.label()}{timed}{reason}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     pairs = plan(args)
@@ -208,16 +240,15 @@ def main(argv=None) -> int:
 
     if args.resume:
         print(f"resuming {args.resume}: {len(pairs) - len(todo)} of {len(pairs)} planned runs already there")
-    progress = tqdm(todo, desc=f"sweep ({args.grid})", unit="run", mininterval=1.0)
-    for index, (case, provider) in enumerate(progress):
+    progress = harness.Progress(len(todo), f"sweep ({args.grid})", "run")
+    for index, (case, provider) in enumerate(todo):
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
-            tqdm.write(f"time budget of {args.budget_s:g} s spent: {len(todo) - index} runs not started "
-                       f"(finish them with --resume {path})")
+            progress.note(f"time budget of {args.budget_s:g} s spent: {len(todo) - index} runs not started "
+                          f"(finish them with --resume {path})")
             break
-        progress.set_postfix_str(f"{provider} {case.label()}")
+        progress.starting(f"{provider} {case.label()}")
         row = measure_case(case, provider, device, args.smoke)
-        if row["status"] != "ok":
-            tqdm.write(f"{row['status']}: {provider} {case.label()}: {row['reason']}")
+        progress.completed(_run_line(row, provider, case), problem=row["status"] != "ok")
         rows.append(row)
         save(not_run=len(todo) - index - 1)
     progress.close()

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from . import cases, e2e, report, sweep
+from . import cases, e2e, harness, report, sweep
 
 SUBSET = ["--smoke", "--ops", "merge_and_reinit,pretrain"]  # 2 merge + 4 pretrain runs
 
@@ -107,3 +107,58 @@ def test_budget_must_be_a_non_negative_number(capsys):
         with pytest.raises(SystemExit):
             sweep.parse_args(["--budget-s", bad])
         assert "--budget-s" in capsys.readouterr().err
+
+
+def test_first_contact_plan_runs_the_headline_comparison_first_and_the_launches_last():
+    pairs = sweep.plan(sweep.parse_args(["--list", "--first"]))
+    lora = [(case, provider) for case, provider in pairs if isinstance(case, cases.LoraCase)]
+    assert lora[:4] == [(cases.HEADLINE, p) for p in ("floor", "eager", "compile", "fused")]
+    shapes = {(case.M, case.K, case.N, case.p) for case, _ in lora}
+    assert shapes == {(8192, 4096, 4096, 0.1), (8192, 4096, 4096, 0.0), (2048, 768, 3072, 0.1),
+                      (8192, 4096, 14336, 0.1)}
+    assert {case.mode for case, _ in lora} == {"fwd+bwd"} and {case.dtype for case, _ in lora} == {"bf16"}
+    ops = [case.row()["op"] for case, _ in pairs]
+    assert ops == sorted(ops, key=["lora_linear", "merge_and_reinit", "pretrain", "lora_launches"].index)
+    assert [p for case, p in pairs if isinstance(case, e2e.PretrainCase)] == ["full_eager", "lora_eager",
+                                                                             "relora_fused"]
+
+
+def test_first_contact_on_the_smoke_shapes_runs_the_same_providers():
+    def providers(argv):
+        return {(case.row()["op"], provider) for case, provider in sweep.plan(sweep.parse_args(argv))}
+
+    assert providers(["--list", "--first", "--smoke"]) == providers(["--list", "--first"])
+
+
+def test_a_log_gets_one_plain_line_per_run_not_bar_frames(measured, tmp_path, capsys):
+    assert sweep.main([*SUBSET, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err  # pytest's captured stderr is no terminal
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("sweep (smoke) [")]
+    assert len(lines) == 6 and lines[0].startswith("sweep (smoke) [1/6] ok: eager tiny merge")
+    assert lines[-1].startswith("sweep (smoke) [6/6] ok: relora_fused_compile pretrain smoke-tiny")
+
+
+class _Terminal:
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+def test_a_terminal_gets_the_bar_and_only_the_problems_as_lines():
+    terminal = _Terminal()
+    progress = harness.Progress(3, "sweep", "run", stream=terminal)
+    progress.completed("ok: first")
+    progress.completed("error: second: boom", problem=True)
+    progress.completed("ok: third")
+    progress.close()
+    assert "\r" in terminal.text and "3/3" in terminal.text
+    assert "error: second: boom\n" in terminal.text and "ok: first" not in terminal.text

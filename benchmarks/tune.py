@@ -30,7 +30,6 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from tqdm import tqdm
 
 from relora_kernels.kernels import lora_linear as kernels
 from relora_kernels.kernels import policy
@@ -203,11 +202,14 @@ def main(argv=None) -> int:
     environment = {**{k: v for k, v in harness.environment(device, args.smoke).items() if k != "memory"},
                    "command": "python -m benchmarks.tune " + " ".join(argv if argv is not None else sys.argv[1:])}
     start, results = time.perf_counter(), []
-    for launch in tqdm(launches, desc="tune", unit="launch"):
+    progress = harness.Progress(len(launches), "tune", "launch")
+    for launch in launches:
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
-            tqdm.write(f"time budget spent: {len(launches) - len(results)} launches not tuned")
+            progress.note(f"time budget spent: {len(launches) - len(results)} launches not tuned")
             break
         results.append({"launch": launch, "times": time_choices(launch, device, args.smoke)})
+        progress.completed(f"{keys(launch)[1]}: {len(results[-1]['times'])} choices")
+    progress.close()
 
     defaults, shapes = choose(results)
     table = json.loads(policy.TUNED_TABLE.read_text()) if policy.TUNED_TABLE.exists() else {}

@@ -1,48 +1,107 @@
-"""The same checks on a CUDA GPU at realistic shapes and in bf16 (marker `gpu`; skipped without CUDA).
+"""The same checks on a CUDA GPU at realistic shapes, in bf16 and fp16 (marker `gpu`; skipped without CUDA).
 
 Run with `pytest -m gpu`. The error bound is the one the CPU tests use: 2x PyTorch's own error in the same dtype
-(cuBLAS, on the same GPU) against the float64 reference, plus a small per-dtype slack.
+(cuBLAS, on the same GPU) against the float64 reference, plus a small per-dtype slack. Inputs are random, never
+zero, and the launchers' outputs are poisoned (NaN-filled when allocated), so an element a kernel leaves unwritten
+fails the comparison instead of passing on whatever the allocator held. dA, dB and dbias are reduced into zeroed
+buffers (the atomics need zeros): a contribution missing there is an O(1) error on random data, which the bound
+catches. The in-place merge and reinit start from random W, A and B and are compared everywhere.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_inputs
+import triton
+from helpers import assert_within_torch_error, make_inputs
 from test_lora_linear import GRAD_NAMES, check_against_reference, run
 
 import relora_kernels as rk
 from relora_kernels.kernels import lora_linear as kernels
+from relora_kernels.kernels import policy
 
-pytestmark = pytest.mark.gpu
-
-DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+gpu = pytest.mark.gpu
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = [torch.bfloat16, torch.float16]
 
 # (tokens, K, N): GPT-2 124M attention/MLP projections and a Llama-7B-sized square layer.
 REALISTIC = [(4096, 768, 768), (4096, 768, 3072), (4096, 3072, 768), (4096, 4096, 4096)]
 
 
+class _PoisonedTorch:
+    """torch as the launchers see it, except that torch.empty fills a floating-point tensor with NaN."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        out = torch.empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(kernels, "torch", _PoisonedTorch())
+
+
+class _GridOneShort:
+    """triton as the launchers see it, except that cdiv rounds down: a launch then lacks its last program."""
+
+    def __getattr__(self, name):
+        return getattr(triton, name)
+
+    @staticmethod
+    def cdiv(a, b):
+        return max(1, a // b)
+
+
+def _assert_random(inputs):
+    for name, tensor in inputs.items():
+        if tensor is not None:
+            assert tensor.double().std() > 0, f"{name} is constant: it would hide wrong indexing"
+
+
+def test_poisoned_outputs_expose_an_element_left_unwritten(poisoned_outputs, monkeypatch, triton_backend):
+    # On any device (the interpreter on a CPU): the shrink of 50 tokens passes, then, launched one program short,
+    # leaves its last rows NaN and fails the same check.
+    device = "cuda" if HAS_CUDA else "cpu"
+    inputs = make_inputs((50,), 40, 24, 4, torch.float32, device=device)
+    x, lora_a = inputs["x"], inputs["lora_a"]
+    exact, same_dtype = x.double() @ lora_a.double().T, x @ lora_a.T
+    assert_within_torch_error("S", kernels.lora_shrink(x, lora_a, 0.0, None), exact, same_dtype)
+    monkeypatch.setattr(kernels, "triton", _GridOneShort())
+    shrunk = kernels.lora_shrink(x, lora_a, 0.0, None)
+    assert torch.isnan(shrunk[-2:]).all()
+    with pytest.raises(AssertionError, match="S \\(torch.float32\\)"):
+        assert_within_torch_error("S", shrunk, exact, same_dtype)
+
+
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 @pytest.mark.parametrize("rank", [16, 64])
 @pytest.mark.parametrize("shape", REALISTIC, ids=lambda s: "x".join(map(str, s)))
-def test_realistic_shapes_match_float64_reference(shape, rank, dropout_p, dtype, kernel_calls):
+def test_realistic_shapes_match_float64_reference(shape, rank, dropout_p, dtype, kernel_calls, poisoned_outputs):
     tokens, k, n = shape
     inputs = make_inputs((tokens,), k, n, rank, dtype, device="cuda")
+    _assert_random(inputs)
     check_against_reference(inputs, 2.0, dropout_p, 2024, dtype)
-    assert kernel_calls["lora_grad_ab"] == 1
+    assert kernel_calls == {"lora_forward": 1, "lora_backward": 1}
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rank", [1, 5, 17, 128, 256])
-def test_odd_ranks_and_3d_input(rank, dtype, kernel_calls):
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rank", [1, 17, 128, 256])
+def test_odd_ranks_and_3d_input(rank, dtype, kernel_calls, poisoned_outputs):
     # r = 1 and r < 16 are padded to 16, r = 17 to 32; 3-D x with a prime token count (2 x 1021).
     inputs = make_inputs((2, 1021), 1000, 1500, rank, dtype, device="cuda")
     check_against_reference(inputs, 0.5, 0.1, 7, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_deterministic_mode_is_bit_identical_on_gpu(dtype, monkeypatch, kernel_calls):
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deterministic_mode_is_bit_identical_on_gpu(dtype, monkeypatch, kernel_calls, poisoned_outputs):
     # On a GPU the default fp32 atomics are order-dependent; the deterministic mode must not be.
     monkeypatch.setenv("RELORA_KERNELS_DETERMINISTIC", "1")
     inputs = make_inputs((8192,), 1024, 1024, 16, dtype, device="cuda")
@@ -54,6 +113,7 @@ def test_deterministic_mode_is_bit_identical_on_gpu(dtype, monkeypatch, kernel_c
         assert torch.equal(first[1][name], second[1][name]), name
 
 
+@gpu
 def test_dropout_needs_no_extra_activation_memory(kernel_calls):
     # With p > 0 the mask is regenerated in the backward, never stored: the saved activations are the same.
     inputs = make_inputs((8192,), 4096, 4096, 16, torch.bfloat16, device="cuda")
@@ -75,14 +135,16 @@ def test_dropout_needs_no_extra_activation_memory(kernel_calls):
     assert peaks[0.1] - peaks[0.0] <= 512, peaks
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_merge_rounds_once_on_gpu(dtype, triton_backend):
     from test_merge import check_merge_rounds_once
 
     check_merge_rounds_once(dtype, device="cuda")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@gpu
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float32], ids=str)
 def test_merge_and_reinit_at_4096_on_gpu(dtype, triton_backend):
     from relora_kernels import reference
 
@@ -101,6 +163,7 @@ def test_merge_and_reinit_at_4096_on_gpu(dtype, triton_backend):
     assert not lora_b.any()
 
 
+@gpu
 def test_compiled_model_on_the_triton_ops_in_bf16(reference_blocked):
     # The registered triton_ops under torch.compile(fullgraph=True): one graph, the same results as eager (bf16).
     from test_compile import lora_model, output_and_grads
@@ -124,9 +187,10 @@ def test_compiled_model_on_the_triton_ops_in_bf16(reference_blocked):
         torch.testing.assert_close(grad, want_grads[name], rtol=1.6e-2, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("case", ["lora_shrink, dropout", "lora_forward_matmul, bias", "lora_grad_ab, dropout, bias",
-                                  "lora_input_grad, dropout", "merge_lora_weight_", "reinit_lora_"])
-def test_triton_ops_pass_opcheck_on_gpu(case):
+@gpu
+@pytest.mark.parametrize("case", ["lora_forward, dropout, bias", "lora_backward, dropout, bias",
+                                  "lora_backward, deterministic", "merge_lora_weight_", "reinit_lora_"])
+def test_triton_ops_pass_opcheck_on_gpu(case, engine):
     from test_compile import op_cases
 
     from relora_kernels import ops
@@ -136,42 +200,88 @@ def test_triton_ops_pass_opcheck_on_gpu(case):
     torch.library.opcheck(getattr(ops, name), args)
 
 
+@gpu
 @pytest.mark.parametrize("rank", [16, 128])
-@pytest.mark.parametrize("config_index", range(len(kernels._MATMUL_CONFIGS)))
-def test_every_fused_gemm_tile_is_correct(config_index, rank, monkeypatch, kernel_calls):
-    # The autotuner may pick any tile that fits this GPU's shared memory for some shape: each one, forced, against
-    # the float64 reference (bf16, dropout on, M and N not multiples of any tile). A tile that does not fit at this
-    # rank must be left out by the selection (its launch would raise OutOfResources).
-    config = kernels._MATMUL_CONFIGS[config_index]
-    needed = kernels._matmul_shared_bytes(config, kernels._block_rank(rank), torch.bfloat16.itemsize)
-    if needed > kernels._shared_memory_limit():
-        fitting = kernels._fitting(kernels._MATMUL_CONFIGS, kernels._matmul_shared_bytes, kernels._block_rank(rank),
-                                   torch.bfloat16)
-        assert config not in fitting
+@pytest.mark.parametrize("tile", policy.GEMM_TILES, ids=lambda tile: tile.name)
+def test_every_fused_gemm_tile_is_correct(tile, rank, monkeypatch, kernel_calls, engine, poisoned_outputs):
+    # Tuning may pick any tile that fits this GPU's shared memory for some shape: each one, forced, against the
+    # float64 reference (bf16, dropout on, M and N not multiples of any tile). A tile that does not fit at this rank
+    # must be left out by the selection (its launch would raise OutOfResources).
+    if engine == "cublas":
+        pytest.skip("the tiles are the Triton engine's")
+    rank_block = kernels._block_rank(rank)
+    if policy.gemm_shared_bytes(tile, rank_block, torch.bfloat16.itemsize) > policy.shared_memory_limit():
+        assert tile not in policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, rank_block, torch.bfloat16)
         return
-    monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", "0")
-    monkeypatch.setattr(kernels, "_MATMUL_CONFIGS", [config])
     inputs = make_inputs((1000,), 1024, 1500, rank, torch.bfloat16, device="cuda")
-    check_against_reference(inputs, 2.0, 0.1, 11, torch.bfloat16)
+    with policy.forced_tile(tile):
+        check_against_reference(inputs, 2.0, 0.1, 11, torch.bfloat16)
 
 
-def test_autotuned_fused_gemm_matches_reference(monkeypatch, kernel_calls):
-    monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", "1")  # the default, whatever the test run's environment says
+@gpu
+def test_tuned_fused_gemm_matches_reference(monkeypatch, kernel_calls, poisoned_outputs):
+    # The default: each launch key's tile tuned once (its candidates timed on these inputs), then launched.
+    monkeypatch.delenv("RELORA_KERNELS_AUTOTUNE", raising=False)
+    monkeypatch.setattr(policy, "TUNER", policy.TileTuner())
     inputs = make_inputs((2048,), 1024, 1536, 16, torch.bfloat16, device="cuda")
     check_against_reference(inputs, 2.0, 0.1, 12, torch.bfloat16)
+    assert policy.TUNER.tunings == (2 if policy.engine_setting() == "triton" else 0)
 
 
-def test_tuned_table_tiles_run_and_are_correct(monkeypatch, kernel_calls):
-    # The table path on the GPU: a table naming the small 64x64 tile for this GPU's architecture (every variant of
-    # the test's dtype and rank), its launches against the float64 reference (bf16, dropout on: forward and dx).
-    table_tile = "64x64x64 g8 w4 s4"
-    variants = [kernels.tuned_keys(torch.bfloat16, 16, kind, bias, dropout, 1, 1, 1)[0]
-                for kind, bias, dropout in (("forward", True, False), ("input_grad", False, True))]
-    monkeypatch.setattr(kernels, "_tuned_table",
-                        lambda: {f"sm_{kernels._current_arch()}": {"default": dict.fromkeys(variants, table_tile),
-                                                                   "shapes": {}}})
-    monkeypatch.delenv("RELORA_KERNELS_AUTOTUNE", raising=False)
-    assert kernels.tile_name(kernels._tuned_tile(torch.bfloat16, 16, "forward", True, False, 1000, 1500, 1024)) == (
-        table_tile)
+@gpu
+def test_table_entries_run_and_are_correct(monkeypatch, kernel_calls, poisoned_outputs):
+    # The table path on the GPU: a table naming, for this GPU's architecture, the cuBLAS-composed engine for the
+    # forward and the Triton engine with the small 64x64 tile for dx; both passes against the float64 reference.
+    monkeypatch.delenv("RELORA_KERNELS_ENGINE")  # auto: the table decides
+    forward = policy.GemmLaunch(torch.bfloat16, 16, "forward", True, False, 1000, 1500, 1024)
+    input_grad = policy.GemmLaunch(torch.bfloat16, 16, "input_grad", False, True, 1000, 1024, 1500)
+    table = {f"sm_{policy.current_arch()}": {"default": {forward.variant: {"engine": "cublas"},
+                                                         input_grad.variant: {"engine": "triton",
+                                                                              "tile": "64x64x64 g8 w4 s4"}},
+                                             "shapes": {}}}
+    monkeypatch.setattr(policy, "tuned_table", lambda: table)
+    assert policy.choose_engine(forward) == "cublas" and policy.choose_engine(input_grad) == "triton"
+    assert policy.gemm_tile(input_grad, None).name == "64x64x64 g8 w4 s4"
     inputs = make_inputs((1000,), 1024, 1500, 16, torch.bfloat16, device="cuda")
     check_against_reference(inputs, 2.0, 0.1, 13, torch.bfloat16)
+
+
+@gpu
+def test_a_training_step_makes_no_host_device_sync():
+    # The hot path of LoRALinear training (forward, backward with dropout and a bias gradient, an SGD step; and the
+    # op with an int seed) under CUDA's sync check: a copy to or from the host or a stream synchronisation raises.
+    # Each runs once first, outside the check, so that compiling and any tile choice stay out of it.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        rk.LoRALinear(1024, 2048, r=16, dropout=0.1, device="cuda", dtype=torch.bfloat16),
+        torch.nn.GELU(),
+        rk.LoRALinear(2048, 1024, r=16, dropout=0.1, device="cuda", dtype=torch.bfloat16),
+    ).train()
+    for layer in (model[0], model[2]):
+        torch.nn.init.normal_(layer.lora_B, std=0.02)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3, foreach=True)
+    x = torch.randn(4, 512, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        model(x).float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def int_seed_op():  # an int seed becomes a device tensor by a fill kernel, not a host copy
+        layer = model[0]
+        y = rk.lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.scale, layer.bias, 0.1, seed=1234)
+        y.float().square().mean().backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    int_seed_op()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        int_seed_op()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in params)

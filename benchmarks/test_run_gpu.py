@@ -1,0 +1,60 @@
+"""benchmarks/run_gpu.sh's folder check (harness.check_outputs): what the device tool returns, and whether every
+part left its file. The whole script runs in CI as `RUN_GPU_SMOKE=1 bash benchmarks/run_gpu.sh DIR` (.ci/run)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from . import harness
+
+
+def _run_folder(path, **extra):
+    """A folder as a complete smoke run leaves it, plus `extra` files (name: text)."""
+    files = {
+        "cpu-smoke.json": json.dumps({"rows": [{"op": "lora_linear"}]}),
+        "cpu-smoke.md": "# Benchmark results\n",
+        "gpu_build.md": "| kernel |\n",
+        "pytest_gpu.txt": "....\n4 passed, 74 skipped in 1.16s\n",
+        "run_gpu.json": json.dumps({"parts": [{"part": "build", "seconds": 5, "exit_code": 0}]}),
+        "run_gpu.log": "run_gpu.sh: cpu-smoke\n",
+        **extra,
+    }
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def test_a_complete_folder_passes(tmp_path):
+    assert harness.check_outputs(_run_folder(tmp_path)) == []
+    assert harness.main(["--check-outputs", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"a.png": "", "b.png": "", "c.png": ""}, "9 files, more than the 8"),
+    ({"cpu-smoke.json": "{"}, "cpu-smoke.json: not JSON"),
+    ({"run_gpu.json": json.dumps({"parts": None})}, "run_gpu.json: no 'parts'"),
+    ({"cpu-smoke.json": json.dumps({"rows": []})}, "cpu-smoke.json: no 'rows', or none in it"),
+    ({"pytest_gpu.txt": "....\n!!! KeyboardInterrupt\n"}, "not pytest's summary"),
+    ({"h200 log.txt": ""}, "a name the device tool does not return"),
+    ({"other.json": json.dumps({"rows": []})}, "expected one sweep result file"),
+])
+def test_a_folder_the_device_tool_would_not_return_whole_fails(tmp_path, change, problem):
+    problems = harness.check_outputs(_run_folder(tmp_path, **change))
+    assert any(problem in p for p in problems), problems
+
+
+@pytest.mark.parametrize("name", [*harness.RUN_FILES, "cpu-smoke.md"])
+def test_a_missing_part_is_named(tmp_path, name):
+    (_run_folder(tmp_path) / name).unlink()
+    assert any(p.startswith(name) and "missing" in p for p in harness.check_outputs(tmp_path))
+
+
+def test_a_file_over_the_size_limit_or_a_subfolder_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RETURNED_FILE_BYTES", 10)
+    (_run_folder(tmp_path) / "deeper").mkdir()
+    problems = harness.check_outputs(tmp_path)
+    assert any("cpu-smoke.json" in p and "over 10" in p for p in problems)
+    assert "deeper: a folder (run_gpu.sh writes files only)" in problems
+    assert harness.main(["--check-outputs", str(tmp_path)]) == 1

@@ -14,6 +14,9 @@ What differs from `_fused_matmul_kernel`:
   the next tile's loads are issued while this tile's epilogue runs, instead of the mask's Philox rounds delaying the
   first load of every tile;
 - `tl.range(..., warp_specialize=True)` on the tile loop, a tile option (WARP_SPECIALIZE) so it can be turned off.
+  Built for sm_90 with triton 3.9 only (tests/tma_build.py); whether triton 3.6 builds it is unchecked. It needs
+  num_warps=4 (see TMA_TILES) and every tl.dot operand from a descriptor, so the low-rank tiles are read through
+  descriptors where they are eligible, and warp specialisation is dropped where they are not (r = 17 in 16 bits).
 The accumulator is fp32 and is rounded once into the output's dtype.
 
 The descriptors live in 128 B of global scratch per descriptor and program, which Triton takes from the allocator

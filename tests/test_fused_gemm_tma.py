@@ -191,11 +191,12 @@ def test_scratch_allocator_set_once_per_context_and_never_over_a_users():
 
 def test_tiles_estimates_and_names():
     names = [fused_gemm_tma.tile_name(t) for t in fused_gemm_tma.TMA_TILES]
-    assert names[:2] == ["128x128x64 g8 w4 s4 ws e1", "128x256x64 g8 w4 s3 ws e2"]
+    assert names[:2] == ["128x128x64 g8 w4 s4 ws e1", "128x256x64 g8 w4 s3 ws e4"]
     assert len(set(names)) == len(names)
-    # r = 16 in bf16: 4 stages of 128x64 + 128x64 tiles, the low-rank buffers, barriers.
-    assert fused_gemm_tma.tma_shared_bytes(fused_gemm_tma.TMA_TILES[0], 16, 2) == 4 * 256 * 64 * 2 + 4 * 16 * 384 * 2 \
-        + 2048
+    # r = 16 in bf16, warp-specialised 128x128x64 s4: 4 stages of 128x64 + 128x64 tiles, two copies of the
+    # low-rank tiles, a consumer's 64x128 conversion buffer, barriers.
+    expected = (4 * 256 * 64 + 2 * 16 * 256 + 64 * 128) * 2 + 2048
+    assert fused_gemm_tma.tma_shared_bytes(fused_gemm_tma.TMA_TILES[0], 16, 2) == expected
 
 
 @pytest.mark.slow

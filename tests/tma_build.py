@@ -7,7 +7,8 @@ the cubin. For every candidate tile, with and without warp specialisation, the f
 the input-gradient launch (rhs_t = W.T, column-major, dropout): whether the big operands are TMA copies
 (`cp.async.bulk.tensor` in the PTX), whether the GEMM is wgmma, registers, stack frame (spills), the shared memory
 Triton allocates against the estimate, and the blocks per SM the registers and shared memory allow against what the
-launcher assumes for its persistent grid. Exit status 1 when a build fails, lacks TMA or wgmma, allocates more
+launcher assumes for its persistent grid (a tile whose estimate exceeds the limit at this r is left out, as
+fitting_tma_tiles leaves it out). Exit status 1 when a build fails, lacks TMA or wgmma, allocates more
 shared memory than its estimate, or holds fewer blocks per SM than the launcher assumes.
 """
 
@@ -27,7 +28,7 @@ import triton  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
 from benchmarks import gpu_build  # noqa: E402  (sets TRITON_INTERPRET=0 before triton is imported)
-from relora_kernels.kernels import fused_gemm_tma  # noqa: E402
+from relora_kernels.kernels import fused_gemm_tma, lora_linear  # noqa: E402
 
 ARCH = 90
 
@@ -77,6 +78,11 @@ def build(dtype: torch.dtype, rank: int, tile_indices, warp_specialize_variants,
                 if split is not None:
                     kwargs["EPILOGUE_SPLIT"] = split
                 tile = triton.Config(kwargs, num_warps=tile.num_warps, num_stages=tile.num_stages)
+                estimate = fused_gemm_tma.tma_shared_bytes(tile, lora_linear._block_rank(rank), dtype.itemsize)
+                if estimate > lora_linear._shared_memory_limit():  # fitting_tma_tiles leaves it out at this r
+                    print(f"{fused_gemm_tma.tile_name(tile)}: not a candidate at r = {rank} ({estimate} B estimated)",
+                          file=sys.stderr)
+                    continue
                 for variant, launch in launches.items():
                     current.update(tile=tile, variant=variant)
                     start = len(rows)

@@ -67,7 +67,7 @@ def _tile(block_m, block_n, block_k, num_warps, num_stages, warp_specialize=True
 # can (tests/tma_build.py: slicing a warp-specialised 128x128 epilogue costs 16 KiB of layout-conversion scratch).
 TMA_TILES = [
     _tile(128, 128, 64, num_warps=4, num_stages=4, epilogue_split=1),
-    _tile(128, 256, 64, num_warps=4, num_stages=3, epilogue_split=2),
+    _tile(128, 256, 64, num_warps=4, num_stages=3, epilogue_split=4),
     _tile(128, 128, 64, num_warps=4, num_stages=3, warp_specialize=False, epilogue_split=4),
     _tile(128, 64, 64, num_warps=4, num_stages=4, warp_specialize=False),
     _tile(128, 128, 64, num_warps=8, num_stages=4, warp_specialize=False),
@@ -88,18 +88,16 @@ INTERPRETER_TILE = _tile(32, 32, 32, num_warps=4, num_stages=2, group_m=2)
 
 def tma_shared_bytes(config: triton.Config, rank_block: int, element_size: int) -> int:
     """The kernel's shared memory per block (the style of `lora_linear._matmul_shared_bytes`), an upper bound on
-    what triton 3.9 allocates for sm_90 (tests/tma_build.py checks every candidate):
+    what triton 3.9 allocates for sm_90 (tests/tma_build.py checks every candidate at r = 16 and 64):
     - the lhs and rhs tiles of every pipeline stage (the TMA destinations), plus the (BLOCK_M, r) and (r, BLOCK_N)
       low-rank tiles of the epilogue, plus what Triton allocates beside them (mbarriers);
-    - warp-specialised: the producer copies the low-rank tiles too, into as many buffers as there are stages, the
-      up tile once per consumer warpgroup (two), or else once plus a (BLOCK_M / 2, BLOCK_N) layout-conversion
-      buffer for the epilogue (both seen; the larger is counted), and twice the barrier allowance."""
+    - warp-specialised: the low-rank tiles twice (the producer copies them for this tile and the next), plus the
+      epilogue's layout-conversion buffer, at most one consumer warpgroup's (BLOCK_M / 2, BLOCK_N) slice (16-24 KiB
+      seen), and twice the barrier allowance."""
     block_m, block_n, block_k = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    stages = config.num_stages
-    tiles = stages * (block_m + block_n) * block_k
+    tiles = config.num_stages * (block_m + block_n) * block_k
     if config.kwargs["WARP_SPECIALIZE"]:
-        tiles += max(stages * rank_block * (block_m + 2 * block_n),
-                     stages * rank_block * (block_m + block_n) + block_m // 2 * block_n)
+        tiles += 2 * rank_block * (block_m + block_n) + block_m // 2 * block_n
         return element_size * tiles + 2 * _TRITON_SHARED_OVERHEAD
     return element_size * (tiles + rank_block * (block_m + block_n)) + _TRITON_SHARED_OVERHEAD
 
@@ -266,17 +264,19 @@ def _fused_matmul_tma_kernel(
     else:
         low_desc, up_desc = low_ptr, up_ptr  # unused
     seed = tl.load(seed_ptr) if APPLY_DROPOUT else 0
-    operands = (low_desc, up_desc, low_ptr, up_ptr, bias_ptr, out_ptr, seed, M, N, R,
-                stride_wm, stride_wr, stride_un, stride_ur, stride_om, stride_on, stride_bias,
-                tl.cast(low_scale, tl.float32),  # float scalars may arrive as fp64 (torch.compile)
+    operands = (up_desc, up_ptr, bias_ptr, out_ptr, seed, M, N, R, stride_un, stride_ur, stride_om, stride_on,
+                stride_bias, tl.cast(low_scale, tl.float32),  # float scalars may arrive as fp64 (torch.compile)
                 keep_threshold)
-    options: tl.constexpr = (LOW_TMA, LOW_R_CONTIGUOUS, UP_R_CONTIGUOUS, HAS_BIAS, APPLY_DROPOUT, BLOCK_R,
-                             DOT_PRECISION)
+    options: tl.constexpr = (LOW_TMA, UP_R_CONTIGUOUS, HAS_BIAS, APPLY_DROPOUT, BLOCK_R, DOT_PRECISION)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
 
+    # num_stages=2 of the tile loop: with warp specialisation the producer double-buffers the low-rank tiles
+    # (this tile's and the next's) instead of keeping as many copies as the K loop has stages (r = 64 fit no
+    # warp-specialised tile that way); the K loop keeps the tile's num_stages.
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0),
-                            warp_specialize=WARP_SPECIALIZE):
+                            warp_specialize=WARP_SPECIALIZE, num_stages=2):
         pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -288,22 +288,32 @@ def _fused_matmul_tma_kernel(
             rhs_tile = tl.trans(_load(rhs_desc, off_n, k0, RHS_K_CONTIGUOUS))
             acc = tl.dot(lhs_tile, rhs_tile, acc, input_precision=DOT_PRECISION)
 
+        # The (BLOCK_M, r) low-rank tile, once for all the epilogue's slices.
+        if LOW_TMA:
+            low_tile = _load(low_desc, off_m, 0, LOW_R_CONTIGUOUS)
+        else:
+            rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)  # M * stride can pass 2**31
+            low_tile = tl.load(
+                low_ptr + rows[:, None] * stride_wm + offs_r[None, :] * stride_wr,
+                mask=(rows[:, None] < M) & (offs_r[None, :] < R), other=0.0,
+            )
+
         # Epilogue, in EPILOGUE_SPLIT column slices so that only a slice of the low-rank term (and of the mask) is
         # live beside the accumulator (a whole one beside a 128x128 accumulator spills at 4 warps).
         if EPILOGUE_SPLIT == 1:
-            _epilogue(acc, off_m, off_n, operands, *options)
+            _epilogue(acc, low_tile, off_m, off_n, operands, *options)
         else:
             acc_0, acc_1 = _halves(acc, BLOCK_M, BLOCK_N)
             if EPILOGUE_SPLIT == 2:
-                _epilogue(acc_0, off_m, off_n, operands, *options)
-                _epilogue(acc_1, off_m, off_n + BLOCK_N // 2, operands, *options)
+                _epilogue(acc_0, low_tile, off_m, off_n, operands, *options)
+                _epilogue(acc_1, low_tile, off_m, off_n + BLOCK_N // 2, operands, *options)
             else:
                 acc_00, acc_01 = _halves(acc_0, BLOCK_M, BLOCK_N // 2)
                 acc_10, acc_11 = _halves(acc_1, BLOCK_M, BLOCK_N // 2)
-                _epilogue(acc_00, off_m, off_n, operands, *options)
-                _epilogue(acc_01, off_m, off_n + BLOCK_N // 4, operands, *options)
-                _epilogue(acc_10, off_m, off_n + BLOCK_N // 2, operands, *options)
-                _epilogue(acc_11, off_m, off_n + 3 * BLOCK_N // 4, operands, *options)
+                _epilogue(acc_00, low_tile, off_m, off_n, operands, *options)
+                _epilogue(acc_01, low_tile, off_m, off_n + BLOCK_N // 4, operands, *options)
+                _epilogue(acc_10, low_tile, off_m, off_n + BLOCK_N // 2, operands, *options)
+                _epilogue(acc_11, low_tile, off_m, off_n + 3 * BLOCK_N // 4, operands, *options)
 
 
 @triton.jit
@@ -313,13 +323,14 @@ def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, off_m, off_n, operands,
-              LOW_TMA: tl.constexpr, LOW_R_CONTIGUOUS: tl.constexpr, UP_R_CONTIGUOUS: tl.constexpr,
-              HAS_BIAS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Store acc + low_scale * mask(low @ up_t.T) + bias for the (BLOCK_M, BLOCK_N) slice of acc at (off_m, off_n),
-    rounded once into the output's dtype. `operands`: the kernel's tensors, sizes and strides it needs."""
-    (low_desc, up_desc, low_ptr, up_ptr, bias_ptr, out_ptr, seed, M, N, R, stride_wm, stride_wr, stride_un, stride_ur,
-     stride_om, stride_on, stride_bias, low_scale, keep_threshold) = operands
+def _epilogue(acc, low_tile, off_m, off_n, operands,
+              LOW_TMA: tl.constexpr, UP_R_CONTIGUOUS: tl.constexpr, HAS_BIAS: tl.constexpr,
+              APPLY_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Store acc + low_scale * mask(low_tile @ up_t.T) + bias for the (BLOCK_M, BLOCK_N) slice of acc at
+    (off_m, off_n), rounded once into the output's dtype. `operands`: the kernel's tensors, sizes and strides it
+    needs."""
+    (up_desc, up_ptr, bias_ptr, out_ptr, seed, M, N, R, stride_un, stride_ur, stride_om, stride_on, stride_bias,
+     low_scale, keep_threshold) = operands
     BLOCK_M: tl.constexpr = acc.shape[0]
     BLOCK_N: tl.constexpr = acc.shape[1]
     offs_m = off_m + tl.arange(0, BLOCK_M)
@@ -329,18 +340,12 @@ def _epilogue(acc, off_m, off_n, operands,
     mask_m = offs_m < M
     mask_n = offs_n < N
     if LOW_TMA:
-        low_tile = _load(low_desc, off_m, 0, LOW_R_CONTIGUOUS)
         up_tile = tl.trans(_load(up_desc, off_n, 0, UP_R_CONTIGUOUS))
     else:
         offs_r = tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        low_tile = tl.load(
-            low_ptr + rows[:, None] * stride_wm + offs_r[None, :] * stride_wr,
-            mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-        )
         up_tile = tl.load(  # (BLOCK_R, BLOCK_N) tile of up_t.T
             up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
-            mask=mask_r[:, None] & mask_n[None, :], other=0.0,
+            mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0,
         )
     low_term = tl.dot(low_tile, up_tile, input_precision=DOT_PRECISION) * low_scale
     if APPLY_DROPOUT:

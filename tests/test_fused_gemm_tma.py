@@ -34,15 +34,16 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
     return t.T.contiguous().T
 
 
-def forward_case(M, K, N, R, dtype, bias, strided=False):
-    """lhs = x (M, K), rhs_t = W (N, K), low = S (M, R), up_t = B (N, R), scale 0.5; `strided`: x column-major, S
-    column-major, B a column slice, bias every other element."""
+def forward_case(M, K, N, R, dtype, bias, strided=None):
+    """lhs = x (M, K), rhs_t = W (N, K), low = S (M, R), up_t = B (N, R), scale 0.5. strided="sliced": x and S
+    column-major, B a column slice (pointer-loaded low-rank tiles), bias every other element; "column-major": x, S
+    and B column-major (descriptors of their transposes)."""
     x, w = rand(M, K, dtype=dtype), rand(N, K, dtype=dtype, std=K**-0.5)
-    s, b = rand(M, R, dtype=dtype), rand(N, 2 * R if strided else R, dtype=dtype, std=R**-0.5)
-    b = b[:, ::2] if strided else b
+    s, b = rand(M, R, dtype=dtype), rand(N, 2 * R if strided == "sliced" else R, dtype=dtype, std=R**-0.5)
     bias_t = rand(2 * N if strided else N, dtype=dtype)[:: 2 if strided else 1] if bias else None
     if strided:
         x, s = column_major(x), column_major(s)
+        b = b[:, ::2] if strided == "sliced" else column_major(b)
     return x, w, s, b, 0.5, bias_t
 
 
@@ -67,10 +68,13 @@ def test_forward_matches_float64(M, K, N, R, dtype, bias):
     check_forward(forward_case(M, K, N, R, dtype, bias))
 
 
-def test_forward_strided_operands():
-    # x column-major (its descriptor is x.T), S column-major, B a column slice (pointer path), bias strided.
-    args = forward_case(52, 48, 40, 8, torch.float32, True, strided=True)
-    assert args[0].stride(0) == 1 and args[2].stride(0) == 1 and args[3].stride(1) == 2 and args[5].stride(0) == 2
+@pytest.mark.parametrize("strided", ["sliced", "column-major"])
+def test_forward_strided_operands(strided):
+    x, w, s, b, scale, bias = args = forward_case(52, 48, 40, 8, torch.float32, True, strided=strided)
+    assert x.stride(0) == 1 and s.stride(0) == 1 and bias.stride(0) == 2
+    # Descriptor layouts: x and S through their transposes; B a slice is not eligible, B column-major is.
+    assert fused_gemm_tma._tma_layout(x) is False and fused_gemm_tma._tma_layout(s) is False
+    assert fused_gemm_tma._tma_layout(b) is (None if strided == "sliced" else False)
     check_forward(args)
 
 

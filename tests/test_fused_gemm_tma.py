@@ -1,16 +1,12 @@
 """kernels/fused_gemm_tma.py: the persistent tensor-descriptor GEMM through the interpreter against float64.
 
 The interpreter runs the descriptors (zero-filled past the edges) and the persistent tile loop; warp specialisation
-and TMA itself only exist in the sm_90 build (tests/tma_build.py, test_sm90_build below).
+and TMA itself only exist in the sm_90 build (benchmarks/gpu_build.py, checked by benchmarks/test_gpu_build.py).
 """
 
 from __future__ import annotations
 
 import contextvars
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +15,10 @@ import triton
 from helpers import assert_within_torch_error
 
 from relora_kernels import reference
-from relora_kernels.kernels import fused_gemm_tma
+from relora_kernels.kernels import fused_gemm_tma, policy
 
 ROOT = Path(__file__).resolve().parent.parent
-TILE = fused_gemm_tma.INTERPRETER_TILE  # 32x32x32, GROUP_M 2, the epilogue in two 16-column slices
+TILE = policy.INTERPRETER_TMA_TILE  # 32x32x32, GROUP_M 2, the epilogue in two 16-column slices
 
 
 def rand(*shape, dtype, std=1.0, seed=0):
@@ -97,7 +93,7 @@ def test_persistent_loop_writes_every_tile_once(monkeypatch):
     # 5 x 4 = 20 output tiles (the last row group holds one row block) on 3 programs: uneven, several tiles each.
     # The output starts as NaN, so a tile no program visits stays NaN; one visited twice would still be correct,
     # so the grid is recorded too.
-    monkeypatch.setattr(fused_gemm_tma, "_INTERPRETER_PROGRAMS", 3)
+    monkeypatch.setattr(policy, "INTERPRETER_PROGRAMS", 3)
     real_empty, grids = torch.empty, []
     monkeypatch.setattr(fused_gemm_tma.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
     real_traceable = fused_gemm_tma.traceable
@@ -166,8 +162,8 @@ def test_warp_specialisation_only_with_descriptor_low_rank_tiles(monkeypatch):
             return lambda **kwargs: launched.append(kwargs)
 
     monkeypatch.setattr(fused_gemm_tma, "traceable", lambda kernel: Recorder())
-    tile = fused_gemm_tma.TMA_TILES[0]
-    assert tile.kwargs["WARP_SPECIALIZE"]
+    tile = policy.TMA_TILES[0]
+    assert tile.warp_specialize
     x, w = torch.empty(8, 64, dtype=torch.bfloat16), torch.empty(8, 64, dtype=torch.bfloat16)
     for rank, expected in ((16, True), (5, False)):
         low, up = torch.empty(8, rank, dtype=torch.bfloat16), torch.empty(8, rank, dtype=torch.bfloat16)
@@ -194,27 +190,33 @@ def test_scratch_allocator_set_once_per_context_and_never_over_a_users():
 
 
 def test_tiles_estimates_and_names():
-    names = [fused_gemm_tma.tile_name(t) for t in fused_gemm_tma.TMA_TILES]
-    assert names[:2] == ["128x128x64 g8 w4 s4 ws e1", "128x256x64 g8 w4 s3 ws e4"]
-    assert len(set(names)) == len(names)
+    names = [tile.name for tile in policy.TMA_TILES]
+    assert names[:2] == ["128x128x64 g8 w4 s4 tma ws e1", "128x256x64 g8 w4 s3 tma ws e4"]
+    assert len(set(names)) == len(names) and all(policy.parse_tile(name).name == name for name in names)
     # r = 16 in bf16, warp-specialised 128x128x64 s4: 4 stages of 128x64 + 128x64 tiles, two copies of the
     # low-rank tiles, a consumer's 64x128 conversion buffer, barriers.
     expected = (4 * 256 * 64 + 2 * 16 * 256 + 64 * 128) * 2 + 2048
-    assert fused_gemm_tma.tma_shared_bytes(fused_gemm_tma.TMA_TILES[0], 16, 2) == expected
+    assert policy.gemm_shared_bytes(policy.TMA_TILES[0], 16, 2) == expected
 
 
-@pytest.mark.slow
-def test_sm90_build(tmp_path):
-    # The sm_90 build of the first two candidates (warp-specialised): TMA, wgmma, setmaxnreg, no spills in the
-    # forward, shared memory within the estimate (tests/tma_build.py exits 1 otherwise).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "tma_build.json"
-    run = subprocess.run([sys.executable, "tests/tma_build.py", "--tiles", "0", "--json", str(out)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    rows = json.loads(out.read_text()) if out.exists() else []
-    problems = [line for line in run.stderr.splitlines() if "ws=" in line]
-    assert run.returncode == 0, problems or run.stderr[-3000:]
-    assert len(rows) == 2
-    for row in rows:
-        assert row["tma"] and row["wgmma"] and row["setmaxnreg"] and row["num_warps"] == 12, row
-        assert row["stack_bytes"] == 0, row
+def test_the_engine_runs_a_hopper_tile_where_the_table_names_it_and_the_operands_allow(monkeypatch):
+    # On sm_90 a table entry naming a Hopper tile sends the fused GEMM to this kernel; operands TMA cannot read (x
+    # with an odd base address) take the pointer-load kernel's candidates instead, never the Hopper tile.
+    from relora_kernels.kernels import lora_linear
+
+    monkeypatch.setattr(policy, "interpreting", lambda: False)
+    monkeypatch.setattr(policy, "current_arch", lambda: 90)
+    monkeypatch.setattr(policy, "shared_memory_limit", lambda: 232448)
+    monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", "")
+    hopper = policy.TMA_TILES[2]
+    launch = policy.GemmLaunch(torch.float16, 16, "forward", False, False, 64, 48, 64)
+    monkeypatch.setattr(policy, "tuned_table", lambda: {"sm_90": {"shapes": {launch.shape_key: {
+        "engine": "triton", "tile": hopper.name}}}})
+    ran = []
+    monkeypatch.setattr(fused_gemm_tma, "fused_matmul_tma", lambda *args, tile: ran.append(tile) or "tma")
+    x, w = rand(64, 64, dtype=torch.float16), rand(48, 64, dtype=torch.float16)
+    s, b = rand(64, 16, dtype=torch.float16), rand(48, 16, dtype=torch.float16)
+    assert lora_linear._fused_matmul(x, w, s, b, 1.0, None, 0.0, None, "forward") == "tma" and ran == [hopper]
+    odd = rand(64, 65, dtype=torch.float16)[:, 1:]
+    assert not fused_gemm_tma.tma_eligible(odd, w)
+    assert policy.gemm_tile(launch, None, tma_ok=False).kernel == "pointer"

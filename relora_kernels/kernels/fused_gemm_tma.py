@@ -15,7 +15,7 @@ What differs from `_fused_matmul_kernel`:
   first load of every tile;
 - `tl.range(..., warp_specialize=True)` on the tile loop, a tile option (WARP_SPECIALIZE) so it can be turned off.
   Built for sm_90 with triton 3.9 only (tests/tma_build.py); whether triton 3.6 builds it is unchecked. It needs
-  num_warps=4 (see TMA_TILES) and every tl.dot operand from a descriptor, so the low-rank tiles are read through
+  num_warps=4 (see policy.TMA_TILES) and every tl.dot operand from a descriptor, so the low-rank tiles are read through
   descriptors where they are eligible, and warp specialisation is dropped where they are not (r = 17 in 16 bits).
 The accumulator is fp32 and is rounded once into the output's dtype.
 
@@ -29,105 +29,31 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import (
-    _INTERPRETER_PROGRAMS,
-    _TRITON_SHARED_OVERHEAD,
-    _block_rank,
-    _device_properties,
-    _dot_precision,
-    _dropout_args,
-    _interpreting,
-    _keep_mask,
-    _shared_memory_limit,
-    on_tensors_device,
-    traceable,
-)
-from .lora_linear import tile_name as _pointer_tile_name
+from . import policy
+from .lora_linear import _block_rank, _dot_precision, _dropout_args, _keep_mask, on_tensors_device, traceable
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tiles
-# ---------------------------------------------------------------------------------------------------------------
+# The tiles (policy.TMA_TILES, "... tma ws e1") and their shared memory (policy.gemm_shared_bytes) live with the
+# other tiles in policy.py.
 
-
-def _tile(block_m, block_n, block_k, num_warps, num_stages, warp_specialize=True, group_m=8,
-          epilogue_split=2) -> triton.Config:
-    kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
-              "WARP_SPECIALIZE": warp_specialize, "EPILOGUE_SPLIT": epilogue_split}
-    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
-
-
-# Candidates in order of preference, sized for sm_90 (227 KiB of shared memory per block, 228 KiB per SM). Guesses,
-# not yet measured on a GPU. Triton's warp specialisation on sm_90 (triton 3.9, compiled here; 3.6 unchecked) acts
-# only at num_warps=4: the block becomes 12 warps, one producer warpgroup issuing the TMA copies and two consumer
-# warpgroups of BLOCK_M / 2 rows each (wgmma and the epilogue), registers moved between them by setmaxnreg; at
-# num_warps=8 the option is silently ignored. So the warp-specialised tiles ask for 4 warps, the others for 8.
-# The 128x128x64 w4 s3 tile without warp specialisation is the two-blocks-per-SM one: 3 stages in 16 bits are
-# 96 KiB, so two blocks share an SM and one block's epilogue overlaps the other's K loop. EPILOGUE_SPLIT (the
-# epilogue in 1, 2 or 4 column slices) is chosen per tile as the least that builds without register spills where it
-# can (tests/tma_build.py: slicing a warp-specialised 128x128 epilogue costs 16 KiB of layout-conversion scratch).
-TMA_TILES = [
-    _tile(128, 128, 64, num_warps=4, num_stages=4, epilogue_split=1),
-    _tile(128, 256, 64, num_warps=4, num_stages=3, epilogue_split=4),
-    _tile(128, 128, 64, num_warps=4, num_stages=3, warp_specialize=False, epilogue_split=4),
-    _tile(128, 64, 64, num_warps=4, num_stages=4, warp_specialize=False),
-    _tile(128, 128, 64, num_warps=8, num_stages=4, warp_specialize=False),
-    _tile(128, 256, 64, num_warps=8, num_stages=3, warp_specialize=False, epilogue_split=4),
-    _tile(64, 64, 32, num_warps=4, num_stages=3, warp_specialize=False),  # fits at r = 256 in fp32
-]
-
-def tile_name(config: triton.Config) -> str:
-    """lora_linear.tile_name's "128x128x64 g8 w8 s4", then " ws" when warp specialisation is on, then the epilogue's
-    column slices, e.g. " e2"."""
-    tile = config.kwargs
-    return _pointer_tile_name(config) + (" ws" if tile["WARP_SPECIALIZE"] else "") + f" e{tile['EPILOGUE_SPLIT']}"
-
-
-# Under the interpreter (one program at a time on the CPU) small blocks keep the tests' shapes several tiles wide.
-INTERPRETER_TILE = _tile(32, 32, 32, num_warps=4, num_stages=2, group_m=2)
-
-
-def tma_shared_bytes(config: triton.Config, rank_block: int, element_size: int) -> int:
-    """The kernel's shared memory per block (the style of `lora_linear._matmul_shared_bytes`), an upper bound on
-    what triton 3.9 allocates for sm_90 (tests/tma_build.py checks every candidate at r = 16 and 64):
-    - the lhs and rhs tiles of every pipeline stage (the TMA destinations), plus the (BLOCK_M, r) and (r, BLOCK_N)
-      low-rank tiles of the epilogue, plus what Triton allocates beside them (mbarriers);
-    - warp-specialised: the low-rank tiles twice (the producer copies them for this tile and the next), plus the
-      epilogue's layout-conversion buffer, at most one consumer warpgroup's (BLOCK_M / 2, BLOCK_N) slice (16-24 KiB
-      seen), and twice the barrier allowance."""
-    block_m, block_n, block_k = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    tiles = config.num_stages * (block_m + block_n) * block_k
-    if config.kwargs["WARP_SPECIALIZE"]:
-        tiles += 2 * rank_block * (block_m + block_n) + block_m // 2 * block_n
-        return element_size * tiles + 2 * _TRITON_SHARED_OVERHEAD
-    return element_size * (tiles + rank_block * (block_m + block_n)) + _TRITON_SHARED_OVERHEAD
-
-
-# The persistent grid assumes at most this many blocks per SM: tests/tma_build.py checks that every candidate's
-# registers allow as many as the grid assumes for it (a program that cannot be resident would run after the others).
+# The persistent grid assumes at most this many blocks per SM (benchmarks/gpu_build.py reports what the registers
+# and shared memory of every candidate allow).
 _MAX_BLOCKS_PER_SM = 2
 
 
-def blocks_per_sm(config: triton.Config, rank_block: int, element_size: int) -> int:
+def blocks_per_sm(tile: policy.GemmTile, rank_block: int, element_size: int) -> int:
     """Blocks of this tile one SM holds at once as the persistent grid counts them: by shared memory (every NVIDIA
     GPU with a per-block opt-in limit L has L + 1 KiB per SM, and the CUDA runtime reserves 1 KiB per resident block),
     at most _MAX_BLOCKS_PER_SM, at least 1."""
-    per_sm = _shared_memory_limit() + 1024
-    by_shared = per_sm // (tma_shared_bytes(config, rank_block, element_size) + 1024)
+    per_sm = policy.shared_memory_limit() + 1024
+    by_shared = per_sm // (policy.gemm_shared_bytes(tile, rank_block, element_size) + 1024)
     return max(1, min(_MAX_BLOCKS_PER_SM, by_shared))
 
 
-def fitting_tma_tiles(rank_block: int, dtype: torch.dtype) -> list[triton.Config]:
-    """The candidates whose estimate fits the current device's shared memory per block, in order of preference."""
-    limit = _shared_memory_limit()
-    return [tile for tile in TMA_TILES if tma_shared_bytes(tile, rank_block, dtype.itemsize) <= limit]
-
-
-def _programs(tiles: int, config: triton.Config, rank_block: int, element_size: int) -> int:
-    """The persistent grid: one program per tile up to the programs the GPU holds at once."""
-    if _interpreting():
-        return min(tiles, _INTERPRETER_PROGRAMS)
-    sms = _device_properties(triton.runtime.driver.active.get_current_device())["multiprocessor_count"]
-    return min(tiles, sms * blocks_per_sm(config, rank_block, element_size))
+def _programs(tiles: int, tile: policy.GemmTile, rank_block: int, element_size: int) -> int:
+    """The persistent grid: one program per output tile up to the programs the GPU holds at once."""
+    if policy.interpreting():
+        return min(tiles, policy.INTERPRETER_PROGRAMS)
+    return min(tiles, policy.multiprocessor_count() * blocks_per_sm(tile, rank_block, element_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,10 +65,18 @@ _TMA_ALIGNMENT = 16  # bytes: of the base address and of every stride but the un
 _TMA_MAX_STRIDE = 2**40  # bytes (cuTensorMapEncodeTiled)
 
 
+def _base_address(tensor: torch.Tensor) -> int:
+    """data_ptr, or where tracing has no data (torch.compile's fake tensors) the view's offset into a storage that
+    torch's allocators align to 512 bytes."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return tensor.storage_offset() * tensor.element_size() if is_fake(tensor) else tensor.data_ptr()
+
+
 def _tma_layout(tensor: torch.Tensor) -> bool | None:
     """How a descriptor reads this 2-D tensor: True along dim 1 (stride(1) == 1), False along dim 0 (the transpose,
     stride(0) == 1), None where TMA cannot (tma_eligible's rule)."""
-    if tensor.dim() != 2 or tensor.dtype not in _TMA_DTYPES or tensor.data_ptr() % _TMA_ALIGNMENT:
+    if tensor.dim() != 2 or tensor.dtype not in _TMA_DTYPES or _base_address(tensor) % _TMA_ALIGNMENT:
         return None
     along_cols = tensor.stride(1) == 1
     if not along_cols and tensor.stride(0) != 1:
@@ -369,15 +303,15 @@ def _epilogue(acc, low_tile, off_m, off_n, operands,
 @on_tensors_device
 def fused_matmul_tma(lhs: torch.Tensor, rhs_t: torch.Tensor, low: torch.Tensor, up_t: torch.Tensor,
                      low_scale: float, bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None, *,
-                     tile: triton.Config) -> torch.Tensor:
+                     tile: policy.GemmTile) -> torch.Tensor:
     """out = lhs @ rhs_t.T + low_scale * mask(low @ up_t.T) + bias, (M, N) in lhs's dtype: the semantics and
     arguments of `lora_linear._fused_matmul` (lhs (M, K), rhs_t (N, K), low (M, R), up_t (N, R), bias (N,) or None,
     the keep-mask of the (M, N) output drawn from `seed` (a 0-d int64 tensor, None without dropout) when
     dropout_p > 0), already validated by functional.py.
 
-    `tile` is one of TMA_TILES (or fitting_tma_tiles(...)), INTERPRETER_TILE under the interpreter; it is used as
-    given (the caller checks the fit). lhs and rhs_t must pass `tma_eligible` (a ValueError otherwise); low, up_t and
-    bias may have any strides."""
+    `tile` is one of policy.TMA_TILES (policy.tma_tiles gives those that fit), policy.INTERPRETER_TMA_TILE under the
+    interpreter; it is used as given (the caller checks the fit). lhs and rhs_t must pass `tma_eligible` (a
+    ValueError otherwise); low, up_t and bias may have any strides."""
     if not tma_eligible(lhs, rhs_t):
         raise ValueError("fused_matmul_tma: lhs and rhs_t must be TMA-eligible (tma_eligible: one unit stride, the "
                          "other and the base address 16-byte aligned); use the pointer-load kernel")
@@ -388,7 +322,7 @@ def fused_matmul_tma(lhs: torch.Tensor, rhs_t: torch.Tensor, low: torch.Tensor, 
     if M == 0 or N == 0:
         return out
     rank_block = _block_rank(R)
-    tiles = triton.cdiv(M, tile.kwargs["BLOCK_M"]) * triton.cdiv(N, tile.kwargs["BLOCK_N"])
+    tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
     grid = (_programs(tiles, tile, rank_block, lhs.element_size()),)
     if lhs.device.type == "cuda":
         _use_scratch_allocator()
@@ -406,7 +340,6 @@ def fused_matmul_tma(lhs: torch.Tensor, rhs_t: torch.Tensor, low: torch.Tensor, 
         LOW_TMA=low_tma, LOW_R_CONTIGUOUS=bool(low_layout), UP_R_CONTIGUOUS=bool(up_layout),
         HAS_BIAS=bias is not None, BLOCK_R=rank_block, DOT_PRECISION=_dot_precision(lhs.dtype),
         **_dropout_args(dropout_p, seed, lhs),
-        **{**tile.kwargs, "WARP_SPECIALIZE": tile.kwargs["WARP_SPECIALIZE"] and low_tma},
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        **{**tile.launch_options, "WARP_SPECIALIZE": tile.warp_specialize and low_tma},
     )
     return out

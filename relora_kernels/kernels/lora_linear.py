@@ -520,34 +520,41 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: t
 
 def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed, kind):
     """out = lhs @ rhs_t.T + low_scale * mask(low @ up_t.T) + bias, where rhs_t (N, K) and up_t (N, R); kind names
-    the pass in the table ("forward" or "input_grad")."""
-    (M, K), N, R = lhs.shape, rhs_t.shape[0], low.shape[1]
-    out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype)
-    if M == 0 or N == 0:
-        return out
-    args = dict(
-        lhs_ptr=lhs, rhs_ptr=rhs_t, low_ptr=low, up_ptr=up_t, bias_ptr=bias if bias is not None else lhs, out_ptr=out,
-        M=M, N=N, K=K, R=R,
-        stride_lm=lhs.stride(0), stride_lk=lhs.stride(1),
-        stride_rk=rhs_t.stride(1), stride_rn=rhs_t.stride(0),
-        stride_wm=low.stride(0), stride_wr=low.stride(1),
-        stride_ur=up_t.stride(1), stride_un=up_t.stride(0),
-        stride_om=out.stride(0), stride_on=out.stride(1),
-        stride_bias=bias.stride(0) if bias is not None else 0,
-        low_scale=float(low_scale), HAS_BIAS=bias is not None,
-        BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(lhs.dtype), **_dropout_args(dropout_p, seed, lhs),
-    )
+    the pass in the table ("forward" or "input_grad"). The pointer-load kernel, or fused_gemm_tma's where the tile
+    chosen is a Hopper one."""
+    from .fused_gemm_tma import fused_matmul_tma, tma_eligible  # it builds on this module
 
-    def launch(tile: policy.GemmTile) -> None:
+    (M, K), N, R = lhs.shape, rhs_t.shape[0], low.shape[1]
+    gemm = policy.GemmLaunch(lhs.dtype, _block_rank(R), kind, bias is not None, dropout_p > 0.0, M, N, K)
+    out = None
+
+    def launch(tile: policy.GemmTile) -> torch.Tensor:
+        nonlocal out
+        if tile.kernel == "tma":
+            return fused_matmul_tma(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed, tile=tile)
+        out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype) if out is None else out
+        if M == 0 or N == 0:
+            return out
         grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n),)
-        traceable(_fused_matmul_kernel)[grid](**args, **tile.launch_options)
+        traceable(_fused_matmul_kernel)[grid](
+            lhs_ptr=lhs, rhs_ptr=rhs_t, low_ptr=low, up_ptr=up_t, bias_ptr=bias if bias is not None else lhs,
+            out_ptr=out, M=M, N=N, K=K, R=R,
+            stride_lm=lhs.stride(0), stride_lk=lhs.stride(1),
+            stride_rk=rhs_t.stride(1), stride_rn=rhs_t.stride(0),
+            stride_wm=low.stride(0), stride_wr=low.stride(1),
+            stride_ur=up_t.stride(1), stride_un=up_t.stride(0),
+            stride_om=out.stride(0), stride_on=out.stride(1),
+            stride_bias=bias.stride(0) if bias is not None else 0,
+            low_scale=float(low_scale), HAS_BIAS=bias is not None,
+            BLOCK_R=gemm.rank_block, DOT_PRECISION=_dot_precision(lhs.dtype),
+            **_dropout_args(dropout_p, seed, lhs), **tile.launch_options,
+        )
+        return out
 
     def time_tile(tile: policy.GemmTile) -> float:
         return triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=20, return_mode="median")
 
-    gemm = policy.GemmLaunch(lhs.dtype, args["BLOCK_R"], kind, bias is not None, args["APPLY_DROPOUT"], M, N, K)
-    launch(policy.gemm_tile(gemm, None if _is_fake(lhs) else time_tile))
-    return out
+    return launch(policy.gemm_tile(gemm, None if _is_fake(lhs) else time_tile, tma_ok=tma_eligible(lhs, rhs_t)))
 
 
 @on_tensors_device

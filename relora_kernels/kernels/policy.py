@@ -57,7 +57,8 @@ def engine_setting() -> str:
 @dataclasses.dataclass(frozen=True)
 class GemmTile:
     """A tile of the fused GEMM, written "128x128x64 g8 w8 s4" (BLOCK_M x BLOCK_N x BLOCK_K, GROUP_M, warps,
-    stages)."""
+    stages) for the pointer-load kernel, with " tma", " ws" (warp-specialised) and " e2" (the epilogue in 2 column
+    slices) for the Hopper kernel of fused_gemm_tma.py."""
 
     block_m: int
     block_n: int
@@ -65,15 +66,24 @@ class GemmTile:
     group_m: int
     num_warps: int
     num_stages: int
+    kernel: str = "pointer"  # or "tma"
+    warp_specialize: bool = False
+    epilogue_split: int = 1
 
     @property
     def name(self) -> str:
-        return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
+        name = (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
                 f"s{self.num_stages}")
+        if self.kernel == "tma":
+            name += " tma" + (" ws" if self.warp_specialize else "") + f" e{self.epilogue_split}"
+        return name
 
     @property
     def constexprs(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m}
+        blocks = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m}
+        if self.kernel == "tma":
+            blocks |= {"WARP_SPECIALIZE": self.warp_specialize, "EPILOGUE_SPLIT": self.epilogue_split}
+        return blocks
 
     @property
     def launch_options(self) -> dict:
@@ -83,23 +93,43 @@ class GemmTile:
 def parse_tile(name: str) -> GemmTile:
     """The inverse of GemmTile.name; a ValueError naming the text if it is not one."""
     try:
-        blocks, group, warps, stages = name.split()
+        blocks, group, warps, stages, *hopper = name.split()
         block_m, block_n, block_k = (int(b) for b in blocks.split("x"))
         if (group[0], warps[0], stages[0]) != ("g", "w", "s"):
             raise ValueError
-        return GemmTile(block_m, block_n, block_k, int(group[1:]), int(warps[1:]), int(stages[1:]))
-    except ValueError:
-        raise ValueError(f"not a tile name like '128x128x64 g8 w8 s4': {name!r}") from None
+        tile = GemmTile(block_m, block_n, block_k, int(group[1:]), int(warps[1:]), int(stages[1:]))
+        if not hopper:
+            return tile
+        if hopper[0] != "tma" or hopper[-1][0] != "e" or hopper[1:-1] not in ([], ["ws"]):
+            raise ValueError
+        return dataclasses.replace(tile, kernel="tma", warp_specialize=hopper[1:-1] == ["ws"],
+                                   epilogue_split=int(hopper[-1][1:]))
+    except (ValueError, IndexError):
+        raise ValueError(f"not a tile name like '128x128x64 g8 w8 s4' or '128x128x64 g8 w4 s4 tma ws e1': "
+                         f"{name!r}") from None
 
 
 INTERPRETER_BLOCK = 32
 INTERPRETER_TILE = GemmTile(INTERPRETER_BLOCK, INTERPRETER_BLOCK, INTERPRETER_BLOCK, 4, 4, 1)
+# The Hopper kernel's under the interpreter: GROUP_M 2 and two epilogue slices, so that small tests cover both.
+INTERPRETER_TMA_TILE = GemmTile(32, 32, 32, 2, 4, 2, kernel="tma", warp_specialize=True, epilogue_split=2)
 
 # In order of preference for a fixed tile; Hopper-sized first, the last fits anywhere (r = 256 in fp32 on a 99 KiB
 # GPU). What a GPU measures replaces the order through the table.
 GEMM_TILES = [parse_tile(name) for name in (
     "128x128x64 g8 w8 s4", "128x256x64 g8 w8 s3", "256x128x64 g8 w8 s3", "128x128x64 g8 w4 s4", "64x128x64 g8 w4 s4",
     "128x128x32 g8 w4 s4", "64x64x64 g8 w4 s4", "32x32x32 g8 w4 s2",
+)]
+# The Hopper kernel's candidates (sm_90, 16-bit operands that pass fused_gemm_tma.tma_eligible), in order of
+# preference. Triton's warp specialisation on sm_90 acts only at num_warps=4 (the block becomes 12 warps: a producer
+# warpgroup issuing the TMA copies, two consumer warpgroups, registers moved by setmaxnreg); at 8 warps it is
+# ignored. 128x128x64 w4 s3 without it is the two-blocks-per-SM tile (96 KiB in 16 bits). The epilogue slices are the
+# fewest that build without spills (benchmarks/gpu_build.py builds them all for sm_90). Unmeasured: they are timed
+# by benchmarks.tune and run where the table names them, never chosen by tuning at run time, so that a kernel no GPU
+# has run yet cannot take a training run's CUDA context down.
+TMA_TILES = [parse_tile(name) for name in (
+    "128x128x64 g8 w4 s4 tma ws e1", "128x256x64 g8 w4 s3 tma ws e4", "128x128x64 g8 w4 s3 tma e4",
+    "128x64x64 g8 w4 s4 tma e2", "128x128x64 g8 w8 s4 tma e2", "128x256x64 g8 w8 s3 tma e4", "64x64x32 g8 w4 s3 tma e2",
 )]
 # Tuning times the first few that fit (each a compile and a timing per launch key); the small last-resort tiles
 # only where the large ones do not fit.
@@ -124,10 +154,15 @@ TRITON_SHARED_OVERHEAD = 1024
 
 
 def gemm_shared_bytes(tile: GemmTile, rank_block: int, element_size: int) -> int:
-    """The fused GEMM's shared memory: the x and W tiles of every pipeline stage, plus the (BLOCK_M, r) and
-    (r, BLOCK_N) low-rank tiles."""
-    tiles = tile.num_stages * (tile.block_m + tile.block_n) * tile.block_k + rank_block * (tile.block_m + tile.block_n)
-    return element_size * tiles + TRITON_SHARED_OVERHEAD
+    """The fused GEMM's shared memory: the x and W tiles of every pipeline stage (the TMA destinations), plus the
+    (BLOCK_M, r) and (r, BLOCK_N) low-rank tiles. A warp-specialised tile holds the low-rank tiles twice (the producer
+    copies them for this tile and the next), one consumer warpgroup's (BLOCK_M / 2, BLOCK_N) slice for the
+    epilogue's layout conversion, and twice the barrier allowance."""
+    low_rank = rank_block * (tile.block_m + tile.block_n)
+    tiles = tile.num_stages * (tile.block_m + tile.block_n) * tile.block_k
+    if tile.warp_specialize:
+        return element_size * (tiles + 2 * low_rank + tile.block_m // 2 * tile.block_n) + 2 * TRITON_SHARED_OVERHEAD
+    return element_size * (tiles + low_rank) + TRITON_SHARED_OVERHEAD
 
 
 def shrink_shared_bytes(config: dict, rank_block: int, element_size: int) -> int:
@@ -188,11 +223,12 @@ PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4
 
 
+def multiprocessor_count() -> int:
+    return _device_properties(triton.runtime.driver.active.get_current_device())["multiprocessor_count"]
+
+
 def target_programs() -> int:
-    if interpreting():
-        return INTERPRETER_PROGRAMS
-    device = _device_properties(triton.runtime.driver.active.get_current_device())
-    return PROGRAMS_PER_SM * device["multiprocessor_count"]
+    return INTERPRETER_PROGRAMS if interpreting() else PROGRAMS_PER_SM * multiprocessor_count()
 
 
 def fitting(configs: list, shared_bytes: Callable, rank_block: int, dtype: torch.dtype) -> list:
@@ -329,20 +365,31 @@ def tile_choice() -> str:
     return "fixed" if os.environ.get("RELORA_KERNELS_AUTOTUNE", "") == "0" else "tune"
 
 
-def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None) -> GemmTile:
+def tma_tiles(launch: GemmLaunch) -> list[GemmTile]:
+    """The Hopper kernel's candidates that fit, on sm_90 and later for 16-bit operands (in fp32 its builds spill and
+    have no wgmma: the pointer-load kernel's)."""
+    if current_arch() < 90 or launch.dtype == torch.float32:
+        return []
+    limit = shared_memory_limit()
+    return [tile for tile in TMA_TILES if gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= limit]
+
+
+def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None, tma_ok: bool = False) -> GemmTile:
     """The Triton engine's tile for `launch` (see the module docstring); `time_tile` times one tile, or is None
-    where the launch cannot be timed."""
-    if interpreting():
-        return INTERPRETER_TILE
+    where the launch cannot be timed; `tma_ok`: the operands can be read through TMA descriptors, so a table's
+    Hopper tile may run."""
     if _forced_tiles:
         return _forced_tiles[-1]
+    if interpreting():
+        return INTERPRETER_TILE
     candidates = fitting(GEMM_TILES, gemm_shared_bytes, launch.rank_block, launch.dtype)
     if tile_choice() == "fixed":
         return candidates[0]
     entry = table_entry(launch)
     if entry and entry.get("tile"):  # the Triton engine's tile, also where the entry's engine is cuBLAS
         tile = parse_tile(entry["tile"])
-        if gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= shared_memory_limit():
+        usable = tile.kernel == "pointer" or (tma_ok and tile in tma_tiles(launch))
+        if usable and gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= shared_memory_limit():
             return tile
     key = (current_arch(), launch.shape_key)
     return TUNER.tile(key, candidates[:TUNED_CANDIDATES], time_tile)

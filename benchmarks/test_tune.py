@@ -95,3 +95,47 @@ def test_tune_needs_a_gpu_or_smoke(capsys):
     with pytest.raises(SystemExit):
         tune.main(["--out", "/tmp/never"])
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def _hopper(monkeypatch, arch=90):
+    monkeypatch.setattr(policy, "current_arch", lambda: arch)
+    monkeypatch.setattr(policy, "shared_memory_limit", lambda: H100_SHARED_MEMORY)
+
+
+@pytest.mark.parametrize("kind", ["forward", "input_grad"])
+def test_hopper_tiles_are_timed_on_sm90_where_the_operands_are_tma_eligible(monkeypatch, kind):
+    _hopper(monkeypatch)
+    launch = _launch("forward+bias" if kind == "forward" else "input_grad+dropout")
+    lhs = torch.empty(64, launch["K_in"] if kind == "forward" else launch["N_out"], dtype=torch.bfloat16)
+    weight = torch.empty(launch["N_out"], launch["K_in"], dtype=torch.bfloat16)
+    rhs_t = weight if kind == "forward" else weight.T  # dx = dy @ W reads W.T through its transpose
+    tiles = tune.tiles_to_time(launch, (lhs, rhs_t), smoke=False)
+    pointer = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, 16, torch.bfloat16)
+    hopper = policy.tma_tiles(tune.gemm_launch(launch))
+    assert hopper and all(tile.kernel == "tma" for tile in hopper)
+    assert tiles == pointer + hopper
+    # Not eligible (a view 2 bytes off the 16-byte alignment): the pointer tiles only.
+    assert tune.tiles_to_time(launch, (lhs[:, 1:], rhs_t), smoke=False) == pointer
+
+
+def test_no_hopper_tiles_before_sm90_or_in_fp32(monkeypatch):
+    _hopper(monkeypatch, arch=80)
+    operands = (torch.empty(64, 4096, dtype=torch.bfloat16), torch.empty(4096, 4096, dtype=torch.bfloat16))
+    assert all(tile.kernel == "pointer" for tile in tune.tiles_to_time(_launch(), operands, smoke=False))
+    _hopper(monkeypatch, arch=90)
+    fp32 = {**_launch(), "dtype": "fp32"}
+    operands = tuple(t.float() for t in operands)
+    assert all(tile.kernel == "pointer" for tile in tune.tiles_to_time(fp32, operands, smoke=False))
+
+
+def test_smoke_times_the_interpreter_hopper_tile_through_the_hopper_kernel(monkeypatch):
+    from relora_kernels.kernels import fused_gemm_tma
+
+    (launch, *_) = tune.plan([], [], 0, smoke=True)
+    launched = []
+    real = fused_gemm_tma.traceable
+    monkeypatch.setattr(fused_gemm_tma, "traceable", lambda kernel: launched.append(kernel) or real(kernel))
+    times = tune.time_choices(launch, torch.device("cpu"), smoke=True)
+    assert list(times) == [tune.CUBLAS, *(t.name for t in policy.GEMM_TILES[-2:]), policy.INTERPRETER_TMA_TILE.name]
+    assert set(times.values()) == {None}
+    assert launched == [fused_gemm_tma._fused_matmul_tma_kernel]  # the Hopper tile ran the Hopper kernel, once

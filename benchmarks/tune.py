@@ -8,14 +8,16 @@ engines and tiles the package reads.
 Passes: for every layer shape of cases.LAYERS at --tokens tokens, per dtype and rank, the `forward` pass (y = x @ W.T
 + s * S @ B.T, with and without bias) and the `input_grad` pass (the backward with dx = dy @ W + ..., with and without
 dropout), each run whole as the op runs it: on the cuBLAS-composed engine, and on the Triton engine with every tile
-that fits the GPU's shared memory, timed with triton.testing.do_bench (CUDA events, L2 flushed, median). A pass's
-fastest choice is its shape's entry (its engine, and the Triton engine's fastest tile for when that engine is
-forced); each (dtype, rank, variant) gets as default the choice with the smallest mean slowdown over its shapes (time
-/ that shape's best): what untuned shapes run. The table written is the package's
+that fits the GPU's shared memory (the pointer-load tiles, and on sm_90 the Hopper kernel's, policy.tma_tiles, where
+the pass's big operands pass fused_gemm_tma.tma_eligible), timed with triton.testing.do_bench (CUDA events, L2
+flushed, median). A pass's fastest choice is its shape's entry (its engine, and the Triton engine's fastest tile for
+when that engine is forced); each (dtype, rank, variant) gets as default the choice with the smallest mean slowdown
+over its shapes (time / that shape's best): what untuned shapes run. The table written is the package's
 (relora_kernels/kernels/tuned_gemm.json) with this GPU's architecture replaced, plus where it was measured; copy it
 there to use it. tune.md lists per pass the best choice, its time, and how it compares with the cuBLAS-composed
 engine and the first fitting tile (what RELORA_KERNELS_AUTOTUNE=0 runs). --smoke runs each choice once through the
-interpreter and times nothing: its table (key "smoke") is not a measurement and is never an architecture's entry.
+interpreter (the two smallest pointer tiles and policy.INTERPRETER_TMA_TILE) and times nothing: its table (key
+"smoke") is not a measurement and is never an architecture's entry.
 """
 
 from __future__ import annotations
@@ -23,16 +25,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
 from relora_kernels.kernels import lora_linear as kernels
 from relora_kernels.kernels import policy
+from relora_kernels.kernels.fused_gemm_tma import tma_eligible
 
 from . import cases, harness
 
@@ -74,8 +75,9 @@ def keys(launch: dict) -> tuple[str, str]:
     return gemm.variant, gemm.shape_key
 
 
-def build(launch: dict, device: torch.device):
-    """The pass of `launch` on fresh inputs, as the op runs it (the forward, or the backward that computes dx)."""
+def build(launch: dict, device: torch.device, with_operands: bool = False):
+    """The pass of `launch` on fresh inputs, as the op runs it (the forward, or the backward that computes dx); with
+    `with_operands` also (lhs, rhs_t), the fused GEMM's big operands (x and W; dy and W.T), for tma_eligible."""
     torch.manual_seed(0)
     like = {"device": device, "dtype": cases.DTYPES[launch["dtype"]]}
     M, n_out, k_in, r = launch["M"], launch["N_out"], launch["K_in"], launch["r"]
@@ -85,32 +87,50 @@ def build(launch: dict, device: torch.device):
         grad_y, shrunk = torch.randn(M, n_out, **like), torch.randn(M, r, **like) * 0.1
         p = 0.1 if "+dropout" in launch["variant"] else 0.0
         seed = torch.tensor(1, device=device) if p else None
-        return lambda: kernels.lora_backward(grad_y, x, weight, lora_a, lora_b, shrunk, 2.0, p, seed, True, False)
-    bias = torch.randn(n_out, **like) if "+bias" in launch["variant"] else None
-    return lambda: kernels.lora_forward(x, weight, lora_a, lora_b, 2.0, bias, 0.0, None)
+
+        def fn():
+            return kernels.lora_backward(grad_y, x, weight, lora_a, lora_b, shrunk, 2.0, p, seed, True, False)
+
+        operands = (grad_y, weight.T)  # dx = dy @ W: rhs_t = W.T, read through its transpose
+    else:
+        bias = torch.randn(n_out, **like) if "+bias" in launch["variant"] else None
+
+        def fn():
+            return kernels.lora_forward(x, weight, lora_a, lora_b, 2.0, bias, 0.0, None)
+
+        operands = (x, weight)
+    return (fn, operands) if with_operands else fn
 
 
 @contextlib.contextmanager
 def _choice(choice: str):
     """Within the block the pass runs on `choice`: the cuBLAS-composed engine, or the Triton engine with that tile."""
     if choice == CUBLAS:
-        with mock.patch.dict(os.environ, {"RELORA_KERNELS_ENGINE": "cublas"}):
+        with cases.engine_env("fused_cublas"):
             yield
         return
     tile = policy.parse_tile(choice)
-    with mock.patch.dict(os.environ, {"RELORA_KERNELS_ENGINE": "triton"}), policy.forced_tile(tile):
+    with cases.engine_env("fused_triton"), policy.forced_tile(tile):
         yield
 
 
-def time_choices(launch: dict, device: torch.device, smoke: bool) -> dict[str, float | None]:
-    """{choice: median ms}: the cuBLAS-composed engine, then every Triton tile that fits (smoke: the two smallest
-    tiles), each run once through the interpreter under --smoke, which ignores tiles and times nothing (None)."""
+def tiles_to_time(launch: dict, operands: tuple, smoke: bool) -> list[policy.GemmTile]:
+    """The Triton engine's tiles timed for `launch`: every pointer-load tile that fits, then the Hopper kernel's that
+    fit (policy.tma_tiles: sm_90, 16 bits) where the pass's big operands (lhs, rhs_t) are TMA-eligible. Smoke: the
+    two smallest pointer tiles and the interpreter's Hopper tile (where eligible), each run once, nothing timed."""
+    hopper_ok = tma_eligible(*operands)
     if smoke:
-        tiles = policy.GEMM_TILES[-2:]
-    else:
-        tiles = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, kernels._block_rank(launch["r"]),
-                               cases.DTYPES[launch["dtype"]])
-    fn, times = build(launch, device), {}
+        return policy.GEMM_TILES[-2:] + ([policy.INTERPRETER_TMA_TILE] if hopper_ok else [])
+    pointer = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, kernels._block_rank(launch["r"]),
+                             cases.DTYPES[launch["dtype"]])
+    return pointer + (policy.tma_tiles(gemm_launch(launch)) if hopper_ok else [])
+
+
+def time_choices(launch: dict, device: torch.device, smoke: bool) -> dict[str, float | None]:
+    """{choice: median ms}: the cuBLAS-composed engine, then every Triton tile of tiles_to_time, each run once
+    through the interpreter under --smoke, which times nothing (None)."""
+    fn, operands = build(launch, device, with_operands=True)
+    tiles, times = tiles_to_time(launch, operands, smoke), {}
     for choice in [CUBLAS] + [tile.name for tile in tiles]:
         with _choice(choice):
             fn()  # compile outside the timing

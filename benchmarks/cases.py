@@ -11,18 +11,28 @@ lora_linear:  y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T; W and bias froz
   compile        torch.compile(eager, fullgraph=True, dynamic=True): one compilation serves every shape.
   native         csrc_bench: the unfused op from C++, cuBLAS GEMMs with beta = 1 accumulation. Its dropout mask is
                  drawn once when the case is built (outside the timing), so native does no random-number work.
-  fused          rk.lora_linear on the Triton kernels (the mask is generated in-kernel, every call).
-  fused_compile  torch.compile(fullgraph=True, dynamic=True) of a function calling rk.lora_linear.
+  fused_triton   rk.lora_linear with RELORA_KERNELS_ENGINE=triton: the shrink, then the fused Triton GEMM for y; the two
+                 gradient launches, then the fused GEMM for dx (the mask is generated in-kernel, every call).
+  fused_cublas   rk.lora_linear with RELORA_KERNELS_ENGINE=cublas: the shrink also writes s * S @ B.T + bias into y,
+                 then y.addmm_(x, W.T); the dA launch also writes dx's start, then dx.addmm_(dy, W).
+  fused          rk.lora_linear with RELORA_KERNELS_ENGINE=auto: per pass the engine-and-tile table's engine, else
+                 policy.predicted_engine's (the automatic choice users get).
+  fused_compile  torch.compile(fullgraph=True, dynamic=True) of a function calling rk.lora_linear (engine auto, chosen
+                 when the graph is traced).
+  The engine is set by `engine_env(provider)` (the variable set, then restored) around building and measuring a
+  fused provider's run; sweep.measure_case and the tests enter it, so no provider's setting leaks into another's.
   The fused providers pass seed=None, as LoRALinear does in training: each call draws its dropout seed on the
   device (one tiny kernel, no host-to-device copy), as eager's torch dropout draws its mask.
 Modes: fwd (a forward with autograd recording, as in training), bwd (the backward of a graph built once outside the
 timing, run with retain_graph; the native providers call their backward function on saved tensors), fwd+bwd.
 
 lora_launches: each kernel launch of the fused op alone, on the launchers (no autograd), next to the cuBLAS GEMMs
-and a copy of x that bound them: where the fused op's time goes. Providers: shrink, forward_matmul, grad_ab (both
-gradient kernels), input_grad; floor_fwd (F.linear), floor_bwd (dy @ W), copy_x (x.copy_, the memory-bound kernels'
-yardstick). Each row carries its FLOPs and the fewest bytes it must move (launch_work), so time / floor and GB/s
-against copy_gbps read off directly.
+and a copy of x that bound them: where the fused op's time goes. The Triton engine's: shrink, forward_matmul,
+grad_ab (both gradient kernels), input_grad; the cuBLAS-composed engine's: shrink_expand (S and y's start),
+addmm_fwd (y.addmm_(x, W.T) onto it), grad_ab_start (both gradient kernels, the dA one also writing dx's start),
+addmm_dx (dx.addmm_(dy, W)); yardsticks floor_fwd (F.linear), floor_bwd (dy @ W), copy_x (x.copy_, the
+memory-bound kernels' yardstick). Each row carries its FLOPs and the fewest bytes it must move (launch_work), so
+time / floor and GB/s against copy_gbps read off directly.
 
 merge_and_reinit:  W += s * B @ A;  A <- U(-1/sqrt(K), 1/sqrt(K));  B <- 0   (in place)
   eager          PEFT's merge (delta = B @ A * s, then W += delta) and the re-initialisation as separate ops.
@@ -31,9 +41,11 @@ merge_and_reinit:  W += s * B @ A;  A <- U(-1/sqrt(K), 1/sqrt(K));  B <- 0   (in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,8 +56,14 @@ import csrc_bench
 import relora_kernels as rk
 
 OPS = ("lora_linear", "merge_and_reinit", "lora_launches")
-LORA_PROVIDERS = ("floor", "native_floor", "eager", "compile", "native", "fused", "fused_compile")
-LAUNCH_PROVIDERS = ("shrink", "forward_matmul", "grad_ab", "input_grad", "floor_fwd", "floor_bwd", "copy_x")
+LORA_PROVIDERS = ("floor", "native_floor", "eager", "compile", "native", "fused_triton", "fused_cublas", "fused",
+                  "fused_compile")
+# The engine (RELORA_KERNELS_ENGINE) each fused provider runs; fused_compile's is chosen at tracing, as users get it.
+ENGINE_OF = {"fused_triton": "triton", "fused_cublas": "cublas", "fused": "auto", "fused_compile": "auto"}
+FUSED_PROVIDERS = tuple(ENGINE_OF)
+TRITON_LAUNCHES = ("shrink", "forward_matmul", "grad_ab", "input_grad")
+CUBLAS_LAUNCHES = ("shrink_expand", "addmm_fwd", "grad_ab_start", "addmm_dx")
+LAUNCH_PROVIDERS = (*TRITON_LAUNCHES, *CUBLAS_LAUNCHES, "floor_fwd", "floor_bwd", "copy_x")
 MERGE_PROVIDERS = ("eager", "fused")
 COMPILE_PROVIDERS = ("compile", "fused_compile")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -233,6 +251,12 @@ def launch_work(case: LaunchCase, provider: str) -> tuple[int, int]:
         "forward_matmul": (2 * M * N * K + 2 * M * N * r, M * K + N * K + M * r + N * r + M * N),  # x, W, S, B -> y
         "grad_ab": (4 * M * N * r + 2 * M * K * r, M * N + M * K + N * r + 2 * M * r),  # dy, x, B, S -> dS
         "input_grad": (2 * M * N * K + 2 * M * K * r, M * N + N * K + M * r + r * K + M * K),  # dy, W, dS, A -> dx
+        # x, A, B, bias -> S, start (M, N)
+        "shrink_expand": (2 * M * K * r + 2 * M * N * r, M * K + r * K + M * r + N * r + N + M * N),
+        "addmm_fwd": (2 * M * N * K, M * K + N * K + 2 * M * N),  # x, W, start -> y (start read, y written)
+        # dy, x, B, S, A -> dS, dx start (M, K)
+        "grad_ab_start": (4 * M * N * r + 4 * M * K * r, M * N + M * K + N * r + 2 * M * r + r * K + M * K),
+        "addmm_dx": (2 * M * N * K, M * N + N * K + 2 * M * K),  # dy, W, start -> dx
         "floor_fwd": (2 * M * N * K, M * K + N * K + M * N),
         "floor_bwd": (2 * M * N * K, M * N + N * K + M * K),
         "copy_x": (0, 2 * M * K),
@@ -271,6 +295,28 @@ def fused_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p):
     return rk.lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed=None)
 
 
+ENGINE_VARIABLE = "RELORA_KERNELS_ENGINE"
+
+
+@contextlib.contextmanager
+def engine_env(provider: str):
+    """Within the block the package runs `provider`'s engine (ENGINE_OF; other providers: the variable untouched):
+    RELORA_KERNELS_ENGINE set, then restored to what it was (unset if it was), also when the block raises."""
+    engine = ENGINE_OF.get(provider)
+    if engine is None:
+        yield
+        return
+    before = os.environ.get(ENGINE_VARIABLE)
+    os.environ[ENGINE_VARIABLE] = engine
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENGINE_VARIABLE, None)
+        else:
+            os.environ[ENGINE_VARIABLE] = before
+
+
 # Raised so that the few variants (dtype x dropout on/off x grad mode) never exhaust dynamo's cache and fall back
 # to eager silently; one compiled function (dynamic shapes) serves all shapes of a dtype.
 _RECOMPILE_LIMIT = 64
@@ -283,6 +329,19 @@ def compiled(fn: Callable) -> Callable:
     # only lets the compiled backward reuse saved-activation memory, so it changes compile's peak memory, not time.
     torch._functorch.config.donated_buffer = False
     return torch.compile(fn, fullgraph=True, dynamic=True)
+
+
+def chosen_engines(case: LoraCase) -> dict:
+    """{"engine_fwd", "engine_dx"}: the engine the package takes for the case's forward and input-gradient passes
+    under the current RELORA_KERNELS_ENGINE (auto: the table's entry, else policy.predicted_engine), as lora_forward
+    and lora_backward key them (the benchmark's layers have a bias)."""
+    from relora_kernels.kernels import policy
+    from relora_kernels.kernels.lora_linear import _block_rank
+
+    dtype, rank_block = DTYPES[case.dtype], _block_rank(case.r)
+    forward = policy.GemmLaunch(dtype, rank_block, "forward", True, False, case.M, case.N, case.K)
+    input_grad = policy.GemmLaunch(dtype, rank_block, "input_grad", False, case.p > 0, case.M, case.K, case.N)
+    return {"engine_fwd": policy.choose_engine(forward), "engine_dx": policy.choose_engine(input_grad)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,13 +418,15 @@ def _native_callable(case: LoraCase, inp: LoraInputs, floor: bool) -> Callable:
 
 
 def build_lora_linear(provider: str, case: LoraCase, device: torch.device) -> Callable:
-    """The callable that runs `case` with `provider` once; raises Skip where the provider cannot run here."""
+    """The callable that runs `case` with `provider` once; raises Skip where the provider cannot run here. A fused
+    provider's engine is the environment's: build and call it inside engine_env(provider)."""
     inp = lora_inputs(case, device)
     if provider in ("native", "native_floor"):
         return _native_callable(case, inp, floor=provider == "native_floor")
     if provider == "floor":
         return _autograd_callable(lambda: F.linear(inp.x, inp.weight, inp.bias), (inp.x,), inp.grad_y, case.mode)
-    fn = {"eager": eager_lora_linear, "compile": compiled(eager_lora_linear), "fused": fused_lora_linear,
+    fn = {"eager": eager_lora_linear, "compile": compiled(eager_lora_linear), "fused_triton": fused_lora_linear,
+          "fused_cublas": fused_lora_linear, "fused": fused_lora_linear,
           "fused_compile": compiled(fused_lora_linear)}[provider]
     args = (inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, SCALE, case.p)
     return _autograd_callable(lambda: fn(*args), (inp.x, inp.lora_a, inp.lora_b), inp.grad_y, case.mode)
@@ -402,11 +463,21 @@ def build_launch(provider: str, case: LaunchCase, device: torch.device) -> Calla
     shrunk = launchers.lora_shrink(x, lora_a, p, seed)
     grad_shrunk = launchers.lora_grad_ab(grad_y, x, shrunk, lora_b, SCALE, p, seed, True)[2]
     copy = torch.empty_like(x)
+    # The cuBLAS-composed engine's accumulations onto the starts its Triton launches write (each call adds onto the
+    # last one's result: the same work every call).
+    y_start = (launchers.lora_shrink_expand(x, lora_a, lora_b, SCALE, bias, p, seed)[1]
+               if provider == "addmm_fwd" else None)
+    dx_start = (launchers.lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, SCALE, p, seed, True)[3]
+                if provider == "addmm_dx" else None)
     return {
         "shrink": lambda: launchers.lora_shrink(x, lora_a, p, seed),
         "forward_matmul": lambda: launchers.lora_forward_matmul(x, weight, shrunk, lora_b, SCALE, bias),
         "grad_ab": lambda: launchers.lora_grad_ab(grad_y, x, shrunk, lora_b, SCALE, p, seed, True),
         "input_grad": lambda: launchers.lora_input_grad(grad_y, weight, grad_shrunk, lora_a, p, seed),
+        "shrink_expand": lambda: launchers.lora_shrink_expand(x, lora_a, lora_b, SCALE, bias, p, seed),
+        "addmm_fwd": lambda: y_start.addmm_(x, weight.T),
+        "grad_ab_start": lambda: launchers.lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, SCALE, p, seed, True),
+        "addmm_dx": lambda: dx_start.addmm_(grad_y, weight),
         "floor_fwd": lambda: F.linear(x, weight, bias),
         "floor_bwd": lambda: grad_y @ weight,
         "copy_x": lambda: copy.copy_(x),

@@ -15,11 +15,12 @@ only. A provider that cannot run here (native without CUDA) gives a row with sta
 that fails (a compile error, an OOM) a row with status "error"; the sweep goes on either way (--strict: exit 1 on
 errors).
 
---first (what benchmarks/run_gpu.sh runs in the few minutes a lent GPU gives): floor, eager, compile and fused at the
-headline case with p = 0.1 and 0, at 2048 tokens of GPT-2 124M's fc (768 -> 3072) and at a Llama-8B MLP layer
-(8192 x 4096 -> 14336), fwd+bwd, bf16; merge+reinit at 4096 x 4096 against the copy bandwidth; the end-to-end step
-(full_eager, lora_eager, relora_fused); then the headline's launch breakdown. With --smoke the same providers run on
-the smoke grid's tiny shapes (fwd+bwd only).
+--first (what benchmarks/run_gpu.sh runs in the few minutes a lent GPU gives): floor, eager, compile and the fused op
+on each engine (fused_triton, fused_cublas) and on the automatic choice (fused) at the headline case with p = 0.1 and
+0, at 2048 tokens of GPT-2 124M's fc (768 -> 3072) and at a Llama-8B MLP layer (8192 x 4096 -> 14336), fwd+bwd, bf16;
+merge+reinit at 4096 x 4096 against the copy bandwidth; the end-to-end step (full_eager, lora_eager, relora_fused);
+then the headline's launch breakdown (both engines' launches). With --smoke the same providers run on the smoke
+grid's tiny shapes (fwd+bwd only).
 
 Runs go in order of importance: the quick grid's cases (the headline first), the end-to-end step, then the rest of
 the grid. The result file is rewritten after every run, so a run cut short (a time limit, a crash, Ctrl-C) keeps
@@ -42,10 +43,11 @@ from . import cases, e2e, harness
 ALL_OPS = (*cases.OPS, "pretrain")
 ALL_PROVIDERS = tuple(dict.fromkeys(cases.LORA_PROVIDERS + cases.MERGE_PROVIDERS + cases.LAUNCH_PROVIDERS
                                     + e2e.CONFIGS))
-# The providers of the first GPU contact, per op: lora_linear's four, merge's two, the end-to-end step without
-# torch.compile (a whole-model compile would cost a minute of a lent GPU's few), every launch of the breakdown.
-FIRST_PROVIDERS = ("floor", "eager", "compile", "fused", *cases.MERGE_PROVIDERS, "full_eager", "lora_eager",
-                   "relora_fused", *cases.LAUNCH_PROVIDERS)
+# The providers of the first GPU contact, per op: lora_linear's floor, eager, compile and the fused op on both engines
+# and the automatic choice; merge's two, the end-to-end step without torch.compile (a whole-model compile would cost a
+# minute of a lent GPU's few), every launch of the breakdown (both engines').
+FIRST_PROVIDERS = ("floor", "eager", "compile", "fused_triton", "fused_cublas", "fused", *cases.MERGE_PROVIDERS,
+                   "full_eager", "lora_eager", "relora_fused", *cases.LAUNCH_PROVIDERS)
 NO_MEASUREMENT = {"median_ms": None, "p20_ms": None, "p80_ms": None, "peak_mem_mb": None}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -186,9 +188,12 @@ def measure_case(case, provider: str, device: torch.device, smoke: bool) -> dict
     row = {**case.row(), "provider": provider}
     fn = None
     try:
-        fn = cases.build(provider, case, device)
-        measured = harness.measure(fn, device, smoke)
-        return {**row, **measured, **cases.metrics(case, provider, measured["median_ms"]), "status": "ok"}
+        # A fused lora_linear provider's engine, for its build and every timed call.
+        with cases.engine_env(provider if isinstance(case, cases.LoraCase) else None):
+            fn = cases.build(provider, case, device)
+            measured = harness.measure(fn, device, smoke)
+            engines = cases.chosen_engines(case) if provider in cases.FUSED_PROVIDERS else {}
+        return {**row, **measured, **cases.metrics(case, provider, measured["median_ms"]), **engines, "status": "ok"}
     except cases.Skip as skip:
         return {**row, **NO_MEASUREMENT, "status": "skipped", "reason": str(skip)}
     except Exception as error:  # a compile failure or an OOM is a result of the run, not the end of the sweep

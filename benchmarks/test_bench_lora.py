@@ -33,9 +33,10 @@ def _build(provider, case, device):
 @pytest.mark.parametrize("provider", cases.LORA_PROVIDERS)
 def test_lora_linear(provider, mode, p, device, run_case):
     case = dataclasses.replace(LORA_CASE, mode=mode, p=p)
-    fn = _build(provider, case, device)  # bwd mode runs the forward here
-    fn()  # compiles / autotunes outside the measurement (a graph break under fullgraph=True raises)
-    run_case(fn)
+    with cases.engine_env(provider):  # as the sweep runs it: the provider's engine while it is built and run
+        fn = _build(provider, case, device)  # bwd mode runs the forward here
+        fn()  # compiles / autotunes outside the measurement (a graph break under fullgraph=True raises)
+        run_case(fn)
 
 
 @pytest.mark.parametrize("provider", cases.LAUNCH_PROVIDERS)
@@ -48,15 +49,16 @@ def test_merge_and_reinit(provider, device, run_case):
     run_case(_build(provider, MERGE_CASE, device))
 
 
-@pytest.mark.parametrize("provider", ["eager", "compile", "fused", "fused_compile"])
+@pytest.mark.parametrize("provider", ["eager", "compile", *cases.FUSED_PROVIDERS])
 def test_providers_compute_lora_linear(provider, device):
     # p = 0: no dropout mask to agree on; compared in float64-accumulated reference terms at the case's dtype.
     case = dataclasses.replace(LORA_CASE, p=0.0, M=min(LORA_CASE.M, 256))
     inp = cases.lora_inputs(case, device)
     fn = {"eager": cases.eager_lora_linear, "compile": cases.compiled(cases.eager_lora_linear),
-          "fused": cases.fused_lora_linear, "fused_compile": cases.compiled(cases.fused_lora_linear)}[provider]
-    y = fn(inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, cases.SCALE, 0.0)
-    grads = torch.autograd.grad(y, (inp.x, inp.lora_a, inp.lora_b), inp.grad_y)
+          "fused_compile": cases.compiled(cases.fused_lora_linear)}.get(provider, cases.fused_lora_linear)
+    with cases.engine_env(provider):
+        y = fn(inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, cases.SCALE, 0.0)
+        grads = torch.autograd.grad(y, (inp.x, inp.lora_a, inp.lora_b), inp.grad_y)
     wide = [t.detach().double().requires_grad_() for t in (inp.x, inp.weight, inp.lora_a, inp.lora_b, inp.bias)]
     x, weight, lora_a, lora_b, bias = wide
     y_ref = reference.lora_linear(x, weight, lora_a, lora_b, cases.SCALE, bias)
@@ -65,6 +67,34 @@ def test_providers_compute_lora_linear(provider, device):
     for name, got, want in zip(("y", "dx", "dA", "dB"), (y, *grads), (y_ref, *grads_ref), strict=True):
         scale = want.abs().max().item() or 1.0
         assert (got.double() - want).abs().max().item() <= tol * scale, f"{provider}: {name} differs"
+
+
+@pytest.mark.parametrize("provider", ["fused_triton", "fused_cublas", "fused"])
+def test_each_fused_provider_runs_its_engine_and_restores_the_setting(provider, device, monkeypatch):
+    from relora_kernels.kernels import policy
+
+    monkeypatch.setenv(cases.ENGINE_VARIABLE, "triton" if provider == "fused_cublas" else "cublas")  # overridden
+    before = policy.engine_setting()
+    chosen, choose = [], policy.choose_engine
+    monkeypatch.setattr(policy, "choose_engine", lambda launch: chosen.append((launch.kind, choose(launch))) or
+                        chosen[-1][1])
+    case = dataclasses.replace(LORA_CASE, mode="fwd+bwd", M=min(LORA_CASE.M, 256))
+    with cases.engine_env(provider):
+        want = list(cases.chosen_engines(case).items())
+        chosen.clear()
+        _build(provider, case, device)()
+    assert policy.engine_setting() == before  # restored
+    engines = {"fused_triton": {"triton"}, "fused_cublas": {"cublas"}}.get(provider)
+    assert [kind for kind, _ in chosen] == ["forward", "input_grad"]
+    if engines:
+        assert {engine for _, engine in chosen} == engines
+    else:  # auto: what the table or the rule picks, as the row's engine_fwd / engine_dx record it
+        assert [engine for _, engine in chosen] == [engine for _, engine in want]
+    with pytest.raises(RuntimeError), cases.engine_env(provider):
+        raise RuntimeError("a failing run")
+    assert policy.engine_setting() == before  # restored after an error too
+    with cases.engine_env("eager"):  # not a fused provider: untouched
+        assert policy.engine_setting() == before
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])

@@ -5,7 +5,9 @@ bookkeeping); test_bench_lora.py runs the real cases.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import pytest
 
@@ -112,7 +114,10 @@ def test_budget_must_be_a_non_negative_number(capsys):
 def test_first_contact_plan_runs_the_headline_comparison_first_and_the_launches_last():
     pairs = sweep.plan(sweep.parse_args(["--list", "--first"]))
     lora = [(case, provider) for case, provider in pairs if isinstance(case, cases.LoraCase)]
-    assert lora[:4] == [(cases.HEADLINE, p) for p in ("floor", "eager", "compile", "fused")]
+    engines = ("fused_triton", "fused_cublas", "fused")  # both engines and the automatic choice, side by side
+    assert lora[:6] == [(cases.HEADLINE, p) for p in ("floor", "eager", "compile", *engines)]
+    headline_p0 = dataclasses.replace(cases.HEADLINE, p=0.0)
+    assert {p for case, p in lora if case == headline_p0} == {"floor", "eager", "compile", *engines}
     shapes = {(case.M, case.K, case.N, case.p) for case, _ in lora}
     assert shapes == {(8192, 4096, 4096, 0.1), (8192, 4096, 4096, 0.0), (2048, 768, 3072, 0.1),
                       (8192, 4096, 14336, 0.1)}
@@ -121,6 +126,9 @@ def test_first_contact_plan_runs_the_headline_comparison_first_and_the_launches_
     assert ops == sorted(ops, key=["lora_linear", "merge_and_reinit", "pretrain", "lora_launches"].index)
     assert [p for case, p in pairs if isinstance(case, e2e.PretrainCase)] == ["full_eager", "lora_eager",
                                                                              "relora_fused"]
+    launches = [p for case, p in pairs if isinstance(case, cases.LaunchCase)]
+    assert launches == list(cases.LAUNCH_PROVIDERS)  # both engines' launches, at the headline shape
+    assert {"shrink_expand", "grad_ab_start", "addmm_fwd", "addmm_dx", "forward_matmul"} <= set(launches)
 
 
 def test_first_contact_on_the_smoke_shapes_runs_the_same_providers():
@@ -128,6 +136,27 @@ def test_first_contact_on_the_smoke_shapes_runs_the_same_providers():
         return {(case.row()["op"], provider) for case, provider in sweep.plan(sweep.parse_args(argv))}
 
     assert providers(["--list", "--first", "--smoke"]) == providers(["--list", "--first"])
+
+
+def test_the_sweep_sets_each_fused_providers_engine_and_records_the_choice(monkeypatch, tmp_path):
+    seen = []
+    real = cases.build
+
+    def build(provider, case, device):
+        seen.append((provider, os.environ.get(cases.ENGINE_VARIABLE)))
+        return real(provider, case, device)
+
+    monkeypatch.setattr(cases, "build", build)
+    monkeypatch.delenv(cases.ENGINE_VARIABLE, raising=False)
+    providers = "eager,fused_triton,fused_cublas,fused"
+    argv = ["--smoke", "--ops", "lora_linear", "--modes", "fwd", "--providers", providers, "--out", str(tmp_path)]
+    assert sweep.main(argv) == 0
+    assert seen[:4] == [("eager", None), ("fused_triton", "triton"), ("fused_cublas", "cublas"), ("fused", "auto")]
+    assert cases.ENGINE_VARIABLE not in os.environ  # restored (unset) after each run
+    rows = {row["provider"]: row for row in _read(tmp_path / "cpu-smoke.json")["rows"]}
+    assert (rows["fused_triton"]["engine_fwd"], rows["fused_cublas"]["engine_dx"]) == ("triton", "cublas")
+    assert rows["fused"]["engine_fwd"] == "cublas"  # the interpreter's fp32: the rule's cuBLAS
+    assert "engine_fwd" not in rows["eager"]
 
 
 def test_a_log_gets_one_plain_line_per_run_not_bar_frames(measured, tmp_path, capsys):

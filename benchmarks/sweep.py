@@ -140,7 +140,8 @@ def plan(args) -> list[tuple[object, str]]:
                 continue
             if case.dtype not in args.dtypes or not _shape_selected(case.layer, args.shapes):
                 continue
-            pairs = [(case, provider) for provider in cases.providers(op) if provider in args.providers]
+            pairs = [(case, provider) for provider in cases.providers(op) if provider in args.providers
+                     and not (args.smoke and op == "lora_linear" and cases.smoke_skips(case, provider))]
             (first if case in quick else rest).extend(pairs)
     pretrain = e2e.case(args.smoke)
     if "pretrain" in args.ops and _shape_selected(pretrain.model, args.shapes):
@@ -189,10 +190,11 @@ def measure_case(case, provider: str, device: torch.device, smoke: bool) -> dict
     fn = None
     try:
         # A fused lora_linear provider's engine, for its build and every timed call.
-        with cases.engine_env(provider if isinstance(case, cases.LoraCase) else None):
+        fused = isinstance(case, cases.LoraCase) and provider in cases.FUSED_PROVIDERS
+        with cases.engine_env(provider if fused else None):
             fn = cases.build(provider, case, device)
             measured = harness.measure(fn, device, smoke)
-            engines = cases.chosen_engines(case) if provider in cases.FUSED_PROVIDERS else {}
+            engines = cases.chosen_engines(case) if fused else {}
         return {**row, **measured, **cases.metrics(case, provider, measured["median_ms"]), **engines, "status": "ok"}
     except cases.Skip as skip:
         return {**row, **NO_MEASUREMENT, "status": "skipped", "reason": str(skip)}

@@ -149,7 +149,7 @@ def test_the_sweep_sets_each_fused_providers_engine_and_records_the_choice(monke
     monkeypatch.setattr(cases, "build", build)
     monkeypatch.delenv(cases.ENGINE_VARIABLE, raising=False)
     providers = "eager,fused_triton,fused_cublas,fused"
-    argv = ["--smoke", "--ops", "lora_linear", "--modes", "fwd", "--providers", providers, "--out", str(tmp_path)]
+    argv = ["--smoke", "--ops", "lora_linear", "--modes", "fwd+bwd", "--providers", providers, "--out", str(tmp_path)]
     assert sweep.main(argv) == 0
     assert seen[:4] == [("eager", None), ("fused_triton", "triton"), ("fused_cublas", "cublas"), ("fused", "auto")]
     assert cases.ENGINE_VARIABLE not in os.environ  # restored (unset) after each run

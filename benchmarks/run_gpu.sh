@@ -10,7 +10,8 @@
 #   1 build    the kernels for this GPU's architecture, only what the run launches (bf16 and fp16, r = 16, 64, 128),
 #              one process per (dtype, rank), into Triton's cache: the sweep's autotuner then times its tiles but
 #              compiles none, and the tests find most of theirs built. gpu_build.md: their resources.
-#   2 sweep    `python -m benchmarks.sweep --first` without the launch breakdown: floor / eager / compile / fused at the
+#   2 sweep    `python -m benchmarks.sweep --first` without the launch breakdown: floor / eager / compile and the fused op
+#              on each engine and the automatic choice (fused_triton / fused_cublas / fused) at the
 #              headline (8192x4096x4096 r=16 bf16, p = 0.1 and 0), GPT-2 124M fc at 2048 tokens, Llama-8B MLP;
 #              merge+reinit vs a measured copy; one GPT-2 124M training step. <gpu>.json is rewritten after every
 #              run; then the report: <gpu>.md, <gpu>_speedup.png, <gpu>_vs_floor.png.
@@ -18,7 +19,7 @@
 #              torch.cuda.set_sync_debug_mode("error")) with RELORA_KERNELS_AUTOTUNE=0: fixed tiles, so no test
 #              autotunes; on pytest-xdist's 8 workers where it is installed (compiles run in parallel), each test
 #              limited to 120 s where pytest-timeout is. pytest_gpu.txt.
-#   4 rest     the sweep resumed (--resume <gpu>.json): the headline's launch breakdown and any run part 2 left; the
+#   4 rest     the sweep resumed (--resume <gpu>.json): the headline's launch breakdown (both engines') and any run part 2 left; the
 #              report again.
 #   5 check    the folder against what the device tool returns: at most 8 files, each under 16 MiB, plain names;
 #              the JSON files parse; the test summary is there.

@@ -55,6 +55,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.alpha, self.use_rslora, self.dropout = alpha, use_rslora, float(dropout)
         self.fan_in_fan_out = False  # True when made from a GPT-2 Conv1D ((in, out) weight); PEFT's config records it
+        self._conv1d_type = None  # that Conv1D class, so that merge_lora gives the model back its own module type
         self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
 
         # Base layer initialised exactly as nn.Linear would, then frozen.
@@ -80,6 +81,7 @@ class LoRALinear(nn.Module):
                     use_rslora=use_rslora, device=weight.device, dtype=weight.dtype)
         layer.weight = nn.Parameter(weight, requires_grad=False)
         layer.fan_in_fan_out = _is_conv1d(module)
+        layer._conv1d_type = type(module) if _is_conv1d(module) else None
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
         return layer
@@ -97,12 +99,25 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the merged weight W + scale * B @ A (this layer is left unchanged)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        linear.weight.copy_(reference.merged_weight(self.weight, self.lora_A, self.lora_B, self.scale))
+        with torch.device("meta"):  # no random init (nor RNG draw) for a weight that is replaced at once
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.weight = nn.Parameter(reference.merged_weight(self.weight, self.lora_A, self.lora_B, self.scale))
         if self.bias is not None:
-            linear.bias.copy_(self.bias)
+            linear.bias = nn.Parameter(self.bias.detach().clone())
         return linear
+
+    @torch.no_grad()
+    def to_base(self) -> nn.Module:
+        """The merged layer as the module type it was made from: a Conv1D (holding the merged weight as (in, out))
+        for a layer made from one, else the nn.Linear of `to_linear`. This layer is left unchanged."""
+        linear = self.to_linear()
+        if self._conv1d_type is None:
+            return linear
+        with torch.device("meta"):
+            conv = self._conv1d_type(self.out_features, self.in_features)  # Conv1D(nf=out, nx=in)
+        conv.weight = nn.Parameter(linear.weight.T.contiguous())
+        conv.bias = linear.bias if linear.bias is not None else nn.Parameter(linear.weight.new_zeros(self.out_features))
+        return conv
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
@@ -145,8 +160,11 @@ def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear in `model` by a plain nn.Linear holding its merged weight, in place; returns it."""
+    """Replace every LoRALinear in `model` by a layer holding its merged weight, in place; returns `model`.
+
+    The layer is of the type the LoRALinear was made from: a GPT-2 Conv1D again for one made from a Conv1D (so the
+    model's own save_pretrained / from_pretrained round-trip), else a plain nn.Linear."""
     names = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
     for name in names:
-        _replace(model, name, model.get_submodule(name).to_linear())
+        _replace(model, name, model.get_submodule(name).to_base())
     return model

@@ -165,3 +165,22 @@ def test_saved_files_are_peft_layout(tmp_path):
     assert keys == {f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{f}.weight" for i in (0, 1) for f in "AB"}
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["fan_in_fan_out"] is True  # GPT-2 Conv1D
+
+
+def test_merged_hf_gpt2_keeps_conv1d_and_round_trips_through_save_pretrained(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    base = tiny_gpt2()
+    ours = rk.apply_lora(copy.deepcopy(base), ["c_attn", "c_proj", "c_fc"], r=4, alpha=8)
+    randomize_lora_b(ours)
+    want = logits(ours)
+    state = torch.get_rng_state()
+    merged = rk.merge_lora(ours)
+    assert torch.equal(torch.get_rng_state(), state)  # building the Conv1D layers drew nothing
+    names = [n for n, m in base.named_modules() if isinstance(m, Conv1D)]
+    assert len(names) == 8 and all(type(merged.get_submodule(n)) is Conv1D for n in names)
+    # nn.Linear here made from_pretrained fail on c_attn / c_fc and load the square c_proj transposed.
+    torch.testing.assert_close(logits(merged), want)
+    merged.save_pretrained(tmp_path)
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(again), logits(merged))

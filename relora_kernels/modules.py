@@ -46,17 +46,11 @@ class LoRALinear(nn.Module):
         for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        alpha = r if alpha is None else alpha
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number or None, got {alpha!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.r = in_features, out_features, r
-        self.alpha, self.use_rslora, self.dropout = alpha, use_rslora, float(dropout)
+        self.set_scaling(alpha, dropout, use_rslora)
         self.fan_in_fan_out = False  # True when made from a GPT-2 Conv1D ((in, out) weight); PEFT's config records it
         self._conv1d_type = None  # that Conv1D class, so that merge_lora gives the model back its own module type
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
 
         # Base layer initialised exactly as nn.Linear would, then frozen.
         base = nn.Linear(in_features, out_features, bias=bias, **factory)
@@ -65,6 +59,16 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def set_scaling(self, alpha=None, dropout=0.0, use_rslora=False) -> None:
+        """Set alpha (None: r), dropout and use_rslora, and so the scale; the factors are left as they are."""
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        alpha = self.r if alpha is None else alpha
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number or None, got {alpha!r}")
+        self.alpha, self.use_rslora, self.dropout = alpha, use_rslora, float(dropout)
+        self.scale = alpha / math.sqrt(self.r) if use_rslora else alpha / self.r
 
     @classmethod
     def from_linear(cls, module, r, alpha=None, dropout=0.0, use_rslora=False) -> LoRALinear:

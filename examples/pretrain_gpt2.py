@@ -20,8 +20,10 @@ Restarts are counted in global steps: ReLoRA restarts after every optimizer step
 --restart_every by default) gets the same dip: its factors and their Adam state are fresh too.
 
 Writes to --out_dir: metrics.jsonl (one JSON object per step), loss.png (loss vs tokens, restarts marked) and
-ckpt/step_XXXXXXXX/ (model.safetensors + state.pt: optimizer, ReLoRA controller, RNG states, step). Resuming
-from a checkpoint reproduces the uninterrupted run's losses exactly (same settings, same machine).
+ckpt/step_XXXXXXXX/ (model.safetensors + state.pt: optimizer, ReLoRA controller, RNG states, step, tokenizer, corpus
+manifest). Resuming from a checkpoint reproduces the uninterrupted run's losses exactly (same settings, same
+machine), after a kill -9 or a Ctrl-C (SIGINT/SIGTERM finish the step and checkpoint it). The run holds a lock on
+--out_dir, resumes from the newest checkpoint that loads, and refuses --data that changed since the checkpoint.
 """
 
 from __future__ import annotations

@@ -437,9 +437,9 @@ def clean_checkpoints(out_dir: Path, log) -> None:
         log(f"removed {len(junk)} unfinished checkpoint folder(s) in {root}: {', '.join(sorted(d.name for d in junk))}")
 
 
-def newest_loadable_checkpoint(out_dir: Path, log) -> tuple[Path, dict] | tuple[None, None]:
+def newest_loadable_checkpoint(out_dir: Path, log, move_broken: bool = True) -> tuple[Path, dict] | tuple[None, None]:
     """The newest checkpoint whose state and weights files load, and its state. A newer one that does not is
-    renamed broken-step_XXXXXXXX (kept to inspect, no longer a checkpoint), and the log says why."""
+    renamed broken-step_XXXXXXXX (kept to inspect, no longer a checkpoint; by rank 0 only), and the log says why."""
     ckpts = checkpoint_dirs(out_dir)
     for ckpt in reversed(ckpts):
         try:
@@ -449,8 +449,9 @@ def newest_loadable_checkpoint(out_dir: Path, log) -> tuple[Path, dict] | tuple[
             return ckpt, state
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
             broken = ckpt.with_name(f"broken-{ckpt.name}")
-            shutil.rmtree(broken, ignore_errors=True)
-            ckpt.rename(broken)
+            if move_broken:
+                shutil.rmtree(broken, ignore_errors=True)
+                ckpt.rename(broken)
             log(f"skipping checkpoint {ckpt}: {str(e).splitlines()[0][:200]}; moved it to {broken.name}")
     if ckpts:
         raise UsageError(f"none of the {len(ckpts)} checkpoints in {out_dir / 'ckpt'} loads (see above); a new "
@@ -634,7 +635,7 @@ def _train(argv, run_scope: ExitStack) -> dict:
         # Never start over on top of a run's checkpoints: a forgotten --resume would delete them one by one.
         raise UsageError(f"{out_dir} holds a run (checkpoint at step {int(ckpts[-1].name[5:])}): --resume continues "
                          "it; a new --out_dir, or deleting the folder, starts over")
-    ckpt, ckpt_state = newest_loadable_checkpoint(out_dir, log) if ckpts else (None, None)
+    ckpt, ckpt_state = newest_loadable_checkpoint(out_dir, log, move_broken=master) if ckpts else (None, None)
     cfg = resolve_config(given, ckpt_state["config"] if ckpt_state else None, device)
     check_lora_rank(cfg, device)
     if given.get("resume") and not ckpts:

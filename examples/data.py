@@ -127,11 +127,10 @@ def split_pieces(root: Path, files: list[Path]) -> tuple[list[Piece], list[Piece
     if sum(sizes[f] for f in val) <= MAX_VAL_SHARE * total:
         return [(f, 0, None) for f in train], [(f, 0, None) for f in val]
     budget, whole = VAL_FRACTION * total, []
-    for f in sorted(files, key=lambda f: _val_order(str(f.relative_to(root)))):
-        if sum(sizes[g] for g in whole) + sizes[f] > budget:
-            break
-        whole.append(f)
-    cut_file = next(f for f in sorted(files, key=lambda f: _val_order(str(f.relative_to(root)))) if f not in whole)
+    by_hash = sorted(files, key=lambda f: _val_order(str(f.relative_to(root))))
+    while sum(sizes[g] for g in whole) + sizes[by_hash[len(whole)]] <= budget:
+        whole.append(by_hash[len(whole)])
+    cut_file = by_hash[len(whole)]  # exists: validation by file held over MAX_VAL_SHARE, so not every file fits
     text = _read_text(cut_file)
     keep = len(text) - int(len(text) * (budget - sum(sizes[g] for g in whole)) / max(sizes[cut_file], 1))
     cut = text.rfind("\n", 0, keep) + 1 or keep

@@ -1,6 +1,6 @@
 """Pure-PyTorch twins of every op in the package: the test oracle, the CPU fallback and the "eager" provider.
 
-Notation (DESIGN.md section 1, as nn.Linear): x (M, K), weight W (N, K), lora_a A (r, K), lora_b B (N, r),
+Notation (docs/DESIGN.md section 1, as nn.Linear): x (M, K), weight W (N, K), lora_a A (r, K), lora_b B (N, r),
 s the LoRA scale, p the LoRA-branch dropout probability.
 
     x~ = dropout_p(x)                       mask from (seed, element index), inverted scaling 1/(1-p)
@@ -38,8 +38,8 @@ def _mul_hi_lo_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """
     a_hi, a_lo = a >> 16, a & 0xFFFF
     p_hi, p_lo = a_hi * b, a_lo * b  # < 2**48 each
-    # Tensor shifts written as multiply / floor-divide (equal for these non-negative values): Inductor's CPU
-    # vectoriser miscompiles int64 tensor shifts (torch 2.13), should this ever be traced outside philox_bits.
+    # Multiply / floor-divide rather than tensor shifts (equal for these non-negative values), because Inductor's
+    # CPU vectoriser has miscompiled int64 tensor shifts, should this ever be traced outside philox_bits.
     hi = (p_hi + p_lo // 2**16) // 2**16
     lo = (p_lo + (p_hi & 0xFFFF) * 2**16) & _MASK32
     return hi, lo

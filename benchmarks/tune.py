@@ -64,7 +64,7 @@ CUBLAS = "cublas"  # the choice that is the cuBLAS-composed engine; every other 
 def gemm_launch(launch: dict) -> policy.GemmLaunch:
     """The pass as the package's table keys it: the forward's GEMM is (M, N_out, K_in), dx's (M, K_in, N_out)."""
     n, k = (launch["N_out"], launch["K_in"]) if launch["kind"] == "forward" else (launch["K_in"], launch["N_out"])
-    return policy.GemmLaunch(cases.DTYPES[launch["dtype"]], kernels._block_rank(launch["r"]), launch["kind"],
+    return policy.GemmLaunch(cases.DTYPES[launch["dtype"]], policy.block_rank(launch["r"]), launch["kind"],
                              "+bias" in launch["variant"], "+dropout" in launch["variant"], launch["M"], n, k)
 
 
@@ -108,7 +108,7 @@ def time_choices(launch: dict, device: torch.device, smoke: bool) -> dict[str, f
     if smoke:
         tiles = policy.GEMM_TILES[-2:]
     else:
-        tiles = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, kernels._block_rank(launch["r"]),
+        tiles = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, policy.block_rank(launch["r"]),
                                cases.DTYPES[launch["dtype"]])
     fn, times = build(launch, device), {}
     for choice in [CUBLAS] + [tile.name for tile in tiles]:

@@ -212,7 +212,7 @@ def test_every_fused_gemm_tile_is_correct(tile, rank, monkeypatch, kernel_calls,
     # must be left out by the selection (its launch would raise OutOfResources).
     if engine == "cublas":
         pytest.skip("the tiles are the Triton engine's")
-    rank_block = kernels._block_rank(rank)
+    rank_block = policy.block_rank(rank)
     if policy.gemm_shared_bytes(tile, rank_block, torch.bfloat16.itemsize) > policy.shared_memory_limit():
         assert tile not in policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, rank_block, torch.bfloat16)
         return

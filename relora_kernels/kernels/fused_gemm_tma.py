@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import policy
-from .lora_linear import _block_rank, _dot_precision, _dropout_args, _keep_mask, on_tensors_device, traceable
+from .lora_linear import _dot_precision, _dropout_args, _keep_mask, on_tensors_device, traceable
 
 # The tiles (policy.TMA_TILES, "... tma ws e1") and their shared memory (policy.gemm_shared_bytes) live with the
 # other tiles in policy.py.
@@ -322,7 +322,7 @@ def fused_matmul_tma(lhs: torch.Tensor, rhs: torch.Tensor, low: torch.Tensor, up
     out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype)
     if M == 0 or N == 0:
         return out
-    rank_block = _block_rank(R)
+    rank_block = policy.block_rank(R)
     tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
     grid = (_programs(tiles, tile, rank_block, lhs.element_size()),)
     if lhs.device.type == "cuda":

@@ -29,13 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import DROPOUT_BITS, dropout_threshold
+from .. import random_stream
+from ..random_stream import dropout_threshold
 from . import policy
 
 MAX_RANK = 256
 
-# Each Philox word has 32 random bits; the top DROPOUT_BITS of them are compared with round(p * 2**DROPOUT_BITS).
-_RANDOM_SHIFT = tl.constexpr(32 - DROPOUT_BITS)
+_RANDOM_SHIFT = tl.constexpr(random_stream.RANDOM_SHIFT)
 
 
 # Whether ops.py registers the launchers as triton_ops, which torch.compile traces into, or as opaque custom ops:
@@ -59,11 +59,6 @@ def on_tensors_device(launcher):
             return launcher(first, *args, **kwargs)
 
     return launch
-
-
-def _block_rank(rank: int) -> int:
-    """r padded to a power of two >= 16 because tl.dot needs every dimension >= 16; the padding is masked."""
-    return max(16, triton.next_power_of_2(rank))
 
 
 def _fp32_matmul_allows_tf32() -> bool:
@@ -502,7 +497,7 @@ def _shrink(x, lora_a, dropout_p, seed, expand=None):
     out = torch.empty((M, N), device=x.device, dtype=x.dtype) if expand is not None else None
     if M == 0:
         return shrunk, out
-    cfg = _shrink_config(_block_rank(R), x.dtype, M)
+    cfg = _shrink_config(policy.block_rank(R), x.dtype, M)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     out_strides = out.stride() if out is not None else (0, 0)
     traceable(_shrink_kernel)[grid](
@@ -516,7 +511,7 @@ def _shrink(x, lora_a, dropout_p, seed, expand=None):
         stride_bias=bias.stride(0) if bias is not None else 0,
         stride_om=out_strides[0], stride_on=out_strides[1],
         scale=float(scale), inv_keep=1.0 / (1.0 - dropout_p), EXPAND=expand is not None, HAS_BIAS=bias is not None,
-        BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_R=policy.block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
         **_dropout_args(dropout_p, seed, x), **cfg,
     )
     return shrunk, out
@@ -535,7 +530,7 @@ def _fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, gemm_pass
     from .fused_gemm_tma import fused_matmul_tma, tma_eligible  # it builds on this module
 
     (M, K), N, R = lhs.shape, rhs.shape[1], low.shape[1]
-    gemm = policy.GemmLaunch(lhs.dtype, _block_rank(R), gemm_pass, bias is not None, dropout_p > 0.0, M, N, K)
+    gemm = policy.GemmLaunch(lhs.dtype, policy.block_rank(R), gemm_pass, bias is not None, dropout_p > 0.0, M, N, K)
     out = None
 
     def launch(tile: policy.GemmTile) -> torch.Tensor:
@@ -586,7 +581,7 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     """(dA, dB, dS, dbias, dx start or None): dx's start mask(dS @ A) / (1-p) is written by the dA launch when
     lora_a is given (the cuBLAS-composed engine)."""
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
-    cfg = _grad_ab_config(_block_rank(R), x.dtype, write_dx=lora_a is not None)
+    cfg = _grad_ab_config(policy.block_rank(R), x.dtype, write_dx=lora_a is not None)
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg}
     token_blocks = triton.cdiv(M, block_m)
@@ -601,7 +596,7 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     ds_partial = torch.zeros((n_splits if deterministic else 1, M, R), device=dev, dtype=torch.float32)
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
     dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if lora_a is not None else None
-    common = dict(DETERMINISTIC=deterministic, BLOCK_M=block_m, BLOCK_R=_block_rank(R),
+    common = dict(DETERMINISTIC=deterministic, BLOCK_M=block_m, BLOCK_R=policy.block_rank(R),
                   DOT_PRECISION=_dot_precision(x.dtype), **launch)
     if token_blocks > 0:
         traceable(_grad_b_kernel)[(token_blocks, n_splits)](
@@ -689,7 +684,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lo
     triton: the shrink, then the fused GEMM; cublas: the shrink also writes s * S @ B.T + bias into y, then cuBLAS
     adds x @ W.T."""
     (M, K), N = x.shape, weight.shape[0]
-    gemm = policy.GemmLaunch(x.dtype, _block_rank(lora_a.shape[0]), "forward", bias is not None, False, M, N, K)
+    gemm = policy.GemmLaunch(x.dtype, policy.block_rank(lora_a.shape[0]), "forward", bias is not None, False, M, N, K)
     if policy.choose_engine(gemm) == "cublas":
         shrunk, y = lora_shrink_expand(x, lora_a, lora_b, scale, bias, dropout_p, seed)
         return y.addmm_(x, weight.T), shrunk
@@ -706,7 +701,7 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, l
     `need_bias_grad`. dS, dB, dbias and dA from lora_grad_ab's two launches; dx = dy @ W + mask(dS @ A) / (1-p):
     triton, the fused GEMM; cublas, the dA launch also writes the low-rank term into dx, then cuBLAS adds dy @ W."""
     (M, K), N = x.shape, weight.shape[0]
-    gemm = policy.GemmLaunch(x.dtype, _block_rank(lora_a.shape[0]), "input_grad", False, dropout_p > 0.0, M, K, N)
+    gemm = policy.GemmLaunch(x.dtype, policy.block_rank(lora_a.shape[0]), "input_grad", False, dropout_p > 0.0, M, K, N)
     if need_input_grad and policy.choose_engine(gemm) == "cublas":
         grad_a, grad_b, grad_bias, grad_x = lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p,
                                                                seed, need_bias_grad, deterministic)

@@ -47,6 +47,11 @@ def engine_setting() -> str:
     return name
 
 
+def block_rank(rank: int) -> int:
+    """r padded to a power of two >= 16 because tl.dot needs every dimension >= 16; the padding is masked."""
+    return max(16, triton.next_power_of_2(rank))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tiles and their shared memory
 # ---------------------------------------------------------------------------------------------------------------

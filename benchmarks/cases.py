@@ -343,9 +343,8 @@ def chosen_engines(case: LoraCase) -> dict:
     under the current RELORA_KERNELS_ENGINE (auto: the table's entry, else policy.predicted_engine), as lora_forward
     and lora_backward key them (the benchmark's layers have a bias)."""
     from relora_kernels.kernels import policy
-    from relora_kernels.kernels.lora_linear import _block_rank
 
-    dtype, rank_block = DTYPES[case.dtype], _block_rank(case.r)
+    dtype, rank_block = DTYPES[case.dtype], policy.block_rank(case.r)
     forward = policy.GemmLaunch(dtype, rank_block, "forward", True, False, case.M, case.N, case.K)
     input_grad = policy.GemmLaunch(dtype, rank_block, "input_grad", False, case.p > 0, case.M, case.K, case.N)
     return {"engine_fwd": policy.choose_engine(forward), "engine_dx": policy.choose_engine(input_grad)}

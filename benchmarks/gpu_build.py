@@ -184,7 +184,7 @@ def _drive_hopper_tiles(dtype: torch.dtype, rank: int) -> None:
                                                                                                          dtype=dtype)
     lora_a, lora_b = torch.empty(rank, k, dtype=dtype), torch.empty(n, rank, dtype=dtype)
     bias, shrunk = torch.empty(n, dtype=dtype), torch.empty(tokens, rank, dtype=dtype)
-    gemm = policy.GemmLaunch(dtype, lora_linear._block_rank(rank), "forward", True, False, tokens, n, k)
+    gemm = policy.GemmLaunch(dtype, policy.block_rank(rank), "forward", True, False, tokens, n, k)
     for tile in policy.tma_tiles(gemm):
         with policy.forced_tile(tile):
             lora_linear.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, bias)
@@ -301,7 +301,7 @@ def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ..
         dtype = DTYPES[dtype_name]
         # Every tile tuning would time (the candidates that fit), then the fixed tile of RELORA_KERNELS_AUTOTUNE=0.
         stage["label"] = "tuned"
-        for tile in policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, lora_linear._block_rank(rank),
+        for tile in policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, policy.block_rank(rank),
                                    dtype)[:policy.TUNED_CANDIDATES]:
             with policy.forced_tile(tile):
                 _drive_launchers(dtype, rank)

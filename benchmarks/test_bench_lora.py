@@ -80,7 +80,7 @@ def test_each_fused_provider_runs_its_engine_and_restores_the_setting(provider, 
     monkeypatch.setenv(cases.ENGINE_VARIABLE, "triton" if provider == "fused_cublas" else "cublas")  # overridden
     before = policy.engine_setting()
     chosen, choose = [], policy.choose_engine
-    monkeypatch.setattr(policy, "choose_engine", lambda launch: chosen.append((launch.kind, choose(launch))) or
+    monkeypatch.setattr(policy, "choose_engine", lambda launch: chosen.append((launch.gemm_pass, choose(launch))) or
                         chosen[-1][1])
     case = dataclasses.replace(LORA_CASE, mode="fwd+bwd", M=min(LORA_CASE.M, 256))
     with cases.engine_env(provider):

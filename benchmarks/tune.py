@@ -65,7 +65,7 @@ CUBLAS = "cublas"  # the choice that is the cuBLAS-composed engine; every other 
 def gemm_launch(launch: dict) -> policy.GemmLaunch:
     """The pass as the package's table keys it: the forward's GEMM is (M, N_out, K_in), dx's (M, K_in, N_out)."""
     n, k = (launch["N_out"], launch["K_in"]) if launch["kind"] == "forward" else (launch["K_in"], launch["N_out"])
-    return policy.GemmLaunch(cases.DTYPES[launch["dtype"]], kernels._block_rank(launch["r"]), launch["kind"],
+    return policy.GemmLaunch(cases.DTYPES[launch["dtype"]], policy.block_rank(launch["r"]), launch["kind"],
                              "+bias" in launch["variant"], "+dropout" in launch["variant"], launch["M"], n, k)
 
 
@@ -121,7 +121,7 @@ def tiles_to_time(launch: dict, operands: tuple, smoke: bool) -> list[policy.Gem
     hopper_ok = tma_eligible(*operands)
     if smoke:
         return policy.GEMM_TILES[-2:] + ([policy.INTERPRETER_TMA_TILE] if hopper_ok else [])
-    pointer = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, kernels._block_rank(launch["r"]),
+    pointer = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, policy.block_rank(launch["r"]),
                              cases.DTYPES[launch["dtype"]])
     return pointer + (policy.tma_tiles(gemm_launch(launch)) if hopper_ok else [])
 

@@ -2,7 +2,7 @@
 // accumulating into its output with beta = 1 where the math adds, so there is no separate scale or add kernel and
 // no Python between the calls (one C++ call for the forward, one for the backward).
 //
-// Notation as DESIGN.md section 1: x (M, K), W (N, K), A (r, K), B (N, r), s the scale, p the dropout, m the mask.
+// Notation as docs/DESIGN.md section 1: x (M, K), W (N, K), A (r, K), B (N, r), s the scale, p the dropout, m the mask.
 //
 //   forward   y  = bias + x @ W.T                 addmm (or mm without bias)
 //             S  = (x * m) @ A.T * 1/(1-p)        one mul kernel for x * m; 1/(1-p) is the GEMM's alpha

@@ -20,29 +20,35 @@ Restarts are counted in global steps: ReLoRA restarts after every optimizer step
 --restart_every by default) gets the same dip: its factors and their Adam state are fresh too.
 
 Writes to --out_dir: metrics.jsonl (one JSON object per step), loss.png (loss vs tokens, restarts marked) and
-ckpt/step_XXXXXXXX/ (model.safetensors + state.pt: optimizer, ReLoRA controller, RNG states, step). Resuming
-from a checkpoint reproduces the uninterrupted run's losses exactly (same settings, same machine).
+ckpt/step_XXXXXXXX/ (model.safetensors + state.pt: optimizer, ReLoRA controller, RNG states, step, tokenizer, corpus
+manifest). Resuming from a checkpoint reproduces the uninterrupted run's losses exactly (same settings, same
+machine), after a kill -9 or a Ctrl-C (SIGINT/SIGTERM finish the step and checkpoint it). The run holds a lock on
+--out_dir, resumes from the newest checkpoint that loads, and refuses --data that changed since the checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import inspect
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -97,6 +103,7 @@ class Config:
     ckpt_every: int | None = None  # checkpoint every this many steps (and at the end)
     keep_ckpts: int = 2  # complete checkpoints kept; older ones are deleted
     resume: bool = False  # continue from the newest complete checkpoint in out_dir
+    allow_data_change: bool = False  # resume on a changed --data corpus, tokenised with the checkpoint's tokenizer
     sample_tokens: int = 200  # tokens of text sampled at the end (0: none)
     # system
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
@@ -107,6 +114,7 @@ class Config:
     max_bad_steps: int = 10  # stop after this many non-finite steps in a row
     nan_at_steps: str = ""  # comma-separated steps whose loss is replaced by NaN (testing)
     kill_at_step: int = 0  # SIGKILL this process after this step (testing an interrupted run)
+    signal_at_step: str = ""  # STEP:SIGNAL, e.g. 14:SIGINT: this process signals itself during that step (testing)
 
 
 # Training defaults per preset. tiny is sized for a 2-core CPU: ~3 minutes of training, val loss 8.36 -> 5.05 (see
@@ -141,6 +149,14 @@ class UsageError(Exception):
 
 class RunError(Exception):
     """The run cannot go on (divergence, non-finite weights): reported in one line, exit status 1."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: the run stopped after a step and its checkpoint; exit status 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,7 +195,8 @@ def resolve_config(given: dict, saved: dict | None, device: torch.device) -> Con
     """Config = defaults < the preset's < the checkpoint's (when resuming) < the command line; then checked."""
     if saved:
         # Test knobs and the device are never inherited; fields this version does not know are dropped.
-        known = {f.name for f in fields(Config)} - {"resume", "device", "out_dir", "nan_at_steps", "kill_at_step"}
+        known = {f.name for f in fields(Config)} - {"resume", "device", "out_dir", "nan_at_steps", "kill_at_step",
+                                                    "signal_at_step", "allow_data_change"}
         saved = {key: value for key, value in saved.items() if key in known}
         for key in RUN_DEFINING:
             if key in given and given[key] != saved.get(key):
@@ -227,6 +244,11 @@ def check_config(cfg: Config) -> None:
     need(0 <= cfg.prune_ratio <= 1, f"--prune_ratio must be in [0, 1], got {cfg.prune_ratio}")
     need(0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     need(cfg.grad_clip >= 0, f"--grad_clip must be >= 0, got {cfg.grad_clip}")
+    for key in ("beta1", "beta2"):
+        need(0 <= getattr(cfg, key) < 1, f"--{key} must be in [0, 1), got {getattr(cfg, key)}")
+    need(0 <= cfg.weight_decay < math.inf, f"--weight_decay must be a number >= 0, got {cfg.weight_decay}")
+    need(cfg.lora_alpha is None or 0 < cfg.lora_alpha < math.inf, f"--lora_alpha must be a positive number, got "
+         f"{cfg.lora_alpha}")
     need(cfg.warmup_steps < cfg.max_steps, f"--warmup_steps ({cfg.warmup_steps}) must be < --max_steps "
          f"({cfg.max_steps})")
     need(cfg.restart_warmup_steps <= cfg.restart_every, f"--restart_warmup_steps ({cfg.restart_warmup_steps}) "
@@ -242,6 +264,21 @@ def check_config(cfg: Config) -> None:
         [int(s) for s in cfg.nan_at_steps.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--nan_at_steps must be comma-separated integers, got {cfg.nan_at_steps!r}") from None
+    need(not cfg.signal_at_step or re.fullmatch(r"\d+:SIG(INT|TERM)", cfg.signal_at_step),
+         f"--signal_at_step must be STEP:SIGINT or STEP:SIGTERM, got {cfg.signal_at_step!r}")
+
+
+def check_lora_rank(cfg: Config, device: torch.device) -> None:
+    """Run one LoRA product of rank --lora_r on the device now, so that a rank the kernels cannot take is refused at
+    start-up rather than at the switch to LoRA after the warm start. Zeros and no dropout: no RNG is drawn."""
+    if cfg.mode == "full":
+        return
+    x = torch.zeros(1, 8, device=device)
+    try:
+        rk.lora_linear(x, torch.zeros(8, 8, device=device), torch.zeros(cfg.lora_r, 8, device=device),
+                       torch.zeros(8, cfg.lora_r, device=device))
+    except ValueError as e:
+        raise UsageError(f"--lora_r {cfg.lora_r}: {e}") from None
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -354,17 +391,24 @@ def _fsync(path: Path) -> None:
 
 def save_checkpoint(out_dir: Path, step: int, model, state: dict, keep: int) -> Path:
     """Written into a temporary directory, renamed into place, then marked DONE: a write interrupted at any point
-    leaves at worst a directory without DONE, which is ignored, and the previous checkpoint intact."""
+    leaves at worst a directory without DONE, which is ignored, and the previous checkpoint intact. A failed write
+    (a full disk) removes its temporary directory and raises RunError."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise RunError(f"step {step}: the weights are not finite; refusing to write a checkpoint over good ones")
     root = out_dir / "ckpt"
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head.weight, restored on load
-    torch.save(state, tmp / "state.pt")
-    for f in tmp.iterdir():
-        _fsync(f)
+    try:
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head.weight, restored on load
+        torch.save(state, tmp / "state.pt")
+        for f in tmp.iterdir():
+            _fsync(f)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = (e.strerror or str(e)).lower()
+        raise RunError(f"step {step}: {reason} writing checkpoint {final}; removed the partial {tmp.name}, the "
+                       "earlier checkpoints are intact (--resume continues from the newest)") from None
     if final.exists():  # an incomplete earlier attempt at this step (no DONE): it is not a checkpoint
         shutil.rmtree(final)
     tmp.rename(final)
@@ -372,6 +416,7 @@ def save_checkpoint(out_dir: Path, step: int, model, state: dict, keep: int) -> 
     _fsync(final / "DONE")
     _fsync(root)
     for old in checkpoint_dirs(out_dir)[:-keep]:
+        (old / "DONE").unlink()  # first, so that a prune cut short leaves no half checkpoint that counts as one
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -380,13 +425,132 @@ def load_checkpoint_state(ckpt: Path) -> dict:
     return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
 
 
+def clean_checkpoints(out_dir: Path, log) -> None:
+    """Remove what interrupted writes and prunes leave: temporary folders and step folders without DONE. Run under
+    the out_dir lock, so no other process is writing them."""
+    root = out_dir / "ckpt"
+    junk = [d for d in root.glob(".tmp-step_*") if d.is_dir()]
+    junk += [d for d in root.glob("step_*") if d.is_dir() and not (d / "DONE").exists()]
+    for d in junk:
+        shutil.rmtree(d, ignore_errors=True)
+    if junk:
+        log(f"removed {len(junk)} unfinished checkpoint folder(s) in {root}: {', '.join(sorted(d.name for d in junk))}")
+
+
+def newest_loadable_checkpoint(out_dir: Path, log, move_broken: bool = True) -> tuple[Path, dict] | tuple[None, None]:
+    """The newest checkpoint whose state and weights files load, and its state. A newer one that does not is
+    renamed broken-step_XXXXXXXX (kept to inspect, no longer a checkpoint; by rank 0 only), and the log says why."""
+    ckpts = checkpoint_dirs(out_dir)
+    for ckpt in reversed(ckpts):
+        try:
+            state = load_checkpoint_state(ckpt)
+            with safe_open(ckpt / "model.safetensors", "pt"):  # reads the header: a truncated file fails here
+                pass
+            return ckpt, state
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+            broken = ckpt.with_name(f"broken-{ckpt.name}")
+            if move_broken:
+                shutil.rmtree(broken, ignore_errors=True)
+                ckpt.rename(broken)
+            log(f"skipping checkpoint {ckpt}: {str(e).splitlines()[0][:200]}; moved it to {broken.name}")
+    if ckpts:
+        raise UsageError(f"none of the {len(ckpts)} checkpoints in {out_dir / 'ckpt'} loads (see above); a new "
+                         "--out_dir, or deleting the folder, starts over")
+    return None, None
+
+
+@contextmanager
+def out_dir_lock(out_dir: Path, log):
+    """Hold an exclusive lock on out_dir for the run; a second run there is refused, naming the holder's pid. The
+    lock is the kernel's (flock), so it dies with its process: a killed run's lock file is simply taken over."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out_dir {out_dir} is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UsageError(f"--out_dir {out_dir}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UsageError(f"--out_dir {out_dir} is in use by another run (pid {holder}); wait for it to end, or "
+                             "use another --out_dir") from None
+        if previous := os.pread(fd, 32, 0).decode(errors="replace").strip():
+            log(f"{out_dir}: taking over the lock of a run that did not end cleanly (pid {previous})")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # an ended run leaves an empty lock file: a pid left in it is a run that was killed
+    finally:
+        os.close(fd)
+
+
+class StopSignals:
+    """SIGINT / SIGTERM ask the loop to stop after the current step, with a checkpoint, rather than die mid-step;
+    a second signal acts as it normally would (KeyboardInterrupt, termination)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        self.__exit__()
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
 # --- metrics and the plot ---------------------------------------------------------------------------------------
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a torn last line (the process killed mid-write) is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise RunError(f"{path}: line {i + 1} is not JSON (only a last line can be torn by a kill)") from None
+    return rows
+
+
+def restart_metrics(path: Path, start_step: int, log) -> None:
+    """Make metrics.jsonl hold the rows up to start_step, the step resumed from: later rows are for steps that will
+    run again, a torn last line is dropped. Rewritten atomically, and only when that changes it. A run from step 0
+    moves an earlier file aside (metrics.previous.jsonl) rather than empty it."""
+    if not path.exists():
+        return
+    text, rows = path.read_text(), read_metrics(path)
+    if start_step == 0:
+        if rows:
+            os.replace(path, path.with_name("metrics.previous.jsonl"))
+            log(f"{path}: {len(rows)} rows of an earlier run that left no checkpoint, moved to metrics.previous.jsonl")
+        return
+    kept = [r for r in rows if r["step"] <= start_step]
+    new = "".join(json.dumps(r) + "\n" for r in kept)
+    if new != text:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(new)
+        os.replace(tmp, path)
+        log(f"{path}: kept the {len(kept)} rows up to step {start_step}, dropped {len(rows) - len(kept)} after it"
+            + ("" if text.endswith("\n") and len(text.splitlines()) == len(rows) else " and a torn last line"))
 
 
 def plot_metrics(path: Path, png: Path, title: str) -> None:
@@ -436,6 +600,11 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def train(argv=None) -> dict:
+    with ExitStack() as run_scope:  # the out_dir lock and the signal handlers, released however the run ends
+        return _train(argv, run_scope)
+
+
+def _train(argv, run_scope: ExitStack) -> dict:
     given = parse_args(argv)
 
     # --- processes and device: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK ---------------------------------------
@@ -458,13 +627,17 @@ def train(argv=None) -> dict:
     preset = given.get("preset") or ("gpt2-124m" if device.type == "cuda" else "tiny")
     out_dir = Path(given.get("out_dir") or f"out/{preset}-{given.get('mode', Config.mode)}")
     given["out_dir"] = str(out_dir)
+    if master:
+        run_scope.enter_context(out_dir_lock(out_dir, log))
+        clean_checkpoints(out_dir, log)
     ckpts = checkpoint_dirs(out_dir)
     if ckpts and not given.get("resume"):
         # Never start over on top of a run's checkpoints: a forgotten --resume would delete them one by one.
         raise UsageError(f"{out_dir} holds a run (checkpoint at step {int(ckpts[-1].name[5:])}): --resume continues "
                          "it; a new --out_dir, or deleting the folder, starts over")
-    ckpt_state = load_checkpoint_state(ckpts[-1]) if ckpts else None
+    ckpt, ckpt_state = newest_loadable_checkpoint(out_dir, log, move_broken=master) if ckpts else (None, None)
     cfg = resolve_config(given, ckpt_state["config"] if ckpt_state else None, device)
+    check_lora_rank(cfg, device)
     if given.get("resume") and not ckpts:
         log(f"--resume: no complete checkpoint in {out_dir}/ckpt, starting from scratch")
     if cfg.mode == "relora" and cfg.warmup_full_steps % cfg.restart_every:
@@ -478,8 +651,11 @@ def train(argv=None) -> dict:
     # --- data: rank 0 builds the tokenizer and token cache, the others wait and read it ------------------------------
     cache = None
     if master:
+        saved = ckpt_state.get("data", {}) if ckpt_state else {}  # a resumed run keeps its tokenizer and corpus
         try:
-            cache = prepare_data(cfg.data, cfg.vocab_size, cfg.cache_dir, log=log)
+            cache = prepare_data(cfg.data, cfg.vocab_size, cfg.cache_dir, log=log,
+                                 tokenizer_json=saved.get("tokenizer"), manifest=saved.get("manifest"),
+                                 allow_change=cfg.allow_data_change)
         except (OSError, ValueError) as e:
             raise UsageError(str(e)) from None
     if ddp:
@@ -504,7 +680,7 @@ def train(argv=None) -> dict:
     relora = ReLoRA(model, optimizer, restart_every=cfg.restart_every, prune_ratio=cfg.prune_ratio,
                     seed=cfg.seed) if cfg.mode == "relora" and lora_on else None
     if ckpt_state:
-        load_model(model, str(ckpts[-1] / "model.safetensors"), device=str(device))
+        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
         optimizer.load_state_dict(ckpt_state["optimizer"])
         if relora is not None:
             relora.load_state_dict(ckpt_state["relora"])
@@ -526,14 +702,13 @@ def train(argv=None) -> dict:
     log(f"parameters: {param_counts(model)}" + (f", LoRA r={cfg.lora_r} on every attention and MLP linear"
                                                 if lora_on else ""))
     if ckpt_state:
-        log(f"resumed from {ckpts[-1]} (step {start_step})")
+        log(f"resumed from {ckpt} (step {start_step})")
 
     # --- metrics: rank 0 appends one JSON object per step; a resumed run drops what came after its checkpoint ------
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     if master:
-        kept = [r for r in read_metrics(metrics_path) if r["step"] <= start_step] if ckpt_state else []
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        restart_metrics(metrics_path, start_step, log)
 
     def log_metrics(row):
         if master:
@@ -548,7 +723,9 @@ def train(argv=None) -> dict:
                 relora=relora.state_dict() if relora is not None else None,
                 rng=dict(torch=torch.get_rng_state(),
                          cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
-                skipped_steps=skipped, data=dict(batches="keyed by (seed, step, micro-step, rank)", step=step),
+                skipped_steps=skipped, data=dict(batches="keyed by (seed, step, micro-step, rank)", step=step,
+                                                 manifest=data.meta["manifest"],
+                                                 tokenizer=(data.cache_dir / "tokenizer.json").read_text()),
                 schedule=dict(lr=lr_at(cfg, step) if step else 0.0, next_step=step + 1),
             )
             path = save_checkpoint(out_dir, step, model, state, cfg.keep_ckpts)
@@ -556,6 +733,13 @@ def train(argv=None) -> dict:
             log(f"step {step}: checkpoint {path}")
         if ddp:
             dist.barrier()  # nobody runs ahead of a checkpoint that may be needed to resume
+
+    def stop_requested() -> int:
+        """The signal number if SIGINT / SIGTERM reached any rank (all ranks agree), else 0."""
+        signum = torch.tensor(stop.signum or 0, device=device)
+        if ddp:
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        return int(signum)
 
     skipped = ckpt_state["skipped_steps"] if ckpt_state else 0
     bad_streak = 0
@@ -567,6 +751,8 @@ def train(argv=None) -> dict:
     # --- the loop ------------------------------------------------------------------------------------------------
     pbar = tqdm(total=cfg.max_steps, initial=start_step, disable=not master, dynamic_ncols=True, unit="step",
                 file=sys.stdout)  # stdout, so that stderr holds only errors
+    stop = run_scope.enter_context(StopSignals())
+    signal_step, _, signal_name = cfg.signal_at_step.partition(":")
     train_time, tok_s = 0.0, 0.0
     for step in range(start_step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
@@ -601,6 +787,8 @@ def train(argv=None) -> dict:
                 loss = loss * float("nan")  # injected fault (--nan_at_steps): only rank 0, the others must follow
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
+        if signal_name and step == int(signal_step):
+            os.kill(os.getpid(), getattr(signal, signal_name))  # injected Ctrl-C / kill (--signal_at_step)
         if ddp:
             dist.all_reduce(loss_sum)
         train_loss = (loss_sum / (cfg.grad_accum * world)).item()
@@ -654,6 +842,11 @@ def train(argv=None) -> dict:
         # checkpoint (atomically), then the injected crash of the resume test
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             checkpoint(step)
+        if step < cfg.max_steps and (signum := stop_requested()):
+            if step % cfg.ckpt_every:
+                checkpoint(step)
+            raise Interrupted(f"{signal.Signals(signum).name} at step {step}: stopped after writing its checkpoint; "
+                              "--resume continues exactly", signum)
         if step == cfg.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
     pbar.close()
@@ -696,6 +889,13 @@ def main(argv=None) -> int:
     except RunError as e:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted; the newest complete checkpoint, if any, is where --resume "
+              "continues", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Which implementation runs an op: the Triton kernels or the PyTorch reference (DESIGN.md section 4).
+"""Which implementation runs an op: the Triton kernels or the PyTorch reference (docs/DESIGN.md section 4).
 
 RELORA_KERNELS_BACKEND=auto|triton|reference, read at every call so a test or a user can switch it at run time.
   auto       Triton for CUDA tensors, the reference elsewhere.
@@ -25,6 +25,12 @@ def backend_name() -> str:
     return name
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1, which Triton itself reads once,
+    when it is imported). The package's one reader of the variable; importing triton is not needed for it."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def use_triton(device: torch.device) -> bool:
     """True when the kernels should run for tensors on `device`; raises where they were forced but cannot run."""
     name = backend_name()
@@ -32,8 +38,7 @@ def use_triton(device: torch.device) -> bool:
         return False
     if name == "auto":
         return device.type == "cuda"
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if device.type == "cpu" and not interpreting:
+    if device.type == "cpu" and not interpreting():
         raise RuntimeError(
             "RELORA_KERNELS_BACKEND=triton but the tensors are on the CPU: the Triton kernels run on a CPU only "
             "through the interpreter (set TRITON_INTERPRET=1 before importing triton), or use "

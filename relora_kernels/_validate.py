@@ -77,7 +77,7 @@ def check_seed(seed) -> int:
 
 
 def check_lora_linear_args(x, weight, lora_a, lora_b, bias) -> None:
-    """Shapes per DESIGN.md section 5: x (..., K), weight (N, K), lora_a (r, K), lora_b (N, r), bias (N,)."""
+    """Shapes per docs/DESIGN.md section 1: x (..., K), weight (N, K), lora_a (r, K), lora_b (N, r), bias (N,)."""
     check_float_tensor("x", x)
     check_float_tensor("weight", weight, ndim=2)
     check_float_tensor("lora_a", lora_a, ndim=2)

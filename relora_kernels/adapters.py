@@ -11,6 +11,7 @@ have merged updates into them, save those weights too, e.g. `merge_lora` then th
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -106,9 +107,15 @@ def _read_config(folder: Path) -> dict:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {name} is missing")
-    config = json.loads((folder / CONFIG_NAME).read_text())
+    path = folder / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{folder / CONFIG_NAME}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
     unsupported = {
         "use_dora": bool(config.get("use_dora")),
         "bias": config.get("bias", "none") != "none",
@@ -119,7 +126,10 @@ def _read_config(folder: Path) -> dict:
     }
     for key, used in unsupported.items():
         if used:
-            raise ValueError(f"{folder / CONFIG_NAME}: {key}={config[key]!r} is not supported by LoRALinear")
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported by LoRALinear")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise ValueError(f"{path}: {key} must be an object of module name patterns, got {config[key]!r}")
     return config
 
 
@@ -131,50 +141,89 @@ def _pattern_value(pattern: dict, name: str, default):
     return default
 
 
+def _layer_settings(config: dict, name: str, path: Path) -> tuple[float, float, bool]:
+    """(alpha, dropout, use_rslora) of module `name` under the adapter config, checked as LoRALinear would."""
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+    dropout = config.get("lora_dropout", 0.0)
+    rslora = config.get("use_rslora", False)
+    for key, value, ok in (("lora_alpha", alpha, _is_real(alpha) and math.isfinite(alpha)),
+                           ("lora_dropout", dropout, _is_real(dropout) and 0.0 <= dropout < 1.0),
+                           ("use_rslora", rslora, isinstance(rslora, bool))):
+        if not ok:
+            raise ValueError(f"{path}: {key}={value!r} for {name} is not valid")
+    return alpha, float(dropout), rslora
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _read_factors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / WEIGHTS_NAME
+    try:
+        tensors = load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _FACTOR_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"{path}: tensor {key!r} is not a LoRA factor of a linear layer")
+        factors.setdefault(match["module"], {})[match["factor"]] = tensor
+    if not factors:
+        raise ValueError(f"{path} holds no LoRA factors")
+    for name, pair in factors.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{path}: module {name!r} lacks one of lora_A / lora_B")
+    return factors
+
+
+def _target_layer(model: nn.Module, name: str, r: int, settings) -> LoRALinear:
+    """The LoRALinear that will hold `name`'s factors: the module itself if it is one (checked, not yet changed),
+    else a new one made from the nn.Linear / Conv1D (not yet put into the model)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"the adapter adapts {name!r}, which model has no module of that name") from None
+    if isinstance(module, LoRALinear):
+        if module.r != r:
+            raise ValueError(f"{name} is a LoRALinear of r = {module.r}; the adapter's factors have r = {r}")
+        return module
+    if _is_linear_like(module):
+        return LoRALinear.from_linear(module, r, *settings)
+    raise ValueError(f"the adapter adapts {name!r}, a {type(module).__name__}; only nn.Linear / Conv1D load")
+
+
 def load_peft_adapter(model: nn.Module, path) -> nn.Module:
     """Put the PEFT LoRA adapter saved in the folder `path` into `model`, in place; returns `model`.
 
     Each adapted module of `model` becomes a LoRALinear (as apply_lora would make it, weight frozen) holding the
     adapter's factors in the module's dtype and device; a module that is already a LoRALinear of the same rank
-    has its factors overwritten. rank, alpha (incl. rank_pattern / alpha_pattern), dropout and use_rslora follow
-    the adapter's config. Raises ValueError for what LoRALinear cannot represent (DoRA, trained biases, ...).
+    has its factors overwritten and takes the adapter's alpha, dropout and use_rslora. rank, alpha (incl.
+    rank_pattern / alpha_pattern), dropout and use_rslora follow the adapter's config. Everything is read and
+    checked before the model is changed, so a failed load leaves it as it was. Raises FileNotFoundError for a
+    missing file and ValueError, naming the file, for a malformed one or what LoRALinear cannot represent (DoRA,
+    trained biases, ...).
     """
-    from safetensors.torch import load_file
-
     folder = Path(path)
     config = _read_config(folder)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(folder / WEIGHTS_NAME).items():
-        match = _FACTOR_KEY.fullmatch(key)
-        if match is None:
-            raise ValueError(f"{folder / WEIGHTS_NAME}: tensor {key!r} is not a LoRA factor of a linear layer")
-        factors.setdefault(match["module"], {})[match["factor"]] = tensor
-    if not factors:
-        raise ValueError(f"{folder / WEIGHTS_NAME} holds no LoRA factors")
-
-    for name, pair in factors.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{folder / WEIGHTS_NAME}: module {name!r} lacks one of lora_A / lora_B")
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the adapter adapts {name!r}, which model has no module of that name") from None
+    plan = []
+    for name, pair in _read_factors(folder).items():
         lora_a, lora_b = pair["lora_A"], pair["lora_B"]
-        r = lora_a.shape[0]
-        if isinstance(module, LoRALinear):
-            if module.r != r:
-                raise ValueError(f"{name} is a LoRALinear of r = {module.r}; the adapter's factors have r = {r}")
-            layer = module
-        elif _is_linear_like(module):
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-            layer = LoRALinear.from_linear(module, r, alpha, float(config.get("lora_dropout", 0.0)),
-                                           bool(config.get("use_rslora", False)))
-            _replace(model, name, layer)
-        else:
-            raise ValueError(f"the adapter adapts {name!r}, a {type(module).__name__}; only nn.Linear / Conv1D load")
+        settings = _layer_settings(config, name, folder / CONFIG_NAME)
+        layer = _target_layer(model, name, lora_a.shape[0], settings)
         if lora_a.shape != layer.lora_A.shape or lora_b.shape != layer.lora_B.shape:
             raise ValueError(f"{name}: adapter factors {tuple(lora_a.shape)} and {tuple(lora_b.shape)} do not fit "
                              f"the layer's {tuple(layer.lora_A.shape)} and {tuple(layer.lora_B.shape)}")
+        plan.append((name, layer, settings, lora_a, lora_b))
+    for name, layer, settings, lora_a, lora_b in plan:  # nothing below can fail: the model changes only here
+        if layer is model.get_submodule(name):
+            layer.set_scaling(*settings)
+        else:
+            _replace(model, name, layer)
         with torch.no_grad():
             layer.lora_A.copy_(lora_a)
             layer.lora_B.copy_(lora_b)

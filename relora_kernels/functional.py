@@ -94,7 +94,9 @@ def _dropout_seed(seed, dropout_p: float, device: torch.device) -> torch.Tensor 
 def _autocast_inputs(*tensors):
     """Cast every floating tensor to the autocast dtype when autocast is on for x's device type."""
     x = tensors[0]
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+    # Autocast has no meta device type (is_autocast_enabled("meta") raises): meta tensors, which only infer
+    # shapes, are never cast.
+    if not isinstance(x, torch.Tensor) or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

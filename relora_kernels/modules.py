@@ -48,16 +48,11 @@ class LoRALinear(nn.Module):
         for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        alpha = r if alpha is None else alpha
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number or None, got {alpha!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.r = in_features, out_features, r
-        self.alpha, self.use_rslora, self.dropout = alpha, use_rslora, float(dropout)
+        self.set_scaling(alpha, dropout, use_rslora)
         self.fan_in_fan_out = False  # True when made from a GPT-2 Conv1D ((in, out) weight); PEFT's config records it
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self._conv1d_type = None  # that Conv1D class, so that merge_lora gives the model back its own module type
 
         # Base layer initialised exactly as nn.Linear would, then frozen.
         base = nn.Linear(in_features, out_features, bias=bias, **factory)
@@ -66,6 +61,16 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def set_scaling(self, alpha=None, dropout=0.0, use_rslora=False) -> None:
+        """Set alpha (None: r), dropout and use_rslora, and so the scale; the factors are left as they are."""
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        alpha = self.r if alpha is None else alpha
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number or None, got {alpha!r}")
+        self.alpha, self.use_rslora, self.dropout = alpha, use_rslora, float(dropout)
+        self.scale = alpha / math.sqrt(self.r) if use_rslora else alpha / self.r
 
     @classmethod
     def from_linear(cls, module, r, alpha=None, dropout=0.0, use_rslora=False) -> LoRALinear:
@@ -82,6 +87,7 @@ class LoRALinear(nn.Module):
                     use_rslora=use_rslora, device=weight.device, dtype=weight.dtype)
         layer.weight = nn.Parameter(weight, requires_grad=False)
         layer.fan_in_fan_out = _is_conv1d(module)
+        layer._conv1d_type = type(module) if _is_conv1d(module) else None
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
         return layer
@@ -117,12 +123,25 @@ class LoRALinear(nn.Module):
         gets the full merged layer as plain tensors.
         """
         weight, lora_a, lora_b, bias = map(full_tensor, (self.weight, self.lora_A, self.lora_B, self.bias))
-        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        linear.weight.copy_(reference.merged_weight(weight, lora_a, lora_b, self.scale))
+        with torch.device("meta"):  # no random init (nor RNG draw) for a weight that is replaced at once
+            linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
+        linear.weight = nn.Parameter(reference.merged_weight(weight, lora_a, lora_b, self.scale))
         if bias is not None:
-            linear.bias.copy_(bias)
+            linear.bias = nn.Parameter(bias.detach().clone())
         return linear
+
+    @torch.no_grad()
+    def to_base(self) -> nn.Module:
+        """The merged layer as the module type it was made from: a Conv1D (holding the merged weight as (in, out))
+        for a layer made from one, else the nn.Linear of `to_linear`. This layer is left unchanged."""
+        linear = self.to_linear()
+        if self._conv1d_type is None:
+            return linear
+        with torch.device("meta"):
+            conv = self._conv1d_type(self.out_features, self.in_features)  # Conv1D(nf=out, nx=in)
+        conv.weight = nn.Parameter(linear.weight.T.contiguous())
+        conv.bias = linear.bias if linear.bias is not None else nn.Parameter(linear.weight.new_zeros(self.out_features))
+        return conv
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
@@ -165,10 +184,12 @@ def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear in `model` by a plain nn.Linear holding its merged weight, in place; returns it.
+    """Replace every LoRALinear in `model` by a layer holding its merged weight, in place; returns `model`.
 
-    Raises TypeError on an FSDP2-sharded model, whose parameter groups would still hold the replaced layers';
-    there, `layer.to_linear()` gives each merged layer in full, or merge an unsharded copy of the model.
+    The layer is of the type the LoRALinear was made from: a GPT-2 Conv1D again for one made from a Conv1D (so the
+    model's own save_pretrained / from_pretrained round-trip), else a plain nn.Linear. Raises TypeError on an
+    FSDP2-sharded model, whose parameter groups would still hold the replaced layers'; there, `layer.to_linear()`
+    gives each merged layer in full, or merge an unsharded copy of the model.
     """
     names = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
     sharded = [name for name in names if model.get_submodule(name)._is_sharded()]
@@ -177,5 +198,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
                         f"call layer.to_linear() on each LoRALinear (full tensors on every rank), or load the full "
                         f"state dict into an unsharded model and merge_lora that")
     for name in names:
-        _replace(model, name, model.get_submodule(name).to_linear())
+        _replace(model, name, model.get_submodule(name).to_base())
     return model

@@ -1,4 +1,4 @@
-"""The Triton launchers registered as torch.library ops (DESIGN.md section 4, layer 3).
+"""The Triton launchers registered as torch.library ops (docs/DESIGN.md sections 4 and 8).
 
     relora_kernels::lora_forward          (y, S): y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T
     relora_kernels::lora_backward         (dx, dA, dB, dbias)

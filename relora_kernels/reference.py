@@ -1,6 +1,6 @@
 """Pure-PyTorch twins of every op in the package: the test oracle, the CPU fallback and the "eager" provider.
 
-Notation (DESIGN.md section 1, as nn.Linear): x (M, K), weight W (N, K), lora_a A (r, K), lora_b B (N, r),
+Notation (docs/DESIGN.md section 1, as nn.Linear): x (M, K), weight W (N, K), lora_a A (r, K), lora_b B (N, r),
 s the LoRA scale, p the LoRA-branch dropout probability.
 
     x~ = dropout_p(x)                       mask from (seed, element index), inverted scaling 1/(1-p)
@@ -20,9 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# The kernels compare the top 24 bits of a Philox draw with round(p * 2**24): an integer compare, so the
-# kernel and this file agree bit for bit on every element.
-DROPOUT_BITS = 24
+from .random_stream import RANDOM_SHIFT, UNIT_SCALE, WORDS_PER_DRAW, dropout_threshold
 
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
@@ -38,8 +36,8 @@ def _mul_hi_lo_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """
     a_hi, a_lo = a >> 16, a & 0xFFFF
     p_hi, p_lo = a_hi * b, a_lo * b  # < 2**48 each
-    # Tensor shifts written as multiply / floor-divide (equal for these non-negative values): Inductor's CPU
-    # vectoriser miscompiles int64 tensor shifts (torch 2.13), should this ever be traced outside philox_bits.
+    # Multiply / floor-divide rather than tensor shifts (equal for these non-negative values), because Inductor's
+    # CPU vectoriser has miscompiled int64 tensor shifts, should this ever be traced outside philox_bits.
     hi = (p_hi + p_lo // 2**16) // 2**16
     lo = (p_lo + (p_hi & 0xFFFF) * 2**16) & _MASK32
     return hi, lo
@@ -64,14 +62,14 @@ def philox_4x32(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 @torch.library.custom_op("relora_kernels::philox_bits", mutates_args=())
 def philox_bits(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """(rows, cols) int64: the top DROPOUT_BITS bits of the first word of the Philox draw counted m * cols + k
+    """(rows, cols) int64: the top RANDOM_BITS bits of the first word of the Philox draw counted m * cols + k
     (tl.randint's stream): the reinit values' stream.
 
     Like dropout_bits, an opaque op with the seed in a tensor, so torch.compile neither traces the ten Philox
     rounds (Inductor spends minutes on that int64 arithmetic) nor breaks the graph on reading the seed.
     """
     counters = torch.arange(rows * cols, device=seed.device, dtype=torch.int64).view(rows, cols)
-    return philox_4x32(int(seed), counters)[0] // 2 ** (32 - DROPOUT_BITS)
+    return philox_4x32(int(seed), counters)[0] // 2**RANDOM_SHIFT
 
 
 @philox_bits.register_fake
@@ -81,13 +79,13 @@ def _(seed, rows, cols):
 
 @torch.library.custom_op("relora_kernels::dropout_bits", mutates_args=())
 def dropout_bits(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """(rows, cols) int64: the dropout masks' stream. Element (m, k) gets the top DROPOUT_BITS bits of word k % 4 of
+    """(rows, cols) int64: the dropout masks' stream. Element (m, k) gets the top RANDOM_BITS bits of word k % 4 of
     the Philox draw counted m * ceil(cols / 4) + k // 4: one draw serves four neighbours of a row (the kernels'
     _keep_mask), a quarter of the integer work of one draw per element."""
-    groups = -(-cols // 4)
+    groups = -(-cols // WORDS_PER_DRAW)
     counters = torch.arange(rows * groups, device=seed.device, dtype=torch.int64).view(rows, groups)
-    words = torch.stack(philox_4x32(int(seed), counters), dim=-1).view(rows, 4 * groups)[:, :cols]
-    return words // 2 ** (32 - DROPOUT_BITS)
+    words = torch.stack(philox_4x32(int(seed), counters), dim=-1).view(rows, WORDS_PER_DRAW * groups)[:, :cols]
+    return words // 2**RANDOM_SHIFT
 
 
 @dropout_bits.register_fake
@@ -98,11 +96,6 @@ def _(seed, rows, cols):
 def _seed_tensor(seed, device) -> torch.Tensor:
     """An int or a 0-d integer tensor, as a 0-d int64 tensor on `device`."""
     return torch.as_tensor(seed, dtype=torch.int64, device=device)
-
-
-def dropout_threshold(dropout_p: float) -> int:
-    """An element is kept when the top DROPOUT_BITS bits of its draw are >= this threshold."""
-    return int(round(dropout_p * (1 << DROPOUT_BITS)))
 
 
 def dropout_mask(seed, rows: int, cols: int, dropout_p: float, device=None) -> torch.Tensor:
@@ -183,7 +176,7 @@ def reinit_uniform(seed: int, rows: int, cols: int, device=None) -> torch.Tensor
 
     The kernel performs the same fp32 operations in the same order, so both give the same bits.
     """
-    u = philox_bits(_seed_tensor(seed, device), rows, cols).to(torch.float32) * (1.0 / (1 << DROPOUT_BITS))
+    u = philox_bits(_seed_tensor(seed, device), rows, cols).to(torch.float32) * UNIT_SCALE
     bound = torch.tensor(cols**-0.5, dtype=torch.float32)
     return (u * 2.0 - 1.0) * bound
 

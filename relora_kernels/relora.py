@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -27,8 +28,9 @@ import torch.nn as nn
 from .distributed import fsdp_managed, local_tensor
 from .modules import LoRALinear
 
-# Only Adam's moments are pruned; amsgrad's max_exp_avg_sq and the step counter are left as they are.
-PRUNED_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+# Adam's moments, and amsgrad's running maximum of the second one (left alone it would keep the old factors' large
+# denominators, so pruning exp_avg_sq would change nothing); the step counter is left as it is.
+PRUNED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 PRUNE_METHODS = ("magnitude", "random", "zero")
 
 
@@ -76,8 +78,9 @@ def prune_optimizer_state_(
     params: Iterable[torch.Tensor],
     ratio: float = 0.99,
     method: str = "magnitude",
-) -> None:
-    """Prune, in place, the Adam moments `exp_avg` and `exp_avg_sq` of `params` in `optimizer`.
+) -> int:
+    """Prune, in place, the Adam moments `exp_avg` and `exp_avg_sq` (and amsgrad's `max_exp_avg_sq`) of `params`
+    in `optimizer`; returns the number of state tensors pruned (0 for an optimizer without them, e.g. SGD).
 
     Each state tensor is pruned on its own: all but `n_keep = round((1 - ratio) * numel)` of its elements are set
     to 0 (Python's round, halves to even; ratio=0 keeps everything, ratio=1 zeros everything).
@@ -94,7 +97,7 @@ def prune_optimizer_state_(
     (a shard of small values keeps as large a fraction as one of large values), and "random" draws from each
     rank's own generator.
 
-    Only the two keys above are touched: `state["step"]` (and so Adam's bias correction), any other key, and the
+    Only the keys above are touched: `state["step"]` (and so Adam's bias correction), any other key, and the
     state of every parameter not in `params` stay exactly as they were. A parameter with no state yet (never
     stepped) is skipped; a parameter listed twice is pruned once.
 
@@ -116,6 +119,7 @@ def prune_optimizer_state_(
             shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
             raise ValueError(f"params[{index}] ({shape}) is not in the optimizer's param_groups")
 
+    pruned = 0
     with torch.no_grad():
         for p in unique_params:
             # .get, not [], because optimizer.state is a defaultdict and [] would add an empty entry.
@@ -126,6 +130,8 @@ def prune_optimizer_state_(
                 if isinstance(state.get(key), torch.Tensor):
                     # The local shard is a view of the DTensor's storage, so pruning it in place prunes the state.
                     _prune_tensor_(local_tensor(state[key]), ratio, method)
+                    pruned += 1
+    return pruned
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,7 +247,17 @@ class ReLoRA:
         self.layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
         if not self.layers:
             raise ValueError("model has no LoRALinear layers: call apply_lora(model, ...) before ReLoRA(...)")
+        # Checked here, not at the first restart: there prune_optimizer_state_ would raise after every layer merged.
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = {id(m): name for name, m in model.named_modules()}
+        missing = [names[id(m)] for m in self.layers if id(m.lora_A) not in in_optimizer or id(m.lora_B) not in
+                   in_optimizer]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise ValueError(f"the optimizer does not hold lora_A and lora_B of {shown}: build it after apply_lora, "
+                             "over the model's trainable parameters")
         self.restarts = 0
+        self._warned_nothing_to_prune = False
 
     def step(self, step: int) -> bool:
         step = _check_int("step", step, 1)
@@ -252,7 +268,13 @@ class ReLoRA:
         for index, layer in enumerate(self.layers):
             layer.merge_and_reinit(seed=restart_seed(self.seed, restart, index))
         lora_params = [p for layer in self.layers for p in (layer.lora_A, layer.lora_B)]
-        prune_optimizer_state_(self.optimizer, lora_params, self.prune_ratio, self.prune_method)
+        pruned = prune_optimizer_state_(self.optimizer, lora_params, self.prune_ratio, self.prune_method)
+        stepped = any(self.optimizer.state.get(p) for p in lora_params)  # a never-stepped optimizer has no state
+        if stepped and not pruned and self.prune_ratio > 0 and not self._warned_nothing_to_prune:
+            self._warned_nothing_to_prune = True
+            warnings.warn(f"ReLoRA: {type(self.optimizer).__name__} holds no Adam moments "
+                          f"({', '.join(PRUNED_STATE_KEYS)}) for the LoRA factors, so restarts merge and re-initialise "
+                          "them but prune nothing", RuntimeWarning, stacklevel=2)
         self.restarts += 1
         return True
 

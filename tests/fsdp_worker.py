@@ -42,7 +42,7 @@ RESTART_EVERY = {"reference": 3, "triton": 2}
 SEED = 11
 # Calls of the kernels' ops, counted by name (wrapped once in main): the reference backend must call none.
 OP_CALLS: dict[str, int] = {}
-COUNTED_OPS = ("lora_shrink", "merge_lora_weight_", "reinit_lora_")
+COUNTED_OPS = ("lora_forward", "merge_lora_weight_", "reinit_lora_")
 
 
 class Block(nn.Module):

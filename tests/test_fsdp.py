@@ -141,13 +141,13 @@ def test_triton_backend_runs_the_kernels_on_every_rank(results):
     for rank, per_rank in enumerate(results["per_rank"]):
         kernels, plain = per_rank["triton"], per_rank["reference"]
         assert kernels["restart_calls"] == [restart_ops] * len(restarts(results, "triton")), rank
-        assert all(calls == {"lora_shrink": len(LAYERS)} for calls in kernels["step_calls"]), rank
+        assert all(calls == {"lora_forward": len(LAYERS)} for calls in kernels["step_calls"]), rank
         assert all(calls == {} for calls in plain["restart_calls"] + plain["step_calls"]), rank
     # The one-process runs beside them (rank 0): the same ops, each step on both halves of the batch.
     for backend, runs_kernels in (("triton", True), ("reference", False)):
         run = results["runs"][backend]
         assert all(r["single_calls"] == (restart_ops if runs_kernels else {}) for r in run["restarts"]), backend
-        step_ops = {"lora_shrink": results["world"] * len(LAYERS)} if runs_kernels else {}
+        step_ops = {"lora_forward": results["world"] * len(LAYERS)} if runs_kernels else {}
         assert run["single_step_calls"] == [step_ops] * len(run["losses"]), backend
 
 

@@ -31,9 +31,9 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def forward_case(M, K, N, R, dtype, bias, strided=None):
-    """lhs = x (M, K), rhs_t = W (N, K), low = S (M, R), up_t = B (N, R), scale 0.5. strided="sliced": x and S
-    column-major, B a column slice (pointer-loaded low-rank tiles), bias every other element; "column-major": x, S
-    and B column-major (descriptors of their transposes)."""
+    """x (M, K), W (N, K), S (M, R), B (N, R), scale 0.5 (the launch takes rhs = W.T, up = B.T). strided="sliced":
+    x and S column-major, B a column slice (pointer-loaded low-rank tiles), bias every other element;
+    "column-major": x, S and B column-major (descriptors of their transposes)."""
     x, w = rand(M, K, dtype=dtype), rand(N, K, dtype=dtype, std=K**-0.5)
     s, b = rand(M, R, dtype=dtype), rand(N, 2 * R if strided == "sliced" else R, dtype=dtype, std=R**-0.5)
     bias_t = rand(2 * N if strided else N, dtype=dtype)[:: 2 if strided else 1] if bias else None
@@ -45,7 +45,7 @@ def forward_case(M, K, N, R, dtype, bias, strided=None):
 
 def check_forward(args):
     x, w, s, b, scale, bias = args
-    got = fused_gemm_tma.fused_matmul_tma(x, w, s, b, scale, bias, 0.0, None, tile=TILE)
+    got = fused_gemm_tma.fused_matmul_tma(x, w.T, s, b.T, scale, bias, 0.0, None, tile=TILE)
     exact = reference.lora_forward_matmul(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
     assert_within_torch_error("out", got, exact, reference.lora_forward_matmul(*args))
 
@@ -76,12 +76,12 @@ def test_forward_strided_operands(strided):
 
 @pytest.mark.parametrize("dtype, R", [(torch.float32, 16), (torch.float16, 17)], ids=["fp32-r16", "fp16-r17"])
 def test_input_grad_with_dropout_matches_float64(dtype, R):
-    # dx = dy @ W + mask(dS @ A) / (1-p): rhs_t = W.T and up_t = A.T, both column-major (descriptors of W and A).
+    # dx = dy @ W + mask(dS @ A) / (1-p): rhs = W and up = A, read through descriptors of their transposes.
     M, K_in, N_out, p = 45, 72, 56, 0.3
     dy, w = rand(M, N_out, dtype=dtype), rand(N_out, K_in, dtype=dtype, std=N_out**-0.5)
     ds, a = rand(M, R, dtype=dtype), rand(R, K_in, dtype=dtype, std=K_in**-0.5)
     seed = torch.tensor(1234)
-    got = fused_gemm_tma.fused_matmul_tma(dy, w.T, ds, a.T, 1.0 / (1.0 - p), None, p, seed, tile=TILE)
+    got = fused_gemm_tma.fused_matmul_tma(dy, w, ds, a, 1.0 / (1.0 - p), None, p, seed, tile=TILE)
     exact = reference.lora_input_grad(dy.double(), w.double(), ds.double(), a.double(), p, seed)
     assert_within_torch_error("dx", got, exact, reference.lora_input_grad(dy, w, ds, a, p, seed))
     # The mask is really applied: without it the result is far off.
@@ -127,8 +127,8 @@ def test_grouped_order_visits_each_tile_once():
 
 
 def test_empty_output():
-    out = fused_gemm_tma.fused_matmul_tma(torch.empty(0, 16), torch.empty(8, 16), torch.empty(0, 4),
-                                          torch.empty(8, 4), 1.0, None, 0.0, None, tile=TILE)
+    out = fused_gemm_tma.fused_matmul_tma(torch.empty(0, 16), torch.empty(16, 8), torch.empty(0, 4),
+                                          torch.empty(4, 8), 1.0, None, 0.0, None, tile=TILE)
     assert out.shape == (0, 8)
 
 
@@ -149,8 +149,8 @@ def test_tma_eligible():
     assert not fused_gemm_tma.tma_eligible(x32.double(), x32.double())
     assert not fused_gemm_tma.tma_eligible(torch.empty(64, 1).expand(64, 8), x32)  # stride 0 of a broadcast
     with pytest.raises(ValueError, match="TMA-eligible"):
-        fused_gemm_tma.fused_matmul_tma(x16[:, 1:], w16[:, 1:], torch.empty(64, 4, dtype=torch.float16),
-                                        torch.empty(40, 4, dtype=torch.float16), 1.0, None, 0.0, None, tile=TILE)
+        fused_gemm_tma.fused_matmul_tma(x16[:, 1:], w16[:, 1:].T, torch.empty(64, 4, dtype=torch.float16),
+                                        torch.empty(4, 40, dtype=torch.float16), 1.0, None, 0.0, None, tile=TILE)
 
 
 def test_warp_specialisation_only_with_descriptor_low_rank_tiles(monkeypatch):
@@ -167,7 +167,7 @@ def test_warp_specialisation_only_with_descriptor_low_rank_tiles(monkeypatch):
     x, w = torch.empty(8, 64, dtype=torch.bfloat16), torch.empty(8, 64, dtype=torch.bfloat16)
     for rank, expected in ((16, True), (5, False)):
         low, up = torch.empty(8, rank, dtype=torch.bfloat16), torch.empty(8, rank, dtype=torch.bfloat16)
-        fused_gemm_tma.fused_matmul_tma(x, w, low, up, 1.0, None, 0.0, None, tile=tile)
+        fused_gemm_tma.fused_matmul_tma(x, w.T, low, up.T, 1.0, None, 0.0, None, tile=tile)
         assert launched[-1]["WARP_SPECIALIZE"] is expected and launched[-1]["LOW_TMA"] is expected
 
 
@@ -216,7 +216,7 @@ def test_the_engine_runs_a_hopper_tile_where_the_table_names_it_and_the_operands
     monkeypatch.setattr(fused_gemm_tma, "fused_matmul_tma", lambda *args, tile: ran.append(tile) or "tma")
     x, w = rand(64, 64, dtype=torch.float16), rand(48, 64, dtype=torch.float16)
     s, b = rand(64, 16, dtype=torch.float16), rand(48, 16, dtype=torch.float16)
-    assert lora_linear._fused_matmul(x, w, s, b, 1.0, None, 0.0, None, "forward") == "tma" and ran == [hopper]
+    assert lora_linear._fused_matmul(x, w.T, s, b.T, 1.0, None, 0.0, None, "forward") == "tma" and ran == [hopper]
     odd = rand(64, 65, dtype=torch.float16)[:, 1:]
     assert not fused_gemm_tma.tma_eligible(odd, w)
     assert policy.gemm_tile(launch, None, tma_ok=False).kernel == "pointer"

@@ -314,7 +314,7 @@ def test_gradient_shares_cover_every_chunk_once_and_fill_the_gpu(token_blocks, c
     from relora_kernels.kernels import policy
 
     monkeypatch.setattr(policy, "target_programs", lambda: 528)
-    shares, per_share = kernels._shares(token_blocks, chunks)
+    shares, per_share = kernels._column_splits(token_blocks, chunks)
     assert shares >= 1 and per_share >= 1
     assert shares * per_share >= chunks and (shares - 1) * per_share < max(chunks, 1)
     assert token_blocks * shares >= min(528, token_blocks * chunks)

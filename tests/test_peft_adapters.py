@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers
+from helpers import assert_within_torch_error
 from safetensors.torch import load_file, save_file
 
 import relora_kernels as rk
@@ -27,6 +28,13 @@ def tiny_gpt2() -> nn.Module:
 def logits(model: nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(IDS).logits
+
+
+def assert_same_function(got: nn.Module, twin: nn.Module):
+    """got's logits against a float64 copy of it, within twice the fp32 error of `twin` (another fp32 computation
+    of the same function) plus the per-dtype slack: the project's dtype-derived bound, whatever the CPU."""
+    exact = logits(copy.deepcopy(got).double())
+    assert_within_torch_error("logits", logits(got), exact, logits(twin))
 
 
 def randomize_lora_b(model: nn.Module, seed: int = 2) -> None:
@@ -61,7 +69,7 @@ def test_saved_adapter_loads_in_peft_with_the_same_outputs(tmp_path):
     rk.save_peft_adapter(ours, tmp_path)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
 
-    torch.testing.assert_close(logits(loaded), logits(ours), rtol=1e-5, atol=1e-5)
+    assert_same_function(loaded, ours)
     expected = {n: (m.r, m.scale) for n, m in ours.named_modules() if isinstance(m, rk.LoRALinear)}
     assert peft_lora_layers(loaded) == expected  # exactly our layers, with our ranks and scales
 
@@ -77,7 +85,7 @@ def test_peft_adapter_loads_into_lora_linear_layers(tmp_path):
 
     ours = rk.load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
 
-    torch.testing.assert_close(logits(ours), logits(peft_model), rtol=1e-5, atol=1e-5)
+    assert_same_function(ours, peft_model)
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, rk.LoRALinear)}
     assert {n: (m.r, m.scale) for n, m in layers.items()} == peft_lora_layers(peft_model)
     assert all(m.dropout == 0.05 and m.use_rslora and not m.weight.requires_grad for m in layers.values())
@@ -165,3 +173,73 @@ def test_saved_files_are_peft_layout(tmp_path):
     assert keys == {f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{f}.weight" for i in (0, 1) for f in "AB"}
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["fan_in_fan_out"] is True  # GPT-2 Conv1D
+
+
+def test_merged_hf_gpt2_keeps_conv1d_and_round_trips_through_save_pretrained(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    base = tiny_gpt2()
+    ours = rk.apply_lora(copy.deepcopy(base), ["c_attn", "c_proj", "c_fc"], r=4, alpha=8)
+    randomize_lora_b(ours)
+    want = logits(ours)
+    state = torch.get_rng_state()
+    merged = rk.merge_lora(ours)
+    assert torch.equal(torch.get_rng_state(), state)  # building the Conv1D layers drew nothing
+    names = [n for n, m in base.named_modules() if isinstance(m, Conv1D)]
+    assert len(names) == 8 and all(type(merged.get_submodule(n)) is Conv1D for n in names)
+    # nn.Linear here made from_pretrained fail on c_attn / c_fc and load the square c_proj transposed.
+    torch.testing.assert_close(logits(merged), want)
+    merged.save_pretrained(tmp_path)
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(again), logits(merged))
+
+
+def test_load_into_lora_layers_takes_the_adapters_scale_dropout_and_rslora(tmp_path):
+    base = tiny_gpt2()
+    config = peft.LoraConfig(r=4, lora_alpha=32, target_modules=["c_attn"], lora_dropout=0.1, use_rslora=True)
+    peft_model = peft.get_peft_model(copy.deepcopy(base), config)
+    randomize_lora_b(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    ours = rk.apply_lora(copy.deepcopy(base), ["c_attn"], r=4)  # alpha = r: scale 1, no dropout, no rsLoRA
+    layers = [m for m in ours.modules() if isinstance(m, rk.LoRALinear)]
+    rk.load_peft_adapter(ours, tmp_path)
+    assert all((m.scale, m.dropout, m.use_rslora) == (32 / 2, 0.1, True) for m in layers)  # alpha / sqrt(r)
+    assert all(m is ours.get_submodule(n) for m, n in zip(layers, peft_lora_layers(peft_model), strict=True))
+    torch.testing.assert_close(logits(ours.eval()), logits(peft_model.eval()))
+
+
+@pytest.mark.parametrize("config_text, match", [
+    ("{not json", "adapter_config.json: not valid JSON"),
+    ('["LORA"]', "adapter_config.json: expected a JSON object, got list"),
+    ('{"peft_type": "LORA", "lora_alpha": "big"}', "adapter_config.json: lora_alpha='big' for transformer.h.0"),
+    ('{"peft_type": "LORA", "lora_dropout": 1.5}', "adapter_config.json: lora_dropout=1.5"),
+    ('{"peft_type": "LORA", "alpha_pattern": ["c_attn"]}', "alpha_pattern must be an object"),
+])
+def test_malformed_config_is_named_and_leaves_the_model_untouched(tmp_path, config_text, match):
+    folder = write_adapter(tmp_path / "a")
+    (folder / "adapter_config.json").write_text(config_text)
+    model = tiny_gpt2()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        rk.load_peft_adapter(model, folder)
+    assert not any(isinstance(m, rk.LoRALinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_load_failing_half_way_changes_nothing(tmp_path):
+    # The first module's factors fit; the second's do not. The first used to be converted before the error.
+    good = {f"base_model.model.transformer.h.0.attn.c_attn.lora_{f}.weight": torch.ones(s) for f, s in
+            (("A", (2, 32)), ("B", (96, 2)))}
+    bad = {"base_model.model.transformer.h.1.attn.c_attn.lora_A.weight": torch.ones(2, 31),
+           "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight": torch.ones(96, 2)}
+    folder = write_adapter(tmp_path / "a", tensors=good | bad)
+    model = rk.apply_lora(tiny_gpt2(), ["transformer.h.0.attn.c_attn"], r=2)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="do not fit"):
+        rk.load_peft_adapter(model, folder)
+    assert type(model.transformer.h[1].attn.c_attn).__name__ == "Conv1D"
+    assert model.transformer.h[0].attn.c_attn.scale == 1.0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    (folder / "adapter_model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{")
+    with pytest.raises(ValueError, match="adapter_model.safetensors: not a readable safetensors file"):
+        rk.load_peft_adapter(model, folder)

@@ -5,6 +5,7 @@ DDP, faults, arguments. Every run here is a ~100k-parameter model on a generated
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
@@ -236,9 +237,19 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_losses(corpus, cache_di
         assert crashed.returncode == -9, crashed.stderr[-3000:]
         assert (tmp_path / f"split/ckpt/step_{kill_at:08d}/DONE").exists()
         assert max(r["step"] for r in read_rows(tmp_path / "split")) == kill_at
+    # Then Ctrl-C in the middle of step 14 (no checkpoint due there): the step completes and is checkpointed, one
+    # line, exit status 130. Then a kill mid-write of metrics.jsonl, which tears its last line.
+    interrupted = run_script([*split_args, "--resume", "--signal_at_step", "14:SIGINT"])
+    assert interrupted.returncode == 130, interrupted.stderr[-3000:]
+    assert interrupted.stderr.strip().splitlines()[-1] == ("pretrain_gpt2.py: SIGINT at step 14: stopped after writing "
+                                                          "its checkpoint; --resume continues exactly")
+    assert "Traceback" not in interrupted.stderr and (tmp_path / "split/ckpt/step_00000014/DONE").exists()
+    with open(tmp_path / "split/metrics.jsonl", "a") as f:
+        f.write('{"step": 15, "tokens": 19')
     resumed = run_script([*split_args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "(step 12)" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "(step 14)" in resumed.stdout
+    assert "dropped 0 after it and a torn last line" in resumed.stdout
 
     keys = ("step", "train_loss", "val_loss", "lr", "tokens", "restarts", "restart", "lora_start")
     rows = {run: [{k: r.get(k) for k in keys} for r in read_rows(tmp_path / run)] for run in ("whole", "split")}
@@ -354,6 +365,12 @@ def test_options_take_both_forms_and_resolve_against_the_preset():
     (["--warmup_full_steps", "400", "--max_steps", "300"], "the LoRA phase never starts"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--frobnicate", "1"], "unrecognized arguments"),
+    (["--beta1", "1.5"], "--beta1 must be in [0, 1), got 1.5"),
+    (["--beta2", "-1"], "--beta2 must be in [0, 1), got -1.0"),
+    (["--lora_alpha", "0"], "--lora_alpha must be a positive number, got 0.0"),
+    (["--lora_alpha", "nan"], "--lora_alpha must be a positive number, got nan"),
+    (["--weight_decay", "-0.1"], "--weight_decay must be a number >= 0, got -0.1"),
+    (["--signal_at_step", "3"], "--signal_at_step must be STEP:SIGINT or STEP:SIGTERM"),
 ])
 def test_bad_arguments_get_one_line(args, message, tmp_path, capsys):
     assert pretrain_gpt2.main([*args, "--out_dir", str(tmp_path)]) == 2
@@ -361,7 +378,155 @@ def test_bad_arguments_get_one_line(args, message, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "error:" in err and message in err, err
 
 
+def test_kernel_rank_limit_and_a_file_as_out_dir_are_refused_at_start_up(tmp_path, capsys, monkeypatch):
+    # Both used to surface late: the rank at the first LoRA forward (after the warm start), the file at the first
+    # write of metrics.jsonl. The kernels (through the interpreter here) take r <= 256.
+    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")
+    assert pretrain_gpt2.main(["--lora_r", "300", "--out_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().endswith("error: --lora_r 300: lora_a has r = 300 rows; the Triton "
+                                                    "kernels support r <= 256")
+    (tmp_path / "file").write_text("")
+    assert pretrain_gpt2.main(["--out_dir", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: --out_dir {tmp_path / 'file'} is a file, not a folder")
+
+
 def test_bad_argument_from_the_command_line_has_no_traceback(tmp_path):
     result = run_script(["--restart_every", "0", "--out_dir", str(tmp_path)], timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "pretrain_gpt2.py: error: --restart_every must be >= 1, got 0"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Faults and misuse: changed or undecodable data, signals, a shared out_dir, broken checkpoints, torn metrics
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_undecodable_files_are_named_and_a_mostly_undecodable_corpus_is_refused(tmp_path):
+    folder = write_corpus(tmp_path / "mixed", n_files=3)
+    (folder / "latin1.txt").write_bytes("café crème brûlée\n".encode("latin-1") * 20)
+    logs = []
+    cache = example_data.prepare_data(str(folder), 300, tmp_path / "cache", log=logs.append)
+    skipped = [line for line in logs if "skipped" in line]
+    assert len(skipped) == 1 and "skipped 2 of 5 files, not UTF-8 text" in skipped[0], logs
+    assert "latin1.txt: not UTF-8 (byte 0xe9 at offset 3)" in skipped[0] and "image.bin: not UTF-8" in skipped[0]
+    meta = example_data.load_data(cache).meta
+    assert {name.split("[")[0] for name in meta["train_files"] + meta["val_files"]} == {f"doc_{i:02d}.txt" for i in
+                                                                                       range(3)}
+
+    # Before: a single Latin-1 file trained as U+FFFD characters; a folder of mostly such files went on silently.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.txt").write_text("hello world\n" * 10)
+    (bad / "b.txt").write_bytes("é".encode("latin-1") * 1000)
+    with pytest.raises(ValueError, match=r"1 of 2 files, 89% of the bytes, are not UTF-8 text"):
+        example_data.prepare_data(str(bad), 300, tmp_path / "cache", log=lambda *_: None)
+    with pytest.raises(ValueError, match=r"b.txt: not UTF-8 \(byte 0xe9 at offset 0\)"):
+        example_data.prepare_data(str(bad / "b.txt"), 300, tmp_path / "cache", log=lambda *_: None)
+
+
+def test_validation_share_stays_bounded_with_few_files(tmp_path):
+    # Two files: a split by file gave validation half the text. Now 10% of the bytes, cut at a line break.
+    folder = write_corpus(tmp_path / "two", n_files=2)
+    dataset = example_data.load_data(example_data.prepare_data(str(folder), 300, tmp_path / "c", log=lambda *_: None))
+    meta = dataset.meta
+    share = meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"])
+    assert 0.05 < share < 0.15, meta
+    (val,) = meta["val_files"]  # "doc_0X.txt[cut:]": the tail of one file, whose head trains
+    name, cut = val.removesuffix(":]").split("[")
+    assert f"{name}[:{cut}]" in meta["train_files"] and len(meta["train_files"]) == 2
+    text = (folder / name).read_text()
+    assert dataset.tokenizer.decode(dataset.val[:-1].tolist()) == text[int(cut):] and text[int(cut) - 1] == "\n"
+
+
+def test_resume_refuses_a_changed_corpus_and_sigterm_stops_with_a_checkpoint(cache_dir, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus", n_files=6)
+    args = tiny_args(corpus, cache_dir, tmp_path / "run", "--mode", "full", "--max_steps", "4", "--ckpt_every", "4",
+                     "--eval_every", "2")
+    # SIGTERM during step 2: the step completes and is checkpointed (none was due), one line, 128 + 15.
+    assert pretrain_gpt2.main([*args, "--signal_at_step", "2:SIGTERM"]) == 143
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(": SIGTERM at step 2: stopped after writing its checkpoint; "
+                                                       "--resume continues exactly"), err
+    ckpt = tmp_path / "run/ckpt/step_00000002"
+    saved = pretrain_gpt2.load_checkpoint_state(ckpt)["data"]
+    metrics = (tmp_path / "run/metrics.jsonl").read_text()
+    assert [r["step"] for r in read_rows(tmp_path / "run")] == [0, 1, 2]
+
+    # A file added to --data: before, a new BPE was trained and the run went on with ids that changed meaning.
+    (corpus / "doc_99.txt").write_text("an added document\n" * 30)
+    assert pretrain_gpt2.main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "changed since the checkpoint: added doc_99.txt" in err, err
+    assert (tmp_path / "run/metrics.jsonl").read_text() == metrics  # a refused resume leaves the metrics alone
+
+    assert pretrain_gpt2.main([*args, "--resume", "--allow_data_change"]) == 0
+    out = capsys.readouterr().out
+    assert "going on with the checkpoint's tokenizer" in out and "resumed from" in out
+    final = pretrain_gpt2.load_checkpoint_state(tmp_path / "run/ckpt/step_00000004")["data"]
+    assert final["tokenizer"] == saved["tokenizer"]  # the checkpoint's tokenizer, not one trained on the new files
+    assert "doc_99.txt" in {name for name, *_ in final["manifest"]} - {name for name, *_ in saved["manifest"]}
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused_and_a_stale_lock_taken_over(corpus, cache_dir, tmp_path,
+                                                                                   capsys):
+    logs = []
+    with pretrain_gpt2.out_dir_lock(tmp_path, logs.append):
+        assert pretrain_gpt2.main(tiny_args(corpus, cache_dir, tmp_path, "--max_steps", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--out_dir {tmp_path} is in use by another run (pid {os.getpid()}); wait for it to end, "
+                        "or use another --out_dir"), err
+    assert (tmp_path / ".lock").read_text() == "" and not logs  # released, and no stale pid left behind
+    (tmp_path / ".lock").write_text("999999\n")  # what a killed run leaves: its pid, and no lock held
+    with pretrain_gpt2.out_dir_lock(tmp_path, logs.append):
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    assert logs == [f"{tmp_path}: taking over the lock of a run that did not end cleanly (pid 999999)"]
+
+
+def test_resume_falls_back_past_broken_checkpoints_and_cleans_up(tmp_path, monkeypatch):
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    for step in (5, 10, 15):
+        pretrain_gpt2.save_checkpoint(tmp_path, step, model, {"step": step}, keep=3)
+    ckpt = tmp_path / "ckpt"
+    weights = (ckpt / "step_00000015/model.safetensors").read_bytes()
+    (ckpt / "step_00000015/model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (ckpt / "step_00000010/state.pt").unlink()
+    (ckpt / ".tmp-step_00000020-123").mkdir()  # a write killed before its rename
+    (ckpt / "step_00000001").mkdir()  # a prune cut short: DONE gone first, some files left
+    (ckpt / "step_00000001/state.pt").write_bytes(b"x")
+    logs = []
+    pretrain_gpt2.clean_checkpoints(tmp_path, logs.append)
+    assert sorted(d.name for d in ckpt.iterdir()) == ["step_00000005", "step_00000010", "step_00000015"]
+    assert logs == [f"removed 2 unfinished checkpoint folder(s) in {ckpt}: .tmp-step_00000020-123, step_00000001"]
+
+    logs.clear()
+    found, state = pretrain_gpt2.newest_loadable_checkpoint(tmp_path, logs.append)
+    assert found == ckpt / "step_00000005" and state == {"step": 5}
+    assert len(logs) == 2 and "step_00000015: Error while deserializing header" in logs[0], logs
+    assert "step_00000010: [Errno 2] No such file or directory" in logs[1] and "moved it to broken-step_" in logs[1]
+    assert [d.name for d in pretrain_gpt2.checkpoint_dirs(tmp_path)] == ["step_00000005"]
+
+    # A full disk: one line naming the checkpoint, the partial folder removed, the others kept.
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pretrain_gpt2, "save_model", no_space)
+    with pytest.raises(pretrain_gpt2.RunError, match=r"step 20: no space left on device writing checkpoint "
+                                                     r".*step_00000020; removed the partial"):
+        pretrain_gpt2.save_checkpoint(tmp_path, 20, model, {"step": 20}, keep=3)
+    assert not list(ckpt.glob(".tmp-*")) and [d.name for d in pretrain_gpt2.checkpoint_dirs(tmp_path)] == \
+        ["step_00000005"]
+
+
+def test_torn_metrics_line_is_dropped_and_earlier_rows_kept(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": step, "train_loss": 1.0 / (step + 1)} for step in range(7)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "train_lo')
+    assert pretrain_gpt2.read_metrics(path) == rows  # was a JSONDecodeError
+    logs = []
+    pretrain_gpt2.restart_metrics(path, 4, logs.append)
+    assert pretrain_gpt2.read_metrics(path) == rows[:5] and path.read_text().endswith("}\n")
+    assert logs == [f"{path}: kept the 5 rows up to step 4, dropped 2 after it and a torn last line"]
+    pretrain_gpt2.restart_metrics(path, 4, logs.append)  # nothing to drop: untouched, nothing said
+    assert len(logs) == 1
+    pretrain_gpt2.restart_metrics(path, 0, logs.append)  # a run from step 0 moves the old rows aside
+    assert not path.exists() and pretrain_gpt2.read_metrics(tmp_path / "metrics.previous.jsonl") == rows[:5]

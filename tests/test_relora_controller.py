@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
+from helpers import assert_within_torch_error
 
 import relora_kernels as rk
 from relora_kernels.relora import ReLoRA, restart_seed
@@ -33,11 +36,15 @@ def test_restarts_at_multiples_of_restart_every_and_keep_the_function(triton_bac
     for step in range(1, 8):
         train_step(model, optimizer, step)
         before = model(x).detach()
+        with pytest.MonkeyPatch.context() as patch:  # the float64 twin runs on the reference
+            patch.setenv("RELORA_KERNELS_BACKEND", "reference")
+            exact = copy.deepcopy(model).double()(x.double())
         lora_b = [m.lora_B.detach().clone() for m in model.modules() if isinstance(m, rk.LoRALinear)]
         if controller.step(step):
             fired.append(step)
             assert all(not m.lora_B.any() for m in model.modules() if isinstance(m, rk.LoRALinear))
-            torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+            # The merged model against float64, within twice the unmerged fp32 model's error.
+            assert_within_torch_error("merged", model(x).detach(), exact, before)
         else:  # nothing changes off a restart step
             assert all(torch.equal(m.lora_B, b) for m, b in
                        zip([m for m in model.modules() if isinstance(m, rk.LoRALinear)], lora_b, strict=True))
@@ -110,3 +117,42 @@ def test_bad_arguments():
         ReLoRA(nn.Linear(2, 2), optimizer, restart_every=2)
     with pytest.raises(ValueError, match="step must be an integer >= 1"):
         ReLoRA(model, optimizer, restart_every=2).step(0)
+
+
+def test_optimizer_missing_lora_factors_is_refused_before_any_restart():
+    model, _, _ = setup()
+    second = [m for m in model.modules() if isinstance(m, rk.LoRALinear)][1]
+    partial = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad and p is not second.lora_A])
+    weights = [m.weight.clone() for m in model.modules() if isinstance(m, rk.LoRALinear)]
+    with pytest.raises(ValueError, match=r"does not hold lora_A and lora_B of 2\b"):
+        ReLoRA(model, partial, restart_every=1)
+    assert all(torch.equal(m.weight, w) for m, w in
+               zip([m for m in model.modules() if isinstance(m, rk.LoRALinear)], weights, strict=True))
+
+
+def test_sgd_warns_once_that_nothing_is_pruned():
+    model, _, _ = setup()
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2, momentum=0.9)
+    controller = ReLoRA(model, sgd, restart_every=1, prune_ratio=0.5)
+    train_step(model, sgd, 1)
+    with pytest.warns(RuntimeWarning, match="SGD holds no Adam moments"):
+        assert controller.step(1)
+    train_step(model, sgd, 2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert controller.step(2)
+
+
+def test_amsgrad_running_maximum_is_pruned_too():
+    model, _, _ = setup()
+    adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2, amsgrad=True)
+    controller = ReLoRA(model, adam, restart_every=2, prune_ratio=1.0)
+    for step in (1, 2):
+        train_step(model, adam, step)
+    lora_params = [p for m in model.modules() if isinstance(m, rk.LoRALinear) for p in (m.lora_A, m.lora_B)]
+    assert all(adam.state[p]["max_exp_avg_sq"].any() for p in lora_params)
+    assert controller.step(2)
+    for p in lora_params:
+        assert not any(adam.state[p][key].any() for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))

@@ -1,9 +1,9 @@
 """The fused LoRA GEMM for Hopper: persistent, tensor-descriptor (TMA) loads, the LoRA branch in the epilogue.
 
-    out = lhs @ rhs_t.T + low_scale * mask(low @ up_t.T) + bias
+    out = lhs @ rhs + low_scale * mask(low @ up) + bias
 
-the op of `lora_linear._fused_matmul` (forward: lhs = x, rhs_t = W, low = S, up_t = B, no mask; input gradient:
-lhs = dy, rhs_t = W.T, low = dS, up_t = A.T, the dropout mask of dx's (M, K) view, low_scale = 1/(1-p)).
+the op of `lora_linear._fused_matmul` (forward: lhs = x, rhs = W.T, low = S, up = B.T, no mask; input gradient:
+lhs = dy, rhs = W, low = dS, up = A, the dropout mask of dx's (M, K) view, low_scale = 1/(1-p)).
 
 What differs from `_fused_matmul_kernel`:
 - persistent: grid = min(output tiles, SMs x blocks per SM); each program walks the tiles tile_id = pid,
@@ -14,9 +14,9 @@ What differs from `_fused_matmul_kernel`:
   the next tile's loads are issued while this tile's epilogue runs, instead of the mask's Philox rounds delaying the
   first load of every tile;
 - `tl.range(..., warp_specialize=True)` on the tile loop, a tile option (WARP_SPECIALIZE) so it can be turned off.
-  Built for sm_90 with triton 3.9 only (tests/tma_build.py); whether triton 3.6 builds it is unchecked. It needs
-  num_warps=4 (see policy.TMA_TILES) and every tl.dot operand from a descriptor, so the low-rank tiles are read through
-  descriptors where they are eligible, and warp specialisation is dropped where they are not (r = 17 in 16 bits).
+  It needs num_warps=4 (see policy.TMA_TILES) and every tl.dot operand from a descriptor, so the low-rank tiles are
+  read through descriptors where they are eligible, and warp specialisation is dropped where they are not (r = 17 in
+  16 bits). What the sm_90 builds showed: docs/DESIGN.md section 10.
 The accumulator is fp32 and is rounded once into the output's dtype.
 
 The descriptors live in 128 B of global scratch per descriptor and program, which Triton takes from the allocator
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import policy
-from .lora_linear import _block_rank, _dot_precision, _dropout_args, _keep_mask, on_tensors_device, traceable
+from .lora_linear import _dot_precision, _dropout_args, _keep_mask, on_tensors_device, traceable
 
 # The tiles (policy.TMA_TILES, "... tma ws e1") and their shared memory (policy.gemm_shared_bytes) live with the
 # other tiles in policy.py.
@@ -85,21 +85,21 @@ def _tma_layout(tensor: torch.Tensor) -> bool | None:
     return along_cols if 0 < outer < _TMA_MAX_STRIDE and outer % _TMA_ALIGNMENT == 0 else None
 
 
-def tma_eligible(lhs: torch.Tensor, rhs_t: torch.Tensor) -> bool:
-    """Whether `fused_matmul_tma` can read lhs (M, K) and rhs_t (N, K) through TMA descriptors. The exact rule, for
-    each of the two:
+def tma_eligible(lhs: torch.Tensor, rhs: torch.Tensor) -> bool:
+    """Whether `fused_matmul_tma` can read lhs (M, K) and rhs (K, N) through TMA descriptors; the rule is the same
+    for a tensor and its transpose. The exact rule, for each of the two:
     - dtype float16, bfloat16 or float32, 2-D;
-    - one dimension contiguous: stride(1) == 1 (row-major: the descriptor is (M, K), resp. (N, K)), or else
-      stride(0) == 1 (column-major, e.g. W.T of a row-major W: the descriptor is the transpose, (K, M) resp. (K, N));
+    - one dimension contiguous: stride(1) == 1 (row-major: the descriptor is the tensor), or else stride(0) == 1
+      (column-major: the descriptor is its transpose);
     - the other stride positive, a multiple of 16 bytes (of 8 elements in 16 bits, 4 in fp32) and < 2**40 bytes;
     - the base address (data_ptr, including a view's offset) a multiple of 16 bytes.
     So a contiguous x is eligible when K is a multiple of 8 (16-bit); x[:, 1:] of a 16-bit x is not (its base is
     2 bytes off); W.T is, through its transpose. Where this is False the pointer-load kernel runs instead.
 
-    low (M, R) and up_t (N, R) need not be eligible: where both are (by the same rule: R a multiple of 8 in 16 bits
+    low (M, R) and up (R, N) need not be eligible: where both are (by the same rule: R a multiple of 8 in 16 bits
     for a contiguous S, B or A) they are read through descriptors too, otherwise by pointer loads, and then the
     kernel runs without warp specialisation whatever the tile asks (see the kernel)."""
-    return _tma_layout(lhs) is not None and _tma_layout(rhs_t) is not None
+    return _tma_layout(lhs) is not None and _tma_layout(rhs) is not None
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
@@ -115,8 +115,7 @@ def _use_scratch_allocator() -> None:
     Triton keeps the allocator in a ContextVar, so a setting made once at import would not reach other threads:
     autograd runs the backward (the dx launch) on its own device threads. Hence this check before every eager launch
     (a ContextVar get). Compiled graphs need nothing from here: Inductor's launcher sets its own torch allocator
-    before every launch of a Triton kernel, user-defined (wrap_triton) ones included (torch >= 2.8,
-    pytorch/pytorch#155358; torch/_inductor/runtime/triton_heuristics.py, CachingAutotuner.run)."""
+    before every launch of a Triton kernel, user-defined (wrap_triton) ones included."""
     from triton.runtime import _allocation
 
     current = getattr(_allocation, "_allocator", None)
@@ -166,16 +165,16 @@ def _load(desc, row, col, COLS_CONTIGUOUS: tl.constexpr):
 @triton.jit
 def _fused_matmul_tma_kernel(
     lhs_ptr,  # (M, K)
-    rhs_ptr,  # (N, K): rhs_t
+    rhs_ptr,  # (K, N), described as its (N, K) transpose
     low_ptr,  # (M, R)
-    up_ptr,  # (N, R): up_t
+    up_ptr,  # (R, N), described as its (N, R) transpose
     bias_ptr,  # (N,), read only when HAS_BIAS
     out_ptr,  # (M, N) output
     seed_ptr,  # () int64 dropout seed, read only when APPLY_DROPOUT
     M, N, K, R,
     stride_lm, stride_lk,
     stride_rn, stride_rk,
-    stride_wm, stride_wr,
+    stride_low_m, stride_low_r,
     stride_un, stride_ur,
     stride_om, stride_on,
     stride_bias,
@@ -189,10 +188,10 @@ def _fused_matmul_tma_kernel(
 ):
     lhs_desc = _descriptor(lhs_ptr, M, K, stride_lm, stride_lk, BLOCK_M, BLOCK_K, LHS_K_CONTIGUOUS)
     rhs_desc = _descriptor(rhs_ptr, N, K, stride_rn, stride_rk, BLOCK_N, BLOCK_K, RHS_K_CONTIGUOUS)
-    # Warp specialisation needs every tl.dot operand to come from a descriptor (triton 3.9 fails its
-    # NVGPUWarpSpecialization pass on pointer-loaded ones: "unsupported load type for producer commit").
+    # Warp specialisation needs every tl.dot operand to come from a descriptor: Triton's warp-specialisation pass
+    # rejects pointer-loaded ones.
     if LOW_TMA:
-        low_desc = _descriptor(low_ptr, M, R, stride_wm, stride_wr, BLOCK_M, BLOCK_R, LOW_R_CONTIGUOUS)
+        low_desc = _descriptor(low_ptr, M, R, stride_low_m, stride_low_r, BLOCK_M, BLOCK_R, LOW_R_CONTIGUOUS)
         up_desc = _descriptor(up_ptr, N, R, stride_un, stride_ur, BLOCK_N // EPILOGUE_SPLIT, BLOCK_R,
                               UP_R_CONTIGUOUS)
     else:
@@ -207,8 +206,8 @@ def _fused_matmul_tma_kernel(
     offs_r = tl.arange(0, BLOCK_R)
 
     # num_stages=2 of the tile loop: with warp specialisation the producer double-buffers the low-rank tiles
-    # (this tile's and the next's) instead of keeping as many copies as the K loop has stages (r = 64 fit no
-    # warp-specialised tile that way); the K loop keeps the tile's num_stages.
+    # (this tile's and the next's) instead of keeping as many copies as the K loop has stages, which would leave
+    # r = 64 without a warp-specialised tile that fits; the K loop keeps the tile's num_stages.
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0),
                             warp_specialize=WARP_SPECIALIZE, num_stages=2):
         pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
@@ -228,7 +227,7 @@ def _fused_matmul_tma_kernel(
         else:
             rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)  # M * stride can pass 2**31
             low_tile = tl.load(
-                low_ptr + rows[:, None] * stride_wm + offs_r[None, :] * stride_wr,
+                low_ptr + rows[:, None] * stride_low_m + offs_r[None, :] * stride_low_r,
                 mask=(rows[:, None] < M) & (offs_r[None, :] < R), other=0.0,
             )
 
@@ -260,7 +259,7 @@ def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 def _epilogue(acc, low_tile, off_m, off_n, operands,
               LOW_TMA: tl.constexpr, UP_R_CONTIGUOUS: tl.constexpr, HAS_BIAS: tl.constexpr,
               APPLY_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Store acc + low_scale * mask(low_tile @ up_t.T) + bias for the (BLOCK_M, BLOCK_N) slice of acc at
+    """Store acc + low_scale * mask(low_tile @ up) + bias for the (BLOCK_M, BLOCK_N) slice of acc at
     (off_m, off_n), rounded once into the output's dtype. `operands`: the kernel's tensors, sizes and strides it
     needs."""
     (up_desc, up_ptr, bias_ptr, out_ptr, seed, M, N, R, stride_un, stride_ur, stride_om, stride_on, stride_bias,
@@ -277,7 +276,7 @@ def _epilogue(acc, low_tile, off_m, off_n, operands,
         up_tile = tl.trans(_load(up_desc, off_n, 0, UP_R_CONTIGUOUS))
     else:
         offs_r = tl.arange(0, BLOCK_R)
-        up_tile = tl.load(  # (BLOCK_R, BLOCK_N) tile of up_t.T
+        up_tile = tl.load(  # (BLOCK_R, BLOCK_N) tile of up
             up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
             mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0,
         )
@@ -301,43 +300,45 @@ def _epilogue(acc, low_tile, off_m, off_n, operands,
 
 
 @on_tensors_device
-def fused_matmul_tma(lhs: torch.Tensor, rhs_t: torch.Tensor, low: torch.Tensor, up_t: torch.Tensor,
+def fused_matmul_tma(lhs: torch.Tensor, rhs: torch.Tensor, low: torch.Tensor, up: torch.Tensor,
                      low_scale: float, bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None, *,
                      tile: policy.GemmTile) -> torch.Tensor:
-    """out = lhs @ rhs_t.T + low_scale * mask(low @ up_t.T) + bias, (M, N) in lhs's dtype: the semantics and
-    arguments of `lora_linear._fused_matmul` (lhs (M, K), rhs_t (N, K), low (M, R), up_t (N, R), bias (N,) or None,
+    """out = lhs @ rhs + low_scale * mask(low @ up) + bias, (M, N) in lhs's dtype: the semantics and
+    arguments of `lora_linear._fused_matmul` (lhs (M, K), rhs (K, N), low (M, R), up (R, N), bias (N,) or None,
     the keep-mask of the (M, N) output drawn from `seed` (a 0-d int64 tensor, None without dropout) when
     dropout_p > 0), already validated by functional.py.
 
     `tile` is one of policy.TMA_TILES (policy.tma_tiles gives those that fit), policy.INTERPRETER_TMA_TILE under the
-    interpreter; it is used as given (the caller checks the fit). lhs and rhs_t must pass `tma_eligible` (a
-    ValueError otherwise); low, up_t and bias may have any strides."""
-    if not tma_eligible(lhs, rhs_t):
-        raise ValueError("fused_matmul_tma: lhs and rhs_t must be TMA-eligible (tma_eligible: one unit stride, the "
+    interpreter; it is used as given (the caller checks the fit). lhs and rhs must pass `tma_eligible` (a
+    ValueError otherwise); low, up and bias may have any strides."""
+    if not tma_eligible(lhs, rhs):
+        raise ValueError("fused_matmul_tma: lhs and rhs must be TMA-eligible (tma_eligible: one unit stride, the "
                          "other and the base address 16-byte aligned); use the pointer-load kernel")
-    (M, K), N, R = lhs.shape, rhs_t.shape[0], low.shape[1]
-    low_layout, up_layout = _tma_layout(low), _tma_layout(up_t)
+    (M, K), N, R = lhs.shape, rhs.shape[1], low.shape[1]
+    # The kernel describes rhs and up as their (N, K) and (N, R) transposes, K (resp. R) contiguous where the
+    # transpose's rows are: _tma_layout of the transpose is the negation of the tensor's own.
+    low_layout, up_layout = _tma_layout(low), _tma_layout(up)
     low_tma = low_layout is not None and up_layout is not None
     out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype)
     if M == 0 or N == 0:
         return out
-    rank_block = _block_rank(R)
+    rank_block = policy.block_rank(R)
     tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
     grid = (_programs(tiles, tile, rank_block, lhs.element_size()),)
     if lhs.device.type == "cuda":
         _use_scratch_allocator()
     traceable(_fused_matmul_tma_kernel)[grid](
-        lhs_ptr=lhs, rhs_ptr=rhs_t, low_ptr=low, up_ptr=up_t, bias_ptr=bias if bias is not None else lhs, out_ptr=out,
+        lhs_ptr=lhs, rhs_ptr=rhs, low_ptr=low, up_ptr=up, bias_ptr=bias if bias is not None else lhs, out_ptr=out,
         M=M, N=N, K=K, R=R,
         stride_lm=lhs.stride(0), stride_lk=lhs.stride(1),
-        stride_rn=rhs_t.stride(0), stride_rk=rhs_t.stride(1),
-        stride_wm=low.stride(0), stride_wr=low.stride(1),
-        stride_un=up_t.stride(0), stride_ur=up_t.stride(1),
+        stride_rn=rhs.stride(1), stride_rk=rhs.stride(0),
+        stride_low_m=low.stride(0), stride_low_r=low.stride(1),
+        stride_un=up.stride(1), stride_ur=up.stride(0),
         stride_om=out.stride(0), stride_on=out.stride(1),
         stride_bias=bias.stride(0) if bias is not None else 0,
         low_scale=float(low_scale),
-        LHS_K_CONTIGUOUS=_tma_layout(lhs), RHS_K_CONTIGUOUS=_tma_layout(rhs_t),
-        LOW_TMA=low_tma, LOW_R_CONTIGUOUS=bool(low_layout), UP_R_CONTIGUOUS=bool(up_layout),
+        LHS_K_CONTIGUOUS=_tma_layout(lhs), RHS_K_CONTIGUOUS=_tma_layout(rhs) is False,
+        LOW_TMA=low_tma, LOW_R_CONTIGUOUS=bool(low_layout), UP_R_CONTIGUOUS=up_layout is False,
         HAS_BIAS=bias is not None, BLOCK_R=rank_block, DOT_PRECISION=_dot_precision(lhs.dtype),
         **_dropout_args(dropout_p, seed, lhs),
         **{**tile.launch_options, "WARP_SPECIALIZE": tile.warp_specialize and low_tma},

@@ -1,6 +1,6 @@
 """Triton kernels of the fused LoRA linear and their launchers.
 
-The math (DESIGN.md section 1; x (M, K), W (N, K), A (r, K), B (N, r), s the scale, p the dropout):
+The math (docs/DESIGN.md section 1; x (M, K), W (N, K), A (r, K), B (N, r), s the scale, p the dropout):
 
     x~ = dropout_p(x)                          mask m from (seed, m, k), scaled by 1/(1-p)
     S  = x~ @ A.T                              _shrink_kernel            (lora_shrink)
@@ -29,13 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import DROPOUT_BITS, dropout_threshold
+from .. import random_stream
+from ..random_stream import dropout_threshold
 from . import policy
 
 MAX_RANK = 256
 
-# Each Philox word has 32 random bits; the top DROPOUT_BITS of them are compared with round(p * 2**DROPOUT_BITS).
-_RANDOM_SHIFT = tl.constexpr(32 - DROPOUT_BITS)
+_RANDOM_SHIFT = tl.constexpr(random_stream.RANDOM_SHIFT)
 
 
 # Whether ops.py registers the launchers as triton_ops, which torch.compile traces into, or as opaque custom ops:
@@ -61,11 +61,6 @@ def on_tensors_device(launcher):
     return launch
 
 
-def _block_rank(rank: int) -> int:
-    """r padded to a power of two >= 16 because tl.dot needs every dimension >= 16; the padding is masked."""
-    return max(16, triton.next_power_of_2(rank))
-
-
 def _fp32_matmul_allows_tf32() -> bool:
     """torch's own setting for fp32 matmuls. `fp32_precision` (torch >= 2.9) reflects the legacy `allow_tf32` and
     `set_float32_matmul_precision` as well, whereas reading `allow_tf32` raises once the new API has been used."""
@@ -87,8 +82,8 @@ def _keep_mask(seed, rows, col_start, cols, keep_threshold, BLOCK_ROWS: tl.const
     matrix, col_start a multiple of 4 (same stream as reference.dropout_bits).
 
     Element (m, k) takes word k % 4 of the Philox draw counted m * cdiv(cols, 4) + k // 4: one draw of ten rounds
-    serves four neighbours. (One draw per element cost ~60 instructions per element on sm_90, several times the
-    memory time of the shrink and grad kernels.)"""
+    serves four neighbours, because one per element made the mask cost more than the kernels' memory traffic
+    (docs/DESIGN.md section 10)."""
     groups = col_start // 4 + tl.arange(0, BLOCK_COLS // 4)
     w0, w1, w2, w3 = tl.randint4x(seed, rows[:, None] * tl.cdiv(cols, 4) + groups[None, :])
     # tl.join stacks along a new minor dimension, so element [m, g, i, j] of join(join(w0, w2), join(w1, w3)) is
@@ -189,7 +184,7 @@ def _fused_matmul_kernel(
     M, N, K, R,
     stride_lm, stride_lk,
     stride_rk, stride_rn,
-    stride_wm, stride_wr,
+    stride_low_m, stride_low_r,
     stride_ur, stride_un,
     stride_om, stride_on,
     stride_bias,
@@ -218,7 +213,7 @@ def _fused_matmul_kernel(
 
     # Accumulator init: low_scale * (low @ up), masked by dropout, plus bias.
     low_tile = tl.load(
-        low_ptr + rows[:, None] * stride_wm + offs_r[None, :] * stride_wr,
+        low_ptr + rows[:, None] * stride_low_m + offs_r[None, :] * stride_low_r,
         mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
     )
     up_tile = tl.load(
@@ -254,11 +249,11 @@ def _fused_matmul_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------
 # bwd 1: dS, dB, dA (and dbias) in two launches that read dy and x once each. A program owns a block of tokens and a
-# share of the N (or K) chunks, so that short inputs still give the GPU enough programs (one program per token
-# block alone would be M / 64: 32 programs for 2048 tokens on an H100's 132 SMs).
-#   _grad_b_kernel (token block, N share):  dS_partial = dy @ B over its N share;  dB += s * dy.T @ S;  dbias
-#   _grad_a_kernel (token block, K share):  dS = s * sum of the dS partials;       dA += dS.T @ x~
-# Reductions over tokens (dB, dA, dbias) and over the N shares (dS) go through _accumulate.
+# split (a contiguous run) of the N (or K) chunks, so that short inputs still give the GPU enough programs (one
+# program per token block alone would be M / 64: 32 programs for 2048 tokens on an H100's 132 SMs).
+#   _grad_b_kernel (token block, N split):  dS_partial = dy @ B over its N split;  dB += s * dy.T @ S;  dbias
+#   _grad_a_kernel (token block, K split):  dS = s * sum of the dS partials;       dA += dS.T @ x~
+# Reductions over tokens (dB, dA, dbias) and over the N splits (dS) go through _accumulate.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -272,14 +267,18 @@ def _accumulate(ptrs, value, mask, DETERMINISTIC: tl.constexpr):
 
 
 @triton.jit
-def _token_block(M, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, DETERMINISTIC: tl.constexpr):
-    """A gradient program's block of tokens (axis 0 of the grid): its partials' slot, its rows (int64: M * stride
-    can pass 2**31), their mask, and the rank offsets and mask."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    slot = pid_m.to(tl.int64) if DETERMINISTIC else 0  # slot * stride can pass 2**31
-    return slot, offs_m.to(tl.int64), offs_m < M, offs_r, offs_r < R
+def _token_rows(M, BLOCK_M: tl.constexpr):
+    """(rows, mask) of a gradient program's block of tokens, axis 0 of the grid; rows in int64 because M * stride
+    can pass 2**31."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_m.to(tl.int64), offs_m < M
+
+
+@triton.jit
+def _token_block_partial(DETERMINISTIC: tl.constexpr):
+    """Which partial-sum slice of a reduction buffer this program adds into: its token block's own (deterministic),
+    else the single shared one that the atomics go to. int64, as partial * stride can pass 2**31."""
+    return tl.program_id(0).to(tl.int64) if DETERMINISTIC else 0
 
 
 @triton.jit
@@ -287,32 +286,35 @@ def _grad_b_kernel(
     dy_ptr,  # (M, N)
     s_ptr,  # (M, R) the forward's S
     b_ptr,  # (N, R)
-    ds_ptr,  # (DS_SLOTS, M, R) fp32 output: dy @ B partials, one slot per N share (DS_SLOTS = 1 with atomics)
-    db_ptr,  # (SLOTS, N, R) fp32 output: dB partials, one slot per token block (SLOTS = 1 with atomics)
-    dbias_ptr,  # (SLOTS, N) fp32 output: dbias partials, written only when HAS_BIAS_GRAD
+    ds_ptr,  # (N splits, M, R) fp32 output: dy @ B partials, one per N split (a single one with atomics)
+    db_ptr,  # (token blocks, N, R) fp32 output: dB partials, one per token block (a single one with atomics)
+    dbias_ptr,  # (token blocks, N) fp32 output: dbias partials, written only when HAS_BIAS_GRAD
     M, N, R,
     stride_dym, stride_dyn,
     stride_sm, stride_sr,
     stride_bn, stride_br,
-    stride_ds_slot, stride_ds_m, stride_ds_r,
-    stride_db_slot, stride_db_n, stride_db_r,
-    stride_dbias_slot,
-    scale, chunks_per_share,
+    stride_ds_partial, stride_ds_m, stride_ds_r,
+    stride_db_partial, stride_db_n, stride_db_r,
+    stride_dbias_partial,
+    scale, chunks_per_split,
     HAS_BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    share = tl.program_id(1)
-    slot, rows, mask_m, offs_r, mask_r = _token_block(M, R, BLOCK_M, BLOCK_R, DETERMINISTIC)
+    split = tl.program_id(1)
+    rows, mask_m = _token_rows(M, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    partial = _token_block_partial(DETERMINISTIC)
     scale = tl.cast(scale, tl.float32)  # float scalars may arrive as fp64 (torch.compile)
     s_tile = tl.load(
         s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
         mask=mask_m[:, None] & mask_r[None, :], other=0.0,
     )
 
-    # dy is read once, feeding dS (reduced here over this share of N) and dB (reduced over tokens).
-    n_start = share * chunks_per_share * BLOCK_N
-    n_end = min(N, n_start + chunks_per_share * BLOCK_N)
+    # dy is read once, feeding dS (reduced here over this split of N) and dB (reduced over tokens).
+    n_start = split * chunks_per_split * BLOCK_N
+    n_end = min(N, n_start + chunks_per_split * BLOCK_N)
     ds_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -331,18 +333,18 @@ def _grad_b_kernel(
         # dB += s * dy.T @ S
         db_part = tl.dot(tl.trans(dy_tile), s_tile, input_precision=DOT_PRECISION) * scale
         _accumulate(
-            db_ptr + slot * stride_db_slot + cols[:, None] * stride_db_n + offs_r[None, :] * stride_db_r,
+            db_ptr + partial * stride_db_partial + cols[:, None] * stride_db_n + offs_r[None, :] * stride_db_r,
             db_part, mask_n[:, None] & mask_r[None, :], DETERMINISTIC,
         )
         if HAS_BIAS_GRAD:
             # dbias += dy.sum(0)
             _accumulate(
-                dbias_ptr + slot * stride_dbias_slot + cols,
+                dbias_ptr + partial * stride_dbias_partial + cols,
                 tl.sum(dy_tile.to(tl.float32), axis=0), mask_n, DETERMINISTIC,
             )
-    ds_slot = share.to(tl.int64) if DETERMINISTIC else 0
+    ds_partial = split.to(tl.int64) if DETERMINISTIC else 0  # each N split its own dS partial
     _accumulate(
-        ds_ptr + ds_slot * stride_ds_slot + rows[:, None] * stride_ds_m + offs_r[None, :] * stride_ds_r,
+        ds_ptr + ds_partial * stride_ds_partial + rows[:, None] * stride_ds_m + offs_r[None, :] * stride_ds_r,
         ds_acc, mask_m[:, None] & mask_r[None, :], DETERMINISTIC,
     )
 
@@ -350,35 +352,38 @@ def _grad_b_kernel(
 @triton.jit
 def _grad_a_kernel(
     x_ptr,  # (M, K)
-    ds_partial_ptr,  # (DS_SLOTS, M, R) fp32: _grad_b_kernel's dy @ B partials
+    ds_partial_ptr,  # (num_ds_partials, M, R) fp32: _grad_b_kernel's dy @ B partials
     ds_ptr,  # (M, R) output dS, in x's dtype
-    da_ptr,  # (SLOTS, R, K) fp32 output: dA partials, one slot per token block (SLOTS = 1 with atomics)
+    da_ptr,  # (token blocks, R, K) fp32 output: dA partials, one per token block (a single one with atomics)
     seed_ptr,  # () int64 dropout seed, read only when APPLY_DROPOUT
     a_ptr,  # (R, K), read only when WRITE_DX
     dx_ptr,  # (M, K) output when WRITE_DX: mask(dS @ A) / (1-p), which cuBLAS then accumulates dy @ W onto
-    M, K, R, DS_SLOTS,
+    M, K, R, num_ds_partials,
     stride_xm, stride_xk,
-    stride_dsp_slot, stride_dsp_m, stride_dsp_r,
+    stride_dsp_partial, stride_dsp_m, stride_dsp_r,
     stride_dsm, stride_dsr,
-    stride_da_slot, stride_da_r, stride_da_k,
+    stride_da_partial, stride_da_r, stride_da_k,
     stride_ar, stride_ak,
     stride_dxm, stride_dxk,
-    scale, keep_threshold, inv_keep, chunks_per_share,
+    scale, keep_threshold, inv_keep, chunks_per_split,
     APPLY_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, WRITE_DX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    share = tl.program_id(1)
-    slot, rows, mask_m, offs_r, mask_r = _token_block(M, R, BLOCK_M, BLOCK_R, DETERMINISTIC)
+    split = tl.program_id(1)
+    rows, mask_m = _token_rows(M, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    partial = _token_block_partial(DETERMINISTIC)
     mask_mr = mask_m[:, None] & mask_r[None, :]
 
-    # dS = s * (sum of the N shares' partials), in a fixed order.
+    # dS = s * (sum of the N splits' partials), in a fixed order.
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     ds_ptrs = ds_partial_ptr + rows[:, None] * stride_dsp_m + offs_r[None, :] * stride_dsp_r
-    for ds_slot in range(0, DS_SLOTS):
-        ds += tl.load(ds_ptrs + tl.cast(ds_slot, tl.int64) * stride_dsp_slot, mask=mask_mr, other=0.0)
+    for ds_partial in range(0, num_ds_partials):
+        ds += tl.load(ds_ptrs + tl.cast(ds_partial, tl.int64) * stride_dsp_partial, mask=mask_mr, other=0.0)
     ds = ds * tl.cast(scale, tl.float32)
-    if share == 0:
+    if split == 0:
         tl.store(ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
                  ds.to(ds_ptr.dtype.element_ty), mask=mask_mr)
     # dS enters dA (and the dx term) in the input dtype, as it would in the eager computation.
@@ -388,8 +393,8 @@ def _grad_a_kernel(
         seed = tl.load(seed_ptr)
 
     # x is read once; dA = dS.T @ x~ with the dropout mask regenerated, not loaded.
-    k_start = share * chunks_per_share * BLOCK_K
-    k_end = min(K, k_start + chunks_per_share * BLOCK_K)
+    k_start = split * chunks_per_split * BLOCK_K
+    k_end = min(K, k_start + chunks_per_split * BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
@@ -406,7 +411,7 @@ def _grad_a_kernel(
         if APPLY_DROPOUT:
             da_part = da_part * tl.cast(inv_keep, tl.float32)
         _accumulate(
-            da_ptr + slot * stride_da_slot + offs_r[:, None] * stride_da_r + cols[None, :] * stride_da_k,
+            da_ptr + partial * stride_da_partial + offs_r[:, None] * stride_da_r + cols[None, :] * stride_da_k,
             da_part, mask_r[:, None] & mask_k[None, :], DETERMINISTIC,
         )
         if WRITE_DX:
@@ -425,12 +430,12 @@ def _grad_a_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _shares(token_blocks: int, chunks: int) -> tuple[int, int]:
-    """(shares, chunks per share): split `chunks` column chunks into shares so that token_blocks x shares reaches
-    policy.target_programs(), with no empty share."""
+def _column_splits(token_blocks: int, chunks: int) -> tuple[int, int]:
+    """(splits, chunks per split): split `chunks` column chunks into contiguous runs, one per program along grid axis
+    1, so that token_blocks x splits reaches policy.target_programs(), with no empty split."""
     wanted = max(1, min(chunks, triton.cdiv(policy.target_programs(), max(token_blocks, 1))))
-    per_share = max(1, chunks // wanted)  # rounded down: at least `wanted` shares
-    return max(1, triton.cdiv(chunks, per_share)), per_share
+    per_split = max(1, chunks // wanted)  # rounded down: at least `wanted` splits
+    return max(1, triton.cdiv(chunks, per_split)), per_split
 
 
 def _shrink_config(rank_block: int, dtype: torch.dtype, tokens: int) -> dict:
@@ -492,7 +497,7 @@ def _shrink(x, lora_a, dropout_p, seed, expand=None):
     out = torch.empty((M, N), device=x.device, dtype=x.dtype) if expand is not None else None
     if M == 0:
         return shrunk, out
-    cfg = _shrink_config(_block_rank(R), x.dtype, M)
+    cfg = _shrink_config(policy.block_rank(R), x.dtype, M)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     out_strides = out.stride() if out is not None else (0, 0)
     traceable(_shrink_kernel)[grid](
@@ -506,7 +511,7 @@ def _shrink(x, lora_a, dropout_p, seed, expand=None):
         stride_bias=bias.stride(0) if bias is not None else 0,
         stride_om=out_strides[0], stride_on=out_strides[1],
         scale=float(scale), inv_keep=1.0 / (1.0 - dropout_p), EXPAND=expand is not None, HAS_BIAS=bias is not None,
-        BLOCK_R=_block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_R=policy.block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
         **_dropout_args(dropout_p, seed, x), **cfg,
     )
     return shrunk, out
@@ -518,31 +523,31 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: t
     return _shrink(x, lora_a, dropout_p, seed)[0]
 
 
-def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed, kind):
-    """out = lhs @ rhs_t.T + low_scale * mask(low @ up_t.T) + bias, where rhs_t (N, K) and up_t (N, R); kind names
-    the pass in the table ("forward" or "input_grad"). The pointer-load kernel, or fused_gemm_tma's where the tile
-    chosen is a Hopper one."""
+def _fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, gemm_pass):
+    """out = lhs @ rhs + low_scale * mask(low @ up) + bias: lhs (M, K), rhs (K, N), low (M, R), up (R, N), any
+    strides; gemm_pass names the pass in the table ("forward" or "input_grad"). The pointer-load kernel, or
+    fused_gemm_tma's where the tile chosen is a Hopper one."""
     from .fused_gemm_tma import fused_matmul_tma, tma_eligible  # it builds on this module
 
-    (M, K), N, R = lhs.shape, rhs_t.shape[0], low.shape[1]
-    gemm = policy.GemmLaunch(lhs.dtype, _block_rank(R), kind, bias is not None, dropout_p > 0.0, M, N, K)
+    (M, K), N, R = lhs.shape, rhs.shape[1], low.shape[1]
+    gemm = policy.GemmLaunch(lhs.dtype, policy.block_rank(R), gemm_pass, bias is not None, dropout_p > 0.0, M, N, K)
     out = None
 
     def launch(tile: policy.GemmTile) -> torch.Tensor:
         nonlocal out
         if tile.kernel == "tma":
-            return fused_matmul_tma(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed, tile=tile)
+            return fused_matmul_tma(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, tile=tile)
         out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype) if out is None else out
         if M == 0 or N == 0:
             return out
         grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n),)
         traceable(_fused_matmul_kernel)[grid](
-            lhs_ptr=lhs, rhs_ptr=rhs_t, low_ptr=low, up_ptr=up_t, bias_ptr=bias if bias is not None else lhs,
+            lhs_ptr=lhs, rhs_ptr=rhs, low_ptr=low, up_ptr=up, bias_ptr=bias if bias is not None else lhs,
             out_ptr=out, M=M, N=N, K=K, R=R,
             stride_lm=lhs.stride(0), stride_lk=lhs.stride(1),
-            stride_rk=rhs_t.stride(1), stride_rn=rhs_t.stride(0),
-            stride_wm=low.stride(0), stride_wr=low.stride(1),
-            stride_ur=up_t.stride(1), stride_un=up_t.stride(0),
+            stride_rk=rhs.stride(0), stride_rn=rhs.stride(1),
+            stride_low_m=low.stride(0), stride_low_r=low.stride(1),
+            stride_ur=up.stride(0), stride_un=up.stride(1),
             stride_om=out.stride(0), stride_on=out.stride(1),
             stride_bias=bias.stride(0) if bias is not None else 0,
             low_scale=float(low_scale), HAS_BIAS=bias is not None,
@@ -554,21 +559,21 @@ def _fused_matmul(lhs, rhs_t, low, up_t, low_scale, bias, dropout_p, seed, kind)
     def time_tile(tile: policy.GemmTile) -> float:
         return triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=20, return_mode="median")
 
-    return launch(policy.gemm_tile(gemm, None if _is_fake(lhs) else time_tile, tma_ok=tma_eligible(lhs, rhs_t)))
+    return launch(policy.gemm_tile(gemm, None if _is_fake(lhs) else time_tile, tma_ok=tma_eligible(lhs, rhs)))
 
 
 @on_tensors_device
 def lora_forward_matmul(x: torch.Tensor, weight: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
                         scale: float, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W.T + bias + s * S @ B.T, (M, N) in x's dtype; the low-rank term seeds the accumulator."""
-    return _fused_matmul(x, weight, shrunk, lora_b, scale, bias, 0.0, None, "forward")
+    return _fused_matmul(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, None, "forward")
 
 
 @on_tensors_device
 def lora_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, grad_shrunk: torch.Tensor, lora_a: torch.Tensor,
                     dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """dx = dy @ W + (dS @ A) * m / (1-p), (M, K) in dy's dtype; the masked low-rank term seeds the accumulator."""
-    return _fused_matmul(grad_y, weight.T, grad_shrunk, lora_a.T, 1.0 / (1.0 - dropout_p), None, dropout_p, seed,
+    return _fused_matmul(grad_y, weight, grad_shrunk, lora_a, 1.0 / (1.0 - dropout_p), None, dropout_p, seed,
                          "input_grad")
 
 
@@ -576,51 +581,53 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     """(dA, dB, dS, dbias, dx start or None): dx's start mask(dS @ A) / (1-p) is written by the dA launch when
     lora_a is given (the cuBLAS-composed engine)."""
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
-    cfg = _grad_ab_config(_block_rank(R), x.dtype, write_dx=lora_a is not None)
+    cfg = _grad_ab_config(policy.block_rank(R), x.dtype, write_dx=lora_a is not None)
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg}
     token_blocks = triton.cdiv(M, block_m)
-    n_shares, n_chunks_per_share = _shares(token_blocks, triton.cdiv(N, block_n))
-    k_shares, k_chunks_per_share = _shares(token_blocks, triton.cdiv(K, block_k))
-    slots = max(token_blocks, 1) if deterministic else 1
+    n_splits, n_chunks_per_split = _column_splits(token_blocks, triton.cdiv(N, block_n))
+    k_splits, k_chunks_per_split = _column_splits(token_blocks, triton.cdiv(K, block_k))
+    # Partial sums: one per token block (dA, dB, dbias) or N split (dS) when deterministic, a single one with atomics.
+    token_partials = max(token_blocks, 1) if deterministic else 1
     dev = x.device
-    grad_a = torch.zeros((slots, R, K), device=dev, dtype=torch.float32)
-    grad_b = torch.zeros((slots, N, R), device=dev, dtype=torch.float32)
-    grad_bias = torch.zeros((slots, N if need_bias_grad else 0), device=dev, dtype=torch.float32)
-    ds_partial = torch.zeros((n_shares if deterministic else 1, M, R), device=dev, dtype=torch.float32)
+    grad_a = torch.zeros((token_partials, R, K), device=dev, dtype=torch.float32)
+    grad_b = torch.zeros((token_partials, N, R), device=dev, dtype=torch.float32)
+    grad_bias = torch.zeros((token_partials, N if need_bias_grad else 0), device=dev, dtype=torch.float32)
+    ds_partial = torch.zeros((n_splits if deterministic else 1, M, R), device=dev, dtype=torch.float32)
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
     dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if lora_a is not None else None
-    common = dict(DETERMINISTIC=deterministic, BLOCK_M=block_m, BLOCK_R=_block_rank(R),
+    common = dict(DETERMINISTIC=deterministic, BLOCK_M=block_m, BLOCK_R=policy.block_rank(R),
                   DOT_PRECISION=_dot_precision(x.dtype), **launch)
     if token_blocks > 0:
-        traceable(_grad_b_kernel)[(token_blocks, n_shares)](
+        traceable(_grad_b_kernel)[(token_blocks, n_splits)](
             grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y,
             M=M, N=N, R=R,
             stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1),
             stride_sm=shrunk.stride(0), stride_sr=shrunk.stride(1),
             stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
-            stride_ds_slot=ds_partial.stride(0), stride_ds_m=ds_partial.stride(1), stride_ds_r=ds_partial.stride(2),
-            stride_db_slot=grad_b.stride(0), stride_db_n=grad_b.stride(1), stride_db_r=grad_b.stride(2),
-            stride_dbias_slot=grad_bias.stride(0),
-            scale=float(scale), chunks_per_share=n_chunks_per_share,
+            stride_ds_partial=ds_partial.stride(0), stride_ds_m=ds_partial.stride(1),
+            stride_ds_r=ds_partial.stride(2),
+            stride_db_partial=grad_b.stride(0), stride_db_n=grad_b.stride(1), stride_db_r=grad_b.stride(2),
+            stride_dbias_partial=grad_bias.stride(0),
+            scale=float(scale), chunks_per_split=n_chunks_per_split,
             HAS_BIAS_GRAD=need_bias_grad, BLOCK_N=block_n, **common,
         )
         dropout = _dropout_args(dropout_p, seed, x)
         a, dx = (lora_a, dx_start) if lora_a is not None else (x, x)
-        traceable(_grad_a_kernel)[(token_blocks, k_shares)](
+        traceable(_grad_a_kernel)[(token_blocks, k_splits)](
             x, ds_partial, grad_shrunk, grad_a, dropout["seed_ptr"], a, dx,
-            M=M, K=K, R=R, DS_SLOTS=ds_partial.shape[0],
+            M=M, K=K, R=R, num_ds_partials=ds_partial.shape[0],
             stride_xm=x.stride(0), stride_xk=x.stride(1),
-            stride_dsp_slot=ds_partial.stride(0), stride_dsp_m=ds_partial.stride(1),
+            stride_dsp_partial=ds_partial.stride(0), stride_dsp_m=ds_partial.stride(1),
             stride_dsp_r=ds_partial.stride(2),
             stride_dsm=grad_shrunk.stride(0), stride_dsr=grad_shrunk.stride(1),
-            stride_da_slot=grad_a.stride(0), stride_da_r=grad_a.stride(1), stride_da_k=grad_a.stride(2),
+            stride_da_partial=grad_a.stride(0), stride_da_r=grad_a.stride(1), stride_da_k=grad_a.stride(2),
             stride_ar=a.stride(0), stride_ak=a.stride(1), stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
             scale=float(scale), keep_threshold=dropout["keep_threshold"], inv_keep=1.0 / (1.0 - dropout_p),
-            chunks_per_share=k_chunks_per_share, APPLY_DROPOUT=dropout["APPLY_DROPOUT"],
+            chunks_per_split=k_chunks_per_split, APPLY_DROPOUT=dropout["APPLY_DROPOUT"],
             WRITE_DX=lora_a is not None, BLOCK_K=block_k, **common,
         )
-    grad_a, grad_b, grad_bias = (_reduce_splits(t, x.dtype) for t in (grad_a, grad_b, grad_bias))
+    grad_a, grad_b, grad_bias = (_sum_partials(t, x.dtype) for t in (grad_a, grad_b, grad_bias))
     return grad_a, grad_b, grad_shrunk, grad_bias, dx_start
 
 
@@ -631,14 +638,14 @@ def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lo
     """(dA, dB, dS, dbias) from two launches that read dy and x once each, in x's dtype (reduced in fp32, rounded
     once); dbias is an empty (0,) tensor unless `need_bias_grad` (a registered op cannot return None).
 
-    Programs own a block of tokens and a share of the N (then K) chunks. Their partial sums are reduced by fp32
+    Programs own a block of tokens and a split of the N (then K) chunks. Their partial sums are reduced by fp32
     atomics into zeroed buffers, or, when `deterministic`, written to their own slices and summed in a fixed order
     (bit-identical run to run on one GPU model, at the cost of token_blocks x (N + K) x r x 4 bytes of scratch).
     """
     return _grad_ab(grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic)[:4]
 
 
-def _reduce_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Sum the per-program partials (a fixed-order torch reduction) and round once into `dtype`."""
     total = partials[0] if partials.shape[0] == 1 else partials.sum(0)
     return total.to(dtype)
@@ -677,7 +684,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lo
     triton: the shrink, then the fused GEMM; cublas: the shrink also writes s * S @ B.T + bias into y, then cuBLAS
     adds x @ W.T."""
     (M, K), N = x.shape, weight.shape[0]
-    gemm = policy.GemmLaunch(x.dtype, _block_rank(lora_a.shape[0]), "forward", bias is not None, False, M, N, K)
+    gemm = policy.GemmLaunch(x.dtype, policy.block_rank(lora_a.shape[0]), "forward", bias is not None, False, M, N, K)
     if policy.choose_engine(gemm) == "cublas":
         shrunk, y = lora_shrink_expand(x, lora_a, lora_b, scale, bias, dropout_p, seed)
         return y.addmm_(x, weight.T), shrunk
@@ -694,7 +701,7 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, l
     `need_bias_grad`. dS, dB, dbias and dA from lora_grad_ab's two launches; dx = dy @ W + mask(dS @ A) / (1-p):
     triton, the fused GEMM; cublas, the dA launch also writes the low-rank term into dx, then cuBLAS adds dy @ W."""
     (M, K), N = x.shape, weight.shape[0]
-    gemm = policy.GemmLaunch(x.dtype, _block_rank(lora_a.shape[0]), "input_grad", False, dropout_p > 0.0, M, K, N)
+    gemm = policy.GemmLaunch(x.dtype, policy.block_rank(lora_a.shape[0]), "input_grad", False, dropout_p > 0.0, M, K, N)
     if need_input_grad and policy.choose_engine(gemm) == "cublas":
         grad_a, grad_b, grad_bias, grad_x = lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p,
                                                                seed, need_bias_grad, deterministic)

@@ -18,12 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import DROPOUT_BITS
+from .. import random_stream
 from . import policy
-from .lora_linear import MAX_RANK, _block_rank, on_tensors_device, traceable
+from .lora_linear import MAX_RANK, on_tensors_device, traceable
 
-_RANDOM_SHIFT = tl.constexpr(32 - DROPOUT_BITS)
-_INV_RANDOM_RANGE = tl.constexpr(1.0 / (1 << DROPOUT_BITS))
+_RANDOM_SHIFT = tl.constexpr(random_stream.RANDOM_SHIFT)
+_INV_RANDOM_RANGE = tl.constexpr(random_stream.UNIT_SCALE)
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
         raise ValueError(f"lora_a has r = {R} rows; the Triton kernels support r <= {MAX_RANK}")
     if weight.numel() == 0:
         return
-    cfg = _merge_config(_block_rank(R), weight.dtype)
+    cfg = _merge_config(policy.block_rank(R), weight.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
     # fp32 weights get full fp32 products; 16-bit factors are exact in tf32 (see the module docstring).
     precision = "ieee" if lora_a.dtype == torch.float32 else "tf32"
@@ -129,7 +129,7 @@ def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
         lora_a.stride(0), lora_a.stride(1),
         lora_b.stride(0), lora_b.stride(1),
         float(scale),
-        BLOCK_R=_block_rank(R), DOT_PRECISION=precision, **cfg,
+        BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision, **cfg,
     )
 
 

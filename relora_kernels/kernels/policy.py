@@ -32,14 +32,12 @@ from pathlib import Path
 import torch
 import triton
 
+# Whether Triton runs kernels through its CPU interpreter: the package's one reader of the setting, in _backend. A
+# module-level name here, which the kernel modules call as policy.interpreting() and tests may replace.
+from .._backend import interpreting
+
 ENGINES = ("triton", "cublas")
 ENGINE_SETTINGS = ("auto", *ENGINES)
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1, read once per process by
-    Triton when it is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def engine_setting() -> str:
@@ -47,6 +45,11 @@ def engine_setting() -> str:
     if name not in ENGINE_SETTINGS:
         raise ValueError(f"RELORA_KERNELS_ENGINE must be one of {', '.join(ENGINE_SETTINGS)}; got {name!r}")
     return name
+
+
+def block_rank(rank: int) -> int:
+    """r padded to a power of two >= 16 because tl.dot needs every dimension >= 16; the padding is masked."""
+    return max(16, triton.next_power_of_2(rank))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,12 +124,10 @@ GEMM_TILES = [parse_tile(name) for name in (
     "128x128x32 g8 w4 s4", "64x64x64 g8 w4 s4", "32x32x32 g8 w4 s2",
 )]
 # The Hopper kernel's candidates (sm_90, 16-bit operands that pass fused_gemm_tma.tma_eligible), in order of
-# preference. Triton's warp specialisation on sm_90 acts only at num_warps=4 (the block becomes 12 warps: a producer
-# warpgroup issuing the TMA copies, two consumer warpgroups, registers moved by setmaxnreg); at 8 warps it is
-# ignored. 128x128x64 w4 s3 without it is the two-blocks-per-SM tile (96 KiB in 16 bits). The epilogue slices are the
-# fewest that build without spills (benchmarks/gpu_build.py builds them all for sm_90). Unmeasured: they are timed
-# by benchmarks.tune and run where the table names them, never chosen by tuning at run time, so that a kernel no GPU
-# has run yet cannot take a training run's CUDA context down.
+# preference. Warp-specialised tiles ask for 4 warps because Triton's warp specialisation acts only there (at 8 it
+# is ignored); 128x128x64 w4 s3 is the tile two blocks of fit on one SM; each epilogue split is the fewest that
+# builds without spills (docs/DESIGN.md section 10). They run only where the table names them, never chosen by
+# tuning at run time, so that a tile no GPU has run cannot take a training run's CUDA context down.
 TMA_TILES = [parse_tile(name) for name in (
     "128x128x64 g8 w4 s4 tma ws e1", "128x256x64 g8 w4 s3 tma ws e4", "128x128x64 g8 w4 s3 tma e4",
     "128x64x64 g8 w4 s4 tma e2", "128x128x64 g8 w8 s4 tma e2", "128x256x64 g8 w8 s3 tma e4", "64x64x32 g8 w4 s3 tma e2",
@@ -149,7 +150,7 @@ GRAD_AB_CONFIGS = [
 ]
 
 # What Triton allocates beside the tiles counted below (barriers, scratch), which differs between the supported
-# Tritons (benchmarks/PERF_NOTES.md): added to every estimate so that each bounds all of them.
+# Tritons: added to every estimate so that each bounds all of them.
 TRITON_SHARED_OVERHEAD = 1024
 
 
@@ -246,18 +247,18 @@ def fitting(configs: list, shared_bytes: Callable, rank_block: int, dtype: torch
 # ---------------------------------------------------------------------------------------------------------------
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-KINDS = ("forward", "input_grad")
+GEMM_PASSES = ("forward", "input_grad")
 
 
 @dataclasses.dataclass(frozen=True)
 class GemmLaunch:
-    """One frozen-GEMM pass as the table knows it: `kind` "forward" (y = x @ W.T ...) or "input_grad" (dx = dy @ W
-    ..., whose W is read transposed), its options, and its shape: M tokens (by power-of-two bucket), N outputs, K the
-    reduction."""
+    """One frozen-GEMM pass as the table knows it: `gemm_pass` "forward" (y = x @ W.T ...) or "input_grad"
+    (dx = dy @ W ..., whose W is read transposed), its options, and its shape: M tokens (by power-of-two bucket), N
+    outputs, K the reduction."""
 
     dtype: torch.dtype
     rank_block: int
-    kind: str
+    gemm_pass: str
     bias: bool
     dropout: bool
     M: int
@@ -267,7 +268,7 @@ class GemmLaunch:
     @property
     def variant(self) -> str:
         options = ("+bias" if self.bias else "") + ("+dropout" if self.dropout else "")
-        return f"{DTYPE_NAMES[self.dtype]}/r{self.rank_block}/{self.kind}{options}"
+        return f"{DTYPE_NAMES[self.dtype]}/r{self.rank_block}/{self.gemm_pass}{options}"
 
     @property
     def m_bucket(self) -> int:
@@ -299,10 +300,9 @@ def table_entry(launch: GemmLaunch) -> dict | None:
     return entry.get("shapes", {}).get(launch.shape_key) or entry.get("default", {}).get(launch.variant)
 
 
-# The analytic rule (benchmarks/PERF_NOTES.md, "Which engine"): a Triton GEMM at ~80 % of cuBLAS's efficiency loses
-# 0.25 x the GEMM's time, while the cuBLAS-composed engine pays one write and one read of the (M, N) output: cuBLAS
-# wins once 0.25 * 2MNK / F > 2MN * bytes / BW, i.e. K > 8 F / BW for 16-bit types (1,670 on an H100 at 70 % of
-# its dense bf16 peak and 3.35 TB/s; 1,170 on an H200's 4.8 TB/s). fp32 matmuls: cuBLAS's.
+# The analytic rule (docs/DESIGN.md section 3): a Triton GEMM at ~80 % of cuBLAS's efficiency loses 0.25 x the
+# GEMM's time, while the cuBLAS-composed engine pays one write and one read of the (M, N) output: cuBLAS wins once
+# 0.25 * 2MNK / F > 2MN * bytes / BW, i.e. K > 8 F / BW for 16-bit types. fp32 matmuls: cuBLAS's.
 CUBLAS_MIN_REDUCTION = 1536
 
 

@@ -19,7 +19,7 @@ lora_linear:  y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T; W and bias froz
                  policy.predicted_engine's (the automatic choice users get).
   fused_compile  torch.compile(fullgraph=True, dynamic=True) of a function calling rk.lora_linear (engine auto, chosen
                  when the graph is traced).
-  The engine is set by `engine_env(provider)` (the variable set, then restored) around building and measuring a
+  The engine is set by `provider_env(provider)` (the variable set, then restored) around building and measuring a
   fused provider's run; sweep.measure_case and the tests enter it, so no provider's setting leaks into another's.
   The fused providers pass seed=None, as LoRALinear does in training: each call draws its dropout seed on the
   device (one tiny kernel, no host-to-device copy), as eager's torch dropout draws its mask.
@@ -73,7 +73,6 @@ TRITON_LAUNCHES = ("shrink", "forward_matmul", "grad_ab", "input_grad")
 CUBLAS_LAUNCHES = ("shrink_expand", "addmm_fwd", "grad_ab_start", "addmm_dx")
 LAUNCH_PROVIDERS = (*TRITON_LAUNCHES, *CUBLAS_LAUNCHES, "floor_fwd", "floor_bwd", "copy_x")
 MERGE_PROVIDERS = ("eager", "fused")
-COMPILE_PROVIDERS = ("compile", "fused_compile")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -168,7 +167,6 @@ HEADLINE = LoraCase("fwd+bwd", 8192, 4096, 4096, 16, 0.1, "bf16", "llama-7b.qkvo
 # tl.dot gives garbage under the interpreter.
 SMOKE = LoraCase("fwd+bwd", 64, 48, 80, 4, 0.1, "fp32", "tiny")
 
-GRIDS = ("default", "quick", "first", "smoke")
 
 
 def lora_grid(grid: str) -> list[LoraCase]:
@@ -306,22 +304,22 @@ ENGINE_VARIABLE = "RELORA_KERNELS_ENGINE"
 
 
 @contextlib.contextmanager
-def engine_env(provider: str):
-    """Within the block the package runs `provider`'s engine (ENGINE_OF; other providers: the variable untouched):
-    RELORA_KERNELS_ENGINE set, then restored to what it was (unset if it was), also when the block raises."""
-    engine = ENGINE_OF.get(provider)
-    if engine is None:
-        yield
-        return
-    before = os.environ.get(ENGINE_VARIABLE)
-    os.environ[ENGINE_VARIABLE] = engine
+def provider_env(provider: str | None):
+    """Within the block the package runs its kernels (RELORA_KERNELS_BACKEND=triton: a fused provider must never
+    time the PyTorch fallback) and, for a fused lora_linear provider, its engine (ENGINE_OF); both variables are
+    restored to what they were (unset if they were), also when the block raises. Nothing else changes the process's
+    environment: importing `benchmarks` does not."""
+    settings = {"RELORA_KERNELS_BACKEND": "triton", ENGINE_VARIABLE: ENGINE_OF.get(provider)}
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update({name: value for name, value in settings.items() if value is not None})
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(ENGINE_VARIABLE, None)
-        else:
-            os.environ[ENGINE_VARIABLE] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # Raised so that the few variants (dtype x dropout on/off x grad mode) never exhaust dynamo's cache and fall back
@@ -425,7 +423,7 @@ def _native_callable(case: LoraCase, inp: LoraInputs, floor: bool) -> Callable:
 
 def build_lora_linear(provider: str, case: LoraCase, device: torch.device) -> Callable:
     """The callable that runs `case` with `provider` once; raises Skip where the provider cannot run here. A fused
-    provider's engine is the environment's: build and call it inside engine_env(provider)."""
+    provider's engine is the environment's: build and call it inside provider_env(provider)."""
     inp = lora_inputs(case, device)
     if provider in ("native", "native_floor"):
         return _native_callable(case, inp, floor=provider == "native_floor")

@@ -1,14 +1,23 @@
 """pytest benchmarks/: the cases as pytest-benchmark tests.
 
-Importing the `benchmarks` package (which pytest does before this file) switches the Triton interpreter on when
-there is no CUDA, before triton is imported, and forces the kernels for the fused providers. Without CUDA every test
-runs its callable once with pytest-benchmark's timing disabled: interpreter timings are never performance numbers.
+Without CUDA the Triton interpreter is switched on here, before any test module makes triton compile the kernels,
+and every test runs its callable once with pytest-benchmark's timing disabled: interpreter timings are never
+performance numbers. Every test runs with the kernels forced (the fused providers must never time the fallback).
 """
+
+import os
 
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def kernels_forced(monkeypatch):
+    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")
 
 
 @pytest.fixture

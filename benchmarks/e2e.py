@@ -155,13 +155,15 @@ def _measure(config, model_config, setup, batch, autocast, device, smoke) -> dic
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model, one untimed step (CPU CI)")
     parser.add_argument("--out", type=Path, default=None, help="write <device>-e2e.json into this folder")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         parser.error("no CUDA device: end-to-end timings need a GPU; use --smoke for the CPU smoke run")
+    harness.require_interpreter_without_gpu(parser)
     rows = run(device, args.smoke)
     for row in rows:
         print({k: row.get(k) for k in ("provider", "median_ms", "tokens_per_s", "peak_mem_mb", "status", "reason")})

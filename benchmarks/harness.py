@@ -121,6 +121,14 @@ def environment(device: torch.device, smoke: bool) -> dict:
     }
 
 
+def require_interpreter_without_gpu(parser: argparse.ArgumentParser) -> None:
+    """Without CUDA the kernels run only through Triton's interpreter, which triton reads when it first compiles them:
+    it must be on before the run starts (importing `benchmarks` changes no environment variable)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("no CUDA device: a CPU smoke run needs Triton's interpreter, switched on before the run starts: "
+                     f"TRITON_INTERPRET=1 python -m {parser.prog.removeprefix('python -m ')} --smoke ...")
+
+
 def write_results(path: Path, env: dict, copy_gbps: float | None, rows: list[dict]) -> Path:
     """Write the result file whole or not at all: a kill mid-write leaves the previous version in place."""
     path.parent.mkdir(parents=True, exist_ok=True)

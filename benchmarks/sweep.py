@@ -3,7 +3,7 @@
     python -m benchmarks.sweep                        # default grid on a GPU -> benchmarks/results/<gpu>.json
     python -m benchmarks.sweep --quick                # the headline case and a few more
     python -m benchmarks.sweep --first                # the first GPU contact's selection (run_gpu.sh)
-    python -m benchmarks.sweep --smoke --out /tmp/x   # CPU / CI: tiny shapes through the Triton interpreter, untimed
+    TRITON_INTERPRET=1 python -m benchmarks.sweep --smoke --out /tmp/x   # CPU / CI: tiny shapes, interpreted, untimed
     python -m benchmarks.sweep --list                 # print the planned cases and exit
     python -m benchmarks.sweep --ops lora_linear --providers eager,fused --shapes llama-7b --modes fwd+bwd
     python -m benchmarks.sweep --budget-s 420                 # start no run after 420 s; the file says what is left
@@ -119,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.smoke and not args.list and not torch.cuda.is_available():
         parser.error("no CUDA device: timings need a GPU (the CPU runs Triton only through its interpreter); "
                      "use --smoke for the CPU smoke run")
+    if not args.list:
+        harness.require_interpreter_without_gpu(parser)
     return args
 
 
@@ -185,13 +187,14 @@ def resumed_results(path: Path, env: dict) -> dict:
 
 def measure_case(case, provider: str, device: torch.device, smoke: bool) -> dict:
     if isinstance(case, e2e.PretrainCase):
-        return e2e.run_config(provider, device, smoke)
+        with cases.provider_env(None):
+            return e2e.run_config(provider, device, smoke)
     row = {**case.row(), "provider": provider}
     fn = None
     try:
-        # A fused lora_linear provider's engine, for its build and every timed call.
+        # The kernels, and a fused lora_linear provider's engine, for its build and every timed call.
         fused = isinstance(case, cases.LoraCase) and provider in cases.FUSED_PROVIDERS
-        with cases.engine_env(provider if fused else None):
+        with cases.provider_env(provider if fused else None):
             fn = cases.build(provider, case, device)
             measured = harness.measure(fn, device, smoke)
             engines = cases.chosen_engines(case) if fused else {}

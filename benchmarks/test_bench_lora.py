@@ -37,7 +37,7 @@ LORA_RUNS = [(provider, mode) for provider in cases.LORA_PROVIDERS for mode in c
 @pytest.mark.parametrize(("provider", "mode"), LORA_RUNS)
 def test_lora_linear(provider, mode, p, device, run_case):
     case = dataclasses.replace(LORA_CASE, mode=mode, p=p)
-    with cases.engine_env(provider):  # as the sweep runs it: the provider's engine while it is built and run
+    with cases.provider_env(provider):  # as the sweep runs it: the provider's engine while it is built and run
         fn = _build(provider, case, device)  # bwd mode runs the forward here
         fn()  # compiles / autotunes outside the measurement (a graph break under fullgraph=True raises)
         run_case(fn)
@@ -60,7 +60,7 @@ def test_providers_compute_lora_linear(provider, device):
     inp = cases.lora_inputs(case, device)
     fn = {"eager": cases.eager_lora_linear, "compile": cases.compiled(cases.eager_lora_linear),
           "fused_compile": cases.compiled(cases.fused_lora_linear)}.get(provider, cases.fused_lora_linear)
-    with cases.engine_env(provider):
+    with cases.provider_env(provider):
         y = fn(inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, cases.SCALE, 0.0)
         grads = torch.autograd.grad(y, (inp.x, inp.lora_a, inp.lora_b), inp.grad_y)
     wide = [t.detach().double().requires_grad_() for t in (inp.x, inp.weight, inp.lora_a, inp.lora_b, inp.bias)]
@@ -83,7 +83,7 @@ def test_each_fused_provider_runs_its_engine_and_restores_the_setting(provider, 
     monkeypatch.setattr(policy, "choose_engine", lambda launch: chosen.append((launch.gemm_pass, choose(launch))) or
                         chosen[-1][1])
     case = dataclasses.replace(LORA_CASE, mode="fwd+bwd", M=min(LORA_CASE.M, 256))
-    with cases.engine_env(provider):
+    with cases.provider_env(provider):
         want = list(cases.chosen_engines(case).items())
         chosen.clear()
         _build(provider, case, device)()
@@ -94,10 +94,10 @@ def test_each_fused_provider_runs_its_engine_and_restores_the_setting(provider, 
         assert {engine for _, engine in chosen} == engines
     else:  # auto: what the table or the rule picks, as the row's engine_fwd / engine_dx record it
         assert [engine for _, engine in chosen] == [engine for _, engine in want]
-    with pytest.raises(RuntimeError), cases.engine_env(provider):
+    with pytest.raises(RuntimeError), cases.provider_env(provider):
         raise RuntimeError("a failing run")
     assert policy.engine_setting() == before  # restored after an error too
-    with cases.engine_env("eager"):  # not a fused provider: untouched
+    with cases.provider_env("eager"):  # not a fused provider: untouched
         assert policy.engine_setting() == before
 
 

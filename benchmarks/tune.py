@@ -3,7 +3,7 @@ engines and tiles the package reads.
 
     python -m benchmarks.tune --out "$OUT"              # GPU: tuned_gemm.json + tune.md into $OUT
     python -m benchmarks.tune --dtypes bf16 fp16 --ranks 16 64 128 --tokens 8192 --budget-s 400
-    python -m benchmarks.tune --smoke --out /tmp/t      # CPU: the plumbing on one tiny shape, nothing timed
+    TRITON_INTERPRET=1 python -m benchmarks.tune --smoke --out /tmp/t   # CPU: the plumbing on one tiny shape
 
 Passes: for every layer shape of cases.LAYERS at --tokens tokens, per dtype and rank, the `forward` pass (y = x @ W.T
 + s * S @ B.T, with and without bias) and the `input_grad` pass (the backward with dx = dy @ W + ..., with and without
@@ -106,11 +106,11 @@ def build(launch: dict, device: torch.device, with_operands: bool = False):
 def _choice(choice: str):
     """Within the block the pass runs on `choice`: the cuBLAS-composed engine, or the Triton engine with that tile."""
     if choice == CUBLAS:
-        with cases.engine_env("fused_cublas"):
+        with cases.provider_env("fused_cublas"):
             yield
         return
     tile = policy.parse_tile(choice)
-    with cases.engine_env("fused_triton"), policy.forced_tile(tile):
+    with cases.provider_env("fused_triton"), policy.forced_tile(tile):
         yield
 
 
@@ -217,6 +217,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         parser.error("no CUDA device: tiles are chosen by timing on a GPU; use --smoke for the CPU plumbing run")
+    harness.require_interpreter_without_gpu(parser)
 
     launches = plan(args.dtypes, args.ranks, args.tokens, args.smoke)
     environment = {**{k: v for k, v in harness.environment(device, args.smoke).items() if k != "memory"},

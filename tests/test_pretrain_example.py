@@ -10,6 +10,9 @@ import json
 import math
 import os
 import random
+import re
+import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -71,9 +74,16 @@ def script_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "RELORA_KERNELS_BACKEND": "auto"}
 
 
-def run_script(args, *, launcher=(), timeout=240):
+def run_script(args, *, launcher=(), timeout=240, log_file=None):
+    """The script in a subprocess; with log_file, stdout and stderr go to that file (as `... > log 2>&1`) and the
+    result's stdout and stderr both hold its text."""
     cmd = [sys.executable, *launcher, str(EXAMPLES / "pretrain_gpt2.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=script_env(), timeout=timeout)
+    if log_file is None:
+        return subprocess.run(cmd, capture_output=True, text=True, env=script_env(), timeout=timeout)
+    with open(log_file, "w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=script_env(), timeout=timeout)
+    done.stdout = done.stderr = Path(log_file).read_bytes().decode()  # bytes: text mode would turn \r into \n
+    return done
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -226,8 +236,12 @@ RELORA_RUN = ("--mode", "relora", "--max_steps", "16", "--warmup_full_steps", "4
 
 
 def test_killed_run_resumes_to_exactly_the_uninterrupted_losses(corpus, cache_dir, tmp_path):
-    whole = run_script(tiny_args(corpus, cache_dir, tmp_path / "whole", *RELORA_RUN))
+    whole = run_script(tiny_args(corpus, cache_dir, tmp_path / "whole", *RELORA_RUN), log_file=tmp_path / "log")
     assert whole.returncode == 0, whole.stderr[-3000:]
+    # Into a file (no terminal) no progress bar: no carriage-return frames, one line per evaluation.
+    assert "\r" not in whole.stdout
+    evals = [int(m) for m in re.findall(r"^step (\d+): (?:train loss \S+, )?val loss", whole.stdout, flags=re.M)]
+    assert evals == [0, 4, 8, 12, 16], whole.stdout
 
     # Killed (SIGKILL, no clean-up) right after a checkpoint, twice: at step 4, the last full-rank step (the resumed
     # run must switch to LoRA itself), and at step 12, in the LoRA phase just after the restart of step 12.
@@ -289,6 +303,61 @@ def test_two_process_gloo_run_keeps_ranks_identical(corpus, cache_dir, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world"] == 2 and summary["restarts"] == 2
     assert rows[-1]["tokens"] == 8 * 2 * 4 * 32  # steps x ranks x batch x block
+
+
+def torchrun(n: int) -> tuple[str, ...]:
+    return ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}")
+
+
+def test_fsdp_run_resumes_exactly_and_at_other_world_sizes(corpus, cache_dir, tmp_path):
+    # --fsdp at 2 processes: uninterrupted; killed (SIGKILL on every rank) after the checkpoint of step 8, in the
+    # LoRA phase after its first restart, then resumed; that checkpoint resumed at 4 processes, and the 4-process
+    # run's checkpoint of step 12 resumed at 2.
+    args = {run: tiny_args(corpus, cache_dir, tmp_path / run, *RELORA_RUN, "--fsdp")
+            for run in ("whole", "split", "four", "back")}
+    whole = run_script(args["whole"], launcher=torchrun(2))
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
+    crashed = run_script([*args["split"], "--kill_at_step", "8"], launcher=torchrun(2))
+    assert crashed.returncode != 0 and (tmp_path / "split/ckpt/step_00000008/DONE").exists(), crashed.stderr[-3000:]
+    ckpt = tmp_path / "split/ckpt/step_00000008"
+    assert sorted(f.name for f in ckpt.iterdir()) == [".metadata", "DONE", "__0_0.distcp", "__1_0.distcp",
+                                                      "state.pt"]  # one file of shards per rank
+    shutil.copytree(tmp_path / "split", tmp_path / "four")  # before the resume prunes step 8
+    resumed = run_script([*args["split"], "--resume"], launcher=torchrun(2))
+    assert resumed.returncode == 0 and "(step 8)" in resumed.stdout, resumed.stderr[-3000:]
+
+    keys = ("step", "train_loss", "val_loss", "lr", "tokens", "restarts", "restart", "lora_start")
+    rows = {run: [{k: r.get(k) for k in keys} for r in read_rows(tmp_path / run)] for run in ("whole", "split")}
+    assert rows["split"] == rows["whole"], "the resumed --fsdp run's losses differ from the uninterrupted run's"
+    assert [r["step"] for r in rows["whole"] if r["restart"]] == [8, 12]
+    assert [r["step"] for r in rows["whole"] if r["lora_start"]] == [5]
+    assert rows["whole"][-1]["val_loss"] < rows["whole"][0]["val_loss"] - 0.5
+
+    four = run_script([*args["four"], "--resume"], launcher=torchrun(4), timeout=300)
+    assert four.returncode == 0, four.stdout[-2000:] + four.stderr[-3000:]
+    assert "written by 2 processes, resharded to 4" in four.stdout
+    shutil.copytree(tmp_path / "four", tmp_path / "back")
+    shutil.rmtree(tmp_path / "back/ckpt/step_00000016")
+    back = run_script([*args["back"], "--resume"], launcher=torchrun(2))
+    assert back.returncode == 0 and "written by 4 processes, resharded to 2" in back.stdout, back.stderr[-3000:]
+
+    # The tolerance. Batches are keyed by rank, so at 4 processes a step's loss averages the same two batches as at
+    # 2 plus two more: on equal weights the two losses differ by half the difference of two two-batch means, the
+    # size of the loss's noise from one step to the next. So each loss (train, and val on the same windows) must be
+    # within the spread of the same-size run's step-to-step changes over those steps; a reshard that lost or
+    # misplaced weights or Adam state would move it by more (a fresh model is 0.5 above).
+    def train_losses(run, first):
+        return {r["step"]: r["train_loss"] for r in read_rows(tmp_path / run) if r["step"] >= first}
+
+    for run, same_size, first in (("four", "whole", 8), ("back", "four", 12)):
+        want, got = train_losses(same_size, first), train_losses(run, first)
+        assert want[first] == got[first] and sorted(got) == list(range(first, 17))  # the checkpoint's step, kept
+        spread = statistics.stdev(want[s] - want[s - 1] for s in range(first + 1, 17))
+        for step in range(first + 1, 17):
+            assert abs(got[step] - want[step]) <= spread, f"{run} step {step}: {got[step]} vs {want[step]}, {spread}"
+        want_val, got_val = (read_rows(tmp_path / r)[-1]["val_loss"] for r in (same_size, run))
+        assert abs(got_val - want_val) <= spread, f"{run}: final val loss {got_val} vs {want_val}"
+    assert read_rows(tmp_path / "four")[-1]["tokens"] == 8 * 2 * 4 * 32 + 8 * 4 * 4 * 32  # steps x ranks x batch x T
 
 
 def test_nan_loss_is_skipped_and_a_streak_stops_the_run(corpus, cache_dir, tmp_path, capsys):

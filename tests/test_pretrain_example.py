@@ -292,11 +292,15 @@ def test_compiled_training_forward_tracks_the_eager_run(corpus, cache_dir, tmp_p
     compiled = run_script(tiny_args(corpus, cache_dir, tmp_path / "compiled", *RELORA_RUN, "--compile"))
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-3000:]
     rows = {run: read_rows(tmp_path / run) for run in ("eager", "compiled")}
+    # Compiling fuses and reorders fp32 reductions, which moves a loss by a few fp32 roundings (measured: at most
+    # 0.8 eps relative over these 16 steps); 8 eps leaves room for other CPUs' kernels, and a real difference (a
+    # missed restart, a stale graph over swapped modules) is orders of magnitude larger.
+    rel = 8 * torch.finfo(torch.float32).eps
     for want, got in zip(rows["eager"], rows["compiled"], strict=True):
         assert got.get("restart") == want.get("restart") and got.get("lora_start") == want.get("lora_start")
         for key in ("train_loss", "val_loss"):
             if want.get(key) is not None:
-                assert got[key] == pytest.approx(want[key], rel=1e-5), f"step {want['step']} {key}"
+                assert got[key] == pytest.approx(want[key], rel=rel), f"step {want['step']} {key}"
 
 
 def test_two_process_gloo_run_keeps_ranks_identical(corpus, cache_dir, tmp_path):

@@ -119,6 +119,16 @@ def is_sharded(ckpt: Path) -> bool:
     return (ckpt / ".metadata").exists()
 
 
+def check(ckpt: Path) -> None:
+    """Raise OSError unless DCP's index reads and every shard file it names holds the bytes it points to (a kill or
+    a full disk can truncate one rank's file); reads no tensor."""
+    metadata = dcp.FileSystemReader(ckpt).read_metadata()
+    for info in (metadata.storage_data or {}).values():
+        path = ckpt / info.relative_path
+        if not path.is_file() or path.stat().st_size < info.offset + info.length:
+            raise OSError(f"shard file {info.relative_path} is missing or truncated")
+
+
 def load(ckpt: Path, model, optimizer) -> None:
     """Load a sharded checkpoint into the sharded model and its optimizer, resharding to this world size."""
     model_state, optim_state = get_state_dict(model, optimizer)

@@ -480,8 +480,8 @@ def newest_loadable_checkpoint(out_dir: Path, log, move_broken: bool = True) -> 
     for ckpt in reversed(ckpts):
         try:
             state = load_checkpoint_state(ckpt)
-            if sharded.is_sharded(ckpt):  # DCP's index of every shard: a truncated one fails here
-                sharded.dcp.FileSystemReader(ckpt).read_metadata()
+            if sharded.is_sharded(ckpt):  # DCP's index and the shard files it names: a truncated one fails here
+                sharded.check(ckpt)
             else:
                 with safe_open(ckpt / "model.safetensors", "pt"):  # reads the header: a truncated file fails here
                     pass

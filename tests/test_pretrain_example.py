@@ -602,6 +602,24 @@ def test_resume_falls_back_past_broken_checkpoints_and_cleans_up(tmp_path, monke
         ["step_00000005"]
 
 
+def test_resume_falls_back_past_a_truncated_shard_of_a_sharded_checkpoint(tmp_path):
+    # DCP in one process (no process group) writes the same layout as the ranks of an --fsdp run: .metadata and
+    # __0_0.distcp; a kill or a full disk can leave one rank's shard file short, after DONE was written.
+    import torch.distributed.checkpoint as dcp
+
+    for step in (5, 10):
+        folder = tmp_path / f"ckpt/step_{step:08d}"
+        dcp.save({"model": {"w": torch.arange(64.0)}}, storage_writer=dcp.FileSystemWriter(folder))
+        torch.save({"step": step}, folder / "state.pt")
+        (folder / "DONE").write_text("")
+    shard = tmp_path / "ckpt/step_00000010/__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    logs = []
+    found, state = pretrain_gpt2.newest_loadable_checkpoint(tmp_path, logs.append)
+    assert found == tmp_path / "ckpt/step_00000005" and state == {"step": 5}
+    assert len(logs) == 1 and "step_00000010: shard file __0_0.distcp is missing or truncated" in logs[0], logs
+
+
 def test_torn_metrics_line_is_dropped_and_earlier_rows_kept(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": step, "train_loss": 1.0 / (step + 1)} for step in range(7)]

@@ -5,6 +5,7 @@
     python examples/pretrain_gpt2.py --resume             # continue from the newest checkpoint in --out_dir
     python examples/pretrain_gpt2.py --preset gpt2-124m --data my_corpus/       # GPU: GPT-2 small, bf16
     torchrun --standalone --nproc_per_node=2 examples/pretrain_gpt2.py ...         # DDP (gloo CPU, NCCL GPU)
+    torchrun --standalone --nproc_per_node=2 examples/pretrain_gpt2.py --fsdp ...  # FSDP2: weights, grads, Adam sharded
 
 Modes, all on the same data and tokens:
     relora  (default) full-rank training for --warmup_full_steps, then every attention and MLP linear becomes a
@@ -21,7 +22,8 @@ Restarts are counted in global steps: ReLoRA restarts after every optimizer step
 
 Writes to --out_dir: metrics.jsonl (one JSON object per step), loss.png (loss vs tokens, restarts marked) and
 ckpt/step_XXXXXXXX/ (model.safetensors + state.pt: optimizer, ReLoRA controller, RNG states, step, tokenizer, corpus
-manifest). Resuming from a checkpoint reproduces the uninterrupted run's losses exactly (same settings, same
+manifest; under --fsdp DCP's shards of the model and optimizer replace model.safetensors and the optimizer, see
+fsdp.py). Resuming from a checkpoint reproduces the uninterrupted run's losses exactly (same settings, same
 machine), after a kill -9 or a Ctrl-C (SIGINT/SIGTERM finish the step and checkpoint it). The run holds a lock on
 --out_dir, resumes from the newest checkpoint that loads, and refuses --data that changed since the checkpoint.
 """

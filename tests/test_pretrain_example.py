@@ -333,7 +333,9 @@ def test_fsdp_run_resumes_exactly_and_at_other_world_sizes(corpus, cache_dir, tm
     whole = run_script(args["whole"], launcher=torchrun(2))
     assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
     crashed = run_script([*args["split"], "--kill_at_step", "8"], launcher=torchrun(2))
-    assert crashed.returncode != 0 and (tmp_path / "split/ckpt/step_00000008/DONE").exists(), crashed.stderr[-3000:]
+    assert crashed.returncode != 0 and "Signal 9 (SIGKILL)" in crashed.stderr, crashed.stderr[-3000:]
+    assert (tmp_path / "split/ckpt/step_00000008/DONE").exists()
+    assert max(r["step"] for r in read_rows(tmp_path / "split")) == 8
     ckpt = tmp_path / "split/ckpt/step_00000008"
     assert sorted(f.name for f in ckpt.iterdir()) == [".metadata", "DONE", "__0_0.distcp", "__1_0.distcp",
                                                       "state.pt"]  # one file of shards per rank

@@ -5,6 +5,7 @@
     python examples/pretrain_gpt2.py --resume             # continue from the newest checkpoint in --out_dir
     python examples/pretrain_gpt2.py --preset gpt2-124m --data my_corpus/       # GPU: GPT-2 small, bf16
     torchrun --standalone --nproc_per_node=2 examples/pretrain_gpt2.py ...         # DDP (gloo CPU, NCCL GPU)
+    torchrun --standalone --nproc_per_node=2 examples/pretrain_gpt2.py --fsdp ...  # FSDP2: weights, grads, Adam sharded
 
 Modes, all on the same data and tokens:
     relora  (default) full-rank training for --warmup_full_steps, then every attention and MLP linear becomes a
@@ -21,7 +22,8 @@ Restarts are counted in global steps: ReLoRA restarts after every optimizer step
 
 Writes to --out_dir: metrics.jsonl (one JSON object per step), loss.png (loss vs tokens, restarts marked) and
 ckpt/step_XXXXXXXX/ (model.safetensors + state.pt: optimizer, ReLoRA controller, RNG states, step, tokenizer, corpus
-manifest). Resuming from a checkpoint reproduces the uninterrupted run's losses exactly (same settings, same
+manifest; under --fsdp DCP's shards of the model and optimizer replace model.safetensors and the optimizer, see
+fsdp.py). Resuming from a checkpoint reproduces the uninterrupted run's losses exactly (same settings, same
 machine), after a kill -9 or a Ctrl-C (SIGINT/SIGTERM finish the step and checkpoint it). The run holds a lock on
 --out_dir, resumes from the newest checkpoint that loads, and refuses --data that changed since the checkpoint.
 """
@@ -57,6 +59,7 @@ import relora_kernels as rk
 from relora_kernels.relora import ReLoRA, jagged_cosine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # model.py and data.py sit next to this script
+import fsdp as sharded  # noqa: E402
 from data import batch_seed, get_batch, load_data, prepare_data  # noqa: E402
 from model import GPT, LORA_TARGETS, PRESETS, GPTConfig  # noqa: E402
 
@@ -109,6 +112,7 @@ class Config:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
     compile: bool = False  # torch.compile the training forward (the LoRA kernels compile into the same graph)
+    fsdp: bool = False  # shard every block and the root with FSDP2 (fully_shard) instead of DDP; under torchrun
     seed: int = 1337
     # fault handling, and fault injection for the tests
     max_bad_steps: int = 10  # stop after this many non-finite steps in a row
@@ -140,7 +144,8 @@ TRAIN_PRESETS = {
 SCALED_WITH_MAX_STEPS = ("warmup_steps", "restart_every", "restart_warmup_steps", "eval_every", "ckpt_every")
 # Options that define the run: a resumed run must keep them, or it is not the same run.
 RUN_DEFINING = ("mode", "preset", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "data", "lora_r",
-                "lora_alpha", "seed", "batch_size", "grad_accum", "warmup_full_steps", "restart_every", "prune_ratio")
+                "lora_alpha", "seed", "batch_size", "grad_accum", "warmup_full_steps", "restart_every", "prune_ratio",
+                "fsdp")  # fsdp: its checkpoints are sharded (DCP), the others one file
 
 
 class UsageError(Exception):
@@ -324,7 +329,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device, o
         dict(params=[p for _, p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
         dict(params=[p for _, p in params if p.dim() < 2], weight_decay=0.0),
     ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    # fused on CUDA for plain tensors; FSDP2's DTensor parameters take the foreach implementation.
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  fused=device.type == "cuda" and not cfg.fsdp)
     if old is not None:
         old_state = old  # {name: state dict}
         for name, p in params:
@@ -346,6 +353,25 @@ def switch_to_lora(model: GPT, cfg: Config, device, optimizer=None):
     return build_optimizer(model, cfg, device, old=state_by_name)
 
 
+def switch_to_lora_sharded(model, model_cfg: GPTConfig, cfg: Config, device, optimizer):
+    """switch_to_lora for an FSDP2 model: returns (new model, new optimizer).
+
+    fully_shard fixes each unit's parameters when it wraps, so the LoRA layers cannot replace modules inside it:
+    the weights are gathered to the CPU one tensor at a time, loaded into an unsharded model built on the meta
+    device (no init), given LoRA layers there (A drawn as the unsharded example draws it) and sharded again. The
+    Adam state of what stays trainable is kept: its DTensors sit on the same mesh, sharded as the new parameters.
+    """
+    state_by_name = {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
+    full = sharded.full_state_on_cpu(model)
+    with torch.device("meta"):
+        new = GPT(model_cfg)
+    new.load_state_dict(full, assign=True)
+    new.lm_head.weight = new.wte.weight  # assign=True loaded the two names as two tensors: tie them again
+    rk.apply_lora(new, LORA_TARGETS, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    sharded.shard(new, device)
+    return new, build_optimizer(new, cfg, device, old=state_by_name)
+
+
 def param_counts(model) -> str:
     trainable, frozen = model.num_params(trainable=True), model.num_params(trainable=False)
     return f"{trainable / 1e6:.2f}M trainable, {frozen / 1e6:.2f}M frozen ({trainable + frozen:,} parameters)"
@@ -358,14 +384,22 @@ def param_checksum(model) -> int:
 
 @torch.no_grad()
 def evaluate(model, data, cfg, autocast, device, rank, world) -> float:
-    """Mean val loss over cfg.eval_batches fixed windows, shared out among the ranks."""
+    """Mean val loss over cfg.eval_batches fixed windows, shared out among the ranks.
+
+    Under FSDP every forward is a collective, so every rank runs as many as the busiest one; the extra ones (on
+    window 0) are not counted.
+    """
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, count)
-    for i in range(rank, cfg.eval_batches, world):
-        x, y = get_batch(data.val, cfg.batch_size, cfg.block_size, batch_seed(cfg.seed, "val", i), device)
+    windows = -(-cfg.eval_batches // world) * world if cfg.fsdp else cfg.eval_batches
+    for i in range(rank, windows, world):
+        counted = i < cfg.eval_batches
+        x, y = get_batch(data.val, cfg.batch_size, cfg.block_size, batch_seed(cfg.seed, "val", i if counted else 0),
+                         device)
         with autocast:
             _, loss = model(x, y)
-        total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
+        if counted:
+            total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
     if world > 1:
         dist.all_reduce(total)
     model.train()
@@ -415,10 +449,14 @@ def save_checkpoint(out_dir: Path, step: int, model, state: dict, keep: int) -> 
     (final / "DONE").write_text(json.dumps({"step": step}) + "\n")
     _fsync(final / "DONE")
     _fsync(root)
+    prune_checkpoints(out_dir, keep)
+    return final
+
+
+def prune_checkpoints(out_dir: Path, keep: int) -> None:
     for old in checkpoint_dirs(out_dir)[:-keep]:
         (old / "DONE").unlink()  # first, so that a prune cut short leaves no half checkpoint that counts as one
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint_state(ckpt: Path) -> dict:
@@ -444,8 +482,11 @@ def newest_loadable_checkpoint(out_dir: Path, log, move_broken: bool = True) -> 
     for ckpt in reversed(ckpts):
         try:
             state = load_checkpoint_state(ckpt)
-            with safe_open(ckpt / "model.safetensors", "pt"):  # reads the header: a truncated file fails here
-                pass
+            if sharded.is_sharded(ckpt):  # DCP's index and the shard files it names: a truncated one fails here
+                sharded.check(ckpt)
+            else:
+                with safe_open(ckpt / "model.safetensors", "pt"):  # reads the header: a truncated file fails here
+                    pass
             return ckpt, state
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
             broken = ckpt.with_name(f"broken-{ckpt.name}")
@@ -611,12 +652,11 @@ def _train(argv, run_scope: ExitStack) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(given.get("device", "auto"), local_rank)
-    ddp = world > 1
+    multi = world > 1 or "RANK" in os.environ  # under torchrun: a process group, also for --fsdp on one process
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if ddp and not dist.is_initialized():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls; the one API torch 2.8 to 2.13 all take
+    if multi and not dist.is_initialized():
         # A long timeout: the other ranks wait while rank 0 trains the tokenizer on a first run.
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
                                 device_id=device if device.type == "cuda" else None)
@@ -637,6 +677,10 @@ def _train(argv, run_scope: ExitStack) -> dict:
                          "it; a new --out_dir, or deleting the folder, starts over")
     ckpt, ckpt_state = newest_loadable_checkpoint(out_dir, log, move_broken=master) if ckpts else (None, None)
     cfg = resolve_config(given, ckpt_state["config"] if ckpt_state else None, device)
+    if cfg.fsdp and not multi:
+        raise UsageError("--fsdp runs under torchrun: torchrun --standalone --nproc_per_node=N "
+                         "examples/pretrain_gpt2.py --fsdp ...")
+    ddp = world > 1 and not cfg.fsdp  # the DDP wrapper: more than one process, without --fsdp
     check_lora_rank(cfg, device)
     if given.get("resume") and not ckpts:
         log(f"--resume: no complete checkpoint in {out_dir}/ckpt, starting from scratch")
@@ -658,7 +702,7 @@ def _train(argv, run_scope: ExitStack) -> dict:
                                  allow_change=cfg.allow_data_change)
         except (OSError, ValueError) as e:
             raise UsageError(str(e)) from None
-    if ddp:
+    if multi:
         holder = [str(cache)]
         dist.broadcast_object_list(holder, src=0)
         cache = Path(holder[0])
@@ -673,15 +717,25 @@ def _train(argv, run_scope: ExitStack) -> dict:
     # The embedding is padded to a multiple of 64 rows (never a target, so never predicted): faster matmuls on GPU.
     model_cfg = GPTConfig(vocab_size=-(-data.vocab_size // 64) * 64, block_size=cfg.block_size, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, n_embd=cfg.n_embd)
-    model = GPT(model_cfg).to(device)
+    # Under --fsdp the model is built on the CPU and fully_shard moves only this rank's shards to the device.
+    model = GPT(model_cfg) if cfg.fsdp else GPT(model_cfg).to(device)
     start_step = ckpt_state["step"] if ckpt_state else 0
+    start_tokens = ckpt_state["tokens"] if ckpt_state else 0  # counted: a resume may run at another world size
     lora_on = ckpt_state["lora_on"] if ckpt_state else cfg.mode == "lora"  # relora switches inside the loop
-    optimizer = switch_to_lora(model, cfg, device) if lora_on else build_optimizer(model, cfg, device)
+    if cfg.fsdp:
+        if lora_on:
+            rk.apply_lora(model, LORA_TARGETS, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        optimizer = build_optimizer(sharded.shard(model, device), cfg, device)
+    else:
+        optimizer = switch_to_lora(model, cfg, device) if lora_on else build_optimizer(model, cfg, device)
     relora = ReLoRA(model, optimizer, restart_every=cfg.restart_every, prune_ratio=cfg.prune_ratio,
                     seed=cfg.seed) if cfg.mode == "relora" and lora_on else None
     if ckpt_state:
-        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
-        optimizer.load_state_dict(ckpt_state["optimizer"])
+        if cfg.fsdp:
+            sharded.load(ckpt, model, optimizer)
+        else:
+            load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+            optimizer.load_state_dict(ckpt_state["optimizer"])
         if relora is not None:
             relora.load_state_dict(ckpt_state["relora"])
         # Last, so that building the model and its LoRA layers above does not move the restored generators.
@@ -689,7 +743,8 @@ def _train(argv, run_scope: ExitStack) -> dict:
         if device.type == "cuda" and ckpt_state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt_state["rng"]["cuda"], device)
     def wrap_for_training(model):
-        """(the DDP wrapper or the model itself, the forward the loop calls: compiled with --compile)."""
+        """(the DDP wrapper or the model itself (sharded under --fsdp), the forward the loop calls: compiled with
+        --compile)."""
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
         return wrapped, torch.compile(wrapped) if cfg.compile else wrapped
 
@@ -702,7 +757,12 @@ def _train(argv, run_scope: ExitStack) -> dict:
     log(f"parameters: {param_counts(model)}" + (f", LoRA r={cfg.lora_r} on every attention and MLP linear"
                                                 if lora_on else ""))
     if ckpt_state:
-        log(f"resumed from {ckpt} (step {start_step})")
+        saved_world = ckpt_state.get("world", 1)
+        log(f"resumed from {ckpt} (step {start_step})" + (f"; written by {saved_world} processes, resharded to "
+                                                            f"{world}" if cfg.fsdp and saved_world != world else ""))
+
+    def tokens_at(step):
+        return start_tokens + (step - start_step) * tokens_per_step
 
     # --- metrics: rank 0 appends one JSON object per step; a resumed run drops what came after its checkpoint ------
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -716,28 +776,48 @@ def _train(argv, run_scope: ExitStack) -> dict:
                 f.write(json.dumps(row) + "\n")
 
     def checkpoint(step):
+        if cfg.fsdp:
+            return checkpoint_sharded(step)
         if master:
-            state = dict(
-                step=step, tokens=step * tokens_per_step, config=asdict(cfg), model_config=asdict(model_cfg),
-                lora_on=lora_on, optimizer=optimizer.state_dict(),
-                relora=relora.state_dict() if relora is not None else None,
-                rng=dict(torch=torch.get_rng_state(),
-                         cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
-                skipped_steps=skipped, data=dict(batches="keyed by (seed, step, micro-step, rank)", step=step,
-                                                 manifest=data.meta["manifest"],
-                                                 tokenizer=(data.cache_dir / "tokenizer.json").read_text()),
-                schedule=dict(lr=lr_at(cfg, step) if step else 0.0, next_step=step + 1),
-            )
+            state = checkpoint_state(step)
+            state["optimizer"] = optimizer.state_dict()
             path = save_checkpoint(out_dir, step, model, state, cfg.keep_ckpts)
             plot_metrics(metrics_path, out_dir / "loss.png", f"{cfg.mode}, preset {cfg.preset}")
             log(f"step {step}: checkpoint {path}")
         if ddp:
             dist.barrier()  # nobody runs ahead of a checkpoint that may be needed to resume
 
+    def checkpoint_sharded(step):
+        if not sharded.local_finite(model):
+            raise RunError(f"step {step}: the weights are not finite; refusing to write a checkpoint over good ones")
+        try:  # every rank writes its shards; rank 0 the rest and, once all are written, DONE
+            path = sharded.save(out_dir / "ckpt", step, model, optimizer, checkpoint_state(step) if master else None)
+        except OSError as e:
+            raise RunError(f"step {step}: {e} writing checkpoint {out_dir / 'ckpt'}/step_{step:08d}; removed the "
+                           "partial folder, the earlier checkpoints are intact (--resume continues from the newest)"
+                           ) from None
+        if master:
+            prune_checkpoints(out_dir, cfg.keep_ckpts)
+            plot_metrics(metrics_path, out_dir / "loss.png", f"{cfg.mode}, preset {cfg.preset}")
+            log(f"step {step}: checkpoint {path}")
+
+    def checkpoint_state(step):
+        """What state.pt holds besides the optimizer (in DCP's shards under --fsdp)."""
+        return dict(
+            step=step, tokens=tokens_at(step), config=asdict(cfg), model_config=asdict(model_cfg), world=world,
+            lora_on=lora_on, relora=relora.state_dict() if relora is not None else None,
+            rng=dict(torch=torch.get_rng_state(),
+                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
+            skipped_steps=skipped, data=dict(batches="keyed by (seed, step, micro-step, rank)", step=step,
+                                             manifest=data.meta["manifest"],
+                                             tokenizer=(data.cache_dir / "tokenizer.json").read_text()),
+            schedule=dict(lr=lr_at(cfg, step) if step else 0.0, next_step=step + 1),
+        )
+
     def stop_requested() -> int:
         """The signal number if SIGINT / SIGTERM reached any rank (all ranks agree), else 0."""
         signum = torch.tensor(stop.signum or 0, device=device)
-        if ddp:
+        if multi:
             dist.all_reduce(signum, op=dist.ReduceOp.MAX)
         return int(signum)
 
@@ -749,8 +829,10 @@ def _train(argv, run_scope: ExitStack) -> dict:
         log_metrics(dict(step=0, tokens=0, lr=0.0, train_loss=None, val_loss=val_loss, val_ppl=math.exp(val_loss)))
 
     # --- the loop ------------------------------------------------------------------------------------------------
-    pbar = tqdm(total=cfg.max_steps, initial=start_step, disable=not master, dynamic_ncols=True, unit="step",
-                file=sys.stdout)  # stdout, so that stderr holds only errors
+    # On a terminal only: into a log file a bar writes a carriage-return frame per update, and the eval lines
+    # already give one line of progress per eval. stdout, so that stderr holds only errors.
+    pbar = tqdm(total=cfg.max_steps, initial=start_step, disable=not master or not sys.stdout.isatty(),
+                dynamic_ncols=True, unit="step", file=sys.stdout)
     stop = run_scope.enter_context(StopSignals())
     signal_step, _, signal_name = cfg.signal_at_step.partition(":")
     train_time, tok_s = 0.0, 0.0
@@ -760,7 +842,10 @@ def _train(argv, run_scope: ExitStack) -> dict:
 
         # relora: the full-rank warm start is over; from here on the block linears are LoRA layers.
         if cfg.mode == "relora" and not lora_on and step > cfg.warmup_full_steps:
-            optimizer = switch_to_lora(model, cfg, device, optimizer)
+            if cfg.fsdp:
+                model, optimizer = switch_to_lora_sharded(model, model_cfg, cfg, device, optimizer)
+            else:
+                optimizer = switch_to_lora(model, cfg, device, optimizer)
             relora = ReLoRA(model, optimizer, restart_every=cfg.restart_every, prune_ratio=cfg.prune_ratio,
                             seed=cfg.seed)
             lora_on, row["lora_start"] = True, True
@@ -781,6 +866,8 @@ def _train(argv, run_scope: ExitStack) -> dict:
                              batch_seed(cfg.seed, "train", step, micro, rank), device)
             if ddp:
                 train_model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+            elif cfg.fsdp:  # accumulate unsharded gradients; reduce-scatter them on the last micro-batch
+                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             with autocast:
                 _, loss = train_forward(x, y)
             if step in nan_steps and master:
@@ -789,7 +876,7 @@ def _train(argv, run_scope: ExitStack) -> dict:
             loss_sum += loss.detach()
         if signal_name and step == int(signal_step):
             os.kill(os.getpid(), getattr(signal, signal_name))  # injected Ctrl-C / kill (--signal_at_step)
-        if ddp:
+        if multi:
             dist.all_reduce(loss_sum)
         train_loss = (loss_sum / (cfg.grad_accum * world)).item()
 
@@ -797,6 +884,7 @@ def _train(argv, run_scope: ExitStack) -> dict:
         # both the loss and the gradients were just averaged across ranks)
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = sharded.plain(grad_norm)  # a replicated DTensor under FSDP
         if math.isfinite(train_loss) and torch.isfinite(grad_norm):
             optimizer.step()
             bad_streak = 0
@@ -821,7 +909,7 @@ def _train(argv, run_scope: ExitStack) -> dict:
         dt = time.perf_counter() - t0
         train_time += dt
         tok_s = tokens_per_step / dt if tok_s == 0 else 0.9 * tok_s + 0.1 * tokens_per_step / dt
-        row.update(tokens=step * tokens_per_step, lr=lr, train_loss=train_loss,
+        row.update(tokens=tokens_at(step), lr=lr, train_loss=train_loss,
                    grad_norm=grad_norm.item() if torch.isfinite(grad_norm) else None, tok_per_s=round(tok_s),
                    restarts=relora.restarts if relora is not None else 0, skipped_steps=skipped)
 
@@ -830,7 +918,7 @@ def _train(argv, run_scope: ExitStack) -> dict:
             row["val_loss"] = evaluate(model, data, cfg, autocast, device, rank, world)
             row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
             log(f"step {step}: train loss {train_loss:.4f}, val loss {row['val_loss']:.4f} "
-                f"(ppl {row['val_ppl']:.1f}), {step * tokens_per_step:,} tokens")
+                f"(ppl {row['val_ppl']:.1f}), {tokens_at(step):,} tokens")
         log_metrics(row)
         if bad_streak >= cfg.max_bad_steps:
             raise RunError(f"step {step}: {bad_streak} non-finite steps in a row (--max_bad_steps); the run has "
@@ -854,11 +942,11 @@ def _train(argv, run_scope: ExitStack) -> dict:
     # --- the end: summary, plot, a sample of text ------------------------------------------------------------------
     rows = read_metrics(metrics_path) if master else []
     val_rows = [r for r in rows if r.get("val_loss") is not None]
-    summary = dict(mode=cfg.mode, preset=cfg.preset, steps=cfg.max_steps, tokens=cfg.max_steps * tokens_per_step,
+    summary = dict(mode=cfg.mode, preset=cfg.preset, steps=cfg.max_steps, tokens=tokens_at(cfg.max_steps),
                    val_loss=val_rows[-1]["val_loss"] if val_rows else None, skipped_steps=skipped,
                    restarts=relora.restarts if relora is not None else 0,
                    tok_per_s=round((cfg.max_steps - start_step) * tokens_per_step / train_time) if train_time else None,
-                   peak_mem_mib=round(peak_memory_mib(device)), device=str(device), world=world)
+                   peak_mem_mib=round(peak_memory_mib(device)), device=str(device), world=world, fsdp=cfg.fsdp)
     if master:
         plot_metrics(metrics_path, out_dir / "loss.png", f"{cfg.mode}, preset {cfg.preset}")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -869,13 +957,12 @@ def _train(argv, run_scope: ExitStack) -> dict:
                 f"{summary['tok_per_s']} tokens/s; peak memory {summary['peak_mem_mib']} MiB; "
                 f"{summary['restarts']} restarts, {skipped} skipped steps")
         log(f"wrote {metrics_path}, {out_dir / 'loss.png'}, {out_dir / 'ckpt'}")
-        if cfg.sample_tokens:
-            prompt = "def "
-            idx = torch.tensor([data.tokenizer.encode(prompt).ids], device=device)
-            model.eval()
-            with autocast:
-                out = model.generate(idx, cfg.sample_tokens, generator=torch.Generator(device).manual_seed(cfg.seed))
-            log("sample:\n" + data.tokenizer.decode(out[0].tolist()))
+    if cfg.sample_tokens and (master or cfg.fsdp):  # under FSDP each forward is a collective: every rank samples
+        idx = torch.tensor([data.tokenizer.encode("def ").ids], device=device)
+        model.eval()
+        with autocast:
+            out = model.generate(idx, cfg.sample_tokens, generator=torch.Generator(device).manual_seed(cfg.seed))
+        log("sample:\n" + data.tokenizer.decode(out[0].tolist()))
     return summary
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch.nn as nn
 
 from .distributed import full_tensor
 from .modules import LoRALinear, _is_linear_like, _replace
+from .utils import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,18 +35,6 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def _most_common(values):
     return Counter(values).most_common(1)[0][0]
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(temp_path) then rename over `path`: a crash leaves the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def save_peft_adapter(model: nn.Module, path) -> None:
@@ -99,8 +86,8 @@ def save_peft_adapter(model: nn.Module, path) -> None:
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def _read_config(folder: Path) -> dict:

@@ -16,7 +16,6 @@ lose its exp_avg_sq, so the first few updates are unreliable and must be taken w
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 import warnings
@@ -27,6 +26,7 @@ import torch.nn as nn
 
 from .distributed import fsdp_managed, local_tensor
 from .modules import LoRALinear
+from .utils import hash_seed
 
 # Adam's moments, and amsgrad's running maximum of the second one (left alone it would keep the old factors' large
 # denominators, so pruning exp_avg_sq would change nothing); the step counter is left as it is.
@@ -213,8 +213,7 @@ def restart_seed(seed: int, restart: int, layer: int) -> int:
 
     A pure function of its arguments, so every DDP rank (and a resumed run) draws the same A with no broadcast.
     """
-    digest = hashlib.blake2b(f"relora:{seed}:{restart}:{layer}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return hash_seed(f"relora:{seed}:{restart}:{layer}")
 
 
 class ReLoRA:

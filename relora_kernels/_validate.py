@@ -61,11 +61,35 @@ def check_scalar(name: str, value) -> float:
     return value if symbolic else float(value)
 
 
-def check_dropout_p(dropout_p) -> float:
-    p = check_scalar("dropout_p", dropout_p)
+def check_probability(name: str, value) -> float:
+    """A real number in [0, 1) (a dropout probability)."""
+    p = check_scalar(name, value)
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
     return p
+
+
+def check_dropout_p(dropout_p) -> float:
+    return check_probability("dropout_p", dropout_p)
+
+
+def check_fraction(name: str, value) -> float:
+    """A real number in [0, 1] (NaN fails the comparison, so it lands here too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a real number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
 
 
 def check_seed(seed) -> int:

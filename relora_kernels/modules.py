@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import reference
-from ._validate import is_dtensor
+from ._validate import check_int, check_probability, is_dtensor
 from .distributed import full_tensor, merge_and_reinit_sharded_
 from .functional import draw_seed, lora_linear, merge_and_reinit_
 
@@ -46,8 +46,7 @@ class LoRALinear(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(name, value, 1)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.set_scaling(alpha, dropout, use_rslora)
@@ -64,8 +63,7 @@ class LoRALinear(nn.Module):
 
     def set_scaling(self, alpha=None, dropout=0.0, use_rslora=False) -> None:
         """Set alpha (None: r), dropout and use_rslora, and so the scale; the factors are left as they are."""
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_probability("dropout", dropout)
         alpha = self.r if alpha is None else alpha
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number or None, got {alpha!r}")

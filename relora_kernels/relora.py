@@ -17,13 +17,13 @@ lose its exp_avg_sq, so the first few updates are unreliable and must be taken w
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
 
+from ._validate import check_choice, check_fraction, check_int
 from .distributed import fsdp_managed, local_tensor
 from .modules import LoRALinear
 from .utils import hash_seed
@@ -37,13 +37,6 @@ PRUNE_METHODS = ("magnitude", "random", "zero")
 # --------------------------------------------------------------------------------------------------------------
 # Optimizer-state pruning
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _check_ratio(ratio) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio <= 1.0:
-        # `not 0 <= ratio <= 1` is also true for NaN, so NaN lands here too.
-        raise ValueError(f"ratio must be a real number in [0, 1], got {ratio!r}")
-    return float(ratio)
 
 
 def _num_kept(ratio: float, numel: int) -> int:
@@ -104,9 +97,8 @@ def prune_optimizer_state_(
     Raises ValueError if ratio is not a real number in [0, 1], if method is not one of PRUNE_METHODS, or if a
     parameter is not in the optimizer's param_groups (checked for all of them before anything is changed).
     """
-    ratio = _check_ratio(ratio)
-    if not isinstance(method, str) or method not in PRUNE_METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, PRUNE_METHODS))}, got {method!r}")
+    ratio = check_fraction("ratio", ratio)
+    check_choice("method", method, PRUNE_METHODS)
     if isinstance(params, torch.Tensor):
         # list(tensor) would silently iterate over its rows.
         raise TypeError("params must be an iterable of tensors, not a single tensor; wrap it in a list")
@@ -137,12 +129,6 @@ def prune_optimizer_state_(
 # --------------------------------------------------------------------------------------------------------------
 # Learning-rate schedule
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def jagged_cosine(
@@ -176,17 +162,16 @@ def jagged_cosine(
     Raises ValueError unless max_steps > warmup_steps >= 0, restart_every >= 1,
     0 <= restart_warmup_steps <= restart_every, 0 <= min_lr_ratio <= 1 and step >= 0 (steps are integers).
     """
-    step = _check_int("step", step, 0)
-    warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-    max_steps = _check_int("max_steps", max_steps, 1)
+    step = check_int("step", step, 0)
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+    max_steps = check_int("max_steps", max_steps, 1)
     if max_steps <= warmup_steps:
         raise ValueError(f"max_steps must be > warmup_steps ({warmup_steps}), got {max_steps}")
-    restart_every = _check_int("restart_every", restart_every, 1)
-    restart_warmup_steps = _check_int("restart_warmup_steps", restart_warmup_steps, 0)
+    restart_every = check_int("restart_every", restart_every, 1)
+    restart_warmup_steps = check_int("restart_warmup_steps", restart_warmup_steps, 0)
     if restart_warmup_steps > restart_every:
         raise ValueError(f"restart_warmup_steps must be <= restart_every ({restart_every}), got {restart_warmup_steps}")
-    if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, numbers.Real) or not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"min_lr_ratio must be a real number in [0, 1], got {min_lr_ratio!r}")
+    check_fraction("min_lr_ratio", min_lr_ratio)
 
     if step < warmup_steps:
         return step / warmup_steps
@@ -236,12 +221,10 @@ class ReLoRA:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, restart_every: int,
                  prune_ratio: float = 0.99, prune_method: str = "magnitude", seed: int = 0):
-        self.restart_every = _check_int("restart_every", restart_every, 1)
-        self.prune_ratio = _check_ratio(prune_ratio)
-        if prune_method not in PRUNE_METHODS:
-            raise ValueError(f"prune_method must be one of {', '.join(map(repr, PRUNE_METHODS))}, got {prune_method!r}")
-        self.prune_method = prune_method
-        self.seed = _check_int("seed", seed, 0)
+        self.restart_every = check_int("restart_every", restart_every, 1)
+        self.prune_ratio = check_fraction("prune_ratio", prune_ratio)
+        self.prune_method = check_choice("prune_method", prune_method, PRUNE_METHODS)
+        self.seed = check_int("seed", seed, 0)
         self.model, self.optimizer = model, optimizer
         self.layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
         if not self.layers:
@@ -259,7 +242,7 @@ class ReLoRA:
         self._warned_nothing_to_prune = False
 
     def step(self, step: int) -> bool:
-        step = _check_int("step", step, 1)
+        step = check_int("step", step, 1)
         if step % self.restart_every != 0:
             return False
         restart = step // self.restart_every

@@ -47,8 +47,8 @@ def test_layer_init_scale_and_freezing():
 
 
 @pytest.mark.parametrize("kwargs, text", [
-    ({"r": 0}, "r must be an int >= 1"),
-    ({"r": 2.5}, "r must be an int >= 1"),
+    ({"r": 0}, "r must be an integer >= 1"),
+    ({"r": 2.5}, "r must be an integer >= 1"),
     ({"dropout": 1.0}, "dropout must be in [0, 1)"),
     ({"alpha": float("inf")}, "alpha must be a finite number"),
 ])

@@ -28,8 +28,9 @@ import functools
 import torch
 from transformers import TrainerCallback
 
+from .._validate import check_choice, check_fraction, check_int
 from ..modules import LoRALinear
-from ..relora import PRUNE_METHODS, ReLoRA, _check_int, _check_ratio, jagged_cosine
+from ..relora import PRUNE_METHODS, ReLoRA, jagged_cosine
 
 __all__ = ["ReLoRACallback", "jagged_cosine_scheduler"]
 
@@ -51,12 +52,10 @@ class ReLoRACallback(TrainerCallback):
     """
 
     def __init__(self, restart_every: int, prune_ratio: float = 0.99, prune_method: str = "magnitude", seed: int = 0):
-        self.restart_every = _check_int("restart_every", restart_every, 1)
-        self.prune_ratio = _check_ratio(prune_ratio)
-        if not isinstance(prune_method, str) or prune_method not in PRUNE_METHODS:
-            raise ValueError(f"prune_method must be one of {', '.join(map(repr, PRUNE_METHODS))}, got {prune_method!r}")
-        self.prune_method = prune_method
-        self.seed = _check_int("seed", seed, 0)
+        self.restart_every = check_int("restart_every", restart_every, 1)
+        self.prune_ratio = check_fraction("prune_ratio", prune_ratio)
+        self.prune_method = check_choice("prune_method", prune_method, PRUNE_METHODS)
+        self.seed = check_int("seed", seed, 0)
         self._relora: ReLoRA | None = None
 
     @property

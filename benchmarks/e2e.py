@@ -14,6 +14,7 @@ example's gpt2 setting), alpha = r, dropout 0.1. Smoke (CPU, interpreter): a 2-l
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import re
 import sys
@@ -23,13 +24,25 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import relora_kernels as rk
+
 from . import harness
 from .cases import eager_lora_linear
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from model import GPT, LORA_TARGETS, PRESETS, GPTConfig  # noqa: E402
 
-import relora_kernels as rk  # noqa: E402
+def _example_module(name: str):
+    """examples/<name>.py as the module `name` (as the example's own scripts import it), without putting examples/
+    on sys.path (it is a folder of scripts)."""
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+_model = _example_module("model")
+GPT, LORA_TARGETS, PRESETS, GPTConfig = _model.GPT, _model.LORA_TARGETS, _model.PRESETS, _model.GPTConfig
 
 CONFIGS = ("full_eager", "lora_eager", "relora_fused", "relora_fused_compile")
 MODEL = "gpt2-124m"

@@ -19,31 +19,27 @@ decomposed into their launches, and which tensors Inductor's analysis of each ke
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import multiprocessing
 import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
-# Triton reads this when it is first imported: the kernels must be JIT functions here, not interpreted ones.
-os.environ["TRITON_INTERPRET"] = "0"
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-from unittest import mock  # noqa: E402
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-
-from relora_kernels.kernels import fused_gemm_tma, lora_linear, merge, policy  # noqa: E402
+from relora_kernels.kernels import fused_gemm_tma, lora_linear, merge, policy
 
 # Largest shared memory one block may opt into, per compute capability (CUDA C programming guide, "Technical
 # Specifications per Compute Capability"): A100 and Orin 163 KB, consumer Ampere/Ada 99 KB, H100/H200 227 KB.
@@ -517,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", action="store_true",
                         help="also trace each op as torch.compile sees it (its kernel launches, what each writes)")
     args = parser.parse_args(argv)
+    if policy.interpreting():  # the kernels were made interpreted functions when imported: nothing to compile
+        parser.error("gpu_build compiles the kernels for a GPU, which Triton's interpreter cannot: run it without "
+                     "TRITON_INTERPRET=1")
     bad_ranks = [r for r in args.ranks if not 1 <= r <= lora_linear.MAX_RANK]
     if bad_ranks:
         parser.error(f"--ranks {bad_ranks}: each must be in 1..{lora_linear.MAX_RANK}")

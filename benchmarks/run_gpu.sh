@@ -83,7 +83,7 @@ t=$SECONDS
 if [ "$smoke" = 1 ]; then builds=(--dtypes bf16 --ranks 16 --jobs 1); else builds=(--dtypes bf16 fp16 --ranks 16 64 128); fi
 build_dir=$(mktemp -d)
 timeout -k 10 "$(left $((tests_reserve + 2 * run_reserve)))" \
-    "$py" -m benchmarks.gpu_build --arch "$capability" "${builds[@]}" --out "$build_dir" > "$build_dir/log" 2>&1
+    env TRITON_INTERPRET=0 "$py" -m benchmarks.gpu_build --arch "$capability" "${builds[@]}" --out "$build_dir" > "$build_dir/log" 2>&1
 build_rc=$?
 tail -n 3 "$build_dir/log"
 if ! cp "$build_dir/gpu_build.md" "$out/" 2>/dev/null; then

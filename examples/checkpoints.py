@@ -17,14 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from config import UsageError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 
 from relora_kernels.utils import atomic_write
-
-
-class UsageError(Exception):
-    """A bad option: reported in one line, exit status 2."""
 
 
 class RunError(Exception):

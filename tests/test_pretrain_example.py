@@ -30,6 +30,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import checkpoints  # noqa: E402
+import config  # noqa: E402
 import data as example_data  # noqa: E402
 import fault_run  # noqa: E402
 import pretrain_gpt2  # noqa: E402
@@ -436,9 +437,9 @@ def test_options_take_both_forms_and_resolve_against_the_preset():
     given = pretrain_gpt2.parse_args(["--mode=full", "--max_steps", "600", "--lr=1e-3", "--resume", "--seed", "3"])
     assert given == {"mode": "full", "max_steps": 600, "lr": 1e-3, "resume": True, "seed": 3}
     cfg = pretrain_gpt2.resolve_config(given, None, torch.device("cpu"))
-    assert (cfg.preset, cfg.n_embd, cfg.batch_size) == ("tiny", 256, pretrain_gpt2.TRAIN_PRESETS["tiny"]["batch_size"])
+    assert (cfg.preset, cfg.n_embd, cfg.batch_size) == ("tiny", 256, config.TRAIN_PRESETS["tiny"]["batch_size"])
     # A run of twice the preset's length stretches the schedule with it; the LoRA phase starts on a restart.
-    assert cfg.restart_every == 2 * pretrain_gpt2.TRAIN_PRESETS["tiny"]["restart_every"]
+    assert cfg.restart_every == 2 * config.TRAIN_PRESETS["tiny"]["restart_every"]
     assert cfg.warmup_full_steps % cfg.restart_every == 0
     assert pretrain_gpt2.parse_args(["--resume=false"]) == {"resume": False}
 

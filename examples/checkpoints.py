@@ -215,13 +215,15 @@ def restart_metrics(path: Path, start_step: int, log) -> None:
     kept = [r for r in rows if r["step"] <= start_step]
     new = "".join(json.dumps(r) + "\n" for r in kept)
     if new != text:
-        atomic_write(path, lambda tmp: Path(tmp).write_text(new))
+        mode = path.stat().st_mode
+
+        def write(tmp):
+            Path(tmp).write_text(new)
+            os.chmod(tmp, mode)  # the rewritten file keeps the mode of the one it replaces
+
+        atomic_write(path, write)
         log(f"{path}: kept the {len(kept)} rows up to step {start_step}, dropped {len(rows) - len(kept)} after it"
             + ("" if text.endswith("\n") and len(text.splitlines()) == len(rows) else " and a torn last line"))
-
-
-def write_summary(path: Path, summary: dict) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1) + "\n"))
 
 
 def _ema(points: list[tuple]) -> list[tuple]:
@@ -257,5 +259,5 @@ def plot_metrics(path: Path, png: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    fig.savefig(png, dpi=120)
     plt.close(fig)

@@ -30,6 +30,7 @@ machine), after a kill -9 or a Ctrl-C (SIGINT/SIGTERM finish the step and checkp
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -57,7 +58,6 @@ from checkpoints import (
     read_metrics,
     restart_metrics,
     save_checkpoint,
-    write_summary,
 )
 from config import Config, UsageError, check_lora_rank, parse_args, pick_device, require, resolve_config
 from data import batch_seed, get_batch, load_data, prepare_data
@@ -626,7 +626,7 @@ def finish(run: Run) -> dict:
                    fsdp=cfg.fsdp)
     if run.master:
         plot(run)
-        write_summary(run.out_dir / "summary.json", summary)
+        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         if val_rows:
             first, last = val_rows[0], val_rows[-1]
             run.log(f"val loss {first['val_loss']:.3f} at step {first['step']} -> {last['val_loss']:.3f} at step "

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from relora_kernels.utils import atomic_write
+
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
 WARMUP_MS = 25  # do_bench's warm-up budget per case
 REP_MS = 100  # do_bench's measuring budget per case
@@ -132,9 +134,8 @@ def require_interpreter_without_gpu(parser: argparse.ArgumentParser) -> None:
 def write_results(path: Path, env: dict, copy_gbps: float | None, rows: list[dict]) -> Path:
     """Write the result file whole or not at all: a kill mid-write leaves the previous version in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps({**env, "copy_gbps": copy_gbps, "rows": rows}, indent=1) + "\n")
-    os.replace(partial, path)
+    text = json.dumps({**env, "copy_gbps": copy_gbps, "rows": rows}, indent=1) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 

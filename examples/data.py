@@ -24,13 +24,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from checkpoints import atomic_folder
+
+from relora_kernels.utils import hash_seed
 
 CACHE_VERSION = 2  # bump when the cache layout or the tokenisation changes
 EOT = "<|endoftext|>"
@@ -298,28 +300,22 @@ def _build_cache(out: Path, source: str, root: Path, files: list[Path], manifest
     def docs(pieces):
         return (_read_piece(piece) for piece in pieces)
 
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if tokenizer_json is None:
-        tokenizer = train_tokenizer(docs(train_pieces), vocab_size)
-        tokenizer.save(str(tmp / "tokenizer.json"))
-    else:
-        (tmp / "tokenizer.json").write_text(tokenizer_json)
-        tokenizer = Tokenizer.from_str(tokenizer_json)
-    n_train = _write_tokens(tokenizer, docs(train_pieces), tmp / "train.bin")
-    n_val = _write_tokens(tokenizer, docs(val_pieces), tmp / "val.bin")
-    meta = dict(
-        source=source, root=str(root), vocab_size=tokenizer.get_vocab_size(), eot_id=tokenizer.token_to_id(EOT),
-        train_tokens=n_train, val_tokens=n_val, train_files=[_piece_name(root, p) for p in train_pieces],
-        val_files=[_piece_name(root, p) for p in val_pieces], dtype="uint16", manifest=manifest,
-    )
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    try:
-        tmp.rename(out)
-    except OSError:
-        # Another process finished the same cache first; its copy is as good as ours.
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Another process may finish the same cache first (replace=False): its copy is as good as ours.
+    with atomic_folder(out, out.parent / f".tmp-{out.name}-{os.getpid()}", replace=False) as tmp:
+        if tokenizer_json is None:
+            tokenizer = train_tokenizer(docs(train_pieces), vocab_size)
+            tokenizer.save(str(tmp / "tokenizer.json"))
+        else:
+            (tmp / "tokenizer.json").write_text(tokenizer_json)
+            tokenizer = Tokenizer.from_str(tokenizer_json)
+        n_train = _write_tokens(tokenizer, docs(train_pieces), tmp / "train.bin")
+        n_val = _write_tokens(tokenizer, docs(val_pieces), tmp / "val.bin")
+        meta = dict(
+            source=source, root=str(root), vocab_size=tokenizer.get_vocab_size(), eot_id=tokenizer.token_to_id(EOT),
+            train_tokens=n_train, val_tokens=n_val, train_files=[_piece_name(root, p) for p in train_pieces],
+            val_files=[_piece_name(root, p) for p in val_pieces], dtype="uint16", manifest=manifest,
+        )
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     log(f"data: {n_train:,} train tokens ({len(train_pieces)} files), {n_val:,} val tokens ({len(val_pieces)} "
         f"files), {total_mb * 2**20 / max(n_train + n_val, 1):.2f} bytes/token")
 
@@ -340,8 +336,7 @@ def load_data(cache: Path) -> Dataset:
 
 def batch_seed(*key) -> int:
     """A 63-bit seed from any key, e.g. (seed, "train", step, micro_step, rank)."""
-    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return hash_seed(repr(key))
 
 
 def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device="cpu"):

@@ -15,14 +15,13 @@ Assumes one file system seen by every rank (one machine, or a shared file system
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from checkpoints import atomic_folder, mark_done
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -70,47 +69,29 @@ def plain(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(root: Path, step: int, model, optimizer, state: dict | None) -> Path:
     """Write ckpt step `step` under root (= out_dir/ckpt) from every rank; `state` is rank 0's state.pt (None on the
     others). Returns the final folder. Raises OSError (on every rank) when a rank's write fails; the temporary
     folder is then removed and the earlier checkpoints are untouched."""
     rank = dist.get_rank()
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}-sharded"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    failed = None
-    try:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        # DCP gathers every rank's write results and raises on all ranks if one failed; sync_files fsyncs each file.
-        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=dcp.FileSystemWriter(tmp))
-        if rank == 0:
-            torch.save(state, tmp / "state.pt")
-            _fsync(tmp / "state.pt")
-    except Exception as e:  # noqa: BLE001 -- reported on every rank below, so that no rank waits on another
-        failed = e
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, None if failed is None else f"rank {rank}: {failed}")
-    if any(errors):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(next(e for e in errors if e))
+    with atomic_folder(final, tmp) if rank == 0 else nullcontext():  # rank 0 creates, renames or removes tmp
+        dist.barrier()
+        failed = None
+        try:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            # DCP gathers every rank's write results and raises on all ranks if one failed; sync_files fsyncs them.
+            dcp.save({"model": model_state, "optim": optim_state}, storage_writer=dcp.FileSystemWriter(tmp))
+            if rank == 0:
+                torch.save(state, tmp / "state.pt")
+        except Exception as e:  # noqa: BLE001 -- reported on every rank below, so that no rank waits on another
+            failed = e
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if failed is None else f"rank {rank}: {failed}")
+        if any(errors):
+            raise OSError(next(e for e in errors if e))
     if rank == 0:  # every rank's shards are on disk (the barrier of the gather above): now it counts
-        if final.exists():  # an earlier attempt at this step without DONE: not a checkpoint
-            shutil.rmtree(final)
-        tmp.rename(final)
-        (final / "DONE").write_text(json.dumps({"step": step, "world": dist.get_world_size()}) + "\n")
-        _fsync(final / "DONE")
-        _fsync(root)
+        mark_done(final, step=step, world=dist.get_world_size())
     dist.barrier()
     return final
 

@@ -29,7 +29,10 @@ from relora_kernels.relora import ReLoRA, jagged_cosine, prune_optimizer_state_
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
+import checkpoints  # noqa: E402
+import config  # noqa: E402
 import data as example_data  # noqa: E402
+import fault_run  # noqa: E402
 import pretrain_gpt2  # noqa: E402
 from model import GPT, LORA_TARGETS, GPTConfig  # noqa: E402
 
@@ -78,7 +81,9 @@ def script_env() -> dict:
 def run_script(args, *, launcher=(), timeout=240, log_file=None):
     """The script in a subprocess; with log_file, stdout and stderr go to that file (as `... > log 2>&1`) and the
     result's stdout and stderr both hold its text."""
-    cmd = [sys.executable, *launcher, str(EXAMPLES / "pretrain_gpt2.py"), *args]
+    # Fault options (--kill_at_step, ...) are the test wrapper's: it installs their hooks and runs the example.
+    faulty = any(arg.partition("=")[0] in fault_run.OPTIONS for arg in args)
+    cmd = [sys.executable, *launcher, fault_run.__file__ if faulty else str(EXAMPLES / "pretrain_gpt2.py"), *args]
     if log_file is None:
         return subprocess.run(cmd, capture_output=True, text=True, env=script_env(), timeout=timeout)
     with open(log_file, "w") as f:
@@ -380,7 +385,7 @@ def test_fsdp_run_resumes_exactly_and_at_other_world_sizes(corpus, cache_dir, tm
 def test_nan_loss_is_skipped_and_a_streak_stops_the_run(corpus, cache_dir, tmp_path, capsys):
     args = tiny_args(corpus, cache_dir, tmp_path / "one", "--mode", "full", "--max_steps", "6", "--eval_every", "3",
                      "--ckpt_every", "3", "--nan_at_steps", "4")
-    assert pretrain_gpt2.main(args) == 0
+    assert fault_run.main(args) == 0
     rows = {r["step"]: r for r in read_rows(tmp_path / "one")}
     assert rows[4].get("skipped") and math.isnan(rows[4]["train_loss"]) and rows[4]["skipped_steps"] == 1
     assert all(math.isfinite(rows[s]["train_loss"]) and not rows[s].get("skipped") for s in (1, 2, 3, 5, 6))
@@ -390,27 +395,27 @@ def test_nan_loss_is_skipped_and_a_streak_stops_the_run(corpus, cache_dir, tmp_p
     capsys.readouterr()
     args = tiny_args(corpus, cache_dir, tmp_path / "streak", "--mode", "full", "--max_steps", "8", "--ckpt_every", "2",
                      "--nan_at_steps", "3,4,5", "--max_bad_steps", "3")
-    assert pretrain_gpt2.main(args) == 1
+    assert fault_run.main(args) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "3 non-finite steps in a row" in err, err
     # Skipped steps leave the weights as they were, so the checkpoint of step 4 is a good one; nothing after step 5.
     assert max(r["step"] for r in read_rows(tmp_path / "streak")) == 5
-    assert [d.name for d in pretrain_gpt2.checkpoint_dirs(tmp_path / "streak")] == ["step_00000002", "step_00000004"]
+    assert [d.name for d in checkpoints.checkpoint_dirs(tmp_path / "streak")] == ["step_00000002", "step_00000004"]
 
 
 def test_checkpoints_are_atomic_and_never_written_from_non_finite_weights(tmp_path, capsys):
     model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8))
     for step in (5, 10):
-        pretrain_gpt2.save_checkpoint(tmp_path, step, model, {"step": step}, keep=2)
+        checkpoints.save_checkpoint(tmp_path, step, model, {"step": step}, keep=2)
     # An interrupted write leaves a temporary directory, or a renamed one without its DONE marker: neither counts.
     (tmp_path / "ckpt/.tmp-step_00000015-123").mkdir()
     (tmp_path / "ckpt/step_00000020").mkdir()
     (tmp_path / "ckpt/step_00000020/state.pt").write_bytes(b"truncated")
-    assert [d.name for d in pretrain_gpt2.checkpoint_dirs(tmp_path)] == ["step_00000005", "step_00000010"]
-    assert pretrain_gpt2.load_checkpoint_state(pretrain_gpt2.checkpoint_dirs(tmp_path)[-1])["step"] == 10
+    assert [d.name for d in checkpoints.checkpoint_dirs(tmp_path)] == ["step_00000005", "step_00000010"]
+    assert checkpoints.load_checkpoint_state(checkpoints.checkpoint_dirs(tmp_path)[-1])["step"] == 10
     # Rewriting step 20 replaces the incomplete directory; keep=2 drops the oldest.
-    pretrain_gpt2.save_checkpoint(tmp_path, 20, model, {"step": 20}, keep=2)
-    assert [d.name for d in pretrain_gpt2.checkpoint_dirs(tmp_path)] == ["step_00000010", "step_00000020"]
+    checkpoints.save_checkpoint(tmp_path, 20, model, {"step": 20}, keep=2)
+    assert [d.name for d in checkpoints.checkpoint_dirs(tmp_path)] == ["step_00000010", "step_00000020"]
 
     # A fresh run (no --resume) refuses to start on top of them.
     assert pretrain_gpt2.main(["--out_dir", str(tmp_path), "--device", "cpu"]) == 2
@@ -418,9 +423,9 @@ def test_checkpoints_are_atomic_and_never_written_from_non_finite_weights(tmp_pa
 
     with torch.no_grad():
         model.h[0].mlp.c_fc.weight[0, 0] = float("nan")
-    with pytest.raises(pretrain_gpt2.RunError, match="not finite"):
-        pretrain_gpt2.save_checkpoint(tmp_path, 25, model, {"step": 25}, keep=2)
-    assert [d.name for d in pretrain_gpt2.checkpoint_dirs(tmp_path)] == ["step_00000010", "step_00000020"]
+    with pytest.raises(checkpoints.RunError, match="not finite"):
+        checkpoints.save_checkpoint(tmp_path, 25, model, {"step": 25}, keep=2)
+    assert [d.name for d in checkpoints.checkpoint_dirs(tmp_path)] == ["step_00000010", "step_00000020"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -432,9 +437,9 @@ def test_options_take_both_forms_and_resolve_against_the_preset():
     given = pretrain_gpt2.parse_args(["--mode=full", "--max_steps", "600", "--lr=1e-3", "--resume", "--seed", "3"])
     assert given == {"mode": "full", "max_steps": 600, "lr": 1e-3, "resume": True, "seed": 3}
     cfg = pretrain_gpt2.resolve_config(given, None, torch.device("cpu"))
-    assert (cfg.preset, cfg.n_embd, cfg.batch_size) == ("tiny", 256, pretrain_gpt2.TRAIN_PRESETS["tiny"]["batch_size"])
+    assert (cfg.preset, cfg.n_embd, cfg.batch_size) == ("tiny", 256, config.TRAIN_PRESETS["tiny"]["batch_size"])
     # A run of twice the preset's length stretches the schedule with it; the LoRA phase starts on a restart.
-    assert cfg.restart_every == 2 * pretrain_gpt2.TRAIN_PRESETS["tiny"]["restart_every"]
+    assert cfg.restart_every == 2 * config.TRAIN_PRESETS["tiny"]["restart_every"]
     assert cfg.warmup_full_steps % cfg.restart_every == 0
     assert pretrain_gpt2.parse_args(["--resume=false"]) == {"resume": False}
 
@@ -460,7 +465,8 @@ def test_options_take_both_forms_and_resolve_against_the_preset():
     (["--fsdp"], "--fsdp runs under torchrun: torchrun --standalone --nproc_per_node=N"),
 ])
 def test_bad_arguments_get_one_line(args, message, tmp_path, capsys):
-    assert pretrain_gpt2.main([*args, "--out_dir", str(tmp_path)]) == 2
+    main = fault_run.main if "--signal_at_step" in args else pretrain_gpt2.main  # a fault option: the tests' own
+    assert main([*args, "--out_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error:" in err and message in err, err
 
@@ -530,12 +536,12 @@ def test_resume_refuses_a_changed_corpus_and_sigterm_stops_with_a_checkpoint(cac
     args = tiny_args(corpus, cache_dir, tmp_path / "run", "--mode", "full", "--max_steps", "4", "--ckpt_every", "4",
                      "--eval_every", "2")
     # SIGTERM during step 2: the step completes and is checkpointed (none was due), one line, 128 + 15.
-    assert pretrain_gpt2.main([*args, "--signal_at_step", "2:SIGTERM"]) == 143
+    assert fault_run.main([*args, "--signal_at_step", "2:SIGTERM"]) == 143
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.endswith(": SIGTERM at step 2: stopped after writing its checkpoint; "
                                                        "--resume continues exactly"), err
     ckpt = tmp_path / "run/ckpt/step_00000002"
-    saved = pretrain_gpt2.load_checkpoint_state(ckpt)["data"]
+    saved = checkpoints.load_checkpoint_state(ckpt)["data"]
     metrics = (tmp_path / "run/metrics.jsonl").read_text()
     assert [r["step"] for r in read_rows(tmp_path / "run")] == [0, 1, 2]
 
@@ -549,7 +555,7 @@ def test_resume_refuses_a_changed_corpus_and_sigterm_stops_with_a_checkpoint(cac
     assert pretrain_gpt2.main([*args, "--resume", "--allow_data_change"]) == 0
     out = capsys.readouterr().out
     assert "going on with the checkpoint's tokenizer" in out and "resumed from" in out
-    final = pretrain_gpt2.load_checkpoint_state(tmp_path / "run/ckpt/step_00000004")["data"]
+    final = checkpoints.load_checkpoint_state(tmp_path / "run/ckpt/step_00000004")["data"]
     assert final["tokenizer"] == saved["tokenizer"]  # the checkpoint's tokenizer, not one trained on the new files
     assert "doc_99.txt" in {name for name, *_ in final["manifest"]} - {name for name, *_ in saved["manifest"]}
 
@@ -557,14 +563,14 @@ def test_resume_refuses_a_changed_corpus_and_sigterm_stops_with_a_checkpoint(cac
 def test_a_second_run_in_the_same_out_dir_is_refused_and_a_stale_lock_taken_over(corpus, cache_dir, tmp_path,
                                                                                    capsys):
     logs = []
-    with pretrain_gpt2.out_dir_lock(tmp_path, logs.append):
+    with checkpoints.out_dir_lock(tmp_path, logs.append):
         assert pretrain_gpt2.main(tiny_args(corpus, cache_dir, tmp_path, "--max_steps", "1")) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"--out_dir {tmp_path} is in use by another run (pid {os.getpid()}); wait for it to end, "
                         "or use another --out_dir"), err
     assert (tmp_path / ".lock").read_text() == "" and not logs  # released, and no stale pid left behind
     (tmp_path / ".lock").write_text("999999\n")  # what a killed run leaves: its pid, and no lock held
-    with pretrain_gpt2.out_dir_lock(tmp_path, logs.append):
+    with checkpoints.out_dir_lock(tmp_path, logs.append):
         assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
     assert logs == [f"{tmp_path}: taking over the lock of a run that did not end cleanly (pid 999999)"]
 
@@ -572,7 +578,7 @@ def test_a_second_run_in_the_same_out_dir_is_refused_and_a_stale_lock_taken_over
 def test_resume_falls_back_past_broken_checkpoints_and_cleans_up(tmp_path, monkeypatch):
     model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8))
     for step in (5, 10, 15):
-        pretrain_gpt2.save_checkpoint(tmp_path, step, model, {"step": step}, keep=3)
+        checkpoints.save_checkpoint(tmp_path, step, model, {"step": step}, keep=3)
     ckpt = tmp_path / "ckpt"
     weights = (ckpt / "step_00000015/model.safetensors").read_bytes()
     (ckpt / "step_00000015/model.safetensors").write_bytes(weights[: len(weights) // 2])
@@ -581,26 +587,26 @@ def test_resume_falls_back_past_broken_checkpoints_and_cleans_up(tmp_path, monke
     (ckpt / "step_00000001").mkdir()  # a prune cut short: DONE gone first, some files left
     (ckpt / "step_00000001/state.pt").write_bytes(b"x")
     logs = []
-    pretrain_gpt2.clean_checkpoints(tmp_path, logs.append)
+    checkpoints.clean_checkpoints(tmp_path, logs.append)
     assert sorted(d.name for d in ckpt.iterdir()) == ["step_00000005", "step_00000010", "step_00000015"]
     assert logs == [f"removed 2 unfinished checkpoint folder(s) in {ckpt}: .tmp-step_00000020-123, step_00000001"]
 
     logs.clear()
-    found, state = pretrain_gpt2.newest_loadable_checkpoint(tmp_path, logs.append)
+    found, state = checkpoints.newest_loadable_checkpoint(tmp_path, logs.append)
     assert found == ckpt / "step_00000005" and state == {"step": 5}
     assert len(logs) == 2 and "step_00000015: Error while deserializing header" in logs[0], logs
     assert "step_00000010: [Errno 2] No such file or directory" in logs[1] and "moved it to broken-step_" in logs[1]
-    assert [d.name for d in pretrain_gpt2.checkpoint_dirs(tmp_path)] == ["step_00000005"]
+    assert [d.name for d in checkpoints.checkpoint_dirs(tmp_path)] == ["step_00000005"]
 
     # A full disk: one line naming the checkpoint, the partial folder removed, the others kept.
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pretrain_gpt2, "save_model", no_space)
-    with pytest.raises(pretrain_gpt2.RunError, match=r"step 20: no space left on device writing checkpoint "
+    monkeypatch.setattr(checkpoints, "save_model", no_space)
+    with pytest.raises(checkpoints.RunError, match=r"step 20: no space left on device writing checkpoint "
                                                      r".*step_00000020; removed the partial"):
-        pretrain_gpt2.save_checkpoint(tmp_path, 20, model, {"step": 20}, keep=3)
-    assert not list(ckpt.glob(".tmp-*")) and [d.name for d in pretrain_gpt2.checkpoint_dirs(tmp_path)] == \
+        checkpoints.save_checkpoint(tmp_path, 20, model, {"step": 20}, keep=3)
+    assert not list(ckpt.glob(".tmp-*")) and [d.name for d in checkpoints.checkpoint_dirs(tmp_path)] == \
         ["step_00000005"]
 
 
@@ -617,7 +623,7 @@ def test_resume_falls_back_past_a_truncated_shard_of_a_sharded_checkpoint(tmp_pa
     shard = tmp_path / "ckpt/step_00000010/__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])
     logs = []
-    found, state = pretrain_gpt2.newest_loadable_checkpoint(tmp_path, logs.append)
+    found, state = checkpoints.newest_loadable_checkpoint(tmp_path, logs.append)
     assert found == tmp_path / "ckpt/step_00000005" and state == {"step": 5}
     assert len(logs) == 1 and "step_00000010: shard file __0_0.distcp is missing or truncated" in logs[0], logs
 
@@ -626,12 +632,12 @@ def test_torn_metrics_line_is_dropped_and_earlier_rows_kept(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": step, "train_loss": 1.0 / (step + 1)} for step in range(7)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "train_lo')
-    assert pretrain_gpt2.read_metrics(path) == rows  # was a JSONDecodeError
+    assert checkpoints.read_metrics(path) == rows  # was a JSONDecodeError
     logs = []
-    pretrain_gpt2.restart_metrics(path, 4, logs.append)
-    assert pretrain_gpt2.read_metrics(path) == rows[:5] and path.read_text().endswith("}\n")
+    checkpoints.restart_metrics(path, 4, logs.append)
+    assert checkpoints.read_metrics(path) == rows[:5] and path.read_text().endswith("}\n")
     assert logs == [f"{path}: kept the 5 rows up to step 4, dropped 2 after it and a torn last line"]
-    pretrain_gpt2.restart_metrics(path, 4, logs.append)  # nothing to drop: untouched, nothing said
+    checkpoints.restart_metrics(path, 4, logs.append)  # nothing to drop: untouched, nothing said
     assert len(logs) == 1
-    pretrain_gpt2.restart_metrics(path, 0, logs.append)  # a run from step 0 moves the old rows aside
-    assert not path.exists() and pretrain_gpt2.read_metrics(tmp_path / "metrics.previous.jsonl") == rows[:5]
+    checkpoints.restart_metrics(path, 0, logs.append)  # a run from step 0 moves the old rows aside
+    assert not path.exists() and checkpoints.read_metrics(tmp_path / "metrics.previous.jsonl") == rows[:5]

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# Inductor compiles in this process, not in a pool of workers: the tests' graphs are tiny, and under torch 2.11 the
+# pool's shutdown at exit waited out a 300 s timeout.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

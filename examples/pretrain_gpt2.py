@@ -679,6 +679,8 @@ def train(argv=None) -> dict:
         pbar.close()
         summary = finish(run)
         sample(run)
+        if run.multi:  # every rank done with its collectives before any tears the process group down
+            dist.barrier()
         return summary
 
 

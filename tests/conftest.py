@@ -1,12 +1,16 @@
 """Test set-up: without CUDA the Triton kernels run through the interpreter (set before triton is imported)."""
 
 import os
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import count_launches
 
+# The example's modules (model, data, config, ...) are imported by their tests as the example imports them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 HAS_CUDA = torch.cuda.is_available()
 # Inductor compiles in this process, not in a pool of workers: the tests' graphs are tiny, and under torch 2.11 the
 # pool's shutdown at exit waited out a 300 s timeout.

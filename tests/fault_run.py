@@ -17,10 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import pretrain_gpt2  # noqa: E402
+import pretrain_gpt2  # examples/ on sys.path: PYTHONPATH in the tests' subprocesses, conftest.py in theirs
 
 OPTIONS = ("--nan_at_steps", "--kill_at_step", "--signal_at_step")
 
@@ -83,5 +80,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.argv[0] = str(EXAMPLES / "pretrain_gpt2.py")  # the messages name the example
+    sys.argv[0] = pretrain_gpt2.__file__  # the messages name the example
     sys.exit(main())

@@ -17,24 +17,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoints  # examples/ and tests/ are on sys.path (conftest.py)
+import config
+import data as example_data
+import fault_run
+import pretrain_gpt2
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from helpers import assert_within_torch_error
+from model import GPT, LORA_TARGETS, GPTConfig
 
 import relora_kernels as rk
 from relora_kernels.relora import ReLoRA, jagged_cosine, prune_optimizer_state_
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import checkpoints  # noqa: E402
-import config  # noqa: E402
-import data as example_data  # noqa: E402
-import fault_run  # noqa: E402
-import pretrain_gpt2  # noqa: E402
-from model import GPT, LORA_TARGETS, GPTConfig  # noqa: E402
 
 WORDS = ("the model merges low rank factors into frozen weights and restarts them while the loss keeps falling "
          "def return import class self for in if else while tokens batch step learning rate warmup").split()
@@ -75,7 +73,9 @@ def read_rows(out_dir) -> list[dict]:
 def script_env() -> dict:
     # One thread per process: these models are too small to gain from more, and two processes on two cores must
     # not oversubscribe them. The same env for every run keeps the CPU arithmetic identical between runs.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "RELORA_KERNELS_BACKEND": "auto"}
+    # tests/fault_run.py imports the example's modules from examples/.
+    path = os.pathsep.join(p for p in (str(EXAMPLES), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RELORA_KERNELS_BACKEND": "auto", "PYTHONPATH": path}
 
 
 def run_script(args, *, launcher=(), timeout=240, log_file=None):

@@ -17,15 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # the dev extra's
+from helpers import assert_within_torch_error
 
-transformers = pytest.importorskip("transformers")
-
-import relora_kernels as rk  # noqa: E402
-from relora_kernels.integrations.transformers import ReLoRACallback, jagged_cosine_scheduler  # noqa: E402
-from relora_kernels.relora import PRUNED_STATE_KEYS, ReLoRA, jagged_cosine  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import assert_within_torch_error  # noqa: E402
+import relora_kernels as rk
+from relora_kernels.integrations.transformers import ReLoRACallback, jagged_cosine_scheduler
+from relora_kernels.relora import PRUNED_STATE_KEYS, ReLoRA, jagged_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ, BATCH = 96, 16, 4

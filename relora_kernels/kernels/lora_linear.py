@@ -267,11 +267,12 @@ def _accumulate(ptrs, value, mask, DETERMINISTIC: tl.constexpr):
 
 
 @triton.jit
-def _token_rows(M, BLOCK_M: tl.constexpr):
-    """(rows, mask) of a gradient program's block of tokens, axis 0 of the grid; rows in int64 because M * stride
-    can pass 2**31."""
+def _token_rows_and_ranks(M, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(rows, row mask, ranks, rank mask) of a gradient program: its block of tokens (axis 0 of the grid; rows in
+    int64 because M * stride can pass 2**31) and the padded rank offsets."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return offs_m.to(tl.int64), offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    return offs_m.to(tl.int64), offs_m < M, offs_r, offs_r < R
 
 
 @triton.jit
@@ -302,9 +303,7 @@ def _grad_b_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
-    rows, mask_m = _token_rows(M, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
+    rows, mask_m, offs_r, mask_r = _token_rows_and_ranks(M, R, BLOCK_M, BLOCK_R)
     partial = _token_block_partial(DETERMINISTIC)
     scale = tl.cast(scale, tl.float32)  # float scalars may arrive as fp64 (torch.compile)
     s_tile = tl.load(
@@ -371,9 +370,7 @@ def _grad_a_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
-    rows, mask_m = _token_rows(M, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
+    rows, mask_m, offs_r, mask_r = _token_rows_and_ranks(M, R, BLOCK_M, BLOCK_R)
     partial = _token_block_partial(DETERMINISTIC)
     mask_mr = mask_m[:, None] & mask_r[None, :]
 

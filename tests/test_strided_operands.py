@@ -39,9 +39,9 @@ CASES = [(name, layout) for name in ("x", "weight", "lora_a", "lora_b") for layo
 CASES += [("bias", "every other column"), ("bias", "stride 0"), ("grad_y", "column-major"), ("grad_y", "stride 0")]
 
 
-def strided_inputs(operand: str, layout: str):
-    inputs = make_inputs((M,), K, N, R, torch.float32)
-    grad_out = torch.randn(M, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
+def strided_inputs(operand: str, layout: str, dtype: torch.dtype = torch.float32):
+    inputs = make_inputs((M,), K, N, R, dtype)
+    grad_out = torch.randn(M, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
     if operand == "grad_y":
         grad_out = LAYOUTS[layout](grad_out)
     else:
@@ -51,12 +51,16 @@ def strided_inputs(operand: str, layout: str):
     return inputs, grad_out
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+# fp32 with both reductions, fp16 (the other dtype the interpreter computes; bf16 runs on a GPU) with atomics.
+MODES = [(torch.float32, False), (torch.float32, True), (torch.float16, False)]
+
+
+@pytest.mark.parametrize("dtype, deterministic", MODES, ids=["fp32-atomics", "fp32-deterministic", "fp16-atomics"])
 @pytest.mark.parametrize("operand, layout", CASES, ids=[f"{o}-{lay}" for o, lay in CASES])
-def test_strided_operand_forward_and_gradients(operand, layout, deterministic, monkeypatch, kernel_calls):
+def test_strided_operand_forward_and_gradients(operand, layout, dtype, deterministic, monkeypatch, kernel_calls):
     if deterministic:
         monkeypatch.setenv("RELORA_KERNELS_DETERMINISTIC", "1")
-    inputs, grad_out = strided_inputs(operand, layout)
+    inputs, grad_out = strided_inputs(operand, layout, dtype)
     contiguous = {name: None if t is None else t.contiguous() for name, t in inputs.items()}
     scale, p, seed = 0.7, 0.2, 99
     exact = run(reference.lora_linear, contiguous, scale, p, seed, grad_out.double(), dtype=torch.float64)

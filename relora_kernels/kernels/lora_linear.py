@@ -28,6 +28,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake  # also sees through AOT tracing's functional tensors
 
 from .. import random_stream
 from ..random_stream import dropout_threshold
@@ -470,8 +471,6 @@ def _dropout_args(dropout_p: float, seed: torch.Tensor | None, fallback: torch.T
 def _is_fake(*tensors: torch.Tensor) -> bool:
     """Whether the launch is being traced (torch.compile runs the launchers on fake tensors), or captured into a CUDA
     graph: then nothing can be timed."""
-    from torch._subclasses.fake_tensor import is_fake  # also sees through the functional tensors of AOT tracing
-
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     return capturing or any(is_fake(t) for t in tensors)
 

@@ -247,7 +247,6 @@ def fitting(configs: list, shared_bytes: Callable, rank_block: int, dtype: torch
 # ---------------------------------------------------------------------------------------------------------------
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-GEMM_PASSES = ("forward", "input_grad")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,7 @@ machine), after a kill -9 or a Ctrl-C (SIGINT/SIGTERM finish the step and checkp
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -704,6 +705,9 @@ def main(argv=None) -> int:
         return 128 + signal.SIGINT
     finally:
         if dist.is_initialized():
+            # The DDP wrapper must be gone before the group is: its Reducer, left holding the group's last reference,
+            # joins gloo's threads while holding the GIL one of them needs (a hang at exit, pytorch issue #190489).
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -8,6 +8,7 @@ ranks' generators disagree at the restart: only a re-initialisation that does no
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -71,5 +72,20 @@ def main():
     trainer.train()
 
 
+def tear_down_process_group():
+    """Free the Trainer's DDP wrapper first, then destroy the process group while Python is fully alive.
+
+    Otherwise the wrapper's Reducer can hold the group's last reference, and its destructor joins gloo's worker
+    threads while holding the GIL that one of them needs to free a finished collective: a hang (or, left to
+    interpreter shutdown, an abort, "terminate called without an active exception"; pytorch issue #190489).
+    """
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel)]
+    assert not alive, "a DistributedDataParallel wrapper outlived the Trainer"
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    tear_down_process_group()

@@ -48,6 +48,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,9 @@ LAYERS = {
 
 
 @dataclass(frozen=True)
-class LoraCase:
+class _LayerCase:
+    """One layer shape of the fused op; the subclasses say what of it is measured (their OP, the rows' "op")."""
+
     mode: str
     M: int  # tokens
     K: int
@@ -117,12 +120,24 @@ class LoraCase:
     dtype: str
     layer: str
 
+    OP: ClassVar[str]
+
     def row(self) -> dict:
-        return {"op": "lora_linear", "mode": self.mode, "layer": self.layer, "M": self.M, "K": self.K, "N": self.N,
+        return {"op": self.OP, "mode": self.mode, "layer": self.layer, "M": self.M, "K": self.K, "N": self.N,
                 "r": self.r, "p": self.p, "dtype": self.dtype}
 
     def label(self) -> str:
-        return f"{self.layer} {self.mode} {self.M}x{self.K}x{self.N} r={self.r} p={self.p:g} {self.dtype}"
+        return f"{self.layer} {self.what()} {self.M}x{self.K}x{self.N} r={self.r} p={self.p:g} {self.dtype}"
+
+    def what(self) -> str:
+        return self.mode
+
+
+@dataclass(frozen=True)
+class LoraCase(_LayerCase):
+    """The op timed whole, in one of MODES."""
+
+    OP: ClassVar[str] = "lora_linear"
 
 
 @dataclass(frozen=True)
@@ -143,22 +158,13 @@ class MergeCase:
 
 
 @dataclass(frozen=True)
-class LaunchCase:
-    M: int
-    K: int
-    N: int
-    r: int
-    p: float
-    dtype: str
-    layer: str
-    mode: str = "launch"
+class LaunchCase(_LayerCase):
+    """The op's launches timed one by one (mode "launch")."""
 
-    def row(self) -> dict:
-        return {"op": "lora_launches", "mode": self.mode, "layer": self.layer, "M": self.M, "K": self.K,
-                "N": self.N, "r": self.r, "p": self.p, "dtype": self.dtype}
+    OP: ClassVar[str] = "lora_launches"
 
-    def label(self) -> str:
-        return f"{self.layer} launches {self.M}x{self.K}x{self.N} r={self.r} p={self.p:g} {self.dtype}"
+    def what(self) -> str:
+        return "launches"
 
 
 # The README's headline: forward+backward of a Llama-7B-sized square layer at 8192 tokens, r = 16, p = 0.1, bf16.
@@ -210,7 +216,7 @@ def launch_grid(grid: str) -> list[LaunchCase]:
     """The headline shape with and without dropout, and at 2048 tokens (the fewest programs per SM); first: the
     headline shape alone; smoke: the smoke shape with dropout."""
     base = SMOKE if grid == "smoke" else HEADLINE
-    head = LaunchCase(base.M, base.K, base.N, base.r, base.p, base.dtype, base.layer)
+    head = LaunchCase(**{**dataclasses.asdict(base), "mode": "launch"})
     if grid in ("first", "smoke"):  # smoke: the dropout case alone (p = 0 runs the same launchers, less of them)
         return [head]
     return [head, dataclasses.replace(head, p=0.0), dataclasses.replace(head, M=2048)]

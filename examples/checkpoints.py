@@ -21,45 +21,11 @@ from config import UsageError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 
-from relora_kernels.utils import atomic_write
+from relora_kernels.utils import atomic_folder, atomic_write, fsync
 
 
 class RunError(Exception):
     """The run cannot go on (divergence, non-finite weights): reported in one line, exit status 1."""
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_folder(final: Path, tmp: Path, *, replace: bool = True):
-    """Yield the empty folder `tmp` to fill; then fsync its files and rename it to `final`. On an error inside, `tmp`
-    is removed and the error raised. An existing `final` is replaced (replace=True: an earlier attempt without DONE)
-    or kept, `tmp` then dropped (replace=False: another process finished the same folder first)."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                fsync(f)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if replace and final.exists():
-        shutil.rmtree(final)
-    try:
-        tmp.rename(final)
-    except OSError:
-        if replace:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    fsync(final.parent)
 
 
 def mark_done(final: Path, **info) -> None:
@@ -123,7 +89,7 @@ def clean_checkpoints(out_dir: Path, log) -> None:
 def newest_loadable_checkpoint(out_dir: Path, log, move_broken: bool = True) -> tuple[Path, dict] | tuple[None, None]:
     """The newest checkpoint whose state and weights files load, and its state. A newer one that does not is
     renamed broken-step_XXXXXXXX (kept to inspect, no longer a checkpoint; by rank 0 only), and the log says why."""
-    import fsdp as sharded  # here: fsdp.py writes its folders with atomic_folder above
+    import fsdp as sharded  # here: fsdp.py writes its folders with atomic_folder too
 
     ckpts = checkpoint_dirs(out_dir)
     for ckpt in reversed(ckpts):

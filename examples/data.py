@@ -30,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from checkpoints import atomic_folder
 
-from relora_kernels.utils import hash_seed
+from relora_kernels.utils import atomic_folder, hash_seed
 
 CACHE_VERSION = 2  # bump when the cache layout or the tokenisation changes
 EOT = "<|endoftext|>"

@@ -93,6 +93,20 @@ def _keep_mask(seed, rows, col_start, cols, keep_threshold, BLOCK_ROWS: tl.const
     return (words >> _RANDOM_SHIFT).to(tl.int32) >= keep_threshold
 
 
+@triton.jit
+def _load_tile(ptr, rows, cols, stride_rows, stride_cols, mask_rows, mask_cols):
+    """The (rows, cols) tile of a strided matrix, zero outside the masks."""
+    return tl.load(ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols,
+                   mask=mask_rows[:, None] & mask_cols[None, :], other=0.0)
+
+
+@triton.jit
+def _column_chunk(col_start, col_end, BLOCK: tl.constexpr):
+    """(columns in int64, their mask) of the chunk [col_start, col_start + BLOCK), clipped at col_end."""
+    offs = col_start + tl.arange(0, BLOCK)
+    return offs.to(tl.int64), offs < col_end
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # fwd 1: S = dropout(x) @ A.T
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,18 +142,14 @@ def _shrink_kernel(
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        cols = offs_k.to(tl.int64)
-        x_tile = tl.load(
-            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-            mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0,
-        )
+        cols, mask_k = _column_chunk(k0, K, BLOCK_K)
+        x_tile = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, mask_m, mask_k)
         if APPLY_DROPOUT:
             keep = _keep_mask(seed, rows, k0, K, keep_threshold, BLOCK_M, BLOCK_K)
             x_tile = tl.where(keep, x_tile, tl.zeros_like(x_tile))
         a_tile = tl.load(  # (BLOCK_K, BLOCK_R) tile of A.T
             a_ptr + offs_r[None, :] * stride_ar + cols[:, None] * stride_ak,
-            mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0,
+            mask=(offs_r[None, :] < R) & mask_k[:, None], other=0.0,
         )
         acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
     if APPLY_DROPOUT:
@@ -151,9 +161,7 @@ def _shrink_kernel(
     if EXPAND:
         # The cuBLAS-composed engine's start value, from S as stored (in x's dtype, as the fused GEMM reads it).
         for n0 in range(0, N, BLOCK_K):
-            offs_n = n0 + tl.arange(0, BLOCK_K)
-            out_cols = offs_n.to(tl.int64)
-            mask_n = offs_n < N
+            out_cols, mask_n = _column_chunk(n0, N, BLOCK_K)
             b_tile = tl.load(  # (BLOCK_R, BLOCK_K) tile of B.T
                 b_ptr + offs_r[:, None] * stride_br + out_cols[None, :] * stride_bn,
                 mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0,
@@ -277,6 +285,13 @@ def _token_rows_and_ranks(M, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _split_columns(split, cols, chunks_per_split, BLOCK: tl.constexpr):
+    """[start, end) of the columns (of N or K) that split `split` (axis 1 of the grid) reduces over."""
+    start = split * chunks_per_split * BLOCK
+    return start, min(cols, start + chunks_per_split * BLOCK)
+
+
+@triton.jit
 def _token_block_partial(DETERMINISTIC: tl.constexpr):
     """Which partial-sum slice of a reduction buffer this program adds into: its token block's own (deterministic),
     else the single shared one that the atomics go to. int64, as partial * stride can pass 2**31."""
@@ -307,27 +322,15 @@ def _grad_b_kernel(
     rows, mask_m, offs_r, mask_r = _token_rows_and_ranks(M, R, BLOCK_M, BLOCK_R)
     partial = _token_block_partial(DETERMINISTIC)
     scale = tl.cast(scale, tl.float32)  # float scalars may arrive as fp64 (torch.compile)
-    s_tile = tl.load(
-        s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-        mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-    )
+    s_tile = _load_tile(s_ptr, rows, offs_r, stride_sm, stride_sr, mask_m, mask_r)
 
     # dy is read once, feeding dS (reduced here over this split of N) and dB (reduced over tokens).
-    n_start = split * chunks_per_split * BLOCK_N
-    n_end = min(N, n_start + chunks_per_split * BLOCK_N)
+    n_start, n_end = _split_columns(split, N, chunks_per_split, BLOCK_N)
     ds_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_end
-        cols = offs_n.to(tl.int64)
-        dy_tile = tl.load(
-            dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
-            mask=mask_m[:, None] & mask_n[None, :], other=0.0,
-        )
-        b_tile = tl.load(
-            b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
-            mask=mask_n[:, None] & mask_r[None, :], other=0.0,
-        )
+        cols, mask_n = _column_chunk(n0, n_end, BLOCK_N)
+        dy_tile = _load_tile(dy_ptr, rows, cols, stride_dym, stride_dyn, mask_m, mask_n)
+        b_tile = _load_tile(b_ptr, cols, offs_r, stride_bn, stride_br, mask_n, mask_r)
         # dS += dy @ B   (s applied once, by _grad_a_kernel)
         ds_acc = tl.dot(dy_tile, b_tile, ds_acc, input_precision=DOT_PRECISION)
         # dB += s * dy.T @ S
@@ -391,16 +394,10 @@ def _grad_a_kernel(
         seed = tl.load(seed_ptr)
 
     # x is read once; dA = dS.T @ x~ with the dropout mask regenerated, not loaded.
-    k_start = split * chunks_per_split * BLOCK_K
-    k_end = min(K, k_start + chunks_per_split * BLOCK_K)
+    k_start, k_end = _split_columns(split, K, chunks_per_split, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        cols = offs_k.to(tl.int64)
-        x_tile = tl.load(
-            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )
+        cols, mask_k = _column_chunk(k0, k_end, BLOCK_K)
+        x_tile = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, mask_m, mask_k)
         if APPLY_DROPOUT:
             keep = _keep_mask(seed, rows, k0, K, keep_threshold, BLOCK_M, BLOCK_K)
             x_tile = tl.where(keep, x_tile, tl.zeros_like(x_tile))
@@ -414,8 +411,7 @@ def _grad_a_kernel(
         )
         if WRITE_DX:
             # dx's start: mask(dS @ A) / (1-p) for this block of tokens and columns, with the mask already made.
-            a_tile = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
-                             mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            a_tile = _load_tile(a_ptr, offs_r, cols, stride_ar, stride_ak, mask_r, mask_k)
             start = tl.dot(ds_rounded, a_tile, input_precision=DOT_PRECISION)
             if APPLY_DROPOUT:
                 start = tl.where(keep, start, 0.0) * tl.cast(inv_keep, tl.float32)

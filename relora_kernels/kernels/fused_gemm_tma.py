@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import policy
-from .lora_linear import _dot_precision, _dropout_args, _keep_mask, on_tensors_device, traceable
+from .lora_linear import _dot_precision, _dropout_args, _grouped_tile, _keep_mask, on_tensors_device, traceable
 
 # The tiles (policy.TMA_TILES, "... tma ws e1") and their shared memory (policy.gemm_shared_bytes) live with the
 # other tiles in policy.py.
@@ -126,18 +126,6 @@ def _use_scratch_allocator() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """(row block, column block) of output tile `tile_id`: GROUP_M row blocks share their rhs column blocks while
-    those are still in L2."""
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (tile_id // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
-    pid_n = (tile_id % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 @triton.jit

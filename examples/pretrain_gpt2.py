@@ -711,5 +711,19 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
 
 
+def exit_process(code: int) -> None:
+    """sys.exit(code), or after a run with a process group, os._exit(code) once stdout and stderr are flushed.
+
+    gloo's worker threads outlive destroy_process_group while torch's DTensor caches still hold the device mesh, and
+    one of them freeing a finished collective during interpreter shutdown aborts the process after a complete run
+    (SIGABRT, "terminate called without an active exception"; pytorch issue #190489). By now every checkpoint and
+    metrics row is written and its file closed, so nothing is lost by skipping that shutdown."""
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -81,4 +81,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.argv[0] = pretrain_gpt2.__file__  # the messages name the example
-    sys.exit(main())
+    pretrain_gpt2.exit_process(main())

@@ -305,4 +305,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Without interpreter shutdown: DTensor's caches keep the mesh, hence gloo's threads, alive past
+    # destroy_process_group, and one of them freeing a finished collective during shutdown aborts the process
+    # (pytorch issue #190489). results.json is written and closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -11,11 +11,11 @@ lora_linear:  y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T; W and bias froz
   compile        torch.compile(eager, fullgraph=True, dynamic=True): one compilation serves every shape.
   native         csrc_bench: the unfused op from C++, cuBLAS GEMMs with beta = 1 accumulation. Its dropout mask is
                  drawn once when the case is built (outside the timing), so native does no random-number work.
-  fused_triton   rk.lora_linear with RELORA_KERNELS_ENGINE=triton: the shrink, then the fused Triton GEMM for y; the two
+  fused_triton   rk.lora_linear with the engine setting triton: the shrink, then the fused Triton GEMM for y; the two
                  gradient launches, then the fused GEMM for dx (the mask is generated in-kernel, every call).
-  fused_cublas   rk.lora_linear with RELORA_KERNELS_ENGINE=cublas: the shrink also writes s * S @ B.T + bias into y,
+  fused_cublas   rk.lora_linear with the engine setting cublas: the shrink also writes s * S @ B.T + bias into y,
                  then y.addmm_(x, W.T); the dA launch also writes dx's start, then dx.addmm_(dy, W).
-  fused          rk.lora_linear with RELORA_KERNELS_ENGINE=auto: per pass the engine-and-tile table's engine, else
+  fused          rk.lora_linear with the engine setting auto: per pass the engine-and-tile table's engine, else
                  policy.predicted_engine's (the automatic choice users get).
   fused_compile  torch.compile(fullgraph=True, dynamic=True) of a function calling rk.lora_linear (engine auto, chosen
                  when the graph is traced).
@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -59,7 +58,7 @@ import relora_kernels as rk
 OPS = ("lora_linear", "merge_and_reinit", "lora_launches")
 LORA_PROVIDERS = ("floor", "native_floor", "eager", "compile", "native", "fused_triton", "fused_cublas", "fused",
                   "fused_compile")
-# The engine (RELORA_KERNELS_ENGINE) each fused provider runs; fused_compile's is chosen at tracing, as users get it.
+# The engine setting each fused provider runs; fused_compile's is chosen at tracing, as users get it.
 ENGINE_OF = {"fused_triton": "triton", "fused_cublas": "cublas", "fused": "auto", "fused_compile": "auto"}
 FUSED_PROVIDERS = tuple(ENGINE_OF)
 # Under the interpreter (smoke) the automatic choice is the rule's cuBLAS engine (fp32), the code fused_cublas runs:
@@ -306,26 +305,14 @@ def fused_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p):
     return rk.lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed=None)
 
 
-ENGINE_VARIABLE = "RELORA_KERNELS_ENGINE"
-
-
 @contextlib.contextmanager
 def provider_env(provider: str | None):
-    """Within the block the package runs its kernels (RELORA_KERNELS_BACKEND=triton: a fused provider must never
-    time the PyTorch fallback) and, for a fused lora_linear provider, its engine (ENGINE_OF); both variables are
-    restored to what they were (unset if they were), also when the block raises. Nothing else changes the process's
-    environment: importing `benchmarks` does not."""
-    settings = {"RELORA_KERNELS_BACKEND": "triton", ENGINE_VARIABLE: ENGINE_OF.get(provider)}
-    before = {name: os.environ.get(name) for name in settings}
-    os.environ.update({name: value for name, value in settings.items() if value is not None})
-    try:
+    """Within the block the package runs its kernels (the backend setting triton: a fused provider must never time
+    the PyTorch fallback) and, for a fused lora_linear provider, its engine (ENGINE_OF); both settings are restored
+    when the block ends, also when it raises. Importing `benchmarks` changes nothing."""
+    engine = ENGINE_OF.get(provider)
+    with rk.settings(backend="triton", **({"engine": engine} if engine else {})):
         yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 # Raised so that the few variants (dtype x dropout on/off x grad mode) never exhaust dynamo's cache and fall back
@@ -344,7 +331,7 @@ def compiled(fn: Callable) -> Callable:
 
 def chosen_engines(case: LoraCase) -> dict:
     """{"engine_fwd", "engine_dx"}: the engine the package takes for the case's forward and input-gradient passes
-    under the current RELORA_KERNELS_ENGINE (auto: the table's entry, else policy.predicted_engine), as lora_forward
+    under the current engine setting (auto: the table's entry, else policy.predicted_engine), as lora_forward
     and lora_backward key them (the benchmark's layers have a bias)."""
     from relora_kernels.kernels import policy
 

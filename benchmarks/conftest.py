@@ -19,8 +19,11 @@ if not HAS_CUDA:
 
 
 @pytest.fixture(autouse=True)
-def kernels_forced(monkeypatch):
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")
+def kernels_forced():
+    import relora_kernels as rk
+
+    with rk.settings(backend="triton"):
+        yield
 
 
 @pytest.fixture

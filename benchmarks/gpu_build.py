@@ -39,6 +39,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
+from relora_kernels import settings as rk_settings
 from relora_kernels.kernels import fused_gemm_tma, lora_linear, merge, policy
 
 # Largest shared memory one block may opt into, per compute capability (CUDA C programming guide, "Technical
@@ -303,7 +304,7 @@ def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ..
                 _drive_launchers(dtype, rank)
         stage["label"] = None
         # The fixed tiles at the headline shapes, and with every operand strided.
-        with mock.patch.dict(os.environ, {"RELORA_KERNELS_AUTOTUNE": "0"}):
+        with rk_settings(autotune=False):
             _drive_launchers(dtype, rank)
             for name in shapes:
                 stage["label"] = name
@@ -367,7 +368,7 @@ def trace_for_compile(capability: int, dtype_name: str, rank: int) -> list[dict]
                 **_graph_launches(graph)}
 
     for engine in policy.ENGINES:
-        with mock.patch.dict(os.environ, {"RELORA_KERNELS_ENGINE": engine}):
+        with rk_settings(engine=engine):
             for label, function, tensors in _op_calls(DTYPES[dtype_name], rank):
                 with FakeTensorMode() as mode:
                     aot_function(function, fw_compiler=keep("forward"))(*(mode.from_tensor(t) for t in tensors))

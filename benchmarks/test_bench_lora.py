@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import csrc_bench
+import relora_kernels as rk
 from relora_kernels import reference
 
 from . import cases, sweep
@@ -77,7 +78,7 @@ def test_providers_compute_lora_linear(provider, device):
 def test_each_fused_provider_runs_its_engine_and_restores_the_setting(provider, device, monkeypatch):
     from relora_kernels.kernels import policy
 
-    monkeypatch.setenv(cases.ENGINE_VARIABLE, "triton" if provider == "fused_cublas" else "cublas")  # overridden
+    rk.configure(engine="triton" if provider == "fused_cublas" else "cublas")  # overridden within the provider
     before = policy.engine_setting()
     chosen, choose = [], policy.choose_engine
     monkeypatch.setattr(policy, "choose_engine", lambda launch: chosen.append((launch.gemm_pass, choose(launch))) or

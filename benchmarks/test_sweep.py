@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import pytest
+
+import relora_kernels as rk
 
 from . import cases, e2e, harness, report, sweep
 
@@ -143,16 +144,15 @@ def test_the_sweep_sets_each_fused_providers_engine_and_records_the_choice(monke
     real = cases.build
 
     def build(provider, case, device):
-        seen.append((provider, os.environ.get(cases.ENGINE_VARIABLE)))
+        seen.append((provider, rk.current_settings().engine))
         return real(provider, case, device)
 
     monkeypatch.setattr(cases, "build", build)
-    monkeypatch.delenv(cases.ENGINE_VARIABLE, raising=False)
     providers = "eager,fused_triton,fused_cublas,fused"
     argv = ["--smoke", "--ops", "lora_linear", "--modes", "fwd+bwd", "--providers", providers, "--out", str(tmp_path)]
     assert sweep.main(argv) == 0
-    assert seen[:4] == [("eager", None), ("fused_triton", "triton"), ("fused_cublas", "cublas"), ("fused", "auto")]
-    assert cases.ENGINE_VARIABLE not in os.environ  # restored (unset) after each run
+    assert seen[:4] == [("eager", "auto"), ("fused_triton", "triton"), ("fused_cublas", "cublas"), ("fused", "auto")]
+    assert rk.current_settings().engine == "auto"  # restored after each run
     rows = {row["provider"]: row for row in _read(tmp_path / "cpu-smoke.json")["rows"]}
     assert (rows["fused_triton"]["engine_fwd"], rows["fused_cublas"]["engine_dx"]) == ("triton", "cublas")
     assert rows["fused"]["engine_fwd"] == "cublas"  # the interpreter's fp32: the rule's cuBLAS

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+import relora_kernels as rk
 from relora_kernels.kernels import lora_linear as kernels
 from relora_kernels.kernels import policy
 
@@ -59,7 +60,7 @@ def test_the_package_finds_what_tune_writes(monkeypatch):
     monkeypatch.setattr(policy, "interpreting", lambda: False)
     monkeypatch.setattr(policy, "shared_memory_limit", lambda: H100_SHARED_MEMORY)
     monkeypatch.setattr(policy, "target_programs", lambda: 528)
-    monkeypatch.delenv("RELORA_KERNELS_AUTOTUNE", raising=False)
+    rk.configure(autotune=True)
     launched = []
     monkeypatch.setattr(kernels, "traceable", lambda kernel: _Recorder(kernel, launched))
     tune.build(launch, torch.device("cpu"))()

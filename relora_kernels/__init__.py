@@ -5,13 +5,17 @@
     rk.merge_and_reinit_(weight, lora_a, lora_b, scale, seed=0)
     layer = rk.LoRALinear(in_features, out_features, r)          # or rk.apply_lora(model, ["c_attn"], r=16)
     rk.save_peft_adapter(model, "adapter/"); rk.load_peft_adapter(base_model, "adapter/")   # PEFT's format
-    from relora_kernels.relora import ReLoRA, jagged_cosine, prune_optimizer_state_
+    controller = rk.ReLoRA(model, optimizer, restart_every=..., ...)      # + rk.jagged_cosine for the schedule
+    with rk.settings(engine="cublas", deterministic=True): ...           # switches (RELORA_KERNELS_* seed them)
 """
 
+from ._settings import Settings, configure, settings
+from ._settings import current as current_settings
 from .adapters import load_peft_adapter, save_peft_adapter
 from .functional import lora_linear, merge_and_reinit_
 from .modules import LoRALinear, apply_lora, merge_lora
+from .relora import ReLoRA, jagged_cosine
 
 __all__ = ["lora_linear", "merge_and_reinit_", "LoRALinear", "apply_lora", "merge_lora", "save_peft_adapter",
-           "load_peft_adapter"]
+           "load_peft_adapter", "ReLoRA", "jagged_cosine", "settings", "configure", "current_settings", "Settings"]
 __version__ = "0.1.0"

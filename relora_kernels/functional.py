@@ -14,6 +14,7 @@ torch.compile ever reads it on the host. The kernels are called through their to
 from __future__ import annotations
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 
 from . import reference
 from ._backend import deterministic, use_triton
@@ -40,11 +41,34 @@ def _ops():
     return ops
 
 
+def _passes():
+    global _passes_module
+    if _passes_module is None:  # imported on first use, as ops
+        from .kernels import lora_linear
+
+        _passes_module = lora_linear
+    return _passes_module
+
+
+_passes_module = None
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """Whether this call runs eagerly on plain tensors: then the autograd function calls the launchers itself
+    (no torch.library dispatch, no wrap_triton), which costs the host a fraction of the registered ops' dispatch.
+    Under torch.compile (or any tracing: fake and functional tensors are Tensor subclasses) the registered ops
+    run, which is what the compiler sees and captures whole."""
+    return not torch.compiler.is_compiling() and type(x) is torch.Tensor
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd of the kernel path on 2-D x; returns (y, S), S being non-differentiable and kept for backward."""
 
     @staticmethod
     def forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic):
+        if _eager(x):
+            with set_wrap_triton_enabled(False):
+                return _passes().lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
         return _ops().lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
 
     @staticmethod
@@ -60,15 +84,24 @@ class LoRALinearFunction(torch.autograd.Function):
         x, weight, lora_a, lora_b, shrunk, seed = ctx.saved_tensors
         need_x, need_weight, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         # dS = s * dy @ B;  dB = s * dy.T @ S;  dA = dS.T @ x~;  dbias = dy.sum(0);  dx = dy @ W + (dS @ A) * m / (1-p)
-        grad_x, grad_a, grad_b, grad_bias = _ops().lora_backward(
-            grad_y, x, weight, lora_a, lora_b, shrunk, ctx.scale, ctx.dropout_p, seed, need_x, need_bias,
-            ctx.deterministic,
-        )
+        args = (grad_y, x, weight, lora_a, lora_b, shrunk, ctx.scale, ctx.dropout_p, seed, need_x, need_bias,
+                ctx.deterministic)
+        if _eager(grad_y):
+            with set_wrap_triton_enabled(False):
+                grad_x, grad_a, grad_b, grad_bias = _passes().lora_backward(*args)
+        else:
+            grad_x, grad_a, grad_b, grad_bias = _ops().lora_backward(*args)
         # dW = dy.T @ x, only if the caller unfroze W (a full-rank phase); LoRA training keeps W frozen.
         grad_weight = grad_y.T @ x if need_weight else None
         # scale, dropout_p and deterministic are Python scalars, seed an integer tensor: no gradient.
         return (grad_x if need_x else None, grad_weight, grad_a if need_a else None, grad_b if need_b else None,
                 grad_bias if need_bias else None, None, None, None, None)
+
+
+# Function.apply binds its arguments to forward's signature through inspect on every call (~10 us), only to fill in
+# defaults, which LoRALinearFunction has none of; with every argument given positionally and no functorch transform
+# active, it then calls this, the C++ apply.
+_apply_eagerly = super(torch.autograd.Function, LoRALinearFunction).apply
 
 
 def draw_seed() -> int:
@@ -138,9 +171,11 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
     if rank > MAX_RANK:
         raise ValueError(f"lora_a has r = {rank} rows; the Triton kernels support r <= {MAX_RANK}")
     out_features, in_features = weight.shape
-    y, _ = LoRALinearFunction.apply(
-        x.reshape(-1, in_features), weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic()
-    )
+    args = (x.reshape(-1, in_features), weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic())
+    if _eager(x) and not torch._C._are_functorch_transforms_active():
+        y, _ = _apply_eagerly(*args)
+    else:
+        y, _ = LoRALinearFunction.apply(*args)
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -165,9 +200,16 @@ def merge_and_reinit_(weight, lora_a, lora_b, scale, *, seed):
     with torch.no_grad():
         if use_triton(weight.device):
             check_kernel_dtype("weight", weight)
-            ops = _ops()
-            ops.merge_lora_weight_(weight, lora_a, lora_b, scale)
-            ops.reinit_lora_(lora_a, lora_b, seed)
+            if _eager(weight):
+                from .kernels import merge
+
+                with set_wrap_triton_enabled(False):
+                    merge.merge_lora_weight_(weight, lora_a, lora_b, scale)
+                    merge.reinit_lora_(lora_a, lora_b, seed)
+            else:
+                ops = _ops()
+                ops.merge_lora_weight_(weight, lora_a, lora_b, scale)
+                ops.reinit_lora_(lora_a, lora_b, seed)
         else:
             reference.merge_lora_weight_(weight, lora_a, lora_b, scale)
             reference.reinit_lora_(lora_a, lora_b, seed)

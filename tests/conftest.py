@@ -1,5 +1,6 @@
 """Test set-up: without CUDA the Triton kernels run through the interpreter (set before triton is imported)."""
 
+import dataclasses
 import os
 import sys
 import types
@@ -18,6 +19,8 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import relora_kernels as rk  # noqa: E402 (after TRITON_INTERPRET, which the package reads once at import)
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
@@ -29,18 +32,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def default_switches(monkeypatch):
-    """Every test starts from the package's default backend and mode, whatever the process inherited: a user's
-    exported switches, or `pytest tests benchmarks`, whose import of `benchmarks` forces the kernels process-wide."""
-    monkeypatch.delenv("RELORA_KERNELS_BACKEND", raising=False)
-    monkeypatch.delenv("RELORA_KERNELS_DETERMINISTIC", raising=False)
-    monkeypatch.delenv("RELORA_KERNELS_ENGINE", raising=False)
+def default_switches():
+    """Every test starts from the package's default settings, whatever the process inherited (a user's exported
+    RELORA_KERNELS_* variables), and whatever it changes (rk.configure) is undone after it."""
+    previous = rk.configure(**dataclasses.asdict(rk.Settings()))
+    yield
+    rk.configure(**dataclasses.asdict(previous))
 
 
 @pytest.fixture
-def triton_backend(monkeypatch):
+def triton_backend():
     """Force the Triton kernels (the interpreter on CPU) for the duration of a test."""
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")
+    rk.configure(backend="triton")
 
 
 @pytest.fixture
@@ -56,16 +59,17 @@ def reference_blocked(monkeypatch, triton_backend):
 
 
 @pytest.fixture(params=["triton", "cublas"])
-def engine(request, monkeypatch):
-    """Each engine of the frozen GEMMs in turn (RELORA_KERNELS_ENGINE): the fused Triton GEMM, and the Triton
-    launches composed with the CPU's (here) or cuBLAS's (on a GPU) addmm."""
-    monkeypatch.setenv("RELORA_KERNELS_ENGINE", request.param)
+def engine(request):
+    """Each engine of the frozen GEMMs in turn (the engine setting): the fused Triton GEMM, and the Triton launches
+    composed with the CPU's (here) or cuBLAS's (on a GPU) addmm."""
+    rk.configure(engine=request.param)
     return request.param
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch, reference_blocked, engine):
-    """Count kernel-op calls (eager only: torch.compile cannot trace the counting wrapper), for each engine."""
-    from relora_kernels import ops
+    """Count calls of the two passes (kernels/lora_linear.py's lora_forward and lora_backward), for each engine:
+    eagerly functional.py calls them itself; torch.compile cannot trace the counting wrapper."""
+    from relora_kernels.kernels import lora_linear
 
-    return count_launches(monkeypatch, ops, ("lora_forward", "lora_backward"))
+    return count_launches(monkeypatch, lora_linear, ("lora_forward", "lora_backward"))

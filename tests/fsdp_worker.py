@@ -136,7 +136,7 @@ def counting(fn, *args):
 
 def train(backend: str, rank: int):
     """The sharded run on every rank and, on rank 0, the single-process run beside it, step by step."""
-    os.environ["RELORA_KERNELS_BACKEND"] = backend
+    rk.configure(backend=backend)
     steps, restart_every = STEPS[backend], RESTART_EVERY[backend]
     g = torch.Generator().manual_seed(1)
     xs = torch.randn(steps, WORLD * LOCAL_BATCH, IN_FEATURES, generator=g)
@@ -292,7 +292,7 @@ def main() -> int:
         results["runs"][backend] = run
         if backend == "reference":
             results["api"] = api_checks(model, single, relora, out_dir, rank)
-    os.environ["RELORA_KERNELS_BACKEND"] = "reference"
+    rk.configure(backend="reference")
     results["pruning"] = pruning_checks(rank)
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, per_rank)

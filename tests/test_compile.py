@@ -56,9 +56,9 @@ def test_compiled_lora_model_has_no_graph_breaks_and_matches_eager(backend, drop
                                                                    request):
     if backend != "reference":
         request.getfixturevalue("reference_blocked")  # the kernels forced, the reference op blocked
-        monkeypatch.setenv("RELORA_KERNELS_ENGINE", backend)
+        rk.configure(engine=backend)
     else:
-        monkeypatch.setenv("RELORA_KERNELS_BACKEND", "reference")
+        rk.configure(backend="reference")
     model = lora_model(dropout)
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, backend=counter, fullgraph=True)  # fullgraph: any graph break raises
@@ -85,7 +85,7 @@ def test_compiled_functional_op_with_symbolic_scalars(kernel_calls, compile_stat
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_compiled_merge_and_reinit_matches_eager(backend, monkeypatch, compile_state):
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", backend)
+    rk.configure(backend=backend)
     inputs = make_inputs((1,), 40, 33, 5, torch.float32, bias=False)
 
     def restart(weight, lora_a, lora_b):
@@ -99,7 +99,7 @@ def test_compiled_merge_and_reinit_matches_eager(backend, monkeypatch, compile_s
 
 
 def test_compiled_reference_path_under_cpu_autocast(monkeypatch, compile_state):
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "reference")
+    rk.configure(backend="reference")
     model = lora_model(0.0)
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(4, 24)

@@ -10,6 +10,7 @@ import torch
 from helpers import make_inputs
 
 import relora_kernels as rk
+from relora_kernels import _settings as rk_settings
 from relora_kernels.kernels import lora_linear as kernels
 from relora_kernels.kernels import policy
 
@@ -34,17 +35,14 @@ def test_each_engine_runs_its_own_launches(dropout_p, engine, monkeypatch, kerne
     assert kernel_calls == {"lora_forward": 1, "lora_backward": 1}
 
 
-def test_engine_setting_is_checked_and_names_the_variable(monkeypatch):
+def test_engine_setting_is_checked_and_names_the_variable():
     for value, expected in (("", "auto"), ("auto", "auto"), ("Triton", "triton"), (" cublas ", "cublas")):
-        monkeypatch.setenv("RELORA_KERNELS_ENGINE", value)
-        assert policy.engine_setting() == expected
-    monkeypatch.setenv("RELORA_KERNELS_ENGINE", "cutlass")
+        assert rk_settings.from_environment({"RELORA_KERNELS_ENGINE": value}).engine == expected
     with pytest.raises(ValueError, match=r"RELORA_KERNELS_ENGINE must be one of auto, triton, cublas; got 'cutlass'"):
-        policy.engine_setting()
-    inputs = make_inputs((5,), 16, 8, 2, torch.float32)
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")
-    with pytest.raises(ValueError, match="RELORA_KERNELS_ENGINE"):
-        rk.lora_linear(inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"])
+        rk_settings.from_environment({"RELORA_KERNELS_ENGINE": "cutlass"})
+    with pytest.raises(ValueError, match="engine must be one of auto, triton, cublas; got 'cutlass'"):
+        rk.configure(engine="cutlass")
+    assert rk.current_settings().engine == "auto"  # nothing changed by the refused value
 
 
 def launch(M=8192, N=4096, K=4096, dtype=torch.bfloat16, kind="forward", bias=True, dropout=False):
@@ -84,18 +82,18 @@ def test_table_hit_bucket_and_miss(on_h100, monkeypatch):
     assert policy.choose_engine(launch(M=2048, N=768, K=768)) == "cublas"  # the variant's default, over "triton"
     assert policy.choose_engine(launch(M=2048, N=768, K=768, kind="input_grad")) == "triton"  # miss: the rule
     assert policy.gemm_tile(headline, None).name == "128x256x64 g8 w8 s3"
-    monkeypatch.setenv("RELORA_KERNELS_ENGINE", "cublas")  # the override wins over the table
+    rk.configure(engine="cublas")  # the override wins over the table
     assert policy.choose_engine(headline) == "cublas"
 
 
 def test_tile_choice_fixed_forced_and_a_table_tile_that_does_not_fit(on_h100, monkeypatch):
     headline = launch()
     first = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, 16, torch.bfloat16)[0]
-    monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", "0")
+    rk.configure(autotune=False)
     assert policy.gemm_tile(headline, None) == first
     with policy.forced_tile(policy.GEMM_TILES[-1]):
         assert policy.gemm_tile(headline, None) == policy.GEMM_TILES[-1]
-    monkeypatch.delenv("RELORA_KERNELS_AUTOTUNE")
+    rk.configure(autotune=True)
     on_h100(shapes={headline.shape_key: {"engine": "triton", "tile": "256x256x128 g8 w8 s4"}})  # ~400 KiB
     assert policy.gemm_tile(headline, None) == first  # not launched: untimed, the first fitting tile
 

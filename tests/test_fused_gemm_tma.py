@@ -14,6 +14,7 @@ import torch
 import triton
 from helpers import assert_within_torch_error
 
+import relora_kernels as rk
 from relora_kernels import reference
 from relora_kernels.kernels import fused_gemm_tma, policy
 
@@ -207,7 +208,7 @@ def test_the_engine_runs_a_hopper_tile_where_the_table_names_it_and_the_operands
     monkeypatch.setattr(policy, "interpreting", lambda: False)
     monkeypatch.setattr(policy, "current_arch", lambda: 90)
     monkeypatch.setattr(policy, "shared_memory_limit", lambda: 232448)
-    monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", "")
+    rk.configure(autotune=True)
     hopper = policy.TMA_TILES[2]
     launch = policy.GemmLaunch(torch.float16, 16, "forward", False, False, 64, 48, 64)
     monkeypatch.setattr(policy, "tuned_table", lambda: {"sm_90": {"shapes": {launch.shape_key: {

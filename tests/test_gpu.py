@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
 from helpers import assert_within_bound, assert_within_torch_error, make_inputs, rounding_bound
 from test_lora_linear import GRAD_NAMES, check_against_reference, run
 
@@ -45,15 +44,9 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(kernels, "torch", _PoisonedTorch())
 
 
-class _GridOneShort:
-    """triton as the launchers see it, except that cdiv rounds down: a launch then lacks its last program."""
-
-    def __getattr__(self, name):
-        return getattr(triton, name)
-
-    @staticmethod
-    def cdiv(a, b):
-        return max(1, a // b)
+def _cdiv_rounding_down(a, b):
+    """The launchers' cdiv, except that it rounds down: a launch then lacks its last program."""
+    return max(1, a // b)
 
 
 def _assert_random(inputs):
@@ -70,7 +63,7 @@ def test_poisoned_outputs_expose_an_element_left_unwritten(poisoned_outputs, mon
     x, lora_a = inputs["x"], inputs["lora_a"]
     exact, same_dtype = x.double() @ lora_a.double().T, x @ lora_a.T
     assert_within_torch_error("S", kernels.lora_shrink(x, lora_a, 0.0, None), exact, same_dtype)
-    monkeypatch.setattr(kernels, "triton", _GridOneShort())
+    monkeypatch.setattr(kernels, "cdiv", _cdiv_rounding_down)
     shrunk = kernels.lora_shrink(x, lora_a, 0.0, None)
     assert torch.isnan(shrunk[-2:]).all()
     with pytest.raises(AssertionError, match="S \\(torch.float32\\)"):
@@ -103,7 +96,7 @@ def test_odd_ranks_and_3d_input(rank, dtype, kernel_calls, poisoned_outputs):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_deterministic_mode_is_bit_identical_on_gpu(dtype, monkeypatch, kernel_calls, poisoned_outputs):
     # On a GPU the default fp32 atomics are order-dependent; the deterministic mode must not be.
-    monkeypatch.setenv("RELORA_KERNELS_DETERMINISTIC", "1")
+    rk.configure(deterministic=True)
     inputs = make_inputs((8192,), 1024, 1024, 16, dtype, device="cuda")
     grad_out = torch.randn(8192, 1024, device="cuda")
     first = run(rk.lora_linear, inputs, 1.0, 0.1, 5, grad_out)
@@ -224,7 +217,7 @@ def test_every_fused_gemm_tile_is_correct(tile, rank, monkeypatch, kernel_calls,
 @gpu
 def test_tuned_fused_gemm_matches_reference(monkeypatch, kernel_calls, poisoned_outputs):
     # The default: each launch key's tile tuned once (its candidates timed on these inputs), then launched.
-    monkeypatch.delenv("RELORA_KERNELS_AUTOTUNE", raising=False)
+    rk.configure(autotune=True)
     monkeypatch.setattr(policy, "TUNER", policy.TileTuner())
     inputs = make_inputs((2048,), 1024, 1536, 16, torch.bfloat16, device="cuda")
     check_against_reference(inputs, 2.0, 0.1, 12, torch.bfloat16)
@@ -235,7 +228,7 @@ def test_tuned_fused_gemm_matches_reference(monkeypatch, kernel_calls, poisoned_
 def test_table_entries_run_and_are_correct(monkeypatch, kernel_calls, poisoned_outputs):
     # The table path on the GPU: a table naming, for this GPU's architecture, the cuBLAS-composed engine for the
     # forward and the Triton engine with the small 64x64 tile for dx; both passes against the float64 reference.
-    monkeypatch.delenv("RELORA_KERNELS_ENGINE")  # auto: the table decides
+    rk.configure(engine="auto")  # auto: the table decides
     forward = policy.GemmLaunch(torch.bfloat16, 16, "forward", True, False, 1000, 1500, 1024)
     input_grad = policy.GemmLaunch(torch.bfloat16, 16, "input_grad", False, True, 1000, 1024, 1500)
     table = {f"sm_{policy.current_arch()}": {"default": {forward.variant: {"engine": "cublas"},

@@ -11,6 +11,7 @@ from helpers import make_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import relora_kernels as rk
+from relora_kernels import _settings as rk_settings
 from relora_kernels import ops, reference
 from relora_kernels.kernels import lora_linear as kernels
 
@@ -57,7 +58,7 @@ def test_float64_is_refused_by_the_kernels_and_computed_by_the_reference(triton_
         rk.merge_and_reinit_(weight, inputs["lora_a"], inputs["lora_b"], 1.0, seed=0)
     assert torch.equal(weight, inputs["weight"])  # refused before anything was written
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RELORA_KERNELS_BACKEND", "reference")
+        patch.setattr(rk_settings, "_current", rk.Settings(backend="reference"))
         assert torch.equal(rk.lora_linear(*args), reference.lora_linear(*args))
 
 
@@ -101,14 +102,20 @@ def test_launches_run_on_their_tensors_device(monkeypatch):
         entered.append("left")
 
     monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
     class OnSecondGpu:
         device = torch.device("cuda", 1)
+
+    class OnFirstGpu:
+        device = torch.device("cuda", 0)
 
     guarded = kernels.on_tensors_device(lambda first, *args: launched.append(list(entered)))
     guarded(OnSecondGpu(), 2)
     assert launched == [[torch.device("cuda", 1)]] and entered[-1] == "left"
     entered.clear()
+    guarded(OnFirstGpu(), 2)  # already the current device: no switch (it costs the host a few microseconds)
+    assert entered == [] and launched[-1] == []
     guarded(torch.zeros(1), 2)  # a CPU tensor (the interpreter) makes no CUDA device current
     assert entered == []
     # Every registered launcher is guarded so.

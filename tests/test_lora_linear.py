@@ -208,7 +208,7 @@ def test_dropout_gradients_match_finite_differences_of_the_op(kernel_calls):
 @pytest.mark.parametrize("switch", ["env", "torch"])
 def test_deterministic_mode_is_bit_identical(switch, monkeypatch, kernel_calls):
     if switch == "env":
-        monkeypatch.setenv("RELORA_KERNELS_DETERMINISTIC", "1")
+        rk.configure(deterministic=True)
     else:
         monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     inputs = make_inputs((71,), 40, 36, 6, torch.float32)  # 71 tokens: three token blocks of partials
@@ -221,7 +221,7 @@ def test_deterministic_mode_is_bit_identical(switch, monkeypatch, kernel_calls):
     # And both reductions compute the op: each against float64, within twice torch's own fp32 error.
     exact = run(reference.lora_linear, inputs, 1.0, 0.1, 5, grad_out.double(), dtype=torch.float64)
     torch_twin = run(reference.lora_linear, inputs, 1.0, 0.1, 5, grad_out)
-    monkeypatch.delenv("RELORA_KERNELS_DETERMINISTIC", raising=False)
+    rk.configure(deterministic=False)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
     atomic = run(rk.lora_linear, inputs, 1.0, 0.1, 5, grad_out)
     for mode, (_, grads) in (("deterministic", first), ("atomic", atomic)):
@@ -249,7 +249,7 @@ def test_gpu_launch_branch_with_a_fixed_tile(rank, monkeypatch):
 
     monkeypatch.setattr(policy, "interpreting", lambda: False)
     monkeypatch.setattr(policy, "shared_memory_limit", lambda: H100_SHARED_MEMORY)
-    monkeypatch.setenv("RELORA_KERNELS_AUTOTUNE", "0")
+    rk.configure(autotune=False)
     # M, N past one 128 tile and not multiples of it, K not a multiple of 64: several programs, masked edges.
     x, weight, lora_a, lora_b, bias = make_inputs((150,), 70, 139, rank, torch.float32).values()
     shrunk, grad_y, seed = x @ lora_a.T, torch.randn(150, 139), torch.tensor(5)

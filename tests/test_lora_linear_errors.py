@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import make_inputs
 
 import relora_kernels as rk
+from relora_kernels import _backend
+from relora_kernels import _settings as rk_settings
 
 
 def good_args():
@@ -48,7 +54,7 @@ BAD_SCALARS = {
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("case", list(BAD_INPUTS) + list(BAD_SCALARS))
 def test_bad_input_raises_clear_error(case, backend, monkeypatch):
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", backend)
+    rk.configure(backend=backend)
     changes, error, text = {**BAD_INPUTS, **BAD_SCALARS}[case]
     kwargs = {**good_args(), **changes}
     with pytest.raises(error) as info:
@@ -79,20 +85,31 @@ def test_rank_above_kernel_limit(triton_backend):
 
 
 def test_forcing_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rk.configure(backend="triton")
+    monkeypatch.setattr(_backend, "cpu_kernels_allowed", lambda: False)  # as without TRITON_INTERPRET=1
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         rk.lora_linear(**good_args())
 
 
-def test_unknown_backend(monkeypatch):
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="RELORA_KERNELS_BACKEND must be one of auto, triton, reference"):
-        rk.lora_linear(**good_args())
+@pytest.mark.parametrize("variable, value", [("RELORA_KERNELS_BACKEND", "cuda"), ("RELORA_KERNELS_ENGINE", "cutlass"),
+                                             ("RELORA_KERNELS_AUTOTUNE", "maybe"),
+                                             ("RELORA_KERNELS_DETERMINISTIC", "2")])
+def test_invalid_environment_variable_names_it(variable, value):
+    with pytest.raises(ValueError, match=f"{variable} must be one of .*got '{value}'"):
+        rk_settings.from_environment({variable: value})
+    with pytest.raises(ValueError, match="backend must be one of auto, triton, reference; got 'cuda'"):
+        rk.configure(backend="cuda")
+
+
+def test_invalid_environment_variable_fails_the_import():
+    # The variables are read once, when the package is imported: a bad one stops the import with its name.
+    env = {**os.environ, "RELORA_KERNELS_DETERMINISTIC": "sometimes"}
+    done = subprocess.run([sys.executable, "-c", "import relora_kernels"], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "RELORA_KERNELS_DETERMINISTIC must be one of" in done.stderr
 
 
 def test_auto_backend_uses_reference_on_cpu(monkeypatch):
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "auto")
+    rk.configure(backend="auto")
     from relora_kernels import functional
 
     def no_kernels():

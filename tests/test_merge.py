@@ -21,11 +21,12 @@ SHAPES = {
 
 @pytest.fixture
 def merge_kernel_calls(monkeypatch, triton_backend):
-    """Count the merge kernel ops and block the reference twins, so the kernels are what a test checks."""
-    from relora_kernels import ops
+    """Count the merge launchers (called eagerly by functional.py) and block the reference twins, so the kernels are
+    what a test checks."""
+    from relora_kernels.kernels import merge
 
     names = ("merge_lora_weight_", "reinit_lora_")
-    calls = count_launches(monkeypatch, ops, names)
+    calls = count_launches(monkeypatch, merge, names)
     for name in names:
         monkeypatch.setattr(reference, name, lambda *a, **k: pytest.fail("the reference merge ran"))
     return calls

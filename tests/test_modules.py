@@ -156,7 +156,7 @@ def tiny_gpt2():
 
 def test_gpt2_conv1d_apply_lora_keeps_the_loss_and_trains(monkeypatch):
     # The kernels through the interpreter (fp32), so the Conv1D wrapping is checked on the path a GPU would take.
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")
+    rk.configure(backend="triton")
     model = tiny_gpt2()
     ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
     loss_before = model(ids, labels=ids).loss.detach()
@@ -179,7 +179,7 @@ def test_gpt2_conv1d_apply_lora_keeps_the_loss_and_trains(monkeypatch):
 def test_matches_peft_lora_layer(monkeypatch):
     # PEFT's Linear LoRA layer given the same factors: same output, same gradients for x, A, B and bias.
     import peft
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")
+    rk.configure(backend="triton")
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(40, 36))
     peft_model = peft.get_peft_model(
@@ -210,7 +210,7 @@ def test_matches_peft_lora_layer(monkeypatch):
     ):
         x_leaf = x.to(a.dtype, copy=True).requires_grad_()
         # float64 runs on the reference (the kernels compute fp32/fp16/bf16)
-        monkeypatch.setenv("RELORA_KERNELS_BACKEND", "reference" if name == "float64" else "triton")
+        rk.configure(backend="reference" if name == "float64" else "triton")
         y = layer(x_leaf)
         y.backward(grad_out.to(y.dtype))
         results[name] = {"y": y.detach(), "dx": x_leaf.grad, "dA": a.grad, "dB": b.grad, "dbias": bias.grad}

@@ -92,7 +92,7 @@ def test_peft_adapter_loads_into_lora_linear_layers(tmp_path):
 
 
 def test_round_trip_through_our_own_format_on_the_kernel_path(tmp_path, monkeypatch):
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")  # the kernels through the interpreter
+    rk.configure(backend="triton")  # the kernels through the interpreter
     base = tiny_gpt2()
     ours = rk.apply_lora(copy.deepcopy(base), r"transformer\.h\.\d+\.attn\.c_attn", r=3, alpha=6)
     randomize_lora_b(ours)

@@ -176,7 +176,7 @@ class EagerLoRALinear(nn.Module):
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_fused_lora_tracks_eager_lora_through_a_restart(backend, monkeypatch):
     # auto: the CPU path of lora_linear; triton: the Triton kernels themselves (through the interpreter on a CPU)
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", backend)
+    rk.configure(backend=backend)
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=97, block_size=24, n_layer=2, n_head=2, n_embd=32)
     fused = GPT(config)
@@ -474,7 +474,7 @@ def test_bad_arguments_get_one_line(args, message, tmp_path, capsys):
 def test_kernel_rank_limit_and_a_file_as_out_dir_are_refused_at_start_up(tmp_path, capsys, monkeypatch):
     # Both used to surface late: the rank at the first LoRA forward (after the warm start), the file at the first
     # write of metrics.jsonl. The kernels (through the interpreter here) take r <= 256.
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", "triton")
+    rk.configure(backend="triton")
     assert pretrain_gpt2.main(["--lora_r", "300", "--out_dir", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip().endswith("error: --lora_r 300: lora_a has r = 300 rows; the Triton "
                                                     "kernels support r <= 256")

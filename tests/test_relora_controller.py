@@ -10,6 +10,7 @@ import torch.nn as nn
 from helpers import assert_within_torch_error
 
 import relora_kernels as rk
+from relora_kernels import _settings as rk_settings
 from relora_kernels.relora import ReLoRA, restart_seed
 
 
@@ -37,7 +38,7 @@ def test_restarts_at_multiples_of_restart_every_and_keep_the_function(triton_bac
         train_step(model, optimizer, step)
         before = model(x).detach()
         with pytest.MonkeyPatch.context() as patch:  # the float64 twin runs on the reference
-            patch.setenv("RELORA_KERNELS_BACKEND", "reference")
+            patch.setattr(rk_settings, "_current", rk.Settings(backend="reference"))
             exact = copy.deepcopy(model).double()(x.double())
         lora_b = [m.lora_B.detach().clone() for m in model.modules() if isinstance(m, rk.LoRALinear)]
         if controller.step(step):

@@ -59,7 +59,7 @@ MODES = [(torch.float32, False), (torch.float32, True), (torch.float16, False)]
 @pytest.mark.parametrize("operand, layout", CASES, ids=[f"{o}-{lay}" for o, lay in CASES])
 def test_strided_operand_forward_and_gradients(operand, layout, dtype, deterministic, monkeypatch, kernel_calls):
     if deterministic:
-        monkeypatch.setenv("RELORA_KERNELS_DETERMINISTIC", "1")
+        rk.configure(deterministic=True)
     inputs, grad_out = strided_inputs(operand, layout, dtype)
     contiguous = {name: None if t is None else t.contiguous() for name, t in inputs.items()}
     scale, p, seed = 0.7, 0.2, 99
@@ -88,7 +88,7 @@ def poisoned_view(t: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Ten
 @pytest.mark.parametrize("operand", ["weight", "lora_a", "lora_b"])
 @pytest.mark.parametrize("layout", ["column-major", "every other column"])
 def test_strided_merge_and_reinit(operand, layout, backend, monkeypatch):
-    monkeypatch.setenv("RELORA_KERNELS_BACKEND", backend)
+    rk.configure(backend=backend)
     inputs = make_inputs((1,), K, N, R, torch.float32)
     tensors = {name: inputs[name] for name in ("weight", "lora_a", "lora_b")}
     merged = reference.merged_weight(tensors["weight"].double(), tensors["lora_a"].double(),

@@ -22,8 +22,8 @@ and accept any strides. Limits: r <= MAX_RANK (the low-rank tiles live in regist
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import operator
 
 import torch
 import triton
@@ -33,6 +33,8 @@ from torch._subclasses.fake_tensor import is_fake  # also sees through AOT traci
 from .. import random_stream
 from ..random_stream import dropout_threshold
 from . import policy
+from .launch import cdiv
+from .launch import launch as launch_compiled
 
 MAX_RANK = 256
 
@@ -45,8 +47,34 @@ TRACEABLE_LAUNCHES = not policy.interpreting()
 
 
 def traceable(kernel):
-    """`kernel` in the form every launch uses: wrapped for tracing where the ops are triton_ops, else itself."""
+    """`kernel` in the form every launch uses: wrapped for tracing where the ops are triton_ops, else itself. Outside
+    tracing (a triton_op run eagerly, or functional.py's eager path) torch's wrapper hands back the kernel itself."""
     return torch.library.wrap_triton(kernel) if TRACEABLE_LAUNCHES else kernel
+
+
+def launch_kernel(traceable_kernel, kernel, grid: tuple, *positional, num_warps=None, num_stages=None, **named):
+    """`kernel[grid](*positional, **named)`: through `traceable_kernel` (what `traceable` gave) where that is a
+    wrapper (tracing, a build-only stand-in) or the interpreter's function, else by launch.launch, which skips
+    Triton's per-call binding. Launch options (num_warps, num_stages) only where given."""
+    options = tuple((name, value) for name, value in (("num_warps", num_warps), ("num_stages", num_stages))
+                    if value is not None)
+    if traceable_kernel is not kernel or not TRACEABLE_LAUNCHES:
+        traceable_kernel[grid](*positional, **named, **dict(options))
+        return
+    getter = _named_getters.get((id(kernel), len(positional)))
+    if getter is None:
+        names = kernel.arg_names[len(positional):]
+        get = operator.itemgetter(*names)
+        getter = _named_getters[(id(kernel), len(positional))] = lambda named: get(named)
+    launch_compiled(kernel, grid, positional + getter(named), options)
+
+
+# (kernel, count of positional arguments) -> a function giving the rest of its arguments, in order, from the named.
+_named_getters: dict[tuple, object] = {}
+
+
+def _launch(kernel, grid: tuple, *positional, **named):
+    launch_kernel(traceable(kernel), kernel, grid, *positional, **named)
 
 
 def on_tensors_device(launcher):
@@ -55,8 +83,10 @@ def on_tensors_device(launcher):
 
     @functools.wraps(launcher)
     def launch(first: torch.Tensor, *args, **kwargs):
-        guard = torch.cuda.device(first.device) if first.device.type == "cuda" else contextlib.nullcontext()
-        with guard:
+        device = first.device
+        if device.type != "cuda" or device.index == torch.cuda.current_device():
+            return launcher(first, *args, **kwargs)
+        with torch.cuda.device(device):
             return launcher(first, *args, **kwargs)
 
     return launch
@@ -431,9 +461,9 @@ def _grad_a_kernel(
 def _column_splits(token_blocks: int, chunks: int) -> tuple[int, int]:
     """(splits, chunks per split): split `chunks` column chunks into contiguous runs, one per program along grid axis
     1, so that token_blocks x splits reaches policy.target_programs(), with no empty split."""
-    wanted = max(1, min(chunks, triton.cdiv(policy.target_programs(), max(token_blocks, 1))))
+    wanted = max(1, min(chunks, cdiv(policy.target_programs(), max(token_blocks, 1))))
     per_split = max(1, chunks // wanted)  # rounded down: at least `wanted` splits
-    return max(1, triton.cdiv(chunks, per_split)), per_split
+    return max(1, cdiv(chunks, per_split)), per_split
 
 
 def _shrink_config(rank_block: int, dtype: torch.dtype, tokens: int) -> dict:
@@ -444,7 +474,7 @@ def _shrink_config(rank_block: int, dtype: torch.dtype, tokens: int) -> dict:
         return {"BLOCK_M": policy.INTERPRETER_BLOCK, "BLOCK_K": policy.INTERPRETER_BLOCK}
     config = dict(policy.fitting(policy.SHRINK_CONFIGS, policy.shrink_shared_bytes, rank_block, dtype)[0])
     smallest = max(16, rank_block // 2)
-    while config["BLOCK_M"] > smallest and triton.cdiv(tokens, config["BLOCK_M"]) < policy.target_programs():
+    while config["BLOCK_M"] > smallest and cdiv(tokens, config["BLOCK_M"]) < policy.target_programs():
         config["BLOCK_M"] //= 2
     return config
 
@@ -466,6 +496,12 @@ def _dropout_args(dropout_p: float, seed: torch.Tensor | None, fallback: torch.T
         "keep_threshold": dropout_threshold(dropout_p),
         "APPLY_DROPOUT": dropout_p > 0.0,
     }
+
+
+def _tma_eligible(lhs: torch.Tensor, rhs: torch.Tensor) -> bool:
+    from .fused_gemm_tma import tma_eligible  # it builds on this module
+
+    return tma_eligible(lhs, rhs)
 
 
 def _is_fake(*tensors: torch.Tensor) -> bool:
@@ -494,9 +530,9 @@ def _shrink(x, lora_a, dropout_p, seed, expand=None):
     if M == 0:
         return shrunk, out
     cfg = _shrink_config(policy.block_rank(R), x.dtype, M)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]),)
     out_strides = out.stride() if out is not None else (0, 0)
-    traceable(_shrink_kernel)[grid](
+    _launch(_shrink_kernel, grid,
         x, lora_a, shrunk, b_ptr=lora_b, bias_ptr=bias if bias is not None else x,
         out_ptr=out if out is not None else x,
         M=M, K=K, R=R, N=N,
@@ -523,8 +559,6 @@ def _fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, gemm_pass
     """out = lhs @ rhs + low_scale * mask(low @ up) + bias: lhs (M, K), rhs (K, N), low (M, R), up (R, N), any
     strides; gemm_pass names the pass in the table ("forward" or "input_grad"). The pointer-load kernel, or
     fused_gemm_tma's where the tile chosen is a Hopper one."""
-    from .fused_gemm_tma import fused_matmul_tma, tma_eligible  # it builds on this module
-
     (M, K), N, R = lhs.shape, rhs.shape[1], low.shape[1]
     gemm = policy.GemmLaunch(lhs.dtype, policy.block_rank(R), gemm_pass, bias is not None, dropout_p > 0.0, M, N, K)
     out = None
@@ -532,12 +566,14 @@ def _fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, gemm_pass
     def launch(tile: policy.GemmTile) -> torch.Tensor:
         nonlocal out
         if tile.kernel == "tma":
+            from .fused_gemm_tma import fused_matmul_tma  # it builds on this module
+
             return fused_matmul_tma(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, tile=tile)
         out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype) if out is None else out
         if M == 0 or N == 0:
             return out
-        grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n),)
-        traceable(_fused_matmul_kernel)[grid](
+        grid = (cdiv(M, tile.block_m) * cdiv(N, tile.block_n),)
+        _launch(_fused_matmul_kernel, grid,
             lhs_ptr=lhs, rhs_ptr=rhs, low_ptr=low, up_ptr=up, bias_ptr=bias if bias is not None else lhs,
             out_ptr=out, M=M, N=N, K=K, R=R,
             stride_lm=lhs.stride(0), stride_lk=lhs.stride(1),
@@ -555,7 +591,9 @@ def _fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, gemm_pass
     def time_tile(tile: policy.GemmTile) -> float:
         return triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=20, return_mode="median")
 
-    return launch(policy.gemm_tile(gemm, None if _is_fake(lhs) else time_tile, tma_ok=tma_eligible(lhs, rhs)))
+    # Whether the operands allow TMA, and whether the launch can be timed, are asked only where they matter.
+    tile = policy.gemm_tile(gemm, time_tile, tma_ok=lambda: _tma_eligible(lhs, rhs), timeable=lambda: not _is_fake(lhs))
+    return launch(tile)
 
 
 @on_tensors_device
@@ -580,9 +618,9 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     cfg = _grad_ab_config(policy.block_rank(R), x.dtype, write_dx=lora_a is not None)
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg}
-    token_blocks = triton.cdiv(M, block_m)
-    n_splits, n_chunks_per_split = _column_splits(token_blocks, triton.cdiv(N, block_n))
-    k_splits, k_chunks_per_split = _column_splits(token_blocks, triton.cdiv(K, block_k))
+    token_blocks = cdiv(M, block_m)
+    n_splits, n_chunks_per_split = _column_splits(token_blocks, cdiv(N, block_n))
+    k_splits, k_chunks_per_split = _column_splits(token_blocks, cdiv(K, block_k))
     # Partial sums: one per token block (dA, dB, dbias) or N split (dS) when deterministic, a single one with atomics.
     token_partials = max(token_blocks, 1) if deterministic else 1
     dev = x.device
@@ -595,7 +633,7 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     common = dict(DETERMINISTIC=deterministic, BLOCK_M=block_m, BLOCK_R=policy.block_rank(R),
                   DOT_PRECISION=_dot_precision(x.dtype), **launch)
     if token_blocks > 0:
-        traceable(_grad_b_kernel)[(token_blocks, n_splits)](
+        _launch(_grad_b_kernel, (token_blocks, n_splits),
             grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y,
             M=M, N=N, R=R,
             stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1),
@@ -610,7 +648,7 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
         )
         dropout = _dropout_args(dropout_p, seed, x)
         a, dx = (lora_a, dx_start) if lora_a is not None else (x, x)
-        traceable(_grad_a_kernel)[(token_blocks, k_splits)](
+        _launch(_grad_a_kernel, (token_blocks, k_splits),
             x, ds_partial, grad_shrunk, grad_a, dropout["seed_ptr"], a, dx,
             M=M, K=K, R=R, num_ds_partials=ds_partial.shape[0],
             stride_xm=x.stride(0), stride_xk=x.stride(1),

@@ -20,7 +20,8 @@ import triton.language as tl
 
 from .. import random_stream
 from . import policy
-from .lora_linear import MAX_RANK, on_tensors_device, traceable
+from .launch import cdiv
+from .lora_linear import MAX_RANK, launch_kernel, on_tensors_device, traceable
 
 _RANDOM_SHIFT = tl.constexpr(random_stream.RANDOM_SHIFT)
 _INV_RANDOM_RANGE = tl.constexpr(random_stream.UNIT_SCALE)
@@ -119,10 +120,10 @@ def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
     if weight.numel() == 0:
         return
     cfg = _merge_config(policy.block_rank(R), weight.dtype)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]))
     # fp32 weights get full fp32 products; 16-bit factors are exact in tf32 (see the module docstring).
     precision = "ieee" if lora_a.dtype == torch.float32 else "tf32"
-    traceable(_merge_kernel)[grid](
+    launch_kernel(traceable(_merge_kernel), _merge_kernel, grid,
         weight, lora_a, lora_b,
         N, K, R,
         weight.stride(0), weight.stride(1),
@@ -138,10 +139,10 @@ def reinit_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, seed: int) -> None:
     """A <- U(-1/sqrt(K), 1/sqrt(K)) keyed by `seed`, B <- 0, in place."""
     (R, K), N = lora_a.shape, lora_b.shape[0]
     block = 1024 if not policy.interpreting() else 256
-    grid = (triton.cdiv(R * K, block) + triton.cdiv(N * R, block),)
+    grid = (cdiv(R * K, block) + cdiv(N * R, block),)
     if grid[0] == 0:
         return
-    traceable(_reinit_kernel)[grid](
+    launch_kernel(traceable(_reinit_kernel), _reinit_kernel, grid,
         lora_a, lora_b,
         R, K, N,
         lora_a.stride(0), lora_a.stride(1),

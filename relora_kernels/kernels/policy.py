@@ -4,14 +4,16 @@ Two engines compute the same op, with the same dropout masks, seeds and saved te
     triton   the fused GEMM: one Triton launch per pass computes the frozen GEMM and adds the low-rank term
     cublas   one Triton launch writes the low-rank term (plus bias) into the output buffer, then cuBLAS accumulates
              the frozen GEMM onto it (torch's addmm with beta = 1): one more write and read of the output
-RELORA_KERNELS_ENGINE=auto|triton|cublas, read at every call. auto takes the engine-and-tile table's entry for the
-launch (TUNED_TABLE, written by `python -m benchmarks.tune` on a GPU), else the analytic rule `predicted_engine`.
+The engine setting (relora_kernels.settings: auto|triton|cublas; RELORA_KERNELS_ENGINE seeds it). auto takes the
+engine-and-tile table's entry for the launch (TUNED_TABLE, written by `python -m benchmarks.tune` on a GPU), else the
+analytic rule `predicted_engine`; the choice is cached per launch key and settings generation.
 
-The Triton engine's GEMM tile: the table's, else the first fitting tile (RELORA_KERNELS_AUTOTUNE=0), else tuned once
-per launch key (the default, or =1). A key counts tokens by power-of-two bucket, never the exact M, so a varying
-batch size never re-tunes; a launch that cannot be timed (traced on fake tensors, or inside a CUDA-graph capture)
-takes the bucket's tuned tile if there is one, else the first fitting tile. Gradient, shrink and merge kernels,
-which accumulate with atomics or write in place, always take the first tile of their list that fits.
+The Triton engine's GEMM tile: the table's, else the first fitting tile (the autotune setting off,
+RELORA_KERNELS_AUTOTUNE=0), else tuned once per launch key (the default). A key counts tokens by power-of-two
+bucket, never the exact M, so a varying batch size never re-tunes; a launch that cannot be timed (traced on fake
+tensors, or inside a CUDA-graph capture) takes the bucket's tuned tile if there is one, else the first fitting tile.
+Gradient, shrink and merge kernels, which accumulate with atomics or write in place, always take the first tile of
+their list that fits.
 
 Tiles are chosen to fit the device's shared memory (227 KiB per block on an H100, 163 KiB on an A100, 99 KiB on an
 RTX 4090): the low-rank tiles grow with r. The estimates bound what Triton allocates from above; `python -m
@@ -25,7 +27,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,22 +35,22 @@ import triton
 
 # Whether Triton runs kernels through its CPU interpreter: the package's one reader of the setting, in _backend. A
 # module-level name here, which the kernel modules call as policy.interpreting() and tests may replace.
+from .. import _settings as settings
 from .._backend import interpreting
+from .launch import next_power_of_2
 
 ENGINES = ("triton", "cublas")
-ENGINE_SETTINGS = ("auto", *ENGINES)
+ENGINE_SETTINGS = settings.ENGINES
 
 
 def engine_setting() -> str:
-    name = os.environ.get("RELORA_KERNELS_ENGINE", "auto").strip().lower() or "auto"
-    if name not in ENGINE_SETTINGS:
-        raise ValueError(f"RELORA_KERNELS_ENGINE must be one of {', '.join(ENGINE_SETTINGS)}; got {name!r}")
-    return name
+    return settings.current().engine
 
 
+@functools.cache
 def block_rank(rank: int) -> int:
     """r padded to a power of two >= 16 because tl.dot needs every dimension >= 16; the padding is masked."""
-    return max(16, triton.next_power_of_2(rank))
+    return max(16, next_power_of_2(rank))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,14 +82,14 @@ class GemmTile:
             name += " tma" + (" ws" if self.warp_specialize else "") + f" e{self.epilogue_split}"
         return name
 
-    @property
+    @functools.cached_property
     def constexprs(self) -> dict:
         blocks = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m}
         if self.kernel == "tma":
             blocks |= {"WARP_SPECIALIZE": self.warp_specialize, "EPILOGUE_SPLIT": self.epilogue_split}
         return blocks
 
-    @property
+    @functools.cached_property
     def launch_options(self) -> dict:
         return {**self.constexprs, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
@@ -214,8 +215,17 @@ def shared_memory_limit() -> int:
 
 
 def current_arch() -> int:
-    """The compute capability Triton compiles for, e.g. 90 on an H100."""
-    return triton.runtime.driver.active.get_current_target().arch
+    """The compute capability Triton compiles for, e.g. 90 on an H100 (cached per driver and device: asking the
+    driver costs microseconds)."""
+    active = triton.runtime.driver.active
+    key = (id(active), active.get_current_device())
+    arch = _arch_cache.get(key)
+    if arch is None:
+        arch = _arch_cache[key] = active.get_current_target().arch
+    return arch
+
+
+_arch_cache: dict[tuple, int] = {}
 
 
 # Programs a memory-bound launch should have: enough for several per SM, so that each SM keeps many loads in
@@ -234,7 +244,20 @@ def target_programs() -> int:
 
 def fitting(configs: list, shared_bytes: Callable, rank_block: int, dtype: torch.dtype) -> list:
     """The configs whose estimated shared memory fits the device, in their order of preference."""
-    limit, element_size = shared_memory_limit(), dtype.itemsize
+    limit = shared_memory_limit()
+    key = (id(configs), shared_bytes, rank_block, dtype, limit)
+    found = _fitting_cache.get(key)
+    if found is None or found[0] is not configs:  # the same list, not another one at a reused address
+        found = _fitting_cache[key] = (configs, _fitting(configs, shared_bytes, rank_block, dtype, limit))
+    return found[1]
+
+
+# (configs, estimate, rank block, dtype, the device's limit) -> (configs, the fitting ones), as launches ask often.
+_fitting_cache: dict[tuple, tuple] = {}
+
+
+def _fitting(configs: list, shared_bytes: Callable, rank_block: int, dtype: torch.dtype, limit: int) -> list:
+    element_size = dtype.itemsize
     fits = [c for c in configs if shared_bytes(c, rank_block, element_size) <= limit]
     if not fits:  # the last config of each list fits 99 KiB at r = 256 in fp32: only a tiny GPU gets here
         raise RuntimeError(f"no tile of the LoRA kernels fits this GPU's {limit} bytes of shared memory per block "
@@ -271,7 +294,7 @@ class GemmLaunch:
 
     @property
     def m_bucket(self) -> int:
-        return triton.next_power_of_2(max(self.M, 1))
+        return next_power_of_2(max(self.M, 1))
 
     @property
     def shape_key(self) -> str:
@@ -312,12 +335,24 @@ def predicted_engine(launch: GemmLaunch) -> str:
 
 
 def choose_engine(launch: GemmLaunch) -> str:
-    """The engine for `launch`: RELORA_KERNELS_ENGINE if set, else the table's entry, else predicted_engine."""
-    setting = engine_setting()
-    if setting != "auto":
-        return setting
-    entry = table_entry(launch) if not interpreting() else None
-    return entry["engine"] if entry else predicted_engine(launch)
+    """The engine for `launch`: the engine setting if not auto, else the table's entry, else predicted_engine.
+    Cached per (launch, settings generation, architecture) so that the common call costs one dictionary lookup."""
+    key = (launch, settings.generation, interpreting() or current_arch())
+    engine = _engine_cache.get(key)
+    if engine is None:
+        setting = engine_setting()
+        if setting != "auto":
+            engine = setting
+        else:
+            entry = table_entry(launch) if not interpreting() else None
+            engine = entry["engine"] if entry else predicted_engine(launch)
+        if len(_engine_cache) > 4096:
+            _engine_cache.clear()
+        _engine_cache[key] = engine
+    return engine
+
+
+_engine_cache: dict[tuple, str] = {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,15 +367,18 @@ class TileTuner:
         self.tiles: dict[tuple, GemmTile] = {}
         self.tunings = 0  # how many keys were timed
 
-    def tile(self, key: tuple, candidates: list[GemmTile], time_tile: Callable[[GemmTile], float] | None) -> GemmTile:
-        """The key's tuned tile; `time_tile` None (a launch that cannot be timed) takes the first candidate unless
-        the key was tuned before."""
-        if key not in self.tiles:
-            if time_tile is None:
-                return candidates[0]
-            times = [time_tile(tile) for tile in candidates]
-            self.tiles[key] = candidates[times.index(min(times))]
-            self.tunings += 1
+    def tile(self, key: tuple, candidates: list[GemmTile], time_tile: Callable[[GemmTile], float] | None,
+             timeable: Callable[[], bool] = lambda: True) -> GemmTile:
+        """The key's tuned tile; where the launch cannot be timed (`time_tile` None, or `timeable()` false, asked
+        only when the key has no tile yet) the first candidate unless the key was tuned before."""
+        tile = self.tiles.get(key)
+        if tile is not None:
+            return tile
+        if time_tile is None or not timeable():
+            return candidates[0]
+        times = [time_tile(tile) for tile in candidates]
+        self.tiles[key] = candidates[times.index(min(times))]
+        self.tunings += 1
         return self.tiles[key]
 
 
@@ -359,9 +397,9 @@ def forced_tile(tile: GemmTile):
 
 
 def tile_choice() -> str:
-    """How the Triton engine's tile is chosen, from RELORA_KERNELS_AUTOTUNE: "0" the first fitting tile (the GPU
-    tests: tuning each of their shapes cold would take minutes), else "tune" (table, else tuned per key)."""
-    return "fixed" if os.environ.get("RELORA_KERNELS_AUTOTUNE", "") == "0" else "tune"
+    """How the Triton engine's tile is chosen, from the autotune setting: off, "fixed", the first fitting tile (the
+    GPU tests: tuning each of their shapes cold would take minutes), else "tune" (table, else tuned per key)."""
+    return "tune" if settings.current().autotune else "fixed"
 
 
 def tma_tiles(launch: GemmLaunch) -> list[GemmTile]:
@@ -373,10 +411,12 @@ def tma_tiles(launch: GemmLaunch) -> list[GemmTile]:
     return [tile for tile in TMA_TILES if gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= limit]
 
 
-def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None, tma_ok: bool = False) -> GemmTile:
+def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None,
+              tma_ok: bool | Callable[[], bool] = False, timeable: Callable[[], bool] = lambda: True) -> GemmTile:
     """The Triton engine's tile for `launch` (see the module docstring); `time_tile` times one tile, or is None
-    where the launch cannot be timed; `tma_ok`: the operands can be read through TMA descriptors, so a table's
-    Hopper tile may run."""
+    where the launch cannot be timed; `tma_ok` (a bool, or a function asked only where a Hopper tile is at stake):
+    the operands can be read through TMA descriptors, so a table's Hopper tile may run; `timeable()` says whether
+    this launch can be timed (asked only where a key still needs tuning)."""
     if _forced_tiles:
         return _forced_tiles[-1]
     if interpreting():
@@ -387,8 +427,8 @@ def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None,
     entry = table_entry(launch)
     if entry and entry.get("tile"):  # the Triton engine's tile, also where the entry's engine is cuBLAS
         tile = parse_tile(entry["tile"])
-        usable = tile.kernel == "pointer" or (tma_ok and tile in tma_tiles(launch))
+        usable = tile.kernel == "pointer" or (tile in tma_tiles(launch) and (tma_ok() if callable(tma_ok) else tma_ok))
         if usable and gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= shared_memory_limit():
             return tile
     key = (current_arch(), launch.shape_key)
-    return TUNER.tile(key, candidates[:TUNED_CANDIDATES], time_tile)
+    return TUNER.tile(key, candidates[:TUNED_CANDIDATES], time_tile, timeable)

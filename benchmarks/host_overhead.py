@@ -1,0 +1,334 @@
+"""Host time of the fused op: what one call costs the CPU that feeds the GPU (Python, dispatch, launch set-up).
+
+    python -m benchmarks.host_overhead                    # every row, 15 repeats x 40 calls, to stdout
+    python -m benchmarks.host_overhead --out DIR          # also DIR/host_overhead.json and .md
+    python -m benchmarks.host_overhead --quick            # 3 repeats x 10 calls (CI: the code cannot rot)
+
+A GPU runs only as fast as the host feeds it: when one call's host time exceeds its GPU time the op is host-bound,
+whatever its kernels do. This measures the host side alone.
+
+Method. On a machine without CUDA, every Triton launch runs all of Triton's launch path (argument binding, the
+specialisation on alignment and on strides of 1, the compiled-kernel cache lookup, the grid and the launcher call)
+against a stand-in driver for an sm_90 GPU whose launcher does nothing: everything but the driver call. The kernels
+are compiled for sm_90 by Triton's own compiler on the first call, outside the timing. Tensors are on the CPU, so
+torch's own ops in the rows (F.linear, the cuBLAS-composed engine's addmm, autograd's bookkeeping, the eager
+baseline) run on the CPU, tiny: their time is an upper bound of their dispatch on a GPU. With CUDA the launches are
+real and the timed calls run on the GPU (its queue is far from full at these sizes, so the host is what is timed).
+One thread; each row is the minimum over `repeats` of the mean of `calls` calls, and every ratio is to rows of the
+same run.
+
+Rows (fp32, M=64 tokens, K=48, N=80, r=16 unless named):
+  floor               F.linear(x, W, bias) forward + backward (dx): the frozen GEMMs alone
+  eager p=P           PEFT's LoRA forward (benchmarks.cases.eager_lora_linear) + backward, dropout P (0, 0.1)
+  fused E p=P [bias]  rk.lora_linear on engine E (triton, cublas), forward + backward
+  merge_and_reinit_   rk.merge_and_reinit_ (two launches) against merge_floor: two torch.empty_like + one addmm_
+  gpt2 step           one training step (forward, backward, AdamW) of the example's GPT-2 124M structure (12 layers,
+                      48 LoRA linears, r = 128 as its preset) at width 96, 16 tokens: LoRALinear against an eager
+                      PEFT-style LoRA layer. Host cost does not depend on the width; a small one keeps the CPU's
+                      own matmuls (which a GPU would run) out of the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import relora_kernels as rk
+from benchmarks.cases import eager_lora_linear
+from relora_kernels import _backend
+
+SHAPE = {"M": 64, "K": 48, "N": 80, "r": 16}
+DROPOUTS = (0.0, 0.1)
+ENGINES = ("triton", "cublas")
+# The goals of the host path (README): fused fwd+bwd <= 0.7x eager and <= 2x floor; merge <= 2x merge_floor; the
+# GPT-2 step <= eager's.
+GOALS = {"eager": 0.7, "floor": 2.0, "merge_floor": 2.0, "gpt2_eager": 1.0}
+
+
+class _NoLaunch:
+    """The launcher of a compiled kernel, minus the driver call."""
+
+    def __init__(self, src, metadata):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+class _StandInSm90:
+    """Triton's driver for an sm_90 GPU that is not there: compiling works (Triton's compiler, LLVM and ptxas run on
+    the CPU); loading a kernel gives a handle and launching it does nothing."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", 90, 32)
+        properties = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                      "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+        self.utils = SimpleNamespace(
+            get_device_properties=lambda device: properties,
+            load_binary=lambda name, kernel, shared, device: (object(), object(), 0, 0, 1024),
+            unload_module=lambda module: None,
+        )
+        self.launcher_cls = _NoLaunch
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_benchmarker(self):
+        raise RuntimeError("nothing can be timed on a stand-in driver")
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Kernels forced on CPU tensors, launched against the stand-in sm_90 driver (the method in the docstring)."""
+    from triton.runtime import driver
+
+    previous = driver._active  # None on a machine without a GPU: no driver to go back to
+    driver.set_active(_StandInSm90())
+    try:
+        with rk.settings(backend="triton", autotune=False), \
+                mock.patch.object(_backend, "cpu_kernels_allowed", lambda: True):  # nothing to time tiles on
+            yield
+    finally:
+        driver.set_active(previous)
+
+
+def _best_per_call(fn, repeats: int, calls: int) -> float:
+    """Seconds per call: the minimum over `repeats` of the mean of `calls` calls (after one warm-up call)."""
+    fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+        sync()
+    return best
+
+
+def _layer_inputs(device, bias: bool):
+    generator = torch.Generator().manual_seed(0)
+    M, K, N, r = SHAPE["M"], SHAPE["K"], SHAPE["N"], SHAPE["r"]
+
+    def randn(*shape, grad=False):
+        return torch.randn(*shape, generator=generator).to(device).requires_grad_(grad)
+
+    return SimpleNamespace(x=randn(M, K, grad=True), weight=randn(N, K), lora_a=randn(r, K, grad=True),
+                           lora_b=randn(N, r, grad=True), bias=randn(N, grad=True) if bias else None,
+                           grad_y=randn(M, N))
+
+
+def _fwd_bwd(forward, inputs):
+    wrt = [t for t in (inputs.x, inputs.lora_a, inputs.lora_b, inputs.bias) if t is not None]
+
+    def call():
+        torch.autograd.grad(forward(), wrt, inputs.grad_y)
+
+    return call
+
+
+def layer_rows(device, repeats: int, calls: int) -> dict[str, float]:
+    rows = {}
+    plain = _layer_inputs(device, bias=True)
+    rows["floor"] = _best_per_call(
+        _fwd_bwd(lambda: F.linear(plain.x, plain.weight, plain.bias),
+                 SimpleNamespace(x=plain.x, lora_a=None, lora_b=None, bias=plain.bias, grad_y=plain.grad_y)),
+        repeats, calls)
+    for p in DROPOUTS:
+        rows[f"eager p={p:g}"] = _best_per_call(
+            _fwd_bwd(lambda p=p: eager_lora_linear(plain.x, plain.weight, plain.bias, plain.lora_a, plain.lora_b,
+                                                   2.0, p), plain), repeats, calls)
+    for engine in ENGINES:
+        for p in DROPOUTS:
+            for bias in (True, False):
+                inputs = _layer_inputs(device, bias)
+
+                def forward(inputs=inputs, p=p):
+                    return rk.lora_linear(inputs.x, inputs.weight, inputs.lora_a, inputs.lora_b, 2.0, inputs.bias, p)
+
+                with rk.settings(engine=engine):
+                    rows[f"fused {engine} p={p:g}{' bias' if bias else ''}"] = _best_per_call(
+                        _fwd_bwd(forward, inputs), repeats, calls)
+    return rows
+
+
+def merge_rows(device, repeats: int, calls: int) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(0)
+    K, N, r = SHAPE["K"], SHAPE["N"], SHAPE["r"]
+    weight, lora_a, lora_b = (torch.randn(*s, generator=generator).to(device) for s in ((N, K), (r, K), (N, r)))
+
+    def merge_floor():
+        torch.empty_like(lora_a)
+        torch.empty_like(lora_b)
+        weight.addmm_(lora_b, lora_a, alpha=1e-6)
+
+    return {"merge_floor": _best_per_call(merge_floor, repeats, calls),
+            "merge_and_reinit_": _best_per_call(lambda: rk.merge_and_reinit_(weight, lora_a, lora_b, 1e-6, seed=1),
+                                                repeats, calls)}
+
+
+class EagerLoRALinear(nn.Module):
+    """The eager baseline of the GPT-2 step: PEFT's LoRA layer in functional form, same parameters as LoRALinear."""
+
+    def __init__(self, layer: rk.LoRALinear):
+        super().__init__()
+        self.weight, self.bias, self.lora_A, self.lora_B = layer.weight, layer.bias, layer.lora_A, layer.lora_B
+        self.scale, self.dropout = layer.scale, layer.dropout
+
+    def forward(self, x):
+        return eager_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale,
+                                 self.dropout if self.training else 0.0)
+
+
+def _gpt2_model(eager: bool, device):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        from model import GPT, LORA_TARGETS, GPTConfig
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=256, block_size=16, n_layer=12, n_head=12, n_embd=96, bias=True)
+    model = rk.apply_lora(GPT(config), LORA_TARGETS, r=128, dropout=0.1).to(device)
+    if eager:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, rk.LoRALinear):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, EagerLoRALinear(module))
+    return model
+
+
+def gpt2_rows(device, repeats: int, calls: int) -> dict[str, float]:
+    rows = {}
+    tokens = torch.randint(256, (1, 17), generator=torch.Generator().manual_seed(0)).to(device)
+    for name, eager in (("gpt2 step eager", True), ("gpt2 step fused", False)):
+        model = _gpt2_model(eager, device).train()
+        assert sum(isinstance(m, rk.LoRALinear) for m in model.modules()) == (0 if eager else 48)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+
+        def step(model=model, optimizer=optimizer):
+            _, loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        rows[name] = _best_per_call(step, max(1, repeats // 3), max(1, calls // 8))
+    return rows
+
+
+def ratios(rows: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each fused row against floor and against eager at its dropout; merge and the GPT-2 step against theirs."""
+    out = {}
+    for name, seconds in rows.items():
+        if name.startswith("fused "):
+            p = name.split("p=")[1].split()[0]
+            out[name] = {"floor": seconds / rows["floor"], "eager": seconds / rows[f"eager p={p}"]}
+    if "merge_and_reinit_" in rows:
+        out["merge_and_reinit_"] = {"merge_floor": rows["merge_and_reinit_"] / rows["merge_floor"]}
+    if "gpt2 step fused" in rows:
+        out["gpt2 step fused"] = {"gpt2_eager": rows["gpt2 step fused"] / rows["gpt2 step eager"]}
+    return out
+
+
+def goals_met(table: dict[str, dict[str, float]]) -> dict[str, bool]:
+    return {f"{name} / {against}": value <= GOALS[against]
+            for name, against_values in table.items() for against, value in against_values.items()}
+
+
+def conditions(stubbed: bool, repeats: int, calls: int) -> dict:
+    import triton
+
+    return {
+        "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "threads": 1,
+        "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+        "launches": "stand-in sm_90 driver, no driver call" if stubbed else "real, on " + torch.cuda.get_device_name(),
+        "shape": SHAPE, "dtype": "fp32", "repeats": repeats, "calls": calls,
+        "command": "python -m benchmarks.host_overhead" + (" --quick" if repeats < 15 else ""),
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = ["| row | host time per call (us) | / floor | / eager | goal met |", "|---|---|---|---|---|"]
+    met = result["goals_met"]
+    for name, seconds in result["seconds"].items():
+        against = result["ratios"].get(name, {})
+        cells = [f"{against[k]:.2f}x" if k in against else "" for k in ("floor", "eager")]
+        if "merge_floor" in against:
+            cells[0] = f"{against['merge_floor']:.2f}x merge_floor"
+        if "gpt2_eager" in against:
+            cells[1] = f"{against['gpt2_eager']:.2f}x"
+        flags = [ok for key, ok in met.items() if key.startswith(name + " /")]
+        lines.append(f"| {name} | {seconds * 1e6:,.1f} | {cells[0]} | {cells[1]} | "
+                     f"{('yes' if all(flags) else 'NO') if flags else ''} |")
+    conditions_text = ", ".join(f"{k}: {v}" for k, v in result["conditions"].items())
+    return "\n".join(lines) + f"\n\nConditions: {conditions_text}\n"
+
+
+def run(repeats: int, calls: int, gpt2: bool = True) -> dict:
+    torch.set_num_threads(1)
+    stubbed = not torch.cuda.is_available()
+    device = torch.device("cpu" if stubbed else "cuda")
+    with stubbed_launches() if stubbed else rk.settings(backend="triton"):
+        rows = layer_rows(device, repeats, calls)
+        rows |= merge_rows(device, repeats, calls)
+        if gpt2:
+            rows |= gpt2_rows(device, repeats, calls)
+    table = ratios(rows)
+    return {"seconds": rows, "ratios": table, "goals_met": goals_met(table),
+            "conditions": conditions(stubbed, repeats, calls)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="also write host_overhead.json and host_overhead.md here")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=40)
+    parser.add_argument("--quick", action="store_true", help="3 repeats x 10 calls: checks the code, not the goals")
+    parser.add_argument("--no-gpt2", dest="gpt2", action="store_false", help="leave out the GPT-2 step")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("host time is measured with compiled kernels: run without TRITON_INTERPRET=1")
+    repeats, calls = (3, 10) if args.quick else (args.repeats, args.calls)
+    result = run(repeats, calls, args.gpt2)
+    text = markdown(result)
+    print(text)
+    if args.out:
+        from relora_kernels.utils import atomic_write
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out / "host_overhead.json", json.dumps(result, indent=1) + "\n")
+        atomic_write(args.out / "host_overhead.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -325,8 +325,9 @@ def main(argv=None) -> int:
         from relora_kernels.utils import atomic_write
 
         args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out / "host_overhead.json", json.dumps(result, indent=1) + "\n")
-        atomic_write(args.out / "host_overhead.md", text)
+        report = json.dumps(result, indent=1) + "\n"
+        atomic_write(args.out / "host_overhead.json", lambda tmp: Path(tmp).write_text(report))
+        atomic_write(args.out / "host_overhead.md", lambda tmp: Path(tmp).write_text(text))
     return 0
 
 

@@ -99,16 +99,18 @@ def lora_layers(model) -> dict:
 
 
 def count_ops() -> None:
-    from relora_kernels import ops
+    # The launchers functional.py calls eagerly (the registered ops are what torch.compile sees).
+    from relora_kernels.kernels import lora_linear, merge
 
     for name in COUNTED_OPS:
-        launcher = getattr(ops, name)
+        module = merge if hasattr(merge, name) else lora_linear
+        launcher = getattr(module, name)
 
         def counted(*args, _launcher=launcher, _name=name, **kwargs):
             OP_CALLS[_name] = OP_CALLS.get(_name, 0) + 1
             return _launcher(*args, **kwargs)
 
-        setattr(ops, name, counted)
+        setattr(module, name, counted)
 
 
 class Collectives(TorchDispatchMode):

@@ -1,0 +1,84 @@
+"""Run by tests/test_launch.py without the interpreter (TRITON_INTERPRET=0): the kernels are compiled for sm_90 by
+Triton's own compiler against a stand-in driver whose launcher records its arguments instead of launching.
+
+Checks that kernels/launch.py, which calls a compiled kernel's launcher itself after the first launch of each
+specialisation, passes exactly what Triton's own `kernel[grid](...)` passes, and that an operand whose alignment or
+unit stride differs from a cached launch selects the kernel Triton compiles for it. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from torch._library.triton import set_wrap_triton_enabled
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "run without the interpreter"
+
+from benchmarks.host_overhead import stubbed_launches  # noqa: E402 (after the check above)
+from relora_kernels.kernels import launch, lora_linear  # noqa: E402
+
+RECORDED: list[tuple] = []
+
+
+class _RecordingLaunch:
+    def __init__(self, src, metadata):
+        self.name = src.name if hasattr(src, "name") else str(src)
+
+    def __call__(self, *args):
+        # grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook, the arguments
+        RECORDED.append((id(self), args[:3], args[9:]))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return type(a) is type(b) and a == b
+
+
+def main() -> int:
+    results = {}
+    # As functional.py's eager path calls the launchers: outside tracing, without torch's kernel wrapper.
+    with stubbed_launches(), set_wrap_triton_enabled(False):
+        from triton.runtime import driver
+
+        driver.active.launcher_cls = _RecordingLaunch
+        torch.manual_seed(0)
+        M, K, R = 64, 48, 16
+        buffer = torch.randn(M * K + 4)
+        aligned = buffer[: M * K].view(M, K)
+        misaligned = buffer[1: M * K + 1].view(M, K)  # 4 bytes off: not 16-byte aligned
+        column_major = torch.randn(K, M).T  # unit stride on the other axis
+        lora_a = torch.randn(R, K)
+        seed = torch.tensor(7)
+        kernel = lora_linear._shrink_kernel
+
+        def run(x):
+            """(the launcher's recorded call, through launch.py's cache) after a first launch that fills it."""
+            RECORDED.clear()
+            lora_linear.lora_shrink(x, lora_a, 0.1, seed)  # the first launch of this specialisation: Triton's path
+            lora_linear.lora_shrink(x, lora_a, 0.1, seed)  # launch.py's own call of the compiled launcher
+            return RECORDED[0], RECORDED[1]
+
+        calls = {}
+        for name, x in (("aligned", aligned), ("misaligned", misaligned), ("column_major", column_major)):
+            triton_path, cached_path = run(x)
+            # Same compiled kernel (one launcher object per compiled kernel), same grid, same arguments except the
+            # freshly allocated output S, which is a new tensor on every call.
+            same_args = len(triton_path[2]) == len(cached_path[2]) and all(
+                _same(a, b) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                               and a.stride() == b.stride() and a.dtype == b.dtype)
+                for a, b in zip(triton_path[2], cached_path[2], strict=True))
+            calls[name] = triton_path[0]
+            results[name] = {"same_launcher": triton_path[0] == cached_path[0], "same_grid": triton_path[1] ==
+                             cached_path[1], "same_args": same_args, "arguments": len(cached_path[2])}
+        results["distinct_kernels"] = len(set(calls.values())) == len(calls)
+        results["cache_entries"] = len(launch._caches[id(kernel)])
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

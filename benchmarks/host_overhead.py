@@ -14,8 +14,8 @@ are compiled for sm_90 by Triton's own compiler on the first call, outside the t
 torch's own ops in the rows (F.linear, the cuBLAS-composed engine's addmm, autograd's bookkeeping, the eager
 baseline) run on the CPU, tiny: their time is an upper bound of their dispatch on a GPU. With CUDA the launches are
 real and the timed calls run on the GPU (its queue is far from full at these sizes, so the host is what is timed).
-One thread; each row is the minimum over `repeats` of the mean of `calls` calls, and every ratio is to rows of the
-same run.
+One thread; each row is the thread's CPU time per call, the minimum over `repeats` of the mean of `calls` calls,
+and every ratio is to rows of the same run.
 
 Rows (fp32, M=64 tokens, K=48, N=80, r=16 unless named):
   floor               F.linear(x, W, bias) forward + backward (dx): the frozen GEMMs alone
@@ -122,16 +122,18 @@ def stubbed_launches():
 
 
 def _best_per_call(fn, repeats: int, calls: int) -> float:
-    """Seconds per call: the minimum over `repeats` of the mean of `calls` calls (after one warm-up call)."""
+    """CPU seconds per call on this thread: the minimum over `repeats` of the mean of `calls` calls (after one
+    warm-up call). CPU time, not wall time: the host's own cost, which a busy machine does not inflate by the time
+    the thread waits for a core."""
     fn()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - start) / calls)
+        best = min(best, (time.thread_time() - start) / calls)
         sync()
     return best
 

@@ -35,6 +35,8 @@ def check_float_tensor(name: str, t, ndim: int | None = None) -> None:
 
 # What the Triton kernels compute in; float64 runs on the PyTorch reference only.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The largest rank the kernels take: their low-rank tiles live in registers and shared memory.
+MAX_RANK = 256
 
 
 def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
@@ -44,12 +46,14 @@ def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
 
 
 def check_same_dtype_and_device(**tensors: torch.Tensor | None) -> None:
-    present = {name: t for name, t in tensors.items() if t is not None}
-    seen = ", ".join(f"{name}: {t.dtype} on {t.device}" for name, t in present.items())
-    if len({t.dtype for t in present.values()}) > 1:
+    present = [(name, t) for name, t in tensors.items() if t is not None]
+    dtype, device = present[0][1].dtype, present[0][1].device
+    if all(t.dtype == dtype and t.device == device for _, t in present):
+        return  # the good path formats nothing
+    seen = ", ".join(f"{name}: {t.dtype} on {t.device}" for name, t in present)
+    if any(t.dtype != dtype for _, t in present):
         raise TypeError(f"all tensors must share one dtype; got {seen}")
-    if len({t.device for t in present.values()}) > 1:
-        raise ValueError(f"all tensors must be on one device; got {seen}")
+    raise ValueError(f"all tensors must be on one device; got {seen}")
 
 
 def check_scalar(name: str, value) -> float:

@@ -19,6 +19,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from . import reference
 from ._backend import deterministic, use_triton
 from ._validate import (
+    MAX_RANK,
     check_dropout_p,
     check_float_tensor,
     check_kernel_dtype,
@@ -164,19 +165,18 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
     if not use_triton(x.device):
         return reference.lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
 
-    from .kernels.lora_linear import MAX_RANK
-
     check_kernel_dtype("x", x)  # one dtype for all, checked above
     rank = lora_a.shape[0]
     if rank > MAX_RANK:
         raise ValueError(f"lora_a has r = {rank} rows; the Triton kernels support r <= {MAX_RANK}")
     out_features, in_features = weight.shape
-    args = (x.reshape(-1, in_features), weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic())
+    flat = x if x.dim() == 2 else x.reshape(-1, in_features)
+    args = (flat, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic())
     if _eager(x) and not torch._C._are_functorch_transforms_active():
         y, _ = _apply_eagerly(*args)
     else:
         y, _ = LoRALinearFunction.apply(*args)
-    return y.reshape(*x.shape[:-1], out_features)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
 def merge_and_reinit_(weight, lora_a, lora_b, scale, *, seed):

@@ -1,9 +1,10 @@
 """Run by tests/test_launch.py without the interpreter (TRITON_INTERPRET=0): the kernels are compiled for sm_90 by
 Triton's own compiler against a stand-in driver whose launcher records its arguments instead of launching.
 
-Checks that kernels/launch.py, which calls a compiled kernel's launcher itself after the first launch of each
-specialisation, passes exactly what Triton's own `kernel[grid](...)` passes, and that an operand whose alignment or
-unit stride differs from a cached launch selects the kernel Triton compiles for it. Prints one JSON line.
+Checks that kernels/launch.py's LaunchSite, which calls a compiled kernel's launcher itself after the first launch
+of each specialisation, passes exactly what Triton's own `kernel[grid](...)` passes, and that an operand whose
+alignment or unit stride differs from a cached launch selects the kernel Triton compiles for it. Prints one JSON
+line.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch._library.triton import set_wrap_triton_enabled
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without the interpreter"
 
 from benchmarks.host_overhead import stubbed_launches  # noqa: E402 (after the check above)
-from relora_kernels.kernels import launch, lora_linear  # noqa: E402
+from relora_kernels.kernels import lora_linear  # noqa: E402
 
 RECORDED: list[tuple] = []
 
@@ -53,7 +54,6 @@ def main() -> int:
         column_major = torch.randn(K, M).T  # unit stride on the other axis
         lora_a = torch.randn(R, K)
         seed = torch.tensor(7)
-        kernel = lora_linear._shrink_kernel
 
         def run(x):
             """(the launcher's recorded call, through launch.py's cache) after a first launch that fills it."""
@@ -75,7 +75,7 @@ def main() -> int:
             results[name] = {"same_launcher": triton_path[0] == cached_path[0], "same_grid": triton_path[1] ==
                              cached_path[1], "same_args": same_args, "arguments": len(cached_path[2])}
         results["distinct_kernels"] = len(set(calls.values())) == len(calls)
-        results["cache_entries"] = len(launch._caches[id(kernel)])
+        results["cache_entries"] = sum(len(plan[3]) for plan in lora_linear._SHRINK.plans.values())
     print(json.dumps(results))
     return 0
 

@@ -5,24 +5,23 @@ equal to 1 or divisible by 16), builds a cache key, looks the compiled kernel up
 host time per launch on a 2-vCPU x86 VM (triton 3.9), against ~1 us for the launcher call alone. The fused op makes
 4-5 launches per training step of each layer, so the binding alone would cost more than the eager LoRA it replaces.
 
-`launch` keeps its own cache: the first launch of each specialisation goes through `kernel[grid]` (compiling if
-needed) and is remembered by its `specialisation_key`; later ones call the compiled kernel's launcher directly,
-with the arguments in the order Triton itself passes them. The key holds every argument that can change what Triton
-compiles: integers, booleans, strings and None exactly, a tensor by its dtype and whether its address is 16-byte
-aligned; floats are kept exactly too (Triton never specialises on a float's value, but the op's floats are
-constants of a layer, so they cost no misses). So a changed stride, shape or alignment
-is a new key, which Triton then resolves itself. Launch hooks (a profiler's) take Triton's own path, as do the
-interpreter and tracing (`torch.library.wrap_triton`).
+A `LaunchSite` is one place a kernel is launched from. Everything a launch passes besides its pointers (shapes,
+strides, scalars, constexprs, the grid and the tile) is computed once per key by the site's `configure`, which sees
+nothing but the key, so the key holds all it depends on. The first launch of each specialisation (the pointers'
+dtypes and 16-byte alignment on top of the key) goes through `kernel[grid]`, Triton's own launch, compiling if
+needed; later ones call the compiled kernel's launcher directly, with the arguments in the order Triton passes them.
+So a changed stride, shape or alignment is a new key, which Triton then resolves itself. Launch hooks (a
+profiler's) take Triton's own path, as do the interpreter and tracing (`torch.library.wrap_triton`), where every
+launch is configured anew.
 """
 
 from __future__ import annotations
 
-import torch
 from triton import knobs
 from triton.runtime import driver
 
-# Entries per kernel before the cache is emptied: a varying integer argument (a ReLoRA seed, a token count) must
-# not grow it without bound; a miss costs one ordinary launch.
+# Plans per site before its cache is emptied: a varying integer argument (a ReLoRA seed, a token count) must not
+# grow it without bound; a miss costs one configuration and one ordinary launch.
 CACHE_LIMIT = 4096
 
 
@@ -35,18 +34,6 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def specialisation_key(args: tuple) -> tuple:
-    """What of `args` can change the compiled kernel: the leading run of tensors (the pointers) by dtype and 16-byte
-    alignment, every argument after it exactly (a tensor there hashes by identity: no later launch matches it, so it
-    always takes Triton's own path)."""
-    pointers = 0
-    for arg in args:
-        if not isinstance(arg, torch.Tensor):
-            break
-        pointers += 1
-    return args[pointers:], tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in args[:pointers]])
-
-
 class _Compiled:
     """What the launch of one specialisation needs: the kernel's launcher and its handles."""
 
@@ -56,33 +43,55 @@ class _Compiled:
         self.run, self.function, self.packed_metadata = compiled.run, compiled.function, compiled.packed_metadata
 
 
-_caches: dict[int, dict[tuple, _Compiled]] = {}  # kernels are module constants: ids stay theirs
-
-
 def _hooked(hook) -> bool:
     """Whether a launch hook is set: Triton's hooks are chains (empty unless a profiler adds to them), older ones
     None or a function."""
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def launch(kernel, grid: tuple, args: tuple, options: tuple = ()) -> None:
-    """Launch the @triton.jit `kernel` on `grid` with `args`, every parameter of the kernel in its order (constexprs
-    included), and `options` the launch options as (name, value) pairs (num_warps, num_stages)."""
-    if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
-        kernel[grid](*args, **dict(options))
-        return
-    cache = _caches.get(id(kernel))  # by id: hashing a JITFunction builds its cache key
-    if cache is None:
-        cache = _caches.setdefault(id(kernel), {})
-    device = driver.active.get_current_device()
-    key = (device, options, specialisation_key(args))
-    compiled = cache.get(key)
-    if compiled is None:
-        compiled = kernel[grid](*args, **dict(options))  # Triton binds, specialises, compiles if needed, launches
-        if len(cache) >= CACHE_LIMIT:
-            cache.clear()
-        cache[key] = _Compiled(compiled)
-        return
-    stream = driver.active.get_current_stream(device)
-    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                 compiled.function, compiled.packed_metadata, None, None, None, *args)
+class LaunchSite:
+    """A place a kernel is launched from, whose launches' non-tensor arguments are a function of a key: `configure(
+    *key)` gives (grid, the arguments after the pointers by name, launch options), computed once per key. A launch
+    passes the key and the kernel's leading pointer arguments in order.
+
+    Through `traceable_kernel` (tracing's wrapper, the interpreter's function, a build-only stand-in) every launch
+    is configured anew and made by name. Otherwise the plan is cached, and each compiled specialisation (the
+    pointers' dtypes and 16-byte alignment: the rest is fixed by the key) is started by its launcher directly."""
+
+    def __init__(self, kernel, configure):
+        self.kernel, self.configure = kernel, configure
+        self.plans: dict[tuple, tuple] = {}
+
+    def launch(self, traceable_kernel, key: tuple, pointers: tuple) -> None:
+        if traceable_kernel is not self.kernel or _interpreted(self.kernel):
+            grid, scalars, options = self.configure(*key)
+            names = self.kernel.arg_names[:len(pointers)]
+            traceable_kernel[grid](**dict(zip(names, pointers, strict=True)), **scalars, **options)
+            return
+        plan = self.plans.get(key)
+        if plan is None:
+            grid, scalars, options = self.configure(*key)
+            tail = tuple(scalars[name] for name in self.kernel.arg_names[len(pointers):])
+            if len(self.plans) >= CACHE_LIMIT:
+                self.plans.clear()
+            plan = self.plans[key] = (grid, tail, tuple(options.items()), {})
+        grid, tail, options, compiled_by_pointers = plan
+        if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+            self.kernel[grid](*pointers, *tail, **dict(options))
+            return
+        device = driver.active.get_current_device()
+        specialisation = (device, *[(t.dtype, t.data_ptr() % 16 == 0) for t in pointers])
+        compiled = compiled_by_pointers.get(specialisation)
+        if compiled is None:
+            compiled = self.kernel[grid](*pointers, *tail, **dict(options))  # Triton's own launch, compiling if new
+            compiled_by_pointers[specialisation] = _Compiled(compiled)
+            return
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                     driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None, None,
+                     None, *pointers, *tail)
+
+
+def _interpreted(kernel) -> bool:
+    """A kernel run by Triton's interpreter (TRITON_INTERPRET=1) has no compiled launcher."""
+    return not hasattr(kernel, "arg_names") or type(kernel).__name__ == "InterpretedFunction"
+

@@ -23,7 +23,6 @@ and accept any strides. Limits: r <= MAX_RANK (the low-rank tiles live in regist
 from __future__ import annotations
 
 import functools
-import operator
 
 import torch
 import triton
@@ -31,12 +30,10 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake  # also sees through AOT tracing's functional tensors
 
 from .. import random_stream
+from .._validate import MAX_RANK  # noqa: F401 (the kernels' limit, imported from here by merge.py and the benchmarks)
 from ..random_stream import dropout_threshold
 from . import policy
-from .launch import cdiv
-from .launch import launch as launch_compiled
-
-MAX_RANK = 256
+from .launch import LaunchSite, cdiv
 
 _RANDOM_SHIFT = tl.constexpr(random_stream.RANDOM_SHIFT)
 
@@ -50,31 +47,6 @@ def traceable(kernel):
     """`kernel` in the form every launch uses: wrapped for tracing where the ops are triton_ops, else itself. Outside
     tracing (a triton_op run eagerly, or functional.py's eager path) torch's wrapper hands back the kernel itself."""
     return torch.library.wrap_triton(kernel) if TRACEABLE_LAUNCHES else kernel
-
-
-def launch_kernel(traceable_kernel, kernel, grid: tuple, *positional, num_warps=None, num_stages=None, **named):
-    """`kernel[grid](*positional, **named)`: through `traceable_kernel` (what `traceable` gave) where that is a
-    wrapper (tracing, a build-only stand-in) or the interpreter's function, else by launch.launch, which skips
-    Triton's per-call binding. Launch options (num_warps, num_stages) only where given."""
-    options = tuple((name, value) for name, value in (("num_warps", num_warps), ("num_stages", num_stages))
-                    if value is not None)
-    if traceable_kernel is not kernel or not TRACEABLE_LAUNCHES:
-        traceable_kernel[grid](*positional, **named, **dict(options))
-        return
-    getter = _named_getters.get((id(kernel), len(positional)))
-    if getter is None:
-        names = kernel.arg_names[len(positional):]
-        get = operator.itemgetter(*names)
-        getter = _named_getters[(id(kernel), len(positional))] = lambda named: get(named)
-    launch_compiled(kernel, grid, positional + getter(named), options)
-
-
-# (kernel, count of positional arguments) -> a function giving the rest of its arguments, in order, from the named.
-_named_getters: dict[tuple, object] = {}
-
-
-def _launch(kernel, grid: tuple, *positional, **named):
-    launch_kernel(traceable(kernel), kernel, grid, *positional, **named)
 
 
 def on_tensors_device(launcher):
@@ -487,6 +459,11 @@ def _grad_ab_config(rank_block: int, dtype: torch.dtype, write_dx: bool) -> dict
     return policy.fitting(policy.GRAD_AB_CONFIGS, estimate, rank_block, dtype)[0]
 
 
+def _options(config: dict) -> dict:
+    """The launch options of a config (num_warps, num_stages), where it sets them."""
+    return {name: config[name] for name in ("num_warps", "num_stages") if name in config}
+
+
 def _dropout_args(dropout_p: float, seed: torch.Tensor | None, fallback: torch.Tensor) -> dict:
     """Kernel arguments of the dropout mask. Without dropout the seed is never read and `fallback` stands in for it;
     placeholders like it are always inputs the kernel does not write, so that torch.compile's analysis of what a
@@ -519,6 +496,29 @@ def _is_fake(*tensors: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _shrink_plan(dtype, M, K, R, N, x_strides, a_strides, b_strides, bias_stride, scale, dropout_p, expand, has_bias,
+                 precision, device):
+    """The shrink's grid, non-tensor arguments and launch options for its key (see _shrink)."""
+    cfg = _shrink_config(policy.block_rank(R), dtype, M)
+    out_strides = (N, 1) if expand else (0, 0)  # out is allocated contiguous (M, N)
+    scalars = dict(
+        M=M, K=K, R=R, N=N,
+        stride_xm=x_strides[0], stride_xk=x_strides[1],
+        stride_ar=a_strides[0], stride_ak=a_strides[1],
+        stride_sm=R, stride_sr=1,  # S is allocated contiguous (M, R)
+        stride_bn=b_strides[0], stride_br=b_strides[1],
+        stride_bias=bias_stride,
+        stride_om=out_strides[0], stride_on=out_strides[1],
+        scale=float(scale), keep_threshold=dropout_threshold(dropout_p), inv_keep=1.0 / (1.0 - dropout_p),
+        APPLY_DROPOUT=dropout_p > 0.0, EXPAND=expand, HAS_BIAS=has_bias,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision,
+    )
+    return (cdiv(M, cfg["BLOCK_M"]),), scalars, _options(cfg)
+
+
+_SHRINK = LaunchSite(_shrink_kernel, _shrink_plan)
+
+
 def _shrink(x, lora_a, dropout_p, seed, expand=None):
     """S = dropout_p(x) @ A.T; with expand = (lora_b, scale, bias) also out = scale * S @ B.T + bias. Returns
     (S, out or None)."""
@@ -529,23 +529,12 @@ def _shrink(x, lora_a, dropout_p, seed, expand=None):
     out = torch.empty((M, N), device=x.device, dtype=x.dtype) if expand is not None else None
     if M == 0:
         return shrunk, out
-    cfg = _shrink_config(policy.block_rank(R), x.dtype, M)
-    grid = (cdiv(M, cfg["BLOCK_M"]),)
-    out_strides = out.stride() if out is not None else (0, 0)
-    _launch(_shrink_kernel, grid,
-        x, lora_a, shrunk, b_ptr=lora_b, bias_ptr=bias if bias is not None else x,
-        out_ptr=out if out is not None else x,
-        M=M, K=K, R=R, N=N,
-        stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1),
-        stride_sm=shrunk.stride(0), stride_sr=shrunk.stride(1),
-        stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
-        stride_bias=bias.stride(0) if bias is not None else 0,
-        stride_om=out_strides[0], stride_on=out_strides[1],
-        scale=float(scale), inv_keep=1.0 / (1.0 - dropout_p), EXPAND=expand is not None, HAS_BIAS=bias is not None,
-        BLOCK_R=policy.block_rank(R), DOT_PRECISION=_dot_precision(x.dtype),
-        **_dropout_args(dropout_p, seed, x), **cfg,
-    )
+    key = (x.dtype, M, K, R, N, x.stride(), lora_a.stride(), lora_b.stride(), 0 if bias is None else bias.stride(0),
+           scale, dropout_p, expand is not None, bias is not None, _dot_precision(x.dtype), x.device.index)
+    # Placeholders for what a variant does not read are inputs the kernel never writes (see _dropout_args).
+    _SHRINK.launch(traceable(_shrink_kernel), key, (
+        x, lora_a, shrunk, seed if dropout_p > 0.0 else x, lora_b, x if bias is None else bias,
+        x if out is None else out))
     return shrunk, out
 
 
@@ -553,6 +542,28 @@ def _shrink(x, lora_a, dropout_p, seed, expand=None):
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """S = dropout_p(x) @ A.T, (M, r) in x's dtype. x (M, K), lora_a (r, K)."""
     return _shrink(x, lora_a, dropout_p, seed)[0]
+
+
+def _fused_matmul_plan(M, N, K, R, lhs_strides, rhs_strides, low_strides, up_strides, bias_stride, low_scale,
+                      dropout_p, has_bias, tile, precision, device):
+    """The pointer-load fused GEMM's grid, non-tensor arguments and launch options for its key (see _fused_matmul)."""
+    scalars = dict(
+        M=M, N=N, K=K, R=R,
+        stride_lm=lhs_strides[0], stride_lk=lhs_strides[1],
+        stride_rk=rhs_strides[0], stride_rn=rhs_strides[1],
+        stride_low_m=low_strides[0], stride_low_r=low_strides[1],
+        stride_ur=up_strides[0], stride_un=up_strides[1],
+        stride_om=N, stride_on=1,  # out is allocated contiguous (M, N)
+        stride_bias=bias_stride,
+        low_scale=float(low_scale), keep_threshold=dropout_threshold(dropout_p),
+        HAS_BIAS=has_bias, APPLY_DROPOUT=dropout_p > 0.0,
+        BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision, **tile.constexprs,
+    )
+    return (cdiv(M, tile.block_m) * cdiv(N, tile.block_n),), scalars, {"num_warps": tile.num_warps,
+                                                                        "num_stages": tile.num_stages}
+
+
+_FUSED_MATMUL = LaunchSite(_fused_matmul_kernel, _fused_matmul_plan)
 
 
 def _fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, gemm_pass):
@@ -572,20 +583,11 @@ def _fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, gemm_pass
         out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype) if out is None else out
         if M == 0 or N == 0:
             return out
-        grid = (cdiv(M, tile.block_m) * cdiv(N, tile.block_n),)
-        _launch(_fused_matmul_kernel, grid,
-            lhs_ptr=lhs, rhs_ptr=rhs, low_ptr=low, up_ptr=up, bias_ptr=bias if bias is not None else lhs,
-            out_ptr=out, M=M, N=N, K=K, R=R,
-            stride_lm=lhs.stride(0), stride_lk=lhs.stride(1),
-            stride_rk=rhs.stride(0), stride_rn=rhs.stride(1),
-            stride_low_m=low.stride(0), stride_low_r=low.stride(1),
-            stride_ur=up.stride(0), stride_un=up.stride(1),
-            stride_om=out.stride(0), stride_on=out.stride(1),
-            stride_bias=bias.stride(0) if bias is not None else 0,
-            low_scale=float(low_scale), HAS_BIAS=bias is not None,
-            BLOCK_R=gemm.rank_block, DOT_PRECISION=_dot_precision(lhs.dtype),
-            **_dropout_args(dropout_p, seed, lhs), **tile.launch_options,
-        )
+        key = (M, N, K, R, lhs.stride(), rhs.stride(), low.stride(), up.stride(), 0 if bias is None else bias.stride(0),
+               low_scale, dropout_p, bias is not None, tile, _dot_precision(lhs.dtype), lhs.device.index)
+        # Placeholders for what a variant does not read are inputs the kernel never writes (see _dropout_args).
+        _FUSED_MATMUL.launch(traceable(_fused_matmul_kernel), key, (
+            lhs, rhs, low, up, lhs if bias is None else bias, out, seed if dropout_p > 0.0 else lhs))
         return out
 
     def time_tile(tile: policy.GemmTile) -> float:
@@ -611,56 +613,95 @@ def lora_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, grad_shrunk: tor
                          "input_grad")
 
 
+def _grad_ab_layout(M, N, K, R, dtype, write_dx, deterministic, device):
+    """(config, token blocks, (N splits, N chunks per split), (K splits, K chunks per split), token partials, dS
+    partials) of the two gradient launches; cached per key on the compiled path (see _grad_ab)."""
+    key = (M, N, K, R, dtype, write_dx, deterministic, device)
+    layout = _GRAD_AB_LAYOUTS.get(key) if TRACEABLE_LAUNCHES else None
+    if layout is None:
+        cfg = _grad_ab_config(policy.block_rank(R), dtype, write_dx=write_dx)
+        token_blocks = cdiv(M, cfg["BLOCK_M"])
+        n_split = _column_splits(token_blocks, cdiv(N, cfg["BLOCK_N"]))
+        k_split = _column_splits(token_blocks, cdiv(K, cfg["BLOCK_K"]))
+        # Partial sums: one per token block (dA, dB, dbias) or N split (dS) when deterministic, one with atomics.
+        layout = (cfg, token_blocks, n_split, k_split, max(token_blocks, 1) if deterministic else 1,
+                  n_split[0] if deterministic else 1)
+        if TRACEABLE_LAUNCHES:
+            if len(_GRAD_AB_LAYOUTS) >= 4096:
+                _GRAD_AB_LAYOUTS.clear()
+            _GRAD_AB_LAYOUTS[key] = layout
+    return layout
+
+
+_GRAD_AB_LAYOUTS: dict[tuple, tuple] = {}
+
+
+def _grad_b_plan(M, N, K, R, dtype, write_dx, deterministic, device, dy_strides, s_strides, b_strides, scale,
+                 need_bias_grad, precision):
+    cfg, token_blocks, (n_splits, n_chunks_per_split), _, token_partials, ds_partials = _grad_ab_layout(
+        M, N, K, R, dtype, write_dx, deterministic, device)
+    scalars = dict(
+        M=M, N=N, R=R,
+        stride_dym=dy_strides[0], stride_dyn=dy_strides[1],
+        stride_sm=s_strides[0], stride_sr=s_strides[1],
+        stride_bn=b_strides[0], stride_br=b_strides[1],
+        stride_ds_partial=M * R, stride_ds_m=R, stride_ds_r=1,  # the buffers are allocated contiguous
+        stride_db_partial=N * R, stride_db_n=R, stride_db_r=1,
+        stride_dbias_partial=N if need_bias_grad else 0,
+        scale=float(scale), chunks_per_split=n_chunks_per_split,
+        HAS_BIAS_GRAD=need_bias_grad, DETERMINISTIC=deterministic,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision,
+    )
+    return (token_blocks, n_splits), scalars, _options(cfg)
+
+
+def _grad_a_plan(M, N, K, R, dtype, write_dx, deterministic, device, x_strides, a_strides, scale, dropout_p,
+                 precision):
+    cfg, token_blocks, _, (k_splits, k_chunks_per_split), token_partials, ds_partials = _grad_ab_layout(
+        M, N, K, R, dtype, write_dx, deterministic, device)
+    scalars = dict(
+        M=M, K=K, R=R, num_ds_partials=ds_partials,
+        stride_xm=x_strides[0], stride_xk=x_strides[1],
+        stride_dsp_partial=M * R, stride_dsp_m=R, stride_dsp_r=1,  # the buffers are allocated contiguous
+        stride_dsm=R, stride_dsr=1,
+        stride_da_partial=R * K, stride_da_r=K, stride_da_k=1,
+        stride_ar=a_strides[0], stride_ak=a_strides[1],
+        stride_dxm=K if write_dx else x_strides[0], stride_dxk=1 if write_dx else x_strides[1],
+        scale=float(scale), keep_threshold=dropout_threshold(dropout_p), inv_keep=1.0 / (1.0 - dropout_p),
+        chunks_per_split=k_chunks_per_split, APPLY_DROPOUT=dropout_p > 0.0, DETERMINISTIC=deterministic,
+        WRITE_DX=write_dx, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=policy.block_rank(R),
+        DOT_PRECISION=precision,
+    )
+    return (token_blocks, k_splits), scalars, _options(cfg)
+
+
+_GRAD_B = LaunchSite(_grad_b_kernel, _grad_b_plan)
+_GRAD_A = LaunchSite(_grad_a_kernel, _grad_a_plan)
+
+
 def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic):
     """(dA, dB, dS, dbias, dx start or None): dx's start mask(dS @ A) / (1-p) is written by the dA launch when
     lora_a is given (the cuBLAS-composed engine)."""
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
-    cfg = _grad_ab_config(policy.block_rank(R), x.dtype, write_dx=lora_a is not None)
-    block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    launch = {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg}
-    token_blocks = cdiv(M, block_m)
-    n_splits, n_chunks_per_split = _column_splits(token_blocks, cdiv(N, block_n))
-    k_splits, k_chunks_per_split = _column_splits(token_blocks, cdiv(K, block_k))
-    # Partial sums: one per token block (dA, dB, dbias) or N split (dS) when deterministic, a single one with atomics.
-    token_partials = max(token_blocks, 1) if deterministic else 1
+    write_dx = lora_a is not None
+    layout_key = (M, N, K, R, x.dtype, write_dx, deterministic, x.device.index)
+    _, token_blocks, (n_splits, _), _, token_partials, ds_partials = _grad_ab_layout(*layout_key)
     dev = x.device
     grad_a = torch.zeros((token_partials, R, K), device=dev, dtype=torch.float32)
     grad_b = torch.zeros((token_partials, N, R), device=dev, dtype=torch.float32)
     grad_bias = torch.zeros((token_partials, N if need_bias_grad else 0), device=dev, dtype=torch.float32)
-    ds_partial = torch.zeros((n_splits if deterministic else 1, M, R), device=dev, dtype=torch.float32)
+    ds_partial = torch.zeros((ds_partials, M, R), device=dev, dtype=torch.float32)
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
-    dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if lora_a is not None else None
-    common = dict(DETERMINISTIC=deterministic, BLOCK_M=block_m, BLOCK_R=policy.block_rank(R),
-                  DOT_PRECISION=_dot_precision(x.dtype), **launch)
+    dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if write_dx else None
     if token_blocks > 0:
-        _launch(_grad_b_kernel, (token_blocks, n_splits),
-            grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y,
-            M=M, N=N, R=R,
-            stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1),
-            stride_sm=shrunk.stride(0), stride_sr=shrunk.stride(1),
-            stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
-            stride_ds_partial=ds_partial.stride(0), stride_ds_m=ds_partial.stride(1),
-            stride_ds_r=ds_partial.stride(2),
-            stride_db_partial=grad_b.stride(0), stride_db_n=grad_b.stride(1), stride_db_r=grad_b.stride(2),
-            stride_dbias_partial=grad_bias.stride(0),
-            scale=float(scale), chunks_per_split=n_chunks_per_split,
-            HAS_BIAS_GRAD=need_bias_grad, BLOCK_N=block_n, **common,
-        )
-        dropout = _dropout_args(dropout_p, seed, x)
-        a, dx = (lora_a, dx_start) if lora_a is not None else (x, x)
-        _launch(_grad_a_kernel, (token_blocks, k_splits),
-            x, ds_partial, grad_shrunk, grad_a, dropout["seed_ptr"], a, dx,
-            M=M, K=K, R=R, num_ds_partials=ds_partial.shape[0],
-            stride_xm=x.stride(0), stride_xk=x.stride(1),
-            stride_dsp_partial=ds_partial.stride(0), stride_dsp_m=ds_partial.stride(1),
-            stride_dsp_r=ds_partial.stride(2),
-            stride_dsm=grad_shrunk.stride(0), stride_dsr=grad_shrunk.stride(1),
-            stride_da_partial=grad_a.stride(0), stride_da_r=grad_a.stride(1), stride_da_k=grad_a.stride(2),
-            stride_ar=a.stride(0), stride_ak=a.stride(1), stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
-            scale=float(scale), keep_threshold=dropout["keep_threshold"], inv_keep=1.0 / (1.0 - dropout_p),
-            chunks_per_split=k_chunks_per_split, APPLY_DROPOUT=dropout["APPLY_DROPOUT"],
-            WRITE_DX=lora_a is not None, BLOCK_K=block_k, **common,
-        )
+        precision = _dot_precision(x.dtype)
+        # Placeholders for what a variant does not read or write are inputs it never writes (see _dropout_args).
+        _GRAD_B.launch(traceable(_grad_b_kernel), (*layout_key, grad_y.stride(), shrunk.stride(), lora_b.stride(),
+                                                  scale, need_bias_grad, precision), (
+            grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y))
+        a, dx = (lora_a, dx_start) if write_dx else (x, x)
+        _GRAD_A.launch(traceable(_grad_a_kernel), (*layout_key, x.stride(), a.stride(), scale, dropout_p, precision), (
+            x, ds_partial, grad_shrunk, grad_a, seed if dropout_p > 0.0 else x, a, dx))
     grad_a, grad_b, grad_bias = (_sum_partials(t, x.dtype) for t in (grad_a, grad_b, grad_bias))
     return grad_a, grad_b, grad_shrunk, grad_bias, dx_start
 

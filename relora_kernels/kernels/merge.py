@@ -20,8 +20,8 @@ import triton.language as tl
 
 from .. import random_stream
 from . import policy
-from .launch import cdiv
-from .lora_linear import MAX_RANK, launch_kernel, on_tensors_device, traceable
+from .launch import LaunchSite, cdiv
+from .lora_linear import MAX_RANK, _options, on_tensors_device, traceable
 
 _RANDOM_SHIFT = tl.constexpr(random_stream.RANDOM_SHIFT)
 _INV_RANDOM_RANGE = tl.constexpr(random_stream.UNIT_SCALE)
@@ -111,6 +111,32 @@ def _merge_config(rank_block: int, dtype: torch.dtype) -> dict:
     return policy.fitting(_MERGE_CONFIGS, _merge_shared_bytes, rank_block, dtype)[0]
 
 
+def _merge_plan(N, K, R, dtype, w_strides, a_strides, b_strides, scale, device):
+    cfg = _merge_config(policy.block_rank(R), dtype)
+    scalars = dict(
+        N=N, K=K, R=R,
+        stride_wn=w_strides[0], stride_wk=w_strides[1],
+        stride_ar=a_strides[0], stride_ak=a_strides[1],
+        stride_bn=b_strides[0], stride_br=b_strides[1],
+        scale=float(scale),
+        # fp32 weights get full fp32 products; 16-bit factors are exact in tf32 (see the module docstring).
+        BLOCK_R=policy.block_rank(R), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+    )
+    return (cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"])), scalars, _options(cfg)
+
+
+def _reinit_plan(R, K, N, a_strides, b_strides, seed):
+    block = 1024 if not policy.interpreting() else 256
+    scalars = dict(R=R, K=K, N=N, stride_ar=a_strides[0], stride_ak=a_strides[1], stride_bn=b_strides[0],
+                   stride_br=b_strides[1], seed=seed, bound=K**-0.5 if K else 0.0, BLOCK=block)
+    return (cdiv(R * K, block) + cdiv(N * R, block),), scalars, {}
+
+
+_MERGE = LaunchSite(_merge_kernel, _merge_plan)
+_REINIT = LaunchSite(_reinit_kernel, _reinit_plan)
+
+
 @on_tensors_device
 def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
     """W <- W + s * B @ A in place, fp32 accumulation, one rounding into W's dtype."""
@@ -119,34 +145,15 @@ def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
         raise ValueError(f"lora_a has r = {R} rows; the Triton kernels support r <= {MAX_RANK}")
     if weight.numel() == 0:
         return
-    cfg = _merge_config(policy.block_rank(R), weight.dtype)
-    grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]))
-    # fp32 weights get full fp32 products; 16-bit factors are exact in tf32 (see the module docstring).
-    precision = "ieee" if lora_a.dtype == torch.float32 else "tf32"
-    launch_kernel(traceable(_merge_kernel), _merge_kernel, grid,
-        weight, lora_a, lora_b,
-        N, K, R,
-        weight.stride(0), weight.stride(1),
-        lora_a.stride(0), lora_a.stride(1),
-        lora_b.stride(0), lora_b.stride(1),
-        float(scale),
-        BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision, **cfg,
-    )
+    _MERGE.launch(traceable(_merge_kernel), (N, K, R, weight.dtype, weight.stride(), lora_a.stride(), lora_b.stride(),
+                                             scale, weight.device.index), (weight, lora_a, lora_b))
 
 
 @on_tensors_device
 def reinit_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, seed: int) -> None:
     """A <- U(-1/sqrt(K), 1/sqrt(K)) keyed by `seed`, B <- 0, in place."""
     (R, K), N = lora_a.shape, lora_b.shape[0]
-    block = 1024 if not policy.interpreting() else 256
-    grid = (cdiv(R * K, block) + cdiv(N * R, block),)
-    if grid[0] == 0:
+    if R * K + N * R == 0:
         return
-    launch_kernel(traceable(_reinit_kernel), _reinit_kernel, grid,
-        lora_a, lora_b,
-        R, K, N,
-        lora_a.stride(0), lora_a.stride(1),
-        lora_b.stride(0), lora_b.stride(1),
-        seed, K**-0.5 if K else 0.0,
-        BLOCK=block,
-    )
+    _REINIT.launch(traceable(_reinit_kernel), (R, K, N, lora_a.stride(), lora_b.stride(), seed),
+                   (lora_a, lora_b))

@@ -336,8 +336,8 @@ def predicted_engine(launch: GemmLaunch) -> str:
 
 def choose_engine(launch: GemmLaunch) -> str:
     """The engine for `launch`: the engine setting if not auto, else the table's entry, else predicted_engine.
-    Cached per (launch, settings generation, architecture) so that the common call costs one dictionary lookup."""
-    key = (launch, settings.generation, interpreting() or current_arch())
+    Cached per (launch, settings generation, architecture, table) so that the common call costs one lookup."""
+    key = (launch, settings.generation, interpreting() or current_arch(), id(tuned_table()))
     engine = _engine_cache.get(key)
     if engine is None:
         setting = engine_setting()
@@ -416,19 +416,39 @@ def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None,
     """The Triton engine's tile for `launch` (see the module docstring); `time_tile` times one tile, or is None
     where the launch cannot be timed; `tma_ok` (a bool, or a function asked only where a Hopper tile is at stake):
     the operands can be read through TMA descriptors, so a table's Hopper tile may run; `timeable()` says whether
-    this launch can be timed (asked only where a key still needs tuning)."""
+    this launch can be timed (asked only where a key still needs tuning). A choice that depends on neither the
+    operands nor the timing any more is cached per (launch, settings generation, architecture, table, shared
+    memory)."""
     if _forced_tiles:
         return _forced_tiles[-1]
     if interpreting():
         return INTERPRETER_TILE
-    candidates = fitting(GEMM_TILES, gemm_shared_bytes, launch.rank_block, launch.dtype)
     if tile_choice() == "fixed":
-        return candidates[0]
+        return fitting(GEMM_TILES, gemm_shared_bytes, launch.rank_block, launch.dtype)[0]
+    key = (launch, settings.generation, current_arch(), id(tuned_table()), shared_memory_limit())
+    tile = _tile_cache.get(key)
+    if tile is not None:
+        return tile
+    tile, final = _choose_tile(launch, time_tile, tma_ok, timeable)
+    if final:
+        if len(_tile_cache) >= 4096:
+            _tile_cache.clear()
+        _tile_cache[key] = tile
+    return tile
+
+
+_tile_cache: dict[tuple, GemmTile] = {}
+
+
+def _choose_tile(launch, time_tile, tma_ok, timeable) -> tuple[GemmTile, bool]:
+    """(tile, whether the choice is final for the launch's key)."""
+    candidates = fitting(GEMM_TILES, gemm_shared_bytes, launch.rank_block, launch.dtype)
     entry = table_entry(launch)
     if entry and entry.get("tile"):  # the Triton engine's tile, also where the entry's engine is cuBLAS
         tile = parse_tile(entry["tile"])
         usable = tile.kernel == "pointer" or (tile in tma_tiles(launch) and (tma_ok() if callable(tma_ok) else tma_ok))
         if usable and gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= shared_memory_limit():
-            return tile
+            return tile, tile.kernel == "pointer"  # a Hopper tile depends on the operands' layout: asked each time
     key = (current_arch(), launch.shape_key)
-    return TUNER.tile(key, candidates[:TUNED_CANDIDATES], time_tile, timeable)
+    tile = TUNER.tile(key, candidates[:TUNED_CANDIDATES], time_tile, timeable)
+    return tile, key in TUNER.tiles

@@ -70,6 +70,7 @@ def engine(request):
 def kernel_calls(monkeypatch, reference_blocked, engine):
     """Count calls of the two passes (kernels/lora_linear.py's lora_forward and lora_backward), for each engine:
     eagerly functional.py calls them itself; torch.compile cannot trace the counting wrapper."""
+    from relora_kernels import ops  # noqa: F401 (registers the launchers, as the originals, before they are wrapped)
     from relora_kernels.kernels import lora_linear
 
     return count_launches(monkeypatch, lora_linear, ("lora_forward", "lora_backward"))

@@ -99,7 +99,9 @@ def lora_layers(model) -> dict:
 
 
 def count_ops() -> None:
-    # The launchers functional.py calls eagerly (the registered ops are what torch.compile sees).
+    # The launchers functional.py calls eagerly (the registered ops are what torch.compile sees); ops registers
+    # them first, as the originals.
+    from relora_kernels import ops  # noqa: F401
     from relora_kernels.kernels import lora_linear, merge
 
     for name in COUNTED_OPS:

@@ -23,6 +23,7 @@ SHAPES = {
 def merge_kernel_calls(monkeypatch, triton_backend):
     """Count the merge launchers (called eagerly by functional.py) and block the reference twins, so the kernels are
     what a test checks."""
+    from relora_kernels import ops  # noqa: F401 (registers the launchers, as the originals, before they are wrapped)
     from relora_kernels.kernels import merge
 
     names = ("merge_lora_weight_", "reinit_lora_")

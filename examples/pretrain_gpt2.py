@@ -31,7 +31,6 @@ machine), after a kill -9 or a Ctrl-C (SIGINT/SIGTERM finish the step and checkp
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import signal
@@ -59,6 +58,7 @@ from checkpoints import (
     read_metrics,
     restart_metrics,
     save_checkpoint,
+    write_json,
 )
 from config import Config, UsageError, check_lora_rank, parse_args, pick_device, require, resolve_config
 from data import batch_seed, get_batch, load_data, prepare_data
@@ -532,27 +532,33 @@ def plot(run: Run) -> None:
 
 def checkpoint(run: Run, step: int) -> None:
     """Write the checkpoint of `step` atomically (every rank its shards under --fsdp, else rank 0), prune old ones,
-    redraw the plot; no rank runs ahead of a checkpoint that may be needed to resume."""
+    redraw the plot; no rank runs ahead of a checkpoint that may be needed to resume, and a failure on rank 0 (a
+    full disk) stops every rank with its message."""
     if run.cfg.fsdp:
         if not sharded.local_finite(run.model):
             raise RunError(f"step {step}: the weights are not finite; refusing to write a checkpoint over good ones")
-        try:  # every rank writes its shards; rank 0 the rest and, once all are written, DONE
-            state = checkpoint_state(run, step) if run.master else None
-            path = sharded.save(run.out_dir / "ckpt", step, run.model, run.optimizer, state)
-        except OSError as e:
-            raise RunError(f"step {step}: {e} writing checkpoint {run.out_dir / 'ckpt'}/step_{step:08d}; removed the "
-                           "partial folder, the earlier checkpoints are intact (--resume continues from the newest)"
-                           ) from None
-        if run.master:
-            prune_checkpoints(run.out_dir, run.cfg.keep_ckpts)
-    elif run.master:
-        state = {**checkpoint_state(run, step), "optimizer": run.optimizer.state_dict()}
-        path = save_checkpoint(run.out_dir, step, run.model, state, run.cfg.keep_ckpts)
+        # Every rank writes its shards; rank 0 the rest and, once all are written, DONE. A failure on any rank raises
+        # the same RunError on every rank.
+        state = checkpoint_state(run, step) if run.master else None
+        path = sharded.save(run.out_dir / "ckpt", step, run.model, run.optimizer, state)
+    failure = None
     if run.master:
-        plot(run)
-        run.log(f"step {step}: checkpoint {path}")
-    if run.ddp:
-        dist.barrier()
+        try:
+            if run.cfg.fsdp:
+                prune_checkpoints(run.out_dir, run.cfg.keep_ckpts)
+            else:
+                state = {**checkpoint_state(run, step), "optimizer": run.optimizer.state_dict()}
+                path = save_checkpoint(run.out_dir, step, run.model, state, run.cfg.keep_ckpts)
+            plot(run)
+            run.log(f"step {step}: checkpoint {path}")
+        except RunError as e:
+            failure = str(e)
+    if run.multi:  # also the barrier that keeps every rank behind the checkpoint
+        failures = [None] * run.world
+        dist.all_gather_object(failures, failure)
+        failure = failures[0]
+    if failure:
+        raise RunError(failure)
 
 
 def stop_requested(run: Run) -> int:
@@ -627,7 +633,7 @@ def finish(run: Run) -> dict:
                    fsdp=cfg.fsdp)
     if run.master:
         plot(run)
-        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_json(run.out_dir / "summary.json", summary)
         if val_rows:
             first, last = val_rows[0], val_rows[-1]
             run.log(f"val loss {first['val_loss']:.3f} at step {first['step']} -> {last['val_loss']:.3f} at step "

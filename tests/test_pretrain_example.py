@@ -604,7 +604,8 @@ def test_resume_falls_back_past_broken_checkpoints_and_cleans_up(tmp_path, monke
 
     monkeypatch.setattr(checkpoints, "save_model", no_space)
     with pytest.raises(checkpoints.RunError, match=r"step 20: no space left on device writing checkpoint "
-                                                     r".*step_00000020; removed the partial"):
+                                                     r".*step_00000020 \(it needs about 7.7 KiB, .* free there\); "
+                                                     r"removed the partial"):
         checkpoints.save_checkpoint(tmp_path, 20, model, {"step": 20}, keep=3)
     assert not list(ckpt.glob(".tmp-*")) and [d.name for d in checkpoints.checkpoint_dirs(tmp_path)] == \
         ["step_00000005"]
@@ -619,7 +620,7 @@ def test_resume_falls_back_past_a_truncated_shard_of_a_sharded_checkpoint(tmp_pa
         folder = tmp_path / f"ckpt/step_{step:08d}"
         dcp.save({"model": {"w": torch.arange(64.0)}}, storage_writer=dcp.FileSystemWriter(folder))
         torch.save({"step": step}, folder / "state.pt")
-        (folder / "DONE").write_text("")
+        checkpoints.mark_done(folder, step=step)
     shard = tmp_path / "ckpt/step_00000010/__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])
     logs = []
@@ -641,3 +642,116 @@ def test_torn_metrics_line_is_dropped_and_earlier_rows_kept(tmp_path):
     assert len(logs) == 1
     checkpoints.restart_metrics(path, 0, logs.append)  # a run from step 0 moves the old rows aside
     assert not path.exists() and checkpoints.read_metrics(tmp_path / "metrics.previous.jsonl") == rows[:5]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A full disk at every write of the run
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DiskFull:
+    """Make the nth write of a file named `name` fail as a full disk does (OSError ENOSPC), from inside the writer
+    the run uses for it, after part of the data went out; every other write goes through. The atomic writers'
+    temporary files (".NAME.xxxx") count as writes of NAME."""
+
+    def __init__(self, monkeypatch, name: str, nth: int):
+        import pathlib
+
+        import matplotlib.figure
+
+        self.name, self.nth, self.seen, self.fired = name, nth, 0, False
+        real_save_model, real_torch_save = checkpoints.save_model, torch.save
+        real_write_text, real_savefig = pathlib.Path.write_text, matplotlib.figure.Figure.savefig
+        real_open = open
+        disk = self
+
+        def save_model(model, path, *args, **kwargs):
+            disk.check(path, lambda: Path(path).write_bytes(b"\0" * 100))
+            return real_save_model(model, path, *args, **kwargs)
+
+        def torch_save(obj, f, *args, **kwargs):
+            if isinstance(f, (str, os.PathLike)):
+                disk.check(f, lambda: Path(f).write_bytes(b"PK\3\4"))
+            return real_torch_save(obj, f, *args, **kwargs)
+
+        def write_text(self, text, *args, **kwargs):
+            disk.check(self, lambda: real_write_text(self, text[: len(text) // 2]))
+            return real_write_text(self, text, *args, **kwargs)
+
+        def savefig(self, fname, *args, **kwargs):
+            disk.check(fname, lambda: Path(fname).write_bytes(b"\x89PNG"))
+            return real_savefig(self, fname, *args, **kwargs)
+
+        class HalfWritten:  # a file whose write puts out half the text, then fails
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def write(self, text):
+                self.f.write(text[: len(text) // 2])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        def open_(path, mode="r", *args, **kwargs):
+            f = real_open(path, mode, *args, **kwargs)
+            if "a" in mode and disk.matches(path):
+                return HalfWritten(f)
+            return f
+
+        monkeypatch.setattr(checkpoints, "save_model", save_model)
+        monkeypatch.setattr(torch, "save", torch_save)
+        monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+        monkeypatch.setattr(checkpoints, "open", open_, raising=False)
+
+    def matches(self, path) -> bool:
+        base = Path(path).name
+        if not (base == self.name or base.startswith(f".{self.name}.")) or self.fired:
+            return False
+        self.seen += 1
+        self.fired = self.seen == self.nth
+        return self.fired
+
+    def check(self, path, partial) -> None:
+        if self.matches(path):
+            partial()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_at_each_write_ends_the_run_in_one_line_and_the_resume_is_exact(corpus, cache_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    # An 8-step run (checkpoints every 2 steps) in which the disk fills at one file after another, each time resumed
+    # on a disk with room: the checkpoint's weights, its state, its DONE, the plot redrawn after it, a metrics row,
+    # the summary. Each failure: one line naming the file (or checkpoint) and the space it needed, the last good
+    # checkpoint intact, nothing half-written that could count as one; at the end, the uninterrupted run's losses.
+    run = ("--mode", "full", "--max_steps", "8", "--ckpt_every", "2", "--eval_every", "4")
+    assert pretrain_gpt2.main(tiny_args(corpus, cache_dir, tmp_path / "whole", *run)) == 0
+    args = tiny_args(corpus, cache_dir, tmp_path / "run", *run)
+    checkpoint_4 = f"checkpoint {tmp_path / 'run/ckpt/step_00000004'}"
+    # (file, which of its writes fails, what the line names, the checkpoints after it)
+    faults = [("model.safetensors", 2, checkpoint_4, [2]), ("state.pt", 1, checkpoint_4, [2]),
+              ("DONE", 1, checkpoint_4, [2]), ("loss.png", 1, tmp_path / "run/loss.png", [2, 4]),
+              ("metrics.jsonl", 2, tmp_path / "run/metrics.jsonl", [2, 4]),  # the row of step 6, torn
+              ("summary.json", 1, tmp_path / "run/summary.json", [6, 8])]
+    for i, (name, nth, written, steps) in enumerate(faults):
+        capsys.readouterr()
+        with monkeypatch.context() as patches:
+            disk = DiskFull(patches, name, nth)
+            assert pretrain_gpt2.main([*args, *(("--resume",) if i else ())]) == 1, name
+            assert disk.fired, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"no space left on device writing {written} (it needs about " in err, err
+        ckpt_dir = tmp_path / "run/ckpt"
+        assert [d.name for d in checkpoints.checkpoint_dirs(tmp_path / "run")] == [f"step_{s:08d}" for s in steps]
+        assert sorted(d.name for d in ckpt_dir.iterdir()) == [f"step_{s:08d}" for s in steps], name
+        assert not [f.name for f in (tmp_path / "run").iterdir() if f.name.startswith(".") and f.name != ".lock"]
+    assert pretrain_gpt2.main([*args, "--resume"]) == 0
+    keys = ("step", "train_loss", "val_loss", "lr", "tokens")
+    rows = {run: [{k: r.get(k) for k in keys} for r in read_rows(tmp_path / run)] for run in ("whole", "run")}
+    assert rows["run"] == rows["whole"]
+    assert json.loads((tmp_path / "run/summary.json").read_text())["val_loss"] == rows["whole"][-1]["val_loss"]

@@ -28,6 +28,7 @@ import torch
 from config import UsageError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
+from torch.distributed.checkpoint.api import CheckpointException
 
 from relora_kernels.utils import atomic_folder, atomic_write
 
@@ -81,6 +82,25 @@ def check_done(ckpt: Path) -> dict:
     return done
 
 
+def root_cause(e: BaseException) -> BaseException:
+    """The OSError behind a failed write, where one can be found: inside DCP's CheckpointException (by rank), the
+    exception torch.save's writer raised while handling it, the "(os error N)" of safetensors' message."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, CheckpointException) and e.failures:
+            e = next(iter(e.failures.values()))[0]
+            continue
+        if isinstance(e, OSError):
+            return e
+        if match := re.search(r"\(os error (\d+)\)", str(e)):
+            return OSError(int(match[1]), os.strerror(int(match[1])))
+        if (e.__cause__ or e.__context__) is None:
+            break
+        e = e.__cause__ or e.__context__
+    return e
+
+
 def tensor_bytes(obj) -> int:
     """The bytes of every tensor in a (nested) state dict; a DTensor counts whole, all ranks' shards together."""
     if isinstance(obj, torch.Tensor):
@@ -123,8 +143,8 @@ def reported_write(path: Path, needed: int | None = None):
 
 
 def checkpoint_failure(step: int, final: Path, e: BaseException, needed: int) -> RunError:
-    return RunError(f"step {step}: {write_failure(e, final, needed, 'checkpoint ')}; removed the partial checkpoint, the earlier "
-                    "ones are intact (--resume continues from the newest)")
+    return RunError(f"step {step}: {write_failure(e, final, needed, 'checkpoint ')}; removed the partial checkpoint, "
+                    "the earlier ones are intact (--resume continues from the newest)")
 
 
 # --- checkpoints: ckpt/step_XXXXXXXX/{model.safetensors, state.pt, DONE} -------------------------------------------
@@ -146,14 +166,22 @@ def save_checkpoint(out_dir: Path, step: int, model, state: dict, keep: int) -> 
     try:
         with atomic_folder(final, tmp):
             save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head.weight, restored on load
-            torch.save(state, tmp / "state.pt")
+            save_state(state, tmp / "state.pt")
         mark_done(final, step=step)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap the OSError
         if not (final / "DONE").exists():  # renamed but not marked: not a checkpoint, and in the way of the next
             shutil.rmtree(final, ignore_errors=True)
-        raise checkpoint_failure(step, final, e, tensor_bytes(model.state_dict()) + tensor_bytes(state)) from None
+        needed = tensor_bytes(model.state_dict()) + tensor_bytes(state)
+        raise checkpoint_failure(step, final, root_cause(e), needed) from None
     prune_checkpoints(out_dir, keep)
     return final
+
+
+def save_state(state: dict, path: Path) -> None:
+    """torch.save through a Python file, so that a failed write raises the OSError (its writer given a path raises
+    only "unexpected pos")."""
+    with open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def prune_checkpoints(out_dir: Path, keep: int) -> None:
@@ -287,10 +315,11 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def restart_metrics(path: Path, start_step: int, log) -> None:
+def restart_metrics(path: Path, start_step: int, log, restarts: int | None = None) -> None:
     """Make metrics.jsonl hold the rows up to start_step, the step resumed from: later rows are for steps that will
     run again, a torn last line is dropped. Rewritten atomically, and only when that changes it. A run from step 0
-    moves an earlier file aside (metrics.previous.jsonl) rather than empty it."""
+    moves an earlier file aside (metrics.previous.jsonl) rather than empty it. `restarts`: the row of start_step is
+    marked as a restart, with this count (a restart made at resume, see pretrain_gpt2.py)."""
     if not path.exists():
         return
     text, rows = path.read_text(), read_metrics(path)
@@ -300,6 +329,8 @@ def restart_metrics(path: Path, start_step: int, log) -> None:
             log(f"{path}: {len(rows)} rows of an earlier run that left no checkpoint, moved to metrics.previous.jsonl")
         return
     kept = [r for r in rows if r["step"] <= start_step]
+    if restarts is not None:
+        kept = [{**r, "restart": True, "restarts": restarts} if r["step"] == start_step else r for r in kept]
     new = "".join(json.dumps(r) + "\n" for r in kept)
     if new != text:
         mode = path.stat().st_mode
@@ -310,7 +341,8 @@ def restart_metrics(path: Path, start_step: int, log) -> None:
 
         with reported_write(path, len(new.encode())):
             atomic_write(path, write)
-        log(f"{path}: kept the {len(kept)} rows up to step {start_step}, dropped {len(rows) - len(kept)} after it"
+        dropped = len(rows) - len([r for r in rows if r["step"] <= start_step])
+        log(f"{path}: kept the {len(kept)} rows up to step {start_step}, dropped {dropped} after it"
             + ("" if text.endswith("\n") and len(text.splitlines()) == len(rows) else " and a torn last line"))
 
 

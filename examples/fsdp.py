@@ -23,15 +23,24 @@ from __future__ import annotations
 import io
 import pickle
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from checkpoints import UnreadableCheckpoint, checkpoint_failure, first_line, mark_done, tensor_bytes
+from checkpoints import (
+    UnreadableCheckpoint,
+    checkpoint_failure,
+    first_line,
+    mark_done,
+    root_cause,
+    save_state,
+    tensor_bytes,
+)
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -98,8 +107,15 @@ def save(root: Path, step: int, model, optimizer, state: dict | None) -> Path:
         tmp.mkdir(parents=True)
 
     def write_shards():  # DCP gathers every rank's write results; sync_files fsyncs them
-        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=dcp.FileSystemWriter(tmp))
-        on_rank_0(lambda: torch.save(state, tmp / "state.pt"))
+        writer = dcp.FileSystemWriter(tmp)
+        writer.fs = _KeepingWriteErrors()
+        try:
+            dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
+        except CheckpointException as e:
+            if writer.fs.errors:  # this rank's own failed write, which DCP's gather of results loses
+                raise writer.fs.errors[0] from e
+            raise
+        on_rank_0(lambda: save_state(state, tmp / "state.pt"))
 
     def publish_and_mark():  # every rank's shards are on disk (the gather in _on_every_rank): now it counts
         if final.exists():
@@ -115,9 +131,38 @@ def save(root: Path, step: int, model, optimizer, state: dict | None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             if not (final / "DONE").exists():
                 shutil.rmtree(final, ignore_errors=True)
-        needed = tensor_bytes(model_state) + tensor_bytes(optim_state) + (tensor_bytes(state) if state else 0)
+        needed = tensor_bytes(model_state) + tensor_bytes(optim_state)  # the shards; state.pt is small
         raise checkpoint_failure(step, final, failed.cause, needed) from None
     return final
+
+
+class _KeepingWriteErrors(FileSystem):
+    """DCP's file system, keeping the OSError of a failed write: torch.save turns it into a RuntimeError ("unexpected
+    pos") whose context, the OSError, does not survive DCP's gather of the ranks' results."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors: list[OSError] = []
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            yield _ErrorKeepingStream(stream, self.errors)
+
+
+class _ErrorKeepingStream:
+    def __init__(self, stream, errors: list):
+        self._stream, self._errors = stream, errors
+
+    def write(self, data):
+        try:
+            return self._stream.write(data)
+        except OSError as e:
+            self._errors.append(e)
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 class _WriteFailed(Exception):
@@ -128,32 +173,23 @@ class _WriteFailed(Exception):
 
 def _on_every_rank(action) -> None:
     """Run this rank's part of a write, then agree (a collective, so also a barrier): if it failed on any rank,
-    raise _WriteFailed on every rank with the first failure (an OSError where one is found: DCP wraps them)."""
+    raise _WriteFailed on every rank with the first failure (its OSError where one is found: DCP wraps them)."""
     failure = None
     try:
         action()
     except (Exception, CheckpointException) as e:  # noqa: BLE001 -- CheckpointException is a BaseException
-        failure = _root_cause(e)
+        failure = root_cause(e)
     failures = [None] * dist.get_world_size()
     if failure is not None:  # what travels: (type, errno, text); the exception itself may not pickle
         is_os = isinstance(failure, OSError) and failure.errno is not None
         failure = (type(failure).__name__, failure.errno if is_os else None,
                    failure.strerror if is_os and failure.strerror else first_line(failure))
     dist.all_gather_object(failures, failure)
-    first = next((f for f in failures if f is not None), None)
+    first = next((f for f in failures if f is not None and f[1] is not None), None) or \
+        next((f for f in failures if f is not None), None)  # an OSError's errno and text first
     if first is not None:
         name, code, text = first
         raise _WriteFailed(OSError(code, text) if code is not None else RuntimeError(f"{name}: {text}"))
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The OSError inside DCP's CheckpointException (its failures, by rank), or the exception itself."""
-    if isinstance(e, CheckpointException):
-        for exc, _trace in e.failures.values():
-            return _root_cause(exc)
-    if isinstance(e, OSError) or e.__cause__ is None:
-        return e
-    return _root_cause(e.__cause__)
 
 
 # --- reading: nothing in a checkpoint folder runs code -----------------------------------------------------------

@@ -213,6 +213,7 @@ class Run:
     train_model: object = None  # the DDP wrapper, or the model itself
     train_forward: object = None  # its forward, compiled under --compile
     stop: StopSignals | None = None
+    restarted_on_resume: bool = False  # the restart after the checkpoint's step, made at start-up
 
     @property
     def master(self) -> bool:
@@ -268,6 +269,7 @@ def set_up(argv, run_scope: ExitStack) -> Run:
     run.relora = new_relora(run) if cfg.mode == "relora" and run.lora_on else None
     if state:
         restore(ckpt, state, run)
+        restart_skipped_at_the_old_end(run, state)
     wrap_for_training(run)
     log(f"{cfg.mode} | preset {cfg.preset}: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head} heads, context "
         f"{cfg.block_size}, vocab {data.vocab_size} | {device} x{world}, {str(dtype).removeprefix('torch.')} | "
@@ -279,6 +281,16 @@ def set_up(argv, run_scope: ExitStack) -> Run:
         resharded = f"; written by {saved_world} processes, resharded to {world}" if saved_world != world else ""
         log(f"resumed from {ckpt} (step {run.start_step})" + (resharded if cfg.fsdp else ""))
     return run
+
+
+def restart_skipped_at_the_old_end(run: Run, state: dict) -> None:
+    """A run extended past its end (--resume with a larger --max_steps) makes the restart it skipped after its last
+    step (nothing trained after it then), so that it restarts where a run of the new length does."""
+    old_end = state["config"].get("max_steps")
+    if run.relora is not None and run.start_step == old_end < run.cfg.max_steps and run.relora.step(run.start_step):
+        run.restarted_on_resume = True
+        run.log(f"step {run.start_step}: restart (the run ended there before, without one; it now goes on to step "
+                f"{run.cfg.max_steps})")
 
 
 def wrap_for_training(run: Run) -> None:
@@ -661,7 +673,8 @@ def train(argv=None) -> dict:
         cfg = run.cfg
         run.out_dir.mkdir(parents=True, exist_ok=True)
         if run.master:  # a resumed run drops the rows after its checkpoint
-            restart_metrics(run.metrics_path, run.start_step, run.log)
+            restart_metrics(run.metrics_path, run.start_step, run.log,
+                            restarts=run.relora.restarts if run.restarted_on_resume else None)
         if run.start_step == 0:
             val_loss = evaluate(run)
             run.log(f"step 0: val loss {val_loss:.4f} (ln(vocab) = {math.log(run.data.vocab_size):.2f})")

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import assert_within_torch_error
 from model import GPT, LORA_TARGETS, GPTConfig
+from payloads import plant_byte_item
 
 import relora_kernels as rk
 from relora_kernels.relora import ReLoRA, jagged_cosine, prune_optimizer_state_
@@ -78,14 +79,21 @@ def script_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "RELORA_KERNELS_BACKEND": "auto", "PYTHONPATH": path}
 
 
-def run_script(args, *, launcher=(), timeout=240, log_file=None):
+def run_script(args, *, launcher=(), timeout=240, log_file=None, file_size_limit=None):
     """The script in a subprocess; with log_file, stdout and stderr go to that file (as `... > log 2>&1`) and the
-    result's stdout and stderr both hold its text."""
+    result's stdout and stderr both hold its text. file_size_limit (bytes): a write past it fails (RLIMIT_FSIZE,
+    inherited by torchrun's workers), as on a full disk."""
     # Fault options (--kill_at_step, ...) are the test wrapper's: it installs their hooks and runs the example.
     faulty = any(arg.partition("=")[0] in fault_run.OPTIONS for arg in args)
     cmd = [sys.executable, *launcher, fault_run.__file__ if faulty else str(EXAMPLES / "pretrain_gpt2.py"), *args]
+    def limit_file_size():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
     if log_file is None:
-        return subprocess.run(cmd, capture_output=True, text=True, env=script_env(), timeout=timeout)
+        return subprocess.run(cmd, capture_output=True, text=True, env=script_env(), timeout=timeout,
+                              preexec_fn=limit_file_size if file_size_limit else None)
     with open(log_file, "w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=script_env(), timeout=timeout)
     done.stdout = done.stderr = Path(log_file).read_bytes().decode()  # bytes: text mode would turn \r into \n
@@ -345,8 +353,23 @@ def test_fsdp_run_resumes_exactly_and_at_other_world_sizes(corpus, cache_dir, tm
     assert sorted(f.name for f in ckpt.iterdir()) == [".metadata", "DONE", "__0_0.distcp", "__1_0.distcp",
                                                       "state.pt"]  # one file of shards per rank
     shutil.copytree(tmp_path / "split", tmp_path / "four")  # before the resume prunes step 8
+    # A full disk at the checkpoint of step 12 (a file-size limit: the kernel refuses every rank's shard file as a
+    # full disk would, through DCP's CheckpointException): one line, step 8 intact, nothing half-written left.
+    full = run_script([*args["split"], "--resume"], launcher=torchrun(2), file_size_limit=200_000)
+    assert full.returncode != 0 and "CheckpointException" not in full.stderr, full.stderr[-3000:]
+    assert f"error: step 12: file too large writing checkpoint {ckpt.parent / 'step_00000012'} (it needs about " \
+        in full.stderr, full.stderr[-3000:]
+    assert sorted(d.name for d in ckpt.parent.iterdir()) == ["step_00000004", "step_00000008"]
+    # A newer checkpoint whose DCP byte item (the optimizer's param_groups) was swapped for a payload, .metadata and
+    # DONE rewritten to match: skipped at start-up (DCP's own loader would have run it), the resume from step 8.
+    planted = ckpt.parent / "step_00000010"
+    shutil.copytree(ckpt, planted)
+    fqn = plant_byte_item(planted, tmp_path / "payload-ran")
+    checkpoints.mark_done(planted, step=10, world=2)
     resumed = run_script([*args["split"], "--resume"], launcher=torchrun(2))
     assert resumed.returncode == 0 and "(step 8)" in resumed.stdout, resumed.stderr[-3000:]
+    assert f"skipping checkpoint {planted}: __0_0.distcp: byte item {fqn}: Weights only load failed" in resumed.stdout
+    assert not (tmp_path / "payload-ran").exists()
 
     keys = ("step", "train_loss", "val_loss", "lr", "tokens", "restarts", "restart", "lora_start")
     rows = {run: [{k: r.get(k) for k in keys} for r in read_rows(tmp_path / run)] for run in ("whole", "split")}
@@ -463,6 +486,8 @@ def test_options_take_both_forms_and_resolve_against_the_preset():
     (["--weight_decay", "-0.1"], "--weight_decay must be a number >= 0, got -0.1"),
     (["--signal_at_step", "3"], "--signal_at_step must be STEP:SIGINT or STEP:SIGTERM"),
     (["--fsdp"], "--fsdp runs under torchrun: torchrun --standalone --nproc_per_node=N"),
+    (["--seed", str(2**64)], f"--seed must be in [0, 2**64 - 1 = {2**64 - 1}], got {2**64}"),
+    (["--seed", "-1"], "--seed must be in [0, 2**64 - 1"),
 ])
 def test_bad_arguments_get_one_line(args, message, tmp_path, capsys):
     main = fault_run.main if "--signal_at_step" in args else pretrain_gpt2.main  # a fault option: the tests' own
@@ -670,8 +695,8 @@ class DiskFull:
             return real_save_model(model, path, *args, **kwargs)
 
         def torch_save(obj, f, *args, **kwargs):
-            if isinstance(f, (str, os.PathLike)):
-                disk.check(f, lambda: Path(f).write_bytes(b"PK\3\4"))
+            path = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", "")
+            disk.check(path, lambda: Path(path).write_bytes(b"PK\3\4"))
             return real_torch_save(obj, f, *args, **kwargs)
 
         def write_text(self, text, *args, **kwargs):
@@ -755,3 +780,23 @@ def test_a_full_disk_at_each_write_ends_the_run_in_one_line_and_the_resume_is_ex
     rows = {run: [{k: r.get(k) for k in keys} for r in read_rows(tmp_path / run)] for run in ("whole", "run")}
     assert rows["run"] == rows["whole"]
     assert json.loads((tmp_path / "run/summary.json").read_text())["val_loss"] == rows["whole"][-1]["val_loss"]
+
+
+def test_a_finished_run_extended_past_its_end_restarts_where_a_run_of_that_length_would(corpus, cache_dir, tmp_path,
+                                                                                       capsys):
+    # An 8-step relora run (LoRA from step 5, restarts every 4 steps) makes no restart after its last step: nothing
+    # trains after it. Extended to 16 steps it must restart after step 8 (as a 16-step run does) and 12, not 16.
+    run = ("--mode", "relora", "--warmup_full_steps", "4", "--restart_every", "4", "--restart_warmup_steps", "1",
+           "--warmup_steps", "1", "--eval_every", "8", "--ckpt_every", "8")
+    args = tiny_args(corpus, cache_dir, tmp_path, *run)
+    assert pretrain_gpt2.main([*args, "--max_steps", "8"]) == 0
+    assert [r["step"] for r in read_rows(tmp_path) if r.get("restart")] == []
+    capsys.readouterr()
+    assert pretrain_gpt2.main([*args, "--resume", "--max_steps", "16"]) == 0
+    assert "step 8: restart (the run ended there before, without one; it now goes on to step 16)" in \
+        capsys.readouterr().out
+    rows = read_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(17))
+    assert [(r["step"], r["restarts"]) for r in rows if r.get("restart")] == [(8, 1), (12, 2)]
+    assert rows[-1]["restarts"] == 2
+    assert rows[9]["lr"] == 0.0  # the re-warmup after the restart of step 8 begins at 0

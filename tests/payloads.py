@@ -37,7 +37,8 @@ PAYLOADS = {"pickle": pickled, "torch.save": torch_saved}
 
 def plant_byte_item(ckpt: Path, marker: Path) -> str:
     """Point the first of DCP's byte items in `ckpt` at a torch.save payload appended to its shard file, as one who
-    rewrote the checkpoint would; returns the item's name. (Reads .metadata with pickle: the test's own file.)"""
+    rewrote the checkpoint would; returns "<shard file>: byte item <name>". (Reads .metadata with pickle: the test's
+    own file.)"""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     metadata = pickle.loads((ckpt / ".metadata").read_bytes())
@@ -49,4 +50,4 @@ def plant_byte_item(ckpt: Path, marker: Path) -> str:
         f.write(data)
     metadata.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(data))
     (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
-    return fqn
+    return f"{info.relative_path}: byte item {fqn}"

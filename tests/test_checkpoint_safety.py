@@ -102,8 +102,8 @@ def test_a_planted_dcp_byte_item_is_refused_by_the_check_and_by_the_loader(tmp_p
     ckpt = tmp_path / "ckpt/step_00000010"
     marker = tmp_path / "payload-ran"
     shutil.copytree(ckpt, tmp_path / "planted")
-    fqn = plant_byte_item(tmp_path / "planted", marker)
-    assert fqn.startswith("optim.param_groups.")
+    item = plant_byte_item(tmp_path / "planted", marker)
+    assert item.startswith("__0_0.distcp: byte item optim.param_groups.")
     checkpoints.mark_done(tmp_path / "planted", step=10)
 
     # The loader itself (what fsdp.load runs after the check), into a model of the same structure.
@@ -116,7 +116,7 @@ def test_a_planted_dcp_byte_item_is_refused_by_the_check_and_by_the_loader(tmp_p
     (tmp_path / "planted").rename(ckpt)
     found, logs = newest(tmp_path)
     assert found == tmp_path / "ckpt/step_00000005" and not marker.exists()
-    assert f"__0_0.distcp: byte item {fqn}" in logs[0], logs
+    assert f"step_00000010: {item}: Weights only load failed" in logs[0], logs
 
     # And an unplanted checkpoint loads through the same readers, exactly.
     model, optimizer = tiny_model_and_optimizer(seed=99)

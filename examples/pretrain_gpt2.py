@@ -594,10 +594,12 @@ def end_step(run: Run, step: int) -> None:
 
 
 class StopSignals:
-    """SIGINT / SIGTERM ask the loop to stop after the current step, with a checkpoint, rather than die mid-step;
-    a second signal acts as it normally would (KeyboardInterrupt, termination)."""
+    """SIGINT / SIGTERM ask the loop to stop after the current step, with a checkpoint, rather than die mid-step.
+    A second SIGINT (Ctrl-C twice) stops at once (KeyboardInterrupt); more SIGTERMs change nothing: a cluster's
+    scheduler (scancel, a time limit) signals every process, and torchrun forwards its own on top."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    active: StopSignals | None = None  # the one the loop is under, for the launcher watch
 
     def __init__(self):
         self.signum, self._previous = None, {}
@@ -605,16 +607,59 @@ class StopSignals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python handles signals there only
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        StopSignals.active = self
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
-        self.__exit__()
+        if self.signum is not None and signum == signal.SIGINT:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.request(signum)
+
+    def request(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+        StopSignals.active = None
+
+
+def shutdown_grace() -> float:
+    """The seconds torchrun waits, after forwarding a SIGTERM to the workers, before it kills them
+    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which torchrun reads too; 30 by default)."""
+    try:
+        return max(float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")), 0.0)
+    except ValueError:
+        return 30.0
+
+
+def watch_launcher() -> None:
+    """Under torchrun: a worker whose launcher is gone (torchrun killed with SIGKILL, which it cannot forward)
+    stops as after a SIGTERM: the step ends and is checkpointed, then the run exits. Before the loop (start-up,
+    waiting for the other ranks) it exits at once. A worker still running max(grace, 60) s later exits anyway: with
+    no launcher, a rank that died would leave the others waiting in a collective for ever."""
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(0.5)
+        name = Path(sys.argv[0]).name
+        stop = StopSignals.active
+        if stop is None:
+            print(f"{name}: the launcher (pid {launcher}) is gone; exiting", file=sys.stderr, flush=True)
+            os._exit(1)
+        print(f"{name}: the launcher (pid {launcher}) is gone; stopping after this step and its checkpoint",
+              file=sys.stderr, flush=True)
+        stop.request(signal.SIGTERM)
+        time.sleep(max(shutdown_grace(), 60.0))
+        print(f"{name}: still running {max(shutdown_grace(), 60.0):g} s after the launcher went; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -685,7 +730,13 @@ def train(argv=None) -> dict:
         pbar = tqdm(total=cfg.max_steps, initial=run.start_step, disable=not run.master or not sys.stdout.isatty(),
                     dynamic_ncols=True, unit="step", file=sys.stdout)
         run.stop = run_scope.enter_context(StopSignals())
+        grace, warned = shutdown_grace(), not run.multi
+        if run.multi:
+            run.log(f"SIGTERM (to torchrun, or to every process): each rank finishes its step and writes its part of "
+                    f"the checkpoint; torchrun kills the workers {grace:g} s after it forwards the signal "
+                    "(TORCH_ELASTIC_SHUTDOWN_TIMEOUT)")
         for step in range(run.start_step + 1, cfg.max_steps + 1):
+            started = time.perf_counter()
             row = train_step(run, step)
             evaluate_into(run, step, row)
             log_metrics(run, row)
@@ -696,6 +747,12 @@ def train(argv=None) -> dict:
                              restarts=row["restarts"], refresh=False)
             pbar.update()
             end_step(run, step)
+            if not warned and (took := time.perf_counter() - started) > grace:
+                warned = True
+                run.log(f"warning: step {step} took {took:.1f} s with its evaluation and checkpoint, more than the "
+                        f"{grace:g} s torchrun waits after forwarding a SIGTERM before it kills the workers: a SIGTERM "
+                        "then can end the run without the step's checkpoint (the previous one stays). Set "
+                        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT (seconds) above a step's time for torchrun and the run")
         pbar.close()
         summary = finish(run)
         sample(run)
@@ -706,6 +763,8 @@ def train(argv=None) -> dict:
 
 def main(argv=None) -> int:
     name = Path(sys.argv[0]).name
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker
+        watch_launcher()
     try:
         train(argv)
         return 0

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -800,3 +801,89 @@ def test_a_finished_run_extended_past_its_end_restarts_where_a_run_of_that_lengt
     assert [(r["step"], r["restarts"]) for r in rows if r.get("restart")] == [(8, 1), (12, 2)]
     assert rows[-1]["restarts"] == 2
     assert rows[9]["lr"] == 0.0  # the re-warmup after the restart of step 8 begins at 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A cluster's time limit under torchrun: SIGTERM to every process, or the launcher killed
+# --------------------------------------------------------------------------------------------------------------
+
+
+def start_torchrun(args, env_extra=None) -> subprocess.Popen:
+    cmd = [sys.executable, *torchrun(2), fault_run.__file__, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**script_env(), **(env_extra or {})})
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def wait_for_rows(out_dir: Path, n: int, launcher: subprocess.Popen, timeout: float = 180) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out_dir / "metrics.jsonl").exists() and len(checkpoints.read_metrics(out_dir / "metrics.jsonl")) >= n:
+            return
+        assert launcher.poll() is None, launcher.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {n} metrics rows after {timeout} s")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+LONG_RUN = ("--mode", "full", "--max_steps", "100000", "--ckpt_every", "100000", "--eval_every", "100000")
+
+
+@pytest.mark.parametrize("how", ["scancel", "launcher_killed"])
+def test_under_torchrun_a_time_limit_checkpoints_the_step_and_every_worker_exits(corpus, cache_dir, tmp_path, how):
+    # scancel / a time limit: SIGTERM to torchrun and to every worker at once, so each worker gets two (its own and
+    # torchrun's forwarded one); the second used to kill it before its checkpoint. launcher_killed: SIGKILL to
+    # torchrun alone (it cannot forward it); the workers used to train on, unsupervised, holding the out_dir lock.
+    # There, the run's shutdown grace is 1 s and step 2 takes 1.5 s longer: a warning says so.
+    out_dir = tmp_path / "run"
+    extra = ("--sleep_at_step", "2:1.5") if how == "launcher_killed" else ()
+    launcher = start_torchrun(tiny_args(corpus, cache_dir, out_dir, *LONG_RUN, *extra),
+                              {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "1"} if how == "launcher_killed" else None)
+    workers = []
+    try:
+        wait_for_rows(out_dir, 4, launcher)
+        workers = children(launcher.pid)
+        assert len(workers) == 2, workers
+        if how == "scancel":
+            for pid in (launcher.pid, *workers):
+                os.kill(pid, signal.SIGTERM)
+        else:
+            os.kill(launcher.pid, signal.SIGKILL)
+        stdout, stderr = launcher.communicate(timeout=120)  # the workers hold the pipes: EOF once they exit
+    finally:
+        workers = workers or children(launcher.pid)
+        for pid in [launcher.pid, *workers]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not any(alive(pid) for pid in workers)
+    stopped = re.findall(r"SIGTERM at step (\d+): stopped after writing its checkpoint; --resume continues exactly",
+                         stderr)
+    assert len(stopped) == 2 and len(set(stopped)) == 1, stderr[-3000:]
+    step = int(stopped[0])
+    assert [d.name for d in checkpoints.checkpoint_dirs(out_dir)] == [f"step_{step:08d}"]
+    assert max(r["step"] for r in read_rows(out_dir)) == step
+    assert 'pretrain_gpt2.py", line' not in stderr, stderr[-3000:]  # no worker's traceback (torchrun prints its own)
+    assert (out_dir / ".lock").read_text() == ""  # released: the run ended cleanly
+    if how == "launcher_killed":
+        assert stderr.count(f"the launcher (pid {launcher.pid}) is gone; stopping after this step") == 2, stderr
+        assert re.search(r"warning: step 2 took \d+\.\d s with its evaluation and checkpoint, more than the 1 s "
+                         "torchrun waits", stdout), stdout[-3000:]

@@ -94,7 +94,7 @@ def test_a_huge_line_is_read_and_trained_on_in_bounded_pieces(tmp_path, monkeypa
     monkeypatch.setattr(example_data, "CHUNK_CHARS", 8192, raising=False)  # absent before: no chunks
     rng = random.Random(0)
     huge = "".join(rng.choice("abcdefghij") for _ in range(300_000))
-    content = text(1) + huge + "\n" + text(2)
+    content = text(1) + huge + "\n" + text(2, lines=1500)  # the last ~10% validate: the huge line trains
     (tmp_path / "one.txt").write_text(content)
     longest = {"train": 0, "encode": 0}
     real_train = example_data.train_tokenizer
@@ -119,7 +119,8 @@ def test_a_huge_line_is_read_and_trained_on_in_bounded_pieces(tmp_path, monkeypa
     monkeypatch.setattr(example_data, "train_tokenizer", train_tokenizer)
     with deadline(60):
         data = build(tmp_path / "one.txt", tmp_path / "cache")
-    assert 0 < longest["train"] <= example_data.MAX_TRAIN_RUN and 0 < longest["encode"] <= 8192, longest
+    # MAX_TRAIN_RUN and CHUNK_CHARS: the huge line trained, in runs of exactly that length
+    assert longest["train"] == 1024 and 0 < longest["encode"] <= 8192, longest
     decoded = data.tokenizer.decode(np.concatenate([data.train[:-1], data.val[:-1]]).tolist())
     assert decoded == content
 

@@ -16,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import checkpoints  # examples/ and tests/ are on sys.path (conftest.py)
@@ -827,8 +828,6 @@ def children(pid: int) -> list[int]:
 
 
 def wait_for_rows(out_dir: Path, n: int, launcher: subprocess.Popen, timeout: float = 180) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (out_dir / "metrics.jsonl").exists() and len(checkpoints.read_metrics(out_dir / "metrics.jsonl")) >= n:
@@ -855,7 +854,7 @@ def test_under_torchrun_a_time_limit_checkpoints_the_step_and_every_worker_exits
     # torchrun alone (it cannot forward it); the workers used to train on, unsupervised, holding the out_dir lock.
     # There, the run's shutdown grace is 1 s and step 2 takes 1.5 s longer: a warning says so.
     out_dir = tmp_path / "run"
-    extra = ("--sleep_at_step", "2:1.5") if how == "launcher_killed" else ()
+    extra = ("--sleep_at_step", "2:1.5") if how == "launcher_killed" else ("--step_time", "1")
     launcher = start_torchrun(tiny_args(corpus, cache_dir, out_dir, *LONG_RUN, *extra),
                               {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "1"} if how == "launcher_killed" else None)
     workers = []
@@ -863,9 +862,11 @@ def test_under_torchrun_a_time_limit_checkpoints_the_step_and_every_worker_exits
         wait_for_rows(out_dir, 4, launcher)
         workers = children(launcher.pid)
         assert len(workers) == 2, workers
-        if how == "scancel":
-            for pid in (launcher.pid, *workers):
+        if how == "scancel":  # the workers' own first, torchrun's forwarded one 0.3 s later, within the step
+            for pid in workers:
                 os.kill(pid, signal.SIGTERM)
+            time.sleep(0.3)
+            os.kill(launcher.pid, signal.SIGTERM)
         else:
             os.kill(launcher.pid, signal.SIGKILL)
         stdout, stderr = launcher.communicate(timeout=120)  # the workers hold the pipes: EOF once they exit

@@ -179,8 +179,10 @@ def check_config(cfg: Config) -> None:
     for key in ("n_layer", "n_head", "n_embd", "block_size", "max_steps", "batch_size", "grad_accum", "lora_r",
                 "eval_every", "eval_batches", "ckpt_every", "keep_ckpts", "restart_every", "max_bad_steps"):
         require(getattr(cfg, key) >= 1, f"--{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("warmup_steps", "warmup_full_steps", "restart_warmup_steps", "sample_tokens", "seed"):
+    for key in ("warmup_steps", "warmup_full_steps", "restart_warmup_steps", "sample_tokens"):
         require(getattr(cfg, key) >= 0, f"--{key} must be >= 0, got {getattr(cfg, key)}")
+    # torch's generators take 64-bit seeds
+    require(0 <= cfg.seed < 2**64, f"--seed must be in [0, 2**64 - 1 = {2**64 - 1}], got {cfg.seed}")
     require(cfg.n_embd % cfg.n_head == 0, f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
     require(257 <= cfg.vocab_size <= 2**16, f"--vocab_size must be in [257, 65536] (tokens are uint16), "
             f"got {cfg.vocab_size}")

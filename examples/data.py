@@ -2,9 +2,11 @@
 
     files      the default corpus is the Python standard library of the running interpreter (its .py sources,
                found through sysconfig; tests, site-packages and generated tables left out, ~9 MB on 3.11);
-               --data takes a text file or a folder of text files instead
-    skipped    files that are not UTF-8 text (binary, Latin-1, ...) are left out and named; a corpus that is mostly
-               such files, or a single such file, is refused
+               --data takes a text file or a folder of text files instead; symlinks are followed (a folder once,
+               so a loop ends), hidden entries left out
+    skipped    files that are not UTF-8 text (binary, Latin-1, ...), special files (FIFOs, sockets, devices) and
+               dangling or looping symlinks are left out and named; a corpus that is mostly such files, or a single
+               such file, is refused
     split      by file: a fixed ~10% of the files (chosen by a hash of their path, so the split does not depend on
                --seed) is the validation set, unless those files hold over 20% of the text (a single file, a few
                uneven ones): then by position, 10% of the text, whole files in hash order and the last one cut at
@@ -12,19 +14,31 @@
     tokenizer  a byte-level BPE (GPT-2's scheme) trained with Hugging Face `tokenizers` on the training files only,
                so the validation text is unseen by the model and by the tokenizer alike
     tokens     each document encoded, followed by <|endoftext|>, into train.bin / val.bin (uint16 memmaps)
+    memory     files are read in pieces of at most CHUNK_CHARS characters, cut where the byte-level BPE's
+               pre-tokenizer splits anyway (so the tokens are those of the whole file), or mid-line only in a line
+               longer than that; the tokenizer trains on runs of at most MAX_TRAIN_RUN characters without a break
+               (its cost grows with the square of a run's length)
 
 Everything is cached in cache_dir/<key>, the key hashing the file list (paths, sizes, mtimes: the manifest, also
 kept in meta.json, so that a resumed run can tell a changed corpus) and the tokenizer settings: a second run with
 the same data starts at once, and editing a file rebuilds. The cache directory is written under a temporary name and
-renamed when complete, so an interrupted build is never mistaken for a cache.
+renamed when complete, so an interrupted build is never mistaken for a cache. A build holds a lock (flock) on a file
+beside its temporary folder; the next build removes the temporary folders whose lock nobody holds (builds killed
+midway), and leaves those of builds still running.
 """
 
 from __future__ import annotations
 
+import codecs
+import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
+import stat
 import sysconfig
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +56,11 @@ MAX_VAL_SHARE = 0.2  # a by-file split giving validation more of the text than t
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "__pycache__",
                     "encodings", "pydoc_data"}
 ENCODE_CHUNK_BYTES = 32 * 2**20  # encode in chunks of ~32 MiB of text, so large corpora stay within memory
+CHUNK_CHARS = 2**20  # a file is read in pieces of at most this many characters
+MAX_TRAIN_RUN = 1024  # the tokenizer trains on runs of at most this many characters of one kind (space / not)
+# Where a text can be cut without changing its pre-tokens: between a line that ends in a non-space character and
+# one that starts with one, or before a single space between two non-space characters.
+SAFE_CUTS = (re.compile(r"(?<=\S\n)(?=\S)"), re.compile(r"(?<=\S)(?= \S)"))
 
 
 def default_cache_dir() -> Path:
@@ -65,40 +84,66 @@ def stdlib_files() -> tuple[Path, list[Path]]:
 
 def not_text_reason(path: Path) -> str | None:
     """Why `path` is not UTF-8 text (None if it is): text decodes as UTF-8 and has no NUL byte, which keeps
-    images, archives, .pyc files and other encodings (Latin-1, UTF-16) out."""
+    images, archives, .pyc files and other encodings (Latin-1, UTF-16) out. Read in blocks: any size fits."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
     try:
-        data = path.read_bytes()
-        data.decode("utf-8")
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(CHUNK_CHARS)
+                try:
+                    decoder.decode(block, final=not block)
+                except UnicodeDecodeError as e:  # e.object: the bytes held back from the last block, then this one
+                    at = offset - (len(e.object) - len(block)) + e.start
+                    return f"not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {at})"
+                if b"\0" in block:
+                    return "binary (a NUL byte)"
+                if not block:
+                    return None
+                offset += len(block)
     except OSError as e:
         return f"unreadable ({e.strerror})"
-    except UnicodeDecodeError as e:
-        return f"not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
-    return "binary (a NUL byte)" if b"\0" in data else None
+
+
+def special_file_reason(path: Path) -> str | None:
+    """Why `path` cannot be read as a file (None if it can): a dangling or looping symlink, a FIFO (reading it would
+    wait for a writer for ever), a socket, a device."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"unreadable ({e.strerror}{', a symlink' if path.is_symlink() else ''})"
+    return None if stat.S_ISREG(mode) else "not a regular file (a FIFO, socket or device)"
 
 
 def text_files(path: Path, log=print) -> tuple[Path, list[Path]]:
     """(root, files) for --data: the file itself, or every text file under a folder (hidden entries skipped).
     Files that are not UTF-8 text are named in the log and left out; raises ValueError if that is most of the
     bytes, or the one file given."""
-    if path.is_file():
-        if reason := not_text_reason(path):
+    if not path.is_dir():
+        if reason := special_file_reason(path) or not_text_reason(path):
             raise ValueError(f"--data {path}: {reason}; give UTF-8 text")
         return path.parent, [path]
     files = []
-    for dirpath, dirnames, filenames in os.walk(path):
+    seen_dirs = set()  # (device, inode) of every folder walked: a symlink back up the tree is walked once
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-    reasons = {f: not_text_reason(f) for f in files}
+    reasons = {f: special_file_reason(f) or not_text_reason(f) for f in files}
+    sizes = {f: 0 if reasons[f] and not os.path.isfile(f) else f.stat().st_size for f in files}
     skipped = [f for f in files if reasons[f]]
     if skipped:
         shown = "; ".join(f"{f.relative_to(path)}: {reasons[f]}" for f in skipped[:5])
         log(f"data: skipped {len(skipped)} of {len(files)} files, not UTF-8 text: {shown}"
             + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""))
-        skipped_bytes = sum(f.stat().st_size for f in skipped)
-        if skipped_bytes > 0.5 * sum(f.stat().st_size for f in files):
+        skipped_bytes, total = sum(sizes[f] for f in skipped), sum(sizes.values())
+        if skipped_bytes > 0.5 * total:
             raise ValueError(f"--data {path}: {len(skipped)} of {len(files)} files, "
-                             f"{skipped_bytes / max(sum(f.stat().st_size for f in files), 1):.0%} of the bytes, are "
-                             "not UTF-8 text; convert them (e.g. iconv -f latin1 -t utf-8) or leave them out")
+                             f"{skipped_bytes / max(total, 1):.0%} of the bytes, are not UTF-8 text; convert them "
+                             "(e.g. iconv -f latin1 -t utf-8) or leave them out")
     return path, [f for f in files if not reasons[f]]
 
 
@@ -132,11 +177,21 @@ def split_pieces(root: Path, files: list[Path]) -> tuple[list[Piece], list[Piece
     while sum(sizes[g] for g in whole) + sizes[by_hash[len(whole)]] <= budget:
         whole.append(by_hash[len(whole)])
     cut_file = by_hash[len(whole)]  # exists: validation by file held over MAX_VAL_SHARE, so not every file fits
-    text = _read_text(cut_file)
-    keep = len(text) - int(len(text) * (budget - sum(sizes[g] for g in whole)) / max(sizes[cut_file], 1))
-    cut = text.rfind("\n", 0, keep) + 1 or keep
+    length = sum(len(chunk) for chunk in _read_chunks(cut_file))
+    keep = length - int(length * (budget - sum(sizes[g] for g in whole)) / max(sizes[cut_file], 1))
+    cut = _line_start_at_or_before(cut_file, keep) or keep
     train = [(f, 0, cut) if f == cut_file else (f, 0, None) for f in files if f not in whole]
     return train, [(cut_file, cut, None)] + [(f, 0, None) for f in files if f in whole]
+
+
+def _line_start_at_or_before(path: Path, offset: int) -> int:
+    """The character offset of the last line start at or before `offset` in `path` (0 if the first line)."""
+    start, position = 0, 0
+    for chunk in _read_chunks(path, stop=offset):
+        if (newline := chunk.rfind("\n")) >= 0:
+            start = position + newline + 1
+        position += len(chunk)
+    return start
 
 
 def _piece_name(root: Path, piece: Piece) -> str:
@@ -145,9 +200,57 @@ def _piece_name(root: Path, piece: Piece) -> str:
     return rel if (start, stop) == (0, None) else f"{rel}[{start or ''}:{'' if stop is None else stop}]"
 
 
-def _read_piece(piece: Piece) -> str:
+def _read_chunks(path: Path, start: int = 0, stop: int | None = None):
+    """The text of `path` from character `start` to `stop`, in pieces of at most CHUNK_CHARS characters, each cut
+    where the BPE's pre-tokenizer splits anyway (SAFE_CUTS), so that encoding them one by one gives the tokens of
+    the whole; a stretch of CHUNK_CHARS with no such place (one huge line) is cut where it ends."""
+    with open(path, encoding="utf-8") as f:
+        to_skip = start
+        while to_skip > 0 and (skipped := len(f.read(min(to_skip, CHUNK_CHARS)))):
+            to_skip -= skipped
+        left = None if stop is None else max(stop - start, 0)
+        pending = ""
+        while True:
+            want = CHUNK_CHARS + 1 - len(pending) if left is None else min(CHUNK_CHARS + 1 - len(pending), left)
+            block = f.read(want) if want > 0 else ""
+            if left is not None:
+                left -= len(block)
+            pending += block
+            while len(pending) > CHUNK_CHARS:
+                cut = _safe_cut(pending[: CHUNK_CHARS + 1])
+                yield pending[:cut]
+                pending = pending[cut:]
+            if not block:
+                if pending:
+                    yield pending
+                return
+
+
+def _safe_cut(text: str) -> int:
+    """The last place in `text` (after its first character) where SAFE_CUTS allow a cut; else its length - 1."""
+    for pattern in SAFE_CUTS:
+        found = [m.start() for m in pattern.finditer(text, 1)]
+        if found:
+            return found[-1]
+    return len(text) - 1
+
+
+def _read_piece(piece: Piece):
+    """A piece's text, in chunks (see _read_chunks)."""
     path, start, stop = piece
-    return _read_text(path)[start:stop]
+    return _read_chunks(path, start, stop)
+
+
+def _training_runs(chunks):
+    """The tokenizer's training texts: the chunks, with every run of over MAX_TRAIN_RUN characters of one kind
+    (space or not) split into pieces of that length: the BPE trainer's cost grows with the square of a word's
+    length, and a word so long is not one to learn merges from."""
+    long_run = re.compile(rf"(\S{{{MAX_TRAIN_RUN}}}|\s{{{MAX_TRAIN_RUN}}})")
+    for chunk in chunks:
+        if len(chunk) <= MAX_TRAIN_RUN:
+            yield chunk
+        else:
+            yield from (part for part in long_run.split(chunk) if part)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,26 +276,38 @@ def train_tokenizer(texts, vocab_size: int):
 
 
 def _write_tokens(tokenizer, documents, path: Path) -> int:
-    """Encode documents (an iterable of str) into a uint16 file, each followed by EOT; returns the token count."""
+    """Encode documents (an iterable of documents, each an iterable of text chunks) into a uint16 file, each
+    document followed by EOT; returns the token count."""
     eot = tokenizer.token_to_id(EOT)
     count = 0
     with open(path, "wb") as f:
+        batch, ends, size = [], [], 0  # texts to encode, and whether each ends its document
 
-        def flush(batch):
-            nonlocal count
-            ids = [i for enc in tokenizer.encode_batch(batch) for i in (*enc.ids, eot)]
-            f.write(np.asarray(ids, dtype=np.uint16).tobytes())
-            count += len(ids)
-
-        batch, size = [], 0
-        for text in documents:
+        def add(text: str, end: bool):
+            nonlocal batch, ends, size, count
             batch.append(text)
+            ends.append(end)
             size += len(text)
             if size >= ENCODE_CHUNK_BYTES:
-                flush(batch)
-                batch, size = [], 0
+                flush()
+
+        def flush():
+            nonlocal batch, ends, size, count
+            ids = [i for enc, end in zip(tokenizer.encode_batch(batch), ends, strict=True)
+                   for i in (*enc.ids, *((eot,) if end else ()))]
+            f.write(np.asarray(ids, dtype=np.uint16).tobytes())
+            count += len(ids)
+            batch, ends, size = [], [], 0
+
+        for chunks in documents:
+            previous = None
+            for chunk in chunks:
+                if previous is not None:
+                    add(previous, False)
+                previous = chunk
+            add(previous or "", True)
         if batch:
-            flush(batch)
+            flush()
     return count
 
 
@@ -232,10 +347,6 @@ class Dataset:
     @property
     def vocab_size(self) -> int:
         return self.meta["vocab_size"]
-
-
-def _read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8")  # the files were checked to be UTF-8 (text_files)
 
 
 def find_corpus(data: str | None, log=print) -> tuple[str, Path, list[Path]]:
@@ -278,8 +389,54 @@ def prepare_data(data: str | None, vocab_size: int, cache_dir: str | Path | None
     out = trained if tokenizer_json is None else cache_root / _cache_key(source, root, current, vocab_size,
                                                                          tokenizer_json)
     if not (out / "meta.json").exists():
+        remove_abandoned_builds(cache_root, log)
         _build_cache(out, source, root, files, current, vocab_size, tokenizer_json, log)
     return out
+
+
+@contextmanager
+def _building(tmp: Path):
+    """Hold the lock that tells other processes the temporary folder `tmp` is being filled (taken before the folder
+    exists, released and removed after it is renamed or removed)."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    lock = tmp.with_name(f"{tmp.name}.lock")
+    while True:  # until the file locked is the one at that path (a cleaner may remove a lock file not yet locked)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def remove_abandoned_builds(cache_root: Path, log) -> None:
+    """Remove the temporary folders (and lock files) of builds that were killed: those whose lock nobody holds."""
+    removed = []
+    folders = [d for d in cache_root.glob(".tmp-*") if d.is_dir()]
+    orphan_locks = [f for f in cache_root.glob(".tmp-*.lock") if not f.with_name(f.name[:-5]).exists()]
+    for tmp in sorted(folders + orphan_locks):
+        lock = tmp if tmp.name.endswith(".lock") else tmp.with_name(f"{tmp.name}.lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if tmp != lock:
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp.name)
+            lock.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass  # a build in progress holds it
+        finally:
+            os.close(fd)
+    if removed:
+        log(f"data: removed {len(removed)} unfinished token cache folder(s) of killed builds in {cache_root}: "
+            f"{', '.join(removed)}")
 
 
 def _build_cache(out: Path, source: str, root: Path, files: list[Path], manifest: list[list], vocab_size: int,
@@ -294,15 +451,19 @@ def _build_cache(out: Path, source: str, root: Path, files: list[Path], manifest
         + f" into {out} (once; cached)")
     train_pieces, val_pieces = split_pieces(root, files)
 
-    # Generators, so that a large corpus is read file by file rather than held in memory (it is read twice:
+    # Generators, so that a large corpus is read chunk by chunk rather than held in memory (it is read twice:
     # once to train the tokenizer, once to encode).
     def docs(pieces):
         return (_read_piece(piece) for piece in pieces)
 
+    def training_texts(pieces):
+        return _training_runs(chunk for piece in pieces for chunk in _read_piece(piece))
+
     # Another process may finish the same cache first (replace=False): its copy is as good as ours.
-    with atomic_folder(out, out.parent / f".tmp-{out.name}-{os.getpid()}", replace=False) as tmp:
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    with _building(tmp), atomic_folder(out, tmp, replace=False):
         if tokenizer_json is None:
-            tokenizer = train_tokenizer(docs(train_pieces), vocab_size)
+            tokenizer = train_tokenizer(training_texts(train_pieces), vocab_size)
             tokenizer.save(str(tmp / "tokenizer.json"))
         else:
             (tmp / "tokenizer.json").write_text(tokenizer_json)

@@ -31,7 +31,6 @@ machine), after a kill -9 or a Ctrl-C (SIGINT/SIGTERM finish the step and checkp
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import signal
@@ -59,6 +58,7 @@ from checkpoints import (
     read_metrics,
     restart_metrics,
     save_checkpoint,
+    write_json,
 )
 from config import Config, UsageError, check_lora_rank, parse_args, pick_device, require, resolve_config
 from data import batch_seed, get_batch, load_data, prepare_data
@@ -213,6 +213,7 @@ class Run:
     train_model: object = None  # the DDP wrapper, or the model itself
     train_forward: object = None  # its forward, compiled under --compile
     stop: StopSignals | None = None
+    restarted_on_resume: bool = False  # the restart after the checkpoint's step, made at start-up
 
     @property
     def master(self) -> bool:
@@ -268,6 +269,7 @@ def set_up(argv, run_scope: ExitStack) -> Run:
     run.relora = new_relora(run) if cfg.mode == "relora" and run.lora_on else None
     if state:
         restore(ckpt, state, run)
+        restart_skipped_at_the_old_end(run, state)
     wrap_for_training(run)
     log(f"{cfg.mode} | preset {cfg.preset}: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head} heads, context "
         f"{cfg.block_size}, vocab {data.vocab_size} | {device} x{world}, {str(dtype).removeprefix('torch.')} | "
@@ -279,6 +281,16 @@ def set_up(argv, run_scope: ExitStack) -> Run:
         resharded = f"; written by {saved_world} processes, resharded to {world}" if saved_world != world else ""
         log(f"resumed from {ckpt} (step {run.start_step})" + (resharded if cfg.fsdp else ""))
     return run
+
+
+def restart_skipped_at_the_old_end(run: Run, state: dict) -> None:
+    """A run extended past its end (--resume with a larger --max_steps) makes the restart it skipped after its last
+    step (nothing trained after it then), so that it restarts where a run of the new length does."""
+    old_end = state["config"].get("max_steps")
+    if run.relora is not None and run.start_step == old_end < run.cfg.max_steps and run.relora.step(run.start_step):
+        run.restarted_on_resume = True
+        run.log(f"step {run.start_step}: restart (the run ended there before, without one; it now goes on to step "
+                f"{run.cfg.max_steps})")
 
 
 def wrap_for_training(run: Run) -> None:
@@ -532,27 +544,33 @@ def plot(run: Run) -> None:
 
 def checkpoint(run: Run, step: int) -> None:
     """Write the checkpoint of `step` atomically (every rank its shards under --fsdp, else rank 0), prune old ones,
-    redraw the plot; no rank runs ahead of a checkpoint that may be needed to resume."""
+    redraw the plot; no rank runs ahead of a checkpoint that may be needed to resume, and a failure on rank 0 (a
+    full disk) stops every rank with its message."""
     if run.cfg.fsdp:
         if not sharded.local_finite(run.model):
             raise RunError(f"step {step}: the weights are not finite; refusing to write a checkpoint over good ones")
-        try:  # every rank writes its shards; rank 0 the rest and, once all are written, DONE
-            state = checkpoint_state(run, step) if run.master else None
-            path = sharded.save(run.out_dir / "ckpt", step, run.model, run.optimizer, state)
-        except OSError as e:
-            raise RunError(f"step {step}: {e} writing checkpoint {run.out_dir / 'ckpt'}/step_{step:08d}; removed the "
-                           "partial folder, the earlier checkpoints are intact (--resume continues from the newest)"
-                           ) from None
-        if run.master:
-            prune_checkpoints(run.out_dir, run.cfg.keep_ckpts)
-    elif run.master:
-        state = {**checkpoint_state(run, step), "optimizer": run.optimizer.state_dict()}
-        path = save_checkpoint(run.out_dir, step, run.model, state, run.cfg.keep_ckpts)
+        # Every rank writes its shards; rank 0 the rest and, once all are written, DONE. A failure on any rank raises
+        # the same RunError on every rank.
+        state = checkpoint_state(run, step) if run.master else None
+        path = sharded.save(run.out_dir / "ckpt", step, run.model, run.optimizer, state)
+    failure = None
     if run.master:
-        plot(run)
-        run.log(f"step {step}: checkpoint {path}")
-    if run.ddp:
-        dist.barrier()
+        try:
+            if run.cfg.fsdp:
+                prune_checkpoints(run.out_dir, run.cfg.keep_ckpts)
+            else:
+                state = {**checkpoint_state(run, step), "optimizer": run.optimizer.state_dict()}
+                path = save_checkpoint(run.out_dir, step, run.model, state, run.cfg.keep_ckpts)
+            plot(run)
+            run.log(f"step {step}: checkpoint {path}")
+        except RunError as e:
+            failure = str(e)
+    if run.multi:  # also the barrier that keeps every rank behind the checkpoint
+        failures = [None] * run.world
+        dist.all_gather_object(failures, failure)
+        failure = failures[0]
+    if failure:
+        raise RunError(failure)
 
 
 def stop_requested(run: Run) -> int:
@@ -576,10 +594,12 @@ def end_step(run: Run, step: int) -> None:
 
 
 class StopSignals:
-    """SIGINT / SIGTERM ask the loop to stop after the current step, with a checkpoint, rather than die mid-step;
-    a second signal acts as it normally would (KeyboardInterrupt, termination)."""
+    """SIGINT / SIGTERM ask the loop to stop after the current step, with a checkpoint, rather than die mid-step.
+    A second SIGINT (Ctrl-C twice) stops at once (KeyboardInterrupt); more SIGTERMs change nothing: a cluster's
+    scheduler (scancel, a time limit) signals every process, and torchrun forwards its own on top."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    active: StopSignals | None = None  # the one the loop is under, for the launcher watch
 
     def __init__(self):
         self.signum, self._previous = None, {}
@@ -587,16 +607,59 @@ class StopSignals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python handles signals there only
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        StopSignals.active = self
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
-        self.__exit__()
+        if self.signum is not None and signum == signal.SIGINT:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.request(signum)
+
+    def request(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+        StopSignals.active = None
+
+
+def shutdown_grace() -> float:
+    """The seconds torchrun waits, after forwarding a SIGTERM to the workers, before it kills them
+    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which torchrun reads too; 30 by default)."""
+    try:
+        return max(float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")), 0.0)
+    except ValueError:
+        return 30.0
+
+
+def watch_launcher() -> None:
+    """Under torchrun: a worker whose launcher is gone (torchrun killed with SIGKILL, which it cannot forward)
+    stops as after a SIGTERM: the step ends and is checkpointed, then the run exits. Before the loop (start-up,
+    waiting for the other ranks) it exits at once. A worker still running max(grace, 60) s later exits anyway: with
+    no launcher, a rank that died would leave the others waiting in a collective for ever."""
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(0.5)
+        name = Path(sys.argv[0]).name
+        stop = StopSignals.active
+        if stop is None:
+            print(f"{name}: the launcher (pid {launcher}) is gone; exiting", file=sys.stderr, flush=True)
+            os._exit(1)
+        print(f"{name}: the launcher (pid {launcher}) is gone; stopping after this step and its checkpoint",
+              file=sys.stderr, flush=True)
+        stop.request(signal.SIGTERM)
+        time.sleep(max(shutdown_grace(), 60.0))
+        print(f"{name}: still running {max(shutdown_grace(), 60.0):g} s after the launcher went; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -627,7 +690,7 @@ def finish(run: Run) -> dict:
                    fsdp=cfg.fsdp)
     if run.master:
         plot(run)
-        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_json(run.out_dir / "summary.json", summary)
         if val_rows:
             first, last = val_rows[0], val_rows[-1]
             run.log(f"val loss {first['val_loss']:.3f} at step {first['step']} -> {last['val_loss']:.3f} at step "
@@ -655,7 +718,8 @@ def train(argv=None) -> dict:
         cfg = run.cfg
         run.out_dir.mkdir(parents=True, exist_ok=True)
         if run.master:  # a resumed run drops the rows after its checkpoint
-            restart_metrics(run.metrics_path, run.start_step, run.log)
+            restart_metrics(run.metrics_path, run.start_step, run.log,
+                            restarts=run.relora.restarts if run.restarted_on_resume else None)
         if run.start_step == 0:
             val_loss = evaluate(run)
             run.log(f"step 0: val loss {val_loss:.4f} (ln(vocab) = {math.log(run.data.vocab_size):.2f})")
@@ -666,7 +730,13 @@ def train(argv=None) -> dict:
         pbar = tqdm(total=cfg.max_steps, initial=run.start_step, disable=not run.master or not sys.stdout.isatty(),
                     dynamic_ncols=True, unit="step", file=sys.stdout)
         run.stop = run_scope.enter_context(StopSignals())
+        grace, warned = shutdown_grace(), not run.multi
+        if run.multi:
+            run.log(f"SIGTERM (to torchrun, or to every process): each rank finishes its step and writes its part of "
+                    f"the checkpoint; torchrun kills the workers {grace:g} s after it forwards the signal "
+                    "(TORCH_ELASTIC_SHUTDOWN_TIMEOUT)")
         for step in range(run.start_step + 1, cfg.max_steps + 1):
+            started = time.perf_counter()
             row = train_step(run, step)
             evaluate_into(run, step, row)
             log_metrics(run, row)
@@ -677,6 +747,12 @@ def train(argv=None) -> dict:
                              restarts=row["restarts"], refresh=False)
             pbar.update()
             end_step(run, step)
+            if not warned and (took := time.perf_counter() - started) > grace:
+                warned = True
+                run.log(f"warning: step {step} took {took:.1f} s with its evaluation and checkpoint, more than the "
+                        f"{grace:g} s torchrun waits after forwarding a SIGTERM before it kills the workers: a SIGTERM "
+                        "then can end the run without the step's checkpoint (the previous one stays). Set "
+                        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT (seconds) above a step's time for torchrun and the run")
         pbar.close()
         summary = finish(run)
         sample(run)
@@ -687,6 +763,8 @@ def train(argv=None) -> dict:
 
 def main(argv=None) -> int:
     name = Path(sys.argv[0]).name
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker
+        watch_launcher()
     try:
         train(argv)
         return 0

@@ -110,6 +110,15 @@ def _read_config(folder: Path) -> dict:
         "modules_to_save": bool(config.get("modules_to_save")),
         "layer_replication": bool(config.get("layer_replication")),
         "target_parameters": bool(config.get("target_parameters")),
+        # Variants whose layers compute something else than x W^T + scale * x A^T B^T: activated LoRA (the adapter
+        # acts only after its invocation tokens), QA-LoRA (pooled inputs), Arrow (routing among adapters),
+        # block-diagonal, Monte Carlo and KaSA LoRA.
+        "alora_invocation_tokens": bool(config.get("alora_invocation_tokens")),
+        "use_qalora": bool(config.get("use_qalora")),
+        "arrow_config": bool(config.get("arrow_config")),
+        "use_bdlora": bool(config.get("use_bdlora")),
+        "monteclora_config": bool(config.get("monteclora_config")),
+        "kasa_config": bool(config.get("kasa_config")),
     }
     for key, used in unsupported.items():
         if used:
@@ -117,6 +126,15 @@ def _read_config(folder: Path) -> dict:
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise ValueError(f"{path}: {key} must be an object of module name patterns, got {config[key]!r}")
+    # Patterns are regular expressions (target_modules when a string): one that does not compile is named here,
+    # not met as a traceback while the layers are matched.
+    patterns = [("target_modules", config["target_modules"])] if isinstance(config.get("target_modules"), str) else []
+    patterns += [(key, name) for key in ("rank_pattern", "alpha_pattern") for name in config.get(key) or {}]
+    for key, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{path}: {key} pattern {pattern!r} is not a regular expression ({e})") from None
     return config
 
 
@@ -159,6 +177,9 @@ def _read_factors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
         match = _FACTOR_KEY.fullmatch(key)
         if match is None:
             raise ValueError(f"{path}: tensor {key!r} is not a LoRA factor of a linear layer")
+        if tensor.dim() != 2 or not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {key!r} is a {tensor.dim()}-d {str(tensor.dtype).removeprefix('torch.')} "
+                             "tensor; a LoRA factor is a 2-d real floating-point matrix")
         factors.setdefault(match["module"], {})[match["factor"]] = tensor
     if not factors:
         raise ValueError(f"{path} holds no LoRA factors")

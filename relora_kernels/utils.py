@@ -22,7 +22,7 @@ def atomic_write(path, write: Callable[[str], object]) -> None:
         write(tmp)
         # mkstemp makes the file 0600: give it the mode a plain write would (the old file's, else the umask's).
         os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-        _publish(Path(tmp), path)
+        publish(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -44,16 +44,17 @@ def atomic_folder(final, tmp, *, replace: bool = True) -> Iterator[Path]:
     if replace and final.exists():
         shutil.rmtree(final)
     try:
-        _publish(tmp, final)
+        publish(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if replace or not final.is_dir():
             raise
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """The one atomic step of both writers: the data of `tmp` (a file, or a folder's files) on disk, then the rename,
-    then the rename itself on disk. After a crash or power loss `final` is the old version or the new, never a part."""
+def publish(tmp: Path, final: Path) -> None:
+    """The one atomic step of both writers above (and of a folder several processes fill): the data of `tmp` (a file,
+    or a folder's files) on disk, then the rename to `final` (not an existing folder), then the rename itself on
+    disk. After a crash or power loss `final` is the old version or the new, never a part."""
     for f in [tmp] if tmp.is_file() else [f for f in tmp.iterdir() if f.is_file()]:
         fsync(f)
     os.replace(tmp, final)

@@ -1,10 +1,13 @@
 """examples/pretrain_gpt2.py with faults injected, for the tests; the example's own options carry none.
 
-    python tests/fault_run.py [--nan_at_steps 3,4] [--kill_at_step N] [--signal_at_step STEP:SIGINT] ARGS...
+    python tests/fault_run.py [--nan_at_steps 3,4] [--kill_at_step N] [--signal_at_step STEP:SIGINT]
+                              [--sleep_at_step STEP:SECONDS] [--step_time SECONDS] ARGS...
 
     --nan_at_steps   comma-separated steps whose loss is replaced by NaN on rank 0 (the other ranks must follow)
     --kill_at_step   SIGKILL this process right after that step (and its checkpoint, if one is due)
     --signal_at_step STEP:SIGINT or STEP:SIGTERM: this process signals itself during that step
+    --sleep_at_step  STEP:SECONDS: that step takes SECONDS longer (a step longer than torchrun's shutdown grace)
+    --step_time      SECONDS: every step takes SECONDS longer (time to signal a process within a step)
 
 Each option installs a hook in pretrain_gpt2.FAULT_HOOKS; the other arguments go to the example's main unchanged.
 """
@@ -15,11 +18,12 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pretrain_gpt2  # examples/ on sys.path: PYTHONPATH in the tests' subprocesses, conftest.py in theirs
 
-OPTIONS = ("--nan_at_steps", "--kill_at_step", "--signal_at_step")
+OPTIONS = ("--nan_at_steps", "--kill_at_step", "--signal_at_step", "--sleep_at_step", "--step_time")
 
 
 def nan_at(steps: set[int]):
@@ -43,6 +47,14 @@ def make_hook(name: str, text: str):
         pretrain_gpt2.require(re.fullmatch(r"\d+(,\d+)*", text), f"--nan_at_steps must be comma-separated integers, "
                               f"got {text!r}")
         return nan_at({int(s) for s in text.split(",")})
+    if name == "--step_time":
+        pretrain_gpt2.require(re.fullmatch(r"\d+(\.\d+)?", text), f"--step_time must be SECONDS, got {text!r}")
+        return lambda event, step, value: time.sleep(float(text)) if event == "backward" else value
+    if name == "--sleep_at_step":
+        pretrain_gpt2.require(re.fullmatch(r"\d+:\d+(\.\d+)?", text), f"--sleep_at_step must be STEP:SECONDS, got "
+                              f"{text!r}")
+        at, seconds = int(text.partition(":")[0]), float(text.partition(":")[2])
+        return lambda event, step, value: time.sleep(seconds) if event == "backward" and step == at else value
     if name == "--kill_at_step":
         pretrain_gpt2.require(text.isdigit(), f"--kill_at_step must be >= 0, got {text}")
         return signal_at(int(text), signal.SIGKILL, "step_end")

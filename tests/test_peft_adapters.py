@@ -243,3 +243,35 @@ def test_a_load_failing_half_way_changes_nothing(tmp_path):
     (folder / "adapter_model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{")
     with pytest.raises(ValueError, match="adapter_model.safetensors: not a readable safetensors file"):
         rk.load_peft_adapter(model, folder)
+
+
+A_KEY = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+B_KEY = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
+
+
+@pytest.mark.parametrize("config_changes, tensors, match", [
+    # An activated LoRA acts only on the tokens after its invocation sequence: loaded as a plain LoRA it changed
+    # every position's output.
+    ({"alora_invocation_tokens": [50, 51]}, None, r"adapter_config.json: alora_invocation_tokens=\[50, 51\] is not "
+                                                  "supported by LoRALinear"),
+    ({"use_qalora": True}, None, "adapter_config.json: use_qalora=True is not supported"),
+    ({"target_modules": "transformer.(h"}, None, r"adapter_config.json: target_modules pattern 'transformer.\(h' "
+                                                 "is not a regular expression"),
+    ({"rank_pattern": {"c_attn[": 4}}, None, r"adapter_config.json: rank_pattern pattern 'c_attn\[' is not a "
+                                              "regular expression"),
+    (None, {A_KEY: torch.tensor(1.0), B_KEY: torch.zeros(96, 2)},
+     f"adapter_model.safetensors: tensor '{A_KEY}' is a 0-d float32 tensor; a LoRA factor is a 2-d real"),
+    (None, {A_KEY: torch.zeros(2, 32, dtype=torch.complex64), B_KEY: torch.zeros(96, 2)},
+     f"adapter_model.safetensors: tensor '{A_KEY}' is a 2-d complex64 tensor"),
+    (None, {A_KEY: torch.zeros(2, 32, dtype=torch.int32), B_KEY: torch.zeros(96, 2)}, "is a 2-d int32 tensor"),
+])
+def test_unsupported_variants_and_malformed_patterns_or_factors_are_one_line_errors(tmp_path, config_changes,
+                                                                                     tensors, match):
+    folder = write_adapter(tmp_path / "a", config_changes, tensors)
+    model = tiny_gpt2()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match) as raised:
+        rk.load_peft_adapter(model, folder)
+    assert str(folder) in str(raised.value) and len(str(raised.value).splitlines()) == 1
+    assert not any(isinstance(m, rk.LoRALinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

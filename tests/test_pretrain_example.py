@@ -12,9 +12,11 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import checkpoints  # examples/ and tests/ are on sys.path (conftest.py)
@@ -28,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import assert_within_torch_error
 from model import GPT, LORA_TARGETS, GPTConfig
+from payloads import plant_byte_item
 
 import relora_kernels as rk
 from relora_kernels.relora import ReLoRA, jagged_cosine, prune_optimizer_state_
@@ -78,14 +81,21 @@ def script_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "RELORA_KERNELS_BACKEND": "auto", "PYTHONPATH": path}
 
 
-def run_script(args, *, launcher=(), timeout=240, log_file=None):
+def run_script(args, *, launcher=(), timeout=240, log_file=None, file_size_limit=None):
     """The script in a subprocess; with log_file, stdout and stderr go to that file (as `... > log 2>&1`) and the
-    result's stdout and stderr both hold its text."""
+    result's stdout and stderr both hold its text. file_size_limit (bytes): a write past it fails (RLIMIT_FSIZE,
+    inherited by torchrun's workers), as on a full disk."""
     # Fault options (--kill_at_step, ...) are the test wrapper's: it installs their hooks and runs the example.
     faulty = any(arg.partition("=")[0] in fault_run.OPTIONS for arg in args)
     cmd = [sys.executable, *launcher, fault_run.__file__ if faulty else str(EXAMPLES / "pretrain_gpt2.py"), *args]
+    def limit_file_size():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
     if log_file is None:
-        return subprocess.run(cmd, capture_output=True, text=True, env=script_env(), timeout=timeout)
+        return subprocess.run(cmd, capture_output=True, text=True, env=script_env(), timeout=timeout,
+                              preexec_fn=limit_file_size if file_size_limit else None)
     with open(log_file, "w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=script_env(), timeout=timeout)
     done.stdout = done.stderr = Path(log_file).read_bytes().decode()  # bytes: text mode would turn \r into \n
@@ -345,8 +355,23 @@ def test_fsdp_run_resumes_exactly_and_at_other_world_sizes(corpus, cache_dir, tm
     assert sorted(f.name for f in ckpt.iterdir()) == [".metadata", "DONE", "__0_0.distcp", "__1_0.distcp",
                                                       "state.pt"]  # one file of shards per rank
     shutil.copytree(tmp_path / "split", tmp_path / "four")  # before the resume prunes step 8
+    # A full disk at the checkpoint of step 12 (a file-size limit: the kernel refuses every rank's shard file as a
+    # full disk would, through DCP's CheckpointException): one line, step 8 intact, nothing half-written left.
+    full = run_script([*args["split"], "--resume"], launcher=torchrun(2), file_size_limit=200_000)
+    assert full.returncode != 0 and "CheckpointException" not in full.stderr, full.stderr[-3000:]
+    assert f"error: step 12: file too large writing checkpoint {ckpt.parent / 'step_00000012'} (it needs about " \
+        in full.stderr, full.stderr[-3000:]
+    assert sorted(d.name for d in ckpt.parent.iterdir()) == ["step_00000004", "step_00000008"]
+    # A newer checkpoint whose DCP byte item (the optimizer's param_groups) was swapped for a payload, .metadata and
+    # DONE rewritten to match: skipped at start-up (DCP's own loader would have run it), the resume from step 8.
+    planted = ckpt.parent / "step_00000010"
+    shutil.copytree(ckpt, planted)
+    item = plant_byte_item(planted, tmp_path / "payload-ran")
+    checkpoints.mark_done(planted, step=10, world=2)
     resumed = run_script([*args["split"], "--resume"], launcher=torchrun(2))
     assert resumed.returncode == 0 and "(step 8)" in resumed.stdout, resumed.stderr[-3000:]
+    assert f"skipping checkpoint {planted}: {item}: Weights only load failed" in resumed.stdout
+    assert not (tmp_path / "payload-ran").exists()
 
     keys = ("step", "train_loss", "val_loss", "lr", "tokens", "restarts", "restart", "lora_start")
     rows = {run: [{k: r.get(k) for k in keys} for r in read_rows(tmp_path / run)] for run in ("whole", "split")}
@@ -463,6 +488,8 @@ def test_options_take_both_forms_and_resolve_against_the_preset():
     (["--weight_decay", "-0.1"], "--weight_decay must be a number >= 0, got -0.1"),
     (["--signal_at_step", "3"], "--signal_at_step must be STEP:SIGINT or STEP:SIGTERM"),
     (["--fsdp"], "--fsdp runs under torchrun: torchrun --standalone --nproc_per_node=N"),
+    (["--seed", str(2**64)], f"--seed must be in [0, 2**64 - 1 = {2**64 - 1}], got {2**64}"),
+    (["--seed", "-1"], "--seed must be in [0, 2**64 - 1"),
 ])
 def test_bad_arguments_get_one_line(args, message, tmp_path, capsys):
     main = fault_run.main if "--signal_at_step" in args else pretrain_gpt2.main  # a fault option: the tests' own
@@ -604,7 +631,8 @@ def test_resume_falls_back_past_broken_checkpoints_and_cleans_up(tmp_path, monke
 
     monkeypatch.setattr(checkpoints, "save_model", no_space)
     with pytest.raises(checkpoints.RunError, match=r"step 20: no space left on device writing checkpoint "
-                                                     r".*step_00000020; removed the partial"):
+                                                     r".*step_00000020 \(it needs about 7.7 KiB, .* free there\); "
+                                                     r"removed the partial"):
         checkpoints.save_checkpoint(tmp_path, 20, model, {"step": 20}, keep=3)
     assert not list(ckpt.glob(".tmp-*")) and [d.name for d in checkpoints.checkpoint_dirs(tmp_path)] == \
         ["step_00000005"]
@@ -619,7 +647,7 @@ def test_resume_falls_back_past_a_truncated_shard_of_a_sharded_checkpoint(tmp_pa
         folder = tmp_path / f"ckpt/step_{step:08d}"
         dcp.save({"model": {"w": torch.arange(64.0)}}, storage_writer=dcp.FileSystemWriter(folder))
         torch.save({"step": step}, folder / "state.pt")
-        (folder / "DONE").write_text("")
+        checkpoints.mark_done(folder, step=step)
     shard = tmp_path / "ckpt/step_00000010/__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])
     logs = []
@@ -641,3 +669,222 @@ def test_torn_metrics_line_is_dropped_and_earlier_rows_kept(tmp_path):
     assert len(logs) == 1
     checkpoints.restart_metrics(path, 0, logs.append)  # a run from step 0 moves the old rows aside
     assert not path.exists() and checkpoints.read_metrics(tmp_path / "metrics.previous.jsonl") == rows[:5]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A full disk at every write of the run
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DiskFull:
+    """Make the nth write of a file named `name` fail as a full disk does (OSError ENOSPC), from inside the writer
+    the run uses for it, after part of the data went out; every other write goes through. The atomic writers'
+    temporary files (".NAME.xxxx") count as writes of NAME."""
+
+    def __init__(self, monkeypatch, name: str, nth: int):
+        import pathlib
+
+        import matplotlib.figure
+
+        self.name, self.nth, self.seen, self.fired = name, nth, 0, False
+        real_save_model, real_torch_save = checkpoints.save_model, torch.save
+        real_write_text, real_savefig = pathlib.Path.write_text, matplotlib.figure.Figure.savefig
+        real_open = open
+        disk = self
+
+        def save_model(model, path, *args, **kwargs):
+            disk.check(path, lambda: Path(path).write_bytes(b"\0" * 100))
+            return real_save_model(model, path, *args, **kwargs)
+
+        def torch_save(obj, f, *args, **kwargs):
+            path = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", "")
+            disk.check(path, lambda: Path(path).write_bytes(b"PK\3\4"))
+            return real_torch_save(obj, f, *args, **kwargs)
+
+        def write_text(self, text, *args, **kwargs):
+            disk.check(self, lambda: real_write_text(self, text[: len(text) // 2]))
+            return real_write_text(self, text, *args, **kwargs)
+
+        def savefig(self, fname, *args, **kwargs):
+            disk.check(fname, lambda: Path(fname).write_bytes(b"\x89PNG"))
+            return real_savefig(self, fname, *args, **kwargs)
+
+        class HalfWritten:  # a file whose write puts out half the text, then fails
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def write(self, text):
+                self.f.write(text[: len(text) // 2])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        def open_(path, mode="r", *args, **kwargs):
+            f = real_open(path, mode, *args, **kwargs)
+            if "a" in mode and disk.matches(path):
+                return HalfWritten(f)
+            return f
+
+        monkeypatch.setattr(checkpoints, "save_model", save_model)
+        monkeypatch.setattr(torch, "save", torch_save)
+        monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+        monkeypatch.setattr(checkpoints, "open", open_, raising=False)
+
+    def matches(self, path) -> bool:
+        base = Path(path).name
+        if not (base == self.name or base.startswith(f".{self.name}.")) or self.fired:
+            return False
+        self.seen += 1
+        self.fired = self.seen == self.nth
+        return self.fired
+
+    def check(self, path, partial) -> None:
+        if self.matches(path):
+            partial()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_at_each_write_ends_the_run_in_one_line_and_the_resume_is_exact(corpus, cache_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    # An 8-step run (checkpoints every 2 steps) in which the disk fills at one file after another, each time resumed
+    # on a disk with room: the checkpoint's weights, its state, its DONE, the plot redrawn after it, a metrics row,
+    # the summary. Each failure: one line naming the file (or checkpoint) and the space it needed, the last good
+    # checkpoint intact, nothing half-written that could count as one; at the end, the uninterrupted run's losses.
+    run = ("--mode", "full", "--max_steps", "8", "--ckpt_every", "2", "--eval_every", "4")
+    assert pretrain_gpt2.main(tiny_args(corpus, cache_dir, tmp_path / "whole", *run)) == 0
+    args = tiny_args(corpus, cache_dir, tmp_path / "run", *run)
+    checkpoint_4 = f"checkpoint {tmp_path / 'run/ckpt/step_00000004'}"
+    # (file, which of its writes fails, what the line names, the checkpoints after it)
+    faults = [("model.safetensors", 2, checkpoint_4, [2]), ("state.pt", 1, checkpoint_4, [2]),
+              ("DONE", 1, checkpoint_4, [2]), ("loss.png", 1, tmp_path / "run/loss.png", [2, 4]),
+              ("metrics.jsonl", 2, tmp_path / "run/metrics.jsonl", [2, 4]),  # the row of step 6, torn
+              ("summary.json", 1, tmp_path / "run/summary.json", [6, 8])]
+    for i, (name, nth, written, steps) in enumerate(faults):
+        capsys.readouterr()
+        with monkeypatch.context() as patches:
+            disk = DiskFull(patches, name, nth)
+            assert pretrain_gpt2.main([*args, *(("--resume",) if i else ())]) == 1, name
+            assert disk.fired, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"no space left on device writing {written} (it needs about " in err, err
+        ckpt_dir = tmp_path / "run/ckpt"
+        assert [d.name for d in checkpoints.checkpoint_dirs(tmp_path / "run")] == [f"step_{s:08d}" for s in steps]
+        assert sorted(d.name for d in ckpt_dir.iterdir()) == [f"step_{s:08d}" for s in steps], name
+        assert not [f.name for f in (tmp_path / "run").iterdir() if f.name.startswith(".") and f.name != ".lock"]
+    assert pretrain_gpt2.main([*args, "--resume"]) == 0
+    keys = ("step", "train_loss", "val_loss", "lr", "tokens")
+    rows = {run: [{k: r.get(k) for k in keys} for r in read_rows(tmp_path / run)] for run in ("whole", "run")}
+    assert rows["run"] == rows["whole"]
+    assert json.loads((tmp_path / "run/summary.json").read_text())["val_loss"] == rows["whole"][-1]["val_loss"]
+
+
+def test_a_finished_run_extended_past_its_end_restarts_where_a_run_of_that_length_would(corpus, cache_dir, tmp_path,
+                                                                                       capsys):
+    # An 8-step relora run (LoRA from step 5, restarts every 4 steps) makes no restart after its last step: nothing
+    # trains after it. Extended to 16 steps it must restart after step 8 (as a 16-step run does) and 12, not 16.
+    run = ("--mode", "relora", "--warmup_full_steps", "4", "--restart_every", "4", "--restart_warmup_steps", "1",
+           "--warmup_steps", "1", "--eval_every", "8", "--ckpt_every", "8")
+    args = tiny_args(corpus, cache_dir, tmp_path, *run)
+    assert pretrain_gpt2.main([*args, "--max_steps", "8"]) == 0
+    assert [r["step"] for r in read_rows(tmp_path) if r.get("restart")] == []
+    capsys.readouterr()
+    assert pretrain_gpt2.main([*args, "--resume", "--max_steps", "16"]) == 0
+    assert "step 8: restart (the run ended there before, without one; it now goes on to step 16)" in \
+        capsys.readouterr().out
+    rows = read_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(17))
+    assert [(r["step"], r["restarts"]) for r in rows if r.get("restart")] == [(8, 1), (12, 2)]
+    assert rows[-1]["restarts"] == 2
+    assert rows[9]["lr"] == 0.0  # the re-warmup after the restart of step 8 begins at 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A cluster's time limit under torchrun: SIGTERM to every process, or the launcher killed
+# --------------------------------------------------------------------------------------------------------------
+
+
+def start_torchrun(args, env_extra=None) -> subprocess.Popen:
+    cmd = [sys.executable, *torchrun(2), fault_run.__file__, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**script_env(), **(env_extra or {})})
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def wait_for_rows(out_dir: Path, n: int, launcher: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out_dir / "metrics.jsonl").exists() and len(checkpoints.read_metrics(out_dir / "metrics.jsonl")) >= n:
+            return
+        assert launcher.poll() is None, launcher.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {n} metrics rows after {timeout} s")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+LONG_RUN = ("--mode", "full", "--max_steps", "100000", "--ckpt_every", "100000", "--eval_every", "100000")
+
+
+@pytest.mark.parametrize("how", ["scancel", "launcher_killed"])
+def test_under_torchrun_a_time_limit_checkpoints_the_step_and_every_worker_exits(corpus, cache_dir, tmp_path, how):
+    # scancel / a time limit: SIGTERM to torchrun and to every worker at once, so each worker gets two (its own and
+    # torchrun's forwarded one); the second used to kill it before its checkpoint. launcher_killed: SIGKILL to
+    # torchrun alone (it cannot forward it); the workers used to train on, unsupervised, holding the out_dir lock.
+    # There, the run's shutdown grace is 1 s and step 2 takes 1.5 s longer: a warning says so.
+    out_dir = tmp_path / "run"
+    extra = ("--sleep_at_step", "2:1.5") if how == "launcher_killed" else ("--step_time", "1")
+    launcher = start_torchrun(tiny_args(corpus, cache_dir, out_dir, *LONG_RUN, *extra),
+                              {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "1"} if how == "launcher_killed" else None)
+    workers = []
+    try:
+        wait_for_rows(out_dir, 3 if how == "launcher_killed" else 2, launcher)  # step 2 is the slow one there
+        workers = children(launcher.pid)
+        assert len(workers) == 2, workers
+        if how == "scancel":  # the workers' own first, torchrun's forwarded one 0.3 s later, within the step
+            for pid in workers:
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(0.3)
+            os.kill(launcher.pid, signal.SIGTERM)
+        else:
+            os.kill(launcher.pid, signal.SIGKILL)
+        stdout, stderr = launcher.communicate(timeout=120)  # the workers hold the pipes: EOF once they exit
+    finally:
+        workers = workers or children(launcher.pid)
+        for pid in [launcher.pid, *workers]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not any(alive(pid) for pid in workers)
+    stopped = re.findall(r"SIGTERM at step (\d+): stopped after writing its checkpoint; --resume continues exactly",
+                         stderr)
+    assert len(stopped) == 2 and len(set(stopped)) == 1, stderr[-3000:]
+    step = int(stopped[0])
+    assert [d.name for d in checkpoints.checkpoint_dirs(out_dir)] == [f"step_{step:08d}"]
+    assert max(r["step"] for r in read_rows(out_dir)) == step
+    assert 'pretrain_gpt2.py", line' not in stderr, stderr[-3000:]  # no worker's traceback (torchrun prints its own)
+    assert (out_dir / ".lock").read_text() == ""  # released: the run ended cleanly
+    if how == "launcher_killed":
+        assert stderr.count(f"the launcher (pid {launcher.pid}) is gone; stopping after this step") == 2, stderr
+        assert re.search(r"warning: step 2 took \d+\.\d s with its evaluation and checkpoint, more than the 1 s "
+                         "torchrun waits", stdout), stdout[-3000:]

@@ -359,18 +359,40 @@ def forced_tile(tile: GemmTile):
 
 
 def tile_choice() -> str:
-    """How the Triton engine's tile is chosen, from RELORA_KERNELS_AUTOTUNE: "0" the first fitting tile (the GPU
-    tests: tuning each of their shapes cold would take minutes), else "tune" (table, else tuned per key)."""
+    """How the Triton engine's tile is chosen where the table names none, from RELORA_KERNELS_AUTOTUNE: "0" the
+    first fitting tile (the GPU tests: tuning each of their shapes cold would take minutes), else "tune" (tuned per
+    key). The table's tile comes first either way."""
     return "fixed" if os.environ.get("RELORA_KERNELS_AUTOTUNE", "") == "0" else "tune"
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
+
+
+TRITON_VERSION = _version(triton.__version__)
+# Triton before 3.9 fails two kinds of warp-specialised build of the Hopper kernel in its NVGPUWarpSpecialization
+# pass ("PassManager::run failed"; sm_90 builds by benchmarks.gpu_build under triton 3.6, bf16, r = 16 and 64): the
+# 128x256 tile in every variant, and any tile whose epilogue draws the dropout mask (dx with dropout). Triton 3.9
+# builds them all; 3.7 and 3.8 were not tried, so they are treated as 3.6.
+FULL_WARP_SPECIALIZATION_TRITON = (3, 9)
+
+
+def builds_under_this_triton(tile: GemmTile, launch: GemmLaunch) -> bool:
+    """Whether the running Triton compiles `tile` for `launch`'s variant (see FULL_WARP_SPECIALIZATION_TRITON)."""
+    if not tile.warp_specialize or TRITON_VERSION >= FULL_WARP_SPECIALIZATION_TRITON:
+        return True
+    return tile.block_n < 256 and not launch.dropout
+
+
 def tma_tiles(launch: GemmLaunch) -> list[GemmTile]:
-    """The Hopper kernel's candidates that fit, on sm_90 and later for 16-bit operands (in fp32 its builds spill and
-    have no wgmma: the pointer-load kernel's)."""
+    """The Hopper kernel's candidates that fit and that the running Triton builds, on sm_90 and later for 16-bit
+    operands (in fp32 its builds spill and have no wgmma: the pointer-load kernel's)."""
     if current_arch() < 90 or launch.dtype == torch.float32:
         return []
     limit = shared_memory_limit()
-    return [tile for tile in TMA_TILES if gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= limit]
+    return [tile for tile in TMA_TILES if gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= limit
+            and builds_under_this_triton(tile, launch)]
 
 
 def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None, tma_ok: bool = False) -> GemmTile:
@@ -382,13 +404,13 @@ def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None,
     if interpreting():
         return INTERPRETER_TILE
     candidates = fitting(GEMM_TILES, gemm_shared_bytes, launch.rank_block, launch.dtype)
-    if tile_choice() == "fixed":
-        return candidates[0]
     entry = table_entry(launch)
     if entry and entry.get("tile"):  # the Triton engine's tile, also where the entry's engine is cuBLAS
         tile = parse_tile(entry["tile"])
         usable = tile.kernel == "pointer" or (tma_ok and tile in tma_tiles(launch))
         if usable and gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= shared_memory_limit():
             return tile
+    if tile_choice() == "fixed":  # after the table: RELORA_KERNELS_AUTOTUNE=0 only stops tuning
+        return candidates[0]
     key = (current_arch(), launch.shape_key)
     return TUNER.tile(key, candidates[:TUNED_CANDIDATES], time_tile)

@@ -38,7 +38,7 @@ def run(fn, inputs, scale, dropout_p, seed, grad_out, dtype=None):
         leaves[name] = t.requires_grad_(name != "weight")
     y = fn(leaves["x"], leaves["weight"], leaves["lora_a"], leaves["lora_b"], scale, leaves.get("bias"),
            dropout_p, seed)
-    y.backward(grad_out.to(y.dtype))
+    y.backward(grad_out.to(y.device, y.dtype))  # grad_out may be built on the CPU (the same values on any device)
     return y.detach(), {name: t.grad for name, t in leaves.items() if name != "weight"}
 
 

@@ -5,10 +5,14 @@ DIR` (.ci/run)."""
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from . import harness
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run_folder(path, **extra):
@@ -69,3 +73,25 @@ def test_the_limits_are_options_with_the_defaults_8_files_and_16_mib(tmp_path, c
     assert harness.main(["--check-outputs", str(tmp_path), "--max-file-mib", str(20 / 2**20)]) == 1
     with pytest.raises(SystemExit):
         harness.main(["--check-outputs", str(tmp_path), "--max-files", "0"])
+
+
+def test_run_gpu_refuses_bad_options_before_running_anything(tmp_path):
+    script = ROOT / "benchmarks" / "run_gpu.sh"
+    for args, message in ((["--max-files", "0"], "--max-files must be"), (["--budget-s", "9.5"], "--budget-s must"),
+                          (["--max-file-mib", "x"], "--max-file-mib must"), (["--bogus"], "unknown option --bogus"),
+                          ([str(tmp_path / "a"), str(tmp_path / "b")], "one folder only")):
+        run = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
+        assert not any(tmp_path.iterdir()), args  # nothing written
+    text = script.read_text()
+    assert 'max_files="${RUN_MAX_FILES:-8}"' in text and 'max_file_mib="${RUN_MAX_FILE_MIB:-16}"' in text
+
+
+def test_the_project_speaks_only_of_itself():
+    # Its docs and comments describe an output folder and a time budget, not the machinery that lends a GPU, nor
+    # notes kept elsewhere (the words are split here so that this file does not match).
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: nothing to search")
+    words = ["\\$" + "OUT", "device" + " tool", "le" + "ase", "the" + " brief", "/wo" + "rk/"]
+    found = subprocess.run(["git", "grep", "-nE", "|".join(words)], cwd=ROOT, capture_output=True, text=True)
+    assert found.returncode == 1 and not found.stdout, found.stdout

@@ -1,7 +1,7 @@
 """Measure both engines of each frozen-GEMM pass and the Triton engine's tiles on this GPU; write the table of
 engines and tiles the package reads.
 
-    python -m benchmarks.tune --out "$OUT"              # GPU: tuned_gemm.json + tune.md into $OUT
+    python -m benchmarks.tune --out DIR                 # GPU: tuned_gemm.json + tune.md into DIR
     python -m benchmarks.tune --dtypes bf16 fp16 --ranks 16 64 128 --tokens 8192 --budget-s 400
     TRITON_INTERPRET=1 python -m benchmarks.tune --smoke --out /tmp/t   # CPU: the plumbing on one tiny shape
 

@@ -84,7 +84,11 @@ class _BuildOnly:
     def __getitem__(self, grid):
         def build(*args, **kwargs):
             start = time.perf_counter()
-            compiled = self.kernel.warmup(*args, grid=grid, **kwargs)
+            try:
+                compiled = self.kernel.warmup(*args, grid=grid, **kwargs)
+            except Exception as error:  # a build that fails is a failed row; the other builds go on
+                self.record(self.kernel.__name__, kwargs, None, time.perf_counter() - start, "fixed", error)
+                return
             self.record(self.kernel.__name__, kwargs, compiled, time.perf_counter() - start, "fixed")
 
         return build
@@ -175,17 +179,25 @@ def _drive_launchers(dtype: torch.dtype, rank: int, shape: tuple[int, int, int] 
 
 
 def _drive_hopper_tiles(dtype: torch.dtype, rank: int) -> None:
-    """The Hopper kernel's tiles that fit (sm_90, 16-bit), which the table may name: the forward and the dx launch."""
+    """The Hopper kernel's tiles the policy offers (policy.tma_tiles: sm_90, 16-bit, fitting, building under this
+    Triton), which the table may name, in every variant: the forward with and without bias, dx with and without
+    dropout."""
     tokens, k, n = SHAPES["small"]
     x, weight, grad_y = torch.empty(tokens, k, dtype=dtype), torch.empty(n, k, dtype=dtype), torch.empty(tokens, n,
                                                                                                          dtype=dtype)
     lora_a, lora_b = torch.empty(rank, k, dtype=dtype), torch.empty(n, rank, dtype=dtype)
     bias, shrunk = torch.empty(n, dtype=dtype), torch.empty(tokens, rank, dtype=dtype)
-    gemm = policy.GemmLaunch(dtype, policy.block_rank(rank), "forward", True, False, tokens, n, k)
-    for tile in policy.tma_tiles(gemm):
-        with policy.forced_tile(tile):
-            lora_linear.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, bias)
-            lora_linear.lora_input_grad(grad_y, weight, shrunk, lora_a, 0.1, torch.tensor(1234))
+    rank_block = policy.block_rank(rank)
+    for with_bias in (bias, None):
+        gemm = policy.GemmLaunch(dtype, rank_block, "forward", with_bias is not None, False, tokens, n, k)
+        for tile in policy.tma_tiles(gemm):
+            with policy.forced_tile(tile):
+                lora_linear.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, with_bias)
+    for dropout_p, seed in ((0.1, torch.tensor(1234)), (0.0, None)):
+        gemm = policy.GemmLaunch(dtype, rank_block, "input_grad", False, dropout_p > 0, tokens, k, n)
+        for tile in policy.tma_tiles(gemm):
+            with policy.forced_tile(tile):
+                lora_linear.lora_input_grad(grad_y, weight, shrunk, lora_a, dropout_p, seed)
 
 
 def _column_major(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -259,28 +271,60 @@ def int32_pointer_offsets(ttir: str) -> list[str]:
     return found
 
 
+def _variant(kwargs: dict) -> str:
+    return " ".join(k.lower() for k in _VARIANT_KEYS if kwargs.get(k)) or "-"
+
+
+def _failed_key(kernel: str, kwargs: dict) -> str:
+    """One failed row per kernel, variant and tile (a failed build has no hash to tell its specialisations apart)."""
+    options = {k: kwargs.get(k) for k in (*_TILE_KEYS, "num_warps", "num_stages")}
+    return f"failed {kernel} {_variant(kwargs)} {sorted(options.items())}"
+
+
+def _error_text(error: BaseException) -> str:
+    """The error's type and its last non-empty line (Triton's compile errors end with the cause), at most 400
+    characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:400]
+
+
+def failed_row(arch: str, dtype_name: str, rank: int, kernel: str, kwargs: dict, path: str,
+               error: BaseException) -> dict:
+    """A build that did not compile: what was built and the error, no resources."""
+    return {"arch": arch, "dtype": dtype_name, "r": rank, "kernel": kernel.lstrip("_"), "variant": _variant(kwargs),
+            "tile": {k: kwargs[k] for k in _TILE_KEYS if k in kwargs}, "num_warps": kwargs.get("num_warps"),
+            "num_stages": kwargs.get("num_stages"), "paths": [path], "shared_bytes": None,
+            "shared_limit": SHARED_MEMORY_LIMIT.get(int(arch.removeprefix("sm_")), 0), "shared_estimate": None,
+            "wgmma": False, "tma": False, "compile_s": None, "atomics": {"vector": 0, "scalar": 0},
+            "int32_offsets": [], "registers": None, "local_bytes": None, "stack_bytes": None, "blocks_per_sm": None,
+            "error": _error_text(error)}
+
+
 def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ...] = ()) -> list[dict]:
     """Build every launch for one (architecture, dtype, rank), also at the named SHAPES (the fixed tiles); one row per
     distinct build, with its resources and its int64 audit."""
     builds: dict[str, dict] = {}
     stage = {"label": None}  # names the pass that reaches a fixed-tile build, where it is not the first one
 
-    def record(kernel, kwargs, compiled, seconds, path):
+    def record(kernel, kwargs, compiled, seconds, path, error=None):
         path = stage["label"] if stage["label"] and path == "fixed" else path
-        key = compiled.hash
+        key = compiled.hash if compiled is not None else _failed_key(kernel, kwargs)
         if key in builds:  # Triton's cache returned an earlier build: the same kernel reached another way
             builds[key]["paths"] = sorted(set(builds[key]["paths"]) | {path})
+            return
+        if compiled is None:
+            builds[key] = failed_row(f"sm_{capability}", dtype_name, rank, kernel, kwargs, path, error)
             return
         meta = compiled.metadata
         builds[key] = {
             "arch": f"sm_{capability}", "dtype": dtype_name, "r": rank, "kernel": kernel.lstrip("_"),
-            "variant": " ".join(k.lower() for k in _VARIANT_KEYS if kwargs.get(k)) or "-",
+            "variant": _variant(kwargs),
             "tile": {k: kwargs[k] for k in _TILE_KEYS if k in kwargs},
             "num_warps": meta.num_warps, "num_stages": meta.num_stages, "paths": [path],
             "shared_bytes": meta.shared, "shared_limit": SHARED_MEMORY_LIMIT[capability],
             "shared_estimate": _estimated_shared(kernel, kwargs, meta.num_stages, DTYPES[dtype_name].itemsize),
             "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "tma": "cp.async.bulk.tensor" in compiled.asm["ptx"],
-            "compile_s": round(seconds, 2),
+            "compile_s": round(seconds, 2), "error": None,
             "atomics": _atomics(compiled.asm["ptx"]), "int32_offsets": int32_pointer_offsets(compiled.asm["ttir"]),
             **_resources(compiled),
         }
@@ -430,6 +474,9 @@ def problems(rows: list[dict]) -> list[str]:
     found = []
     for row in rows:
         build = f"{row['arch']} {row['dtype']} r={row['r']} {row['kernel']} {row['variant']} {_tile(row)}"
+        if row.get("error"):
+            found.append(f"{build}: build failed: {row['error']}")
+            continue
         if row["shared_bytes"] > row["shared_limit"]:
             found.append(f"{build}: would not launch, {row['shared_bytes']} B shared > {row['shared_limit']} B")
         if row["shared_estimate"] is not None and row["shared_bytes"] > row["shared_estimate"]:
@@ -454,8 +501,8 @@ def markdown(rows: list[dict], environment: dict) -> str:
         "# Kernel builds per GPU architecture (compiled on a CPU machine, never run: no timings)",
         "",
         *(f"- {key}: {value}" for key, value in environment.items()),
-        f"- {len(rows)} builds; launches over the shared-memory limit or above their estimate: "
-        + ("; ".join(problems(rows)) or "none"),
+        f"- {len(rows)} builds, {sum(bool(row.get('error')) for row in rows)} failed; failed builds, launches over "
+        "the shared-memory limit or above their estimate: " + ("; ".join(problems(rows)) or "none"),
         f"- builds with a stack frame (registers spilled to local memory; not an error, a speed cost): "
         f"{sum(bool(row['stack_bytes']) for row in rows)}",
         "",
@@ -464,6 +511,11 @@ def markdown(rows: list[dict], environment: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        if row.get("error"):
+            lines.append(f"| {row['arch']} | {row['dtype']} | {row['r']} | {row['kernel']} | {row['variant']} "
+                         f"| {_tile(row)} | {'+'.join(row['paths'])} | **build failed**: "
+                         f"{row['error'].replace('|', '/')} | | | | | | |")
+            continue
         flag = "" if row["shared_bytes"] <= row["shared_limit"] else " **over**"
         lines.append(
             f"| {row['arch']} | {row['dtype']} | {row['r']} | {row['kernel']} | {row['variant']} | {_tile(row)} "
@@ -477,7 +529,12 @@ def markdown(rows: list[dict], environment: dict) -> str:
 
 
 def _build_job(job):
-    return build_all(*job)
+    """The job's rows; an error outside any one build (a launcher's own) is the job's one failed row."""
+    try:
+        return build_all(*job)
+    except Exception as error:
+        capability, dtype_name, rank = job[:3]
+        return [failed_row(f"sm_{capability}", dtype_name, rank, "(launchers)", {}, "job", error)]
 
 
 def _trace_job(job):

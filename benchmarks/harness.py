@@ -145,7 +145,7 @@ def error_reason(error: BaseException) -> str:
 
 
 class Progress:
-    """Progress over `total` items: tqdm's bar on a terminal; anywhere else (a log file, a pipe, the device tool's
+    """Progress over `total` items: tqdm's bar on a terminal; anywhere else (a log file, a pipe, a remote command's
     captured output) one plain line per completed item, since the bar's carriage-return frames would pile up there
     by the thousand."""
 
@@ -181,31 +181,33 @@ class Progress:
         self.bar.close()
 
 
-# What the device tool returns from $OUT: at most this many files, each under this size, named in these characters.
-RETURNED_FILES = 8
-RETURNED_FILE_BYTES = 16 * 2**20
-RETURNED_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# The limits of a run_gpu.sh output folder, so that it can be copied back whole from a machine that returns only
+# so much: at most MAX_FILES files, each under MAX_FILE_MIB MiB, named in these characters (run_gpu.sh's options
+# --max-files and --max-file-mib; these are their defaults).
+MAX_FILES = 8
+MAX_FILE_MIB = 16
+FILE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 RUN_FILES = ("run_gpu.log", "run_gpu.json", "pytest_gpu.txt", "gpu_build.md")
 _PYTEST_SUMMARY = re.compile(r"\b(passed|failed|errors?|skipped|deselected|no tests ran)\b.* in \d")
 
 
-def check_outputs(folder: Path) -> list[str]:
-    """What is wrong with a run_gpu.sh folder (empty: nothing): more files than the device tool returns, one too
-    large, badly named or in a subfolder; a missing part (run_gpu.sh's files, the sweep's JSON and its report); a JSON
-    file that does not parse; a test summary without pytest's final line."""
+def check_outputs(folder: Path, max_files: int = MAX_FILES, max_file_mib: float = MAX_FILE_MIB) -> list[str]:
+    """What is wrong with a run_gpu.sh folder (empty: nothing): more than `max_files` files, one of `max_file_mib`
+    MiB or more, badly named or in a subfolder; a missing part (run_gpu.sh's files, the sweep's JSON and its report);
+    a JSON file that does not parse; a test summary without pytest's final line."""
+    max_bytes = int(max_file_mib * 2**20)
     folder = Path(folder)
     if not folder.is_dir():
         return [f"{folder}: no such folder"]
     entries = sorted(folder.iterdir())
     problems = [f"{e.name}: a folder (run_gpu.sh writes files only)" for e in entries if not e.is_file()]
     files = [e for e in entries if e.is_file()]
-    if len(files) > RETURNED_FILES:
-        problems.append(f"{len(files)} files, more than the {RETURNED_FILES} the device tool returns: "
-                        + ", ".join(f.name for f in files))
-    problems += [f"{f.name}: {f.stat().st_size} bytes, over {RETURNED_FILE_BYTES}" for f in files
-                 if f.stat().st_size >= RETURNED_FILE_BYTES]
-    problems += [f"{f.name!r}: a name the device tool does not return" for f in files
-                 if not RETURNED_NAME.fullmatch(f.name)]
+    if len(files) > max_files:
+        problems.append(f"{len(files)} files, more than the {max_files} allowed: " + ", ".join(f.name for f in files))
+    problems += [f"{f.name}: {f.stat().st_size} bytes, over {max_bytes}" for f in files
+                 if f.stat().st_size >= max_bytes]
+    problems += [f"{f.name!r}: not a plain file name (letters, digits, '.', '_', '-')" for f in files
+                 if not FILE_NAME.fullmatch(f.name)]
     names = {f.name for f in files}
     problems += [f"{name}: missing" for name in RUN_FILES if name not in names]
     results = [f for f in files if f.suffix == ".json" and f.name != "run_gpu.json"]
@@ -232,14 +234,19 @@ def check_outputs(folder: Path) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.harness")
     parser.add_argument("--check-outputs", type=Path, metavar="DIR", required=True,
-                        help="check a benchmarks/run_gpu.sh folder against what the device tool returns")
+                        help="check a benchmarks/run_gpu.sh folder: complete, and within the limits below")
+    parser.add_argument("--max-files", type=int, default=MAX_FILES, help="at most this many files (%(default)s)")
+    parser.add_argument("--max-file-mib", type=float, default=MAX_FILE_MIB,
+                        help="each file under this many MiB (%(default)s)")
     args = parser.parse_args(argv)
-    problems = check_outputs(args.check_outputs)
+    if args.max_files < 1 or args.max_file_mib <= 0:
+        parser.error(f"--max-files must be >= 1 and --max-file-mib > 0; got {args.max_files}, {args.max_file_mib}")
+    problems = check_outputs(args.check_outputs, args.max_files, args.max_file_mib)
     for problem in problems:
         print(f"{args.check_outputs}: {problem}", file=sys.stderr)
     files = sorted(f.name for f in args.check_outputs.iterdir()) if args.check_outputs.is_dir() else []
     print(f"{args.check_outputs}: {len(files)} files ({', '.join(files)}): "
-          + (f"{len(problems)} problems" if problems else "as the device tool returns them"))
+          + (f"{len(problems)} problems" if problems else "complete and within the limits"))
     return 1 if problems else 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .cases import CUBLAS_LAUNCHES, HEADLINE, LAUNCH_PROVIDERS, LORA_PROVIDERS, TRITON_LAUNCHES
 
-# Issue 16's goals for the automatic choice (`fused`); each engine's provider is checked against the same two.
+# The performance goals for the automatic choice (`fused`); each engine's provider is checked against the same two.
 SPEEDUP_GOAL = 1.40  # fused fwd+bwd vs eager at the headline case (p = 0.1)
 FLOOR_GOAL = 1.10  # fused fwd+bwd time / floor time at the headline case
 # The fused op's providers side by side: each engine, then the automatic choice, with time / floor and vs eager.

@@ -169,3 +169,60 @@ def test_compile_sees_every_op_as_its_kernels_and_what_they_write(reports):
                     written = ["da_ptr", "ds_ptr", "dx_ptr"]  # and the start value of dx
                 assert launch["written"] == written, (engine, row["op"], launch)
                 assert set(written) < set(launch["tensor_args"]) or launch["kernel"] == "reinit_kernel", launch
+
+
+def test_a_failed_build_is_a_failed_row_and_the_others_go_on(monkeypatch, tmp_path):
+    # In-process, nothing compiled: a kernel whose build raises (as triton 3.6's warp-specialisation pass did) is
+    # recorded with its error by the build-only launch, a job that fails outside any build is one failed row, and
+    # main writes the table with every row and exits 1.
+    from benchmarks import gpu_build
+
+    class Failing:
+        __name__ = "_fused_matmul_tma_kernel"
+
+        def warmup(self, *args, **kwargs):
+            raise RuntimeError("PassManager::run failed\n")
+
+    recorded = []
+    launch = gpu_build._BuildOnly(Failing(), lambda *args: recorded.append(args))
+    tile = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "WARP_SPECIALIZE": True, "EPILOGUE_SPLIT": 4}
+    launch[(1,)](APPLY_DROPOUT=True, num_warps=4, num_stages=3, **tile)  # returns: the launcher goes on
+    ((kernel, kwargs, compiled, _, path, error),) = recorded
+    assert (kernel, compiled, path) == ("_fused_matmul_tma_kernel", None, "fixed")
+    assert str(error) == "PassManager::run failed\n"
+    failed = gpu_build.failed_row("sm_90", "bf16", 16, kernel, kwargs, path, error)
+    assert failed["error"] == "RuntimeError: PassManager::run failed" and failed["variant"] == "apply_dropout"
+
+    def job_fails(*job):
+        raise ValueError("no such launcher")
+
+    monkeypatch.setattr(gpu_build, "build_all", job_fails)
+    (job_row,) = gpu_build._build_job((90, "fp16", 64, ()))
+    assert (job_row["r"], job_row["dtype"], job_row["error"]) == (64, "fp16", "ValueError: no such launcher")
+
+    monkeypatch.setattr(gpu_build, "_build_job", lambda job: [failed, job_row])
+    monkeypatch.setattr(gpu_build.multiprocessing, "Pool", _SerialPool)
+    monkeypatch.setattr(gpu_build.policy, "interpreting", lambda: False)
+    assert gpu_build.main(["--arch", "90", "--ranks", "16", "--jobs", "1", "--out", str(tmp_path)]) == 1
+    table = (tmp_path / "gpu_build.md").read_text()
+    assert "2 builds, 2 failed" in table
+    assert "| sm_90 | bf16 | 16 | fused_matmul_tma_kernel | apply_dropout | 128x256x64 w4 s3 ws e4 | fixed | **build " \
+           "failed**: RuntimeError: PassManager::run failed |" in table
+    assert [row["error"] for row in json.loads((tmp_path / "gpu_build.json").read_text())["rows"]] == [
+        failed["error"], job_row["error"]]
+
+
+class _SerialPool:
+    """multiprocessing.Pool's interface, in this process (so that the test's replacements apply)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, function, jobs, chunksize=1):
+        return [function(job) for job in jobs]

@@ -1,7 +1,7 @@
 """Measure both engines of each frozen-GEMM pass and the Triton engine's tiles on this GPU; write the table of
 engines and tiles the package reads.
 
-    python -m benchmarks.tune --out "$OUT"              # GPU: tuned_gemm.json + tune.md into $OUT
+    python -m benchmarks.tune --out DIR                 # GPU: tuned_gemm.json + tune.md into DIR
     python -m benchmarks.tune --dtypes bf16 fp16 --ranks 16 64 128 --tokens 8192 --budget-s 400
     TRITON_INTERPRET=1 python -m benchmarks.tune --smoke --out /tmp/t   # CPU: the plumbing on one tiny shape
 
@@ -126,30 +126,36 @@ def tiles_to_time(launch: dict, operands: tuple, smoke: bool) -> list[policy.Gem
     return pointer + (policy.tma_tiles(gemm_launch(launch)) if hopper_ok else [])
 
 
-def time_choices(launch: dict, device: torch.device, smoke: bool) -> dict[str, float | None]:
-    """{choice: median ms}: the cuBLAS-composed engine, then every Triton tile of tiles_to_time, each run once
-    through the interpreter under --smoke, which times nothing (None)."""
+def time_choices(launch: dict, device: torch.device, smoke: bool) -> tuple[dict[str, float | None], dict[str, str]]:
+    """({choice: median ms}, {choice: error}): the cuBLAS-composed engine, then every Triton tile of tiles_to_time,
+    each run once through the interpreter under --smoke, which times nothing (None). A choice that fails (a tile
+    that does not compile) is left out of the times with its error, and the others go on."""
     fn, operands = build(launch, device, with_operands=True)
-    tiles, times = tiles_to_time(launch, operands, smoke), {}
+    tiles, times, errors = tiles_to_time(launch, operands, smoke), {}, {}
     for choice in [CUBLAS] + [tile.name for tile in tiles]:
-        with _choice(choice):
-            fn()  # compile outside the timing
-            if smoke:
-                times[choice] = None
-                continue
-            from triton.testing import do_bench
+        try:
+            with _choice(choice):
+                fn()  # compile outside the timing
+                if smoke:
+                    times[choice] = None
+                    continue
+                from triton.testing import do_bench
 
-            times[choice] = do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
-    return times
+                times[choice] = do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+        except Exception as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            errors[choice] = f"{type(error).__name__}: {lines[-1] if lines else ''}"[:400]
+    return times, errors
 
 
-def _best(times: dict[str, float | None], among) -> str:
+def _best(times: dict[str, float | None], among) -> str | None:
     timed = {choice: ms for choice, ms in times.items() if ms is not None and choice in among}
-    return min(timed, key=timed.get) if timed else next(c for c in times if c in among)
+    return min(timed, key=timed.get) if timed else next((c for c in times if c in among), None)
 
 
-def _entry(best_choice: str, best_tile: str) -> dict:
-    return {"engine": "cublas" if best_choice == CUBLAS else "triton", "tile": best_tile}
+def _entry(best_choice: str, best_tile: str | None) -> dict:
+    """A table entry; without a tile (every tile of the pass failed) the Triton engine keeps its own choice."""
+    return {"engine": "cublas" if best_choice == CUBLAS else "triton", **({"tile": best_tile} if best_tile else {})}
 
 
 def choose(results: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -160,6 +166,8 @@ def choose(results: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
     for result in results:
         default, shape = keys(result["launch"])
         times = result["times"]
+        if not times:  # every choice failed: nothing to choose from
+            continue
         tiles = [choice for choice in times if choice != CUBLAS]
         shapes[shape] = _entry(_best(times, times), _best(times, tiles))
         timed = {choice: ms for choice, ms in times.items() if ms is not None}
@@ -178,6 +186,10 @@ def choose(results: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
     return defaults, shapes
 
 
+def _ms(timed: dict[str, float], choice: str | None) -> str:
+    return f"{timed[choice]:.4g}" if choice in timed else "—"
+
+
 def markdown(results: list[dict], environment: dict, smoke: bool) -> str:
     lines = ["# Both engines and the Triton tiles measured per pass" + (" (smoke: nothing timed)" if smoke else ""),
              "", *(f"- {key}: {value}" for key, value in environment.items()), "",
@@ -188,16 +200,24 @@ def markdown(results: list[dict], environment: dict, smoke: bool) -> str:
         launch, times = result["launch"], result["times"]
         timed = {choice: ms for choice, ms in times.items() if ms is not None}
         best = min(timed, key=timed.get) if timed else None
-        first = next(choice for choice in times if choice != CUBLAS)
+        first = next((choice for choice in times if choice != CUBLAS), None)
         flops = 2 * launch["M"] * launch["N_out"] * (launch["K_in"] + launch["r"])
         row = [f"{launch['dtype']} r={launch['r']} {launch['variant']}",
                f"{launch['M']} x {launch['N_out']} x {launch['K_in']}", len(times), best or "—"]
         if best:
-            row += [f"{timed[best]:.4g}", f"{flops / (timed[best] * 1e-3) / 1e12:.0f}", f"{timed[CUBLAS]:.4g}",
-                    f"{timed[first]:.4g}", f"{timed[CUBLAS] / timed[best]:.3f}x"]
+            row += [f"{timed[best]:.4g}", f"{flops / (timed[best] * 1e-3) / 1e12:.0f}", _ms(timed, CUBLAS),
+                    _ms(timed, first),
+                    f"{timed[CUBLAS] / timed[best]:.3f}x" if CUBLAS in timed else "—"]
         else:
             row += ["—"] * 5
         lines.append("| " + " | ".join(str(v) for v in row) + " |")
+    failed = [(result["launch"], choice, error) for result in results
+              for choice, error in result.get("errors", {}).items()]
+    if failed:
+        lines += ["", f"## Failed choices ({len(failed)}): not timed, not in the table", "",
+                  "| pass | M x N_out x K_in | choice | error |", "|---|---|---|---|"]
+        lines += [f"| {launch['dtype']} r={launch['r']} {launch['variant']} | {launch['M']} x {launch['N_out']} x "
+                  f"{launch['K_in']} | {choice} | {error.replace('|', '/')} |" for launch, choice, error in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -228,8 +248,9 @@ def main(argv=None) -> int:
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
             progress.note(f"time budget spent: {len(launches) - len(results)} launches not tuned")
             break
-        results.append({"launch": launch, "times": time_choices(launch, device, args.smoke)})
-        progress.completed(f"{keys(launch)[1]}: {len(results[-1]['times'])} choices")
+        times, errors = time_choices(launch, device, args.smoke)
+        results.append({"launch": launch, "times": times, "errors": errors})
+        progress.completed(f"{keys(launch)[1]}: {len(times)} choices" + (f", {len(errors)} failed" if errors else ""))
     progress.close()
 
     defaults, shapes = choose(results)
@@ -241,9 +262,10 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tuned_gemm.json").write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     (args.out / "tune.md").write_text(markdown(results, environment, args.smoke))
+    failed = sum(len(result["errors"]) for result in results)
     print(f"{arch}: {len(results)} of {len(launches)} launches tuned in {time.perf_counter() - start:.0f} s; "
-          f"{len(defaults)} defaults; wrote {args.out / 'tuned_gemm.json'} and tune.md")
-    return 0
+          f"{len(defaults)} defaults; {failed} failed choices; wrote {args.out / 'tuned_gemm.json'} and tune.md")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

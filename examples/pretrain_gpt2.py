@@ -713,7 +713,7 @@ def sample(run: Run) -> None:
 
 
 def train(argv=None) -> dict:
-    with ExitStack() as run_scope:  # the out_dir lock and the signal handlers, released however the run ends
+    with ExitStack() as run_scope:  # the out_dir lock and the signal handlers, let go however the run ends
         run = set_up(argv, run_scope)
         cfg = run.cfg
         run.out_dir.mkdir(parents=True, exist_ok=True)

@@ -58,8 +58,9 @@ def _eager(x: torch.Tensor) -> bool:
     """Whether this call runs eagerly on plain tensors: then the autograd function calls the launchers itself
     (no torch.library dispatch, no wrap_triton), which costs the host a fraction of the registered ops' dispatch.
     Under torch.compile (or any tracing: fake and functional tensors are Tensor subclasses, as are DTensors) the
-    registered ops run, which is what the compiler sees and captures whole."""
-    return not torch.compiler.is_compiling() and type(x) in _PLAIN_TENSOR_TYPES
+    registered ops run, which is what the compiler sees and captures whole; so do meta tensors, which only the ops'
+    fake implementations can take."""
+    return not torch.compiler.is_compiling() and type(x) in _PLAIN_TENSOR_TYPES and not x.is_meta
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)

@@ -98,6 +98,20 @@ def test_tile_choice_fixed_forced_and_a_table_tile_that_does_not_fit(on_h100, mo
     assert policy.gemm_tile(headline, None) == first  # not launched: untimed, the first fitting tile
 
 
+@pytest.mark.parametrize("autotune", [False, True])
+def test_the_table_tile_comes_before_the_fixed_and_the_tuned_tile(autotune, on_h100, monkeypatch):
+    # The table's tile first whatever the autotune setting says (off only stops tuning): the GPU script runs with
+    # RELORA_KERNELS_AUTOTUNE=0, and a table it could not reach would leave its tuned tiles untested there.
+    headline = launch(kind="input_grad", bias=False, dropout=True)
+    rk.configure(autotune=autotune)
+    table_tile = "64x64x64 g8 w4 s4"
+    assert policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, 16, torch.bfloat16)[0].name != table_tile
+    on_h100(default={headline.variant: {"engine": "triton", "tile": table_tile}})
+    assert policy.gemm_tile(headline, lambda tile: pytest.fail("timed a tile the table names")).name == table_tile
+    on_h100(shapes={headline.shape_key: {"engine": "cublas", "tile": "128x128x32 g8 w4 s4"}})
+    assert policy.gemm_tile(headline, None).name == "128x128x32 g8 w4 s4"
+
+
 def test_varying_batch_sizes_tune_at_most_once_per_bucket(on_h100, monkeypatch):
     # 50 random token counts between 1000 and 9000: buckets 1024 .. 16384, so at most 5 tunings, each timing the
     # candidates once; later calls of a bucket take its tuned tile without timing anything.
@@ -119,3 +133,23 @@ def test_varying_batch_sizes_tune_at_most_once_per_bucket(on_h100, monkeypatch):
     before = policy.TUNER.tunings
     policy.gemm_tile(launch(M=100), None)
     assert policy.TUNER.tunings == before
+
+
+@pytest.mark.parametrize("version", [(3, 6), (3, 9)])
+def test_hopper_tiles_offered_are_those_the_running_triton_builds(version, on_h100, monkeypatch):
+    # Under triton 3.6 (torch 2.11's) sm_90 builds of the warp-specialised 128x256 tile, and of any warp-specialised
+    # tile with dropout, fail in Triton's warp-specialisation pass: they are no candidates there; under 3.9 they are.
+    # benchmarks.gpu_build builds exactly tma_tiles' offer under each version in CI.
+    monkeypatch.setattr(policy, "TRITON_VERSION", version)
+    forward, dx_dropout = launch(), launch(kind="input_grad", bias=False, dropout=True)
+    ws = {tile.name for tile in policy.TMA_TILES if tile.warp_specialize}
+    assert ws == {"128x128x64 g8 w4 s4 tma ws e1", "128x256x64 g8 w4 s3 tma ws e4"}
+    offered = {gemm.variant: {tile.name for tile in policy.tma_tiles(gemm)} for gemm in (forward, dx_dropout)}
+    every = {tile.name for tile in policy.TMA_TILES}
+    if version >= (3, 9):
+        assert offered == {forward.variant: every, dx_dropout.variant: every}
+    else:
+        assert offered == {forward.variant: every - {"128x256x64 g8 w4 s3 tma ws e4"}, dx_dropout.variant: every - ws}
+    on_h100(default={dx_dropout.variant: {"engine": "triton", "tile": "128x128x64 g8 w4 s4 tma ws e1"}})
+    chosen = policy.gemm_tile(dx_dropout, None, tma_ok=True)
+    assert chosen.warp_specialize == (version >= (3, 9))  # a table naming a tile this Triton cannot build: unused

@@ -69,6 +69,9 @@ def check_merge_rounds_once(dtype, device="cpu"):
     eager = weight + scale * (lora_b @ lora_a)  # rounds B @ A, s * (.), and the sum
     ours = weight.clone()
     rk.merge_and_reinit_(ours, lora_a.clone(), lora_b.clone(), scale, seed=0)
+    assert ours.dtype == exact.dtype == eager.dtype and ours.device == exact.device == eager.device
+    if ours.is_meta:  # the GPU tests' dry run: no values to compare
+        return
     ours_match = (ours == exact).double().mean().item()
     eager_match = (eager == exact).double().mean().item()
     assert ours_match >= 0.99, f"fused merge matches round-once-of-exact on {ours_match:.1%}"

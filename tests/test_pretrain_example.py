@@ -595,7 +595,7 @@ def test_a_second_run_in_the_same_out_dir_is_refused_and_a_stale_lock_taken_over
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"--out_dir {tmp_path} is in use by another run (pid {os.getpid()}); wait for it to end, "
                         "or use another --out_dir"), err
-    assert (tmp_path / ".lock").read_text() == "" and not logs  # released, and no stale pid left behind
+    assert (tmp_path / ".lock").read_text() == "" and not logs  # unlocked, and no stale pid left behind
     (tmp_path / ".lock").write_text("999999\n")  # what a killed run leaves: its pid, and no lock held
     with checkpoints.out_dir_lock(tmp_path, logs.append):
         assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"

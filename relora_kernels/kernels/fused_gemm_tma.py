@@ -188,7 +188,6 @@ def _fused_matmul_tma_kernel(
     operands = (up_desc, up_ptr, bias_ptr, out_ptr, seed, M, N, R, stride_un, stride_ur, stride_om, stride_on,
                 stride_bias, tl.cast(low_scale, tl.float32),  # float scalars may arrive as fp64 (torch.compile)
                 keep_threshold)
-    options: tl.constexpr = (LOW_TMA, UP_R_CONTIGUOUS, HAS_BIAS, APPLY_DROPOUT, BLOCK_R, DOT_PRECISION)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -222,19 +221,26 @@ def _fused_matmul_tma_kernel(
         # Epilogue, in EPILOGUE_SPLIT column slices so that only a slice of the low-rank term (and of the mask) is
         # live beside the accumulator (a whole one beside a 128x128 accumulator spills at 4 warps).
         if EPILOGUE_SPLIT == 1:
-            _epilogue(acc, low_tile, off_m, off_n, operands, *options)
+            _epilogue(acc, low_tile, off_m, off_n, operands,
+                      LOW_TMA, UP_R_CONTIGUOUS, HAS_BIAS, APPLY_DROPOUT, BLOCK_R, DOT_PRECISION)
         else:
             acc_0, acc_1 = _halves(acc, BLOCK_M, BLOCK_N)
             if EPILOGUE_SPLIT == 2:
-                _epilogue(acc_0, low_tile, off_m, off_n, operands, *options)
-                _epilogue(acc_1, low_tile, off_m, off_n + BLOCK_N // 2, operands, *options)
+                _epilogue(acc_0, low_tile, off_m, off_n, operands,
+                          LOW_TMA, UP_R_CONTIGUOUS, HAS_BIAS, APPLY_DROPOUT, BLOCK_R, DOT_PRECISION)
+                _epilogue(acc_1, low_tile, off_m, off_n + BLOCK_N // 2, operands,
+                          LOW_TMA, UP_R_CONTIGUOUS, HAS_BIAS, APPLY_DROPOUT, BLOCK_R, DOT_PRECISION)
             else:
                 acc_00, acc_01 = _halves(acc_0, BLOCK_M, BLOCK_N // 2)
                 acc_10, acc_11 = _halves(acc_1, BLOCK_M, BLOCK_N // 2)
-                _epilogue(acc_00, low_tile, off_m, off_n, operands, *options)
-                _epilogue(acc_01, low_tile, off_m, off_n + BLOCK_N // 4, operands, *options)
-                _epilogue(acc_10, low_tile, off_m, off_n + BLOCK_N // 2, operands, *options)
-                _epilogue(acc_11, low_tile, off_m, off_n + 3 * BLOCK_N // 4, operands, *options)
+                _epilogue(acc_00, low_tile, off_m, off_n, operands,
+                          LOW_TMA, UP_R_CONTIGUOUS, HAS_BIAS, APPLY_DROPOUT, BLOCK_R, DOT_PRECISION)
+                _epilogue(acc_01, low_tile, off_m, off_n + BLOCK_N // 4, operands,
+                          LOW_TMA, UP_R_CONTIGUOUS, HAS_BIAS, APPLY_DROPOUT, BLOCK_R, DOT_PRECISION)
+                _epilogue(acc_10, low_tile, off_m, off_n + BLOCK_N // 2, operands,
+                          LOW_TMA, UP_R_CONTIGUOUS, HAS_BIAS, APPLY_DROPOUT, BLOCK_R, DOT_PRECISION)
+                _epilogue(acc_11, low_tile, off_m, off_n + 3 * BLOCK_N // 4, operands,
+                          LOW_TMA, UP_R_CONTIGUOUS, HAS_BIAS, APPLY_DROPOUT, BLOCK_R, DOT_PRECISION)
 
 
 @triton.jit

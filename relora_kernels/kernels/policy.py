@@ -397,18 +397,40 @@ def forced_tile(tile: GemmTile):
 
 
 def tile_choice() -> str:
-    """How the Triton engine's tile is chosen, from the autotune setting: off, "fixed", the first fitting tile (the
-    GPU tests: tuning each of their shapes cold would take minutes), else "tune" (table, else tuned per key)."""
+    """How the Triton engine's tile is chosen where the table names none, from the autotune setting: off, "fixed",
+    the first fitting tile (the GPU tests: tuning each of their shapes cold would take minutes), else "tune" (tuned
+    per key). The table's tile comes first either way."""
     return "tune" if settings.current().autotune else "fixed"
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
+
+
+TRITON_VERSION = _version(triton.__version__)
+# Triton before 3.9 fails two kinds of warp-specialised build of the Hopper kernel in its NVGPUWarpSpecialization
+# pass ("PassManager::run failed"; sm_90 builds by benchmarks.gpu_build under triton 3.6, bf16, r = 16 and 64): the
+# 128x256 tile in every variant, and any tile whose epilogue draws the dropout mask (dx with dropout). Triton 3.9
+# builds them all; 3.7 and 3.8 were not tried, so they are treated as 3.6.
+FULL_WARP_SPECIALIZATION_TRITON = (3, 9)
+
+
+def builds_under_this_triton(tile: GemmTile, launch: GemmLaunch) -> bool:
+    """Whether the running Triton compiles `tile` for `launch`'s variant (see FULL_WARP_SPECIALIZATION_TRITON)."""
+    if not tile.warp_specialize or TRITON_VERSION >= FULL_WARP_SPECIALIZATION_TRITON:
+        return True
+    return tile.block_n < 256 and not launch.dropout
+
+
 def tma_tiles(launch: GemmLaunch) -> list[GemmTile]:
-    """The Hopper kernel's candidates that fit, on sm_90 and later for 16-bit operands (in fp32 its builds spill and
-    have no wgmma: the pointer-load kernel's)."""
+    """The Hopper kernel's candidates that fit and that the running Triton builds, on sm_90 and later for 16-bit
+    operands (in fp32 its builds spill and have no wgmma: the pointer-load kernel's)."""
     if current_arch() < 90 or launch.dtype == torch.float32:
         return []
     limit = shared_memory_limit()
-    return [tile for tile in TMA_TILES if gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= limit]
+    return [tile for tile in TMA_TILES if gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= limit
+            and builds_under_this_triton(tile, launch)]
 
 
 def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None,
@@ -423,8 +445,6 @@ def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None,
         return _forced_tiles[-1]
     if interpreting():
         return INTERPRETER_TILE
-    if tile_choice() == "fixed":
-        return fitting(GEMM_TILES, gemm_shared_bytes, launch.rank_block, launch.dtype)[0]
     key = (launch, settings.generation, current_arch(), id(tuned_table()), shared_memory_limit())
     tile = _tile_cache.get(key)
     if tile is not None:
@@ -449,6 +469,8 @@ def _choose_tile(launch, time_tile, tma_ok, timeable) -> tuple[GemmTile, bool]:
         usable = tile.kernel == "pointer" or (tile in tma_tiles(launch) and (tma_ok() if callable(tma_ok) else tma_ok))
         if usable and gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= shared_memory_limit():
             return tile, tile.kernel == "pointer"  # a Hopper tile depends on the operands' layout: asked each time
+    if tile_choice() == "fixed":  # after the table: the autotune setting off only stops tuning
+        return candidates[0], True
     key = (current_arch(), launch.shape_key)
     tile = TUNER.tile(key, candidates[:TUNED_CANDIDATES], time_tile, timeable)
     return tile, key in TUNER.tiles

@@ -33,6 +33,11 @@
 #           pytest-xdist's 8 workers where it is installed (compiles run in parallel), each test limited to 120 s
 #           where pytest-timeout is. Smoke: the same tests as a dry run on meta stand-ins (tests/helpers.py,
 #           GPU_DRY_RUN). pytest_gpu.txt.
+#   host    the host time of one call (python -m benchmarks.host_overhead: fwd+bwd of the fused op on both engines
+#           against F.linear and eager LoRA, merge_and_reinit_, a GPT-2 step; real launches, this machine's CPU),
+#           and tests/test_cuda_graphs.py: torch.compile(mode="reduce-overhead") captures the kernels in a CUDA
+#           graph, equal to eager. Both print into run_gpu.log. Smoke: the benchmark on the stand-in sm_90 driver
+#           (--quick, no GPT-2 step); the CUDA-graph test needs a GPU.
 #   rest    the sweep resumed (--resume <gpu>.json): the headline's launch breakdown (both engines') and any run the
 #           sweep part left; the report again.
 #   check   the folder: at most --max-files files, each under --max-file-mib MiB, plain names; the JSON files
@@ -88,11 +93,11 @@ print(device_slug(device_name(torch.device('cuda'))) if cuda else 'cpu-smoke', 1
 echo "run_gpu.sh: $name, sm_$capability, commit $commit, smoke=$smoke, budget ${budget:-none} s," \
     "at most $max_files files of < $max_file_mib MiB"
 
-PARTS=(build sweep tests rest check)
+PARTS=(build sweep tests host rest check)
 # Seconds of the budget each part keeps for itself: the tests' share, the resumed sweep's, the check's. The build
 # and the sweep take what the later parts leave (the sweep also keeps room for its longest single run, a
 # torch.compile, RUN_RESERVE_S).
-declare -A RESERVE_S=([build]=0 [sweep]=0 [tests]=140 [rest]=25 [check]=5)
+declare -A RESERVE_S=([build]=0 [sweep]=0 [tests]=140 [host]=45 [rest]=25 [check]=5)
 RUN_RESERVE_S=60
 
 # Seconds the parts after the current one keep (RESERVE_S), plus $1.
@@ -175,6 +180,20 @@ part_tests() {
     rc=$?
     unset RELORA_TESTS_GPU_DRY_RUN
     echo "pytest tests/test_gpu.py: $(tail -n 1 "$out/pytest_gpu.txt")"
+    return $rc
+}
+
+part_host() {
+    local rc=0 host_dir
+    host_dir=$(mktemp -d)
+    if [ "$smoke" = 1 ]; then
+        TRITON_INTERPRET=0 "$py" -m benchmarks.host_overhead --quick --no-gpt2 --out "$host_dir" || rc=1
+    else
+        timeout -k 10 "$(left "$(later 20)")" "$py" -m benchmarks.host_overhead --out "$host_dir" || rc=1
+        timeout -s INT -k 10 "$(left "$(later)")" "$py" -m pytest tests/test_cuda_graphs.py -q -rfEs \
+            -p no:cacheprovider || rc=1
+    fi
+    rm -rf "$host_dir"
     return $rc
 }
 

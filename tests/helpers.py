@@ -104,9 +104,10 @@ def make_inputs(lead, k, n, r, dtype, device="cpu", bias=True, seed=0):
     }
 
 
-def count_launches(monkeypatch, module, names) -> dict:
-    """Wrap the launchers `names` of `module` so that each call is counted in the returned dict."""
-    calls = {}
+def count_launches(monkeypatch, module, names, calls: dict | None = None) -> dict:
+    """Wrap the launchers `names` of `module` so that each call is counted in the returned dict (`calls`, to count
+    into one shared with other wrapped launchers)."""
+    calls = {} if calls is None else calls
     for name in names:
         launcher = getattr(module, name)
 

@@ -452,6 +452,7 @@ def build_merge(provider: str, case: MergeCase, device: torch.device) -> Callabl
 def build_launch(provider: str, case: LaunchCase, device: torch.device) -> Callable:
     """One launcher of the fused op on realistic inputs (its inputs made once by the other launchers)."""
     from relora_kernels.kernels import lora_linear as launchers
+    from relora_kernels.kernels.launch import eager_launches
 
     inp = lora_inputs(case, device)
     x, weight, bias, lora_a, lora_b, grad_y = (t.detach() for t in (inp.x, inp.weight, inp.bias, inp.lora_a,
@@ -466,7 +467,7 @@ def build_launch(provider: str, case: LaunchCase, device: torch.device) -> Calla
                if provider == "addmm_fwd" else None)
     dx_start = (launchers.lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, SCALE, p, seed, True)[3]
                 if provider == "addmm_dx" else None)
-    return {
+    launch = {
         "shrink": lambda: launchers.lora_shrink(x, lora_a, p, seed),
         "forward_matmul": lambda: launchers.lora_forward_matmul(x, weight, shrunk, lora_b, SCALE, bias),
         "grad_ab": lambda: launchers.lora_grad_ab(grad_y, x, shrunk, lora_b, SCALE, p, seed, True),
@@ -479,6 +480,13 @@ def build_launch(provider: str, case: LaunchCase, device: torch.device) -> Calla
         "floor_bwd": lambda: grad_y @ weight,
         "copy_x": lambda: copy.copy_(x),
     }[provider]
+
+    def run():
+        # As the op launches them eagerly: outside a triton_op, torch's tracing wrapper would time its own dispatch.
+        with eager_launches():
+            return launch()
+
+    return run
 
 
 def build(provider: str, case, device: torch.device) -> Callable:

@@ -49,6 +49,22 @@ def test_lora_launch(provider, device, run_case):
     run_case(_build(provider, cases.launch_grid("quick" if HAS_CUDA else "smoke")[0], device))
 
 
+@pytest.mark.parametrize("provider", [*cases.TRITON_LAUNCHES, *cases.CUBLAS_LAUNCHES])
+def test_each_launch_row_times_the_launch_not_the_tracing_wrapper(provider, device, monkeypatch):
+    # Outside a triton_op, torch.library.wrap_triton dispatches every launch through its higher-order op (~380 us
+    # of host time each): a per-launch row must launch as the op does eagerly, with the wrapper off.
+    from torch._library.triton import is_wrap_triton_enabled
+
+    from relora_kernels.kernels import lora_linear
+
+    fn = _build(provider, cases.launch_grid("quick" if HAS_CUDA else "smoke")[0], device)
+    seen, traceable = [], lora_linear.traceable
+    monkeypatch.setattr(lora_linear, "traceable", lambda kernel: seen.append(is_wrap_triton_enabled()) or
+                        traceable(kernel))
+    fn()
+    assert seen == [False] * len(seen) and (seen or provider.startswith("addmm")), seen
+
+
 @pytest.mark.parametrize("provider", cases.MERGE_PROVIDERS)
 def test_merge_and_reinit(provider, device, run_case):
     run_case(_build(provider, MERGE_CASE, device))

@@ -17,6 +17,7 @@ launch is configured anew.
 
 from __future__ import annotations
 
+from torch._library.triton import set_wrap_triton_enabled
 from triton import knobs
 from triton.runtime import driver
 
@@ -32,6 +33,13 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def eager_launches():
+    """Within the block the launchers launch as functional.py's eager path does: without torch's tracing wrapper
+    (`torch.library.wrap_triton`), whose dispatch outside a triton_op costs ~380 us of host time per launch. For
+    callers of the launchers themselves (the benchmarks' per-launch rows)."""
+    return set_wrap_triton_enabled(False)
 
 
 class _Compiled:

@@ -397,7 +397,7 @@ def prepare_data(data: str | None, vocab_size: int, cache_dir: str | Path | None
 @contextmanager
 def _building(tmp: Path):
     """Hold the lock that tells other processes the temporary folder `tmp` is being filled (taken before the folder
-    exists, released and removed after it is renamed or removed)."""
+    exists, unlocked and removed after it is renamed or removed)."""
     tmp.parent.mkdir(parents=True, exist_ok=True)
     lock = tmp.with_name(f"{tmp.name}.lock")
     while True:  # until the file locked is the one at that path (a cleaner may remove a lock file not yet locked)

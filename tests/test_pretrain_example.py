@@ -883,7 +883,7 @@ def test_under_torchrun_a_time_limit_checkpoints_the_step_and_every_worker_exits
     assert [d.name for d in checkpoints.checkpoint_dirs(out_dir)] == [f"step_{step:08d}"]
     assert max(r["step"] for r in read_rows(out_dir)) == step
     assert 'pretrain_gpt2.py", line' not in stderr, stderr[-3000:]  # no worker's traceback (torchrun prints its own)
-    assert (out_dir / ".lock").read_text() == ""  # released: the run ended cleanly
+    assert (out_dir / ".lock").read_text() == ""  # given up: the run ended cleanly
     if how == "launcher_killed":
         assert stderr.count(f"the launcher (pid {launcher.pid}) is gone; stopping after this step") == 2, stderr
         assert re.search(r"warning: step 2 took \d+\.\d s with its evaluation and checkpoint, more than the 1 s "

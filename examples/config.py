@@ -59,6 +59,11 @@ class Config:
     restart_warmup_steps: int | None = option(None, "relora: lr re-warmup after each restart")
     prune_ratio: float | None = option(None, "relora: fraction of the LoRA factors' Adam state zeroed at each "
                                              "restart")
+    lora_schedule: str = option("continuous", "relora: continuous (one warmup and cosine over the whole run; the "
+                                              "Adam state of the parameters that stay trainable carries into the LoRA "
+                                              "phase) | restart (the LoRA phase starts a fresh optimizer and its own "
+                                              "--warmup_steps warmup to the peak lr, then a cosine over the steps "
+                                              "left)")
     lora_r: int | None = option(None, "LoRA rank")
     lora_alpha: float | None = option(None, "LoRA scale = alpha / r (default alpha = r, scale 1)")
     lora_dropout: float = option(0.0, "dropout on the LoRA branch's input")
@@ -101,7 +106,7 @@ SCALED_WITH_MAX_STEPS = ("warmup_steps", "restart_every", "restart_warmup_steps"
 # Options that define the run: a resumed run must keep them, or it is not the same run.
 RUN_DEFINING = ("mode", "preset", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "data", "lora_r",
                 "lora_alpha", "seed", "batch_size", "grad_accum", "warmup_full_steps", "restart_every", "prune_ratio",
-                "fsdp")  # fsdp: its checkpoints are sharded (DCP), the others one file
+                "lora_schedule", "fsdp")  # fsdp: its checkpoints are sharded (DCP), the others one file
 NOT_INHERITED = ("resume", "device", "out_dir", "allow_data_change")  # a resumed run takes these from its own line
 
 
@@ -201,6 +206,15 @@ def check_config(cfg: Config) -> None:
             f"must be <= --restart_every ({cfg.restart_every})")
     require(cfg.mode != "relora" or cfg.warmup_full_steps < cfg.max_steps, f"--warmup_full_steps "
             f"({cfg.warmup_full_steps}) must be < --max_steps ({cfg.max_steps}), or the LoRA phase never starts")
+    require(cfg.lora_schedule in ("continuous", "restart"), f"--lora_schedule {cfg.lora_schedule!r} is not one of "
+            "continuous, restart")
+    if cfg.mode == "relora" and cfg.lora_schedule == "restart":
+        # The LoRA phase's schedule counts from the switch, its dips from the restarts, which count in global steps.
+        require(cfg.warmup_full_steps % cfg.restart_every == 0, f"--lora_schedule restart needs --warmup_full_steps "
+                f"({cfg.warmup_full_steps}) to be a multiple of --restart_every ({cfg.restart_every})")
+        require(cfg.warmup_steps < cfg.max_steps - cfg.warmup_full_steps, f"--lora_schedule restart repeats the "
+                f"--warmup_steps ({cfg.warmup_steps}) warmup in the LoRA phase, which has only "
+                f"{cfg.max_steps - cfg.warmup_full_steps} steps")
     require(cfg.dtype in ("auto", "bfloat16", "float32"), f"--dtype {cfg.dtype!r} is not one of auto, bfloat16, "
             "float32")
     require(cfg.data is None or Path(cfg.data).expanduser().exists(), f"--data {cfg.data}: no such file or folder")

@@ -18,7 +18,9 @@ Modes, all on the same data and tokens:
 Restarts are counted in global steps: ReLoRA restarts after every optimizer step that is a multiple of
 --restart_every once the LoRA phase has begun, and the learning rate dips to 0 and climbs back over
 --restart_warmup_steps right after each of those steps. The switch to LoRA at --warmup_full_steps (a multiple of
---restart_every by default) gets the same dip: its factors and their Adam state are fresh too.
+--restart_every by default) gets the same dip: its factors and their Adam state are fresh too. With
+--lora_schedule restart the LoRA phase instead starts a fresh optimizer and a schedule of its own over the steps
+left (a --warmup_steps warmup to the peak, then the cosine), as a second run from the warm-start weights would.
 
 Writes to --out_dir: metrics.jsonl (one JSON object per step), loss.png (loss vs tokens, restarts marked) and
 ckpt/step_XXXXXXXX/ (model.safetensors + state.pt: optimizer, ReLoRA controller, RNG states, step, tokenizer, corpus
@@ -314,6 +316,14 @@ def lr_at(cfg: Config, step: int) -> float:
     restart made at the end of step k * restart_every reads index k * restart_every, where the dip is 0.
     """
     restarting = cfg.mode == "relora" and step - 1 >= cfg.warmup_full_steps  # no dips in the full-rank warm start
+    if restarting and cfg.lora_schedule == "restart":
+        # The LoRA phase as a run of its own: warmup to the peak, cosine over the steps left, the dips at the same
+        # global steps (warmup_full_steps is a multiple of restart_every, checked).
+        return cfg.lr * jagged_cosine(
+            step - 1 - cfg.warmup_full_steps, max_steps=cfg.max_steps - cfg.warmup_full_steps,
+            warmup_steps=cfg.warmup_steps, restart_every=cfg.restart_every,
+            restart_warmup_steps=cfg.restart_warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
+        )
     return cfg.lr * jagged_cosine(
         step - 1, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, restart_every=cfg.restart_every,
         restart_warmup_steps=cfg.restart_warmup_steps if restarting else 0, min_lr_ratio=cfg.min_lr_ratio,
@@ -352,7 +362,7 @@ def switch_to_lora(model: GPT, cfg: Config, device, optimizer=None):
     return build_optimizer(model, cfg, device, old=state_by_name)
 
 
-def switch_to_lora_sharded(model, model_cfg: GPTConfig, cfg: Config, device, optimizer):
+def switch_to_lora_sharded(model, model_cfg: GPTConfig, cfg: Config, device, optimizer=None):
     """switch_to_lora for an FSDP2 model: returns (new model, new optimizer).
 
     fully_shard fixes each unit's parameters when it wraps, so the LoRA layers cannot replace modules inside it:
@@ -360,7 +370,9 @@ def switch_to_lora_sharded(model, model_cfg: GPTConfig, cfg: Config, device, opt
     device (no init), given LoRA layers there (A drawn as the unsharded example draws it) and sharded again. The
     Adam state of what stays trainable is kept: its DTensors sit on the same mesh, sharded as the new parameters.
     """
-    state_by_name = {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
+    state_by_name = None
+    if optimizer is not None:
+        state_by_name = {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
     full = sharded.full_state_on_cpu(model)
     with torch.device("meta"):
         new = GPT(model_cfg)
@@ -429,10 +441,12 @@ def log_metrics(run: Run, row: dict) -> None:
 def start_lora_phase(run: Run, step: int) -> None:
     """relora: the full-rank warm start is over; from here on the block linears are LoRA layers."""
     cfg = run.cfg
+    # --lora_schedule restart: a fresh optimizer, as a separate LoRA run started from the warm-start weights would.
+    carried = run.optimizer if cfg.lora_schedule == "continuous" else None
     if cfg.fsdp:
-        run.model, run.optimizer = switch_to_lora_sharded(run.model, run.model_cfg, cfg, run.device, run.optimizer)
+        run.model, run.optimizer = switch_to_lora_sharded(run.model, run.model_cfg, cfg, run.device, carried)
     else:
-        run.optimizer = switch_to_lora(run.model, cfg, run.device, run.optimizer)
+        run.optimizer = switch_to_lora(run.model, cfg, run.device, carried)
     run.relora = new_relora(run)
     run.lora_on = True
     wrap_for_training(run)

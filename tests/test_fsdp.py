@@ -172,7 +172,8 @@ def test_pruning_ranks_within_each_shard(results):
     assert torch.equal(tensor(magnitude["exp_avg_sq"]), within_shards.abs())
     assert magnitude["step"] == 3.0
 
-    # "random": n_keep from each shard's numel, the kept elements unchanged.
+    # "random": n_keep from each shard's numel, the kept elements unchanged, one mask for both moments.
+    assert torch.equal(tensor(pruning["random"]["exp_avg"]) != 0, tensor(pruning["random"]["exp_avg_sq"]) != 0)
     for key, original in (("exp_avg", full), ("exp_avg_sq", full.abs())):
         got = tensor(pruning["random"][key])
         for got_shard, shard in zip(torch.chunk(got, results["world"]), torch.chunk(original, results["world"]),

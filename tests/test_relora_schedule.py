@@ -55,7 +55,10 @@ def _assert_state_identical(actual: dict, expected: dict, what: str) -> None:
     assert actual.keys() == expected.keys(), f"{what}: state keys {sorted(actual)} != {sorted(expected)}"
     for key, value in expected.items():
         if isinstance(value, torch.Tensor):
-            assert torch.equal(actual[key], value), f"{what}: state[{key!r}] changed"
+            # Bit-equal; a NaN planted by a test equals itself.
+            same = actual[key].shape == value.shape and bool((actual[key] == value).logical_or(
+                actual[key].isnan() & value.isnan()).all())
+            assert same, f"{what}: state[{key!r}] changed"
         else:
             assert actual[key] == value, f"{what}: state[{key!r}] changed from {value} to {actual[key]}"
 
@@ -71,8 +74,25 @@ def _assert_kept_exactly(pruned: torch.Tensor, original: torch.Tensor, kept: tor
     )
 
 
+def _update_size64(state: dict, eps: float = 1e-8) -> torch.Tensor:
+    """The documented magnitude score, in float64: |exp_avg| / (sqrt(exp_avg_sq) + eps)."""
+    return state["exp_avg"].double().abs() / (state["exp_avg_sq"].double().sqrt() + eps)
+
+
+def _top_mask(score: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """The n_keep largest of a float64 score; asserts the set is unambiguous in float32 (the gap at the threshold is
+    far above float32's rounding of the score), so the module's float32 ranking must pick the same set."""
+    order = score.flatten().argsort(descending=True)
+    if 0 < n_keep < score.numel():
+        last_kept, first_dropped = score.flatten()[order[n_keep - 1]], score.flatten()[order[n_keep]]
+        assert last_kept - first_dropped > 16 * torch.finfo(torch.float32).eps * last_kept, "ambiguous test data"
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[order[:n_keep]] = True
+    return mask.view(score.shape)
+
+
 @pytest.mark.parametrize("ratio", [0.99, 0.9, 0.5, 0.25, 0.0, 1.0])
-def test_magnitude_keeps_exactly_the_largest_elements(ratio):
+def test_magnitude_keeps_the_largest_updates_with_both_moments(ratio):
     model, optimizer = _trained_model_and_optimizer()
     first, last = model[0], model[2]
     pruned_params = [first.weight, last.bias]
@@ -82,18 +102,139 @@ def test_magnitude_keeps_exactly_the_largest_elements(ratio):
 
     for p in pruned_params:
         state, original = optimizer.state[p], before[id(p)]
+        n_keep = _num_kept(ratio, p.numel())
+        # One mask for both moments: the elements whose update |m| / (sqrt(v) + eps) is largest.
+        top = _top_mask(_update_size64(original), n_keep)
         for key in STATE_KEYS:
-            n_keep = _num_kept(ratio, p.numel())
             what = f"{key} of a {tuple(p.shape)} param at ratio={ratio}"
             assert int(state[key].count_nonzero()) == n_keep, f"{what}: {int(state[key].count_nonzero())} nonzeros"
-            # Magnitudes are distinct by construction, so the top n_keep set is unique.
-            top = torch.zeros(p.numel(), dtype=torch.bool)
-            top[original[key].abs().flatten().argsort(descending=True)[:n_keep]] = True
-            _assert_kept_exactly(state[key], original[key], top.view(p.shape), what)
+            _assert_kept_exactly(state[key], original[key], top, what)
         assert state["step"] == original["step"], "step counter of a pruned param changed"
 
     for p in (first.bias, last.weight):
         _assert_state_identical(optimizer.state[p], before[id(p)], f"unpruned param {tuple(p.shape)}")
+
+
+@pytest.mark.parametrize("ratio", [0.9, 0.99])
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_no_element_keeps_a_first_moment_without_its_second(ratio, method):
+    # The data where pruning each moment on its own goes wrong: the largest |exp_avg| sit where exp_avg_sq is
+    # smallest, so per-moment magnitude pruning keeps m and drops v there.
+    model, optimizer = _trained_model_and_optimizer()
+    weight = model[0].weight
+    state = optimizer.state[weight]
+    with torch.no_grad():
+        magnitude = torch.linspace(1.0, 2.0, weight.numel()).view(weight.shape)
+        state["exp_avg"].copy_(magnitude * 1e-3)
+        state["exp_avg_sq"].copy_(magnitude.flip(-1).flip(0) * 1e-6)
+    torch.manual_seed(0)
+    prune_optimizer_state_(optimizer, [weight], ratio=ratio, method=method)
+    m_kept, v_kept = state["exp_avg"] != 0, state["exp_avg_sq"] != 0
+    assert torch.equal(m_kept, v_kept), f"{int((m_kept & ~v_kept).sum())} elements kept exp_avg but not exp_avg_sq"
+    assert int(m_kept.sum()) == _num_kept(ratio, weight.numel())
+
+
+@pytest.mark.parametrize("ratio", [0.9, 0.99])
+def test_no_element_takes_a_larger_step_after_pruning(ratio):
+    # An AdamW step with a zero gradient at lr 1e-4 after pruning, against the same step without pruning: a kept
+    # element takes the step it would have taken, a pruned one none (0 / (0 + eps)). Element by element, never
+    # more. An element left with exp_avg and no exp_avg_sq would step lr * m_hat / eps instead, about 1e4 here.
+    model, optimizer = _trained_model_and_optimizer()
+    for group in optimizer.param_groups:
+        group.update(lr=1e-4, weight_decay=0.0)
+    twin_model, twin_optimizer = copy.deepcopy((model, optimizer))
+    prune_optimizer_state_(optimizer, list(model.parameters()), ratio=ratio)
+    steps = []
+    for m, opt in ((model, optimizer), (twin_model, twin_optimizer)):
+        start = [p.detach().clone() for p in m.parameters()]
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        steps.append([(p.detach() - s).abs() for p, s in zip(m.parameters(), start, strict=True)])
+    for (name, _), pruned, unpruned in zip(model.named_parameters(), *steps, strict=True):
+        # Both steps round the same float32 arithmetic where the state is kept: equal to the last bit.
+        assert (pruned <= unpruned).all(), f"{name}: largest step {pruned.max().item():.3g} after pruning, " \
+            f"{unpruned.max().item():.3g} without"
+
+
+def test_amsgrad_running_maximum_takes_the_same_mask():
+    model = nn.Linear(7, 13)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, amsgrad=True)
+    for seed in range(3):
+        model(torch.randn(16, 7, generator=torch.Generator().manual_seed(seed))).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = optimizer.state[model.weight]
+    original = {key: state[key].clone() for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+    prune_optimizer_state_(optimizer, [model.weight], ratio=0.75)
+    # The score divides by sqrt(max_exp_avg_sq): amsgrad's denominator.
+    score = original["exp_avg"].double().abs() / (original["max_exp_avg_sq"].double().sqrt() + 1e-8)
+    top = _top_mask(score, _num_kept(0.75, model.weight.numel()))
+    for key, value in original.items():
+        _assert_kept_exactly(state[key], value, top, key)
+
+
+def test_adamax_infinity_norm_is_pruned_with_the_first_moment():
+    model = nn.Linear(7, 13)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-2)
+    for seed in range(3):
+        model(torch.randn(16, 7, generator=torch.Generator().manual_seed(seed))).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = optimizer.state[model.weight]
+    original = {key: state[key].clone() for key in ("exp_avg", "exp_inf")}
+    prune_optimizer_state_(optimizer, [model.weight], ratio=0.75)
+    score = original["exp_avg"].double().abs() / (original["exp_inf"].double() + 1e-8)
+    top = _top_mask(score, _num_kept(0.75, model.weight.numel()))
+    for key, value in original.items():
+        _assert_kept_exactly(state[key], value, top, f"Adamax {key}")
+
+
+def test_sgd_momentum_is_pruned():
+    model = nn.Linear(7, 13)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    model(torch.randn(16, 7)).square().mean().backward()
+    optimizer.step()
+    buffer = optimizer.state[model.weight]["momentum_buffer"]
+    original = buffer.clone()
+    prune_optimizer_state_(optimizer, [model.weight], ratio=0.75)
+    _assert_kept_exactly(buffer, original, _top_mask(original.double().abs(), _num_kept(0.75, buffer.numel())),
+                         "momentum_buffer")
+
+
+def test_optimizer_with_unknown_state_is_refused_by_name():
+    model = nn.Linear(7, 13)
+    adagrad = torch.optim.Adagrad(model.parameters())
+    with pytest.raises(TypeError, match="does not know the per-element state of Adagrad"):
+        prune_optimizer_state_(adagrad, [model.weight])
+
+    class AdamWithTrace(torch.optim.AdamW):  # a subclass that keeps one more per-element tensor
+        def step(self, closure=None):
+            super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p]["trace"] = p.detach().clone()
+
+    optimizer = AdamWithTrace(model.parameters())
+    model(torch.randn(16, 7)).square().mean().backward()
+    optimizer.step()
+    before = _snapshot(optimizer)
+    with pytest.raises(TypeError, match="per-element 'trace'"):
+        prune_optimizer_state_(optimizer, [model.weight])
+    _assert_state_identical(optimizer.state[model.weight], before[id(model.weight)], "refused state")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_state_is_refused_with_the_parameter_name(bad):
+    model, optimizer = _trained_model_and_optimizer()
+    optimizer.state[model[2].weight]["exp_avg_sq"][1, 2] = bad
+    before = _snapshot(optimizer)
+    with pytest.raises(ValueError, match=r"params\[1\]: optimizer state 'exp_avg_sq' holds 1 NaN or infinite"):
+        prune_optimizer_state_(optimizer, [model[0].weight, model[2].weight], ratio=0.5)
+    for p in model.parameters():  # nothing pruned, not even the parameter listed before the bad one
+        _assert_state_identical(optimizer.state[p], before[id(p)], f"param {tuple(p.shape)}")
+    with pytest.raises(ValueError, match=r"^last.weight: optimizer state 'exp_avg_sq'"):
+        prune_optimizer_state_(optimizer, [model[2].weight], names=["last.weight"])
 
 
 def test_magnitude_ties_never_keep_more_than_the_count():
@@ -129,6 +270,7 @@ def test_random_keeps_the_count_and_is_reproducible_under_manual_seed():
                 assert int(kept.sum()) == _num_kept(ratio, p.numel()), what
                 _assert_kept_exactly(pruned, original, kept, what)  # survivors keep their values
                 run_masks.append(kept)
+            assert torch.equal(run_masks[-1], run_masks[-2]), "the two moments were pruned with different masks"
             assert optimizer.state[p]["step"] == before[id(p)]["step"]
         masks.append(run_masks)
 

@@ -24,6 +24,7 @@ This module imports transformers; `relora_kernels` itself never imports it.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from transformers import TrainerCallback
@@ -46,9 +47,15 @@ class ReLoRACallback(TrainerCallback):
     each DDP rank draws the same factors without communicating. `restarts` counts the restarts up to the current
     global step.
 
+    No restart follows the run's last step (`state.max_steps`): it would merge and re-draw for nothing.
+
     The model and optimizer are checked when training begins: ValueError if the model has no LoRALinear layer or
-    the optimizer lacks some of their factors; DeepSpeed and FSDP, which shard the parameters a merge needs whole,
-    are refused.
+    the optimizer lacks some of their factors, TypeError for an optimizer whose state ReLoRA cannot prune (see
+    `relora_kernels.relora.PRUNABLE_STATE`); DeepSpeed and FSDP, which shard the parameters a merge needs whole,
+    are refused. At the first restart it warns once (RuntimeWarning) if the learning rate of the step after it is
+    not below half of the restart step's, as with a plain cosine or a constant rate: the re-initialised factors
+    would take full-size first steps on freshly pruned state. `jagged_cosine_scheduler` with the same
+    `restart_every` drops it to 0 and re-warms it.
     """
 
     def __init__(self, restart_every: int, prune_ratio: float = 0.99, prune_method: str = "magnitude", seed: int = 0):
@@ -57,6 +64,8 @@ class ReLoRACallback(TrainerCallback):
         self.prune_method = check_choice("prune_method", prune_method, PRUNE_METHODS)
         self.seed = check_int("seed", seed, 0)
         self._relora: ReLoRA | None = None
+        self._lr_next: list[float] | None = None  # the optimizer's learning rates for the coming step
+        self._checked_rewarm = False
 
     @property
     def restarts(self) -> int:
@@ -82,14 +91,28 @@ class ReLoRACallback(TrainerCallback):
             raise ValueError(f"optimizer lacks {len(missing)} LoRA factors of the model ({shown}): build it from "
                              "the parameters that require grad after apply_lora")
         self._relora = ReLoRA(model, optimizer, restart_every=self.restart_every, prune_ratio=self.prune_ratio,
-                              prune_method=self.prune_method, seed=self.seed)
+                              prune_method=self.prune_method, seed=self.seed, max_steps=state.max_steps or None)
         # A resumed run has already done the restarts of the steps before its checkpoint.
         self._relora.restarts = state.global_step // self.restart_every
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if self._relora is None:
             raise RuntimeError("ReLoRACallback.on_step_end before on_train_begin: add it to the Trainer's callbacks")
-        self._relora.step(state.global_step)
+        # The Trainer has stepped its scheduler already: the optimizer holds the next step's learning rates, and
+        # the ones kept at the previous step's end are those this step ran at.
+        lr_used, self._lr_next = self._lr_next, None
+        if optimizer is not None:
+            self._lr_next = [group["lr"] for group in optimizer.param_groups]
+        if self._relora.step(state.global_step) and not self._checked_rewarm and lr_used and self._lr_next:
+            self._checked_rewarm = True
+            kept = [float(after) / float(before) for before, after in zip(lr_used, self._lr_next, strict=True)
+                    if float(before) > 0]
+            if kept and max(kept) >= 0.5:
+                warnings.warn(f"ReLoRACallback: the learning rate after the restart at step {state.global_step} is "
+                              f"{max(kept):.0%} of the restart step's: the scheduler does not drop and re-warm at "
+                              "restarts, so the new factors take full-size first steps. Use "
+                              "jagged_cosine_scheduler(optimizer, ..., restart_every="
+                              f"{self.restart_every}, restart_warmup_steps=...)", RuntimeWarning, stacklevel=2)
 
 
 def jagged_cosine_scheduler(optimizer: torch.optim.Optimizer, *, max_steps: int, warmup_steps: int,

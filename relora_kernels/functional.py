@@ -8,7 +8,9 @@ value written by the launch before it: kernels/policy.py).
 
 Only S (M, r) is kept for the backward besides the inputs: the dropout mask is regenerated from the seed, which
 travels as a 0-d int64 tensor on x's device (drawn there when the caller gives none), so neither the op nor
-torch.compile ever reads it on the host. The kernels are called through their torch.library ops (ops.py).
+torch.compile ever reads it on the host. Under torch.compile the kernels are called through their torch.library ops
+(ops.py); eagerly the autograd function calls the same launchers itself, without the ops' dispatch (docs/DESIGN.md
+section 8).
 """
 
 from __future__ import annotations

@@ -26,6 +26,14 @@ from triton.runtime import driver
 CACHE_LIMIT = 4096
 
 
+def remember(cache: dict, key, value):
+    """cache[key] = value, emptying `cache` first when it holds CACHE_LIMIT entries; returns value."""
+    if len(cache) >= CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints: triton.cdiv is a constexpr function costing microseconds per host call."""
     return -(-a // b)
@@ -80,9 +88,7 @@ class LaunchSite:
         if plan is None:
             grid, scalars, options = self.configure(*key)
             tail = tuple(scalars[name] for name in self.kernel.arg_names[len(pointers):])
-            if len(self.plans) >= CACHE_LIMIT:
-                self.plans.clear()
-            plan = self.plans[key] = (grid, tail, tuple(options.items()), {})
+            plan = remember(self.plans, key, (grid, tail, tuple(options.items()), {}))
         grid, tail, options, compiled_by_pointers = plan
         if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
             self.kernel[grid](*pointers, *tail, **dict(options))

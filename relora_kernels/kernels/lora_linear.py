@@ -33,7 +33,7 @@ from .. import random_stream
 from .._validate import MAX_RANK  # noqa: F401 (the kernels' limit, imported from here by merge.py and the benchmarks)
 from ..random_stream import dropout_threshold
 from . import policy
-from .launch import LaunchSite, cdiv
+from .launch import LaunchSite, cdiv, remember
 
 _RANDOM_SHIFT = tl.constexpr(random_stream.RANDOM_SHIFT)
 
@@ -627,9 +627,7 @@ def _grad_ab_layout(M, N, K, R, dtype, write_dx, deterministic, device):
         layout = (cfg, token_blocks, n_split, k_split, max(token_blocks, 1) if deterministic else 1,
                   n_split[0] if deterministic else 1)
         if TRACEABLE_LAUNCHES:
-            if len(_GRAD_AB_LAYOUTS) >= 4096:
-                _GRAD_AB_LAYOUTS.clear()
-            _GRAD_AB_LAYOUTS[key] = layout
+            remember(_GRAD_AB_LAYOUTS, key, layout)
     return layout
 
 

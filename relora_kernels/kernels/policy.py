@@ -37,7 +37,7 @@ import triton
 # module-level name here, which the kernel modules call as policy.interpreting() and tests may replace.
 from .. import _settings as settings
 from .._backend import interpreting
-from .launch import next_power_of_2
+from .launch import next_power_of_2, remember
 
 ENGINES = ("triton", "cublas")
 ENGINE_SETTINGS = settings.ENGINES
@@ -346,9 +346,7 @@ def choose_engine(launch: GemmLaunch) -> str:
         else:
             entry = table_entry(launch) if not interpreting() else None
             engine = entry["engine"] if entry else predicted_engine(launch)
-        if len(_engine_cache) > 4096:
-            _engine_cache.clear()
-        _engine_cache[key] = engine
+        remember(_engine_cache, key, engine)
     return engine
 
 
@@ -451,9 +449,7 @@ def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None,
         return tile
     tile, final = _choose_tile(launch, time_tile, tma_ok, timeable)
     if final:
-        if len(_tile_cache) >= 4096:
-            _tile_cache.clear()
-        _tile_cache[key] = tile
+        remember(_tile_cache, key, tile)
     return tile
 
 

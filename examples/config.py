@@ -59,7 +59,7 @@ class Config:
     restart_warmup_steps: int | None = option(None, "relora: lr re-warmup after each restart")
     prune_ratio: float | None = option(None, "relora: fraction of the LoRA factors' Adam state zeroed at each "
                                              "restart")
-    lora_schedule: str = option("continuous", "relora: continuous (one warmup and cosine over the whole run; the "
+    lora_schedule: str = option("restart", "relora: continuous (one warmup and cosine over the whole run; the "
                                               "Adam state of the parameters that stay trainable carries into the LoRA "
                                               "phase) | restart (the LoRA phase starts a fresh optimizer and its own "
                                               "--warmup_steps warmup to the peak lr, then a cosine over the steps "
@@ -164,6 +164,8 @@ def resolve_config(given: dict, saved: dict | None, device: torch.device) -> Con
         # Fields this version does not know (e.g. an older version's test knobs) are dropped.
         known = {f.name for f in fields(Config)} - set(NOT_INHERITED)
         saved = {key: value for key, value in saved.items() if key in known}
+        # Checkpoints written before the option existed ran the one schedule there was then.
+        saved.setdefault("lora_schedule", "continuous")
         for key in RUN_DEFINING:
             require(key not in given or given[key] == saved.get(key), f"--{key}={given.get(key)} differs from the "
                     f"checkpoint's {saved.get(key)!r}; resume with the same setting or use a new --out_dir")

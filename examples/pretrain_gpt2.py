@@ -18,9 +18,10 @@ Modes, all on the same data and tokens:
 Restarts are counted in global steps: ReLoRA restarts after every optimizer step that is a multiple of
 --restart_every once the LoRA phase has begun, and the learning rate dips to 0 and climbs back over
 --restart_warmup_steps right after each of those steps. The switch to LoRA at --warmup_full_steps (a multiple of
---restart_every by default) gets the same dip: its factors and their Adam state are fresh too. With
---lora_schedule restart the LoRA phase instead starts a fresh optimizer and a schedule of its own over the steps
-left (a --warmup_steps warmup to the peak, then the cosine), as a second run from the warm-start weights would.
+--restart_every by default) gets the same dip: its factors and their Adam state are fresh too. By default
+(--lora_schedule restart) the LoRA phase starts a fresh optimizer and a schedule of its own over the steps left (a
+--warmup_steps warmup to the peak, then the cosine), as a second run from the warm-start weights would;
+--lora_schedule continuous keeps one schedule and the Adam state across the switch.
 
 Writes to --out_dir: metrics.jsonl (one JSON object per step), loss.png (loss vs tokens, restarts marked) and
 ckpt/step_XXXXXXXX/ (model.safetensors + state.pt: optimizer, ReLoRA controller, RNG states, step, tokenizer, corpus

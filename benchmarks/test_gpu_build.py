@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the builds run in a subprocess
 ROOT = Path(__file__).resolve().parent.parent
 GEMM_KERNELS = {"fused_matmul_kernel", "shrink_kernel", "grad_b_kernel", "grad_a_kernel", "merge_kernel"}
 

@@ -20,7 +20,13 @@ def test_the_readme_has_the_snippets_the_docs_promise():
         assert call in text, f"no README snippet shows {call}"
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=lambda i: SNIPPETS[i].splitlines()[-1][:40])
+def _snippet(index: int):
+    """A snippet that trains with the Hugging Face Trainer is slow (the `slow` marker, tests/test_slow_marker.py)."""
+    marks = [pytest.mark.slow] if "Trainer(" in SNIPPETS[index] else []
+    return pytest.param(index, marks=marks, id=SNIPPETS[index].splitlines()[-1][:40])
+
+
+@pytest.mark.parametrize("index", [_snippet(i) for i in range(len(SNIPPETS))])
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # snippets that write files write them here
     monkeypatch.delenv("RELORA_KERNELS_BACKEND", raising=False)  # what a user gets by default

@@ -128,6 +128,13 @@ def _resolves_name(dotted: str) -> bool:
     else:  # a name the package exports: LoRALinear.from_linear
         candidates = [("relora_kernels", parts)]
     for module_name, attributes in candidates:
+        if not attributes:  # a module: found without importing it (and what it imports, transformers say)
+            try:
+                if importlib.util.find_spec(module_name) is not None:
+                    return True
+            except ImportError:
+                pass
+            continue
         try:
             obj = importlib.import_module(module_name)
         except ImportError:

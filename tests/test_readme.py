@@ -75,10 +75,10 @@ for _path in TRACKED:
 
 
 def doc_references(text: str) -> list[str]:
-    """The references of a markdown text, outside its fenced code blocks: each as "file:PATH", "name:DOTTED" or
-    "module:NAME" (see test_doc_references_resolve)."""
+    """The references of a markdown text, outside its fenced code blocks: each as "link:PATH", "file:PATH",
+    "name:DOTTED" or "module:NAME" (see test_doc_references_resolve)."""
     text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
-    found = []
+    found = [f"link:{target}" for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) if "://" not in target]
     for span in re.findall(r"`([^`\n]+)`", text):
         found += [f"module:{name}" for name in MODULE_COMMAND.findall(span)]
         for token in span.split():
@@ -165,6 +165,8 @@ def unresolved(text: str, doc_dir: Path) -> list[str]:
             failed.append(reference)
         elif kind == "module" and importlib.util.find_spec(target) is None:
             failed.append(reference)
+        elif kind == "link" and not (doc_dir / target).exists():
+            failed.append(reference)
     return failed
 
 
@@ -184,7 +186,9 @@ def test_doc_references_resolve(doc):
       (`policy.predicted_engine`; not where an installed package has that name), or a name the package exports
       (`LoRALinear.from_linear`): it imports and getattr-resolves (a dataclass field or annotated attribute of a
       class counts);
-    - the module of a `python -m MODULE` command: it can be found.
+    - the module of a `python -m MODULE` command: it can be found;
+    - and, not backticked, the target of a relative markdown link (`[text](examples/README.md#anchor)`): the file
+      exists relative to the doc (anchors are not checked).
     """
     path = ROOT / doc
     broken = unresolved(path.read_text(), path.parent)
@@ -195,8 +199,10 @@ def test_a_broken_reference_is_found():
     text = ("`kernels/policy.py` and `rk.lora_linear(x, ...)` and `policy.predicted_engine` and `x.shape` hold;\n"
             "`kernels/no_such.py`, `rk.no_such_name`, `policy.no_such_rule`, `lora_linear.no_such_pass(x)`,\n"
             "`LoRALinear.no_such_method`, `no_such_file.py`, `python -m benchmarks.no_such_tool --x 1` do not;\n"
+            "[a link](tests/conftest.py#top) holds, [another](tests/no_such.md) does not, [a URL](https://x.org/y) "
+            "is not checked;\n"
             "```bash\npython -m benchmarks.not_checked_in_a_code_block\n```\n")
     assert unresolved(text, ROOT) == [
-        "file:kernels/no_such.py", "name:rk.no_such_name", "name:policy.no_such_rule",
+        "link:tests/no_such.md", "file:kernels/no_such.py", "name:rk.no_such_name", "name:policy.no_such_rule",
         "name:lora_linear.no_such_pass", "name:LoRALinear.no_such_method", "file:no_such_file.py",
         "module:benchmarks.no_such_tool"]

@@ -17,6 +17,7 @@ import pytest
 
 from benchmarks import time_model
 
+pytestmark = pytest.mark.slow  # the builds run in a subprocess
 ROOT = Path(__file__).resolve().parent.parent
 GEMM_KERNELS = {"fused_matmul_kernel", "shrink_kernel", "grad_b_kernel", "grad_a_kernel", "merge_kernel"}
 

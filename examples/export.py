@@ -48,9 +48,10 @@ LLAMA_NAMES = {"attn.": "self_attn.", "input_norm.": "input_layernorm.", "post_a
 
 
 class TrainedRun:
-    """A run's newest loadable checkpoint, loaded on the CPU: the model with LoRA merged, its tokenizer."""
+    """A run's newest loadable checkpoint, loaded on the CPU: the model (LoRA merged unless merge=False), its
+    tokenizer."""
 
-    def __init__(self, run_dir: str | Path, log=print):
+    def __init__(self, run_dir: str | Path, log=print, merge: bool = True):
         run_dir = Path(run_dir).expanduser()
         if not (run_dir / "ckpt").is_dir():
             raise UsageError(f"{run_dir}: no ckpt/ folder; give the --out_dir of a pre-training run")
@@ -70,7 +71,8 @@ class TrainedRun:
             load_sharded_weights(ckpt, model)
         else:
             load_model(model, str(ckpt / "model.safetensors"), device="cpu")
-        self.model = rk.merge_lora(model).eval()  # W + scale * B @ A in every LoRA layer, as plain nn.Linear
+        # W + scale * B @ A in every LoRA layer, as plain nn.Linear layers
+        self.model = (rk.merge_lora(model) if merge else model).eval()
         data = state["data"]
         self.eot = data.get("eot", EOT)
         from tokenizers import Tokenizer

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -157,7 +158,9 @@ def load_sharded_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """The model's part of a --fsdp checkpoint (DCP shards, resharded to one process), read without a process group
     and without running code from the files (fsdp.py's reader and planner)."""
     state = {"model": model.state_dict()}
-    dcp.load(state, storage_reader=sharded.SafeReader(ckpt), planner=sharded.SafeLoadPlanner(), no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, storage_reader=sharded.SafeReader(ckpt), planner=sharded.SafeLoadPlanner(), no_dist=True)
     model.load_state_dict(state["model"])
 
 

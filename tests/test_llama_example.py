@@ -103,10 +103,11 @@ def test_llama_under_torchrun_ddp_and_fsdp_and_the_sharded_checkpoint_exports(co
         assert rows[-1]["tokens"] == 8 * 2 * 4 * 32 and rows[-1]["val_loss"] < rows[0]["val_loss"]
     for r in runs["ddp"]:  # every parameter's bits equal on both ranks right after each restart
         assert "rank_checksums" not in r or len(set(r["rank_checksums"])) == 1, r
-    # The same global batches: the sharded run follows the replicated one to the rounding of the gradient averaging.
-    for ddp_row, fsdp_row in zip(runs["ddp"], runs["fsdp"], strict=True):
-        if ddp_row.get("val_loss") is not None:
-            assert fsdp_row["val_loss"] == pytest.approx(ddp_row["val_loss"], rel=1e-3), (ddp_row, fsdp_row)
+    # The same global batches and the same fp32 CPU arithmetic; DDP's all-reduce and FSDP's reduce-scatter both
+    # average two ranks' gradients, (g0 + g1) / 2, one rounding either way: the losses are the same bits (measured
+    # so with torch 2.13 and gloo), through the switch to LoRA (rebuilt and resharded under FSDP) and the restarts.
+    keys = ("step", "train_loss", "val_loss", "lr", "restart", "lora_start")
+    assert [{k: r.get(k) for k in keys} for r in runs["fsdp"]] == [{k: r.get(k) for k in keys} for r in runs["ddp"]]
 
     # The sharded checkpoint (DCP) exports in one process, as the one-file one does.
     assert (tmp_path / "fsdp/ckpt/step_00000008/.metadata").exists()

@@ -57,19 +57,6 @@ def test_llama_tiny_trains_like_tiny_and_gpt2_presets_keep_their_shapes():
         config.resolve_config({"preset": "llama-tiny", "n_embd": 36, "n_head": 4}, None, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_llama_tiny_trains_in_every_mode(mode, corpus, cache_dir, tmp_path):
-    # relora (the switch, restarts, resume): the slow test below.
-    args = tiny_args(corpus, cache_dir, tmp_path, *LLAMA, "--mode", mode, "--max_steps", "6", "--warmup_steps", "1",
-                     "--eval_every", "6", "--ckpt_every", "6", "--lr", "3e-3")
-    assert pretrain_gpt2.main(args) == 0
-    rows = read_rows(tmp_path)
-    assert rows[-1]["step"] == 6 and rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.05, rows
-    run = export.TrainedRun(tmp_path, log=lambda *_: None, merge=False)
-    lora_layers = sum(type(m).__name__ == "LoRALinear" for m in run.model.modules())
-    assert lora_layers == (7 * 2 if mode == "lora" else 0)  # q, k, v, o, gate, up, down in each of 2 blocks
-
-
 @pytest.mark.slow
 def test_llama_relora_run_killed_and_resumed_gives_the_same_losses(corpus, cache_dir, tmp_path):
     whole = run_script(tiny_args(corpus, cache_dir, tmp_path / "whole", *LLAMA, *RELORA_12))
@@ -172,13 +159,16 @@ def test_given_tokenizer_folder_that_is_not_one_is_refused_in_one_line(corpus, t
     assert len(err.splitlines()) == 1 and f"--tokenizer {tmp_path / 'empty'}: not a Hugging Face tokenizer" in err, err
 
 
-def test_end_of_run_sample_is_prompted_from_validation_text_without_the_lock(corpus, cache_dir, tmp_path, capsys,
-                                                                             monkeypatch):
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_llama_tiny_trains_in_every_mode_and_samples_after_a_validation_prompt_without_the_lock(
+        mode, corpus, cache_dir, tmp_path, capsys, monkeypatch):
+    # relora (the switch, restarts, resume): the slow test above. The end-of-run sample: its prompt a window of the
+    # validation text, the out_dir lock already released (a second holder can take it).
     lock_free = []
     original = pretrain_gpt2.sample
 
     def sample_checking_the_lock(run):
-        try:  # a second holder of the out_dir lock: refused while the run still holds it
+        try:
             with checkpoints.out_dir_lock(run.out_dir, lambda *_: None):
                 lock_free.append(True)
         except config.UsageError:
@@ -186,10 +176,16 @@ def test_end_of_run_sample_is_prompted_from_validation_text_without_the_lock(cor
         original(run)
 
     monkeypatch.setattr(pretrain_gpt2, "sample", sample_checking_the_lock)
-    args = tiny_args(corpus, cache_dir, tmp_path, *LLAMA, "--mode", "full", "--max_steps", "2", "--eval_every", "2",
-                     "--ckpt_every", "2")
+    args = tiny_args(corpus, cache_dir, tmp_path, *LLAMA, "--mode", mode, "--max_steps", "6", "--warmup_steps", "1",
+                     "--eval_every", "6", "--ckpt_every", "6", "--lr", "3e-3")
     args[args.index("--sample_tokens") + 1] = "8"
     assert pretrain_gpt2.main(args) == 0
+    rows = read_rows(tmp_path)
+    assert rows[-1]["step"] == 6 and rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.05, rows
+    run = export.TrainedRun(tmp_path, log=lambda *_: None, merge=False)
+    lora_layers = sum(type(m).__name__ == "LoRALinear" for m in run.model.modules())
+    assert lora_layers == (7 * 2 if mode == "lora" else 0)  # q, k, v, o, gate, up, down in each of 2 blocks
+
     assert lock_free == [True]
     out = capsys.readouterr().out
     assert "sampling 8 tokens after 16 tokens of the validation data" in out, out

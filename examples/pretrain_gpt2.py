@@ -291,8 +291,7 @@ def set_up(argv, run_scope: ExitStack) -> Run:
         restore(ckpt, state, run)
         restart_skipped_at_the_old_end(run, state)
     wrap_for_training(run)
-    log(f"{cfg.mode} | preset {cfg.preset} ({type(model).__name__}): {cfg.n_layer} layers, d={cfg.n_embd}, "
-        f"{cfg.n_head} heads, context "
+    log(f"{cfg.mode} | preset {cfg.preset}: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head} heads, context "
         f"{cfg.block_size}, vocab {data.vocab_size} | {device} x{world}, {str(dtype).removeprefix('torch.')} | "
         f"{run.tokens_per_step:,} tokens/step, {cfg.max_steps} steps")
     log(f"parameters: {param_counts(model)}" + (f", LoRA r={cfg.lora_r} on every attention and MLP linear"

@@ -61,7 +61,7 @@ def test_llama_tiny_trains_like_tiny_and_gpt2_presets_keep_their_shapes():
 def test_llama_relora_run_killed_and_resumed_gives_the_same_losses(corpus, cache_dir, tmp_path):
     whole = run_script(tiny_args(corpus, cache_dir, tmp_path / "whole", *LLAMA, *RELORA_12))
     assert whole.returncode == 0, whole.stderr[-3000:]
-    assert "(Llama)" in whole.stdout
+    assert "relora | preset llama-tiny:" in whole.stdout
     split_args = tiny_args(corpus, cache_dir, tmp_path / "split", *LLAMA, *RELORA_12)
     crashed = run_script([*split_args, "--kill_at_step", "8"])  # in the LoRA phase, right after a restart
     assert crashed.returncode == -9, crashed.stderr[-3000:]

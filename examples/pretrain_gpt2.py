@@ -4,6 +4,7 @@
     python examples/pretrain_gpt2.py --mode full          # the same run, ordinary full-rank training
     python examples/pretrain_gpt2.py --resume             # continue from the newest checkpoint in --out_dir
     python examples/pretrain_gpt2.py --preset gpt2-124m --data my_corpus/       # GPU: GPT-2 small, bf16
+    python examples/pretrain_gpt2.py --preset llama-tiny  # a Llama-style model (llama.py; also llama-60m/130m/350m)
     torchrun --standalone --nproc_per_node=2 examples/pretrain_gpt2.py ...         # DDP (gloo CPU, NCCL GPU)
     torchrun --standalone --nproc_per_node=2 examples/pretrain_gpt2.py --fsdp ...  # FSDP2: weights, grads, Adam sharded
 
@@ -22,6 +23,8 @@ Restarts are counted in global steps: ReLoRA restarts after every optimizer step
 (--lora_schedule restart) the LoRA phase starts a fresh optimizer and a schedule of its own over the steps left (a
 --warmup_steps warmup to the peak, then the cosine), as a second run from the warm-start weights would;
 --lora_schedule continuous keeps one schedule and the Adam state across the switch.
+
+Afterwards: examples/export.py writes a run as a Hugging Face model (LoRA merged), examples/generate.py samples.
 
 Writes to --out_dir: metrics.jsonl (one JSON object per step), loss.png (loss vs tokens, restarts marked) and
 ckpt/step_XXXXXXXX/ (model.safetensors + state.pt: optimizer, ReLoRA controller, RNG states, step, tokenizer, corpus

@@ -216,8 +216,6 @@ def check_config(cfg: Config) -> None:
     # A trained BPE has at least its 256 byte tokens and EOT; a given --tokenizer brings its own size.
     require(cfg.tokenizer is not None or 257 <= cfg.vocab_size <= 2**16, f"--vocab_size must be in [257, 65536], "
             f"got {cfg.vocab_size}")
-    require(cfg.tokenizer is None or Path(cfg.tokenizer).expanduser().is_dir(), f"--tokenizer {cfg.tokenizer}: no "
-            "such folder")
     require(cfg.intermediate_size is None or cfg.intermediate_size >= 1, f"--intermediate_size must be >= 1, got "
             f"{cfg.intermediate_size}")
     require(cfg.intermediate_size is None or is_llama(cfg.preset), "--intermediate_size is for the llama presets "

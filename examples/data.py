@@ -290,6 +290,8 @@ def load_hf_tokenizer(folder: str | Path) -> tuple[str, str]:
     each document. ValueError otherwise."""
     from transformers import AutoTokenizer
 
+    if not Path(folder).expanduser().is_dir():
+        raise ValueError(f"--tokenizer {folder}: no such folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(folder).expanduser()), local_files_only=True)
     except (OSError, ValueError) as e:

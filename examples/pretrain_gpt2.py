@@ -154,7 +154,7 @@ def load_dataset(cfg: Config, ckpt_state: dict | None, master: bool, multi: bool
         tokenizer_json, eot, vocab_size = saved.get("tokenizer"), saved.get("eot", EOT), cfg.vocab_size
         try:
             if cfg.tokenizer is not None:
-                if tokenizer_json is None:
+                if tokenizer_json is None:  # a fresh run; a resumed one has the tokenizer in its checkpoint
                     tokenizer_json, eot = load_hf_tokenizer(cfg.tokenizer)
                 from tokenizers import Tokenizer
 

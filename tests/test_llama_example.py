@@ -149,14 +149,24 @@ def test_given_tokenizer_with_a_large_vocabulary_gives_a_uint32_cache_and_trains
     assert json.loads(state["data"]["tokenizer"])["model"]["type"] == "WordLevel"
     # The run's model has the tokenizer's vocabulary (padded to a multiple of 64).
     assert state["model_config"]["vocab_size"] == -(-len(vocab) // 64) * 64
+    # The checkpoint keeps the tokenizer: the run resumes (and goes on in the same cache) with the folder gone.
+    import shutil
+
+    shutil.rmtree(tmp_path / "tok")
+    extended = [*args[: args.index("--max_steps")], "--max_steps", "3", *args[args.index("--max_steps") + 2 :]]
+    assert pretrain_gpt2.main([*extended, "--resume"]) == 0
+    assert read_rows(tmp_path / "run")[-1]["step"] == 3
+    assert [d for d in (tmp_path / "cache").iterdir() if (d / "meta.json").exists()] == [cache]
 
 
-def test_given_tokenizer_folder_that_is_not_one_is_refused_in_one_line(corpus, tmp_path, capsys):
+@pytest.mark.parametrize("folder, message", [("empty", "not a Hugging Face tokenizer folder"),
+                                             ("missing", "no such folder")])
+def test_given_tokenizer_folder_that_is_not_one_is_refused_in_one_line(folder, message, corpus, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    args = tiny_args(corpus, tmp_path / "cache", tmp_path / "run", *LLAMA, "--tokenizer", str(tmp_path / "empty"))
+    args = tiny_args(corpus, tmp_path / "cache", tmp_path / "run", *LLAMA, "--tokenizer", str(tmp_path / folder))
     assert pretrain_gpt2.main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"--tokenizer {tmp_path / 'empty'}: not a Hugging Face tokenizer" in err, err
+    assert len(err.splitlines()) == 1 and f"--tokenizer {tmp_path / folder}: {message}" in err, err
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

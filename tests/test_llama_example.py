@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import assert_within_torch_error
 from llama import Llama, LlamaConfig
+from model import GPT, GPTConfig
 from test_pretrain_example import WORDS, read_rows, run_script, tiny_args, torchrun, write_corpus
 
 LLAMA = ("--preset", "llama-tiny", "--intermediate_size", "64")
@@ -203,3 +204,15 @@ def test_llama_tiny_trains_in_every_mode_and_samples_after_a_validation_prompt_w
     meta = json.loads(next(p for p in cache_dir.rglob("meta.json")).read_text())
     val_text = "".join((corpus / name).read_text() for name in meta["val_files"])
     assert len(prompt) > 8 and prompt in val_text, prompt
+
+
+def test_gpt2_model_creates_its_parameters_as_before_the_llama_model():
+    # The default run's losses depend on the GPT's parameters being drawn in the same order from the same seed:
+    # the sum of every parameter's 32-bit words and their names, as the GPT-2-only example drew them (torch 2.13,
+    # CPU generator; the draws do not depend on the machine).
+    torch.manual_seed(1337)
+    model = GPT(GPTConfig(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    names = [name for name, _ in model.named_parameters()]
+    words = sum(p.detach().reshape(-1).view(torch.int32).sum(dtype=torch.int64).item() for p in model.parameters())
+    assert names[:4] == ["wte.weight", "wpe.weight", "h.0.ln_1.weight", "h.0.ln_1.bias"] and len(names) == 28
+    assert words == -2372340982865

@@ -88,5 +88,5 @@ def test_frozen_biases_get_no_gradient_and_the_factors_do():
 
 
 def test_train_others_must_be_a_bool():
-    with pytest.raises(TypeError, match="train_others"):
+    with pytest.raises(TypeError, match="train_others must be True or False"):
         rk.apply_lora(tiny_gpt2(), GPT2_TARGETS, r=4, train_others="no")

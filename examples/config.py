@@ -161,19 +161,19 @@ def preset_defaults(preset: str, max_steps: int | None) -> dict:
 def adam_warmup_floor(beta2: float) -> int:
     """The fewest warm-up steps a stretched preset gets: 2 / (1 - beta2), 40 at beta2 = 0.95.
 
-    Adam's second-moment estimate averages the squared gradients over about 1 / (1 - beta2) steps; until it has,
-    its per-parameter steps are of the order of the learning rate whatever the gradients' scale, so a warm-up
-    shorter than that runs those early, poorly normalised steps at a high rate. 2 / (1 - beta2) is the linear
-    warm-up length Ma and Yarats ("On the adequacy of untuned warmup for adaptive optimization", AAAI 2021) derive
-    from that averaging time.
+    Adam's second-moment estimate averages the squared gradients over about 1 / (1 - beta2) steps; before that it
+    rests on a few gradients, so the per-parameter step sizes lr / sqrt(v) vary widely (the variance RAdam
+    analyses), and a warm-up shorter than that averaging time takes those poorly normalised steps at a high rate.
+    2 / (1 - beta2) is the linear warm-up length Ma and Yarats ("On the adequacy of untuned warmup for adaptive
+    optimization", AAAI 2021) derive from it.
     """
     return math.ceil(2 / (1 - beta2))
 
 
 def short_run_warmup(cfg: Config, preset_warmup: int) -> int:
-    """The warm-up of a run whose --warmup_steps comes from its preset: the stretched value, raised to the floor
-    above where the stretch cut it below that, but never past the preset's own warm-up (so the preset's length and
-    every longer run keep exactly their schedule), and at most half of the steps it ramps up (the LoRA phase's
+    """The warm-up of a run whose --warmup_steps comes from its preset: the stretched value, or the floor where that
+    is larger. The floor is adam_warmup_floor, but never more than the preset's own warm-up (so the preset's length
+    and every longer run keep exactly their schedule) nor half of the steps the warm-up ramps (the LoRA phase's
     under --lora_schedule restart, which repeats the warm-up there)."""
     if not 0 <= cfg.beta2 < 1:  # check_config names the bad value
         return cfg.warmup_steps

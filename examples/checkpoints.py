@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import os
 import pickle
 import re
@@ -346,39 +345,13 @@ def restart_metrics(path: Path, start_step: int, log, restarts: int | None = Non
             + ("" if text.endswith("\n") and len(text.splitlines()) == len(rows) else " and a torn last line"))
 
 
-def _ema(points: list[tuple]) -> list[tuple]:
-    """An exponential moving average of (tokens, loss): single batches are too noisy to read."""
-    smooth, ema = [], points[0][1]
-    for tokens, loss in points:
-        ema = 0.9 * ema + 0.1 * loss if math.isfinite(loss) else ema
-        smooth.append((tokens, ema))
-    return smooth
-
-
 def plot_metrics(path: Path, png: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Draw loss.png from metrics.jsonl (plots.py: losses with their bias-corrected moving average, the learning
+    rate, restarts and resumes marked), written atomically."""
     import matplotlib.pyplot as plt
+    from plots import Run, draw
 
-    rows = read_metrics(path)
-    train = [(r["tokens"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
-    val = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    if train:
-        ax.plot(*zip(*train, strict=True), lw=0.6, alpha=0.3, color="tab:blue")
-        ax.plot(*zip(*_ema(train), strict=True), lw=1.2, color="tab:blue", label="train loss (EMA)")
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", ms=4, color="tab:orange", label="val loss")
-    for i, r in enumerate(r for r in rows if r.get("restart")):
-        ax.axvline(r["tokens"], color="gray", ls="--", lw=0.8, label="ReLoRA restart" if i == 0 else None)
-    for r in rows:
-        if r.get("lora_start"):
-            ax.axvline(r["tokens"], color="tab:red", ls=":", lw=1.2, label="LoRA phase starts")
-    ax.set(xlabel="tokens", ylabel="cross-entropy loss (nats)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig = draw([Run(png.parent.name, read_metrics(path))], title)
     try:
         with reported_write(png, png.stat().st_size if png.exists() else None):  # the old plot's size: about right
             atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))

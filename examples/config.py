@@ -180,6 +180,32 @@ def preset_defaults(preset: str, max_steps: int | None) -> dict:
     return defaults
 
 
+def adam_warmup_floor(beta2: float) -> int:
+    """The fewest warm-up steps a stretched preset gets: 2 / (1 - beta2), 40 at beta2 = 0.95.
+
+    Adam's second-moment estimate averages the squared gradients over about 1 / (1 - beta2) steps; before that it
+    rests on a few gradients, so the per-parameter step sizes lr / sqrt(v) vary widely (the variance RAdam
+    analyses), and a warm-up shorter than that averaging time takes those poorly normalised steps at a high rate.
+    2 / (1 - beta2) is the linear warm-up length Ma and Yarats ("On the adequacy of untuned warmup for adaptive
+    optimization", AAAI 2021) derive from it.
+    """
+    return math.ceil(2 / (1 - beta2))
+
+
+def short_run_warmup(cfg: Config, preset_warmup: int) -> int:
+    """The warm-up of a run whose --warmup_steps comes from its preset: the stretched value, or the floor where that
+    is larger. The floor is adam_warmup_floor, but never more than the preset's own warm-up (so the preset's length
+    and every longer run keep exactly their schedule) nor half of the steps the warm-up ramps (the LoRA phase's
+    under --lora_schedule restart, which repeats the warm-up there)."""
+    if not 0 <= cfg.beta2 < 1:  # check_config names the bad value
+        return cfg.warmup_steps
+    ramped = cfg.max_steps
+    if cfg.mode == "relora" and cfg.lora_schedule == "restart":
+        ramped = cfg.max_steps - cfg.warmup_full_steps
+    floor = min(adam_warmup_floor(cfg.beta2), preset_warmup, ramped // 2)
+    return max(cfg.warmup_steps, floor)
+
+
 def resolve_config(given: dict, saved: dict | None, device: torch.device) -> Config:
     """Config = defaults < the preset's < the checkpoint's (when resuming) < the command line; then checked."""
     if saved:
@@ -196,9 +222,12 @@ def resolve_config(given: dict, saved: dict | None, device: torch.device) -> Con
     require(preset in PRESETS, f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
     values["preset"] = preset
     cfg = Config(**values)
+    warmup_from_preset = cfg.warmup_steps is None  # a resumed run has the warm-up it started with
     for key, value in preset_defaults(preset, cfg.max_steps).items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
+    if warmup_from_preset:
+        cfg.warmup_steps = short_run_warmup(cfg, TRAIN_PRESETS[preset]["warmup_steps"])
     check_config(cfg)
     return cfg
 

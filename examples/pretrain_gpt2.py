@@ -26,12 +26,13 @@ Restarts are counted in global steps: ReLoRA restarts after every optimizer step
 
 Afterwards: examples/export.py writes a run as a Hugging Face model (LoRA merged), examples/generate.py samples.
 
-Writes to --out_dir: metrics.jsonl (one JSON object per step), loss.png (loss vs tokens, restarts marked) and
-ckpt/step_XXXXXXXX/ (model.safetensors + state.pt: optimizer, ReLoRA controller, RNG states, step, tokenizer, corpus
-manifest; under --fsdp DCP's shards of the model and optimizer replace model.safetensors and the optimizer, see
-fsdp.py). Resuming from a checkpoint reproduces the uninterrupted run's losses exactly (same settings, same
-machine), after a kill -9 or a Ctrl-C (SIGINT/SIGTERM finish the step and checkpoint it). The run holds a lock on
---out_dir, resumes from the newest checkpoint that loads, and refuses --data that changed since the checkpoint.
+Writes to --out_dir: metrics.jsonl (one JSON object per step), loss.png (losses and learning rate vs tokens,
+restarts and resumes marked; examples/plot_runs.py overlays several runs) and ckpt/step_XXXXXXXX/
+(model.safetensors and state.pt: optimizer, ReLoRA controller, RNG states, step, tokenizer, corpus manifest; under
+--fsdp DCP's shards of the model and optimizer replace model.safetensors and the optimizer, see fsdp.py). Resuming
+from a checkpoint reproduces the uninterrupted run's losses exactly (same settings, same machine), after a kill -9
+or a Ctrl-C (SIGINT/SIGTERM finish the step and checkpoint it). The run holds a lock on --out_dir, resumes from the
+newest checkpoint that loads, and refuses --data that changed since the checkpoint.
 """
 
 from __future__ import annotations
@@ -576,7 +577,10 @@ def checkpoint_state(run: Run, step: int) -> dict:
 
 
 def plot(run: Run) -> None:
-    plot_metrics(run.metrics_path, run.out_dir / "loss.png", f"{run.cfg.mode}, preset {run.cfg.preset}")
+    cfg = run.cfg
+    data = Path(cfg.data).name if cfg.data else "the Python standard library"
+    plot_metrics(run.metrics_path, run.out_dir / "loss.png",
+                 f"{run.out_dir.name}: --mode {cfg.mode}, preset {cfg.preset}, data: {data}")
 
 
 def checkpoint(run: Run, step: int) -> None:
@@ -784,6 +788,8 @@ def train(argv=None) -> dict:
         for step in range(run.start_step + 1, cfg.max_steps + 1):
             started = time.perf_counter()
             row = train_step(run, step)
+            if step == run.start_step + 1 and run.start_step:
+                row["resumed_from"] = run.start_step  # marked on loss.png
             evaluate_into(run, step, row)
             log_metrics(run, row)
             if run.bad_streak >= cfg.max_bad_steps:

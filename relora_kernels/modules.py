@@ -158,16 +158,26 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use_rslora=False) -> nn.Module:
+def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use_rslora=False, *,
+               train_others: bool = True) -> nn.Module:
     """Replace the matching nn.Linear / Conv1D modules of `model` by LoRALinear layers, in place; returns `model`.
 
     target_modules: a str is a regular expression matched in full against each module's qualified name
     ("h.0.attn.c_attn"); a list or tuple matches exact names or name suffixes at a dot ("c_attn" matches
-    "h.0.attn.c_attn"), as PEFT does. Unmatched modules are untouched; matched base weights are frozen.
-    Raises ValueError if nothing matches.
+    "h.0.attn.c_attn"), as PEFT does. Matched base weights are frozen. Raises ValueError if nothing matches.
+
+    train_others: what happens to every parameter that is not a LoRA factor (lora_A, lora_B).
+      True (default): left as it was, so embeddings, norms, biases and the head keep training. ReLoRA pre-trains
+        a model from scratch: there the parameters outside the replaced linears are trained full-rank, as the
+        official ReLoRA code does, and freezing them would leave them at their random initialisation.
+      False: frozen, the LoRALinear layers' biases included, so only the factors train: PEFT's LoraConfig with
+        its defaults (bias="none", no modules_to_save), the usual choice for fine-tuning a pre-trained model.
+        Unfreeze what else should train (e.g. a new head) by setting its requires_grad afterwards.
     """
     if not isinstance(target_modules, (str, list, tuple)) or not target_modules:
         raise TypeError(f"target_modules must be a regex str or a non-empty list of names, got {target_modules!r}")
+    if not isinstance(train_others, bool):
+        raise TypeError(f"train_others must be True or False, got {train_others!r}")
     matched = [name for name, module in model.named_modules()
                if name and _is_linear_like(module) and _matches(name, target_modules)]
     if not matched:
@@ -178,6 +188,12 @@ def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use
     for name in matched:
         layer = LoRALinear.from_linear(model.get_submodule(name), r, alpha, dropout, use_rslora)
         _replace(model, name, layer)
+    if not train_others:
+        factors = {id(p) for module in model.modules() if isinstance(module, LoRALinear)
+                   for p in (module.lora_A, module.lora_B)}
+        for p in model.parameters():
+            if id(p) not in factors:
+                p.requires_grad_(False)
     return model
 
 

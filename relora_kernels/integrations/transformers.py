@@ -27,7 +27,14 @@ import functools
 import warnings
 
 import torch
-from transformers import TrainerCallback
+
+try:
+    from transformers import TrainerCallback
+except ImportError as error:  # the package installs without its extras
+    raise ImportError(
+        f"relora_kernels.integrations.transformers needs Hugging Face transformers (and accelerate, which its Trainer "
+        f"runs on): pip install 'relora-kernels[transformers]' ({error})"
+    ) from error
 
 from .._validate import check_choice, check_fraction, check_int
 from ..modules import LoRALinear

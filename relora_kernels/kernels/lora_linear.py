@@ -396,8 +396,9 @@ def _grad_ab_config(rank_block: int, dtype: torch.dtype, write_dx: bool) -> dict
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launchers: same signatures as their twins in reference.py. Every launch goes through `traceable` so that the
-# passes can be registered as torch.library triton_ops (ops.py), which torch.compile traces into.
+# Launchers: same signatures as their twins in reference.py, except fused_matmul, which takes its tile (its twins
+# are the launchers of passes.py that choose the tile). Every launch goes through `traceable` so that the passes can
+# be registered as torch.library triton_ops (ops.py), which torch.compile traces into.
 # The dropout seed is a 0-d int64 tensor on the device (None without dropout) that the kernels load: no host
 # sync, and a seed drawn inside a compiled graph or a CUDA graph stays in it.
 # ---------------------------------------------------------------------------------------------------------------

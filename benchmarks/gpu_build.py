@@ -444,11 +444,18 @@ def _trace_layer_step(dtype_name: str, rank: int, keep) -> None:
         aot_function(step, fw_compiler=keep("forward"), bw_compiler=keep("backward"))(x, *parameters).sum().backward()
 
 
+# ATen ops that allocate or re-view memory without launching a kernel.
+METADATA_OPS = frozenset({"empty", "empty_strided", "new_empty", "view", "_unsafe_view", "reshape", "alias", "t",
+                          "transpose", "permute", "expand", "select", "slice", "unsqueeze", "squeeze", "as_strided",
+                          "detach", "sym_size"})
+
+
 def _graph_launches(graph) -> dict:
-    """The kernel launches of an AOTAutograd graph, the relora_kernels ops left whole, and the other ATen ops."""
+    """The kernel launches of an AOTAutograd graph, the relora_kernels ops left whole, the other ATen ops, and how
+    many times each ATen op that launches a kernel on a GPU appears."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
-    launches, opaque, aten = [], [], set()
+    launches, opaque, aten, kernels = [], [], set(), {}
     for node in graph.graph.nodes:
         if node.op != "call_function":
             continue
@@ -464,8 +471,11 @@ def _graph_launches(graph) -> dict:
         elif str(node.target).startswith("relora_kernels."):
             opaque.append(str(node.target))
         elif str(node.target).startswith("aten."):
-            aten.add(str(node.target).split(".")[1])
-    return {"launches": launches, "opaque": opaque, "aten_ops": sorted(aten)}
+            op = str(node.target).split(".")[1]
+            aten.add(op)
+            if op not in METADATA_OPS:
+                kernels[op] = kernels.get(op, 0) + 1
+    return {"launches": launches, "opaque": opaque, "aten_ops": sorted(aten), "aten_kernels": kernels}
 
 
 def problems(rows: list[dict]) -> list[str]:

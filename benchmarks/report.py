@@ -23,7 +23,9 @@ SPEEDUP_GOAL = 1.40  # fused fwd+bwd vs eager at the headline case (p = 0.1)
 FLOOR_GOAL = 1.10  # fused fwd+bwd time / floor time at the headline case
 # The fused op's providers side by side: each engine, then the automatic choice, with time / floor and vs eager.
 ENGINE_PROVIDERS = ("fused_triton", "fused_cublas", "fused")
-COPY_GOAL = 0.85  # fused merge+reinit GB/s / device-to-device copy GB/s at the headline layer
+# fused merge+reinit GB/s / device-to-device copy GB/s at the headline layer: its two launches' fixed costs cap it
+# at 72-80 % with no host cost at all (time_model.merge_copy_fraction), so the goal sits inside that range.
+COPY_GOAL = 0.75
 REQUIRED = ("device", "torch", "triton", "commit", "date", "copy_gbps", "rows")
 COMMAND = "bash benchmarks/run_gpu.sh"
 

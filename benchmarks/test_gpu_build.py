@@ -6,6 +6,7 @@ with every operand strided, and for the largest low-rank tiles (r = 256) on an A
 memory per block).
 """
 
+import collections
 import json
 import os
 import subprocess
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import time_model
+
+pytestmark = pytest.mark.slow  # the builds run in a subprocess
 ROOT = Path(__file__).resolve().parent.parent
 GEMM_KERNELS = {"fused_matmul_kernel", "shrink_kernel", "grad_b_kernel", "grad_a_kernel", "merge_kernel"}
 
@@ -169,6 +173,24 @@ def test_compile_sees_every_op_as_its_kernels_and_what_they_write(reports):
                     written = ["da_ptr", "ds_ptr", "dx_ptr"]  # and the start value of dx
                 assert launch["written"] == written, (engine, row["op"], launch)
                 assert set(written) < set(launch["tensor_args"]) or launch["kernel"] == "reinit_kernel", launch
+
+
+def test_the_time_model_prices_every_launch_of_a_training_step(reports):
+    # PERF_NOTES' time model (benchmarks/time_model.py) once left eight small kernels a step unpriced: a kernel the
+    # op launches and the model does not list fails here.
+    traced = reports["90"]["traced"]
+    for engine in time_model.TRITON_KERNELS:
+        step = [row for row in traced if row["engine"] == engine and row["op"].startswith("LoRALinear")
+                and row["r"] == 16]
+        assert [row["op"].split()[-1] for row in step] == ["forward", "backward"], step
+        kernels = [launch["kernel"] for row in step for launch in row["launches"]]
+        assert kernels == list(time_model.TRITON_KERNELS[engine])
+        aten = collections.Counter()
+        for row in step:
+            aten.update(row["aten_kernels"])
+        gemms = {op: aten.pop(op) for op in ATEN_GEMMS & set(aten)}
+        assert sum(gemms.values()) == time_model.CUBLAS_GEMMS[engine], gemms
+        assert dict(aten) == time_model.SMALL_KERNELS_PER_STEP
 
 
 def test_a_failed_build_is_a_failed_row_and_the_others_go_on(monkeypatch, tmp_path):

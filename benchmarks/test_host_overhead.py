@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the benchmark runs in a subprocess
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,6 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_importing_benchmarks_changes_no_environment_variable():
     code = ("import os; before = dict(os.environ); import benchmarks, benchmarks.cases, benchmarks.sweep; "
             "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}; "

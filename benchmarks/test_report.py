@@ -70,7 +70,7 @@ def test_goals_are_checked():
     ahead = met["fused ahead of compile and native at every shape"]
     assert ahead.met is False and "gpt2-124m.fc" in ahead.detail and "vs compile" in ahead.detail
     assert "6/7 comparisons won" in ahead.detail  # 3 headline modes x 2 rivals, then gpt2 fc vs compile only
-    assert met["merge+reinit >= 85% of copy bandwidth"].met is True  # 90%
+    assert met["merge+reinit >= 75% of copy bandwidth"].met is True  # 90%
 
 
 def test_goals_fail_when_fused_is_slow():

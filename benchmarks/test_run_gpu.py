@@ -75,6 +75,7 @@ def test_the_limits_are_options_with_the_defaults_8_files_and_16_mib(tmp_path, c
         harness.main(["--check-outputs", str(tmp_path), "--max-files", "0"])
 
 
+@pytest.mark.slow
 def test_run_gpu_refuses_bad_options_before_running_anything(tmp_path):
     script = ROOT / "benchmarks" / "run_gpu.sh"
     for args, message in ((["--max-files", "0"], "--max-files must be"), (["--budget-s", "9.5"], "--budget-s must"),
@@ -87,6 +88,7 @@ def test_run_gpu_refuses_bad_options_before_running_anything(tmp_path):
     assert 'max_files="${RUN_MAX_FILES:-8}"' in text and 'max_file_mib="${RUN_MAX_FILE_MIB:-16}"' in text
 
 
+@pytest.mark.slow
 def test_the_project_speaks_only_of_itself():
     # Its docs and comments describe an output folder and a time budget, not the machinery that lends a GPU, nor
     # notes kept elsewhere (the words are split here so that this file does not match).

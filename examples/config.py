@@ -10,9 +10,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from model import PRESETS
+from llama import PRESETS as LLAMA_PRESETS
+from model import PRESETS as GPT_PRESETS
 
 import relora_kernels as rk
+
+# Every model preset; the llama-* ones build llama.Llama, the others model.GPT.
+PRESETS = {**GPT_PRESETS, **LLAMA_PRESETS}
+
+
+def is_llama(preset: str) -> bool:
+    return preset in LLAMA_PRESETS
 
 
 class UsageError(Exception):
@@ -32,12 +40,18 @@ def option(default, help: str):
 @dataclass
 class Config:
     mode: str = option("relora", "relora | full | lora")
-    preset: str | None = option(None, "tiny | gpt2-124m | gpt2-355m (default: tiny on CPU, gpt2-124m on GPU)")
+    preset: str | None = option(None, "tiny | gpt2-124m | gpt2-355m (GPT-2) | llama-tiny | llama-60m | llama-130m | "
+                                      "llama-350m (Llama-style: RMSNorm, SwiGLU, rotary, no biases) (default: tiny "
+                                      "on CPU, gpt2-124m on GPU)")
     n_layer: int | None = option(None, "model shape overrides (default: the preset's)")
     n_head: int | None = option(None, "attention heads")
     n_embd: int | None = option(None, "embedding width")
     block_size: int | None = option(None, "context length")
-    vocab_size: int | None = option(None, "BPE vocabulary size to train (default: 4096 tiny, 50257 GPT-2 presets)")
+    intermediate_size: int | None = option(None, "llama presets: the SwiGLU's hidden width")
+    vocab_size: int | None = option(None, "BPE vocabulary size to train (default: 4096 tiny and llama-tiny, 50257 "
+                                          "GPT-2 presets, 32000 the other llama presets)")
+    tokenizer: str | None = option(None, "a folder holding a Hugging Face tokenizer (tokenizer.json ...), used "
+                                         "instead of training a BPE; --vocab_size is then the tokenizer's")
     # data
     data: str | None = option(None, "a text file or a folder of text files (default: the Python standard library)")
     cache_dir: str | None = option(None, "tokenizer + token cache (default: ~/.cache/relora-kernels/data)")
@@ -59,7 +73,7 @@ class Config:
     restart_warmup_steps: int | None = option(None, "relora: lr re-warmup after each restart")
     prune_ratio: float | None = option(None, "relora: fraction of the LoRA factors' Adam state zeroed at each "
                                              "restart")
-    lora_schedule: str = option("continuous", "relora: continuous (one warmup and cosine over the whole run; the "
+    lora_schedule: str = option("restart", "relora: continuous (one warmup and cosine over the whole run; the "
                                               "Adam state of the parameters that stay trainable carries into the LoRA "
                                               "phase) | restart (the LoRA phase starts a fresh optimizer and its own "
                                               "--warmup_steps warmup to the peak lr, then a cosine over the steps "
@@ -102,9 +116,17 @@ TRAIN_PRESETS = {
     ),
 }
 TRAIN_PRESETS["gpt2-355m"] = dict(TRAIN_PRESETS["gpt2-124m"], batch_size=8, grad_accum=16, lr=3e-4)
+# llama-tiny trains as tiny does (same steps, batches, schedule and ReLoRA settings), so the two compare directly.
+# The paper-sized llama presets take the GPT-2 GPU presets' schedule with a 32000-token BPE: a starting point, not
+# the paper's hyperparameters.
+TRAIN_PRESETS["llama-tiny"] = dict(TRAIN_PRESETS["tiny"])
+TRAIN_PRESETS["llama-60m"] = dict(TRAIN_PRESETS["gpt2-124m"], vocab_size=32000)
+TRAIN_PRESETS["llama-130m"] = dict(TRAIN_PRESETS["gpt2-124m"], vocab_size=32000)
+TRAIN_PRESETS["llama-350m"] = dict(TRAIN_PRESETS["gpt2-355m"], vocab_size=32000)
 SCALED_WITH_MAX_STEPS = ("warmup_steps", "restart_every", "restart_warmup_steps", "eval_every", "ckpt_every")
 # Options that define the run: a resumed run must keep them, or it is not the same run.
-RUN_DEFINING = ("mode", "preset", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "data", "lora_r",
+RUN_DEFINING = ("mode", "preset", "n_layer", "n_head", "n_embd", "block_size", "intermediate_size", "vocab_size",
+                "tokenizer", "data", "lora_r",
                 "lora_alpha", "seed", "batch_size", "grad_accum", "warmup_full_steps", "restart_every", "prune_ratio",
                 "lora_schedule", "fsdp")  # fsdp: its checkpoints are sharded (DCP), the others one file
 NOT_INHERITED = ("resume", "device", "out_dir", "allow_data_change")  # a resumed run takes these from its own line
@@ -164,6 +186,8 @@ def resolve_config(given: dict, saved: dict | None, device: torch.device) -> Con
         # Fields this version does not know (e.g. an older version's test knobs) are dropped.
         known = {f.name for f in fields(Config)} - set(NOT_INHERITED)
         saved = {key: value for key, value in saved.items() if key in known}
+        # Checkpoints written before the option existed ran the one schedule there was then.
+        saved.setdefault("lora_schedule", "continuous")
         for key in RUN_DEFINING:
             require(key not in given or given[key] == saved.get(key), f"--{key}={given.get(key)} differs from the "
                     f"checkpoint's {saved.get(key)!r}; resume with the same setting or use a new --out_dir")
@@ -189,8 +213,15 @@ def check_config(cfg: Config) -> None:
     # torch's generators take 64-bit seeds
     require(0 <= cfg.seed < 2**64, f"--seed must be in [0, 2**64 - 1 = {2**64 - 1}], got {cfg.seed}")
     require(cfg.n_embd % cfg.n_head == 0, f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
-    require(257 <= cfg.vocab_size <= 2**16, f"--vocab_size must be in [257, 65536] (tokens are uint16), "
+    # A trained BPE has at least its 256 byte tokens and EOT; a given --tokenizer brings its own size.
+    require(cfg.tokenizer is not None or 257 <= cfg.vocab_size <= 2**16, f"--vocab_size must be in [257, 65536], "
             f"got {cfg.vocab_size}")
+    require(cfg.intermediate_size is None or cfg.intermediate_size >= 1, f"--intermediate_size must be >= 1, got "
+            f"{cfg.intermediate_size}")
+    require(cfg.intermediate_size is None or is_llama(cfg.preset), "--intermediate_size is for the llama presets "
+            "(GPT-2's MLP is 4 x n_embd)")
+    require(not is_llama(cfg.preset) or (cfg.n_embd // cfg.n_head) % 2 == 0, f"--n_embd / --n_head "
+            f"({cfg.n_embd // cfg.n_head}) must be even for rotary positions")
     require(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}")
     for key, low, high in (("min_lr_ratio", 0, 1), ("prune_ratio", 0, 1)):
         require(low <= getattr(cfg, key) <= high, f"--{key} must be in [{low}, {high}], got {getattr(cfg, key)}")

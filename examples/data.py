@@ -1,4 +1,4 @@
-"""Text in, uint16 token streams out: the data pipeline of the pre-training example. Nothing is downloaded.
+"""Text in, token streams out: the data pipeline of the pre-training example. Nothing is downloaded.
 
     files      the default corpus is the Python standard library of the running interpreter (its .py sources,
                found through sysconfig; tests, site-packages and generated tables left out, ~9 MB on 3.11);
@@ -12,8 +12,11 @@
                uneven ones): then by position, 10% of the text, whole files in hash order and the last one cut at
                a line break
     tokenizer  a byte-level BPE (GPT-2's scheme) trained with Hugging Face `tokenizers` on the training files only,
-               so the validation text is unseen by the model and by the tokenizer alike
-    tokens     each document encoded, followed by <|endoftext|>, into train.bin / val.bin (uint16 memmaps)
+               so the validation text is unseen by the model and by the tokenizer alike; or an existing Hugging
+               Face tokenizer read from a local folder (--tokenizer, see load_hf_tokenizer)
+    tokens     each document encoded (no special tokens added), followed by the end-of-text token (<|endoftext|>,
+               or the given tokenizer's eos_token), into train.bin / val.bin: uint16 memmaps, uint32 where the
+               vocabulary has more than 65536 tokens
     memory     files are read in pieces of at most CHUNK_CHARS characters, cut where the byte-level BPE's
                pre-tokenizer splits anyway (so the tokens are those of the whole file), or mid-line only in a line
                longer than that; the tokenizer trains on runs of at most MAX_TRAIN_RUN characters without a break
@@ -275,10 +278,39 @@ def train_tokenizer(texts, vocab_size: int):
     return tokenizer
 
 
-def _write_tokens(tokenizer, documents, path: Path) -> int:
-    """Encode documents (an iterable of documents, each an iterable of text chunks) into a uint16 file, each
-    document followed by EOT; returns the token count."""
-    eot = tokenizer.token_to_id(EOT)
+def token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned type that holds every token id."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def load_hf_tokenizer(folder: str | Path) -> tuple[str, str]:
+    """(tokenizer.json text, end-of-text token) of the Hugging Face tokenizer saved in `folder`, read with
+    AutoTokenizer(local_files_only=True): nothing is downloaded. It must be a fast tokenizer (one backed by the
+    `tokenizers` library, which is what the cache and the checkpoints keep) with an eos_token, the token that ends
+    each document. ValueError otherwise."""
+    from transformers import AutoTokenizer
+
+    if not Path(folder).expanduser().is_dir():
+        raise ValueError(f"--tokenizer {folder}: no such folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(folder).expanduser()), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--tokenizer {folder}: not a Hugging Face tokenizer folder ({str(e).splitlines()[0]})") \
+            from None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"--tokenizer {folder}: {type(tokenizer).__name__} is a slow tokenizer; give a folder with "
+                         "a tokenizer.json (a fast tokenizer)")
+    if tokenizer.eos_token is None:
+        raise ValueError(f"--tokenizer {folder}: it has no eos_token to end each document with")
+    return backend.to_str(), tokenizer.eos_token
+
+
+def _write_tokens(tokenizer, documents, path: Path, eot_token: str, dtype: str) -> int:
+    """Encode documents (an iterable of documents, each an iterable of text chunks) into a file of `dtype` ids,
+    each document followed by eot_token; returns the token count. No special tokens are added to the chunks (a
+    given tokenizer's post-processor would put a BOS before every one)."""
+    eot = tokenizer.token_to_id(eot_token)
     count = 0
     with open(path, "wb") as f:
         batch, ends, size = [], [], 0  # texts to encode, and whether each ends its document
@@ -293,9 +325,9 @@ def _write_tokens(tokenizer, documents, path: Path) -> int:
 
         def flush():
             nonlocal batch, ends, size, count
-            ids = [i for enc, end in zip(tokenizer.encode_batch(batch), ends, strict=True)
+            ids = [i for enc, end in zip(tokenizer.encode_batch(batch, add_special_tokens=False), ends, strict=True)
                    for i in (*enc.ids, *((eot,) if end else ()))]
-            f.write(np.asarray(ids, dtype=np.uint16).tobytes())
+            f.write(np.asarray(ids, dtype=dtype).tobytes())
             count += len(ids)
             batch, ends, size = [], [], 0
 
@@ -329,16 +361,19 @@ def manifest_changes(saved: list[list], current: list[list]) -> str:
     return "; ".join(parts)
 
 
-def _cache_key(source: str, root: Path, manifest: list[list], vocab_size: int, tokenizer_json: str | None) -> str:
+def _cache_key(source: str, root: Path, manifest: list[list], vocab_size: int, tokenizer_json: str | None,
+               eot: str = EOT) -> str:
     blob = json.dumps([CACHE_VERSION, source, str(root.resolve()), vocab_size, VAL_FRACTION, manifest])
     if tokenizer_json is not None:  # a given tokenizer, not one trained on these files
         blob += hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    if eot != EOT:
+        blob += json.dumps(["eot", eot])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
 class Dataset:
-    train: np.ndarray  # uint16 memmap of the training token stream
+    train: np.ndarray  # memmap of the training token stream (uint16, or uint32 for a large vocabulary)
     val: np.ndarray
     tokenizer: object  # tokenizers.Tokenizer
     meta: dict
@@ -347,6 +382,11 @@ class Dataset:
     @property
     def vocab_size(self) -> int:
         return self.meta["vocab_size"]
+
+    @property
+    def eot(self) -> str:
+        """The token that ends each document."""
+        return self.meta.get("eot", EOT)
 
 
 def find_corpus(data: str | None, log=print) -> tuple[str, Path, list[Path]]:
@@ -367,11 +407,12 @@ def find_corpus(data: str | None, log=print) -> tuple[str, Path, list[Path]]:
 
 def prepare_data(data: str | None, vocab_size: int, cache_dir: str | Path | None = None, log=print, *,
                  tokenizer_json: str | None = None, manifest: list[list] | None = None,
-                 allow_change: bool = False) -> Path:
+                 allow_change: bool = False, eot: str = EOT) -> Path:
     """Build (or find) the cache for this data and tokenizer setting; returns its directory. Run on one process.
 
-    A resumed run passes its checkpoint's tokenizer (tokenizer_json, used instead of training one) and corpus
-    manifest: if the files differ from it, ValueError names what changed, unless allow_change.
+    tokenizer_json: a tokenizer to use instead of training one (a resumed run's, from its checkpoint, or one read
+    by load_hf_tokenizer), with eot its end-of-text token; vocab_size is then that tokenizer's. A resumed run also
+    passes its corpus manifest: if the files differ from it, ValueError names what changed, unless allow_change.
     """
     source, root, files = find_corpus(data, log)
     current = corpus_manifest(root, files)
@@ -383,14 +424,14 @@ def prepare_data(data: str | None, vocab_size: int, cache_dir: str | Path | None
         log(f"data: changed since the checkpoint ({changes}); going on with the checkpoint's tokenizer")
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     trained = cache_root / _cache_key(source, root, current, vocab_size, None)
-    if (trained / "meta.json").exists() and (tokenizer_json is None or
-                                             (trained / "tokenizer.json").read_text() == tokenizer_json):
+    if (trained / "meta.json").exists() and (tokenizer_json is None or (
+            (trained / "tokenizer.json").read_text() == tokenizer_json and eot == EOT)):
         return trained
     out = trained if tokenizer_json is None else cache_root / _cache_key(source, root, current, vocab_size,
-                                                                         tokenizer_json)
+                                                                         tokenizer_json, eot)
     if not (out / "meta.json").exists():
         remove_abandoned_builds(cache_root, log)
-        _build_cache(out, source, root, files, current, vocab_size, tokenizer_json, log)
+        _build_cache(out, source, root, files, current, vocab_size, tokenizer_json, log, eot)
     return out
 
 
@@ -440,13 +481,13 @@ def remove_abandoned_builds(cache_root: Path, log) -> None:
 
 
 def _build_cache(out: Path, source: str, root: Path, files: list[Path], manifest: list[list], vocab_size: int,
-                 tokenizer_json: str | None, log) -> None:
+                 tokenizer_json: str | None, log, eot: str = EOT) -> None:
     from tokenizers import Tokenizer
 
     total_mb = sum(f.stat().st_size for f in files) / 2**20
     what = f"the Python {sysconfig.get_python_version()} standard library" if source == "python-stdlib" else source
     log(f"data: {what}: {len(files)} files, {total_mb:.1f} MiB; "
-        + ("tokenising with the checkpoint's tokenizer" if tokenizer_json else
+        + ("tokenising with the given tokenizer" if tokenizer_json else
            f"training a {vocab_size}-token byte-level BPE and tokenising")
         + f" into {out} (once; cached)")
     train_pieces, val_pieces = split_pieces(root, files)
@@ -468,13 +509,18 @@ def _build_cache(out: Path, source: str, root: Path, files: list[Path], manifest
         else:
             (tmp / "tokenizer.json").write_text(tokenizer_json)
             tokenizer = Tokenizer.from_str(tokenizer_json)
-        n_train = _write_tokens(tokenizer, docs(train_pieces), tmp / "train.bin")
-        n_val = _write_tokens(tokenizer, docs(val_pieces), tmp / "val.bin")
+        if tokenizer.token_to_id(eot) is None:
+            raise ValueError(f"the tokenizer has no token {eot!r} to end each document with")
+        dtype = token_dtype(tokenizer.get_vocab_size())
+        n_train = _write_tokens(tokenizer, docs(train_pieces), tmp / "train.bin", eot, dtype)
+        n_val = _write_tokens(tokenizer, docs(val_pieces), tmp / "val.bin", eot, dtype)
         meta = dict(
-            source=source, root=str(root), vocab_size=tokenizer.get_vocab_size(), eot_id=tokenizer.token_to_id(EOT),
+            source=source, root=str(root), vocab_size=tokenizer.get_vocab_size(), eot_id=tokenizer.token_to_id(eot),
             train_tokens=n_train, val_tokens=n_val, train_files=[_piece_name(root, p) for p in train_pieces],
-            val_files=[_piece_name(root, p) for p in val_pieces], dtype="uint16", manifest=manifest,
+            val_files=[_piece_name(root, p) for p in val_pieces], dtype=dtype, manifest=manifest,
         )
+        if eot != EOT:  # the default is left out, so caches built before the option read the same
+            meta["eot"] = eot
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     log(f"data: {n_train:,} train tokens ({len(train_pieces)} files), {n_val:,} val tokens ({len(val_pieces)} "
         f"files), {total_mb * 2**20 / max(n_train + n_val, 1):.2f} bytes/token")
@@ -484,8 +530,9 @@ def load_data(cache: Path) -> Dataset:
     from tokenizers import Tokenizer
 
     meta = json.loads((cache / "meta.json").read_text())
-    train = np.memmap(cache / "train.bin", dtype=np.uint16, mode="r")
-    val = np.memmap(cache / "val.bin", dtype=np.uint16, mode="r")
+    dtype = meta.get("dtype", "uint16")
+    train = np.memmap(cache / "train.bin", dtype=dtype, mode="r")
+    val = np.memmap(cache / "val.bin", dtype=dtype, mode="r")
     return Dataset(train, val, Tokenizer.from_file(str(cache / "tokenizer.json")), meta, cache)
 
 

@@ -88,6 +88,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    lora_targets = LORA_TARGETS
+    tied_head = True  # lm_head.weight is wte.weight
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -139,10 +142,14 @@ class GPT(nn.Module):
         """Sample max_new_tokens after idx (B, T); the context is cropped to block_size."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size :])
-            logits = logits[:, -1, :].float() / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits[logits < kth] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            idx = torch.cat((idx, torch.multinomial(probs, 1, generator=generator)), dim=1)
+            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k, generator)), dim=1)
         return idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
+    """One token per row (B, 1) drawn from the last position's logits (B, vocab): temperature, then the top_k."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits[logits < kth] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

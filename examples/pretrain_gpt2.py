@@ -4,6 +4,7 @@
     python examples/pretrain_gpt2.py --mode full          # the same run, ordinary full-rank training
     python examples/pretrain_gpt2.py --resume             # continue from the newest checkpoint in --out_dir
     python examples/pretrain_gpt2.py --preset gpt2-124m --data my_corpus/       # GPU: GPT-2 small, bf16
+    python examples/pretrain_gpt2.py --preset llama-tiny  # a Llama-style model (llama.py; also llama-60m/130m/350m)
     torchrun --standalone --nproc_per_node=2 examples/pretrain_gpt2.py ...         # DDP (gloo CPU, NCCL GPU)
     torchrun --standalone --nproc_per_node=2 examples/pretrain_gpt2.py --fsdp ...  # FSDP2: weights, grads, Adam sharded
 
@@ -18,9 +19,12 @@ Modes, all on the same data and tokens:
 Restarts are counted in global steps: ReLoRA restarts after every optimizer step that is a multiple of
 --restart_every once the LoRA phase has begun, and the learning rate dips to 0 and climbs back over
 --restart_warmup_steps right after each of those steps. The switch to LoRA at --warmup_full_steps (a multiple of
---restart_every by default) gets the same dip: its factors and their Adam state are fresh too. With
---lora_schedule restart the LoRA phase instead starts a fresh optimizer and a schedule of its own over the steps
-left (a --warmup_steps warmup to the peak, then the cosine), as a second run from the warm-start weights would.
+--restart_every by default) gets the same dip: its factors and their Adam state are fresh too. By default
+(--lora_schedule restart) the LoRA phase starts a fresh optimizer and a schedule of its own over the steps left (a
+--warmup_steps warmup to the peak, then the cosine), as a second run from the warm-start weights would;
+--lora_schedule continuous keeps one schedule and the Adam state across the switch.
+
+Afterwards: examples/export.py writes a run as a Hugging Face model (LoRA merged), examples/generate.py samples.
 
 Writes to --out_dir: metrics.jsonl (one JSON object per step), loss.png (loss vs tokens, restarts marked) and
 ckpt/step_XXXXXXXX/ (model.safetensors + state.pt: optimizer, ReLoRA controller, RNG states, step, tokenizer, corpus
@@ -62,9 +66,10 @@ from checkpoints import (
     save_checkpoint,
     write_json,
 )
-from config import Config, UsageError, check_lora_rank, parse_args, pick_device, require, resolve_config
-from data import batch_seed, get_batch, load_data, prepare_data
-from model import GPT, LORA_TARGETS, GPTConfig
+from config import Config, UsageError, check_lora_rank, is_llama, parse_args, pick_device, require, resolve_config
+from data import EOT, batch_seed, get_batch, load_data, load_hf_tokenizer, prepare_data
+from llama import Llama, LlamaConfig
+from model import GPT, GPTConfig
 from safetensors.torch import load_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -146,10 +151,16 @@ def load_dataset(cfg: Config, ckpt_state: dict | None, master: bool, multi: bool
     cache = None
     if master:
         saved = ckpt_state.get("data", {}) if ckpt_state else {}
+        tokenizer_json, eot, vocab_size = saved.get("tokenizer"), saved.get("eot", EOT), cfg.vocab_size
         try:
-            cache = prepare_data(cfg.data, cfg.vocab_size, cfg.cache_dir, log=log,
-                                 tokenizer_json=saved.get("tokenizer"), manifest=saved.get("manifest"),
-                                 allow_change=cfg.allow_data_change)
+            if cfg.tokenizer is not None:
+                if tokenizer_json is None:  # a fresh run; a resumed one has the tokenizer in its checkpoint
+                    tokenizer_json, eot = load_hf_tokenizer(cfg.tokenizer)
+                from tokenizers import Tokenizer
+
+                vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
+            cache = prepare_data(cfg.data, vocab_size, cfg.cache_dir, log=log, tokenizer_json=tokenizer_json,
+                                 manifest=saved.get("manifest"), allow_change=cfg.allow_data_change, eot=eot)
         except (OSError, ValueError) as e:
             raise UsageError(str(e)) from None
     if multi:
@@ -164,13 +175,23 @@ def load_dataset(cfg: Config, ckpt_state: dict | None, master: bool, multi: bool
     return data
 
 
-def build_model(cfg: Config, vocab_size: int, device) -> tuple[GPTConfig, GPT]:
+def build_model(cfg: Config, vocab_size: int, device) -> tuple[GPTConfig | LlamaConfig, GPT | Llama]:
     """The same on every rank (same seed). Under --fsdp built on the CPU: fully_shard moves this rank's shards."""
     torch.manual_seed(cfg.seed)
     # The embedding is padded to a multiple of 64 rows (never a target, so never predicted): faster matmuls on GPU.
-    model_cfg = GPTConfig(vocab_size=-(-vocab_size // 64) * 64, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd)
-    return model_cfg, GPT(model_cfg) if cfg.fsdp else GPT(model_cfg).to(device)
+    padded = -(-vocab_size // 64) * 64
+    if is_llama(cfg.preset):
+        model_cfg = LlamaConfig(vocab_size=padded, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                n_embd=cfg.n_embd, intermediate_size=cfg.intermediate_size)
+    else:
+        model_cfg = GPTConfig(vocab_size=padded, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                              n_embd=cfg.n_embd)
+    model_class = model_class_for(model_cfg)
+    return model_cfg, model_class(model_cfg) if cfg.fsdp else model_class(model_cfg).to(device)
+
+
+def model_class_for(model_cfg: GPTConfig | LlamaConfig) -> type[GPT] | type[Llama]:
+    return Llama if isinstance(model_cfg, LlamaConfig) else GPT
 
 
 def restore(ckpt: Path, state: dict, run: Run) -> None:
@@ -194,7 +215,7 @@ class Run:
     so every piece reads the current ones."""
 
     cfg: Config
-    model_cfg: GPTConfig
+    model_cfg: GPTConfig | LlamaConfig
     device: torch.device
     rank: int
     world: int
@@ -202,7 +223,7 @@ class Run:
     log: Callable
     data: object
     autocast: object
-    model: GPT
+    model: GPT | Llama
     optimizer: torch.optim.Optimizer | None = None
     relora: ReLoRA | None = None
     lora_on: bool = False
@@ -264,7 +285,7 @@ def set_up(argv, run_scope: ExitStack) -> Run:
               skipped=state["skipped_steps"] if state else 0)
     if cfg.fsdp:
         if run.lora_on:
-            rk.apply_lora(model, LORA_TARGETS, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+            rk.apply_lora(model, model.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
         run.optimizer = build_optimizer(sharded.shard(model, device), cfg, device)
     else:
         run.optimizer = switch_to_lora(model, cfg, device) if run.lora_on else build_optimizer(model, cfg, device)
@@ -350,7 +371,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device, o
     return optimizer
 
 
-def switch_to_lora(model: GPT, cfg: Config, device, optimizer=None):
+def switch_to_lora(model: GPT | Llama, cfg: Config, device, optimizer=None):
     """Every attention and MLP linear becomes a LoRALinear (base weight frozen); returns the new optimizer.
 
     The optimizer is rebuilt because A and B are new parameters; the Adam state of what stays trainable is kept.
@@ -358,11 +379,11 @@ def switch_to_lora(model: GPT, cfg: Config, device, optimizer=None):
     state_by_name = None
     if optimizer is not None:
         state_by_name = {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
-    rk.apply_lora(model, LORA_TARGETS, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    rk.apply_lora(model, model.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     return build_optimizer(model, cfg, device, old=state_by_name)
 
 
-def switch_to_lora_sharded(model, model_cfg: GPTConfig, cfg: Config, device, optimizer=None):
+def switch_to_lora_sharded(model, model_cfg: GPTConfig | LlamaConfig, cfg: Config, device, optimizer=None):
     """switch_to_lora for an FSDP2 model: returns (new model, new optimizer).
 
     fully_shard fixes each unit's parameters when it wraps, so the LoRA layers cannot replace modules inside it:
@@ -375,10 +396,11 @@ def switch_to_lora_sharded(model, model_cfg: GPTConfig, cfg: Config, device, opt
         state_by_name = {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
     full = sharded.full_state_on_cpu(model)
     with torch.device("meta"):
-        new = GPT(model_cfg)
+        new = model_class_for(model_cfg)(model_cfg)
     new.load_state_dict(full, assign=True)
-    new.lm_head.weight = new.wte.weight  # assign=True loaded the two names as two tensors: tie them again
-    rk.apply_lora(new, LORA_TARGETS, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    if new.tied_head:
+        new.lm_head.weight = new.wte.weight  # assign=True loaded the two names as two tensors: tie them again
+    rk.apply_lora(new, new.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     sharded.shard(new, device)
     return new, build_optimizer(new, cfg, device, old=state_by_name)
 
@@ -547,7 +569,8 @@ def checkpoint_state(run: Run, step: int) -> dict:
         rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
         skipped_steps=run.skipped, data=dict(batches="keyed by (seed, step, micro-step, rank)", step=step,
                                              manifest=data.meta["manifest"],
-                                             tokenizer=(data.cache_dir / "tokenizer.json").read_text()),
+                                             tokenizer=(data.cache_dir / "tokenizer.json").read_text(),
+                                             eot=data.eot),
         schedule=dict(lr=lr_at(cfg, step) if step else 0.0, next_step=step + 1),
     )
 
@@ -715,15 +738,24 @@ def finish(run: Run) -> dict:
     return summary
 
 
+SAMPLE_PROMPT_TOKENS = 16
+
+
 def sample(run: Run) -> None:
-    """A sample of text; under FSDP each forward is a collective, so every rank samples."""
-    if run.cfg.sample_tokens and (run.master or run.cfg.fsdp):
-        idx = torch.tensor([run.data.tokenizer.encode("def ").ids], device=run.device)
+    """A sample of text after a prompt drawn from the validation data (a window keyed by --seed, so unseen text of
+    the corpus itself, whatever the corpus); under FSDP each forward is a collective, so every rank samples."""
+    cfg = run.cfg
+    if cfg.sample_tokens and (run.master or cfg.fsdp):
+        prompt_len = min(SAMPLE_PROMPT_TOKENS, cfg.block_size // 2)
+        idx, _ = get_batch(run.data.val, 1, prompt_len, batch_seed(cfg.seed, "sample"), run.device)
+        prompt = run.data.tokenizer.decode(idx[0].tolist())
+        run.log(f"sampling {cfg.sample_tokens} tokens after {prompt_len} tokens of the validation data "
+                f"(temperature 0.8, top-k 50, seed {cfg.seed}); --sample_tokens 0 skips this")
         run.model.eval()
         with run.autocast:
-            out = run.model.generate(idx, run.cfg.sample_tokens,
-                                     generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
-        run.log("sample:\n" + run.data.tokenizer.decode(out[0].tolist()))
+            generator = torch.Generator(run.device).manual_seed(cfg.seed)
+            out = run.model.generate(idx, cfg.sample_tokens, generator=generator)
+        run.log(f"prompt:\n{prompt}\nsample:\n{run.data.tokenizer.decode(out[0, prompt_len:].tolist())}")
 
 
 def train(argv=None) -> dict:
@@ -769,6 +801,9 @@ def train(argv=None) -> dict:
                         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT (seconds) above a step's time for torchrun and the run")
         pbar.close()
         summary = finish(run)
+        # The run is complete: the out_dir lock (and the signal handlers) go before the sampling, so that a resume or
+        # another run in this out_dir need not wait for it.
+        run_scope.close()
         sample(run)
         if run.multi:  # every rank done with its collectives before any tears the process group down
             dist.barrier()

@@ -1,4 +1,6 @@
-"""Pure-PyTorch twins of every op in the package: the test oracle, the CPU fallback and the "eager" provider.
+"""The package's ops in pure PyTorch: the CPU fallback of the public ops and the tests' oracle (docs/DESIGN.md
+section 9 says which test checks which launch against what). Not what the benchmarks call eager: that is PEFT's
+forward in torch ops (benchmarks/cases.py, `eager_lora_linear`).
 
 Notation (docs/DESIGN.md section 1, as nn.Linear): x (M, K), weight W (N, K), lora_a A (r, K), lora_b B (N, r),
 s the LoRA scale, p the LoRA-branch dropout probability.
@@ -9,7 +11,11 @@ s the LoRA scale, p the LoRA-branch dropout probability.
     dS = s * dy @ B;  dB = s * dy.T @ S;  dA = dS.T @ x~;  dbias = dy.sum(0)      lora_grad_ab
     dx = dy @ W + (dS @ A) * m / (1-p)      lora_input_grad
 
-Each function here has the same signature as the Triton launcher of the same name in `kernels/lora_linear.py`.
+The per-launch steps (lora_shrink, lora_forward_matmul, lora_grad_ab, lora_input_grad) and merge_lora_weight_ /
+reinit_lora_ take the arguments of the Triton launchers of the same names. The engine-choosing passes lora_forward and
+lora_backward and the cuBLAS engine's launches (lora_shrink_expand, lora_grad_ab_start) have no twin of their own:
+they are checked through the whole op, lora_linear, in float64.
+
 The dropout mask is Philox-4x32-10 keyed by the seed, element (m, k) taking word k % 4 of the draw counted
 m * ceil(K / 4) + k // 4: the exact stream of Triton's `tl.randint4x` as the kernels use it, so the kernels and
 this file drop the same elements.
@@ -81,7 +87,7 @@ def _(seed, rows, cols):
 def dropout_bits(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """(rows, cols) int64: the dropout masks' stream. Element (m, k) gets the top RANDOM_BITS bits of word k % 4 of
     the Philox draw counted m * ceil(cols / 4) + k // 4: one draw serves four neighbours of a row (the kernels'
-    _keep_mask), a quarter of the integer work of one draw per element."""
+    jit_helpers.keep_mask), a quarter of the integer work of one draw per element."""
     groups = -(-cols // WORDS_PER_DRAW)
     counters = torch.arange(rows * groups, device=seed.device, dtype=torch.int64).view(rows, groups)
     words = torch.stack(philox_4x32(int(seed), counters), dim=-1).view(rows, WORDS_PER_DRAW * groups)[:, :cols]

@@ -1,4 +1,6 @@
-"""Test set-up: without CUDA the Triton kernels run through the interpreter (set before triton is imported)."""
+"""Test set-up: without CUDA the Triton kernels run through the interpreter. TRITON_INTERPRET=1 is set here, before
+the package is imported: the package reads it once at import, and Triton when each @triton.jit kernel is defined
+(as the kernel modules are imported), so it must be in place before either."""
 
 import dataclasses
 import os
@@ -19,7 +21,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import relora_kernels as rk  # noqa: E402 (after TRITON_INTERPRET, which the package reads once at import)
+import relora_kernels as rk  # noqa: E402 (after TRITON_INTERPRET: see the docstring)
 
 
 def pytest_collection_modifyitems(config, items):

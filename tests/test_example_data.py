@@ -17,6 +17,7 @@ import data as example_data  # examples/ is on sys.path (conftest.py)
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # the example's tokenizer trains; a cache build is killed in a subprocess
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 WORDS = "the model merges low rank factors into frozen weights def return import class self for in if".split()
 

@@ -19,6 +19,7 @@ from relora_kernels.kernels import launch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_cached_launch_passes_what_triton_passes_and_follows_a_changed_specialisation():
     # Compiled for sm_90 against a stand-in driver (no GPU needed): the launcher call made from launch.py's cache is
     # the one Triton's own launch makes, and an operand 4 bytes off 16-byte alignment, or with its unit stride on

@@ -101,6 +101,7 @@ def test_invalid_environment_variable_names_it(variable, value):
         rk.configure(backend="cuda")
 
 
+@pytest.mark.slow
 def test_invalid_environment_variable_fails_the_import():
     # The variables are read once, when the package is imported: a bad one stops the import with its name.
     env = {**os.environ, "RELORA_KERNELS_DETERMINISTIC": "sometimes"}

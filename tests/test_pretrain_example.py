@@ -35,6 +35,7 @@ from payloads import plant_byte_item
 import relora_kernels as rk
 from relora_kernels.relora import ReLoRA, jagged_cosine, prune_optimizer_state_
 
+pytestmark = pytest.mark.slow  # the example trains, in this process, in subprocesses and under torchrun
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 WORDS = ("the model merges low rank factors into frozen weights and restarts them while the loss keeps falling "

@@ -262,6 +262,7 @@ def test_factors_stay_bounded_across_restarts_with_magnitude_pruning(ratio):
     assert largest["after restarts"] <= 2 * largest["first cycle"], largest
 
 
+@pytest.mark.slow
 def test_zero_redundancy_optimizer_state_is_pruned_on_each_rank(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

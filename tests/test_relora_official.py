@@ -23,6 +23,7 @@ Merge: W += scale * B @ A; A re-drawn from U(-1/sqrt(K), 1/sqrt(K)) (kaiming-uni
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import config
@@ -149,6 +150,19 @@ def test_restart_schedule_options_are_checked():
                                                 r"--restart_every \(50\)"):
         config.resolve_config({"lora_schedule": "restart", "warmup_full_steps": 120}, None, torch.device("cpu"))
     assert "lora_schedule" in config.RUN_DEFINING  # a resumed run cannot switch schedules halfway
+
+
+def test_restart_is_the_default_and_older_checkpoints_keep_continuous():
+    cpu = torch.device("cpu")
+    assert config.resolve_config({}, None, cpu).lora_schedule == "restart"  # it won the side-by-side run
+    # A checkpoint written before the option existed was trained with the continuous schedule: it resumes so,
+    # with or without the option on the command line, and cannot be switched to restart halfway.
+    older = dataclasses.asdict(config.resolve_config({"lora_schedule": "continuous"}, None, cpu))
+    del older["lora_schedule"]
+    assert config.resolve_config({}, older, cpu).lora_schedule == "continuous"
+    assert config.resolve_config({"lora_schedule": "continuous"}, older, cpu).lora_schedule == "continuous"
+    with pytest.raises(config.UsageError, match="--lora_schedule=restart differs from the checkpoint's 'continuous'"):
+        config.resolve_config({"lora_schedule": "restart"}, older, cpu)
 
 
 def test_restart_schedule_starts_the_lora_phase_with_a_fresh_optimizer(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ import relora_kernels as rk
 from relora_kernels.integrations.transformers import ReLoRACallback, jagged_cosine_scheduler
 from relora_kernels.relora import ReLoRA, jagged_cosine
 
+pytestmark = pytest.mark.slow  # Trainer runs and a torchrun launch
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ, BATCH = 96, 16, 4
 MAX_STEPS, WARMUP, RESTART_EVERY, RESTART_WARMUP = 12, 2, 4, 2

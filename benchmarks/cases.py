@@ -452,6 +452,7 @@ def build_merge(provider: str, case: MergeCase, device: torch.device) -> Callabl
 def build_launch(provider: str, case: LaunchCase, device: torch.device) -> Callable:
     """One launcher of the fused op on realistic inputs (its inputs made once by the other launchers)."""
     from relora_kernels.kernels import lora_linear as launchers
+    from relora_kernels.kernels import passes
     from relora_kernels.kernels.launch import eager_launches
 
     inp = lora_inputs(case, device)
@@ -469,9 +470,9 @@ def build_launch(provider: str, case: LaunchCase, device: torch.device) -> Calla
                 if provider == "addmm_dx" else None)
     launch = {
         "shrink": lambda: launchers.lora_shrink(x, lora_a, p, seed),
-        "forward_matmul": lambda: launchers.lora_forward_matmul(x, weight, shrunk, lora_b, SCALE, bias),
+        "forward_matmul": lambda: passes.lora_forward_matmul(x, weight, shrunk, lora_b, SCALE, bias),
         "grad_ab": lambda: launchers.lora_grad_ab(grad_y, x, shrunk, lora_b, SCALE, p, seed, True),
-        "input_grad": lambda: launchers.lora_input_grad(grad_y, weight, grad_shrunk, lora_a, p, seed),
+        "input_grad": lambda: passes.lora_input_grad(grad_y, weight, grad_shrunk, lora_a, p, seed),
         "shrink_expand": lambda: launchers.lora_shrink_expand(x, lora_a, lora_b, SCALE, bias, p, seed),
         "addmm_fwd": lambda: y_start.addmm_(x, weight.T),
         "grad_ab_start": lambda: launchers.lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, SCALE, p, seed, True),

@@ -40,7 +40,8 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from relora_kernels import settings as rk_settings
-from relora_kernels.kernels import fused_gemm_tma, lora_linear, merge, policy
+from relora_kernels._validate import MAX_RANK
+from relora_kernels.kernels import fused_gemm_tma, lora_linear, merge, passes, policy
 
 # Largest shared memory one block may opt into, per compute capability (CUDA C programming guide, "Technical
 # Specifications per Compute Capability"): A100 and Orin 163 KB, consumer Ampere/Ada 99 KB, H100/H200 227 KB.
@@ -164,9 +165,9 @@ def _drive_launchers(dtype: torch.dtype, rank: int, shape: tuple[int, int, int] 
     shrunk, seed = torch.empty(tokens, rank, dtype=dtype), torch.tensor(1234)
     for dropout_p in (0.0, 0.1):
         lora_linear.lora_shrink(x, lora_a, dropout_p, seed)
-        lora_linear.lora_input_grad(grad_y, weight, shrunk, lora_a, dropout_p, seed)
+        passes.lora_input_grad(grad_y, weight, shrunk, lora_a, dropout_p, seed)
     for with_bias in (bias, None):
-        lora_linear.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, with_bias)
+        passes.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, with_bias)
     lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.1, seed, need_bias_grad=True)
     lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.0, None, need_bias_grad=False)
     lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.0, None, need_bias_grad=False, deterministic=True)
@@ -192,12 +193,12 @@ def _drive_hopper_tiles(dtype: torch.dtype, rank: int) -> None:
         gemm = policy.GemmLaunch(dtype, rank_block, "forward", with_bias is not None, False, tokens, n, k)
         for tile in policy.tma_tiles(gemm):
             with policy.forced_tile(tile):
-                lora_linear.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, with_bias)
+                passes.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, with_bias)
     for dropout_p, seed in ((0.1, torch.tensor(1234)), (0.0, None)):
         gemm = policy.GemmLaunch(dtype, rank_block, "input_grad", False, dropout_p > 0, tokens, k, n)
         for tile in policy.tma_tiles(gemm):
             with policy.forced_tile(tile):
-                lora_linear.lora_input_grad(grad_y, weight, shrunk, lora_a, dropout_p, seed)
+                passes.lora_input_grad(grad_y, weight, shrunk, lora_a, dropout_p, seed)
 
 
 def _column_major(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -213,8 +214,8 @@ def _drive_launchers_strided(dtype: torch.dtype, rank: int) -> None:
     bias, grad_y = torch.empty(2 * n, dtype=dtype)[::2], _column_major(tokens, n, dtype)
     shrunk, seed = _column_major(tokens, rank, dtype), torch.tensor(1234)
     lora_linear.lora_shrink(x, lora_a, 0.1, seed)
-    lora_linear.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, bias)
-    lora_linear.lora_input_grad(grad_y, weight, shrunk, lora_a, 0.1, seed)
+    passes.lora_forward_matmul(x, weight, shrunk, lora_b, 2.0, bias)
+    passes.lora_input_grad(grad_y, weight, shrunk, lora_a, 0.1, seed)
     for deterministic in (False, True):
         lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, 2.0, 0.1, seed, need_bias_grad=True,
                                  deterministic=deterministic)
@@ -584,9 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     if policy.interpreting():  # the kernels were made interpreted functions when imported: nothing to compile
         parser.error("gpu_build compiles the kernels for a GPU, which Triton's interpreter cannot: run it without "
                      "TRITON_INTERPRET=1")
-    bad_ranks = [r for r in args.ranks if not 1 <= r <= lora_linear.MAX_RANK]
+    bad_ranks = [r for r in args.ranks if not 1 <= r <= MAX_RANK]
     if bad_ranks:
-        parser.error(f"--ranks {bad_ranks}: each must be in 1..{lora_linear.MAX_RANK}")
+        parser.error(f"--ranks {bad_ranks}: each must be in 1..{MAX_RANK}")
 
     from .harness import git_commit
 

@@ -12,7 +12,7 @@ import torch
 
 import relora_kernels as rk
 from relora_kernels.kernels import lora_linear as kernels
-from relora_kernels.kernels import policy
+from relora_kernels.kernels import passes, policy
 
 from . import tune
 
@@ -146,14 +146,14 @@ def test_a_tile_that_fails_to_build_is_a_failed_row_and_tuning_goes_on(monkeypat
     # One tile's compile error (as triton 3.6 raised for some warp-specialised Hopper builds) is recorded with its
     # error; the other choices are still run, the table and tune.md are written, and the exit status is 1.
     failing = policy.GEMM_TILES[-1]
-    real = kernels._fused_matmul
+    real = passes._fused_matmul
 
     def fused_matmul(*args, **kwargs):
         if policy._forced_tiles and policy._forced_tiles[-1] == failing:
             raise RuntimeError("PassManager::run failed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "_fused_matmul", fused_matmul)
+    monkeypatch.setattr(passes, "_fused_matmul", fused_matmul)
     plan = tune.plan
     monkeypatch.setattr(tune, "plan", lambda *args, **kwargs: plan(*args, **kwargs)[-1:])  # one dx pass: short
     assert tune.main(["--smoke", "--out", str(tmp_path)]) == 1

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from relora_kernels.kernels import lora_linear as kernels
-from relora_kernels.kernels import policy
+from relora_kernels._validate import MAX_RANK
+from relora_kernels.kernels import passes, policy
 from relora_kernels.kernels.fused_gemm_tma import tma_eligible
 
 from . import cases, harness
@@ -89,14 +89,14 @@ def build(launch: dict, device: torch.device, with_operands: bool = False):
         seed = torch.tensor(1, device=device) if p else None
 
         def fn():
-            return kernels.lora_backward(grad_y, x, weight, lora_a, lora_b, shrunk, 2.0, p, seed, True, False)
+            return passes.lora_backward(grad_y, x, weight, lora_a, lora_b, shrunk, 2.0, p, seed, True, False)
 
         operands = (grad_y, weight.T)  # dx = dy @ W: rhs_t = W.T, read through its transpose
     else:
         bias = torch.randn(n_out, **like) if "+bias" in launch["variant"] else None
 
         def fn():
-            return kernels.lora_forward(x, weight, lora_a, lora_b, 2.0, bias, 0.0, None)
+            return passes.lora_forward(x, weight, lora_a, lora_b, 2.0, bias, 0.0, None)
 
         operands = (x, weight)
     return (fn, operands) if with_operands else fn
@@ -231,9 +231,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, help="start no new launch after this many seconds")
     parser.add_argument("--smoke", action="store_true", help="CPU: one tiny shape through the interpreter, untimed")
     args = parser.parse_args(argv)
-    bad = [r for r in args.ranks if not 1 <= r <= kernels.MAX_RANK]
+    bad = [r for r in args.ranks if not 1 <= r <= MAX_RANK]
     if bad or args.tokens < 1:
-        parser.error(f"--ranks must be in 1..{kernels.MAX_RANK} (got {bad}) and --tokens >= 1 (got {args.tokens})")
+        parser.error(f"--ranks must be in 1..{MAX_RANK} (got {bad}) and --tokens >= 1 (got {args.tokens})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         parser.error("no CUDA device: tiles are chosen by timing on a GPU; use --smoke for the CPU plumbing run")

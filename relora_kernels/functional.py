@@ -47,9 +47,9 @@ def _ops():
 def _passes():
     global _passes_module
     if _passes_module is None:  # imported on first use, as ops
-        from .kernels import lora_linear
+        from .kernels import passes
 
-        _passes_module = lora_linear
+        _passes_module = passes
     return _passes_module
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import lora_linear as _lora_kernels
 from .kernels import merge as _merge_kernels
+from .kernels import passes as _passes
+from .kernels.launch import TRACEABLE_LAUNCHES
 
 _NAMESPACE = "relora_kernels"
 
@@ -43,8 +44,8 @@ def _fake_in_place(*args):
 
 # name: (launcher, the arguments it writes in place, fake implementation)
 _LAUNCHERS = {
-    "lora_forward": (_lora_kernels.lora_forward, (), _fake_lora_forward),
-    "lora_backward": (_lora_kernels.lora_backward, (), _fake_lora_backward),
+    "lora_forward": (_passes.lora_forward, (), _fake_lora_forward),
+    "lora_backward": (_passes.lora_backward, (), _fake_lora_backward),
     "merge_lora_weight_": (_merge_kernels.merge_lora_weight_, ("weight",), _fake_in_place),
     "reinit_lora_": (_merge_kernels.reinit_lora_, ("lora_a", "lora_b"), _fake_in_place),
 }
@@ -52,7 +53,7 @@ _LAUNCHERS = {
 # How the ops are registered: "triton_op" (Inductor traces into the kernels), or "custom_op" under
 # TRITON_INTERPRET=1, whose interpreted kernels torch cannot trace: opaque to Inductor, still one graph under
 # torch.compile.
-REGISTRATION = "triton_op" if _lora_kernels.TRACEABLE_LAUNCHES else "custom_op"
+REGISTRATION = "triton_op" if TRACEABLE_LAUNCHES else "custom_op"
 
 
 def _register(name: str):

@@ -87,7 +87,7 @@ def _(seed, rows, cols):
 def dropout_bits(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """(rows, cols) int64: the dropout masks' stream. Element (m, k) gets the top RANDOM_BITS bits of word k % 4 of
     the Philox draw counted m * ceil(cols / 4) + k // 4: one draw serves four neighbours of a row (the kernels'
-    _keep_mask), a quarter of the integer work of one draw per element."""
+    jit_helpers.keep_mask), a quarter of the integer work of one draw per element."""
     groups = -(-cols // WORDS_PER_DRAW)
     counters = torch.arange(rows * groups, device=seed.device, dtype=torch.int64).view(rows, groups)
     words = torch.stack(philox_4x32(int(seed), counters), dim=-1).view(rows, WORDS_PER_DRAW * groups)[:, :cols]

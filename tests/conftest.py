@@ -70,12 +70,12 @@ def engine(request):
 
 @pytest.fixture
 def kernel_calls(monkeypatch, reference_blocked, engine):
-    """Count calls of the two passes, for each engine: kernels/lora_linear.py's lora_forward and lora_backward,
+    """Count calls of the two passes, for each engine: kernels/passes.py's lora_forward and lora_backward,
     which functional.py calls itself eagerly, or the registered ops of the same names, which run for meta tensors
     (the GPU tests' dry run). torch.compile cannot trace the counting wrappers."""
     from relora_kernels import ops
-    from relora_kernels.kernels import lora_linear
+    from relora_kernels.kernels import passes
 
     names = ("lora_forward", "lora_backward")
     calls = count_launches(monkeypatch, ops, names)
-    return count_launches(monkeypatch, lora_linear, names, calls)
+    return count_launches(monkeypatch, passes, names, calls)

@@ -102,10 +102,10 @@ def count_ops() -> None:
     # The launchers functional.py calls eagerly (the registered ops are what torch.compile sees); ops registers
     # them first, as the originals.
     from relora_kernels import ops  # noqa: F401
-    from relora_kernels.kernels import lora_linear, merge
+    from relora_kernels.kernels import merge, passes
 
     for name in COUNTED_OPS:
-        module = merge if hasattr(merge, name) else lora_linear
+        module = merge if hasattr(merge, name) else passes
         launcher = getattr(module, name)
 
         def counted(*args, _launcher=launcher, _name=name, **kwargs):

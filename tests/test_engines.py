@@ -11,8 +11,7 @@ from helpers import make_inputs
 
 import relora_kernels as rk
 from relora_kernels import _settings as rk_settings
-from relora_kernels.kernels import lora_linear as kernels
-from relora_kernels.kernels import policy
+from relora_kernels.kernels import passes, policy
 
 H100_SHARED_MEMORY = 232448
 
@@ -22,7 +21,7 @@ def test_each_engine_runs_its_own_launches(dropout_p, engine, monkeypatch, kerne
     # cublas: no fused GEMM launch, an addmm_ for y and one for dx onto the Triton launches' start values; triton:
     # the fused GEMM for each and no addmm_.
     fused, addmm = [], []
-    monkeypatch.setattr(kernels, "_fused_matmul", lambda *args, _run=kernels._fused_matmul: fused.append(1) or
+    monkeypatch.setattr(passes, "_fused_matmul", lambda *args, _run=passes._fused_matmul: fused.append(1) or
                         _run(*args))
     monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *args, _run=torch.Tensor.addmm_: addmm.append(1) or
                         _run(self, *args))

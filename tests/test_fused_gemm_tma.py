@@ -203,7 +203,7 @@ def test_tiles_estimates_and_names():
 def test_the_engine_runs_a_hopper_tile_where_the_table_names_it_and_the_operands_allow(monkeypatch):
     # On sm_90 a table entry naming a Hopper tile sends the fused GEMM to this kernel; operands TMA cannot read (x
     # with an odd base address) take the pointer-load kernel's candidates instead, never the Hopper tile.
-    from relora_kernels.kernels import lora_linear
+    from relora_kernels.kernels import passes
 
     monkeypatch.setattr(policy, "interpreting", lambda: False)
     monkeypatch.setattr(policy, "current_arch", lambda: 90)
@@ -217,7 +217,7 @@ def test_the_engine_runs_a_hopper_tile_where_the_table_names_it_and_the_operands
     monkeypatch.setattr(fused_gemm_tma, "fused_matmul_tma", lambda *args, tile: ran.append(tile) or "tma")
     x, w = rand(64, 64, dtype=torch.float16), rand(48, 64, dtype=torch.float16)
     s, b = rand(64, 16, dtype=torch.float16), rand(48, 16, dtype=torch.float16)
-    assert lora_linear._fused_matmul(x, w.T, s, b.T, 1.0, None, 0.0, None, "forward") == "tma" and ran == [hopper]
+    assert passes._fused_matmul(x, w.T, s, b.T, 1.0, None, 0.0, None, "forward") == "tma" and ran == [hopper]
     odd = rand(64, 65, dtype=torch.float16)[:, 1:]
     assert not fused_gemm_tma.tma_eligible(odd, w)
     assert policy.gemm_tile(launch, None, tma_ok=False).kernel == "pointer"

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import relora_kernels as rk
 from relora_kernels import _settings as rk_settings
 from relora_kernels import ops, reference
-from relora_kernels.kernels import lora_linear as kernels
+from relora_kernels.kernels import launch
 
 
 @pytest.fixture
@@ -40,8 +40,8 @@ def test_fp32_follows_both_tf32_apis(setting, precision, restore_matmul_precisio
     else:
         restore_matmul_precision.fp32_precision = "none"
         torch.backends.fp32_precision = value
-    assert kernels._dot_precision(torch.float32) == precision
-    assert kernels._dot_precision(torch.bfloat16) == "tf32"  # 16-bit inputs are exact in tf32 whatever the switch
+    assert launch.dot_precision(torch.float32) == precision
+    assert launch.dot_precision(torch.bfloat16) == "tf32"  # 16-bit inputs are exact in tf32 whatever the switch
     inputs = make_inputs((9,), 24, 20, 4, torch.float32)
     y = rk.lora_linear(inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"], bias=inputs["bias"])
     assert y.shape == (9, 20) and kernel_calls["lora_forward"] == 1
@@ -110,7 +110,7 @@ def test_launches_run_on_their_tensors_device(monkeypatch):
     class OnFirstGpu:
         device = torch.device("cuda", 0)
 
-    guarded = kernels.on_tensors_device(lambda first, *args: launched.append(list(entered)))
+    guarded = launch.on_tensors_device(lambda first, *args: launched.append(list(entered)))
     guarded(OnSecondGpu(), 2)
     assert launched == [[torch.device("cuda", 1)]] and entered[-1] == "left"
     entered.clear()
@@ -119,6 +119,6 @@ def test_launches_run_on_their_tensors_device(monkeypatch):
     guarded(torch.zeros(1), 2)  # a CPU tensor (the interpreter) makes no CUDA device current
     assert entered == []
     # Every registered launcher is guarded so.
-    guard_code = kernels.on_tensors_device(lambda first: None).__code__
+    guard_code = launch.on_tensors_device(lambda first: None).__code__
     for name, (launcher, _, _) in ops._LAUNCHERS.items():
         assert launcher.__code__ is guard_code and callable(launcher.__wrapped__), name

@@ -244,8 +244,7 @@ def test_gpu_launch_branch_with_a_fixed_tile(rank, monkeypatch):
     # The fused-GEMM launch a GPU takes with RELORA_KERNELS_AUTOTUNE=0 (the first tile that fits an H100's shared
     # memory, launch options), run through the interpreter, which otherwise uses its own small tile: checks that
     # branch's selection, grid and arguments.
-    from relora_kernels.kernels import lora_linear as kernels
-    from relora_kernels.kernels import policy
+    from relora_kernels.kernels import passes, policy
 
     monkeypatch.setattr(policy, "interpreting", lambda: False)
     monkeypatch.setattr(policy, "shared_memory_limit", lambda: H100_SHARED_MEMORY)
@@ -262,7 +261,7 @@ def test_gpu_launch_branch_with_a_fixed_tile(rank, monkeypatch):
         return (module.lora_forward_matmul(x_, weight_, shrunk_, lora_b_, 0.5, bias_),
                 module.lora_input_grad(grad_y_, weight_, grad_shrunk_, lora_a_, 0.3, seed))
 
-    for name, got, exact, same_dtype in zip(("y", "dx"), both(kernels, torch.float32),
+    for name, got, exact, same_dtype in zip(("y", "dx"), both(passes, torch.float32),
                                             both(reference, torch.float64), both(reference, torch.float32),
                                             strict=True):
         assert_within_torch_error(name, got, exact, same_dtype)
@@ -277,7 +276,7 @@ def test_tiles_are_chosen_to_fit_the_gpu_shared_memory(limit, dtype, monkeypatch
     # Every kernel has a tile at every rank up to MAX_RANK on every GPU of 99 KiB or more, and the selection keeps
     # exactly the tiles whose estimate fits, in their order of preference. (That the estimates bound what Triton
     # really allocates is checked by benchmarks/test_gpu_build.py, which compiles for sm_80-sm_90.)
-    from relora_kernels.kernels import lora_linear as kernels
+    from relora_kernels._validate import MAX_RANK
     from relora_kernels.kernels import merge, policy
 
     monkeypatch.setattr(policy, "shared_memory_limit", lambda: limit)
@@ -286,7 +285,7 @@ def test_tiles_are_chosen_to_fit_the_gpu_shared_memory(limit, dtype, monkeypatch
              (policy.GRAD_AB_CONFIGS, policy.grad_ab_shared_bytes),
              (policy.GRAD_AB_CONFIGS, policy.grad_ab_with_dx_shared_bytes),
              (merge._MERGE_CONFIGS, merge._merge_shared_bytes)]
-    for rank_block in (16, 32, 64, 128, kernels.MAX_RANK):
+    for rank_block in (16, 32, 64, 128, MAX_RANK):
         for configs, shared_bytes in lists:
             chosen = policy.fitting(configs, shared_bytes, rank_block, dtype)
             expected = [c for c in configs if shared_bytes(c, rank_block, dtype.itemsize) <= limit]

@@ -2,7 +2,7 @@
 
     out = lhs @ rhs + low_scale * mask(low @ up) + bias
 
-the op of `lora_linear._fused_matmul` (forward: lhs = x, rhs = W.T, low = S, up = B.T, no mask; input gradient:
+the op of `lora_linear.fused_matmul` (forward: lhs = x, rhs = W.T, low = S, up = B.T, no mask; input gradient:
 lhs = dy, rhs = W, low = dS, up = A, the dropout mask of dx's (M, K) view, low_scale = 1/(1-p)).
 
 What differs from `_fused_matmul_kernel`:
@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from . import policy
-from .lora_linear import _dot_precision, _dropout_args, _grouped_tile, _keep_mask, on_tensors_device, traceable
+from .jit_helpers import grouped_tile, keep_mask
+from .launch import dot_precision, dropout_args, on_tensors_device, traceable
 
 # The tiles (policy.TMA_TILES, "... tma ws e1") and their shared memory (policy.gemm_shared_bytes) live with the
 # other tiles in policy.py.
@@ -197,7 +198,7 @@ def _fused_matmul_tma_kernel(
     # r = 64 without a warp-specialised tile that fits; the K loop keeps the tile's num_stages.
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0),
                             warp_specialize=WARP_SPECIALIZE, num_stages=2):
-        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
 
@@ -276,7 +277,7 @@ def _epilogue(acc, low_tile, off_m, off_n, operands,
         )
     low_term = tl.dot(low_tile, up_tile, input_precision=DOT_PRECISION) * low_scale
     if APPLY_DROPOUT:
-        keep = _keep_mask(seed, rows, off_n, N, keep_threshold, BLOCK_M, BLOCK_N)
+        keep = keep_mask(seed, rows, off_n, N, keep_threshold, BLOCK_M, BLOCK_N)
         low_term = tl.where(keep, low_term, 0.0)
     acc += low_term
     if HAS_BIAS:
@@ -298,7 +299,7 @@ def fused_matmul_tma(lhs: torch.Tensor, rhs: torch.Tensor, low: torch.Tensor, up
                      low_scale: float, bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None, *,
                      tile: policy.GemmTile) -> torch.Tensor:
     """out = lhs @ rhs + low_scale * mask(low @ up) + bias, (M, N) in lhs's dtype: the semantics and
-    arguments of `lora_linear._fused_matmul` (lhs (M, K), rhs (K, N), low (M, R), up (R, N), bias (N,) or None,
+    arguments of `lora_linear.fused_matmul` (lhs (M, K), rhs (K, N), low (M, R), up (R, N), bias (N,) or None,
     the keep-mask of the (M, N) output drawn from `seed` (a 0-d int64 tensor, None without dropout) when
     dropout_p > 0), already validated by functional.py.
 
@@ -333,8 +334,8 @@ def fused_matmul_tma(lhs: torch.Tensor, rhs: torch.Tensor, low: torch.Tensor, up
         low_scale=float(low_scale),
         LHS_K_CONTIGUOUS=_tma_layout(lhs), RHS_K_CONTIGUOUS=_tma_layout(rhs) is False,
         LOW_TMA=low_tma, LOW_R_CONTIGUOUS=bool(low_layout), UP_R_CONTIGUOUS=up_layout is False,
-        HAS_BIAS=bias is not None, BLOCK_R=rank_block, DOT_PRECISION=_dot_precision(lhs.dtype),
-        **_dropout_args(dropout_p, seed, lhs),
+        HAS_BIAS=bias is not None, BLOCK_R=rank_block, DOT_PRECISION=dot_precision(lhs.dtype),
+        **dropout_args(dropout_p, seed, lhs),
         **{**tile.launch_options, "WARP_SPECIALIZE": tile.warp_specialize and low_tma},
     )
     return out

@@ -13,13 +13,79 @@ needed; later ones call the compiled kernel's launcher directly, with the argume
 So a changed stride, shape or alignment is a new key, which Triton then resolves itself. Launch hooks (a
 profiler's) take Triton's own path, as do the interpreter and tracing (`torch.library.wrap_triton`), where every
 launch is configured anew.
+
+Beside it, what every launcher of the kernel modules shares: `traceable` (how a kernel is launched, fixed at import),
+`on_tensors_device`, `dot_precision`, `dropout_args` and `launch_options`. This module imports no kernel module, so
+each of them can import it.
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch._library.triton import set_wrap_triton_enabled
 from triton import knobs
 from triton.runtime import driver
+
+from .._backend import interpreting
+from ..random_stream import dropout_threshold
+
+# Whether ops.py registers the launchers as triton_ops, which torch.compile traces into, or as opaque custom ops:
+# the latter under the interpreter, whose kernels torch cannot trace. Fixed at import, as the registration is.
+TRACEABLE_LAUNCHES = not interpreting()
+
+
+def traceable(kernel):
+    """`kernel` in the form every launch uses: wrapped for tracing where the ops are triton_ops, else itself. Outside
+    tracing (a triton_op run eagerly, or functional.py's eager path) torch's wrapper hands back the kernel itself."""
+    return torch.library.wrap_triton(kernel) if TRACEABLE_LAUNCHES else kernel
+
+
+def on_tensors_device(launcher):
+    """Run `launcher` with its first tensor's CUDA device current: Triton launches on the current device, which
+    need not be the one the tensors are on."""
+
+    @functools.wraps(launcher)
+    def launch(first: torch.Tensor, *args, **kwargs):
+        device = first.device
+        if device.type != "cuda" or device.index == torch.cuda.current_device():
+            return launcher(first, *args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(first, *args, **kwargs)
+
+    return launch
+
+
+def _fp32_matmul_allows_tf32() -> bool:
+    """torch's own setting for fp32 matmuls. `fp32_precision` (torch >= 2.9) reflects the legacy `allow_tf32` and
+    `set_float32_matmul_precision` as well, whereas reading `allow_tf32` raises once the new API has been used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return matmul.allow_tf32 if precision is None else precision == "tf32"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's own matmul setting (full fp32 unless TF32 was allowed); 16-bit ones ignore it."""
+    if dtype == torch.float32 and not _fp32_matmul_allows_tf32():
+        return "ieee"
+    return "tf32"
+
+
+def dropout_args(dropout_p: float, seed: torch.Tensor | None, fallback: torch.Tensor) -> dict:
+    """Kernel arguments of the dropout mask. Without dropout the seed is never read and `fallback` stands in for it;
+    placeholders like it are always inputs the kernel does not write, so that torch.compile's analysis of what a
+    kernel mutates never sees one buffer both written and passed again."""
+    return {
+        "seed_ptr": seed if dropout_p > 0.0 else fallback,
+        "keep_threshold": dropout_threshold(dropout_p),
+        "APPLY_DROPOUT": dropout_p > 0.0,
+    }
+
+
+def launch_options(config: dict) -> dict:
+    """The launch options of a config (num_warps, num_stages), where it sets them."""
+    return {name: config[name] for name in ("num_warps", "num_stages") if name in config}
 
 # Plans per site before its cache is emptied: a varying integer argument (a ReLoRA seed, a token count) must not
 # grow it without bound; a miss costs one configuration and one ordinary launch.

@@ -4,95 +4,43 @@ The math (docs/DESIGN.md section 1; x (M, K), W (N, K), A (r, K), B (N, r), s th
 
     x~ = dropout_p(x)                          mask m from (seed, m, k), scaled by 1/(1-p)
     S  = x~ @ A.T                              _shrink_kernel            (lora_shrink)
-    y  = x @ W.T + bias + s * S @ B.T          _fused_matmul_kernel      (lora_forward_matmul)
+    y  = x @ W.T + bias + s * S @ B.T          _fused_matmul_kernel      (fused_matmul)
     dS = s * dy @ B;  dB = s * dy.T @ S;       _grad_b_kernel            (lora_grad_ab: dy and x are each
     dbias = dy.sum(0)                                                     read once, by programs that split
     dA = dS.T @ x~                             _grad_a_kernel             the tokens and the N / K columns)
-    dx = dy @ W + (dS @ A) * m / (1-p)         _fused_matmul_kernel      (lora_input_grad)
+    dx = dy @ W + (dS @ A) * m / (1-p)         _fused_matmul_kernel      (fused_matmul)
 
 The fused GEMM starts its fp32 accumulator from the low-rank term (plus bias) and then runs the ordinary K loop,
 so the LoRA branch costs no extra read or write of the (M, N) output. The dropout mask is never stored: every
 kernel that needs it regenerates it from Philox keyed by the seed, one draw per four neighbouring elements of a row
-of the (M, K) view of x (_keep_mask). `reference.py` reproduces the same stream, so the reference drops the same
-elements.
+of the (M, K) view of x (jit_helpers.keep_mask). `reference.py` reproduces the same stream, so the reference drops
+the same elements.
 
 Launchers take 2-D tensors that `functional.py` has already validated (same dtype and device, matching shapes)
-and accept any strides. Limits: r <= MAX_RANK (the low-rank tiles live in registers).
+and accept any strides. Limits: r <= `_validate.MAX_RANK` (the low-rank tiles live in registers). The fused GEMM's
+launcher takes its tile as given: `passes.py` chooses it (or the Hopper kernel of `fused_gemm_tma.py`) and the
+engine of each pass.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake  # also sees through AOT tracing's functional tensors
 
-from .. import random_stream
-from .._validate import MAX_RANK  # noqa: F401 (the kernels' limit, imported from here by merge.py and the benchmarks)
 from ..random_stream import dropout_threshold
 from . import policy
-from .launch import LaunchSite, cdiv, remember
-
-_RANDOM_SHIFT = tl.constexpr(random_stream.RANDOM_SHIFT)
-
-
-# Whether ops.py registers the launchers as triton_ops, which torch.compile traces into, or as opaque custom ops:
-# the latter under the interpreter, whose kernels torch cannot trace. Fixed at import, as the registration is.
-TRACEABLE_LAUNCHES = not policy.interpreting()
-
-
-def traceable(kernel):
-    """`kernel` in the form every launch uses: wrapped for tracing where the ops are triton_ops, else itself. Outside
-    tracing (a triton_op run eagerly, or functional.py's eager path) torch's wrapper hands back the kernel itself."""
-    return torch.library.wrap_triton(kernel) if TRACEABLE_LAUNCHES else kernel
-
-
-def on_tensors_device(launcher):
-    """Run `launcher` with its first tensor's CUDA device current: Triton launches on the current device, which
-    need not be the one the tensors are on."""
-
-    @functools.wraps(launcher)
-    def launch(first: torch.Tensor, *args, **kwargs):
-        device = first.device
-        if device.type != "cuda" or device.index == torch.cuda.current_device():
-            return launcher(first, *args, **kwargs)
-        with torch.cuda.device(device):
-            return launcher(first, *args, **kwargs)
-
-    return launch
-
-
-def _fp32_matmul_allows_tf32() -> bool:
-    """torch's own setting for fp32 matmuls. `fp32_precision` (torch >= 2.9) reflects the legacy `allow_tf32` and
-    `set_float32_matmul_precision` as well, whereas reading `allow_tf32` raises once the new API has been used."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    return matmul.allow_tf32 if precision is None else precision == "tf32"
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's own matmul setting (full fp32 unless TF32 was allowed); 16-bit ones ignore it."""
-    if dtype == torch.float32 and not _fp32_matmul_allows_tf32():
-        return "ieee"
-    return "tf32"
-
-
-@triton.jit
-def _keep_mask(seed, rows, col_start, cols, keep_threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """Keep-mask of the tile `rows` (int64, BLOCK_ROWS) x [col_start, col_start + BLOCK_COLS) of an (M, cols)
-    matrix, col_start a multiple of 4 (same stream as reference.dropout_bits).
-
-    Element (m, k) takes word k % 4 of the Philox draw counted m * cdiv(cols, 4) + k // 4: one draw of ten rounds
-    serves four neighbours, because one per element made the mask cost more than the kernels' memory traffic
-    (docs/DESIGN.md section 10)."""
-    groups = col_start // 4 + tl.arange(0, BLOCK_COLS // 4)
-    w0, w1, w2, w3 = tl.randint4x(seed, rows[:, None] * tl.cdiv(cols, 4) + groups[None, :])
-    # tl.join stacks along a new minor dimension, so element [m, g, i, j] of join(join(w0, w2), join(w1, w3)) is
-    # word 2i + j; flattened row-major, column 4g + w holds word w.
-    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_ROWS, BLOCK_COLS))
-    return (words >> _RANDOM_SHIFT).to(tl.int32) >= keep_threshold
+from .jit_helpers import grouped_tile, keep_mask
+from .launch import (
+    TRACEABLE_LAUNCHES,
+    LaunchSite,
+    cdiv,
+    dot_precision,
+    launch_options,
+    on_tensors_device,
+    remember,
+    traceable,
+)
 
 
 @triton.jit
@@ -147,7 +95,7 @@ def _shrink_kernel(
         cols, mask_k = _column_chunk(k0, K, BLOCK_K)
         x_tile = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, mask_m, mask_k)
         if APPLY_DROPOUT:
-            keep = _keep_mask(seed, rows, k0, K, keep_threshold, BLOCK_M, BLOCK_K)
+            keep = keep_mask(seed, rows, k0, K, keep_threshold, BLOCK_M, BLOCK_K)
             x_tile = tl.where(keep, x_tile, tl.zeros_like(x_tile))
         a_tile = tl.load(  # (BLOCK_K, BLOCK_R) tile of A.T
             a_ptr + offs_r[None, :] * stride_ar + cols[:, None] * stride_ak,
@@ -184,18 +132,6 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """(row block, column block) of output tile `tile_id`: GROUP_M row blocks share their rhs column blocks while
-    those are still in L2."""
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (tile_id // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
-    pid_n = (tile_id % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
-
-@triton.jit
 def _fused_matmul_kernel(
     lhs_ptr,  # (M, K)
     rhs_ptr,  # (K, N)
@@ -216,7 +152,7 @@ def _fused_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -237,7 +173,7 @@ def _fused_matmul_kernel(
     )
     acc = tl.dot(low_tile, up_tile, input_precision=DOT_PRECISION) * tl.cast(low_scale, tl.float32)
     if APPLY_DROPOUT:
-        keep = _keep_mask(tl.load(seed_ptr), rows, pid_n * BLOCK_N, N, keep_threshold, BLOCK_M, BLOCK_N)
+        keep = keep_mask(tl.load(seed_ptr), rows, pid_n * BLOCK_N, N, keep_threshold, BLOCK_M, BLOCK_N)
         acc = tl.where(keep, acc, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -405,7 +341,7 @@ def _grad_a_kernel(
         cols, mask_k = _column_chunk(k0, k_end, BLOCK_K)
         x_tile = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, mask_m, mask_k)
         if APPLY_DROPOUT:
-            keep = _keep_mask(seed, rows, k0, K, keep_threshold, BLOCK_M, BLOCK_K)
+            keep = keep_mask(seed, rows, k0, K, keep_threshold, BLOCK_M, BLOCK_K)
             x_tile = tl.where(keep, x_tile, tl.zeros_like(x_tile))
         # dA += dS.T @ x~
         da_part = tl.dot(ds_t, x_tile, input_precision=DOT_PRECISION)
@@ -426,7 +362,7 @@ def _grad_a_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launch configuration: tiles, grids and the engine (policy.py).
+# Launch configuration: tiles and grids (policy.py).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -459,38 +395,10 @@ def _grad_ab_config(rank_block: int, dtype: torch.dtype, write_dx: bool) -> dict
     return policy.fitting(policy.GRAD_AB_CONFIGS, estimate, rank_block, dtype)[0]
 
 
-def _options(config: dict) -> dict:
-    """The launch options of a config (num_warps, num_stages), where it sets them."""
-    return {name: config[name] for name in ("num_warps", "num_stages") if name in config}
-
-
-def _dropout_args(dropout_p: float, seed: torch.Tensor | None, fallback: torch.Tensor) -> dict:
-    """Kernel arguments of the dropout mask. Without dropout the seed is never read and `fallback` stands in for it;
-    placeholders like it are always inputs the kernel does not write, so that torch.compile's analysis of what a
-    kernel mutates never sees one buffer both written and passed again."""
-    return {
-        "seed_ptr": seed if dropout_p > 0.0 else fallback,
-        "keep_threshold": dropout_threshold(dropout_p),
-        "APPLY_DROPOUT": dropout_p > 0.0,
-    }
-
-
-def _tma_eligible(lhs: torch.Tensor, rhs: torch.Tensor) -> bool:
-    from .fused_gemm_tma import tma_eligible  # it builds on this module
-
-    return tma_eligible(lhs, rhs)
-
-
-def _is_fake(*tensors: torch.Tensor) -> bool:
-    """Whether the launch is being traced (torch.compile runs the launchers on fake tensors), or captured into a CUDA
-    graph: then nothing can be timed."""
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return capturing or any(is_fake(t) for t in tensors)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Launchers: same signatures as their twins in reference.py. Every launch goes through `traceable` so that the
-# passes can be registered as torch.library triton_ops (ops.py), which torch.compile traces into.
+# Launchers: same signatures as their twins in reference.py, except fused_matmul, which takes its tile (its twins
+# are the launchers of passes.py that choose the tile). Every launch goes through `traceable` so that the passes can
+# be registered as torch.library triton_ops (ops.py), which torch.compile traces into.
 # The dropout seed is a 0-d int64 tensor on the device (None without dropout) that the kernels load: no host
 # sync, and a seed drawn inside a compiled graph or a CUDA graph stays in it.
 # ---------------------------------------------------------------------------------------------------------------
@@ -513,7 +421,7 @@ def _shrink_plan(dtype, M, K, R, N, x_strides, a_strides, b_strides, bias_stride
         APPLY_DROPOUT=dropout_p > 0.0, EXPAND=expand, HAS_BIAS=has_bias,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision,
     )
-    return (cdiv(M, cfg["BLOCK_M"]),), scalars, _options(cfg)
+    return (cdiv(M, cfg["BLOCK_M"]),), scalars, launch_options(cfg)
 
 
 _SHRINK = LaunchSite(_shrink_kernel, _shrink_plan)
@@ -530,8 +438,8 @@ def _shrink(x, lora_a, dropout_p, seed, expand=None):
     if M == 0:
         return shrunk, out
     key = (x.dtype, M, K, R, N, x.stride(), lora_a.stride(), lora_b.stride(), 0 if bias is None else bias.stride(0),
-           scale, dropout_p, expand is not None, bias is not None, _dot_precision(x.dtype), x.device.index)
-    # Placeholders for what a variant does not read are inputs the kernel never writes (see _dropout_args).
+           scale, dropout_p, expand is not None, bias is not None, dot_precision(x.dtype), x.device.index)
+    # Placeholders for what a variant does not read are inputs the kernel never writes (see launch.dropout_args).
     _SHRINK.launch(traceable(_shrink_kernel), key, (
         x, lora_a, shrunk, seed if dropout_p > 0.0 else x, lora_b, x if bias is None else bias,
         x if out is None else out))
@@ -546,7 +454,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: t
 
 def _fused_matmul_plan(M, N, K, R, lhs_strides, rhs_strides, low_strides, up_strides, bias_stride, low_scale,
                       dropout_p, has_bias, tile, precision, device):
-    """The pointer-load fused GEMM's grid, non-tensor arguments and launch options for its key (see _fused_matmul)."""
+    """The pointer-load fused GEMM's grid, non-tensor arguments and launch options for its key (see fused_matmul)."""
     scalars = dict(
         M=M, N=N, K=K, R=R,
         stride_lm=lhs_strides[0], stride_lk=lhs_strides[1],
@@ -566,51 +474,24 @@ def _fused_matmul_plan(M, N, K, R, lhs_strides, rhs_strides, low_strides, up_str
 _FUSED_MATMUL = LaunchSite(_fused_matmul_kernel, _fused_matmul_plan)
 
 
-def _fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, gemm_pass):
-    """out = lhs @ rhs + low_scale * mask(low @ up) + bias: lhs (M, K), rhs (K, N), low (M, R), up (R, N), any
-    strides; gemm_pass names the pass in the table ("forward" or "input_grad"). The pointer-load kernel, or
-    fused_gemm_tma's where the tile chosen is a Hopper one."""
+def fused_matmul(lhs: torch.Tensor, rhs: torch.Tensor, low: torch.Tensor, up: torch.Tensor, low_scale: float,
+                 bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None, *, tile: policy.GemmTile,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = lhs @ rhs + low_scale * mask(low @ up) + bias, (M, N) in lhs's dtype, by the pointer-load kernel with
+    `tile` (one of policy.GEMM_TILES, used as given): lhs (M, K), rhs (K, N), low (M, R), up (R, N), any strides;
+    the keep-mask of the (M, N) output drawn from `seed` when dropout_p > 0. Writes into `out` (contiguous (M, N))
+    where given, so that timing the tiles allocates it once. Not wrapped by `on_tensors_device`: its callers, the
+    launchers of passes.py, are."""
     (M, K), N, R = lhs.shape, rhs.shape[1], low.shape[1]
-    gemm = policy.GemmLaunch(lhs.dtype, policy.block_rank(R), gemm_pass, bias is not None, dropout_p > 0.0, M, N, K)
-    out = None
-
-    def launch(tile: policy.GemmTile) -> torch.Tensor:
-        nonlocal out
-        if tile.kernel == "tma":
-            from .fused_gemm_tma import fused_matmul_tma  # it builds on this module
-
-            return fused_matmul_tma(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, tile=tile)
-        out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype) if out is None else out
-        if M == 0 or N == 0:
-            return out
-        key = (M, N, K, R, lhs.stride(), rhs.stride(), low.stride(), up.stride(), 0 if bias is None else bias.stride(0),
-               low_scale, dropout_p, bias is not None, tile, _dot_precision(lhs.dtype), lhs.device.index)
-        # Placeholders for what a variant does not read are inputs the kernel never writes (see _dropout_args).
-        _FUSED_MATMUL.launch(traceable(_fused_matmul_kernel), key, (
-            lhs, rhs, low, up, lhs if bias is None else bias, out, seed if dropout_p > 0.0 else lhs))
+    out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype) if out is None else out
+    if M == 0 or N == 0:
         return out
-
-    def time_tile(tile: policy.GemmTile) -> float:
-        return triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=20, return_mode="median")
-
-    # Whether the operands allow TMA, and whether the launch can be timed, are asked only where they matter.
-    tile = policy.gemm_tile(gemm, time_tile, tma_ok=lambda: _tma_eligible(lhs, rhs), timeable=lambda: not _is_fake(lhs))
-    return launch(tile)
-
-
-@on_tensors_device
-def lora_forward_matmul(x: torch.Tensor, weight: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
-                        scale: float, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ W.T + bias + s * S @ B.T, (M, N) in x's dtype; the low-rank term seeds the accumulator."""
-    return _fused_matmul(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, None, "forward")
-
-
-@on_tensors_device
-def lora_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, grad_shrunk: torch.Tensor, lora_a: torch.Tensor,
-                    dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
-    """dx = dy @ W + (dS @ A) * m / (1-p), (M, K) in dy's dtype; the masked low-rank term seeds the accumulator."""
-    return _fused_matmul(grad_y, weight, grad_shrunk, lora_a, 1.0 / (1.0 - dropout_p), None, dropout_p, seed,
-                         "input_grad")
+    key = (M, N, K, R, lhs.stride(), rhs.stride(), low.stride(), up.stride(), 0 if bias is None else bias.stride(0),
+           low_scale, dropout_p, bias is not None, tile, dot_precision(lhs.dtype), lhs.device.index)
+    # Placeholders for what a variant does not read are inputs the kernel never writes (see launch.dropout_args).
+    _FUSED_MATMUL.launch(traceable(_fused_matmul_kernel), key, (
+        lhs, rhs, low, up, lhs if bias is None else bias, out, seed if dropout_p > 0.0 else lhs))
+    return out
 
 
 def _grad_ab_layout(M, N, K, R, dtype, write_dx, deterministic, device):
@@ -650,7 +531,7 @@ def _grad_b_plan(M, N, K, R, dtype, write_dx, deterministic, device, dy_strides,
         HAS_BIAS_GRAD=need_bias_grad, DETERMINISTIC=deterministic,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision,
     )
-    return (token_blocks, n_splits), scalars, _options(cfg)
+    return (token_blocks, n_splits), scalars, launch_options(cfg)
 
 
 def _grad_a_plan(M, N, K, R, dtype, write_dx, deterministic, device, x_strides, a_strides, scale, dropout_p,
@@ -670,7 +551,7 @@ def _grad_a_plan(M, N, K, R, dtype, write_dx, deterministic, device, x_strides, 
         WRITE_DX=write_dx, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=policy.block_rank(R),
         DOT_PRECISION=precision,
     )
-    return (token_blocks, k_splits), scalars, _options(cfg)
+    return (token_blocks, k_splits), scalars, launch_options(cfg)
 
 
 _GRAD_B = LaunchSite(_grad_b_kernel, _grad_b_plan)
@@ -692,8 +573,8 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
     dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if write_dx else None
     if token_blocks > 0:
-        precision = _dot_precision(x.dtype)
-        # Placeholders for what a variant does not read or write are inputs it never writes (see _dropout_args).
+        precision = dot_precision(x.dtype)
+        # Placeholders for what a variant does not read or write are inputs it never writes (see launch.dropout_args).
         _GRAD_B.launch(traceable(_grad_b_kernel), (*layout_key, grad_y.stride(), shrunk.stride(), lora_b.stride(),
                                                   scale, need_bias_grad, precision), (
             grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y))
@@ -742,47 +623,3 @@ def lora_grad_ab_start(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tens
     grad_a, grad_b, _, grad_bias, start = _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed,
                                                    need_bias_grad, deterministic)
     return grad_a, grad_b, grad_bias, start
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The two passes of the op, each on the engine policy.py chooses for it (the registered ops of ops.py).
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@on_tensors_device
-def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                 bias: torch.Tensor | None, dropout_p: float,
-                 seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, S): y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T and S = dropout_p(x) @ A.T, kept for backward.
-    triton: the shrink, then the fused GEMM; cublas: the shrink also writes s * S @ B.T + bias into y, then cuBLAS
-    adds x @ W.T."""
-    (M, K), N = x.shape, weight.shape[0]
-    gemm = policy.GemmLaunch(x.dtype, policy.block_rank(lora_a.shape[0]), "forward", bias is not None, False, M, N, K)
-    if policy.choose_engine(gemm) == "cublas":
-        shrunk, y = lora_shrink_expand(x, lora_a, lora_b, scale, bias, dropout_p, seed)
-        return y.addmm_(x, weight.T), shrunk
-    shrunk = lora_shrink(x, lora_a, dropout_p, seed)
-    return lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias), shrunk
-
-
-@on_tensors_device
-def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                  lora_b: torch.Tensor, shrunk: torch.Tensor, scale: float, dropout_p: float,
-                  seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool,
-                  deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dA, dB, dbias); dx is an empty (0, K) tensor unless `need_input_grad`, dbias an empty (0,) one unless
-    `need_bias_grad`. dS, dB, dbias and dA from lora_grad_ab's two launches; dx = dy @ W + mask(dS @ A) / (1-p):
-    triton, the fused GEMM; cublas, the dA launch also writes the low-rank term into dx, then cuBLAS adds dy @ W."""
-    (M, K), N = x.shape, weight.shape[0]
-    gemm = policy.GemmLaunch(x.dtype, policy.block_rank(lora_a.shape[0]), "input_grad", False, dropout_p > 0.0, M, K, N)
-    if need_input_grad and policy.choose_engine(gemm) == "cublas":
-        grad_a, grad_b, grad_bias, grad_x = lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p,
-                                                               seed, need_bias_grad, deterministic)
-        return grad_x.addmm_(grad_y, weight), grad_a, grad_b, grad_bias
-    grad_a, grad_b, grad_shrunk, grad_bias = lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed,
-                                                          need_bias_grad, deterministic)
-    if need_input_grad:
-        grad_x = lora_input_grad(grad_y, weight, grad_shrunk, lora_a, dropout_p, seed)
-    else:
-        grad_x = x.new_empty((0, K))
-    return grad_x, grad_a, grad_b, grad_bias

@@ -19,9 +19,9 @@ import triton
 import triton.language as tl
 
 from .. import random_stream
+from .._validate import MAX_RANK
 from . import policy
-from .launch import LaunchSite, cdiv
-from .lora_linear import MAX_RANK, _options, on_tensors_device, traceable
+from .launch import LaunchSite, cdiv, launch_options, on_tensors_device, traceable
 
 _RANDOM_SHIFT = tl.constexpr(random_stream.RANDOM_SHIFT)
 _INV_RANDOM_RANGE = tl.constexpr(random_stream.UNIT_SCALE)
@@ -123,7 +123,7 @@ def _merge_plan(N, K, R, dtype, w_strides, a_strides, b_strides, scale, device):
         BLOCK_R=policy.block_rank(R), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
     )
-    return (cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"])), scalars, _options(cfg)
+    return (cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"])), scalars, launch_options(cfg)
 
 
 def _reinit_plan(R, K, N, a_strides, b_strides, seed):

@@ -15,6 +15,18 @@ tensors, or inside a CUDA-graph capture) takes the bucket's tuned tile if there 
 Gradient, shrink and merge kernels, which accumulate with atomics or write in place, always take the first tile of
 their list that fits.
 
+Why a tuner and a table of the package's own rather than `triton.autotune`: autotune times every config on the first
+call of each new key, and the fused GEMM's first call may come where nothing can run or be timed: inside a CUDA-graph
+capture (where a benchmark's synchronisation is not allowed), or while torch.compile traces the op on fake tensors,
+which have no data (AOT tracing runs the launcher as the op's fake implementation). There the tile must follow from
+the shapes alone (`gemm_tile` with `timeable` false: the bucket's tuned tile, else the first fitting one). Autotune
+keys on exact argument values, so every new token count would be timed again; GemmLaunch.m_bucket keys by its
+power-of-two bucket. One choice also spans what autotune cannot: the engine (a Triton kernel or cuBLAS's addmm) and
+which of two kernels runs the tile (the pointer-load one or, on sm_90, fused_gemm_tma's). And a committed table
+(tuned_gemm.json, written by benchmarks.tune with the conditions it was measured under; empty until a GPU has filled
+it) makes the choices reproducible from run to run and reviewable in a diff, where autotune's are timed on the
+machine that runs them and can differ from one run to the next.
+
 Tiles are chosen to fit the device's shared memory (227 KiB per block on an H100, 163 KiB on an A100, 99 KiB on an
 RTX 4090): the low-rank tiles grow with r. The estimates bound what Triton allocates from above; `python -m
 benchmarks.gpu_build` compiles every launch for sm_80-sm_90 without a GPU and checks them (CI does, for sm_90 and

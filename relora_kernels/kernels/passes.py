@@ -1,0 +1,107 @@
+"""The two passes of the fused LoRA linear, each on the engine policy.py chooses for it, and the fused GEMM's tile.
+
+    lora_forward    (y, S)              triton: lora_shrink, then the fused GEMM (lora_forward_matmul)
+                                        cublas: lora_shrink_expand writes s * S @ B.T + bias into y, then addmm
+    lora_backward   (dx, dA, dB, dbias) triton: lora_grad_ab, then the fused GEMM for dx (lora_input_grad)
+                                        cublas: lora_grad_ab_start writes dx's low-rank term, then addmm
+
+The fused GEMM runs on the tile policy.gemm_tile chooses (from the table, the tuner or the first fitting tile): the
+pointer-load kernel of `lora_linear.py`, or on sm_90 the Hopper kernel of `fused_gemm_tma.py` where the tile is one
+of its own and the operands allow TMA. This is the one module that imports both kernel files; ops.py registers
+lora_forward and lora_backward as torch.library ops and functional.py calls them eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch._subclasses.fake_tensor import is_fake  # also sees through AOT tracing's functional tensors
+
+from . import fused_gemm_tma, lora_linear, policy
+from .launch import on_tensors_device
+
+
+def _is_fake(*tensors: torch.Tensor) -> bool:
+    """Whether the launch is being traced (torch.compile runs the launchers on fake tensors), or captured into a CUDA
+    graph: then nothing can be timed."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return capturing or any(is_fake(t) for t in tensors)
+
+
+def _fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, gemm_pass):
+    """out = lhs @ rhs + low_scale * mask(low @ up) + bias: lhs (M, K), rhs (K, N), low (M, R), up (R, N), any
+    strides; gemm_pass names the pass in the table ("forward" or "input_grad"). The pointer-load kernel, or
+    fused_gemm_tma's where the tile chosen is a Hopper one."""
+    (M, K), N, R = lhs.shape, rhs.shape[1], low.shape[1]
+    gemm = policy.GemmLaunch(lhs.dtype, policy.block_rank(R), gemm_pass, bias is not None, dropout_p > 0.0, M, N, K)
+    out = None
+
+    def launch(tile: policy.GemmTile) -> torch.Tensor:
+        nonlocal out
+        if tile.kernel == "tma":
+            return fused_gemm_tma.fused_matmul_tma(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, tile=tile)
+        out = lora_linear.fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, tile=tile, out=out)
+        return out
+
+    def time_tile(tile: policy.GemmTile) -> float:
+        return triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=20, return_mode="median")
+
+    # Whether the operands allow TMA, and whether the launch can be timed, are asked only where they matter.
+    tile = policy.gemm_tile(gemm, time_tile, tma_ok=lambda: fused_gemm_tma.tma_eligible(lhs, rhs),
+                            timeable=lambda: not _is_fake(lhs))
+    return launch(tile)
+
+
+@on_tensors_device
+def lora_forward_matmul(x: torch.Tensor, weight: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
+                        scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ W.T + bias + s * S @ B.T, (M, N) in x's dtype; the low-rank term seeds the accumulator."""
+    return _fused_matmul(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, None, "forward")
+
+
+@on_tensors_device
+def lora_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, grad_shrunk: torch.Tensor, lora_a: torch.Tensor,
+                    dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """dx = dy @ W + (dS @ A) * m / (1-p), (M, K) in dy's dtype; the masked low-rank term seeds the accumulator."""
+    return _fused_matmul(grad_y, weight, grad_shrunk, lora_a, 1.0 / (1.0 - dropout_p), None, dropout_p, seed,
+                         "input_grad")
+
+
+@on_tensors_device
+def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                 bias: torch.Tensor | None, dropout_p: float,
+                 seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, S): y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T and S = dropout_p(x) @ A.T, kept for backward.
+    triton: the shrink, then the fused GEMM; cublas: the shrink also writes s * S @ B.T + bias into y, then cuBLAS
+    adds x @ W.T."""
+    (M, K), N = x.shape, weight.shape[0]
+    gemm = policy.GemmLaunch(x.dtype, policy.block_rank(lora_a.shape[0]), "forward", bias is not None, False, M, N, K)
+    if policy.choose_engine(gemm) == "cublas":
+        shrunk, y = lora_linear.lora_shrink_expand(x, lora_a, lora_b, scale, bias, dropout_p, seed)
+        return y.addmm_(x, weight.T), shrunk
+    shrunk = lora_linear.lora_shrink(x, lora_a, dropout_p, seed)
+    return lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias), shrunk
+
+
+@on_tensors_device
+def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, shrunk: torch.Tensor, scale: float, dropout_p: float,
+                  seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool,
+                  deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB, dbias); dx is an empty (0, K) tensor unless `need_input_grad`, dbias an empty (0,) one unless
+    `need_bias_grad`. dS, dB, dbias and dA from lora_grad_ab's two launches; dx = dy @ W + mask(dS @ A) / (1-p):
+    triton, the fused GEMM; cublas, the dA launch also writes the low-rank term into dx, then cuBLAS adds dy @ W."""
+    (M, K), N = x.shape, weight.shape[0]
+    gemm = policy.GemmLaunch(x.dtype, policy.block_rank(lora_a.shape[0]), "input_grad", False, dropout_p > 0.0, M, K, N)
+    if need_input_grad and policy.choose_engine(gemm) == "cublas":
+        grad_a, grad_b, grad_bias, grad_x = lora_linear.lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, scale,
+                                                                           dropout_p, seed, need_bias_grad,
+                                                                           deterministic)
+        return grad_x.addmm_(grad_y, weight), grad_a, grad_b, grad_bias
+    grad_a, grad_b, grad_shrunk, grad_bias = lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p,
+                                                                      seed, need_bias_grad, deterministic)
+    if need_input_grad:
+        grad_x = lora_input_grad(grad_y, weight, grad_shrunk, lora_a, dropout_p, seed)
+    else:
+        grad_x = x.new_empty((0, K))
+    return grad_x, grad_a, grad_b, grad_bias

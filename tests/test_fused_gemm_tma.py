@@ -217,7 +217,7 @@ def test_the_engine_runs_a_hopper_tile_where_the_table_names_it_and_the_operands
     monkeypatch.setattr(fused_gemm_tma, "fused_matmul_tma", lambda *args, tile: ran.append(tile) or "tma")
     x, w = rand(64, 64, dtype=torch.float16), rand(48, 64, dtype=torch.float16)
     s, b = rand(64, 16, dtype=torch.float16), rand(48, 16, dtype=torch.float16)
-    assert passes._fused_matmul(x, w.T, s, b.T, 1.0, None, 0.0, None, "forward") == "tma" and ran == [hopper]
+    assert passes._fused_matmul(x, w.T, s, b.T, 1.0, None, 0.0, None, launch) == "tma" and ran == [hopper]
     odd = rand(64, 65, dtype=torch.float16)[:, 1:]
     assert not fused_gemm_tma.tma_eligible(odd, w)
     assert policy.gemm_tile(launch, None, tma_ok=False).kernel == "pointer"

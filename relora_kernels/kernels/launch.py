@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch._library.triton import set_wrap_triton_enabled
+from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 from triton import knobs
 from triton.runtime import driver
 
@@ -38,8 +38,9 @@ TRACEABLE_LAUNCHES = not interpreting()
 
 def traceable(kernel):
     """`kernel` in the form every launch uses: wrapped for tracing where the ops are triton_ops, else itself. Outside
-    tracing (a triton_op run eagerly, or functional.py's eager path) torch's wrapper hands back the kernel itself."""
-    return torch.library.wrap_triton(kernel) if TRACEABLE_LAUNCHES else kernel
+    tracing (a triton_op run eagerly, or functional.py's eager path, which switch the wrapping off) the kernel itself,
+    without calling torch's wrapper, whose imports and checks cost microseconds on every launch."""
+    return torch.library.wrap_triton(kernel) if TRACEABLE_LAUNCHES and is_wrap_triton_enabled() else kernel
 
 
 def on_tensors_device(launcher):
@@ -57,12 +58,17 @@ def on_tensors_device(launcher):
     return launch
 
 
+# torch.backends.cuda.matmul.fp32_precision's own getter (torch >= 2.9), called directly: the attribute goes through
+# a Python __getattr__ on every read.
+_fp32_matmul_precision = getattr(torch._C, "_get_fp32_precision_getter", None)
+
+
 def _fp32_matmul_allows_tf32() -> bool:
     """torch's own setting for fp32 matmuls. `fp32_precision` (torch >= 2.9) reflects the legacy `allow_tf32` and
     `set_float32_matmul_precision` as well, whereas reading `allow_tf32` raises once the new API has been used."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    return matmul.allow_tf32 if precision is None else precision == "tf32"
+    if _fp32_matmul_precision is None:
+        return torch.backends.cuda.matmul.allow_tf32
+    return _fp32_matmul_precision("cuda", "matmul") == "tf32"
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -602,7 +602,7 @@ def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lo
 def _sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Sum the per-program partials (a fixed-order torch reduction) and round once into `dtype`."""
     total = partials[0] if partials.shape[0] == 1 else partials.sum(0)
-    return total.to(dtype)
+    return total if total.dtype == dtype else total.to(dtype)
 
 
 @on_tensors_device

@@ -28,12 +28,20 @@ def _is_fake(*tensors: torch.Tensor) -> bool:
     return capturing or any(is_fake(t) for t in tensors)
 
 
-def _fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, gemm_pass):
+def _forward_gemm(x, weight, rank: int, bias) -> policy.GemmLaunch:
+    (M, K), N = x.shape, weight.shape[0]
+    return policy.GemmLaunch(x.dtype, policy.block_rank(rank), "forward", bias is not None, False, M, N, K)
+
+
+def _input_grad_gemm(grad_y, weight, rank: int, dropout_p: float) -> policy.GemmLaunch:
+    M, (N, K) = grad_y.shape[0], weight.shape
+    return policy.GemmLaunch(grad_y.dtype, policy.block_rank(rank), "input_grad", False, dropout_p > 0.0, M, K, N)
+
+
+def _fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, gemm):
     """out = lhs @ rhs + low_scale * mask(low @ up) + bias: lhs (M, K), rhs (K, N), low (M, R), up (R, N), any
-    strides; gemm_pass names the pass in the table ("forward" or "input_grad"). The pointer-load kernel, or
-    fused_gemm_tma's where the tile chosen is a Hopper one."""
-    (M, K), N, R = lhs.shape, rhs.shape[1], low.shape[1]
-    gemm = policy.GemmLaunch(lhs.dtype, policy.block_rank(R), gemm_pass, bias is not None, dropout_p > 0.0, M, N, K)
+    strides; `gemm` is the pass as the table knows it (_forward_gemm or _input_grad_gemm of the same operands). The
+    pointer-load kernel, or fused_gemm_tma's where the tile chosen is a Hopper one."""
     out = None
 
     def launch(tile: policy.GemmTile) -> torch.Tensor:
@@ -56,7 +64,8 @@ def _fused_matmul(lhs, rhs, low, up, low_scale, bias, dropout_p, seed, gemm_pass
 def lora_forward_matmul(x: torch.Tensor, weight: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
                         scale: float, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W.T + bias + s * S @ B.T, (M, N) in x's dtype; the low-rank term seeds the accumulator."""
-    return _fused_matmul(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, None, "forward")
+    return _fused_matmul(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, None,
+                         _forward_gemm(x, weight, lora_b.shape[1], bias))
 
 
 @on_tensors_device
@@ -64,7 +73,7 @@ def lora_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, grad_shrunk: tor
                     dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """dx = dy @ W + (dS @ A) * m / (1-p), (M, K) in dy's dtype; the masked low-rank term seeds the accumulator."""
     return _fused_matmul(grad_y, weight, grad_shrunk, lora_a, 1.0 / (1.0 - dropout_p), None, dropout_p, seed,
-                         "input_grad")
+                         _input_grad_gemm(grad_y, weight, lora_a.shape[0], dropout_p))
 
 
 @on_tensors_device
@@ -74,13 +83,12 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lo
     """(y, S): y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T and S = dropout_p(x) @ A.T, kept for backward.
     triton: the shrink, then the fused GEMM; cublas: the shrink also writes s * S @ B.T + bias into y, then cuBLAS
     adds x @ W.T."""
-    (M, K), N = x.shape, weight.shape[0]
-    gemm = policy.GemmLaunch(x.dtype, policy.block_rank(lora_a.shape[0]), "forward", bias is not None, False, M, N, K)
+    gemm = _forward_gemm(x, weight, lora_a.shape[0], bias)
     if policy.choose_engine(gemm) == "cublas":
         shrunk, y = lora_linear.lora_shrink_expand(x, lora_a, lora_b, scale, bias, dropout_p, seed)
         return y.addmm_(x, weight.T), shrunk
     shrunk = lora_linear.lora_shrink(x, lora_a, dropout_p, seed)
-    return lora_forward_matmul(x, weight, shrunk, lora_b, scale, bias), shrunk
+    return _fused_matmul(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, None, gemm), shrunk
 
 
 @on_tensors_device
@@ -91,8 +99,7 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, l
     """(dx, dA, dB, dbias); dx is an empty (0, K) tensor unless `need_input_grad`, dbias an empty (0,) one unless
     `need_bias_grad`. dS, dB, dbias and dA from lora_grad_ab's two launches; dx = dy @ W + mask(dS @ A) / (1-p):
     triton, the fused GEMM; cublas, the dA launch also writes the low-rank term into dx, then cuBLAS adds dy @ W."""
-    (M, K), N = x.shape, weight.shape[0]
-    gemm = policy.GemmLaunch(x.dtype, policy.block_rank(lora_a.shape[0]), "input_grad", False, dropout_p > 0.0, M, K, N)
+    gemm = _input_grad_gemm(grad_y, weight, lora_a.shape[0], dropout_p)
     if need_input_grad and policy.choose_engine(gemm) == "cublas":
         grad_a, grad_b, grad_bias, grad_x = lora_linear.lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, scale,
                                                                            dropout_p, seed, need_bias_grad,
@@ -101,7 +108,8 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, l
     grad_a, grad_b, grad_shrunk, grad_bias = lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p,
                                                                       seed, need_bias_grad, deterministic)
     if need_input_grad:
-        grad_x = lora_input_grad(grad_y, weight, grad_shrunk, lora_a, dropout_p, seed)
+        grad_x = _fused_matmul(grad_y, weight, grad_shrunk, lora_a, 1.0 / (1.0 - dropout_p), None, dropout_p, seed,
+                               gemm)
     else:
-        grad_x = x.new_empty((0, K))
+        grad_x = x.new_empty((0, x.shape[1]))
     return grad_x, grad_a, grad_b, grad_bias

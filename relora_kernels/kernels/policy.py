@@ -41,6 +41,7 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -284,11 +285,11 @@ def _fitting(configs: list, shared_bytes: Callable, rank_block: int, dtype: torc
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-@dataclasses.dataclass(frozen=True)
-class GemmLaunch:
+class GemmLaunch(NamedTuple):
     """One frozen-GEMM pass as the table knows it: `gemm_pass` "forward" (y = x @ W.T ...) or "input_grad"
     (dx = dy @ W ..., whose W is read transposed), its options, and its shape: M tokens (by power-of-two bucket), N
-    outputs, K the reduction."""
+    outputs, K the reduction. A named tuple: two are made per training step of every layer, and a frozen dataclass
+    costs several times as much to make."""
 
     dtype: torch.dtype
     rank_block: int

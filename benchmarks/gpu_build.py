@@ -4,14 +4,15 @@
     python -m benchmarks.gpu_build --arch 80 86 89 90 --dtypes bf16 fp16 fp32 --out DIR
     python -m benchmarks.gpu_build --ranks 16 --trace --json build.json   # what the CI test runs (sm_90)
 
-The real launchers (kernels/lora_linear.py, kernels/merge.py) are called on CPU tensors with Triton's driver
-replaced by a stand-in that names the target GPU, and with every launch turned into Triton's `warmup` (compile, never
-run). Each kernel is therefore built exactly as the launcher would build it on that GPU (the same constexprs and tiles,
-the same specialisation of the arguments on alignment and divisibility by 16), through the installed Triton's own
-compiler, LLVM and ptxas. For each build the report gives the shared memory it needs against the architecture's
-per-block limit, its registers, its stack frame (register spills) and, on sm_90, whether the GEMMs run on Hopper's
-wgmma. It catches without a GPU a kernel that does not compile for the target with this Triton, or a tile that could
-not launch there; it measures no speed. Exit status 1 when a build fails or a launch would exceed the shared memory.
+The real launchers (kernels/lora_linear.py, kernels/fused_gemm_tma.py, kernels/merge.py, and the passes of
+kernels/passes.py) are called on CPU tensors with Triton's driver replaced by a stand-in that names the target GPU,
+and with every launch turned into Triton's `warmup` (compile, never run). Each kernel is therefore built exactly as
+the launcher would build it on that GPU (the same constexprs and tiles, the same specialisation of the arguments on
+alignment and divisibility by 16), through the installed Triton's own compiler, LLVM and ptxas. For each build the
+report gives the shared memory it needs against the architecture's per-block limit, its registers, its stack frame
+(register spills) and, on sm_90, whether the GEMMs run on Hopper's wgmma. It catches without a GPU a kernel that does
+not compile for the target with this Triton, or a tile that could not launch there; it measures no speed. Exit status
+1 when a build fails or a launch would exceed the shared memory.
 
 With --trace it also records each op as torch.compile sees it on that GPU (`trace_for_compile`): the triton_ops
 decomposed into their launches, and which tensors Inductor's analysis of each kernel found it writes.

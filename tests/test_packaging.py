@@ -72,6 +72,7 @@ def run_without(module: str, code: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a subprocess
 def test_without_triton_the_package_runs_the_reference_and_a_forced_triton_backend_says_so():
     out = run_without("triton", """
         import warnings
@@ -108,6 +109,7 @@ def test_without_triton_the_package_runs_the_reference_and_a_forced_triton_backe
         out.stdout)
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_transformers_integration_without_transformers_names_the_extra():
     out = run_without("transformers", """
         import relora_kernels  # the package itself never needs transformers

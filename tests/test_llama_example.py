@@ -174,7 +174,7 @@ def test_given_tokenizer_folder_that_is_not_one_is_refused_in_one_line(folder, m
 def test_llama_tiny_trains_in_every_mode_and_samples_after_a_validation_prompt_without_the_lock(
         mode, corpus, cache_dir, tmp_path, capsys, monkeypatch):
     # relora (the switch, restarts, resume): the slow test above. The end-of-run sample: its prompt a window of the
-    # validation text, the out_dir lock already released (a second holder can take it).
+    # validation text, the out_dir lock already freed (a second holder can take it).
     lock_free = []
     original = pretrain_gpt2.sample
 

@@ -112,9 +112,9 @@ def test_a_huge_line_is_read_and_trained_on_in_bounded_pieces(tmp_path, monkeypa
             def __getattr__(self, name):
                 return getattr(tokenizer, name)
 
-            def encode_batch(self, batch):
+            def encode_batch(self, batch, **options):
                 longest["encode"] = max([longest["encode"], *map(len, batch)])
-                return real_encode(batch)
+                return real_encode(batch, **options)
         return Measured()
 
     monkeypatch.setattr(example_data, "train_tokenizer", train_tokenizer)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from model import sample_next
+from model import CausalLM
 
 LORA_TARGETS = r"h\.\d+\.(attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 
@@ -137,7 +137,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attn_norm(x))
 
 
-class Llama(nn.Module):
+class Llama(CausalLM):
     """The example's model interface (as model.GPT): forward(idx, targets) -> (logits, loss), generate, num_params,
     the blocks in .h (one FSDP unit each)."""
 
@@ -157,28 +157,8 @@ class Llama(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, trainable: bool | None = None) -> int:
-        """Parameters (the head counted: it is its own matrix); trainable=True/False counts only those."""
-        return sum(p.numel() for p in self.parameters() if trainable is None or p.requires_grad == trainable)
-
-    def forward(self, idx, targets=None):
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} is longer than block_size {self.config.block_size}")
+    def forward_logits(self, idx):
         x = self.wte(idx)
         for block in self.h:
             x = block(x)
-        logits = self.lm_head(self.norm_f(x))
-        if targets is None:
-            return logits, None
-        # Cross-entropy in fp32 whatever the autocast dtype, as model.GPT.
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50, generator=None):
-        """Sample max_new_tokens after idx (B, T); the context is cropped to block_size."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :])
-            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k, generator)), dim=1)
-        return idx
+        return self.lm_head(self.norm_f(x))

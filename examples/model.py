@@ -87,7 +87,35 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class CausalLM(nn.Module):
+    """What the example's models share (GPT here, llama.Llama): the loss, sampling and the parameter count. A
+    subclass builds .wte, .h (its blocks: one FSDP unit each), .lm_head and returns logits(idx) from forward_logits."""
+
+    def forward(self, idx, targets=None):
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} is longer than block_size {self.config.block_size}")
+        logits = self.forward_logits(idx)
+        if targets is None:
+            return logits, None
+        # Cross-entropy in fp32 whatever the autocast dtype: the softmax over the vocabulary is where bf16 hurts.
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self, trainable: bool | None = None) -> int:
+        """Parameters counted once (a tied head is the embedding); trainable=True/False counts only those."""
+        return sum(p.numel() for p in self.parameters() if trainable is None or p.requires_grad == trainable)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50, generator=None):
+        """Sample max_new_tokens after idx (B, T); the context is cropped to block_size."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size :])
+            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k, generator)), dim=1)
+        return idx
+
+
+class GPT(CausalLM):
     lora_targets = LORA_TARGETS
     tied_head = True  # lm_head.weight is wte.weight
 
@@ -118,32 +146,12 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, trainable: bool | None = None) -> int:
-        """Parameters counted once (the tied head is the embedding); trainable=True/False counts only those."""
-        return sum(p.numel() for p in self.parameters() if trainable is None or p.requires_grad == trainable)
-
-    def forward(self, idx, targets=None):
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+    def forward_logits(self, idx):
+        pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        if targets is None:
-            return logits, None
-        # Cross-entropy in fp32 whatever the autocast dtype: the softmax over the vocabulary is where bf16 hurts.
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50, generator=None):
-        """Sample max_new_tokens after idx (B, T); the context is cropped to block_size."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :])
-            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k, generator)), dim=1)
-        return idx
+        return self.lm_head(self.ln_f(x))
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:

@@ -198,3 +198,64 @@ def reinit_lora_(lora_a, lora_b, seed):
     with torch.no_grad():
         lora_a.copy_(reinit_uniform(seed, *lora_a.shape, device=lora_a.device))
         lora_b.zero_()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FP8 (e4m3) quantisation of the frozen GEMMs' operands: one scale per row, a power of two
+# ----------------------------------------------------------------------------------------------------------------
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3fn value, 1.75 * 2**8
+# The smallest scale exponent: a row scale is at least 2**-63, so that the product of two scales (the GEMM's
+# dequantisation, row scale x column scale) stays a normal fp32 number. A row whose absolute maximum is below
+# 448 * 2**-63 (~4.9e-17; an all-zero row, say) gets this scale and loses its smallest values to e4m3's range.
+FP8_MIN_SCALE_EXPONENT = -63
+_FP32_MANTISSA_BITS = 23
+_FP32_EXPONENT_BIAS = 127
+# 448 = (1 + 0x600000 / 2**23) * 2**8: a mantissa above this one needs the next power of two.
+_FP8_MAX_MANTISSA = 0x600000
+_FP8_MAX_EXPONENT = 8
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The scale of a row whose largest magnitude is `amax` (fp32): the smallest power of two s with amax / s <= 448,
+    at least 2**FP8_MIN_SCALE_EXPONENT.
+
+    A power of two because dividing by it is exact: quantising rounds once (the cast to e4m3), and dequantising
+    (multiplying a GEMM's fp32 accumulator by two such scales) rounds never. Computed from the bits of amax with
+    integer operations only, so that a kernel computing it the same way gets the same scale bit for bit (a log2 or a
+    division could round differently in different libraries).
+    """
+    if amax.dtype != torch.float32:
+        raise TypeError(f"amax must be float32, got {amax.dtype}")
+    bits = amax.contiguous().view(torch.int32)
+    exponent = ((bits >> _FP32_MANTISSA_BITS) & 0xFF) - _FP32_EXPONENT_BIAS
+    mantissa = bits & ((1 << _FP32_MANTISSA_BITS) - 1)
+    scale_exponent = exponent - _FP8_MAX_EXPONENT + (mantissa > _FP8_MAX_MANTISSA).to(torch.int32)
+    scale_exponent = scale_exponent.clamp_min(FP8_MIN_SCALE_EXPONENT)
+    return ((scale_exponent + _FP32_EXPONENT_BIAS) << _FP32_MANTISSA_BITS).view(torch.float32)
+
+
+def quantize_fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) for a 2-D tensor t: q (rows, cols) e4m3fn, contiguous, and scale (rows,) fp32, such that
+    t[i, j] ~ q[i, j] * scale[i]. Each row is divided by its own `fp8_scale` and rounded to nearest (ties to even)
+    into e4m3; the clamp to +-448 only catches what rounding of the scale could not (never, with these scales),
+    because e4m3fn has no infinity and an out-of-range cast would give NaN. NaN stays NaN.
+
+    W (N, K) quantised by rows is the forward's operand (a scale per output feature), W.T (K, N) by rows the input
+    gradient's (a scale per input feature); x (M, K) and dy (M, N) by rows, a scale per token.
+    """
+    if t.dim() != 2:
+        raise ValueError(f"t must be 2-D, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"t must be a floating-point tensor, got {t.dtype}")
+    wide = t.float()
+    amax = wide.abs().amax(dim=1) if t.shape[1] > 0 else wide.new_zeros(t.shape[0])
+    scale = fp8_scale(amax)
+    q = (wide / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.contiguous(), scale
+
+
+def dequantize_fp8_rows(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """q * scale[:, None] in `dtype`: exact in float64 (and in fp32, the scales being powers of two)."""
+    return q.to(dtype) * scale.to(dtype)[:, None]

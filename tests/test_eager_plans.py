@@ -49,8 +49,7 @@ def _check_against_reference(inputs, dropout_p, seed, y, grads, grad_y):
                                                                                  magnitudes[name]))
 
 
-@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dropout_p, bias", [(0.0, True), (0.25, False)], ids=["p0-bias", "p0.25-no-bias"])
 def test_a_planned_call_runs_the_plan_and_matches_the_reference(triton_backend, engine, dropout_p, bias,
                                                                   monkeypatch):
     monkeypatch.setattr(passes, "_forward_plans", {})

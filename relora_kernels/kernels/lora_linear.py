@@ -441,9 +441,9 @@ def _shrink(x, lora_a, dropout_p, seed, expand=None, launch=None):
     """S = dropout_p(x) @ A.T; with expand = (lora_b, scale, bias) also out = scale * S @ B.T + bias. Returns
     (S, out or None). `launch`: shrink_launch of the same operands' key, if the caller keeps it."""
     M, R = x.shape[0], lora_a.shape[0]
-    shrunk = x.new_empty((M, R))  # new_empty: fewer arguments to parse than torch.empty's, on every call
+    shrunk = torch.empty((M, R), device=x.device, dtype=x.dtype)
     lora_b, scale, bias = expand if expand is not None else (x, 0.0, None)
-    out = x.new_empty((M, lora_b.shape[0])) if expand is not None else None
+    out = torch.empty((M, lora_b.shape[0]), device=x.device, dtype=x.dtype) if expand is not None else None
     if M == 0:
         return shrunk, out
     launch = launch if launch is not None else shrink_launch(x, lora_a, dropout_p, expand)
@@ -498,7 +498,7 @@ def fused_matmul(lhs: torch.Tensor, rhs: torch.Tensor, low: torch.Tensor, up: to
     where given, so that timing the tiles allocates it once; `launch`: fused_matmul_launch of the same operands' key,
     if the caller keeps it. Not wrapped by `on_tensors_device`: its callers, the launchers of passes.py, are."""
     M, N = lhs.shape[0], rhs.shape[1]
-    out = lhs.new_empty((M, N)) if out is None else out
+    out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype) if out is None else out
     if M == 0 or N == 0:
         return out
     launch = launch if launch is not None else fused_matmul_launch(lhs, rhs, low, up, low_scale, bias, dropout_p, tile)
@@ -603,8 +603,8 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     grad_b = torch.zeros((*partials, N, R), device=dev, dtype=torch.float32)
     grad_bias = torch.zeros((*partials, N if need_bias_grad else 0), device=dev, dtype=torch.float32)
     ds_partial = torch.zeros((ds_partials, M, R), device=dev, dtype=torch.float32)
-    grad_shrunk = x.new_empty((M, R))
-    dx_start = x.new_empty((M, K)) if write_dx else None
+    grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
+    dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if write_dx else None
     if token_blocks > 0:
         # Placeholders for what a variant does not read or write are inputs it never writes (see launch.dropout_args).
         grad_b_launch((grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y))

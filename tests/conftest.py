@@ -70,12 +70,13 @@ def engine(request):
 
 @pytest.fixture
 def kernel_calls(monkeypatch, reference_blocked, engine):
-    """Count calls of the two passes, for each engine: kernels/passes.py's lora_forward and lora_backward,
-    which functional.py calls itself eagerly, or the registered ops of the same names, which run for meta tensors
-    (the GPU tests' dry run). torch.compile cannot trace the counting wrappers."""
+    """Count calls of the two passes, for each engine: kernels/passes.py's eager_forward and eager_backward, which
+    functional.py calls itself eagerly (planned or not), or the registered ops lora_forward and lora_backward, which
+    run for meta tensors (the GPU tests' dry run); counted under the ops' names. torch.compile cannot trace the
+    counting wrappers."""
     from relora_kernels import ops
     from relora_kernels.kernels import passes
 
-    names = ("lora_forward", "lora_backward")
-    calls = count_launches(monkeypatch, ops, names)
-    return count_launches(monkeypatch, passes, names, calls)
+    calls = count_launches(monkeypatch, ops, ("lora_forward", "lora_backward"))
+    return count_launches(monkeypatch, passes, {"eager_forward": "lora_forward", "eager_backward": "lora_backward"},
+                          calls)

@@ -42,7 +42,10 @@ RESTART_EVERY = {"reference": 3, "triton": 2}
 SEED = 11
 # Calls of the kernels' ops, counted by name (wrapped once in main): the reference backend must call none.
 OP_CALLS: dict[str, int] = {}
-COUNTED_OPS = ("lora_forward", "merge_lora_weight_", "reinit_lora_")
+# Each op's name, and where functional.py's eager path reaches its kernels: the forward pass (planned or not) and
+# the merge's two launches (which the registered ops reach too).
+COUNTED_OPS = {"lora_forward": ("passes", "eager_forward"), "merge_lora_weight_": ("merge", "_merge"),
+               "reinit_lora_": ("merge", "_reinit")}
 
 
 class Block(nn.Module):
@@ -99,20 +102,21 @@ def lora_layers(model) -> dict:
 
 
 def count_ops() -> None:
-    # The launchers functional.py calls eagerly (the registered ops are what torch.compile sees); ops registers
-    # them first, as the originals.
+    # What functional.py calls eagerly (the registered ops are what torch.compile sees); ops registers its
+    # launchers first, as the originals.
     from relora_kernels import ops  # noqa: F401
     from relora_kernels.kernels import merge, passes
 
-    for name in COUNTED_OPS:
-        module = merge if hasattr(merge, name) else passes
-        launcher = getattr(module, name)
+    modules = {"merge": merge, "passes": passes}
+    for name, (module_name, attribute) in COUNTED_OPS.items():
+        module = modules[module_name]
+        launcher = getattr(module, attribute)
 
         def counted(*args, _launcher=launcher, _name=name, **kwargs):
             OP_CALLS[_name] = OP_CALLS.get(_name, 0) + 1
             return _launcher(*args, **kwargs)
 
-        setattr(module, name, counted)
+        setattr(module, attribute, counted)
 
 
 class Collectives(TorchDispatchMode):

@@ -106,14 +106,14 @@ def make_inputs(lead, k, n, r, dtype, device="cpu", bias=True, seed=0):
 
 def count_launches(monkeypatch, module, names, calls: dict | None = None) -> dict:
     """Wrap the launchers `names` of `module` so that each call is counted in the returned dict (`calls`, to count
-    into one shared with other wrapped launchers)."""
+    into one shared with other wrapped launchers). `names` may map an attribute to the name it is counted under."""
     calls = {} if calls is None else calls
-    for name in names:
-        launcher = getattr(module, name)
+    for attribute, name in (names.items() if isinstance(names, dict) else zip(names, names, strict=True)):
+        launcher = getattr(module, attribute)
 
         def counted(*args, _launcher=launcher, _name=name, **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
             return _launcher(*args, **kwargs)
 
-        monkeypatch.setattr(module, name, counted)
+        monkeypatch.setattr(module, attribute, counted)
     return calls

@@ -18,6 +18,7 @@ from .modules import LoRALinear, apply_lora, merge_lora
 from .reference import FP8Weight, quantize_fp8_weight
 from .relora import ReLoRA, jagged_cosine
 
-__all__ = ["lora_linear", "lora_linear_fp8", "quantize_fp8_weight", "FP8Weight", "merge_and_reinit_", "LoRALinear", "apply_lora", "merge_lora", "save_peft_adapter",
+__all__ = ["lora_linear", "lora_linear_fp8", "quantize_fp8_weight", "FP8Weight", "merge_and_reinit_",
+            "LoRALinear", "apply_lora", "merge_lora", "save_peft_adapter",
            "load_peft_adapter", "ReLoRA", "jagged_cosine", "settings", "configure", "current_settings", "Settings"]
 __version__ = "0.1.0"

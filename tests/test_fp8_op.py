@@ -200,6 +200,21 @@ def test_deterministic_mode_is_bit_identical_run_to_run(fp8_kernels):
     second = run(rk.lora_linear_fp8, frozen, inputs, 0.5, 0.2, 5, grad_output(inputs, 51))
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(first[1][name], second[1][name]) for name in GRAD_NAMES)
+    check_against_float64_reference(inputs, 0.5, 0.2, 5, torch.float32)  # the partials' path, still right
+
+
+def test_autocast_casts_the_activation_side_and_not_the_copies():
+    # Under CPU autocast (bf16, the reference backend: the CPU default) x, A, B and bias are cast as lora_linear
+    # casts them; the FP8 copies stay as they are; fp32 parameters get fp32 gradients.
+    inputs = make_inputs((7,), 32, 16, 4, torch.float32)
+    frozen = rk.quantize_fp8_weight(inputs["weight"])
+    leaves = {name: inputs[name].clone().requires_grad_() for name in GRAD_NAMES}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rk.lora_linear_fp8(leaves["x"], frozen, leaves["lora_a"], leaves["lora_b"], 0.5, leaves["bias"])
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(leaves[name].grad.dtype == torch.float32 for name in GRAD_NAMES)
+    assert frozen.q.dtype == reference.FP8_DTYPE
 
 
 def test_reference_backend_in_bfloat16():

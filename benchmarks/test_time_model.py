@@ -53,3 +53,19 @@ def test_the_floor_is_two_gemms_at_the_recorded_cublas_rate():
     floor = time_model.floor_s(8192, 4096, 4096)
     for bound, rate in zip((floor.low, floor.high), time_model.CUBLAS_FLOPS, strict=True):
         assert abs(bound - 2 * (flops / rate + time_model.LAUNCH_US * 1e-6)) <= 1e-12
+
+
+def test_perf_notes_state_the_fp8_predictions_the_model_computes():
+    start = NOTES.index("## FP8 frozen weights: predicted time")
+    text = NOTES[start:NOTES.index("\n## ", start + 1)]
+    for name, shape in time_model.FP8_SHAPES.items():
+        ratios = time_model.fp8_ratios(*shape)
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        for engine in ("fp8_cublas", "fp8_triton"):
+            cell = (f"{ratios[f'{engine}_ms'].span(3)} ms: {ratios[f'{engine}_vs_eager'].span(2)}x / "
+                    f"{ratios[f'{engine}_vs_bf16'].span(2)}x")
+            assert cell in row, f"PERF_NOTES' FP8 row {name!r} is not the model's: {cell!r}"
+
+
+def test_the_eager_bytes_are_the_recorded_headline_figure_there():
+    assert time_model.eager_bytes(8192, 4096, 4096) == time_model.EAGER_BYTES

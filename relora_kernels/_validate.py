@@ -59,6 +59,8 @@ def check_same_dtype_and_device(**tensors: torch.Tensor | None) -> None:
 
 
 def check_scalar(name: str, value) -> float:
+    if type(value) is float and -math.inf < value < math.inf:  # the common call, before the general checks
+        return value
     symbolic = isinstance(value, torch.SymFloat)  # traced by torch.compile(dynamic=True): checked by its guards
     if isinstance(value, bool) or not (symbolic or isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -69,6 +71,8 @@ def check_scalar(name: str, value) -> float:
 
 def check_probability(name: str, value) -> float:
     """A real number in [0, 1) (a dropout probability)."""
+    if type(value) is float and 0.0 <= value < 1.0:  # the common call, before the general checks
+        return value
     p = check_scalar(name, value)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
@@ -99,6 +103,8 @@ def check_choice(name: str, value, choices) -> str:
 
 
 def check_seed(seed) -> int:
+    if type(seed) is int and 0 <= seed < SEED_LIMIT:  # the common call, before the general checks
+        return seed
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if not 0 <= seed < SEED_LIMIT:
@@ -106,8 +112,33 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def _lora_linear_args_pass(x, weight, lora_a, lora_b, bias) -> bool:
+    """Whether check_lora_linear_args would pass, computed without its per-argument calls: the good path of every
+    layer call. Anything unexpected answers False, and the full checks then say what is wrong."""
+    try:
+        (n, k), (r, k_a), (n_b, r_b) = weight.shape, lora_a.shape, lora_b.shape
+        dtype, device = x.dtype, x.device
+        good = (type(x) in _TENSOR_TYPES and type(weight) in _TENSOR_TYPES and type(lora_a) in _TENSOR_TYPES
+                and type(lora_b) in _TENSOR_TYPES and dtype.is_floating_point and x.dim() >= 1 and x.shape[-1] == k
+                and k_a == k and n_b == n and r_b == r and r >= 1
+                and weight.dtype == dtype and lora_a.dtype == dtype and lora_b.dtype == dtype
+                and weight.device == device and lora_a.device == device and lora_b.device == device)
+        if bias is None or not good:
+            return good
+        return (type(bias) in _TENSOR_TYPES and bias.dim() == 1 and bias.shape[0] == n and bias.dtype == dtype
+                and bias.device == device)
+    except (AttributeError, TypeError, ValueError):  # not a tensor, or not 2-D: the full checks name it
+        return False
+
+
+# Exactly these types take the fast check; subclasses (DTensor, fake and functional tensors) the full one.
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def check_lora_linear_args(x, weight, lora_a, lora_b, bias) -> None:
     """Shapes per docs/DESIGN.md section 1: x (..., K), weight (N, K), lora_a (r, K), lora_b (N, r), bias (N,)."""
+    if _lora_linear_args_pass(x, weight, lora_a, lora_b, bias):
+        return
     check_float_tensor("x", x)
     check_float_tensor("weight", weight, ndim=2)
     check_float_tensor("lora_a", lora_a, ndim=2)

@@ -71,12 +71,43 @@ def _eager(x: torch.Tensor) -> bool:
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+def _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias):
+    """backward's return: the gradients asked for, in forward's argument order. dW = dy.T @ x only if the caller
+    unfroze W (a full-rank phase); LoRA training keeps W frozen. scale, dropout_p and deterministic are Python
+    scalars, seed an integer tensor: no gradient."""
+    need_x, need_weight, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    return (grad_x if need_x else None, grad_y.T @ x if need_weight else None, grad_a if need_a else None,
+            grad_b if need_b else None, grad_bias if need_bias else None, None, None, None, None)
+
+
+class EagerLoRALinearFunction(torch.autograd.Function):
+    """Autograd of the kernel path on 2-D plain tensors outside tracing: the passes' eager plans (kernels/passes.py),
+    one output y. S and the seed are kept on ctx as attributes: intermediates no caller ever sees, so nothing can
+    modify them in place before backward, which is what save_for_backward's version checks guard against."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic):
+        y, ctx.shrunk = _passes().eager_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        ctx.seed, ctx.scale, ctx.dropout_p, ctx.deterministic = seed, scale, dropout_p, deterministic
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        grad_x, grad_a, grad_b, grad_bias = _passes().eager_backward(
+            grad_y, x, weight, lora_a, lora_b, ctx.shrunk, ctx.scale, ctx.dropout_p, ctx.seed,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.deterministic)
+        return _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias)
+
+
 class LoRALinearFunction(torch.autograd.Function):
-    """Autograd of the kernel path on 2-D x; returns (y, S), S being non-differentiable and kept for backward."""
+    """Autograd of the kernel path on 2-D x under tracing (torch.compile, functorch transforms, tensor subclasses):
+    the torch.library ops, which the compiler sees whole; returns (y, S), S non-differentiable, kept for backward."""
 
     @staticmethod
     def forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic):
-        if _eager(x):
+        if _eager(x):  # a functorch transform over plain tensors
             with set_wrap_triton_enabled(False):
                 return _passes().lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
         return _ops().lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
@@ -92,26 +123,21 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_shrunk):
         x, weight, lora_a, lora_b, shrunk, seed = ctx.saved_tensors
-        need_x, need_weight, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         # dS = s * dy @ B;  dB = s * dy.T @ S;  dA = dS.T @ x~;  dbias = dy.sum(0);  dx = dy @ W + (dS @ A) * m / (1-p)
-        args = (grad_y, x, weight, lora_a, lora_b, shrunk, ctx.scale, ctx.dropout_p, seed, need_x, need_bias,
-                ctx.deterministic)
+        args = (grad_y, x, weight, lora_a, lora_b, shrunk, ctx.scale, ctx.dropout_p, seed, ctx.needs_input_grad[0],
+                ctx.needs_input_grad[4], ctx.deterministic)
         if _eager(grad_y):
             with set_wrap_triton_enabled(False):
                 grad_x, grad_a, grad_b, grad_bias = _passes().lora_backward(*args)
         else:
             grad_x, grad_a, grad_b, grad_bias = _ops().lora_backward(*args)
-        # dW = dy.T @ x, only if the caller unfroze W (a full-rank phase); LoRA training keeps W frozen.
-        grad_weight = grad_y.T @ x if need_weight else None
-        # scale, dropout_p and deterministic are Python scalars, seed an integer tensor: no gradient.
-        return (grad_x if need_x else None, grad_weight, grad_a if need_a else None, grad_b if need_b else None,
-                grad_bias if need_bias else None, None, None, None, None)
+        return _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias)
 
 
 # Function.apply binds its arguments to forward's signature through inspect on every call (~10 us), only to fill in
-# defaults, which LoRALinearFunction has none of; with every argument given positionally and no functorch transform
-# active, it then calls this, the C++ apply.
-_apply_eagerly = super(torch.autograd.Function, LoRALinearFunction).apply
+# defaults, which EagerLoRALinearFunction has none of; with every argument given positionally and no functorch
+# transform active, it then calls this, the C++ apply.
+_apply_eagerly = super(torch.autograd.Function, EagerLoRALinearFunction).apply
 
 
 def draw_seed() -> int:
@@ -134,8 +160,14 @@ def _dropout_seed(seed, dropout_p: float, device: torch.device) -> torch.Tensor 
     return torch.full((), seed, dtype=torch.int64, device=device)
 
 
+# One C call answering for every device type (torch >= 2.4); older torch asks per device type below.
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _autocast_inputs(*tensors):
     """Cast every floating tensor to the autocast dtype when autocast is on for x's device type."""
+    if not _any_autocast_enabled():  # the common call: no autocast anywhere
+        return tensors
     x = tensors[0]
     # Autocast has no meta device type (is_autocast_enabled("meta") raises): meta tensors, which only infer
     # shapes, are never cast.
@@ -182,7 +214,7 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
     flat = x if x.dim() == 2 else x.reshape(-1, in_features)
     args = (flat, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic())
     if _eager(x) and not torch._C._are_functorch_transforms_active():
-        y, _ = _apply_eagerly(*args)
+        y = _apply_eagerly(*args)
     else:
         y, _ = LoRALinearFunction.apply(*args)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
@@ -326,29 +358,45 @@ def merge_and_reinit_(weight, lora_a, lora_b, scale, *, seed):
     ranks stay identical with no broadcast. weight (N, K), lora_a (r, K), lora_b (N, r), one dtype and device.
     Plain tensors only: FSDP2-sharded (DTensor) parameters restart through LoRALinear.merge_and_reinit or ReLoRA.
     """
-    if any(map(is_dtensor, (weight, lora_a, lora_b))):
-        raise TypeError("merge_and_reinit_ takes plain tensors, got DTensors (FSDP2-sharded parameters): restart "
-                        "the layer with LoRALinear.merge_and_reinit or ReLoRA.step, which merge each shard locally")
-    check_float_tensor("weight", weight, ndim=2)
-    check_float_tensor("lora_a", lora_a, ndim=2)
-    check_float_tensor("lora_b", lora_b, ndim=2)
-    check_same_dtype_and_device(weight=weight, lora_a=lora_a, lora_b=lora_b)
-    check_lora_shapes(weight, lora_a, lora_b)
+    if not _merge_args_pass(weight, lora_a, lora_b):
+        if any(map(is_dtensor, (weight, lora_a, lora_b))):
+            raise TypeError("merge_and_reinit_ takes plain tensors, got DTensors (FSDP2-sharded parameters): "
+                            "restart the layer with LoRALinear.merge_and_reinit or ReLoRA.step, which merge each "
+                            "shard locally")
+        check_float_tensor("weight", weight, ndim=2)
+        check_float_tensor("lora_a", lora_a, ndim=2)
+        check_float_tensor("lora_b", lora_b, ndim=2)
+        check_same_dtype_and_device(weight=weight, lora_a=lora_a, lora_b=lora_b)
+        check_lora_shapes(weight, lora_a, lora_b)
     scale = check_scalar("scale", scale)
     seed = check_seed(seed)
-    with torch.no_grad():
-        if use_triton(weight.device):
-            check_kernel_dtype("weight", weight)
-            if _eager(weight):
-                from .kernels import merge
-
-                with set_wrap_triton_enabled(False):
-                    merge.merge_lora_weight_(weight, lora_a, lora_b, scale)
-                    merge.reinit_lora_(lora_a, lora_b, seed)
-            else:
-                ops = _ops()
-                ops.merge_lora_weight_(weight, lora_a, lora_b, scale)
-                ops.reinit_lora_(lora_a, lora_b, seed)
-        else:
+    if not use_triton(weight.device):
+        with torch.no_grad():  # in-place torch ops on parameters
             reference.merge_lora_weight_(weight, lora_a, lora_b, scale)
             reference.reinit_lora_(lora_a, lora_b, seed)
+        return
+    check_kernel_dtype("weight", weight)
+    # The kernels write through pointers: no autograd to keep out of it.
+    if _eager(weight):
+        from .kernels import merge
+
+        merge.merge_and_reinit_eagerly(weight, lora_a, lora_b, scale, seed)
+    else:
+        ops = _ops()
+        with torch.no_grad():  # the registered ops mutate parameters that require grad
+            ops.merge_lora_weight_(weight, lora_a, lora_b, scale)
+            ops.reinit_lora_(lora_a, lora_b, seed)
+
+
+def _merge_args_pass(weight, lora_a, lora_b) -> bool:
+    """Whether merge_and_reinit_'s tensor checks would pass, computed without their per-argument calls (as
+    _validate's check of lora_linear's arguments); anything unexpected answers False and the full checks run."""
+    try:
+        (n, k), (r, k_a), (n_b, r_b) = weight.shape, lora_a.shape, lora_b.shape
+        dtype, device = weight.dtype, weight.device
+        return (type(weight) in _PLAIN_TENSOR_TYPES and type(lora_a) in _PLAIN_TENSOR_TYPES
+                and type(lora_b) in _PLAIN_TENSOR_TYPES and dtype.is_floating_point and k_a == k and n_b == n
+                and r_b == r and r >= 1 and lora_a.dtype == dtype and lora_b.dtype == dtype
+                and lora_a.device == device and lora_b.device == device)
+    except (AttributeError, TypeError, ValueError):
+        return False

@@ -18,8 +18,9 @@ from torch._library.triton import set_wrap_triton_enabled
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without the interpreter"
 
+import relora_kernels as rk  # noqa: E402
 from benchmarks.host_overhead import stubbed_launches  # noqa: E402 (after the check above)
-from relora_kernels.kernels import lora_linear  # noqa: E402
+from relora_kernels.kernels import lora_linear, passes  # noqa: E402
 
 RECORDED: list[tuple] = []
 
@@ -75,7 +76,20 @@ def main() -> int:
             results[name] = {"same_launcher": triton_path[0] == cached_path[0], "same_grid": triton_path[1] ==
                              cached_path[1], "same_args": same_args, "arguments": len(cached_path[2])}
         results["distinct_kernels"] = len(set(calls.values())) == len(calls)
-        results["cache_entries"] = sum(len(plan[3]) for plan in lora_linear._SHRINK.plans.values())
+        results["cache_entries"] = sum(len(plan.compiled) for plan in lora_linear._SHRINK.plans.values())
+
+        # The eager pass's plan (kernels/passes.py) is keyed by shapes and strides, not alignment: a planned call
+        # whose x is 4 bytes off must still get the kernel compiled for that alignment, through the plan's launches.
+        weight, lora_b = torch.randn(80, K), torch.randn(80, R)
+        with rk.settings(backend="triton", autotune=False, engine="triton"):
+            launchers = {}
+            for name, x in (("first", aligned), ("planned", aligned), ("planned_misaligned", misaligned)):
+                RECORDED.clear()
+                passes.eager_forward(x, weight, lora_a, lora_b, 0.5, None, 0.1, seed)
+                launchers[name] = [call[0] for call in RECORDED]  # the shrink's launcher, then the GEMM's
+        results["plan"] = {"launches": [len(v) for v in launchers.values()],
+                           "planned_same_kernels": launchers["planned"] == launchers["first"],
+                           "misaligned_other_shrink": launchers["planned_misaligned"][0] != launchers["planned"][0]}
     print(json.dumps(results))
     return 0
 

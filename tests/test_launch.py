@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_cached_launch_passes_what_triton_passes_and_follows_a_changed_specialisation():
     # Compiled for sm_90 against a stand-in driver (no GPU needed): the launcher call made from launch.py's cache is
     # the one Triton's own launch makes, and an operand 4 bytes off 16-byte alignment, or with its unit stride on
-    # the other axis, gets the kernel Triton compiles for it, not the cached one.
+    # the other axis, gets the kernel Triton compiles for it, not the cached one; so does one that a planned eager
+    # call passes.
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
         "PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "launch_check.py")], env=env, capture_output=True,
@@ -33,6 +34,8 @@ def test_cached_launch_passes_what_triton_passes_and_follows_a_changed_specialis
     for case in ("aligned", "misaligned", "column_major"):
         assert results[case]["same_launcher"] and results[case]["same_grid"] and results[case]["same_args"], results
     assert results["distinct_kernels"] and results["cache_entries"] == 3, results
+    plan = results["plan"]
+    assert plan["launches"] == [2, 2, 2] and plan["planned_same_kernels"] and plan["misaligned_other_shrink"], plan
 
 
 @pytest.mark.parametrize("engine", ["triton", "cublas"])

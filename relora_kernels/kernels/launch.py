@@ -137,44 +137,79 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+class BoundLaunch:
+    """One key's launches from a site: its grid, the arguments after the pointers and the launch options, computed
+    once, and the compiled kernel of each specialisation seen. Calling it with the pointers launches. The passes keep
+    one per launch of a call's plan (kernels/passes.py), so a planned call pays neither the key nor its lookup."""
+
+    __slots__ = ("site", "key", "grid", "tail", "options", "compiled", "_grid_yz")
+
+    def __init__(self, site: LaunchSite, key: tuple):
+        self.site, self.key = site, key
+        grid, scalars, options = site.configure(*key)
+        self.grid, self.options, self.compiled = grid, options, {}
+        names = site.kernel.arg_names
+        tail_names = names[len(names) - len(scalars):]
+        if set(tail_names) != set(scalars):  # a configure that does not give exactly the arguments after the pointers
+            raise ValueError(f"{site.kernel.__name__}: the arguments after the pointers are {tail_names}, "
+                             f"configure gave {sorted(scalars)}")
+        self.tail = tuple(scalars[name] for name in tail_names)
+        self._grid_yz = (grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+
+    def __call__(self, pointers: tuple) -> None:
+        kernel = self.site.kernel
+        if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+            kernel[self.grid](*pointers, *self.tail, **self.options)
+            return
+        device = driver.active.get_current_device()
+        specialisation = (device, *[(t.dtype, t.data_ptr() % 16 == 0) for t in pointers])
+        compiled = self.compiled.get(specialisation)
+        if compiled is None:
+            compiled = kernel[self.grid](*pointers, *self.tail, **self.options)  # Triton's own launch, compiling
+            self.compiled[specialisation] = _Compiled(compiled)
+            return
+        compiled.run(self.grid[0], *self._grid_yz, driver.active.get_current_stream(device), compiled.function,
+                     compiled.packed_metadata, None, None, None, *pointers, *self.tail)
+
+
+class _TracedLaunch:
+    """A key's launches where every launch is configured anew and made by name: through tracing's wrapper or the
+    interpreter, which have no compiled launcher to call."""
+
+    __slots__ = ("site", "key", "traceable_kernel")
+
+    def __init__(self, site: LaunchSite, key: tuple, traceable_kernel):
+        self.site, self.key, self.traceable_kernel = site, key, traceable_kernel
+
+    def __call__(self, pointers: tuple) -> None:
+        grid, scalars, options = self.site.configure(*self.key)
+        names = self.site.kernel.arg_names[:len(pointers)]
+        self.traceable_kernel[grid](**dict(zip(names, pointers, strict=True)), **scalars, **options)
+
+
 class LaunchSite:
     """A place a kernel is launched from, whose launches' non-tensor arguments are a function of a key: `configure(
     *key)` gives (grid, the arguments after the pointers by name, launch options), computed once per key. A launch
     passes the key and the kernel's leading pointer arguments in order.
 
     Through `traceable_kernel` (tracing's wrapper, the interpreter's function, a build-only stand-in) every launch
-    is configured anew and made by name. Otherwise the plan is cached, and each compiled specialisation (the
-    pointers' dtypes and 16-byte alignment: the rest is fixed by the key) is started by its launcher directly."""
+    is configured anew and made by name. Otherwise the key's `BoundLaunch` is cached, and each compiled
+    specialisation (the pointers' dtypes and 16-byte alignment: the rest is fixed by the key) is started by its
+    launcher directly."""
 
     def __init__(self, kernel, configure):
         self.kernel, self.configure = kernel, configure
-        self.plans: dict[tuple, tuple] = {}
+        self.plans: dict[tuple, BoundLaunch] = {}
+
+    def bind(self, traceable_kernel, key: tuple) -> BoundLaunch | _TracedLaunch:
+        """The launch of `key`, to be called with the pointers (as often as wanted, while the key holds)."""
+        if traceable_kernel is not self.kernel or _interpreted(self.kernel):
+            return _TracedLaunch(self, key, traceable_kernel)
+        bound = self.plans.get(key)
+        return bound if bound is not None else remember(self.plans, key, BoundLaunch(self, key))
 
     def launch(self, traceable_kernel, key: tuple, pointers: tuple) -> None:
-        if traceable_kernel is not self.kernel or _interpreted(self.kernel):
-            grid, scalars, options = self.configure(*key)
-            names = self.kernel.arg_names[:len(pointers)]
-            traceable_kernel[grid](**dict(zip(names, pointers, strict=True)), **scalars, **options)
-            return
-        plan = self.plans.get(key)
-        if plan is None:
-            grid, scalars, options = self.configure(*key)
-            tail = tuple(scalars[name] for name in self.kernel.arg_names[len(pointers):])
-            plan = remember(self.plans, key, (grid, tail, tuple(options.items()), {}))
-        grid, tail, options, compiled_by_pointers = plan
-        if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
-            self.kernel[grid](*pointers, *tail, **dict(options))
-            return
-        device = driver.active.get_current_device()
-        specialisation = (device, *[(t.dtype, t.data_ptr() % 16 == 0) for t in pointers])
-        compiled = compiled_by_pointers.get(specialisation)
-        if compiled is None:
-            compiled = self.kernel[grid](*pointers, *tail, **dict(options))  # Triton's own launch, compiling if new
-            compiled_by_pointers[specialisation] = _Compiled(compiled)
-            return
-        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                     driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None, None,
-                     None, *pointers, *tail)
+        self.bind(traceable_kernel, key)(pointers)
 
 
 def _interpreted(kernel) -> bool:

@@ -427,22 +427,29 @@ def _shrink_plan(dtype, M, K, R, N, x_strides, a_strides, b_strides, bias_stride
 _SHRINK = LaunchSite(_shrink_kernel, _shrink_plan)
 
 
-def _shrink(x, lora_a, dropout_p, seed, expand=None):
-    """S = dropout_p(x) @ A.T; with expand = (lora_b, scale, bias) also out = scale * S @ B.T + bias. Returns
-    (S, out or None)."""
+def shrink_launch(x, lora_a, dropout_p, expand=None):
+    """The shrink's launch for these operands' key (see _shrink), to be passed back to it as `launch`."""
     (M, K), R = x.shape, lora_a.shape[0]
-    shrunk = torch.empty((M, R), device=x.device, dtype=x.dtype)
     lora_b, scale, bias = expand if expand is not None else (x, 0.0, None)
     N = lora_b.shape[0] if expand is not None else 0
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype) if expand is not None else None
-    if M == 0:
-        return shrunk, out
     key = (x.dtype, M, K, R, N, x.stride(), lora_a.stride(), lora_b.stride(), 0 if bias is None else bias.stride(0),
            scale, dropout_p, expand is not None, bias is not None, dot_precision(x.dtype), x.device.index)
+    return _SHRINK.bind(traceable(_shrink_kernel), key)
+
+
+def _shrink(x, lora_a, dropout_p, seed, expand=None, launch=None):
+    """S = dropout_p(x) @ A.T; with expand = (lora_b, scale, bias) also out = scale * S @ B.T + bias. Returns
+    (S, out or None). `launch`: shrink_launch of the same operands' key, if the caller keeps it."""
+    M, R = x.shape[0], lora_a.shape[0]
+    shrunk = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    lora_b, scale, bias = expand if expand is not None else (x, 0.0, None)
+    out = torch.empty((M, lora_b.shape[0]), device=x.device, dtype=x.dtype) if expand is not None else None
+    if M == 0:
+        return shrunk, out
+    launch = launch if launch is not None else shrink_launch(x, lora_a, dropout_p, expand)
     # Placeholders for what a variant does not read are inputs the kernel never writes (see launch.dropout_args).
-    _SHRINK.launch(traceable(_shrink_kernel), key, (
-        x, lora_a, shrunk, seed if dropout_p > 0.0 else x, lora_b, x if bias is None else bias,
-        x if out is None else out))
+    launch((x, lora_a, shrunk, seed if dropout_p > 0.0 else x, lora_b, x if bias is None else bias,
+            x if out is None else out))
     return shrunk, out
 
 
@@ -474,23 +481,29 @@ def _fused_matmul_plan(M, N, K, R, lhs_strides, rhs_strides, low_strides, up_str
 _FUSED_MATMUL = LaunchSite(_fused_matmul_kernel, _fused_matmul_plan)
 
 
+def fused_matmul_launch(lhs, rhs, low, up, low_scale, bias, dropout_p, tile):
+    """The fused GEMM's launch for these operands' key (see fused_matmul), to be passed back to it as `launch`."""
+    (M, K), N, R = lhs.shape, rhs.shape[1], low.shape[1]
+    key = (M, N, K, R, lhs.stride(), rhs.stride(), low.stride(), up.stride(), 0 if bias is None else bias.stride(0),
+           low_scale, dropout_p, bias is not None, tile, dot_precision(lhs.dtype), lhs.device.index)
+    return _FUSED_MATMUL.bind(traceable(_fused_matmul_kernel), key)
+
+
 def fused_matmul(lhs: torch.Tensor, rhs: torch.Tensor, low: torch.Tensor, up: torch.Tensor, low_scale: float,
                  bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None, *, tile: policy.GemmTile,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, launch=None) -> torch.Tensor:
     """out = lhs @ rhs + low_scale * mask(low @ up) + bias, (M, N) in lhs's dtype, by the pointer-load kernel with
     `tile` (one of policy.GEMM_TILES, used as given): lhs (M, K), rhs (K, N), low (M, R), up (R, N), any strides;
     the keep-mask of the (M, N) output drawn from `seed` when dropout_p > 0. Writes into `out` (contiguous (M, N))
-    where given, so that timing the tiles allocates it once. Not wrapped by `on_tensors_device`: its callers, the
-    launchers of passes.py, are."""
-    (M, K), N, R = lhs.shape, rhs.shape[1], low.shape[1]
+    where given, so that timing the tiles allocates it once; `launch`: fused_matmul_launch of the same operands' key,
+    if the caller keeps it. Not wrapped by `on_tensors_device`: its callers, the launchers of passes.py, are."""
+    M, N = lhs.shape[0], rhs.shape[1]
     out = torch.empty((M, N), device=lhs.device, dtype=lhs.dtype) if out is None else out
     if M == 0 or N == 0:
         return out
-    key = (M, N, K, R, lhs.stride(), rhs.stride(), low.stride(), up.stride(), 0 if bias is None else bias.stride(0),
-           low_scale, dropout_p, bias is not None, tile, dot_precision(lhs.dtype), lhs.device.index)
+    launch = launch if launch is not None else fused_matmul_launch(lhs, rhs, low, up, low_scale, bias, dropout_p, tile)
     # Placeholders for what a variant does not read are inputs the kernel never writes (see launch.dropout_args).
-    _FUSED_MATMUL.launch(traceable(_fused_matmul_kernel), key, (
-        lhs, rhs, low, up, lhs if bias is None else bias, out, seed if dropout_p > 0.0 else lhs))
+    launch((lhs, rhs, low, up, lhs if bias is None else bias, out, seed if dropout_p > 0.0 else lhs))
     return out
 
 
@@ -558,30 +571,49 @@ _GRAD_B = LaunchSite(_grad_b_kernel, _grad_b_plan)
 _GRAD_A = LaunchSite(_grad_a_kernel, _grad_a_plan)
 
 
-def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic):
-    """(dA, dB, dS, dbias, dx start or None): dx's start mask(dS @ A) / (1-p) is written by the dA launch when
-    lora_a is given (the cuBLAS-composed engine)."""
+def grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_bias_grad, deterministic):
+    """(layout, dB launch, dA launch) of the two gradient launches for these operands' key (see _grad_ab), to be
+    passed back to it as `launches`; lora_a as there (None unless the dA launch also writes dx's start)."""
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
     write_dx = lora_a is not None
     layout_key = (M, N, K, R, x.dtype, write_dx, deterministic, x.device.index)
-    _, token_blocks, (n_splits, _), _, token_partials, ds_partials = _grad_ab_layout(*layout_key)
+    precision = dot_precision(x.dtype)
+    a = lora_a if write_dx else x
+    return (_grad_ab_layout(*layout_key),
+            _GRAD_B.bind(traceable(_grad_b_kernel), (*layout_key, grad_y.stride(), shrunk.stride(), lora_b.stride(),
+                                                     scale, need_bias_grad, precision)),
+            _GRAD_A.bind(traceable(_grad_a_kernel), (*layout_key, x.stride(), a.stride(), scale, dropout_p,
+                                                     precision)))
+
+
+def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
+             launches=None):
+    """(dA, dB, dS, dbias, dx start or None): dx's start mask(dS @ A) / (1-p) is written by the dA launch when
+    lora_a is given (the cuBLAS-composed engine). `launches`: grad_ab_launches of the same operands' key, if the
+    caller keeps them."""
+    if launches is None:
+        launches = grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_bias_grad, deterministic)
+    (_, token_blocks, _, _, token_partials, ds_partials), grad_b_launch, grad_a_launch = launches
+    (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
+    write_dx = lora_a is not None
     dev = x.device
-    grad_a = torch.zeros((token_partials, R, K), device=dev, dtype=torch.float32)
-    grad_b = torch.zeros((token_partials, N, R), device=dev, dtype=torch.float32)
-    grad_bias = torch.zeros((token_partials, N if need_bias_grad else 0), device=dev, dtype=torch.float32)
+    # With one partial (atomics) the buffers are the sums themselves: 2-D, nothing left to add up.
+    partials = () if token_partials == 1 else (token_partials,)
+    grad_a = torch.zeros((*partials, R, K), device=dev, dtype=torch.float32)
+    grad_b = torch.zeros((*partials, N, R), device=dev, dtype=torch.float32)
+    grad_bias = torch.zeros((*partials, N if need_bias_grad else 0), device=dev, dtype=torch.float32)
     ds_partial = torch.zeros((ds_partials, M, R), device=dev, dtype=torch.float32)
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
     dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if write_dx else None
     if token_blocks > 0:
-        precision = dot_precision(x.dtype)
         # Placeholders for what a variant does not read or write are inputs it never writes (see launch.dropout_args).
-        _GRAD_B.launch(traceable(_grad_b_kernel), (*layout_key, grad_y.stride(), shrunk.stride(), lora_b.stride(),
-                                                  scale, need_bias_grad, precision), (
-            grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y))
+        grad_b_launch((grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y))
         a, dx = (lora_a, dx_start) if write_dx else (x, x)
-        _GRAD_A.launch(traceable(_grad_a_kernel), (*layout_key, x.stride(), a.stride(), scale, dropout_p, precision), (
-            x, ds_partial, grad_shrunk, grad_a, seed if dropout_p > 0.0 else x, a, dx))
-    grad_a, grad_b, grad_bias = (_sum_partials(t, x.dtype) for t in (grad_a, grad_b, grad_bias))
+        grad_a_launch((x, ds_partial, grad_shrunk, grad_a, seed if dropout_p > 0.0 else x, a, dx))
+    if partials:
+        grad_a, grad_b, grad_bias = (t.sum(0) for t in (grad_a, grad_b, grad_bias))
+    if x.dtype != torch.float32:  # rounded once into the inputs' dtype
+        grad_a, grad_b, grad_bias = grad_a.to(x.dtype), grad_b.to(x.dtype), grad_bias.to(x.dtype)
     return grad_a, grad_b, grad_shrunk, grad_bias, dx_start
 
 
@@ -597,12 +629,6 @@ def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lo
     (bit-identical run to run on one GPU model, at the cost of token_blocks x (N + K) x r x 4 bytes of scratch).
     """
     return _grad_ab(grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic)[:4]
-
-
-def _sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Sum the per-program partials (a fixed-order torch reduction) and round once into `dtype`."""
-    total = partials[0] if partials.shape[0] == 1 else partials.sum(0)
-    return total if total.dtype == dtype else total.to(dtype)
 
 
 @on_tensors_device

@@ -137,23 +137,39 @@ _MERGE = LaunchSite(_merge_kernel, _merge_plan)
 _REINIT = LaunchSite(_reinit_kernel, _reinit_plan)
 
 
-@on_tensors_device
-def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
-    """W <- W + s * B @ A in place, fp32 accumulation, one rounding into W's dtype."""
+def _merge(weight, lora_a, lora_b, scale, kernel) -> None:
     (N, K), R = weight.shape, lora_a.shape[0]
     if R > MAX_RANK:
         raise ValueError(f"lora_a has r = {R} rows; the Triton kernels support r <= {MAX_RANK}")
     if weight.numel() == 0:
         return
-    _MERGE.launch(traceable(_merge_kernel), (N, K, R, weight.dtype, weight.stride(), lora_a.stride(), lora_b.stride(),
-                                             scale, weight.device.index), (weight, lora_a, lora_b))
+    _MERGE.launch(kernel, (N, K, R, weight.dtype, weight.stride(), lora_a.stride(), lora_b.stride(), scale,
+                           weight.device.index), (weight, lora_a, lora_b))
+
+
+def _reinit(lora_a, lora_b, seed, kernel) -> None:
+    (R, K), N = lora_a.shape, lora_b.shape[0]
+    if R * K + N * R == 0:
+        return
+    _REINIT.launch(kernel, (R, K, N, lora_a.stride(), lora_b.stride(), seed), (lora_a, lora_b))
+
+
+@on_tensors_device
+def merge_lora_weight_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
+    """W <- W + s * B @ A in place, fp32 accumulation, one rounding into W's dtype."""
+    _merge(weight, lora_a, lora_b, scale, traceable(_merge_kernel))
 
 
 @on_tensors_device
 def reinit_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, seed: int) -> None:
     """A <- U(-1/sqrt(K), 1/sqrt(K)) keyed by `seed`, B <- 0, in place."""
-    (R, K), N = lora_a.shape, lora_b.shape[0]
-    if R * K + N * R == 0:
-        return
-    _REINIT.launch(traceable(_reinit_kernel), (R, K, N, lora_a.stride(), lora_b.stride(), seed),
-                   (lora_a, lora_b))
+    _reinit(lora_a, lora_b, seed, traceable(_reinit_kernel))
+
+
+@on_tensors_device
+def merge_and_reinit_eagerly(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                             seed: int) -> None:
+    """merge_lora_weight_, then reinit_lora_: for calls outside tracing (functional.py's eager path), which launch
+    the kernels themselves, not through tracing's wrapper."""
+    _merge(weight, lora_a, lora_b, scale, _merge_kernel)
+    _reinit(lora_a, lora_b, seed, _reinit_kernel)

@@ -13,12 +13,15 @@ lora_forward and lora_backward as torch.library ops and functional.py calls them
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
+from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake  # also sees through AOT tracing's functional tensors
 
 from . import fused_gemm_tma, lora_linear, policy
-from .launch import on_tensors_device
+from .launch import dot_precision, on_tensors_device, remember
 
 
 def _is_fake(*tensors: torch.Tensor) -> bool:
@@ -110,6 +113,141 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, l
     if need_input_grad:
         grad_x = _fused_matmul(grad_y, weight, grad_shrunk, lora_a, 1.0 / (1.0 - dropout_p), None, dropout_p, seed,
                                gemm)
+    else:
+        grad_x = x.new_empty((0, x.shape[1]))
+    return grad_x, grad_a, grad_b, grad_bias
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The eager path: each pass's launches planned once per key (docs/DESIGN.md section 8)
+# ----------------------------------------------------------------------------------------------------------------
+# functional.py calls these outside tracing. The first call of a key runs the pass as above, which chooses the engine
+# and the tile (timing tiles if it must); once both are settled, the pass's plan keeps them with the launches they
+# imply (lora_linear's *_launch functions: grid, arguments and compiled kernels), so later calls of the key go
+# straight to allocating and launching. A key holds everything the choices and the launches depend on: shapes,
+# strides, dtype, device, the scalars, matmul precision, and the settings and table in force.
+
+
+class _ForwardPlan(NamedTuple):
+    cublas: bool
+    shrink: object  # lora_linear.shrink_launch (with the expand of the cuBLAS-composed engine)
+    gemm: object  # lora_linear.fused_matmul_launch on the Triton engine, else None
+    tile: policy.GemmTile | None
+
+
+class _BackwardPlan(NamedTuple):
+    cublas: bool
+    grad_ab: tuple  # lora_linear.grad_ab_launches
+    gemm: object  # the input gradient's fused_matmul_launch on the Triton engine with need_input_grad, else None
+    tile: policy.GemmTile | None
+
+
+# A key whose pass is never planned (an empty input; a Hopper tile, asked per call): the pass runs as above.
+_UNPLANNED = "unplanned"
+_forward_plans: dict[tuple, _ForwardPlan | str] = {}
+_backward_plans: dict[tuple, _BackwardPlan | str] = {}
+
+
+def _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p, shrunk):
+    M = x.shape[0]
+    if M == 0 or weight.shape[0] == 0:
+        return _UNPLANNED
+    gemm = _forward_gemm(x, weight, lora_a.shape[0], bias)
+    if policy.choose_engine(gemm) == "cublas":
+        return _ForwardPlan(True, lora_linear.shrink_launch(x, lora_a, dropout_p, (lora_b, scale, bias)), None, None)
+    tile = policy.settled_tile(gemm)
+    if tile is None:
+        return _UNPLANNED if _hopper_tile_possible(gemm) else None
+    return _ForwardPlan(False, lora_linear.shrink_launch(x, lora_a, dropout_p),
+                        lora_linear.fused_matmul_launch(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, tile), tile)
+
+
+def _backward_plan(grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad, need_bias_grad,
+                   deterministic):
+    M, K = x.shape
+    if M == 0 or grad_y.shape[1] == 0:
+        return _UNPLANNED
+    gemm = _input_grad_gemm(grad_y, weight, lora_a.shape[0], dropout_p)
+    if need_input_grad and policy.choose_engine(gemm) == "cublas":
+        return _BackwardPlan(True, lora_linear.grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p,
+                                                                need_bias_grad, deterministic), None, None)
+    grad_ab = lora_linear.grad_ab_launches(grad_y, x, shrunk, None, lora_b, scale, dropout_p, need_bias_grad,
+                                           deterministic)
+    if not need_input_grad:
+        return _BackwardPlan(False, grad_ab, None, None)
+    tile = policy.settled_tile(gemm)
+    if tile is None:
+        return _UNPLANNED if _hopper_tile_possible(gemm) else None
+    grad_shrunk = shrunk.new_empty(shrunk.shape)  # as _grad_ab allocates it: only its layout enters the key
+    return _BackwardPlan(False, grad_ab, lora_linear.fused_matmul_launch(
+        grad_y, weight, grad_shrunk, lora_a, 1.0 / (1.0 - dropout_p), None, dropout_p, tile), tile)
+
+
+def _hopper_tile_possible(gemm: policy.GemmLaunch) -> bool:
+    """Whether the table gives the launch a Hopper tile, which gemm_tile grants per call (by the operands' layout):
+    such a pass is never planned."""
+    entry = None if policy.interpreting() else policy.table_entry(gemm)
+    return bool(entry and entry.get("tile") and policy.parse_tile(entry["tile"]).kernel == "tma")
+
+
+def _remember_plan(plans: dict, key: tuple, plan) -> None:
+    if plan is not None:  # None: a choice not yet settled (a tuning still to finish); asked again next call
+        remember(plans, key, plan)
+
+
+@on_tensors_device
+def eager_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                  bias: torch.Tensor | None, dropout_p: float,
+                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_forward, for calls outside tracing (functional.py's eager path), through its key's plan."""
+    key = (x.shape, x.stride(), weight.stride(), lora_a.shape, lora_a.stride(), lora_b.shape, lora_b.stride(),
+           None if bias is None else bias.stride(), x.dtype, x.device, scale, dropout_p, dot_precision(x.dtype),
+           *policy.choices_generation())
+    plan = _forward_plans.get(key)
+    if plan is None or plan is _UNPLANNED:
+        with set_wrap_triton_enabled(False):
+            y, shrunk = lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
+            if plan is None:
+                _remember_plan(_forward_plans, key, _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p,
+                                                                  shrunk))
+        return y, shrunk
+    if plan.cublas:
+        shrunk, y = lora_linear._shrink(x, lora_a, dropout_p, seed, (lora_b, scale, bias), launch=plan.shrink)
+        return y.addmm_(x, weight.T), shrunk
+    shrunk, _ = lora_linear._shrink(x, lora_a, dropout_p, seed, launch=plan.shrink)
+    return lora_linear.fused_matmul(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, None, tile=plan.tile,
+                                    launch=plan.gemm), shrunk
+
+
+@on_tensors_device
+def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                   lora_b: torch.Tensor, shrunk: torch.Tensor, scale: float, dropout_p: float,
+                   seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool,
+                   deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lora_backward, for calls outside tracing (functional.py's eager path), through its key's plan."""
+    key = (grad_y.stride(), x.shape, x.stride(), weight.stride(), lora_a.shape, lora_a.stride(), lora_b.shape,
+           lora_b.stride(), shrunk.stride(), x.dtype, x.device, scale, dropout_p, need_input_grad, need_bias_grad,
+           deterministic, dot_precision(x.dtype), *policy.choices_generation())
+    plan = _backward_plans.get(key)
+    if plan is None or plan is _UNPLANNED:
+        with set_wrap_triton_enabled(False):
+            grads = lora_backward(grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed,
+                                              need_input_grad, need_bias_grad, deterministic)
+            if plan is None:
+                _remember_plan(_backward_plans, key, _backward_plan(
+                    grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad, need_bias_grad,
+                    deterministic))
+        return grads
+    if plan.cublas:
+        grad_a, grad_b, _, grad_bias, grad_x = lora_linear._grad_ab(
+            grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
+            launches=plan.grad_ab)
+        return grad_x.addmm_(grad_y, weight), grad_a, grad_b, grad_bias
+    grad_a, grad_b, grad_shrunk, grad_bias, _ = lora_linear._grad_ab(
+        grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic, launches=plan.grad_ab)
+    if need_input_grad:
+        grad_x = lora_linear.fused_matmul(grad_y, weight, grad_shrunk, lora_a, 1.0 / (1.0 - dropout_p), None,
+                                          dropout_p, seed, tile=plan.tile, launch=plan.gemm)
     else:
         grad_x = x.new_empty((0, x.shape[1]))
     return grad_x, grad_a, grad_b, grad_bias

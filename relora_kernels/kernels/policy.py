@@ -469,6 +469,23 @@ def gemm_tile(launch: GemmLaunch, time_tile: Callable[[GemmTile], float] | None,
 _tile_cache: dict[tuple, GemmTile] = {}
 
 
+def settled_tile(launch: GemmLaunch) -> GemmTile | None:
+    """The tile gemm_tile gives `launch` for good (cached, asking neither the operands nor a timing), else None: no
+    tile is forced, and the choice is not a Hopper tile (which depends on the operands' layout) nor a tuning not yet
+    done. What a pass may keep in its plan (passes.py)."""
+    if _forced_tiles:
+        return None
+    if interpreting():
+        return INTERPRETER_TILE
+    return _tile_cache.get((launch, settings.generation, current_arch(), id(tuned_table()), shared_memory_limit()))
+
+
+def choices_generation() -> tuple:
+    """What the engine and tile choices depend on beyond a launch's own key: the settings' generation and the table
+    read. A plan made under other choices is not used (passes.py keys its plans with this)."""
+    return settings.generation, id(tuned_table()), bool(_forced_tiles)
+
+
 def _choose_tile(launch, time_tile, tma_ok, timeable) -> tuple[GemmTile, bool]:
     """(tile, whether the choice is final for the launch's key)."""
     candidates = fitting(GEMM_TILES, gemm_shared_bytes, launch.rank_block, launch.dtype)

@@ -1,0 +1,92 @@
+"""The eager path's plans (kernels/passes.py): a key's first call runs the passes in full and plans them; later calls
+run the plan. Both must give the float64 reference's result, the plan must really be taken, and a change of
+settings must not reuse a plan made under other ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_within_bound, linear_magnitude, make_inputs, rounding_bound
+
+import relora_kernels as rk
+from relora_kernels import reference
+from relora_kernels.kernels import passes
+
+M, K, N, R = 37, 40, 36, 5  # odd: partial blocks everywhere
+
+
+def _fwd_bwd(inputs, dropout_p, seed):
+    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in inputs.items() if t is not None}
+    y = rk.lora_linear(leaves["x"], leaves["weight"].detach(), leaves["lora_a"], leaves["lora_b"], 0.5,
+                       leaves.get("bias"), dropout_p, seed)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
+    y.backward(grad_y)
+    return y.detach(), {name: t.grad for name, t in leaves.items() if name != "weight"}, grad_y
+
+
+def _check_against_reference(inputs, dropout_p, seed, y, grads, grad_y):
+    leaves = {name: t.detach().double().requires_grad_(name != "weight") for name, t in inputs.items()
+              if t is not None}
+    exact = reference.lora_linear(leaves["x"], leaves["weight"], leaves["lora_a"], leaves["lora_b"], 0.5,
+                                  leaves.get("bias"), dropout_p, torch.tensor(seed))
+    exact.backward(grad_y.double())
+    # Each output sums products along a chain of at most M + N + K + r + 2 roundings (the reductions, S and dS rounded
+    # to fp32, the additions): Higham's bound on the sum of the products' magnitudes, element by element.
+    terms = M + N + K + R + 2
+    x, w, a, b = (inputs[name].double().abs() for name in ("x", "weight", "lora_a", "lora_b"))
+    dy, keep = grad_y.double().abs(), 1 / (1 - dropout_p)
+    magnitudes = {
+        "y": linear_magnitude(inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"], 0.5,
+                              inputs["bias"]) * keep,
+        "x": dy @ w + 0.5 * (dy @ b) @ a * keep,
+        "lora_a": 0.5 * (dy @ b).T @ x * keep,
+        "lora_b": 0.5 * dy.T @ (x @ a.T) * keep,
+        "bias": dy.sum(0),
+    }
+    assert_within_bound("y", y, exact, rounding_bound(torch.float32, terms, magnitudes["y"]))
+    for name, grad in grads.items():
+        assert_within_bound(f"d{name}", grad, leaves[name].grad, rounding_bound(torch.float32, terms,
+                                                                                 magnitudes[name]))
+
+
+@pytest.mark.parametrize("dropout_p, bias", [(0.0, True), (0.25, False)], ids=["p0-bias", "p0.25-no-bias"])
+def test_a_planned_call_runs_the_plan_and_matches_the_reference(triton_backend, engine, dropout_p, bias,
+                                                                  monkeypatch):
+    monkeypatch.setattr(passes, "_forward_plans", {})
+    monkeypatch.setattr(passes, "_backward_plans", {})
+    inputs = make_inputs((M,), K, N, R, torch.float32, bias=bias)
+    first = _fwd_bwd(inputs, dropout_p, seed=11)
+    assert len(passes._forward_plans) == len(passes._backward_plans) == 1, "the first call planned nothing"
+
+    # The second call must not run the unplanned passes: make them fail.
+    def unplanned(*args, **kwargs):
+        raise AssertionError("a planned key ran the passes in full")
+
+    monkeypatch.setattr(passes, "lora_forward", unplanned)
+    monkeypatch.setattr(passes, "lora_backward", unplanned)
+    second = _fwd_bwd(inputs, dropout_p, seed=11)
+    for got in (first, second):
+        _check_against_reference(inputs, dropout_p, 11, *got)
+    # Same kernels, same inputs, same seed: the plan reproduces the full passes bit for bit.
+    assert torch.equal(first[0], second[0])
+    for name in first[1]:
+        assert torch.equal(first[1][name], second[1][name]), name
+
+
+def test_a_change_of_settings_is_not_served_by_an_old_plan(triton_backend, monkeypatch):
+    inputs = make_inputs((M,), K, N, R, torch.float32)
+    rk.configure(engine="triton")
+    _fwd_bwd(inputs, 0.0, seed=1)
+    _fwd_bwd(inputs, 0.0, seed=1)  # planned on the Triton engine
+    engines = []
+    real = passes.lora_linear._shrink
+
+    def spy(x, lora_a, dropout_p, seed, expand=None, launch=None):
+        engines.append("cublas" if expand is not None else "triton")
+        return real(x, lora_a, dropout_p, seed, expand, launch)
+
+    monkeypatch.setattr(passes.lora_linear, "_shrink", spy)
+    rk.configure(engine="cublas")
+    _fwd_bwd(inputs, 0.0, seed=1)
+    _fwd_bwd(inputs, 0.0, seed=1)
+    assert engines == ["cublas", "cublas"], engines

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from .reference import FP8_DTYPE, FP8Weight
+
 SEED_LIMIT = 2**63
 
 
@@ -157,6 +159,28 @@ def check_lora_linear_args(x, weight, lora_a, lora_b, bias) -> None:
                          f"got shape {tuple(bias.shape)}")
 
 
+def check_lora_linear_fp8_args(x, frozen, lora_a, lora_b, bias) -> None:
+    """check_lora_linear_args with the frozen weight as its FP8 copies: x, lora_a, lora_b and bias share one dtype
+    and device, frozen's tensors are on that device (check_fp8_weight)."""
+    check_float_tensor("x", x)
+    check_float_tensor("lora_a", lora_a, ndim=2)
+    check_float_tensor("lora_b", lora_b, ndim=2)
+    if bias is not None:
+        check_float_tensor("bias", bias, ndim=1)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., in_features), got a 0-d tensor")
+    check_same_dtype_and_device(x=x, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    check_fp8_weight(frozen, x)
+    check_lora_shapes(frozen.q, lora_a, lora_b)
+    n, k = frozen.q.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal the frozen weight's in_features; x "
+                         f"{tuple(x.shape)}, frozen.q {(n, k)}")
+    if bias is not None and bias.shape[0] != n:
+        raise ValueError(f"bias must have out_features = {n} elements to match frozen.q {(n, k)}, "
+                         f"got shape {tuple(bias.shape)}")
+
+
 def check_lora_shapes(weight, lora_a, lora_b) -> None:
     """weight (N, K), lora_a (r, K) with r >= 1, lora_b (N, r); all already known to be 2-D."""
     (n, k), r = weight.shape, lora_a.shape[0]
@@ -168,3 +192,40 @@ def check_lora_shapes(weight, lora_a, lora_b) -> None:
     if tuple(lora_b.shape) != (n, r):
         raise ValueError(f"lora_b must be (out_features, r) = ({n}, {r}) to match weight {tuple(weight.shape)} and "
                          f"lora_a {tuple(lora_a.shape)}, got {tuple(lora_b.shape)}")
+
+
+FROZEN_DTYPES = (None, "fp8")
+
+
+def check_frozen_dtype(frozen_dtype) -> str | None:
+    """None (W's own dtype) or "fp8" (e4m3 copies of W for both frozen GEMMs)."""
+    if frozen_dtype not in FROZEN_DTYPES or isinstance(frozen_dtype, bool):
+        raise ValueError(f"frozen_dtype must be None (the weight's own dtype) or 'fp8', got {frozen_dtype!r}")
+    return frozen_dtype
+
+
+def check_fp8_weight(frozen, x) -> None:
+    """frozen: reference.FP8Weight of a (N, K) weight, on x's device: q (N, K) and q_t (K, N) float8_e4m3fn,
+    scale (N,) and scale_t (K,) float32."""
+    if not isinstance(frozen, FP8Weight):
+        raise TypeError(f"frozen must be an FP8Weight (relora_kernels.quantize_fp8_weight(weight)), "
+                        f"got {type(frozen).__name__}")
+    for name in ("q", "scale", "q_t", "scale_t"):
+        if not isinstance(getattr(frozen, name), torch.Tensor):
+            raise TypeError(f"frozen.{name} must be a torch.Tensor, got {type(getattr(frozen, name)).__name__}")
+    for name in ("q", "q_t"):
+        t = getattr(frozen, name)
+        if t.dtype != FP8_DTYPE or t.dim() != 2:
+            raise TypeError(f"frozen.{name} must be a 2-D {FP8_DTYPE} tensor, got {_describe(t)}")
+    (n, k) = frozen.q.shape
+    expected = {"q_t": (k, n), "scale": (n,), "scale_t": (k,)}
+    for name, shape in expected.items():
+        t = getattr(frozen, name)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"frozen.{name} must have shape {shape} to match frozen.q {(n, k)}, got {_describe(t)}")
+    for name in ("scale", "scale_t"):
+        if getattr(frozen, name).dtype != torch.float32:
+            raise TypeError(f"frozen.{name} must be float32, got {_describe(getattr(frozen, name))}")
+    for name in ("q", "scale", "q_t", "scale_t"):
+        if getattr(frozen, name).device != x.device:
+            raise ValueError(f"frozen.{name} must be on x's device {x.device}, got {_describe(getattr(frozen, name))}")

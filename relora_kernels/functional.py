@@ -15,10 +15,12 @@ section 8).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch._library.triton import set_wrap_triton_enabled
 
-from . import reference
+from . import _settings, reference
 from ._backend import deterministic, use_triton
 from ._validate import (
     MAX_RANK,
@@ -26,6 +28,7 @@ from ._validate import (
     check_float_tensor,
     check_kernel_dtype,
     check_lora_linear_args,
+    check_lora_linear_fp8_args,
     check_lora_shapes,
     check_same_dtype_and_device,
     check_scalar,
@@ -214,6 +217,136 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
         y = _apply_eagerly(*args)
     else:
         y, _ = LoRALinearFunction.apply(*args)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+class LoRALinearFP8Function(torch.autograd.Function):
+    """Autograd of the FP8 op on 2-D x (kernels/passes_fp8.py); returns (y, S) as LoRALinearFunction does. Saves x,
+    the FP8 copy of W.T and its scales, A, B, S and the seed: the forward's copy of W is not needed again."""
+
+    @staticmethod
+    def forward(x, weight_q, weight_scale, weight_t_q, weight_t_scale, lora_a, lora_b, bias, scale, dropout_p, seed,
+                deterministic):
+        if _eager(x):
+            with set_wrap_triton_enabled(False):
+                return _passes_fp8().lora_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias,
+                                                      dropout_p, seed)
+        return _ops().lora_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, seed)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, _, weight_t_q, weight_t_scale, lora_a, lora_b, _, scale, dropout_p, seed, deterministic = inputs
+        _, shrunk = output
+        ctx.mark_non_differentiable(shrunk)
+        ctx.save_for_backward(x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, seed)
+        ctx.scale, ctx.dropout_p, ctx.deterministic = scale, dropout_p, deterministic
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_shrunk):
+        x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, seed = ctx.saved_tensors
+        need_x, need_a, need_b, need_bias = (ctx.needs_input_grad[i] for i in (0, 5, 6, 7))
+        # dS = s * dy @ B;  dB = s * dy.T @ S;  dA = dS.T @ x~;  dbias = dy.sum(0);
+        # dx = deq(dyq) @ deq(wtq).T + (dS @ A) * m / (1-p)
+        args = (grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, ctx.scale, ctx.dropout_p, seed, need_x,
+                need_bias, ctx.deterministic)
+        if _eager(grad_y):
+            with set_wrap_triton_enabled(False):
+                grad_x, grad_a, grad_b, grad_bias = _passes_fp8().lora_backward_fp8(*args)
+        else:
+            grad_x, grad_a, grad_b, grad_bias = _ops().lora_backward_fp8(*args)
+        # The FP8 copies and their scales are derived from a frozen W: no gradient. scale, dropout_p and
+        # deterministic are Python scalars, seed an integer tensor: none either.
+        return (grad_x if need_x else None, None, None, None, None, grad_a if need_a else None,
+                grad_b if need_b else None, grad_bias if need_bias else None, None, None, None, None)
+
+
+_apply_fp8_eagerly = super(torch.autograd.Function, LoRALinearFP8Function).apply
+
+
+def _passes_fp8():
+    from .kernels import passes_fp8  # imported on first use, as passes
+
+    return passes_fp8
+
+
+# FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards.
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+@functools.cache
+def _fp8_gpu_problem(device_index: int) -> str | None:
+    """Why the FP8 op cannot run on this CUDA device (None if it can): asked once per device."""
+    capability = torch.cuda.get_device_capability(device_index)
+    if capability < FP8_MIN_CAPABILITY:
+        return (f"{torch.cuda.get_device_name(device_index)} (cuda:{device_index}) has compute capability "
+                f"{capability[0]}.{capability[1]}: FP8 tensor cores need {FP8_MIN_CAPABILITY[0]}."
+                f"{FP8_MIN_CAPABILITY[1]} or higher (Ada, Hopper); keep the frozen weight in its own dtype there")
+    return None
+
+
+def _check_fp8_kernel_path(x, frozen) -> None:
+    """What the cuBLAS-composed FP8 path needs beyond the shared checks: the engine, FP8 tensor cores and the
+    shapes cuBLAS's FP8 GEMM takes, and a torch._scaled_mm that runs for x's device and dtype."""
+    if _settings.current().engine == "triton":
+        raise ValueError("the engine setting is triton, but the FP8 frozen weight runs on the cuBLAS-composed engine "
+                         "for now: use engine auto or cublas (RELORA_KERNELS_ENGINE), or frozen_dtype=None")
+    check_kernel_dtype("x", x)
+    if torch.compiler.is_compiling():
+        return  # the device and torch were checked when the graph's first call ran eagerly, or torch's op says why
+    if x.device.type == "cuda":
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        problem = _fp8_gpu_problem(index)
+        if problem is not None:
+            raise RuntimeError(problem)
+        n, k = frozen.q.shape
+        if n % 16 or k % 16:
+            raise ValueError(f"the FP8 frozen weight needs in_features and out_features divisible by 16 on CUDA "
+                             f"(cuBLAS's FP8 GEMM), got weight ({n}, {k})")
+    problem = _passes_fp8().scaled_mm_support(x.device.type, x.device.index, x.dtype)
+    if problem is not None:
+        raise RuntimeError(f"the FP8 frozen weight cannot run here: {problem}")
+
+
+def lora_linear_fp8(x, frozen, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, seed=None):
+    """lora_linear with the frozen weight as FP8 (e4m3) copies: y = x @ W.T + bias + scale * dropout_p(x) @ A.T @ B.T
+    where both frozen GEMMs (x @ W.T forward, dy @ W for dx) run on FP8 operands with one power-of-two scale per row.
+
+    Args:
+        x: (..., K) input, any leading dims and strides; quantised per token (row) inside the op.
+        frozen: `quantize_fp8_weight(weight)` of the frozen weight (N, K): its copies by rows of W and of W.T with
+            their scales. Make it again whenever W changes (LoRALinear(frozen_dtype="fp8") does that itself).
+        lora_a (r, K), lora_b (N, r), bias (N,) or None, scale, dropout_p, seed: as lora_linear.
+
+    Returns (..., N) in x's dtype; x, lora_a, lora_b and bias share one dtype and device (frozen's tensors on that
+    device). The low-rank path is lora_linear's (activation dtype, fp32 accumulation, the same dropout mask for the
+    same seed); the frozen products accumulate in fp32 and differ from lora_linear's by the e4m3 rounding of x, dy
+    and W (relative 2**-4 per operand at most). Autocast casts x, lora_a, lora_b and bias as lora_linear does.
+    Differentiable in x, lora_a, lora_b and bias. On the kernels the FP8 path runs on the cuBLAS-composed engine
+    (torch._scaled_mm): the engine setting triton raises, and a CUDA GPU below compute capability 8.9 raises.
+    """
+    x, lora_a, lora_b, bias = _autocast_inputs(x, lora_a, lora_b, bias)
+    check_lora_linear_fp8_args(x, frozen, lora_a, lora_b, bias)
+    scale = check_scalar("scale", scale)
+    dropout_p = check_dropout_p(dropout_p)
+    if seed is not None:
+        check_seed(seed)
+    seed = _dropout_seed(seed, dropout_p, x.device)
+
+    if not use_triton(x.device):
+        return reference.lora_linear_fp8(x, frozen, lora_a, lora_b, scale, bias, dropout_p, seed)
+
+    _check_fp8_kernel_path(x, frozen)
+    rank = lora_a.shape[0]
+    if rank > MAX_RANK:
+        raise ValueError(f"lora_a has r = {rank} rows; the Triton kernels support r <= {MAX_RANK}")
+    out_features, in_features = frozen.q.shape
+    flat = x if x.dim() == 2 else x.reshape(-1, in_features)
+    args = (flat, frozen.q, frozen.scale, frozen.q_t, frozen.scale_t, lora_a, lora_b, bias, scale, dropout_p, seed,
+            deterministic())
+    if _eager(x) and not torch._C._are_functorch_transforms_active():
+        y, _ = _apply_fp8_eagerly(*args)
+    else:
+        y, _ = LoRALinearFP8Function.apply(*args)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 

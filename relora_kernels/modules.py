@@ -5,6 +5,10 @@
 
 A fresh layer has B = 0, so it computes exactly what its frozen weight does; `merge_and_reinit` folds B @ A into W
 and starts the factors over (a ReLoRA restart) without changing the function.
+
+With frozen_dtype="fp8" the layer keeps, beside its master W (the Parameter state_dict saves), two FP8 (e4m3) copies
+of W for the frozen GEMMs (reference.quantize_fp8_weight), as buffers that are never saved: derived data, rebuilt
+from W whenever W changes (LoRALinear.refresh_frozen_weight says how a change is seen).
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ import torch
 import torch.nn as nn
 
 from . import reference
-from ._validate import check_int, check_probability, is_dtensor
+from ._validate import check_frozen_dtype, check_int, check_probability, is_dtensor
 from .distributed import full_tensor, merge_and_reinit_sharded_
-from .functional import draw_seed, lora_linear, merge_and_reinit_
+from .functional import draw_seed, lora_linear, lora_linear_fp8, merge_and_reinit_
+
+# The FP8 copies' buffer names: W by rows (the forward's operand) and W.T by rows (the input gradient's), each with
+# its row scales; in the order of reference.FP8Weight's fields.
+_FP8_BUFFERS = ("weight_fp8", "weight_fp8_scale", "weight_t_fp8", "weight_t_fp8_scale")
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -37,14 +45,21 @@ class LoRALinear(nn.Module):
         in_features, out_features, bias, device, dtype: as nn.Linear.
         r: rank of the update (>= 1). alpha: scale numerator (default r). use_rslora: scale = alpha / sqrt(r).
         dropout: dropout probability on the LoRA branch's input, active in training mode only.
+        frozen_dtype: None (the frozen GEMMs in W's dtype) or "fp8": both frozen GEMMs (x @ W.T and dy @ W) on FP8
+            (e4m3) copies of W, rowwise-scaled, x and dy quantised per token (functional.lora_linear_fp8). Costs 2
+            bytes per frozen parameter beside the master W (1 per copy, plus a scale per row).
 
     Parameters: `weight` (out, in), frozen; `bias` (out,) trainable, or None; `lora_A` (r, in), kaiming-uniform
-    with a = sqrt(5) as nn.Linear and PEFT initialise it; `lora_B` (out, r), zero.
+    with a = sqrt(5) as nn.Linear and PEFT initialise it; `lora_B` (out, r), zero. With frozen_dtype="fp8", the
+    non-persistent buffers `weight_fp8` (out, in), `weight_fp8_scale` (out,), `weight_t_fp8` (in, out) and
+    `weight_t_fp8_scale` (in,).
     """
 
     def __init__(self, in_features, out_features, r, alpha=None, dropout=0.0, bias=True, use_rslora=False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, frozen_dtype=None):
         super().__init__()
+        frozen_dtype = check_frozen_dtype(frozen_dtype)
+        self.frozen_dtype = None  # set by _set_frozen_dtype once the weight exists
         for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
             check_int(name, value, 1)
         factory = {"device": device, "dtype": dtype}
@@ -60,6 +75,81 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self._set_frozen_dtype(frozen_dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The FP8 copies of W. A stale copy would silently compute with an old W, so every way W changes re-quantises:
+    #   a new Parameter (layer.weight = ..., load_state_dict(assign=True))   __setattr__, at once
+    #   .to() / .cuda() / .half() and every other _apply                     _apply, at once
+    #   load_state_dict                                                      _load_from_state_dict, at once
+    #   merge_and_reinit (its Triton kernel writes W with no version bump)   merge_and_reinit, at once
+    #   in-place writes to the Parameter (weight.copy_/add_, optimizers)     its version counter, next eager forward
+    #   layer.weight.data = new                                              the data's address, next eager forward
+    # What no stamp can see: writes through a tensor that shares W's memory but not its version counter
+    # (weight.data.add_(...), a kernel of one's own). Call refresh_frozen_weight() after those.
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _set_frozen_dtype(self, frozen_dtype) -> None:
+        self.frozen_dtype = check_frozen_dtype(frozen_dtype)
+        self._fp8_stamp = None  # (W the Parameter, an alias of its data, its version) when the copies were made
+        if frozen_dtype == "fp8":
+            for name in _FP8_BUFFERS:
+                self.register_buffer(name, None, persistent=False)  # derived from W: never saved
+            self.refresh_frozen_weight()
+
+    @torch.no_grad()
+    def refresh_frozen_weight(self) -> None:
+        """Re-quantise the FP8 copies from W now (frozen_dtype="fp8"; nothing otherwise). The layer does it itself
+        whenever W changes through the module or the Parameter (see the table above _set_frozen_dtype); call it
+        after writing W's memory by other means (weight.data.add_(...)), and before a torch.compile'd forward after
+        any in-place write to W: compiled graphs do not check the copies' freshness (only eager forwards do)."""
+        if self.frozen_dtype != "fp8":
+            return
+        weight = self.weight
+        if is_dtensor(weight):
+            raise TypeError("frozen_dtype='fp8' does not take FSDP2-sharded (DTensor) weights yet: shard a layer "
+                            "with frozen_dtype=None, or quantise after gathering")
+        for name, new in zip(_FP8_BUFFERS, reference.quantize_fp8_weight(weight.detach()), strict=True):
+            old = self._buffers[name]
+            if old is not None and (old.shape, old.dtype, old.device) == (new.shape, new.dtype, new.device):
+                old.copy_(new)  # in place: a captured graph (CUDA graphs) keeps reading the same memory
+            else:
+                self._buffers[name] = new
+        # The alias keeps the quantised data's memory alive, so a later tensor cannot take its address and pass for it.
+        self._fp8_stamp = (weight, weight.detach(), weight._version)
+
+    def _fp8_copies_stale(self) -> bool:
+        if self._fp8_stamp is None:
+            return True
+        weight = self.weight
+        source, data, version = self._fp8_stamp
+        return (weight is not source or weight._version != version or weight.device != data.device
+                or weight.data_ptr() != data.data_ptr() or weight.dtype != data.dtype
+                or weight.shape != data.shape or weight.stride() != data.stride())
+
+    def frozen_weight_fp8(self) -> reference.FP8Weight:
+        """The FP8 copies as the functional op takes them (frozen_dtype="fp8"), refreshed first if W has changed."""
+        if self.frozen_dtype != "fp8":
+            raise ValueError("this layer keeps no FP8 copies (frozen_dtype=None); LoRALinear(..., frozen_dtype='fp8')")
+        # The stamp check reads Python state and W's version counter, which torch.compile cannot trace; compiled
+        # graphs take the copies as they are (refreshed eagerly by every module-level path above).
+        if not torch.compiler.is_compiling() and self._fp8_copies_stale():
+            self.refresh_frozen_weight()
+        return reference.FP8Weight(*(self._buffers[name] for name in _FP8_BUFFERS))
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "weight" and self.__dict__.get("frozen_dtype") == "fp8":
+            self.refresh_frozen_weight()
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self.refresh_frozen_weight()  # W may have moved or changed dtype (and fn converted the copies too)
+        return result
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_frozen_weight()
 
     def set_scaling(self, alpha=None, dropout=0.0, use_rslora=False) -> None:
         """Set alpha (None: r), dropout and use_rslora, and so the scale; the factors are left as they are."""
@@ -71,9 +161,11 @@ class LoRALinear(nn.Module):
         self.scale = alpha / math.sqrt(self.r) if use_rslora else alpha / self.r
 
     @classmethod
-    def from_linear(cls, module, r, alpha=None, dropout=0.0, use_rslora=False) -> LoRALinear:
+    def from_linear(cls, module, r, alpha=None, dropout=0.0, use_rslora=False, frozen_dtype=None) -> LoRALinear:
         """Wrap an nn.Linear (its weight storage is shared, not copied) or a GPT-2 Conv1D (its (in, out) weight is
-        transposed into a new tensor). The result computes the same function until the factors are trained."""
+        transposed into a new tensor). The result computes the same function until the factors are trained (with
+        frozen_dtype="fp8", up to the FP8 rounding of the frozen GEMMs)."""
+        frozen_dtype = check_frozen_dtype(frozen_dtype)
         if isinstance(module, nn.Linear):
             weight = module.weight.detach()
         elif _is_conv1d(module):
@@ -88,10 +180,14 @@ class LoRALinear(nn.Module):
         layer._conv1d_type = type(module) if _is_conv1d(module) else None
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
+        layer._set_frozen_dtype(frozen_dtype)  # once the module's weight is in place: quantised once
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropout_p = self.dropout if self.training else 0.0
+        if self.frozen_dtype == "fp8":
+            return lora_linear_fp8(x, self.frozen_weight_fp8(), self.lora_A, self.lora_B, self.scale, self.bias,
+                                   dropout_p)
         return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.bias, dropout_p)
 
     def _is_sharded(self) -> bool:
@@ -112,6 +208,7 @@ class LoRALinear(nn.Module):
             return
         merge_and_reinit_(self.weight, self.lora_A, self.lora_B, self.scale,
                           seed=draw_seed() if seed is None else seed)
+        self.refresh_frozen_weight()  # W changed (the merge kernel writes it without bumping its version)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -144,7 +241,8 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scale={self.scale:g}{', rslora' if self.use_rslora else ''}, "
-                f"dropout={self.dropout:g}, bias={self.bias is not None}")
+                f"dropout={self.dropout:g}, bias={self.bias is not None}"
+                f"{', frozen_dtype=fp8' if self.frozen_dtype == 'fp8' else ''}")
 
 
 def _matches(name: str, target_modules) -> bool:
@@ -159,7 +257,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use_rslora=False, *,
-               train_others: bool = True) -> nn.Module:
+               train_others: bool = True, frozen_dtype=None) -> nn.Module:
     """Replace the matching nn.Linear / Conv1D modules of `model` by LoRALinear layers, in place; returns `model`.
 
     target_modules: a str is a regular expression matched in full against each module's qualified name
@@ -173,11 +271,13 @@ def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use
       False: frozen, the LoRALinear layers' biases included, so only the factors train: PEFT's LoraConfig with
         its defaults (bias="none", no modules_to_save), the usual choice for fine-tuning a pre-trained model.
         Unfreeze what else should train (e.g. a new head) by setting its requires_grad afterwards.
+    frozen_dtype: None or "fp8", as LoRALinear's (FP8 copies of each replaced layer's frozen weight).
     """
     if not isinstance(target_modules, (str, list, tuple)) or not target_modules:
         raise TypeError(f"target_modules must be a regex str or a non-empty list of names, got {target_modules!r}")
     if not isinstance(train_others, bool):
         raise TypeError(f"train_others must be True or False, got {train_others!r}")
+    frozen_dtype = check_frozen_dtype(frozen_dtype)
     matched = [name for name, module in model.named_modules()
                if name and _is_linear_like(module) and _matches(name, target_modules)]
     if not matched:
@@ -186,7 +286,7 @@ def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear/Conv1D module; "
                          f"the model's linear modules are: {shown or 'none'}")
     for name in matched:
-        layer = LoRALinear.from_linear(model.get_submodule(name), r, alpha, dropout, use_rslora)
+        layer = LoRALinear.from_linear(model.get_submodule(name), r, alpha, dropout, use_rslora, frozen_dtype)
         _replace(model, name, layer)
     if not train_others:
         factors = {id(p) for module in model.modules() if isinstance(module, LoRALinear)

@@ -2,6 +2,8 @@
 
     relora_kernels::lora_forward          (y, S): y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T
     relora_kernels::lora_backward         (dx, dA, dB, dbias)
+    relora_kernels::lora_forward_fp8      lora_forward with the frozen GEMM on W's FP8 copy (kernels/passes_fp8.py)
+    relora_kernels::lora_backward_fp8     lora_backward with dy @ W on the FP8 copy of W.T
     relora_kernels::merge_lora_weight_    W <- W + s * B @ A            (mutates weight)
     relora_kernels::reinit_lora_          A <- U(...), B <- 0           (mutates lora_a, lora_b)
 
@@ -20,6 +22,7 @@ import torch
 
 from .kernels import merge as _merge_kernels
 from .kernels import passes as _passes
+from .kernels import passes_fp8 as _passes_fp8
 from .kernels.launch import TRACEABLE_LAUNCHES
 
 _NAMESPACE = "relora_kernels"
@@ -38,6 +41,16 @@ def _fake_lora_backward(grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropou
             x.new_empty(lora_b.shape), x.new_empty((grad_y.shape[1] if need_bias_grad else 0,)))
 
 
+def _fake_lora_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, seed):
+    return x.new_empty((x.shape[0], weight_q.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
+
+
+def _fake_lora_backward_fp8(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, seed,
+                            need_input_grad, need_bias_grad, deterministic=False):
+    return (x.new_empty((x.shape[0] if need_input_grad else 0, x.shape[1])), x.new_empty(lora_a.shape),
+            x.new_empty(lora_b.shape), x.new_empty((grad_y.shape[1] if need_bias_grad else 0,)))
+
+
 def _fake_in_place(*args):
     return None
 
@@ -46,6 +59,8 @@ def _fake_in_place(*args):
 _LAUNCHERS = {
     "lora_forward": (_passes.lora_forward, (), _fake_lora_forward),
     "lora_backward": (_passes.lora_backward, (), _fake_lora_backward),
+    "lora_forward_fp8": (_passes_fp8.lora_forward_fp8, (), _fake_lora_forward_fp8),
+    "lora_backward_fp8": (_passes_fp8.lora_backward_fp8, (), _fake_lora_backward_fp8),
     "merge_lora_weight_": (_merge_kernels.merge_lora_weight_, ("weight",), _fake_in_place),
     "reinit_lora_": (_merge_kernels.reinit_lora_, ("lora_a", "lora_b"), _fake_in_place),
 }
@@ -67,5 +82,7 @@ def _register(name: str):
 
 lora_forward = _register("lora_forward")
 lora_backward = _register("lora_backward")
+lora_forward_fp8 = _register("lora_forward_fp8")
+lora_backward_fp8 = _register("lora_backward_fp8")
 merge_lora_weight_ = _register("merge_lora_weight_")
 reinit_lora_ = _register("reinit_lora_")

@@ -23,6 +23,8 @@ this file drop the same elements.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -259,3 +261,108 @@ def quantize_fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_fp8_rows(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
     """q * scale[:, None] in `dtype`: exact in float64 (and in fp32, the scales being powers of two)."""
     return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The op with an FP8 frozen weight: both frozen GEMMs on quantised operands, the low-rank path as lora_linear's
+#
+#   forward   y  = deq(xq, sx) @ deq(wq, sw).T + bias + s * S @ B.T      xq, sx = quantize_fp8_rows(x)
+#   backward  dx = deq(dyq, sdy) @ deq(wtq, swt).T + (dS @ A) * m / (1-p)   dyq, sdy = quantize_fp8_rows(dy)
+#             dS, dB, dA, dbias from the unquantised dy and x, as lora_grad_ab
+#
+# W is quantised twice, by rows of W (wq, sw: a scale per output feature) and by rows of W.T (wtq, swt: a scale per
+# input feature), because each FP8 GEMM wants both operands K-major with one scale per row of each.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FP8Weight(NamedTuple):
+    """A frozen weight W (N, K) quantised for both frozen GEMMs (quantize_fp8_weight): derived data, rebuilt from W
+    whenever W changes."""
+
+    q: torch.Tensor  # (N, K) e4m3fn, W by rows: the forward's operand
+    scale: torch.Tensor  # (N,) fp32, powers of two
+    q_t: torch.Tensor  # (K, N) e4m3fn, W.T by rows: the input gradient's operand
+    scale_t: torch.Tensor  # (K,) fp32, powers of two
+
+
+def quantize_fp8_weight(weight: torch.Tensor) -> FP8Weight:
+    """Both FP8 copies of a 2-D frozen weight W (N, K) and their row scales (quantize_fp8_rows of W and of W.T)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise TypeError(f"weight must be a 2-D floating-point tensor, got {getattr(weight, 'shape', weight)!r}")
+    with torch.no_grad():
+        q, scale = quantize_fp8_rows(weight)
+        q_t, scale_t = quantize_fp8_rows(weight.T)
+    return FP8Weight(q, scale, q_t, scale_t)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fp8_matmul(lhs_q, lhs_scale, rhs_q, rhs_scale, out_dtype):
+    """deq(lhs) @ deq(rhs).T = (lhs_q @ rhs_q.T) * lhs_scale[:, None] * rhs_scale[None, :], (M, N) in out_dtype:
+    lhs_q (M, K) and rhs_q (N, K) e4m3fn, the scales fp32. Accumulated in fp32 (fp64 for an fp64 out_dtype) and
+    rounded once: the twin of torch._scaled_mm with row-wise scales (kernels/passes_fp8.scaled_mm)."""
+    acc = _accumulation_dtype(out_dtype)
+    return (dequantize_fp8_rows(lhs_q, lhs_scale, acc) @ dequantize_fp8_rows(rhs_q, rhs_scale, acc).T).to(out_dtype)
+
+
+def lora_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, seed):
+    """(y, S) on 2-D x: y = deq(xq) @ deq(wq).T + bias + s * S @ B.T, S = dropout_p(x) @ A.T in x's dtype. The frozen
+    product and the sum are accumulated in fp32 (fp64 for fp64 x) and rounded once into x's dtype."""
+    acc = _accumulation_dtype(x.dtype)
+    x_q, x_scale = quantize_fp8_rows(x)
+    shrunk = lora_shrink(x, lora_a, dropout_p, seed)
+    y = fp8_matmul(x_q, x_scale, weight_q, weight_scale, acc) + scale * (shrunk.to(acc) @ lora_b.to(acc).T)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), shrunk
+
+
+def lora_backward_fp8(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, seed,
+                      need_input_grad, need_bias_grad, deterministic=False):
+    """(dx, dA, dB, dbias) on 2-D tensors, the arguments of kernels/passes_fp8.lora_backward_fp8: dA, dB, dbias as
+    lora_grad_ab from the unquantised dy; dx = deq(dyq) @ deq(wtq).T + (dS @ A) * m / (1-p), accumulated in fp32
+    (fp64 for fp64) and rounded once; dx an empty (0, K) tensor unless `need_input_grad`."""
+    grad_a, grad_b, grad_shrunk, grad_bias = lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed,
+                                                          need_bias_grad, deterministic)
+    if not need_input_grad:
+        return x.new_empty((0, x.shape[1])), grad_a, grad_b, grad_bias
+    acc = _accumulation_dtype(x.dtype)
+    grad_y_q, grad_y_scale = quantize_fp8_rows(grad_y)
+    low_rank = _dropout(grad_shrunk.to(acc) @ lora_a.to(acc), dropout_p, seed)
+    grad_x = fp8_matmul(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, acc) + low_rank
+    return grad_x.to(x.dtype), grad_a, grad_b, grad_bias
+
+
+class LoRALinearFP8Function(torch.autograd.Function):
+    """The reference's autograd of the FP8 op on 2-D x: the backward quantises dy, which autograd through the
+    forward's dequantised product would not."""
+
+    @staticmethod
+    def forward(ctx, x, weight_q, weight_scale, weight_t_q, weight_t_scale, lora_a, lora_b, bias, scale, dropout_p,
+                seed):
+        y, shrunk = lora_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, seed)
+        ctx.save_for_backward(x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk)
+        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk = ctx.saved_tensors
+        need_x, _, _, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:8]
+        grad_x, grad_a, grad_b, grad_bias = lora_backward_fp8(
+            grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, ctx.scale, ctx.dropout_p, ctx.seed,
+            need_x, need_bias)
+        # The FP8 copies, their scales, scale, dropout_p and seed: no gradient (the copies are derived from a frozen W).
+        return (grad_x if need_x else None, None, None, None, None, grad_a if need_a else None,
+                grad_b if need_b else None, grad_bias if need_bias else None, None, None, None)
+
+
+def lora_linear_fp8(x, frozen: FP8Weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, seed=0):
+    """lora_linear with the frozen weight given as its FP8 copies (quantize_fp8_weight), x of any leading dims;
+    differentiable in x, lora_a, lora_b and bias. seed: an int or a 0-d integer tensor."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = LoRALinearFP8Function.apply(x2, frozen.q, frozen.scale, frozen.q_t, frozen.scale_t, lora_a, lora_b, bias,
+                                    scale, dropout_p, seed)
+    return y.reshape(*x.shape[:-1], frozen.q.shape[0])

@@ -117,3 +117,15 @@ def count_launches(monkeypatch, module, names, calls: dict | None = None) -> dic
 
         monkeypatch.setattr(module, attribute, counted)
     return calls
+
+
+# e4m3's rounding: half an ulp is 2**-4 of a normal value's power of two (3 mantissa bits), and below the smallest
+# normal (2**-6) the subnormal step is 2**-9, so an absolute 2**-10; both times the row's scale.
+E4M3_HALF_ULP = 2.0**-4
+E4M3_SUBNORMAL_HALF_STEP = 2.0**-10
+
+
+def fp8_quantisation_error(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A bound on |deq(quantize_fp8_rows(t)) - t| element by element, in float64: 2**-4 |t| + 2**-10 * the row's
+    scale (the larger of the normal and the subnormal rounding error, summed for simplicity)."""
+    return E4M3_HALF_ULP * t.detach().double().abs() + E4M3_SUBNORMAL_HALF_STEP * scale.double()[:, None]

@@ -1,0 +1,115 @@
+"""The two passes of the LoRA linear with an FP8 (e4m3) frozen weight, on the cuBLAS-composed engine.
+
+    lora_forward_fp8    (y, S)     lora_shrink: S;  y = scaled_mm(xq, wq) (the frozen GEMM on FP8 tensor cores);
+                                   y += s * S @ B.T + bias (addmm, onto y in place)
+    lora_backward_fp8   (dx, dA, dB, dbias)
+                                   dA, dB, dbias from lora_grad_ab on the unquantised dy and x;
+                                   dx = scaled_mm(dyq, wtq) + mask(dS @ A) / (1-p)
+
+xq, sx = quantize_fp8_rows(x) and dyq, sdy = quantize_fp8_rows(dy) (reference.py's rule, one scale per token); W's
+copies wq (N, K) and wtq (K, N) are made once per change of W by the caller (reference.quantize_fp8_weight). The
+low-rank path stays in the activation dtype with fp32 accumulation (docs/DESIGN.md section 1).
+
+torch._scaled_mm cannot accumulate onto a start value as addmm can, so the low-rank term goes the other way: cuBLAS's
+addmm accumulates the rank-r product onto the FP8 GEMM's output, one extra read and write of the (M, N) output (bias
+rides along as one more rank, a column of ones in S). The input gradient does the same without dropout; with dropout
+the mask applies to dS @ A, which a GEMM cannot, so the dA launch writes mask(dS @ A) / (1-p) (lora_grad_ab_start)
+and one add combines it with the FP8 GEMM's output: one more (M, K) write and read than without dropout.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import reference
+from . import lora_linear
+from .launch import on_tensors_device
+
+# Where quantising launches replace the torch ops of the rule, these two names are the call sites.
+quantize_activation_rows = reference.quantize_fp8_rows
+quantize_grad_output_rows = reference.quantize_fp8_rows
+
+
+def scaled_mm(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.Tensor, rhs_scale: torch.Tensor,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """(lhs_q @ rhs_q.T) * lhs_scale[:, None] * rhs_scale[None, :] in out_dtype, on torch._scaled_mm with row-wise
+    scales: lhs_q (M, K) and rhs_q (N, K) e4m3fn, row-major (rhs_q.T is then the column-major second operand FP8
+    GEMMs want), the scales fp32. Accumulates in fp32 and rounds once (use_fast_accum off: Hopper's fast
+    accumulation keeps fewer bits). reference.fp8_matmul is its twin.
+
+    The package's one call of torch._scaled_mm, a private op whose signature has moved between releases: the
+    arguments go by keyword (so a reordered schema cannot swap them), and a release that returns (out, amax) gives
+    out. scaled_mm_support says whether this torch runs it on a device at all.
+    """
+    out = torch._scaled_mm(lhs_q, rhs_q.T, scale_a=lhs_scale[:, None], scale_b=rhs_scale[None, :],
+                           out_dtype=out_dtype, use_fast_accum=False)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@functools.cache
+def scaled_mm_support(device_type: str, device_index: int | None, out_dtype: torch.dtype) -> str | None:
+    """None where torch._scaled_mm runs with row-wise scales into `out_dtype` on this device, else why not (torch's
+    error, with torch's version): probed once per (device, dtype) on a 16 x 16 x 16 problem, the smallest shape
+    cuBLAS's FP8 GEMM takes."""
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    ones = torch.ones(16, 16, device=device).to(reference.FP8_DTYPE)
+    scales = torch.ones(16, device=device)
+    try:
+        out = scaled_mm(ones, scales, ones, scales, out_dtype)
+    except (RuntimeError, TypeError, NotImplementedError) as error:
+        return f"torch {torch.__version__}: torch._scaled_mm with row-wise scales into {out_dtype} on {device}: " \
+               f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    if not bool((out.float() == 16.0).all()):
+        return f"torch {torch.__version__}: torch._scaled_mm with row-wise scales into {out_dtype} on {device} " \
+               f"computed a wrong product"
+    return None
+
+
+def _add_low_rank_(out: torch.Tensor, low: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """out += low @ up (+ bias), in place in one addmm: one read and one write of out. Bias rides as one more rank
+    (a column of ones in low, bias as a row of up), costing an (M, r+1) and an (r+1, N) copy, small beside out."""
+    if bias is not None:
+        low = torch.cat((low, low.new_ones(low.shape[0], 1)), dim=1)
+        up = torch.cat((up, bias[None, :]), dim=0)
+    return out.addmm_(low, up)
+
+
+@on_tensors_device
+def lora_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, scale: float, bias: torch.Tensor | None, dropout_p: float,
+                     seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, S): y = deq(xq) @ deq(wq).T + bias + s * S @ B.T in x's dtype, S = dropout_p(x) @ A.T kept for backward."""
+    shrunk = lora_linear.lora_shrink(x, lora_a, dropout_p, seed)
+    x_q, x_scale = quantize_activation_rows(x)
+    y = scaled_mm(x_q, x_scale, weight_q, weight_scale, x.dtype)
+    # y += s * S @ B.T + bias (s folded into B's copy: an (r, N) product, rounded once in x's dtype)
+    return _add_low_rank_(y, shrunk, lora_b.T * scale, bias), shrunk
+
+
+@on_tensors_device
+def lora_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.Tensor, weight_t_scale: torch.Tensor,
+                      lora_a: torch.Tensor, lora_b: torch.Tensor, shrunk: torch.Tensor, scale: float,
+                      dropout_p: float, seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool,
+                      deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB, dbias); dx is an empty (0, K) tensor unless `need_input_grad`, dbias an empty (0,) one unless
+    `need_bias_grad`. dS = s * dy @ B, dB = s * dy.T @ S, dA = dS.T @ x~, dbias = dy.sum(0) from the unquantised dy;
+    dx = deq(dyq) @ deq(wtq).T + mask(dS @ A) / (1-p)."""
+    if need_input_grad and dropout_p > 0.0:
+        grad_a, grad_b, grad_bias, start = lora_linear.lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, scale,
+                                                                          dropout_p, seed, need_bias_grad,
+                                                                          deterministic)
+        grad_y_q, grad_y_scale = quantize_grad_output_rows(grad_y)
+        # dx = dy @ W (FP8) + mask(dS @ A) / (1-p)
+        return start.add_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype)), grad_a, grad_b, \
+            grad_bias
+    grad_a, grad_b, grad_shrunk, grad_bias = lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p,
+                                                                      seed, need_bias_grad, deterministic)
+    if not need_input_grad:
+        return x.new_empty((0, x.shape[1])), grad_a, grad_b, grad_bias
+    grad_y_q, grad_y_scale = quantize_grad_output_rows(grad_y)
+    # dx = dy @ W (FP8) + dS @ A
+    grad_x = _add_low_rank_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype), grad_shrunk,
+                            lora_a, None)
+    return grad_x, grad_a, grad_b, grad_bias

@@ -128,18 +128,51 @@ def _shrink_kernel(
 #   forward:  y  = x  @ W.T + s * (S @ B.T) + bias        (lhs = x,  rhs = W.T, low = S,  up = B.T, no mask)
 #   backward: dx = dy @ W   + mask(dS @ A) / (1-p)         (lhs = dy, rhs = W,   low = dS, up = A)
 # The transposes are strides, never copies.
+# FP8 (frozen W kept as e4m3 copies, docs/DESIGN.md section 2): lhs and rhs are e4m3 quantised by rows of lhs and by
+# columns of rhs (rows of W, resp. of W.T), and
+#   out = (lhs_q @ rhs_q) * lhs_scale[:, None] * rhs_scale[None, :] + low_scale * mask(low @ up) + bias
+# with the low-rank term added after the K loop, in out's dtype operands.
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
+def _low_rank_term(
+    low_ptr, up_ptr, bias_ptr, seed_ptr,
+    rows, cols, offs_r, mask_m, mask_n, col_start, N, R,
+    stride_low_m, stride_low_r, stride_ur, stride_un, stride_bias,
+    low_scale, keep_threshold,
+    HAS_BIAS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """low_scale * mask(low @ up) + bias on the output tile rows x cols (columns from col_start), in fp32."""
+    low_tile = tl.load(
+        low_ptr + rows[:, None] * stride_low_m + offs_r[None, :] * stride_low_r,
+        mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
+    )
+    up_tile = tl.load(
+        up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
+        mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0,
+    )
+    term = tl.dot(low_tile, up_tile, input_precision=DOT_PRECISION) * tl.cast(low_scale, tl.float32)
+    if APPLY_DROPOUT:
+        keep = keep_mask(tl.load(seed_ptr), rows, col_start, N, keep_threshold, BLOCK_M, BLOCK_N)
+        term = tl.where(keep, term, 0.0)
+    if HAS_BIAS:
+        term += tl.load(bias_ptr + cols * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return term
+
+
+@triton.jit
 def _fused_matmul_kernel(
-    lhs_ptr,  # (M, K)
-    rhs_ptr,  # (K, N)
+    lhs_ptr,  # (M, K), e4m3 when FP8
+    rhs_ptr,  # (K, N), e4m3 when FP8
     low_ptr,  # (M, R)
     up_ptr,  # (R, N)
     bias_ptr,  # (N,), read only when HAS_BIAS
     out_ptr,  # (M, N) output
     seed_ptr,  # () int64 dropout seed, read only when APPLY_DROPOUT
+    lhs_scale_ptr,  # (M,) fp32 row scales of lhs, read only when FP8
+    rhs_scale_ptr,  # (N,) fp32 column scales of rhs, read only when FP8
     M, N, K, R,
     stride_lm, stride_lk,
     stride_rk, stride_rn,
@@ -147,8 +180,9 @@ def _fused_matmul_kernel(
     stride_ur, stride_un,
     stride_om, stride_on,
     stride_bias,
+    stride_lhs_scale, stride_rhs_scale,
     low_scale, keep_threshold,
-    HAS_BIAS: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -162,21 +196,16 @@ def _fused_matmul_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    # Accumulator init: low_scale * (low @ up), masked by dropout, plus bias.
-    low_tile = tl.load(
-        low_ptr + rows[:, None] * stride_low_m + offs_r[None, :] * stride_low_r,
-        mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
-    )
-    up_tile = tl.load(
-        up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
-        mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0,
-    )
-    acc = tl.dot(low_tile, up_tile, input_precision=DOT_PRECISION) * tl.cast(low_scale, tl.float32)
-    if APPLY_DROPOUT:
-        keep = keep_mask(tl.load(seed_ptr), rows, pid_n * BLOCK_N, N, keep_threshold, BLOCK_M, BLOCK_N)
-        acc = tl.where(keep, acc, 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if FP8:
+        # The FP8 GEMM sums lhs_q @ rhs_q from zero and adds the low-rank term after scaling (below). Starting from
+        # term / (lhs_scale * rhs_scale) instead would be exact too with power-of-two scales, but overflows fp32
+        # where both scales are near their floor of 2**-63 (rows of zeros) while the term is not small.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        # Accumulator init: low_scale * (low @ up), masked by dropout, plus bias.
+        acc = _low_rank_term(low_ptr, up_ptr, bias_ptr, seed_ptr, rows, cols, offs_r, mask_m, mask_n,
+                             pid_n * BLOCK_N, N, R, stride_low_m, stride_low_r, stride_ur, stride_un, stride_bias,
+                             low_scale, keep_threshold, HAS_BIAS, APPLY_DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
     # The ordinary K loop of lhs @ rhs; the pointer steps in int64, as a transposed operand's stride is M or N.
     lhs_ptrs = lhs_ptr + rows[:, None] * stride_lm + tl.arange(0, BLOCK_K)[None, :] * stride_lk
@@ -187,9 +216,21 @@ def _fused_matmul_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         lhs_tile = tl.load(lhs_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         rhs_tile = tl.load(rhs_ptrs, mask=(offs_k[:, None] < K) & mask_n[None, :], other=0.0)
-        acc = tl.dot(lhs_tile, rhs_tile, acc, input_precision=DOT_PRECISION)
+        # max_num_imprecise_acc=0: on sm_90 an FP8 wgmma's own accumulator keeps fewer bits than fp32, so every
+        # instruction's result is added into the fp32 accumulator (what cuBLAS does without fast accumulation).
+        # It does nothing for 16- and 32-bit operands.
+        acc = tl.dot(lhs_tile, rhs_tile, acc, input_precision=DOT_PRECISION, max_num_imprecise_acc=0)
         lhs_ptrs += lhs_step
         rhs_ptrs += rhs_step
+
+    if FP8:
+        # Dequantise: two powers of two, applied one at a time, so exact wherever the result is within fp32's range.
+        lhs_scale = tl.load(lhs_scale_ptr + rows * stride_lhs_scale, mask=mask_m, other=1.0)
+        rhs_scale = tl.load(rhs_scale_ptr + cols * stride_rhs_scale, mask=mask_n, other=1.0)
+        acc = acc * lhs_scale[:, None] * rhs_scale[None, :]
+        acc += _low_rank_term(low_ptr, up_ptr, bias_ptr, seed_ptr, rows, cols, offs_r, mask_m, mask_n,
+                              pid_n * BLOCK_N, N, R, stride_low_m, stride_low_r, stride_ur, stride_un, stride_bias,
+                              low_scale, keep_threshold, HAS_BIAS, APPLY_DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
     tl.store(
         out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
@@ -452,8 +493,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: t
     return _shrink(x, lora_a, dropout_p, seed)[0]
 
 
-def _fused_matmul_plan(M, N, K, R, lhs_strides, rhs_strides, low_strides, up_strides, bias_stride, low_scale,
-                      dropout_p, has_bias, tile, precision, device):
+def _fused_matmul_plan(M, N, K, R, lhs_strides, rhs_strides, low_strides, up_strides, bias_stride, scale_strides,
+                      low_scale, dropout_p, has_bias, fp8, tile, precision, device):
     """The pointer-load fused GEMM's grid, non-tensor arguments and launch options for its key (see fused_matmul)."""
     scalars = dict(
         M=M, N=N, K=K, R=R,
@@ -463,8 +504,9 @@ def _fused_matmul_plan(M, N, K, R, lhs_strides, rhs_strides, low_strides, up_str
         stride_ur=up_strides[0], stride_un=up_strides[1],
         stride_om=N, stride_on=1,  # out is allocated contiguous (M, N)
         stride_bias=bias_stride,
+        stride_lhs_scale=scale_strides[0], stride_rhs_scale=scale_strides[1],
         low_scale=float(low_scale), keep_threshold=dropout_threshold(dropout_p),
-        HAS_BIAS=has_bias, APPLY_DROPOUT=dropout_p > 0.0,
+        HAS_BIAS=has_bias, APPLY_DROPOUT=dropout_p > 0.0, FP8=fp8,
         BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision, **tile.constexprs,
     )
     return (cdiv(M, tile.block_m) * cdiv(N, tile.block_n),), scalars, {"num_warps": tile.num_warps,
@@ -487,10 +529,44 @@ def fused_matmul(lhs: torch.Tensor, rhs: torch.Tensor, low: torch.Tensor, up: to
     if M == 0 or N == 0:
         return out
     key = (M, N, K, R, lhs.stride(), rhs.stride(), low.stride(), up.stride(), 0 if bias is None else bias.stride(0),
-           low_scale, dropout_p, bias is not None, tile, dot_precision(lhs.dtype), lhs.device.index)
+           (0, 0), low_scale, dropout_p, bias is not None, False, tile, dot_precision(lhs.dtype), lhs.device.index)
     # Placeholders for what a variant does not read are inputs the kernel never writes (see launch.dropout_args).
     _FUSED_MATMUL.launch(traceable(_fused_matmul_kernel), key, (
-        lhs, rhs, low, up, lhs if bias is None else bias, out, seed if dropout_p > 0.0 else lhs))
+        lhs, rhs, low, up, lhs if bias is None else bias, out, seed if dropout_p > 0.0 else lhs, lhs, lhs))
+    return out
+
+
+def fp8_gemm_tile(rank: int, out_dtype: torch.dtype) -> policy.GemmTile:
+    """The FP8 fused GEMM's tile where its caller names none: the interpreter's, else the first of GEMM_TILES whose
+    estimate fits, counted at out_dtype's element size (an upper bound for the 1-byte operand tiles)."""
+    if policy.interpreting():
+        return policy.INTERPRETER_TILE
+    return policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, policy.block_rank(rank), out_dtype)[0]
+
+
+@on_tensors_device
+def fused_matmul_fp8(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.Tensor, rhs_scale: torch.Tensor,
+                     low: torch.Tensor, up: torch.Tensor, low_scale: float, bias: torch.Tensor | None,
+                     dropout_p: float, seed: torch.Tensor | None, out_dtype: torch.dtype, *,
+                     tile: policy.GemmTile | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = (lhs_q @ rhs_q) * lhs_scale[:, None] * rhs_scale[None, :] + low_scale * mask(low @ up) + bias, (M, N) in
+    out_dtype, by the pointer-load kernel's FP8 variant: lhs_q (M, K) and rhs_q (K, N) float8_e4m3fn, rhs_q K-major
+    (the transposed view of a tensor quantised by rows, as reference.quantize_fp8_rows gives it), lhs_scale (M,) and
+    rhs_scale (N,) fp32 powers of two; low (M, R), up (R, N) and bias (N,) in out_dtype, any strides; the keep-mask of
+    the (M, N) output drawn from `seed` when dropout_p > 0. The products of e4m3 values are exact in fp32, the sum
+    accumulates in fp32 and the scaling is exact, so the result differs from the float64 GEMM of the dequantised
+    operands by fp32 accumulation and one rounding into out_dtype. `tile` None: fp8_gemm_tile."""
+    (M, K), N, R = lhs_q.shape, rhs_q.shape[1], low.shape[1]
+    out = torch.empty((M, N), device=lhs_q.device, dtype=out_dtype) if out is None else out
+    if M == 0 or N == 0:
+        return out
+    tile = fp8_gemm_tile(R, out_dtype) if tile is None else tile
+    key = (M, N, K, R, lhs_q.stride(), rhs_q.stride(), low.stride(), up.stride(),
+           0 if bias is None else bias.stride(0), (lhs_scale.stride(0), rhs_scale.stride(0)), low_scale, dropout_p,
+           bias is not None, True, tile, dot_precision(out_dtype), lhs_q.device.index)
+    _FUSED_MATMUL.launch(traceable(_fused_matmul_kernel), key, (
+        lhs_q, rhs_q, low, up, low if bias is None else bias, out, seed if dropout_p > 0.0 else low, lhs_scale,
+        rhs_scale))
     return out
 
 

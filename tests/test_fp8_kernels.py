@@ -1,0 +1,174 @@
+"""The FP8 (e4m3) launches of kernels/lora_linear.py through the interpreter, at the launcher level.
+
+- fused_matmul_fp8 against float64 on the dequantised operands (only fp32 accumulation and the final rounding may
+  err: the products of two e4m3 values are exact in fp32 and the power-of-two scales dequantise exactly), and against
+  the float64 GEMM of the un-quantised operands within e4m3's own error.
+- The quantising launches (the shrink's, the gradient launch's, quantize_rows_fp8) bit for bit against
+  reference.quantize_fp8_rows, the one quantisation rule.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_within_bound, rounding_bound
+
+from relora_kernels import reference
+from relora_kernels.kernels import lora_linear
+from relora_kernels.reference import FP8_DTYPE, dequantize_fp8_rows, quantize_fp8_rows
+
+# e4m3: 3 mantissa bits, so a normal value rounds with a relative error of at most 2**-4; below the smallest normal
+# (2**-6) the step is 2**-9 and the error at most half of it.
+E4M3_RELATIVE_ERROR = 2.0**-4
+E4M3_SUBNORMAL_HALF_STEP = 2.0**-10
+
+
+def rand(*shape, dtype=torch.float64, std=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed + 7 * sum(shape))
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
+
+
+def column_slice(t: torch.Tensor) -> torch.Tensor:
+    """t as the left columns of a wider tensor: row stride > columns, unit column stride."""
+    wide = torch.zeros(t.shape[0], t.shape[1] + 5, dtype=t.dtype)
+    wide[:, : t.shape[1]] = t
+    return wide[:, : t.shape[1]]
+
+
+def quantisation_error(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The largest |dequantised - t| quantize_fp8_rows may leave per element, in float64."""
+    return torch.maximum(t.double().abs() * E4M3_RELATIVE_ERROR,
+                         E4M3_SUBNORMAL_HALF_STEP * scale.double()[:, None].expand_as(t))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The FP8 fused GEMM
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gemm_case(M, K, N, R, out_dtype, gemm_pass, bias, strided):
+    """The operands of one FP8 GEMM as the passes give them, plus the float64 originals.
+
+    forward:    lhs = x (M, K), rhs = W.T from W (N, K) quantised by rows, low = S, up = B.T, low_scale = s
+    input_grad: lhs = dy (M, K: here K = out_features), rhs = W from W.T quantised by rows, low = dS, up = A,
+                low_scale = 1/(1-p); the output (M, N: N = in_features) dropped by the (M, N) mask."""
+    lhs = rand(M, K, seed=1)
+    weight = rand(N, K, std=K**-0.5, seed=2) if gemm_pass == "forward" else rand(K, N, std=N**-0.5, seed=2)
+    low, up = rand(M, R, dtype=out_dtype, seed=3), rand(R, N, dtype=out_dtype, std=R**-0.5, seed=4)
+    lhs_q, lhs_scale = quantize_fp8_rows(lhs)
+    if gemm_pass == "forward":
+        weight_q, rhs_scale = quantize_fp8_rows(weight)  # (N, K) by rows: a scale per output column
+        rhs_q, rhs = weight_q.T, weight.T
+    else:
+        weight_t_q, rhs_scale = quantize_fp8_rows(weight.T)  # W.T (N, K) by rows
+        rhs_q, rhs = weight_t_q.T, weight
+    bias_t = rand(2 * N if strided else N, dtype=out_dtype, seed=5)[:: 2 if strided else 1] if bias else None
+    if strided:  # lhs_q a slice of a wider buffer, low column-major, up a column slice, bias every other element
+        lhs_q = column_slice(lhs_q)
+        low = low.T.contiguous().T
+        up = column_slice(up)
+    return dict(lhs=lhs, rhs=rhs, lhs_q=lhs_q, lhs_scale=lhs_scale, rhs_q=rhs_q, rhs_scale=rhs_scale, low=low, up=up,
+                bias=bias_t)
+
+
+def run_fp8_gemm(case, low_scale, dropout_p, seed, out_dtype):
+    return lora_linear.fused_matmul_fp8(case["lhs_q"], case["lhs_scale"], case["rhs_q"], case["rhs_scale"],
+                                        case["low"], case["up"], low_scale, case["bias"], dropout_p, seed, out_dtype)
+
+
+def low_rank_reference(case, low_scale, dropout_p, seed, lhs, rhs):
+    """float64 lhs @ rhs + low_scale * mask(low @ up) + bias, the twin of the launch in reference.py's terms."""
+    low, up = case["low"].double(), case["up"].double()
+    term = low_scale * (low @ up)
+    if dropout_p > 0:
+        term = term * reference.dropout_mask(seed, *term.shape, dropout_p)
+    out = lhs @ rhs + term
+    return out if case["bias"] is None else out + case["bias"].double()
+
+
+def magnitude(case, low_scale, lhs, rhs):
+    """sum of |terms| of each output element, float64 (for rounding_bound)."""
+    mag = lhs.abs() @ rhs.abs() + abs(low_scale) * case["low"].double().abs() @ case["up"].double().abs()
+    return mag if case["bias"] is None else mag + case["bias"].double().abs()
+
+
+GEMM_CASES = [
+    # M prime, K and N no multiple of the 32-blocks, r < 16
+    pytest.param(37, 72, 45, 5, torch.float32, "forward", True, False, 0.0, id="fp32-forward-bias"),
+    pytest.param(53, 40, 70, 8, torch.float16, "forward", False, True, 0.0, id="fp16-forward-strided"),
+    pytest.param(41, 70, 66, 17, torch.float32, "input_grad", False, True, 0.25, id="fp32-input-grad-dropout-r17"),
+    pytest.param(29, 33, 50, 3, torch.float16, "input_grad", True, False, 0.1, id="fp16-input-grad-dropout-bias"),
+]
+
+
+@pytest.mark.parametrize("M, K, N, R, out_dtype, gemm_pass, bias, strided, dropout_p", GEMM_CASES)
+def test_fp8_gemm_matches_float64_on_the_dequantised_operands(M, K, N, R, out_dtype, gemm_pass, bias, strided,
+                                                              dropout_p):
+    case = gemm_case(M, K, N, R, out_dtype, gemm_pass, bias, strided)
+    low_scale = 1.0 / (1.0 - dropout_p) if gemm_pass == "input_grad" else 0.75
+    seed = torch.tensor(1234) if dropout_p > 0 else None
+    got = run_fp8_gemm(case, low_scale, dropout_p, seed, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (M, N) and got.is_contiguous()
+
+    lhs = dequantize_fp8_rows(case["lhs_q"], case["lhs_scale"])
+    rhs = dequantize_fp8_rows(case["rhs_q"].T, case["rhs_scale"]).T
+    exact = low_rank_reference(case, low_scale, dropout_p, 1234, lhs, rhs)
+    mag = magnitude(case, low_scale, lhs, rhs)
+    # fp32 accumulation of K + R products and the additions of the low-rank term and bias, then one rounding into
+    # out_dtype (an fp32 result rounds into fp32 once more: counted in the K + R + 3 terms).
+    bound = rounding_bound(torch.float32, K + R + 3, mag) + torch.finfo(out_dtype).eps / 2 * mag * 1.001
+    assert_within_bound("out", got, exact, bound)
+
+
+@pytest.mark.parametrize("M, K, N, R, out_dtype, gemm_pass, bias, strided, dropout_p", GEMM_CASES[:3])
+def test_fp8_gemm_is_within_e4m3_error_of_the_unquantised_gemm(M, K, N, R, out_dtype, gemm_pass, bias, strided,
+                                                               dropout_p):
+    case = gemm_case(M, K, N, R, out_dtype, gemm_pass, bias, strided)
+    low_scale = 1.0 / (1.0 - dropout_p) if gemm_pass == "input_grad" else 0.75
+    seed = torch.tensor(99) if dropout_p > 0 else None
+    got = run_fp8_gemm(case, low_scale, dropout_p, seed, out_dtype)
+
+    lhs, rhs = case["lhs"], case["rhs"]
+    exact = low_rank_reference(case, low_scale, dropout_p, 99, lhs, rhs)
+    # |a'b' - ab| <= |a| e_b + e_a |b| + e_a e_b per product, e the quantisation error of each operand element.
+    lhs_error = quantisation_error(lhs, case["lhs_scale"])
+    rhs_error = quantisation_error(rhs.T, case["rhs_scale"]).T
+    quantised = lhs.abs() @ rhs_error + lhs_error @ rhs.abs() + lhs_error @ rhs_error
+    mag = magnitude(case, low_scale, lhs.abs() + lhs_error, rhs.abs() + rhs_error)
+    bound = quantised + rounding_bound(torch.float32, K + R + 3, mag) + torch.finfo(out_dtype).eps / 2 * mag * 1.001
+    assert_within_bound("out", got, exact, bound)
+    # The bound is e4m3's, not a loose one: it is ~2 * 2**-4 of the operands' |products|, and the error reached
+    # is a sizeable part of it (a kernel that skipped the scales or the low-rank term would be far outside).
+    err = (got.double() - exact).abs()
+    assert (bound <= 2.2 * E4M3_RELATIVE_ERROR * mag).all()
+    assert err.max() > 0.02 * bound.max(), "the quantisation error should be visible"
+
+
+def test_fp8_gemm_rows_of_zeros_and_large_low_rank_term():
+    # lhs row 0 and rhs column 0 all zero: both scales at their floor 2**-63, where starting the accumulator at
+    # term / (lhs_scale * rhs_scale) would overflow; the term alone must come out.
+    case = gemm_case(33, 40, 34, 4, torch.float32, "forward", True, False)
+    lhs, rhs_t = case["lhs"].clone(), case["rhs"].T.clone()
+    lhs[0], rhs_t[0] = 0.0, 0.0
+    case["lhs_q"], case["lhs_scale"] = quantize_fp8_rows(lhs)
+    rhs_q, case["rhs_scale"] = quantize_fp8_rows(rhs_t)
+    case["rhs_q"] = rhs_q.T
+    case["low"] = case["low"] * 1e3
+    assert case["lhs_scale"][0] == 2.0**-63 and case["rhs_scale"][0] == 2.0**-63
+    got = run_fp8_gemm(case, 0.75, 0.0, None, torch.float32)
+    lhs_dq = dequantize_fp8_rows(case["lhs_q"], case["lhs_scale"])
+    rhs_dq = dequantize_fp8_rows(case["rhs_q"].T, case["rhs_scale"]).T
+    exact = low_rank_reference(case, 0.75, 0.0, None, lhs_dq, rhs_dq)
+    mag = magnitude(case, 0.75, lhs_dq, rhs_dq)
+    assert_within_bound("out", got, exact, rounding_bound(torch.float32, 40 + 4 + 3, mag) * 2)
+
+
+def test_fp8_gemm_empty_and_given_out():
+    case = gemm_case(0, 40, 34, 4, torch.float32, "forward", False, False)
+    assert run_fp8_gemm(case, 1.0, 0.0, None, torch.float32).shape == (0, 34)
+    case = gemm_case(20, 40, 34, 4, torch.float16, "forward", False, False)
+    out = torch.full((20, 34), float("nan"), dtype=torch.float16)
+    got = lora_linear.fused_matmul_fp8(case["lhs_q"], case["lhs_scale"], case["rhs_q"], case["rhs_scale"],
+                                       case["low"], case["up"], 1.0, None, 0.0, None, torch.float16, out=out)
+    assert got is out and torch.isfinite(out).all()
+    assert case["lhs_q"].dtype == FP8_DTYPE

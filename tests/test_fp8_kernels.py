@@ -172,3 +172,71 @@ def test_fp8_gemm_empty_and_given_out():
                                        case["low"], case["up"], 1.0, None, 0.0, None, torch.float16, out=out)
     assert got is out and torch.isfinite(out).all()
     assert case["lhs_q"].dtype == FP8_DTYPE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The quantising launches: bit for bit the reference rule
+# ---------------------------------------------------------------------------------------------------------------
+
+# Rows whose scale is 1 (amax 448) and whose other values lie exactly halfway between two e4m3 neighbours: ties go
+# to the even one, also where that carries into the next binade (1.9375 -> 2, 15 * 2**-10 -> 2**-6, the smallest
+# normal) and among the subnormals (step 2**-9); and values whose rounding carries into the exponent (1.962 -> 2,
+# 124.47 -> 128), which a plain fp32 -> e4m3 cast in the interpreter gets wrong.
+TIES = [1.0625, 1.1875, 17.0, 19.0, 272.0, 304.0, 1.9375, 2.0**-10, 3 * 2.0**-10, 5 * 2.0**-10, 15 * 2.0**-10,
+        1.962, 124.47, 7 * 2.0**-11, 0.0]
+
+
+def awkward_rows(M, K, dtype, seed=0):
+    """(M, K) with rows over many magnitudes (as wide as the dtype allows), a row of zeros, a row of -0.0 and small
+    negatives that round to -0, and rows of ties (both signs)."""
+    g = torch.Generator().manual_seed(seed)
+    decades = (-25, 35) if dtype == torch.float32 else (-4, 4)
+    t = torch.randn(M, K, generator=g) * torch.logspace(*decades, M)[:, None]
+    t[1] = 0.0
+    t[2] = -0.0
+    t[2, ::3] = -(2.0**-12)
+    ties = torch.tensor(TIES * (K // len(TIES) + 1))[: K - 1]
+    t[3, 0], t[3, 1:] = 448.0, ties
+    t[4, 0], t[4, 1:] = -448.0, -ties
+    t[5] = t[3] * 2.0**-5  # the same ties at scale 2**-5
+    return t.to(dtype)
+
+
+def assert_quantised_like_the_reference(t, got_q, got_scale):
+    want_q, want_scale = quantize_fp8_rows(t)
+    assert got_q.dtype == FP8_DTYPE and got_q.shape == t.shape and got_q.is_contiguous()
+    assert got_scale.dtype == torch.float32 and got_scale.shape == (t.shape[0],)
+    scale_bad = got_scale.view(torch.int32) != want_scale.view(torch.int32)
+    assert not scale_bad.any(), (f"{int(scale_bad.sum())} scales differ, first rows {scale_bad.nonzero()[:5].tolist()}"
+                                 f": {got_scale[scale_bad][:5].tolist()} vs {want_scale[scale_bad][:5].tolist()}")
+    bad = got_q.view(torch.uint8) != want_q.view(torch.uint8)
+    if bad.any():
+        where = bad.nonzero()[:5]
+        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} e4m3 values differ; first at {where.tolist()}: "
+                             f"input {[t[i, j].item() for i, j in where]}, got {got_q[bad][:5].float().tolist()}, "
+                             f"want {want_q[bad][:5].float().tolist()}")
+
+
+@pytest.mark.parametrize(
+    "M, K, R, dtype, dropout_p, strided",
+    [
+        pytest.param(71, 45, 5, torch.float32, 0.0, False, id="fp32"),  # M prime, K no multiple of 32, r < 16
+        pytest.param(37, 70, 16, torch.float16, 0.2, False, id="fp16-dropout"),
+        pytest.param(41, 33, 3, torch.float32, 0.1, True, id="fp32-column-major-dropout"),
+    ],
+)
+def test_shrink_quantises_x_like_the_reference(M, K, R, dtype, dropout_p, strided):
+    x = awkward_rows(M, K, dtype)
+    if strided:
+        x = x.T.contiguous().T
+    lora_a = rand(R, K, dtype=dtype, std=K**-0.5)
+    seed = torch.tensor(77) if dropout_p > 0 else None
+    shrunk, x_q, x_scale = lora_linear.lora_shrink_quantize(x, lora_a, dropout_p, seed)
+    # xq quantises x itself (the frozen GEMM's operand), not the dropped x~ of the LoRA branch.
+    assert_quantised_like_the_reference(x, x_q, x_scale)
+    assert torch.equal(shrunk, lora_linear.lora_shrink(x, lora_a, dropout_p, seed)), "S changed"
+
+
+def test_shrink_quantise_no_tokens():
+    shrunk, x_q, x_scale = lora_linear.lora_shrink_quantize(torch.ones(0, 40), torch.ones(4, 40), 0.0, None)
+    assert shrunk.shape == (0, 4) and x_q.shape == (0, 40) and x_scale.shape == (0,)

@@ -58,6 +58,85 @@ def _column_chunk(col_start, col_end, BLOCK: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# FP8 (e4m3) row quantisation, bit for bit reference.quantize_fp8_rows:
+#   scale = the smallest power of two s >= 2**-63 with amax / s <= 448, from the bits of the row's amax
+#   q     = (t * 2**-e) rounded to nearest-even into e4m3, s = 2**e
+# Everything is done on the fp32 bits with integer operations: the amax as the integer max of |t|'s bits (the same
+# order for non-negative floats, NaN above infinity), the scale from its exponent and mantissa, and the rounding to
+# e4m3's 3 mantissa bits, after which the cast to float8e4nv only converts an exactly representable value. Why round
+# by hand: Triton's interpreter casts fp32 to float8e4nv wrongly where rounding carries into the exponent (1.962 ->
+# 1.0), and a GPU's cvt.rn.satfinite of a representable value is exact, so both agree with the reference this way.
+# Multiplying by 2**-e rather than dividing by 2**e: the same correctly rounded value, where Triton's fp32 division
+# on a GPU is an approximate one.
+# ---------------------------------------------------------------------------------------------------------------
+
+_FP32_ABS_BITS = tl.constexpr(0x7FFFFFFF)
+_FP32_INF_BITS = tl.constexpr(0x7F800000)
+_FP32_NAN_BITS = tl.constexpr(0x7FC00000)
+_FP32_MANTISSA = tl.constexpr(0x7FFFFF)
+_FP32_IMPLICIT_BIT = tl.constexpr(0x800000)
+_FP32_BIAS = tl.constexpr(127)
+_E4M3_MAX_BITS = tl.constexpr(0x43E00000)  # 448.0 = 1.75 * 2**8, e4m3fn's largest finite value
+_E4M3_MAX_MANTISSA = tl.constexpr(0x600000)  # amax mantissas above 448's need the next power of two
+_E4M3_MAX_EXPONENT = tl.constexpr(8)
+_E4M3_MIN_EXPONENT = tl.constexpr(-6)  # the smallest normal; below it the step stays 2**-9
+_E4M3_DROPPED_BITS = tl.constexpr(20)  # fp32's 23 mantissa bits less e4m3's 3
+_MIN_SCALE_EXPONENT = tl.constexpr(-63)  # reference.FP8_MIN_SCALE_EXPONENT
+
+
+@triton.jit
+def _abs_bits(tile):
+    """The int32 bits of |tile| (fp32), every NaN as the one quiet NaN: ordered as the magnitudes are."""
+    bits = tile.to(tl.int32, bitcast=True) & _FP32_ABS_BITS
+    return tl.where(bits > _FP32_INF_BITS, _FP32_NAN_BITS, bits)
+
+
+@triton.jit
+def _row_amax_bits(tile):
+    """(rows,) int32: the bits of each row's largest magnitude (0 for masked-out elements loaded as 0)."""
+    return tl.max(_abs_bits(tile.to(tl.float32)), axis=1)
+
+
+@triton.jit
+def _fp8_scale_exponent(amax_bits):
+    """e of the row scale 2**e, reference.fp8_scale's rule on the bits of amax (int32, non-negative)."""
+    exponent = (amax_bits >> 23) - _FP32_BIAS
+    above = ((amax_bits & _FP32_MANTISSA) > _E4M3_MAX_MANTISSA).to(tl.int32)
+    return tl.maximum(exponent - _E4M3_MAX_EXPONENT + above, _MIN_SCALE_EXPONENT)
+
+
+@triton.jit
+def _power_of_two(exponent):
+    """2.0**exponent in fp32, built from its bits (exponent a normal one, int32)."""
+    return ((exponent + _FP32_BIAS) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_to_e4m3(value):
+    """fp32 `value` (already divided by its scale) clamped to +-448 and rounded to nearest-even onto e4m3's grid,
+    still in fp32; NaN stays NaN, the sign of a zero is kept."""
+    bits = value.to(tl.int32, bitcast=True)
+    magnitude = tl.minimum(bits & _FP32_ABS_BITS, _E4M3_MAX_BITS)  # ints ordered as floats: the clamp to 448
+    sign = bits ^ (bits & _FP32_ABS_BITS)
+    exponent = (magnitude >> 23) - _FP32_BIAS
+    # The grid's step is 2**(max(exponent, -6) - 3): drop that many low bits of the 24-bit significand, rounding to
+    # nearest-even. Below 2**-10 everything rounds to zero, so the shift stops at 25 (an fp32 zero or subnormal,
+    # whose significand this counts with the implicit bit, also goes to zero there).
+    shift = tl.minimum(_E4M3_DROPPED_BITS + tl.maximum(_E4M3_MIN_EXPONENT - exponent, 0), 25)
+    significand = (magnitude & _FP32_MANTISSA) | _FP32_IMPLICIT_BIT
+    steps = (significand + (1 << (shift - 1)) - 1 + ((significand >> shift) & 1)) >> shift
+    step = _power_of_two(tl.maximum(exponent, _E4M3_MIN_EXPONENT) - 3)
+    rounded = (steps.to(tl.float32) * step).to(tl.int32, bitcast=True) | sign  # at most 16 steps: exact
+    return tl.where(value != value, value, rounded.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _quantize_tile(tile, inv_scale):
+    """The e4m3 tile of `tile` (any float) scaled by its rows' 2**-e (inv_scale, (rows,) fp32)."""
+    return _round_to_e4m3(tile.to(tl.float32) * inv_scale[:, None]).to(tl.float8e4nv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # fwd 1: S = dropout(x) @ A.T
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -71,6 +150,8 @@ def _shrink_kernel(
     b_ptr,  # (N, R), read only when EXPAND
     bias_ptr,  # (N,), read only when EXPAND and HAS_BIAS
     out_ptr,  # (M, N) output when EXPAND: scale * S @ B.T + bias, which cuBLAS then accumulates x @ W.T onto
+    xq_ptr,  # (M, K) e4m3 output when QUANTIZE: x quantised by rows (of x itself, not of the dropped x~)
+    sx_ptr,  # (M,) fp32 output when QUANTIZE: the row scales
     M, K, R, N,
     stride_xm, stride_xk,
     stride_ar, stride_ak,
@@ -78,8 +159,9 @@ def _shrink_kernel(
     stride_bn, stride_br,
     stride_bias,
     stride_om, stride_on,
+    stride_xqm, stride_xqk,
     scale, keep_threshold, inv_keep,
-    APPLY_DROPOUT: tl.constexpr, EXPAND: tl.constexpr, HAS_BIAS: tl.constexpr,
+    APPLY_DROPOUT: tl.constexpr, EXPAND: tl.constexpr, HAS_BIAS: tl.constexpr, QUANTIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -91,9 +173,12 @@ def _shrink_kernel(
     if APPLY_DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    amax_bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         cols, mask_k = _column_chunk(k0, K, BLOCK_K)
         x_tile = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, mask_m, mask_k)
+        if QUANTIZE:
+            amax_bits = tl.maximum(amax_bits, _row_amax_bits(x_tile))
         if APPLY_DROPOUT:
             keep = keep_mask(seed, rows, k0, K, keep_threshold, BLOCK_M, BLOCK_K)
             x_tile = tl.where(keep, x_tile, tl.zeros_like(x_tile))
@@ -107,6 +192,18 @@ def _shrink_kernel(
     shrunk = acc.to(s_ptr.dtype.element_ty)
     tl.store(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr, shrunk,
              mask=mask_m[:, None] & (offs_r[None, :] < R))
+
+    if QUANTIZE:
+        # The FP8 forward's xq and sx: the row amax came with the first pass; a second pass over the same block of
+        # x (from L2 on a GPU) writes it in e4m3.
+        scale_exponent = _fp8_scale_exponent(amax_bits)
+        tl.store(sx_ptr + rows, _power_of_two(scale_exponent), mask=mask_m)
+        inv_scale = _power_of_two(-scale_exponent)
+        for k0 in range(0, K, BLOCK_K):
+            cols, mask_k = _column_chunk(k0, K, BLOCK_K)
+            x_tile = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, mask_m, mask_k)
+            tl.store(xq_ptr + rows[:, None] * stride_xqm + cols[None, :] * stride_xqk,
+                     _quantize_tile(x_tile, inv_scale), mask=mask_m[:, None] & mask_k[None, :])
 
     if EXPAND:
         # The cuBLAS-composed engine's start value, from S as stored (in x's dtype, as the fused GEMM reads it).
@@ -446,7 +543,7 @@ def _grad_ab_config(rank_block: int, dtype: torch.dtype, write_dx: bool) -> dict
 
 
 def _shrink_plan(dtype, M, K, R, N, x_strides, a_strides, b_strides, bias_stride, scale, dropout_p, expand, has_bias,
-                 precision, device):
+                 quantize, precision, device):
     """The shrink's grid, non-tensor arguments and launch options for its key (see _shrink)."""
     cfg = _shrink_config(policy.block_rank(R), dtype, M)
     out_strides = (N, 1) if expand else (0, 0)  # out is allocated contiguous (M, N)
@@ -458,8 +555,9 @@ def _shrink_plan(dtype, M, K, R, N, x_strides, a_strides, b_strides, bias_stride
         stride_bn=b_strides[0], stride_br=b_strides[1],
         stride_bias=bias_stride,
         stride_om=out_strides[0], stride_on=out_strides[1],
+        stride_xqm=K if quantize else 0, stride_xqk=1 if quantize else 0,  # xq is allocated contiguous (M, K)
         scale=float(scale), keep_threshold=dropout_threshold(dropout_p), inv_keep=1.0 / (1.0 - dropout_p),
-        APPLY_DROPOUT=dropout_p > 0.0, EXPAND=expand, HAS_BIAS=has_bias,
+        APPLY_DROPOUT=dropout_p > 0.0, EXPAND=expand, HAS_BIAS=has_bias, QUANTIZE=quantize,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision,
     )
     return (cdiv(M, cfg["BLOCK_M"]),), scalars, launch_options(cfg)
@@ -468,29 +566,41 @@ def _shrink_plan(dtype, M, K, R, N, x_strides, a_strides, b_strides, bias_stride
 _SHRINK = LaunchSite(_shrink_kernel, _shrink_plan)
 
 
-def _shrink(x, lora_a, dropout_p, seed, expand=None):
-    """S = dropout_p(x) @ A.T; with expand = (lora_b, scale, bias) also out = scale * S @ B.T + bias. Returns
-    (S, out or None)."""
+def _shrink(x, lora_a, dropout_p, seed, expand=None, quantize=False):
+    """S = dropout_p(x) @ A.T; with expand = (lora_b, scale, bias) also out = scale * S @ B.T + bias; with quantize
+    also (xq, sx) = reference.quantize_fp8_rows(x). Returns (S, out or None, xq or None, sx or None)."""
     (M, K), R = x.shape, lora_a.shape[0]
     shrunk = torch.empty((M, R), device=x.device, dtype=x.dtype)
     lora_b, scale, bias = expand if expand is not None else (x, 0.0, None)
     N = lora_b.shape[0] if expand is not None else 0
     out = torch.empty((M, N), device=x.device, dtype=x.dtype) if expand is not None else None
+    x_q = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn) if quantize else None
+    x_scale = torch.empty((M,), device=x.device, dtype=torch.float32) if quantize else None
     if M == 0:
-        return shrunk, out
+        return shrunk, out, x_q, x_scale
     key = (x.dtype, M, K, R, N, x.stride(), lora_a.stride(), lora_b.stride(), 0 if bias is None else bias.stride(0),
-           scale, dropout_p, expand is not None, bias is not None, dot_precision(x.dtype), x.device.index)
+           scale, dropout_p, expand is not None, bias is not None, quantize, dot_precision(x.dtype), x.device.index)
     # Placeholders for what a variant does not read are inputs the kernel never writes (see launch.dropout_args).
     _SHRINK.launch(traceable(_shrink_kernel), key, (
         x, lora_a, shrunk, seed if dropout_p > 0.0 else x, lora_b, x if bias is None else bias,
-        x if out is None else out))
-    return shrunk, out
+        x if out is None else out, x if x_q is None else x_q, x if x_scale is None else x_scale))
+    return shrunk, out, x_q, x_scale
 
 
 @on_tensors_device
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """S = dropout_p(x) @ A.T, (M, r) in x's dtype. x (M, K), lora_a (r, K)."""
     return _shrink(x, lora_a, dropout_p, seed)[0]
+
+
+@on_tensors_device
+def lora_shrink_quantize(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float,
+                         seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(S, xq, sx) in one launch: S = dropout_p(x) @ A.T, (M, r) in x's dtype, and x (M, K) quantised by rows as
+    reference.quantize_fp8_rows does it, bit for bit: xq (M, K) float8_e4m3fn contiguous, sx (M,) fp32. The FP8
+    forward's first launch; x is read once for S and the row amax, and once more (from L2) to write xq."""
+    shrunk, _, x_q, x_scale = _shrink(x, lora_a, dropout_p, seed, quantize=True)
+    return shrunk, x_q, x_scale
 
 
 def _fused_matmul_plan(M, N, K, R, lhs_strides, rhs_strides, low_strides, up_strides, bias_stride, scale_strides,
@@ -687,7 +797,7 @@ def lora_shrink_expand(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
                        seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, start): S = dropout_p(x) @ A.T and start = s * S @ B.T + bias, (M, N), in one launch: the cuBLAS-composed
     engine's forward accumulates x @ W.T onto start."""
-    return _shrink(x, lora_a, dropout_p, seed, expand=(lora_b, scale, bias))
+    return _shrink(x, lora_a, dropout_p, seed, expand=(lora_b, scale, bias))[:2]
 
 
 @on_tensors_device

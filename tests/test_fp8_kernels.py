@@ -240,3 +240,82 @@ def test_shrink_quantises_x_like_the_reference(M, K, R, dtype, dropout_p, stride
 def test_shrink_quantise_no_tokens():
     shrunk, x_q, x_scale = lora_linear.lora_shrink_quantize(torch.ones(0, 40), torch.ones(4, 40), 0.0, None)
     assert shrunk.shape == (0, 4) and x_q.shape == (0, 40) and x_scale.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "M, N, dtype, layout",
+    [
+        pytest.param(70, 45, torch.float32, "contiguous", id="fp32"),  # more rows than one block, N ragged
+        pytest.param(37, 130, torch.float16, "column-major", id="fp16-column-major"),  # 5 column blocks per row
+        pytest.param(33, 40, torch.float32, "sliced", id="fp32-every-other-column"),
+    ],
+)
+def test_quantize_rows_like_the_reference(M, N, dtype, layout):
+    t = awkward_rows(M, N if layout != "sliced" else 2 * N, dtype, seed=3)
+    t[6, 4] = float("inf")  # an infinite value: scale 2**120, clamped to 448
+    t[7, :3] = -float("inf")
+    if layout == "column-major":
+        t = t.T.contiguous().T
+    elif layout == "sliced":
+        t = t[:, ::2]
+    q, scale = lora_linear.quantize_rows_fp8(t)
+    assert_quantised_like_the_reference(t, q, scale)
+
+
+def test_quantize_rows_nan_stays_nan():
+    t = rand(35, 40, dtype=torch.float32)
+    t[3, 5] = float("nan")
+    q, scale = lora_linear.quantize_rows_fp8(t)
+    want_q, want_scale = quantize_fp8_rows(t)
+    assert torch.equal(q.float().isnan(), want_q.float().isnan())
+    keep = torch.ones(35, dtype=torch.bool)
+    keep[3] = False  # the NaN row's scale follows the NaN's bits; the other rows are exact
+    assert_quantised_like_the_reference(t[keep], q[keep], scale[keep])
+
+
+def test_quantize_rows_empty():
+    q, scale = lora_linear.quantize_rows_fp8(torch.ones(0, 5))
+    assert q.shape == (0, 5) and scale.shape == (0,)
+    q, scale = lora_linear.quantize_rows_fp8(torch.ones(3, 0))
+    assert q.shape == (3, 0) and torch.equal(scale, torch.full((3,), 2.0**-63))
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize(
+    "M, N, K, R, dtype, strided",
+    [
+        pytest.param(37, 150, 40, 5, torch.float32, False, id="fp32"),  # 5 N chunks: a row is split over programs
+        pytest.param(45, 100, 33, 16, torch.float16, True, id="fp16-column-major-dy"),
+    ],
+)
+def test_gradient_launch_quantises_dy_like_the_reference(M, N, K, R, dtype, strided, deterministic):
+    grad_y = awkward_rows(M, N, dtype, seed=5)
+    if strided:
+        grad_y = grad_y.T.contiguous().T
+    x, shrunk = rand(M, K, dtype=dtype, seed=6), rand(M, R, dtype=dtype, seed=7)
+    lora_b = rand(N, R, dtype=dtype, std=R**-0.5, seed=8)
+    args = (grad_y, x, shrunk, lora_b, 0.5, 0.1, torch.tensor(5), True, deterministic)
+    layout = lora_linear._grad_ab_layout(M, N, K, R, dtype, False, deterministic, None)
+    assert layout[2][0] > 1, "each row of dy should be split over programs"
+
+    *grads, grad_y_q, grad_y_scale = lora_linear.lora_grad_ab_quantize(*args)
+    assert_quantised_like_the_reference(grad_y, grad_y_q, grad_y_scale)
+    # The gradients are the plain launch's, bit for bit where the reductions are (deterministic).
+    plain = lora_linear.lora_grad_ab(*args)
+    for name, got, want in zip(("dA", "dB", "dS", "dbias"), grads, plain, strict=True):
+        if deterministic or name == "dS":
+            assert torch.equal(got, want), name
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0 if dtype == torch.float32 else 1e-3)
+
+
+def test_gradient_launch_with_dx_start_quantises_dy():
+    M, N, K, R = 37, 70, 40, 5
+    grad_y, x = awkward_rows(M, N, torch.float32, seed=9), rand(M, K, seed=10, dtype=torch.float32)
+    shrunk, lora_a = rand(M, R, dtype=torch.float32, seed=11), rand(R, K, dtype=torch.float32, seed=12)
+    lora_b = rand(N, R, dtype=torch.float32, seed=13)
+    args = (grad_y, x, shrunk, lora_a, lora_b, 0.5, 0.0, None, False, True)
+    *grads, grad_y_q, grad_y_scale = lora_linear.lora_grad_ab_start_quantize(*args)
+    assert_quantised_like_the_reference(grad_y, grad_y_q, grad_y_scale)
+    for got, want in zip(grads, lora_linear.lora_grad_ab_start(*args), strict=True):
+        assert torch.equal(got, want)

@@ -82,6 +82,7 @@ _E4M3_MAX_EXPONENT = tl.constexpr(8)
 _E4M3_MIN_EXPONENT = tl.constexpr(-6)  # the smallest normal; below it the step stays 2**-9
 _E4M3_DROPPED_BITS = tl.constexpr(20)  # fp32's 23 mantissa bits less e4m3's 3
 _MIN_SCALE_EXPONENT = tl.constexpr(-63)  # reference.FP8_MIN_SCALE_EXPONENT
+_E4M3_NAN_BITS = tl.constexpr(0x7F)  # e4m3fn's NaN, what torch's cast of a NaN gives
 
 
 @triton.jit
@@ -114,7 +115,7 @@ def _power_of_two(exponent):
 @triton.jit
 def _round_to_e4m3(value):
     """fp32 `value` (already divided by its scale) clamped to +-448 and rounded to nearest-even onto e4m3's grid,
-    still in fp32; NaN stays NaN, the sign of a zero is kept."""
+    still in fp32 (NaN is not, see _quantize_tile); the sign of a zero is kept."""
     bits = value.to(tl.int32, bitcast=True)
     magnitude = tl.minimum(bits & _FP32_ABS_BITS, _E4M3_MAX_BITS)  # ints ordered as floats: the clamp to 448
     sign = bits ^ (bits & _FP32_ABS_BITS)
@@ -127,13 +128,16 @@ def _round_to_e4m3(value):
     steps = (significand + (1 << (shift - 1)) - 1 + ((significand >> shift) & 1)) >> shift
     step = _power_of_two(tl.maximum(exponent, _E4M3_MIN_EXPONENT) - 3)
     rounded = (steps.to(tl.float32) * step).to(tl.int32, bitcast=True) | sign  # at most 16 steps: exact
-    return tl.where(value != value, value, rounded.to(tl.float32, bitcast=True))
+    return rounded.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _quantize_tile(tile, inv_scale):
-    """The e4m3 tile of `tile` (any float) scaled by its rows' 2**-e (inv_scale, (rows,) fp32)."""
-    return _round_to_e4m3(tile.to(tl.float32) * inv_scale[:, None]).to(tl.float8e4nv)
+    """The e4m3 tile of `tile` (any float) scaled by its rows' 2**-e (inv_scale, (rows,) fp32). NaN becomes e4m3's
+    NaN 0x7F, from its bits, because the interpreter casts an fp32 NaN to a finite value."""
+    value = tile.to(tl.float32) * inv_scale[:, None]
+    q = _round_to_e4m3(value).to(tl.float8e4nv)
+    return tl.where(value != value, tl.full(q.shape, _E4M3_NAN_BITS, tl.int8).to(tl.float8e4nv, bitcast=True), q)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,6 +390,7 @@ def _grad_b_kernel(
     ds_ptr,  # (N splits, M, R) fp32 output: dy @ B partials, one per N split (a single one with atomics)
     db_ptr,  # (token blocks, N, R) fp32 output: dB partials, one per token block (a single one with atomics)
     dbias_ptr,  # (token blocks, N) fp32 output: dbias partials, written only when HAS_BIAS_GRAD
+    dy_amax_ptr,  # (M,) int32, zeroed: the bits of each row's amax of dy, by atomic max, only when ROW_AMAX
     M, N, R,
     stride_dym, stride_dyn,
     stride_sm, stride_sr,
@@ -394,7 +399,7 @@ def _grad_b_kernel(
     stride_db_partial, stride_db_n, stride_db_r,
     stride_dbias_partial,
     scale, chunks_per_split,
-    HAS_BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    HAS_BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr, ROW_AMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -407,9 +412,12 @@ def _grad_b_kernel(
     # dy is read once, feeding dS (reduced here over this split of N) and dB (reduced over tokens).
     n_start, n_end = _split_columns(split, N, chunks_per_split, BLOCK_N)
     ds_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    amax_bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for n0 in range(n_start, n_end, BLOCK_N):
         cols, mask_n = _column_chunk(n0, n_end, BLOCK_N)
         dy_tile = _load_tile(dy_ptr, rows, cols, stride_dym, stride_dyn, mask_m, mask_n)
+        if ROW_AMAX:
+            amax_bits = tl.maximum(amax_bits, _row_amax_bits(dy_tile))
         b_tile = _load_tile(b_ptr, cols, offs_r, stride_bn, stride_br, mask_n, mask_r)
         # dS += dy @ B   (s applied once, by _grad_a_kernel)
         ds_acc = tl.dot(dy_tile, b_tile, ds_acc, input_precision=DOT_PRECISION)
@@ -425,6 +433,10 @@ def _grad_b_kernel(
                 dbias_ptr + partial * stride_dbias_partial + cols,
                 tl.sum(dy_tile.to(tl.float32), axis=0), mask_n, DETERMINISTIC,
             )
+    if ROW_AMAX:
+        # A program sees its split of each row: the splits meet in one int32 per row. A max of the bits is exact
+        # and independent of the order, so this is deterministic in either mode.
+        tl.atomic_max(dy_amax_ptr + rows, amax_bits, mask=mask_m, sem="relaxed")
     ds_partial = split.to(tl.int64) if DETERMINISTIC else 0  # each N split its own dS partial
     _accumulate(
         ds_ptr + ds_partial * stride_ds_partial + rows[:, None] * stride_ds_m + offs_r[None, :] * stride_ds_r,
@@ -500,6 +512,45 @@ def _grad_a_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# FP8 row quantisation on its own: (q, scale) = quantize_fp8_rows(t), t (M, N) read by blocks of whole rows.
+#   W and W.T at a restart (the frozen GEMMs' e4m3 copies); dy in the backward, whose row amax the gradient launch
+#   already gathered (HAS_AMAX), so that dy is read once more here, not twice.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    t_ptr,  # (M, N)
+    q_ptr,  # (M, N) e4m3 output
+    scale_ptr,  # (M,) fp32 output
+    amax_ptr,  # (M,) int32 bits of each row's amax, read only when HAS_AMAX
+    M, N,
+    stride_tm, stride_tn,
+    stride_qm, stride_qn,
+    HAS_AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)  # M * stride can pass 2**31
+    mask_m = offs_m < M
+    if HAS_AMAX:
+        amax_bits = tl.load(amax_ptr + rows, mask=mask_m, other=0)
+    else:
+        amax_bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for n0 in range(0, N, BLOCK_N):
+            cols, mask_n = _column_chunk(n0, N, BLOCK_N)
+            amax_bits = tl.maximum(amax_bits, _row_amax_bits(
+                _load_tile(t_ptr, rows, cols, stride_tm, stride_tn, mask_m, mask_n)))
+    scale_exponent = _fp8_scale_exponent(amax_bits)
+    tl.store(scale_ptr + rows, _power_of_two(scale_exponent), mask=mask_m)
+    inv_scale = _power_of_two(-scale_exponent)
+    for n0 in range(0, N, BLOCK_N):
+        cols, mask_n = _column_chunk(n0, N, BLOCK_N)
+        tile = _load_tile(t_ptr, rows, cols, stride_tm, stride_tn, mask_m, mask_n)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qn, _quantize_tile(tile, inv_scale),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Launch configuration: tiles and grids (policy.py).
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -521,6 +572,21 @@ def _shrink_config(rank_block: int, dtype: torch.dtype, tokens: int) -> dict:
     config = dict(policy.fitting(policy.SHRINK_CONFIGS, policy.shrink_shared_bytes, rank_block, dtype)[0])
     smallest = max(16, rank_block // 2)
     while config["BLOCK_M"] > smallest and cdiv(tokens, config["BLOCK_M"]) < policy.target_programs():
+        config["BLOCK_M"] //= 2
+    return config
+
+
+# The row quantisation's block: 8192 elements per step (no dot, no shared memory beyond the reduction's), BLOCK_M
+# halved while the launch has too few programs (W's 4096 rows are 128 blocks of 32), down to 4 rows.
+_QUANTIZE_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 8}
+_QUANTIZE_MIN_ROWS = 4
+
+
+def _quantize_config(rows: int) -> dict:
+    if policy.interpreting():
+        return {"BLOCK_M": policy.INTERPRETER_BLOCK, "BLOCK_N": policy.INTERPRETER_BLOCK}
+    config = dict(_QUANTIZE_CONFIG)
+    while config["BLOCK_M"] > _QUANTIZE_MIN_ROWS and cdiv(rows, config["BLOCK_M"]) < policy.target_programs():
         config["BLOCK_M"] //= 2
     return config
 
@@ -702,7 +768,7 @@ _GRAD_AB_LAYOUTS: dict[tuple, tuple] = {}
 
 
 def _grad_b_plan(M, N, K, R, dtype, write_dx, deterministic, device, dy_strides, s_strides, b_strides, scale,
-                 need_bias_grad, precision):
+                 need_bias_grad, row_amax, precision):
     cfg, token_blocks, (n_splits, n_chunks_per_split), _, token_partials, ds_partials = _grad_ab_layout(
         M, N, K, R, dtype, write_dx, deterministic, device)
     scalars = dict(
@@ -714,7 +780,7 @@ def _grad_b_plan(M, N, K, R, dtype, write_dx, deterministic, device, dy_strides,
         stride_db_partial=N * R, stride_db_n=R, stride_db_r=1,
         stride_dbias_partial=N if need_bias_grad else 0,
         scale=float(scale), chunks_per_split=n_chunks_per_split,
-        HAS_BIAS_GRAD=need_bias_grad, DETERMINISTIC=deterministic,
+        HAS_BIAS_GRAD=need_bias_grad, DETERMINISTIC=deterministic, ROW_AMAX=row_amax,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision,
     )
     return (token_blocks, n_splits), scalars, launch_options(cfg)
@@ -744,9 +810,43 @@ _GRAD_B = LaunchSite(_grad_b_kernel, _grad_b_plan)
 _GRAD_A = LaunchSite(_grad_a_kernel, _grad_a_plan)
 
 
-def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic):
-    """(dA, dB, dS, dbias, dx start or None): dx's start mask(dS @ A) / (1-p) is written by the dA launch when
-    lora_a is given (the cuBLAS-composed engine)."""
+def _quantize_plan(M, N, t_strides, has_amax, device):
+    """The row quantisation's grid, non-tensor arguments and launch options for its key (see _quantize_rows)."""
+    cfg = _quantize_config(M)
+    scalars = dict(M=M, N=N, stride_tm=t_strides[0], stride_tn=t_strides[1],
+                   stride_qm=N, stride_qn=1,  # q is allocated contiguous (M, N)
+                   HAS_AMAX=has_amax, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+    return (cdiv(M, cfg["BLOCK_M"]),), scalars, launch_options(cfg)
+
+
+_QUANTIZE = LaunchSite(_quantize_rows_kernel, _quantize_plan)
+
+
+def _quantize_rows(t, amax_bits=None):
+    """(q, scale) of t (M, N) by rows; amax_bits (M,) int32 where a launch before has gathered the row amax."""
+    M, N = t.shape
+    q = torch.empty((M, N), device=t.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((M,), device=t.device, dtype=torch.float32)
+    if M > 0:
+        _QUANTIZE.launch(traceable(_quantize_rows_kernel), (M, N, t.stride(), amax_bits is not None, t.device.index),
+                         (t, q, scale, t if amax_bits is None else amax_bits))
+    return q, scale
+
+
+@on_tensors_device
+def quantize_rows_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) = reference.quantize_fp8_rows(t), bit for bit, in one launch: t (M, N) fp32/fp16/bf16, any
+    strides; q (M, N) float8_e4m3fn contiguous, scale (M,) fp32 powers of two. Each program reads its block of whole
+    rows twice (the amax, then the quantisation: the second read from L2 where the block fits). For W (the forward's
+    operand) and W.T (the input gradient's) at a restart."""
+    return _quantize_rows(t)
+
+
+def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
+             quantize_grad_y=False):
+    """(dA, dB, dS, dbias, dx start or None, (dyq, sdy) or None): dx's start mask(dS @ A) / (1-p) is written by the
+    dA launch when lora_a is given (the cuBLAS-composed engine); with quantize_grad_y the dy launch also gathers dy's
+    row amax and a third launch writes dy in e4m3 (the FP8 input gradient's operand)."""
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
     write_dx = lora_a is not None
     layout_key = (M, N, K, R, x.dtype, write_dx, deterministic, x.device.index)
@@ -758,17 +858,20 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     ds_partial = torch.zeros((ds_partials, M, R), device=dev, dtype=torch.float32)
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
     dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if write_dx else None
+    grad_y_amax = torch.zeros((M,), device=dev, dtype=torch.int32) if quantize_grad_y else None
     if token_blocks > 0:
         precision = dot_precision(x.dtype)
         # Placeholders for what a variant does not read or write are inputs it never writes (see launch.dropout_args).
         _GRAD_B.launch(traceable(_grad_b_kernel), (*layout_key, grad_y.stride(), shrunk.stride(), lora_b.stride(),
-                                                  scale, need_bias_grad, precision), (
-            grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y))
+                                                  scale, need_bias_grad, quantize_grad_y, precision), (
+            grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y,
+            grad_y if grad_y_amax is None else grad_y_amax))
         a, dx = (lora_a, dx_start) if write_dx else (x, x)
         _GRAD_A.launch(traceable(_grad_a_kernel), (*layout_key, x.stride(), a.stride(), scale, dropout_p, precision), (
             x, ds_partial, grad_shrunk, grad_a, seed if dropout_p > 0.0 else x, a, dx))
     grad_a, grad_b, grad_bias = (_sum_partials(t, x.dtype) for t in (grad_a, grad_b, grad_bias))
-    return grad_a, grad_b, grad_shrunk, grad_bias, dx_start
+    grad_y_q = _quantize_rows(grad_y, grad_y_amax) if quantize_grad_y else None
+    return grad_a, grad_b, grad_shrunk, grad_bias, dx_start, grad_y_q
 
 
 @on_tensors_device
@@ -806,6 +909,32 @@ def lora_grad_ab_start(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tens
                        need_bias_grad: bool, deterministic: bool = False):
     """lora_grad_ab's (dA, dB, dbias), and dx's start mask(dS @ A) / (1-p), (M, K), written by the dA launch: the
     cuBLAS-composed engine's backward accumulates dy @ W onto it."""
-    grad_a, grad_b, _, grad_bias, start = _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed,
-                                                   need_bias_grad, deterministic)
+    grad_a, grad_b, _, grad_bias, start, _ = _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed,
+                                                      need_bias_grad, deterministic)
     return grad_a, grad_b, grad_bias, start
+
+
+@on_tensors_device
+def lora_grad_ab_quantize(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
+                          scale: float, dropout_p: float, seed: torch.Tensor | None, need_bias_grad: bool,
+                          deterministic: bool = False):
+    """lora_grad_ab's (dA, dB, dS, dbias), and (dyq, sdy) = reference.quantize_fp8_rows(dy) bit for bit: dyq (M, N)
+    float8_e4m3fn contiguous, sdy (M,) fp32. The dy launch gathers dy's row amax (its programs see a split of each
+    row, hence an atomic max per row and split into an (M,) int32 buffer); a third launch reads dy once more and
+    writes dyq: one extra read of dy and a write of 1 byte per element beside the gradient launches. The FP8 input
+    gradient dx = fused_matmul_fp8(dyq, sdy, W.T's rows quantised, transposed, ..., low=dS, up=A)."""
+    grad_a, grad_b, grad_shrunk, grad_bias, _, (grad_y_q, grad_y_scale) = _grad_ab(
+        grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic, quantize_grad_y=True)
+    return grad_a, grad_b, grad_shrunk, grad_bias, grad_y_q, grad_y_scale
+
+
+@on_tensors_device
+def lora_grad_ab_start_quantize(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lora_a: torch.Tensor,
+                                lora_b: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor | None,
+                                need_bias_grad: bool, deterministic: bool = False):
+    """lora_grad_ab_start's (dA, dB, dbias, dx start) and lora_grad_ab_quantize's (dyq, sdy): for an FP8 engine
+    that accumulates the scaled dyq @ W onto dx's start itself."""
+    grad_a, grad_b, _, grad_bias, start, (grad_y_q, grad_y_scale) = _grad_ab(
+        grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
+        quantize_grad_y=True)
+    return grad_a, grad_b, grad_bias, start, grad_y_q, grad_y_scale

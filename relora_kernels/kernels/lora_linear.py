@@ -317,10 +317,13 @@ def _fused_matmul_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         lhs_tile = tl.load(lhs_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         rhs_tile = tl.load(rhs_ptrs, mask=(offs_k[:, None] < K) & mask_n[None, :], other=0.0)
-        # max_num_imprecise_acc=0: on sm_90 an FP8 wgmma's own accumulator keeps fewer bits than fp32, so every
-        # instruction's result is added into the fp32 accumulator (what cuBLAS does without fast accumulation).
-        # It does nothing for 16- and 32-bit operands.
-        acc = tl.dot(lhs_tile, rhs_tile, acc, input_precision=DOT_PRECISION, max_num_imprecise_acc=0)
+        if FP8:
+            # On sm_90 an FP8 wgmma sums into an accumulator of fewer bits than fp32 (Triton's default there never
+            # leaves it: "fast accumulation"); max_num_imprecise_acc=BLOCK_K adds each K step's sum into the fp32
+            # accumulator. 0 (promote always) would make Triton give up wgmma and multiply in fp16 on mma.sync.
+            acc = tl.dot(lhs_tile, rhs_tile, acc, max_num_imprecise_acc=BLOCK_K)
+        else:
+            acc = tl.dot(lhs_tile, rhs_tile, acc, input_precision=DOT_PRECISION)
         lhs_ptrs += lhs_step
         rhs_ptrs += rhs_step
 

@@ -10,6 +10,15 @@ The math (docs/DESIGN.md section 1; x (M, K), W (N, K), A (r, K), B (N, r), s th
     dA = dS.T @ x~                             _grad_a_kernel             the tokens and the N / K columns)
     dx = dy @ W + (dS @ A) * m / (1-p)         _fused_matmul_kernel      (fused_matmul)
 
+FP8 frozen GEMMs (docs/DESIGN.md section 2; the rule is reference.quantize_fp8_rows, one power-of-two scale per row):
+
+    xq, sx   = quantize_fp8_rows(x)                           _shrink_kernel, QUANTIZE        (lora_shrink_quantize)
+    y        = (xq @ wq.T) * sx sw + s * S @ B.T + bias       _fused_matmul_kernel, FP8       (fused_matmul_fp8)
+    dyq, sdy = quantize_fp8_rows(dy)                          _grad_b_kernel, ROW_AMAX, then  (lora_grad_ab_quantize)
+                                                              _quantize_rows_kernel, HAS_AMAX
+    dx       = (dyq @ wtq.T) * sdy swt + mask(dS @ A) / (1-p) _fused_matmul_kernel, FP8       (fused_matmul_fp8)
+    wq, sw   = quantize_fp8_rows(W);  wtq, swt of W.T         _quantize_rows_kernel           (quantize_rows_fp8)
+
 The fused GEMM starts its fp32 accumulator from the low-rank term (plus bias) and then runs the ordinary K loop,
 so the LoRA branch costs no extra read or write of the (M, N) output. The dropout mask is never stored: every
 kernel that needs it regenerates it from Philox keyed by the seed, one draw per four neighbouring elements of a row
@@ -199,7 +208,8 @@ def _shrink_kernel(
 
     if QUANTIZE:
         # The FP8 forward's xq and sx: the row amax came with the first pass; a second pass over the same block of
-        # x (from L2 on a GPU) writes it in e4m3.
+        # x writes it in e4m3 (a read from L2 where the block is still there: 64 rows of 4096 16-bit values are
+        # 512 KiB per program, so not all of it, predicted, not measured).
         scale_exponent = _fp8_scale_exponent(amax_bits)
         tl.store(sx_ptr + rows, _power_of_two(scale_exponent), mask=mask_m)
         inv_scale = _power_of_two(-scale_exponent)

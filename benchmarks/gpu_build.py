@@ -145,7 +145,8 @@ def _estimated_shared(kernel: str, kwargs: dict, num_stages: int, element_size: 
     if kernel == "_fused_matmul_kernel":
         tile = policy.GemmTile(kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["GROUP_M"], 0,
                                num_stages)
-        return policy.gemm_shared_bytes(tile, rank_block, element_size)
+        estimate = lora_linear.fp8_gemm_shared_bytes if kwargs["FP8"] else policy.gemm_shared_bytes
+        return estimate(tile, rank_block, element_size)
     if kernel == "_fused_matmul_tma_kernel":
         tile = policy.GemmTile(kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["GROUP_M"], 0,
                                num_stages, "tma", kwargs["WARP_SPECIALIZE"], kwargs["EPILOGUE_SPLIT"])

@@ -725,12 +725,20 @@ def fused_matmul(lhs: torch.Tensor, rhs: torch.Tensor, low: torch.Tensor, up: to
     return out
 
 
+def fp8_gemm_shared_bytes(tile: policy.GemmTile, rank_block: int, element_size: int) -> int:
+    """policy.gemm_shared_bytes of the FP8 variant: the pipelined operand tiles at 1 byte (e4m3), the low-rank tiles
+    at element_size (out_dtype's)."""
+    operands = tile.num_stages * (tile.block_m + tile.block_n) * tile.block_k
+    return operands + element_size * rank_block * (tile.block_m + tile.block_n) + policy.TRITON_SHARED_OVERHEAD
+
+
 def fp8_gemm_tile(rank: int, out_dtype: torch.dtype) -> policy.GemmTile:
     """The FP8 fused GEMM's tile where its caller names none: the interpreter's, else the first of GEMM_TILES whose
-    estimate fits, counted at out_dtype's element size (an upper bound for the 1-byte operand tiles)."""
+    FP8 estimate fits. Counting the 1-byte operands as 1 byte matters on 99 KiB GPUs (sm_89): at 2 bytes the first
+    fitting tile was 128x128x32 w4, which spills there (sm_89 build, triton 3.9, r = 16), and 128x128x64 w8 fits."""
     if policy.interpreting():
         return policy.INTERPRETER_TILE
-    return policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, policy.block_rank(rank), out_dtype)[0]
+    return policy.fitting(policy.GEMM_TILES, fp8_gemm_shared_bytes, policy.block_rank(rank), out_dtype)[0]
 
 
 @on_tensors_device

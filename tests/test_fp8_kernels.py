@@ -115,8 +115,8 @@ def test_fp8_gemm_matches_float64_on_the_dequantised_operands(M, K, N, R, out_dt
     rhs = dequantize_fp8_rows(case["rhs_q"].T, case["rhs_scale"]).T
     exact = reference_out(case, gemm_pass, low_scale, dropout_p, 1234, lhs, rhs)
     mag = magnitude(case, low_scale, lhs, rhs)
-    # fp32 accumulation of K + R products and the additions of the low-rank term and bias, then one rounding into
-    # out_dtype (an fp32 result rounds into fp32 once more: counted in the K + R + 3 terms).
+    # fp32 accumulation of K + R exact products and the additions of the low-rank term and bias (K + R + 3 terms),
+    # then one rounding into out_dtype, half an ulp of a value within 0.1 % of the magnitude.
     bound = rounding_bound(torch.float32, K + R + 3, mag) + torch.finfo(out_dtype).eps / 2 * mag * 1.001
     assert_within_bound("out", got, exact, bound)
 
@@ -171,8 +171,7 @@ def test_fp8_gemm_empty_and_given_out():
     out = torch.full((20, 34), float("nan"), dtype=torch.float16)
     got = lora_linear.fused_matmul_fp8(case["lhs_q"], case["lhs_scale"], case["rhs_q"], case["rhs_scale"],
                                        case["low"], case["up"], 1.0, None, 0.0, None, torch.float16, out=out)
-    assert got is out and torch.isfinite(out).all()
-    assert case["lhs_q"].dtype == FP8_DTYPE
+    assert got is out and torch.isfinite(out).all()  # every element written
 
 
 # ---------------------------------------------------------------------------------------------------------------

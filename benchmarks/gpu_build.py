@@ -213,10 +213,6 @@ def _column_major(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(cols, rows, dtype=dtype).T
 
 
-# FP8 tensor cores (e4m3 operands of tl.dot) exist from sm_89 (Ada) on; older GPUs get no FP8 builds.
-FP8_MIN_CAPABILITY = 89
-
-
 def _drive_fp8_launchers(dtype: torch.dtype, rank: int, strided: bool = False) -> None:
     """The FP8 launches: the quantising shrink and gradient launches, the row quantisation (W, W.T), and the FP8
     fused GEMM forward (with and without bias) and for dx (with and without dropout), on its default tile; strided:
@@ -397,7 +393,7 @@ def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ..
             _drive_launchers_strided(dtype, rank)
             stage["label"] = "hopper"
             _drive_hopper_tiles(dtype, rank)
-            if capability >= FP8_MIN_CAPABILITY:
+            if capability >= lora_linear.FP8_MIN_ARCH:  # no FP8 before sm_89
                 stage["label"] = "fp8"
                 _drive_fp8_launchers(dtype, rank)
                 stage["label"] = "fp8 strided"

@@ -319,3 +319,17 @@ def test_gradient_launch_with_dx_start_quantises_dy():
     assert_quantised_like_the_reference(grad_y, grad_y_q, grad_y_scale)
     for got, want in zip(grads, lora_linear.lora_grad_ab_start(*args), strict=True):
         assert torch.equal(got, want)
+
+
+def test_fp8_launches_refuse_a_gpu_without_fp8(monkeypatch):
+    from relora_kernels.kernels import policy
+
+    monkeypatch.setattr(policy, "interpreting", lambda: False)
+    monkeypatch.setattr(policy, "current_arch", lambda: 80)
+    t = torch.ones(4, 8)
+    for launch in (lambda: lora_linear.quantize_rows_fp8(t),
+                   lambda: lora_linear.lora_shrink_quantize(t, torch.ones(2, 8), 0.0, None),
+                   lambda: lora_linear.fused_matmul_fp8(t, t[:, 0], t.T, t[:, 0], t, t, 1.0, None, 0.0, None,
+                                                        torch.float32)):
+        with pytest.raises(RuntimeError, match="compute capability 8.9 or later.*sm_80"):
+            launch()

@@ -648,6 +648,8 @@ _SHRINK = LaunchSite(_shrink_kernel, _shrink_plan)
 def _shrink(x, lora_a, dropout_p, seed, expand=None, quantize=False):
     """S = dropout_p(x) @ A.T; with expand = (lora_b, scale, bias) also out = scale * S @ B.T + bias; with quantize
     also (xq, sx) = reference.quantize_fp8_rows(x). Returns (S, out or None, xq or None, sx or None)."""
+    if quantize:
+        _require_fp8_arch()
     (M, K), R = x.shape, lora_a.shape[0]
     shrunk = torch.empty((M, R), device=x.device, dtype=x.dtype)
     lora_b, scale, bias = expand if expand is not None else (x, 0.0, None)
@@ -725,6 +727,17 @@ def fused_matmul(lhs: torch.Tensor, rhs: torch.Tensor, low: torch.Tensor, up: to
     return out
 
 
+# Triton's float8e4nv (e4m3fn), in tl.dot and in casts, needs compute capability 8.9 or later (FP8 tensor cores).
+FP8_MIN_ARCH = 89
+
+
+def _require_fp8_arch() -> None:
+    """A RuntimeError naming the GPU where it has no FP8 (Triton would fail compiling, less clearly)."""
+    if not policy.interpreting() and policy.current_arch() < FP8_MIN_ARCH:
+        raise RuntimeError(f"the FP8 launches need a GPU of compute capability 8.9 or later (e4m3 tensor cores); "
+                           f"this one is sm_{policy.current_arch()}")
+
+
 def fp8_gemm_shared_bytes(tile: policy.GemmTile, rank_block: int, element_size: int) -> int:
     """policy.gemm_shared_bytes of the FP8 variant: the pipelined operand tiles at 1 byte (e4m3), the low-rank tiles
     at element_size (out_dtype's)."""
@@ -753,6 +766,7 @@ def fused_matmul_fp8(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.
     the (M, N) output drawn from `seed` when dropout_p > 0. The products of e4m3 values are exact in fp32, the sum
     accumulates in fp32 and the scaling is exact, so the result differs from the float64 GEMM of the dequantised
     operands by fp32 accumulation and one rounding into out_dtype. `tile` None: fp8_gemm_tile."""
+    _require_fp8_arch()
     (M, K), N, R = lhs_q.shape, rhs_q.shape[1], low.shape[1]
     out = torch.empty((M, N), device=lhs_q.device, dtype=out_dtype) if out is None else out
     if M == 0 or N == 0:
@@ -845,6 +859,7 @@ _QUANTIZE = LaunchSite(_quantize_rows_kernel, _quantize_plan)
 
 def _quantize_rows(t, amax_bits=None):
     """(q, scale) of t (M, N) by rows; amax_bits (M,) int32 where a launch before has gathered the row amax."""
+    _require_fp8_arch()
     M, N = t.shape
     q = torch.empty((M, N), device=t.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty((M,), device=t.device, dtype=torch.float32)
@@ -868,6 +883,8 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     """(dA, dB, dS, dbias, dx start or None, (dyq, sdy) or None): dx's start mask(dS @ A) / (1-p) is written by the
     dA launch when lora_a is given (the cuBLAS-composed engine); with quantize_grad_y the dy launch also gathers dy's
     row amax and a third launch writes dy in e4m3 (the FP8 input gradient's operand)."""
+    if quantize_grad_y:
+        _require_fp8_arch()
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
     write_dx = lora_a is not None
     layout_key = (M, N, K, R, x.dtype, write_dx, deterministic, x.device.index)

@@ -54,7 +54,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # A realistic layer's specialisation (every size and stride divisible by 16), small enough to allocate on a CPU.
 TOKENS, IN_FEATURES, OUT_FEATURES = 512, 768, 640
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK", "GROUP_M", "WARP_SPECIALIZE", "EPILOGUE_SPLIT")
-_VARIANT_KEYS = ("HAS_BIAS", "APPLY_DROPOUT", "HAS_BIAS_GRAD", "DETERMINISTIC", "EXPAND", "WRITE_DX")
+_VARIANT_KEYS = ("HAS_BIAS", "APPLY_DROPOUT", "HAS_BIAS_GRAD", "DETERMINISTIC", "EXPAND", "WRITE_DX", "FP8", "QUANTIZE",
+                 "ROW_AMAX", "HAS_AMAX")
 
 
 class _StandInDriver:
@@ -109,6 +110,11 @@ def _resources(compiled) -> dict:
     return {"registers": registers, "local_bytes": local, "stack_bytes": stack}
 
 
+# A tensor-core instruction on e4m3 operands (wgmma on sm_90, mma.sync on sm_89): what an FP8 dot should become,
+# rather than a conversion to fp16 and an fp16 multiply.
+_FP8_MMA = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*\.e4m3\.e4m3\b")
+
+
 def _atomics(ptx: str) -> dict:
     """The kernel's global reductions (fp32 atomics) by width: a vectorised one adds 2 or 4 elements at once."""
     widths = re.findall(r"\bred\.global\.[\w.]*?add(\.v[24])?\.f32", ptx)
@@ -139,7 +145,8 @@ def _estimated_shared(kernel: str, kwargs: dict, num_stages: int, element_size: 
     if kernel == "_fused_matmul_kernel":
         tile = policy.GemmTile(kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["GROUP_M"], 0,
                                num_stages)
-        return policy.gemm_shared_bytes(tile, rank_block, element_size)
+        estimate = lora_linear.fp8_gemm_shared_bytes if kwargs["FP8"] else policy.gemm_shared_bytes
+        return estimate(tile, rank_block, element_size)
     if kernel == "_fused_matmul_tma_kernel":
         tile = policy.GemmTile(kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["GROUP_M"], 0,
                                num_stages, "tma", kwargs["WARP_SPECIALIZE"], kwargs["EPILOGUE_SPLIT"])
@@ -204,6 +211,32 @@ def _drive_hopper_tiles(dtype: torch.dtype, rank: int) -> None:
 
 def _column_major(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(cols, rows, dtype=dtype).T
+
+
+def _drive_fp8_launchers(dtype: torch.dtype, rank: int, strided: bool = False) -> None:
+    """The FP8 launches: the quantising shrink and gradient launches, the row quantisation (W, W.T), and the FP8
+    fused GEMM forward (with and without bias) and for dx (with and without dropout), on its default tile; strided:
+    x, W, dy and the low-rank operands column-major (the e4m3 operands stay as the quantising launches write them)."""
+    tokens, k, n = SHAPES["small"]
+    make = _column_major if strided else (lambda rows, cols, dt: torch.empty(rows, cols, dtype=dt))
+    x, weight, grad_y = make(tokens, k, dtype), make(n, k, dtype), make(tokens, n, dtype)
+    lora_a, lora_b, shrunk = make(rank, k, dtype), make(n, rank, dtype), make(tokens, rank, dtype)
+    bias, seed, fp8 = torch.empty(n, dtype=dtype), torch.tensor(1234), torch.float8_e4m3fn
+    x_q, grad_y_q = torch.empty(tokens, k, dtype=fp8), torch.empty(tokens, n, dtype=fp8)
+    weight_q, weight_t_q = torch.empty(n, k, dtype=fp8), torch.empty(k, n, dtype=fp8)  # W and W.T by rows
+    x_scale, grad_y_scale, weight_scale, weight_t_scale = (torch.empty(size) for size in (tokens, tokens, n, k))
+    for dropout_p in (0.0, 0.1):
+        lora_linear.lora_shrink_quantize(x, lora_a, dropout_p, seed)
+    lora_linear.lora_grad_ab_quantize(grad_y, x, shrunk, lora_b, 2.0, 0.1, seed, need_bias_grad=True)
+    lora_linear.lora_grad_ab_start_quantize(grad_y, x, shrunk, lora_a, lora_b, 2.0, 0.1, seed, False)
+    lora_linear.quantize_rows_fp8(weight)
+    lora_linear.quantize_rows_fp8(weight.T)
+    for with_bias in (bias, None):
+        lora_linear.fused_matmul_fp8(x_q, x_scale, weight_q.T, weight_scale, shrunk, lora_b.T, 2.0, with_bias, 0.0,
+                                     None, dtype)
+    for dropout_p in (0.0, 0.1):
+        lora_linear.fused_matmul_fp8(grad_y_q, grad_y_scale, weight_t_q.T, weight_t_scale, shrunk, lora_a,
+                                     1.0 / (1.0 - dropout_p), None, dropout_p, seed if dropout_p else None, dtype)
 
 
 def _drive_launchers_strided(dtype: torch.dtype, rank: int) -> None:
@@ -297,7 +330,7 @@ def failed_row(arch: str, dtype_name: str, rank: int, kernel: str, kwargs: dict,
             "tile": {k: kwargs[k] for k in _TILE_KEYS if k in kwargs}, "num_warps": kwargs.get("num_warps"),
             "num_stages": kwargs.get("num_stages"), "paths": [path], "shared_bytes": None,
             "shared_limit": SHARED_MEMORY_LIMIT.get(int(arch.removeprefix("sm_")), 0), "shared_estimate": None,
-            "wgmma": False, "tma": False, "compile_s": None, "atomics": {"vector": 0, "scalar": 0},
+            "wgmma": False, "fp8_mma": False, "tma": False, "compile_s": None, "atomics": {"vector": 0, "scalar": 0},
             "int32_offsets": [], "registers": None, "local_bytes": None, "stack_bytes": None, "blocks_per_sm": None,
             "error": _error_text(error)}
 
@@ -326,6 +359,7 @@ def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ..
             "shared_bytes": meta.shared, "shared_limit": SHARED_MEMORY_LIMIT[capability],
             "shared_estimate": _estimated_shared(kernel, kwargs, meta.num_stages, DTYPES[dtype_name].itemsize),
             "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "tma": "cp.async.bulk.tensor" in compiled.asm["ptx"],
+            "fp8_mma": bool(_FP8_MMA.search(compiled.asm["ptx"])),
             "compile_s": round(seconds, 2), "error": None,
             "atomics": _atomics(compiled.asm["ptx"]), "int32_offsets": int32_pointer_offsets(compiled.asm["ttir"]),
             **_resources(compiled),
@@ -359,6 +393,11 @@ def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ..
             _drive_launchers_strided(dtype, rank)
             stage["label"] = "hopper"
             _drive_hopper_tiles(dtype, rank)
+            if capability >= lora_linear.FP8_MIN_ARCH:  # no FP8 before sm_89
+                stage["label"] = "fp8"
+                _drive_fp8_launchers(dtype, rank)
+                stage["label"] = "fp8 strided"
+                _drive_fp8_launchers(dtype, rank, strided=True)
     return list(builds.values())
 
 

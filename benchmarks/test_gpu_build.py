@@ -47,9 +47,10 @@ def builds(reports):
 def test_every_kernel_is_built_for_each_architecture(builds):
     for arch in ("sm_90", "sm_80"):
         kernels = {row["kernel"] for row in builds if row["arch"] == arch}
-        hopper = {"fused_matmul_tma_kernel"} if arch == "sm_90" else set()
+        hopper = {"fused_matmul_tma_kernel", "quantize_rows_kernel"} if arch == "sm_90" else set()
         assert kernels == GEMM_KERNELS | {"reinit_kernel"} | hopper, arch
-        variants = {kernel: {row["variant"] for row in builds if row["arch"] == arch and row["kernel"] == kernel}
+        variants = {kernel: {row["variant"] for row in builds if row["arch"] == arch and row["kernel"] == kernel
+                             and not set(row["paths"]) <= FP8_PATHS}
                     for kernel in ("grad_b_kernel", "grad_a_kernel", "shrink_kernel")}
         assert variants["grad_b_kernel"] == {"has_bias_grad", "-", "deterministic", "has_bias_grad deterministic"}
         assert variants["grad_a_kernel"] == {"apply_dropout", "-", "deterministic", "apply_dropout deterministic",
@@ -59,6 +60,26 @@ def test_every_kernel_is_built_for_each_architecture(builds):
         # Every kernel also built with every operand strided (each stride a runtime argument): the int64 audit's case.
         strided = {row["kernel"] for row in builds if row["arch"] == arch and "strided" in row["paths"]}
         assert strided == GEMM_KERNELS | {"reinit_kernel"}, arch
+
+
+FP8_PATHS = {"fp8", "fp8 strided"}
+
+
+def test_fp8_launches_build_for_hopper_on_fp8_tensor_cores(builds):
+    # sm_90 only (FP8 tensor cores start at sm_89; the CI builds sm_90 and sm_80): every FP8 launch, plain and
+    # strided, at r = 16 and 64; the FP8 GEMM on e4m3 wgmma (not converted to fp16), nothing spilled.
+    fp8 = [row for row in builds if set(row["paths"]) & FP8_PATHS]
+    assert {row["arch"] for row in fp8} == {"sm_90"} and {row["r"] for row in fp8} == {16, 64}
+    variants = {(row["kernel"], row["variant"]) for row in fp8}
+    assert {("shrink_kernel", "quantize"), ("shrink_kernel", "apply_dropout quantize"),
+            ("grad_b_kernel", "has_bias_grad row_amax"), ("grad_b_kernel", "row_amax"),
+            ("quantize_rows_kernel", "-"), ("quantize_rows_kernel", "has_amax"),
+            ("fused_matmul_kernel", "has_bias fp8"), ("fused_matmul_kernel", "fp8"),
+            ("fused_matmul_kernel", "apply_dropout fp8")} <= variants, variants
+    for row in fp8:
+        assert row["stack_bytes"] == 0, row
+        if "fp8" in row["variant"].split():
+            assert row["wgmma"] and row["fp8_mma"], row
 
 
 def test_hopper_kernel_reads_through_tma_and_multiplies_on_wgmma(builds):
@@ -99,7 +120,7 @@ def test_headline_shapes_build_with_what_hopper_needs(builds):
 def test_launches_fit_shared_memory_and_estimates_bound_it(builds):
     for row in builds:
         assert row["shared_bytes"] <= row["shared_limit"], row
-        if row["kernel"] != "reinit_kernel":  # no shared memory to speak of: not estimated
+        if row["kernel"] not in ("reinit_kernel", "quantize_rows_kernel"):  # no shared memory to speak of
             assert row["shared_bytes"] <= row["shared_estimate"], row
 
 

@@ -10,6 +10,15 @@ The math (docs/DESIGN.md section 1; x (M, K), W (N, K), A (r, K), B (N, r), s th
     dA = dS.T @ x~                             _grad_a_kernel             the tokens and the N / K columns)
     dx = dy @ W + (dS @ A) * m / (1-p)         _fused_matmul_kernel      (fused_matmul)
 
+FP8 frozen GEMMs (docs/DESIGN.md section 2; the rule is reference.quantize_fp8_rows, one power-of-two scale per row):
+
+    xq, sx   = quantize_fp8_rows(x)                           _shrink_kernel, QUANTIZE        (lora_shrink_quantize)
+    y        = (xq @ wq.T) * sx sw + s * S @ B.T + bias       _fused_matmul_kernel, FP8       (fused_matmul_fp8)
+    dyq, sdy = quantize_fp8_rows(dy)                          _grad_b_kernel, ROW_AMAX, then  (lora_grad_ab_quantize)
+                                                              _quantize_rows_kernel, HAS_AMAX
+    dx       = (dyq @ wtq.T) * sdy swt + mask(dS @ A) / (1-p) _fused_matmul_kernel, FP8       (fused_matmul_fp8)
+    wq, sw   = quantize_fp8_rows(W);  wtq, swt of W.T         _quantize_rows_kernel           (quantize_rows_fp8)
+
 The fused GEMM starts its fp32 accumulator from the low-rank term (plus bias) and then runs the ordinary K loop,
 so the LoRA branch costs no extra read or write of the (M, N) output. The dropout mask is never stored: every
 kernel that needs it regenerates it from Philox keyed by the seed, one draw per four neighbouring elements of a row
@@ -58,6 +67,89 @@ def _column_chunk(col_start, col_end, BLOCK: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# FP8 (e4m3) row quantisation, bit for bit reference.quantize_fp8_rows:
+#   scale = the smallest power of two s >= 2**-63 with amax / s <= 448, from the bits of the row's amax
+#   q     = (t * 2**-e) rounded to nearest-even into e4m3, s = 2**e
+# Everything is done on the fp32 bits with integer operations: the amax as the integer max of |t|'s bits (the same
+# order for non-negative floats, NaN above infinity), the scale from its exponent and mantissa, and the rounding to
+# e4m3's 3 mantissa bits, after which the cast to float8e4nv only converts an exactly representable value. Why round
+# by hand: Triton's interpreter casts fp32 to float8e4nv wrongly where rounding carries into the exponent (1.962 ->
+# 1.0), and a GPU's cvt.rn.satfinite of a representable value is exact, so both agree with the reference this way.
+# Multiplying by 2**-e rather than dividing by 2**e: the same correctly rounded value, where Triton's fp32 division
+# on a GPU is an approximate one.
+# ---------------------------------------------------------------------------------------------------------------
+
+_FP32_ABS_BITS = tl.constexpr(0x7FFFFFFF)
+_FP32_INF_BITS = tl.constexpr(0x7F800000)
+_FP32_NAN_BITS = tl.constexpr(0x7FC00000)
+_FP32_MANTISSA = tl.constexpr(0x7FFFFF)
+_FP32_IMPLICIT_BIT = tl.constexpr(0x800000)
+_FP32_BIAS = tl.constexpr(127)
+_E4M3_MAX_BITS = tl.constexpr(0x43E00000)  # 448.0 = 1.75 * 2**8, e4m3fn's largest finite value
+_E4M3_MAX_MANTISSA = tl.constexpr(0x600000)  # amax mantissas above 448's need the next power of two
+_E4M3_MAX_EXPONENT = tl.constexpr(8)
+_E4M3_MIN_EXPONENT = tl.constexpr(-6)  # the smallest normal; below it the step stays 2**-9
+_E4M3_DROPPED_BITS = tl.constexpr(20)  # fp32's 23 mantissa bits less e4m3's 3
+_MIN_SCALE_EXPONENT = tl.constexpr(-63)  # reference.FP8_MIN_SCALE_EXPONENT
+_E4M3_NAN_BITS = tl.constexpr(0x7F)  # e4m3fn's NaN, what torch's cast of a NaN gives
+
+
+@triton.jit
+def _abs_bits(tile):
+    """The int32 bits of |tile| (fp32), every NaN as the one quiet NaN: ordered as the magnitudes are."""
+    bits = tile.to(tl.int32, bitcast=True) & _FP32_ABS_BITS
+    return tl.where(bits > _FP32_INF_BITS, _FP32_NAN_BITS, bits)
+
+
+@triton.jit
+def _row_amax_bits(tile):
+    """(rows,) int32: the bits of each row's largest magnitude (0 for masked-out elements loaded as 0)."""
+    return tl.max(_abs_bits(tile.to(tl.float32)), axis=1)
+
+
+@triton.jit
+def _fp8_scale_exponent(amax_bits):
+    """e of the row scale 2**e, reference.fp8_scale's rule on the bits of amax (int32, non-negative)."""
+    exponent = (amax_bits >> 23) - _FP32_BIAS
+    above = ((amax_bits & _FP32_MANTISSA) > _E4M3_MAX_MANTISSA).to(tl.int32)
+    return tl.maximum(exponent - _E4M3_MAX_EXPONENT + above, _MIN_SCALE_EXPONENT)
+
+
+@triton.jit
+def _power_of_two(exponent):
+    """2.0**exponent in fp32, built from its bits (exponent a normal one, int32)."""
+    return ((exponent + _FP32_BIAS) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_to_e4m3(value):
+    """fp32 `value` (already divided by its scale) clamped to +-448 and rounded to nearest-even onto e4m3's grid,
+    still in fp32 (NaN is not, see _quantize_tile); the sign of a zero is kept."""
+    bits = value.to(tl.int32, bitcast=True)
+    magnitude = tl.minimum(bits & _FP32_ABS_BITS, _E4M3_MAX_BITS)  # ints ordered as floats: the clamp to 448
+    sign = bits ^ (bits & _FP32_ABS_BITS)
+    exponent = (magnitude >> 23) - _FP32_BIAS
+    # The grid's step is 2**(max(exponent, -6) - 3): drop that many low bits of the 24-bit significand, rounding to
+    # nearest-even. Below 2**-10 everything rounds to zero, so the shift stops at 25 (an fp32 zero or subnormal,
+    # whose significand this counts with the implicit bit, also goes to zero there).
+    shift = tl.minimum(_E4M3_DROPPED_BITS + tl.maximum(_E4M3_MIN_EXPONENT - exponent, 0), 25)
+    significand = (magnitude & _FP32_MANTISSA) | _FP32_IMPLICIT_BIT
+    steps = (significand + (1 << (shift - 1)) - 1 + ((significand >> shift) & 1)) >> shift
+    step = _power_of_two(tl.maximum(exponent, _E4M3_MIN_EXPONENT) - 3)
+    rounded = (steps.to(tl.float32) * step).to(tl.int32, bitcast=True) | sign  # at most 16 steps: exact
+    return rounded.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_tile(tile, inv_scale):
+    """The e4m3 tile of `tile` (any float) scaled by its rows' 2**-e (inv_scale, (rows,) fp32). NaN becomes e4m3's
+    NaN 0x7F, from its bits, because the interpreter casts an fp32 NaN to a finite value."""
+    value = tile.to(tl.float32) * inv_scale[:, None]
+    q = _round_to_e4m3(value).to(tl.float8e4nv)
+    return tl.where(value != value, tl.full(q.shape, _E4M3_NAN_BITS, tl.int8).to(tl.float8e4nv, bitcast=True), q)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # fwd 1: S = dropout(x) @ A.T
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -71,6 +163,8 @@ def _shrink_kernel(
     b_ptr,  # (N, R), read only when EXPAND
     bias_ptr,  # (N,), read only when EXPAND and HAS_BIAS
     out_ptr,  # (M, N) output when EXPAND: scale * S @ B.T + bias, which cuBLAS then accumulates x @ W.T onto
+    xq_ptr,  # (M, K) e4m3 output when QUANTIZE: x quantised by rows (of x itself, not of the dropped x~)
+    sx_ptr,  # (M,) fp32 output when QUANTIZE: the row scales
     M, K, R, N,
     stride_xm, stride_xk,
     stride_ar, stride_ak,
@@ -78,8 +172,9 @@ def _shrink_kernel(
     stride_bn, stride_br,
     stride_bias,
     stride_om, stride_on,
+    stride_xqm, stride_xqk,
     scale, keep_threshold, inv_keep,
-    APPLY_DROPOUT: tl.constexpr, EXPAND: tl.constexpr, HAS_BIAS: tl.constexpr,
+    APPLY_DROPOUT: tl.constexpr, EXPAND: tl.constexpr, HAS_BIAS: tl.constexpr, QUANTIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -91,9 +186,12 @@ def _shrink_kernel(
     if APPLY_DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    amax_bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         cols, mask_k = _column_chunk(k0, K, BLOCK_K)
         x_tile = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, mask_m, mask_k)
+        if QUANTIZE:
+            amax_bits = tl.maximum(amax_bits, _row_amax_bits(x_tile))
         if APPLY_DROPOUT:
             keep = keep_mask(seed, rows, k0, K, keep_threshold, BLOCK_M, BLOCK_K)
             x_tile = tl.where(keep, x_tile, tl.zeros_like(x_tile))
@@ -107,6 +205,19 @@ def _shrink_kernel(
     shrunk = acc.to(s_ptr.dtype.element_ty)
     tl.store(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr, shrunk,
              mask=mask_m[:, None] & (offs_r[None, :] < R))
+
+    if QUANTIZE:
+        # The FP8 forward's xq and sx: the row amax came with the first pass; a second pass over the same block of
+        # x writes it in e4m3 (a read from L2 where the block is still there: 64 rows of 4096 16-bit values are
+        # 512 KiB per program, so not all of it, predicted, not measured).
+        scale_exponent = _fp8_scale_exponent(amax_bits)
+        tl.store(sx_ptr + rows, _power_of_two(scale_exponent), mask=mask_m)
+        inv_scale = _power_of_two(-scale_exponent)
+        for k0 in range(0, K, BLOCK_K):
+            cols, mask_k = _column_chunk(k0, K, BLOCK_K)
+            x_tile = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, mask_m, mask_k)
+            tl.store(xq_ptr + rows[:, None] * stride_xqm + cols[None, :] * stride_xqk,
+                     _quantize_tile(x_tile, inv_scale), mask=mask_m[:, None] & mask_k[None, :])
 
     if EXPAND:
         # The cuBLAS-composed engine's start value, from S as stored (in x's dtype, as the fused GEMM reads it).
@@ -128,18 +239,51 @@ def _shrink_kernel(
 #   forward:  y  = x  @ W.T + s * (S @ B.T) + bias        (lhs = x,  rhs = W.T, low = S,  up = B.T, no mask)
 #   backward: dx = dy @ W   + mask(dS @ A) / (1-p)         (lhs = dy, rhs = W,   low = dS, up = A)
 # The transposes are strides, never copies.
+# FP8 (frozen W kept as e4m3 copies, docs/DESIGN.md section 2): lhs and rhs are e4m3 quantised by rows of lhs and by
+# columns of rhs (rows of W, resp. of W.T), and
+#   out = (lhs_q @ rhs_q) * lhs_scale[:, None] * rhs_scale[None, :] + low_scale * mask(low @ up) + bias
+# with the low-rank term added after the K loop, in out's dtype operands.
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
+def _low_rank_term(
+    low_ptr, up_ptr, bias_ptr, seed_ptr,
+    rows, cols, offs_r, mask_m, mask_n, col_start, N, R,
+    stride_low_m, stride_low_r, stride_ur, stride_un, stride_bias,
+    low_scale, keep_threshold,
+    HAS_BIAS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """low_scale * mask(low @ up) + bias on the output tile rows x cols (columns from col_start), in fp32."""
+    low_tile = tl.load(
+        low_ptr + rows[:, None] * stride_low_m + offs_r[None, :] * stride_low_r,
+        mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
+    )
+    up_tile = tl.load(
+        up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
+        mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0,
+    )
+    term = tl.dot(low_tile, up_tile, input_precision=DOT_PRECISION) * tl.cast(low_scale, tl.float32)
+    if APPLY_DROPOUT:
+        keep = keep_mask(tl.load(seed_ptr), rows, col_start, N, keep_threshold, BLOCK_M, BLOCK_N)
+        term = tl.where(keep, term, 0.0)
+    if HAS_BIAS:
+        term += tl.load(bias_ptr + cols * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return term
+
+
+@triton.jit
 def _fused_matmul_kernel(
-    lhs_ptr,  # (M, K)
-    rhs_ptr,  # (K, N)
+    lhs_ptr,  # (M, K), e4m3 when FP8
+    rhs_ptr,  # (K, N), e4m3 when FP8
     low_ptr,  # (M, R)
     up_ptr,  # (R, N)
     bias_ptr,  # (N,), read only when HAS_BIAS
     out_ptr,  # (M, N) output
     seed_ptr,  # () int64 dropout seed, read only when APPLY_DROPOUT
+    lhs_scale_ptr,  # (M,) fp32 row scales of lhs, read only when FP8
+    rhs_scale_ptr,  # (N,) fp32 column scales of rhs, read only when FP8
     M, N, K, R,
     stride_lm, stride_lk,
     stride_rk, stride_rn,
@@ -147,8 +291,9 @@ def _fused_matmul_kernel(
     stride_ur, stride_un,
     stride_om, stride_on,
     stride_bias,
+    stride_lhs_scale, stride_rhs_scale,
     low_scale, keep_threshold,
-    HAS_BIAS: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -162,21 +307,16 @@ def _fused_matmul_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    # Accumulator init: low_scale * (low @ up), masked by dropout, plus bias.
-    low_tile = tl.load(
-        low_ptr + rows[:, None] * stride_low_m + offs_r[None, :] * stride_low_r,
-        mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
-    )
-    up_tile = tl.load(
-        up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
-        mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0,
-    )
-    acc = tl.dot(low_tile, up_tile, input_precision=DOT_PRECISION) * tl.cast(low_scale, tl.float32)
-    if APPLY_DROPOUT:
-        keep = keep_mask(tl.load(seed_ptr), rows, pid_n * BLOCK_N, N, keep_threshold, BLOCK_M, BLOCK_N)
-        acc = tl.where(keep, acc, 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if FP8:
+        # The FP8 GEMM sums lhs_q @ rhs_q from zero and adds the low-rank term after scaling (below). Starting from
+        # term / (lhs_scale * rhs_scale) instead would be exact too with power-of-two scales, but overflows fp32
+        # where both scales are near their floor of 2**-63 (rows of zeros) while the term is not small.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        # Accumulator init: low_scale * (low @ up), masked by dropout, plus bias.
+        acc = _low_rank_term(low_ptr, up_ptr, bias_ptr, seed_ptr, rows, cols, offs_r, mask_m, mask_n,
+                             pid_n * BLOCK_N, N, R, stride_low_m, stride_low_r, stride_ur, stride_un, stride_bias,
+                             low_scale, keep_threshold, HAS_BIAS, APPLY_DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
     # The ordinary K loop of lhs @ rhs; the pointer steps in int64, as a transposed operand's stride is M or N.
     lhs_ptrs = lhs_ptr + rows[:, None] * stride_lm + tl.arange(0, BLOCK_K)[None, :] * stride_lk
@@ -187,9 +327,24 @@ def _fused_matmul_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         lhs_tile = tl.load(lhs_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         rhs_tile = tl.load(rhs_ptrs, mask=(offs_k[:, None] < K) & mask_n[None, :], other=0.0)
-        acc = tl.dot(lhs_tile, rhs_tile, acc, input_precision=DOT_PRECISION)
+        if FP8:
+            # On sm_90 an FP8 wgmma sums into an accumulator of fewer bits than fp32 (Triton's default there never
+            # leaves it: "fast accumulation"); max_num_imprecise_acc=BLOCK_K adds each K step's sum into the fp32
+            # accumulator. 0 (promote always) would make Triton give up wgmma and multiply in fp16 on mma.sync.
+            acc = tl.dot(lhs_tile, rhs_tile, acc, max_num_imprecise_acc=BLOCK_K)
+        else:
+            acc = tl.dot(lhs_tile, rhs_tile, acc, input_precision=DOT_PRECISION)
         lhs_ptrs += lhs_step
         rhs_ptrs += rhs_step
+
+    if FP8:
+        # Dequantise: two powers of two, applied one at a time, so exact wherever the result is within fp32's range.
+        lhs_scale = tl.load(lhs_scale_ptr + rows * stride_lhs_scale, mask=mask_m, other=1.0)
+        rhs_scale = tl.load(rhs_scale_ptr + cols * stride_rhs_scale, mask=mask_n, other=1.0)
+        acc = acc * lhs_scale[:, None] * rhs_scale[None, :]
+        acc += _low_rank_term(low_ptr, up_ptr, bias_ptr, seed_ptr, rows, cols, offs_r, mask_m, mask_n,
+                              pid_n * BLOCK_N, N, R, stride_low_m, stride_low_r, stride_ur, stride_un, stride_bias,
+                              low_scale, keep_threshold, HAS_BIAS, APPLY_DROPOUT, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
     tl.store(
         out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
@@ -248,6 +403,7 @@ def _grad_b_kernel(
     ds_ptr,  # (N splits, M, R) fp32 output: dy @ B partials, one per N split (a single one with atomics)
     db_ptr,  # (token blocks, N, R) fp32 output: dB partials, one per token block (a single one with atomics)
     dbias_ptr,  # (token blocks, N) fp32 output: dbias partials, written only when HAS_BIAS_GRAD
+    dy_amax_ptr,  # (M,) int32, zeroed: the bits of each row's amax of dy, by atomic max, only when ROW_AMAX
     M, N, R,
     stride_dym, stride_dyn,
     stride_sm, stride_sr,
@@ -256,7 +412,7 @@ def _grad_b_kernel(
     stride_db_partial, stride_db_n, stride_db_r,
     stride_dbias_partial,
     scale, chunks_per_split,
-    HAS_BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    HAS_BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr, ROW_AMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -269,9 +425,12 @@ def _grad_b_kernel(
     # dy is read once, feeding dS (reduced here over this split of N) and dB (reduced over tokens).
     n_start, n_end = _split_columns(split, N, chunks_per_split, BLOCK_N)
     ds_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    amax_bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for n0 in range(n_start, n_end, BLOCK_N):
         cols, mask_n = _column_chunk(n0, n_end, BLOCK_N)
         dy_tile = _load_tile(dy_ptr, rows, cols, stride_dym, stride_dyn, mask_m, mask_n)
+        if ROW_AMAX:
+            amax_bits = tl.maximum(amax_bits, _row_amax_bits(dy_tile))
         b_tile = _load_tile(b_ptr, cols, offs_r, stride_bn, stride_br, mask_n, mask_r)
         # dS += dy @ B   (s applied once, by _grad_a_kernel)
         ds_acc = tl.dot(dy_tile, b_tile, ds_acc, input_precision=DOT_PRECISION)
@@ -287,6 +446,10 @@ def _grad_b_kernel(
                 dbias_ptr + partial * stride_dbias_partial + cols,
                 tl.sum(dy_tile.to(tl.float32), axis=0), mask_n, DETERMINISTIC,
             )
+    if ROW_AMAX:
+        # A program sees its split of each row: the splits meet in one int32 per row. A max of the bits is exact
+        # and independent of the order, so this is deterministic in either mode.
+        tl.atomic_max(dy_amax_ptr + rows, amax_bits, mask=mask_m, sem="relaxed")
     ds_partial = split.to(tl.int64) if DETERMINISTIC else 0  # each N split its own dS partial
     _accumulate(
         ds_ptr + ds_partial * stride_ds_partial + rows[:, None] * stride_ds_m + offs_r[None, :] * stride_ds_r,
@@ -362,6 +525,45 @@ def _grad_a_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# FP8 row quantisation on its own: (q, scale) = quantize_fp8_rows(t), t (M, N) read by blocks of whole rows.
+#   W and W.T at a restart (the frozen GEMMs' e4m3 copies); dy in the backward, whose row amax the gradient launch
+#   already gathered (HAS_AMAX), so that dy is read once more here, not twice.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    t_ptr,  # (M, N)
+    q_ptr,  # (M, N) e4m3 output
+    scale_ptr,  # (M,) fp32 output
+    amax_ptr,  # (M,) int32 bits of each row's amax, read only when HAS_AMAX
+    M, N,
+    stride_tm, stride_tn,
+    stride_qm, stride_qn,
+    HAS_AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)  # M * stride can pass 2**31
+    mask_m = offs_m < M
+    if HAS_AMAX:
+        amax_bits = tl.load(amax_ptr + rows, mask=mask_m, other=0)
+    else:
+        amax_bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for n0 in range(0, N, BLOCK_N):
+            cols, mask_n = _column_chunk(n0, N, BLOCK_N)
+            amax_bits = tl.maximum(amax_bits, _row_amax_bits(
+                _load_tile(t_ptr, rows, cols, stride_tm, stride_tn, mask_m, mask_n)))
+    scale_exponent = _fp8_scale_exponent(amax_bits)
+    tl.store(scale_ptr + rows, _power_of_two(scale_exponent), mask=mask_m)
+    inv_scale = _power_of_two(-scale_exponent)
+    for n0 in range(0, N, BLOCK_N):
+        cols, mask_n = _column_chunk(n0, N, BLOCK_N)
+        tile = _load_tile(t_ptr, rows, cols, stride_tm, stride_tn, mask_m, mask_n)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qn, _quantize_tile(tile, inv_scale),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Launch configuration: tiles and grids (policy.py).
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -387,6 +589,21 @@ def _shrink_config(rank_block: int, dtype: torch.dtype, tokens: int) -> dict:
     return config
 
 
+# The row quantisation's block: 8192 elements per step (no dot, no shared memory beyond the reduction's), BLOCK_M
+# halved while the launch has too few programs (W's 4096 rows are 128 blocks of 32), down to 4 rows.
+_QUANTIZE_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 8}
+_QUANTIZE_MIN_ROWS = 4
+
+
+def _quantize_config(rows: int) -> dict:
+    if policy.interpreting():
+        return {"BLOCK_M": policy.INTERPRETER_BLOCK, "BLOCK_N": policy.INTERPRETER_BLOCK}
+    config = dict(_QUANTIZE_CONFIG)
+    while config["BLOCK_M"] > _QUANTIZE_MIN_ROWS and cdiv(rows, config["BLOCK_M"]) < policy.target_programs():
+        config["BLOCK_M"] //= 2
+    return config
+
+
 def _grad_ab_config(rank_block: int, dtype: torch.dtype, write_dx: bool) -> dict:
     if policy.interpreting():
         block = policy.INTERPRETER_BLOCK
@@ -405,7 +622,7 @@ def _grad_ab_config(rank_block: int, dtype: torch.dtype, write_dx: bool) -> dict
 
 
 def _shrink_plan(dtype, M, K, R, N, x_strides, a_strides, b_strides, bias_stride, scale, dropout_p, expand, has_bias,
-                 precision, device):
+                 quantize, precision, device):
     """The shrink's grid, non-tensor arguments and launch options for its key (see _shrink)."""
     cfg = _shrink_config(policy.block_rank(R), dtype, M)
     out_strides = (N, 1) if expand else (0, 0)  # out is allocated contiguous (M, N)
@@ -417,8 +634,9 @@ def _shrink_plan(dtype, M, K, R, N, x_strides, a_strides, b_strides, bias_stride
         stride_bn=b_strides[0], stride_br=b_strides[1],
         stride_bias=bias_stride,
         stride_om=out_strides[0], stride_on=out_strides[1],
+        stride_xqm=K if quantize else 0, stride_xqk=1 if quantize else 0,  # xq is allocated contiguous (M, K)
         scale=float(scale), keep_threshold=dropout_threshold(dropout_p), inv_keep=1.0 / (1.0 - dropout_p),
-        APPLY_DROPOUT=dropout_p > 0.0, EXPAND=expand, HAS_BIAS=has_bias,
+        APPLY_DROPOUT=dropout_p > 0.0, EXPAND=expand, HAS_BIAS=has_bias, QUANTIZE=quantize,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision,
     )
     return (cdiv(M, cfg["BLOCK_M"]),), scalars, launch_options(cfg)
@@ -427,30 +645,35 @@ def _shrink_plan(dtype, M, K, R, N, x_strides, a_strides, b_strides, bias_stride
 _SHRINK = LaunchSite(_shrink_kernel, _shrink_plan)
 
 
-def shrink_launch(x, lora_a, dropout_p, expand=None):
+def shrink_launch(x, lora_a, dropout_p, expand=None, quantize=False):
     """The shrink's launch for these operands' key (see _shrink), to be passed back to it as `launch`."""
     (M, K), R = x.shape, lora_a.shape[0]
     lora_b, scale, bias = expand if expand is not None else (x, 0.0, None)
     N = lora_b.shape[0] if expand is not None else 0
     key = (x.dtype, M, K, R, N, x.stride(), lora_a.stride(), lora_b.stride(), 0 if bias is None else bias.stride(0),
-           scale, dropout_p, expand is not None, bias is not None, dot_precision(x.dtype), x.device.index)
+           scale, dropout_p, expand is not None, bias is not None, quantize, dot_precision(x.dtype), x.device.index)
     return _SHRINK.bind(traceable(_shrink_kernel), key)
 
 
-def _shrink(x, lora_a, dropout_p, seed, expand=None, launch=None):
-    """S = dropout_p(x) @ A.T; with expand = (lora_b, scale, bias) also out = scale * S @ B.T + bias. Returns
-    (S, out or None). `launch`: shrink_launch of the same operands' key, if the caller keeps it."""
-    M, R = x.shape[0], lora_a.shape[0]
+def _shrink(x, lora_a, dropout_p, seed, expand=None, quantize=False, launch=None):
+    """S = dropout_p(x) @ A.T; with expand = (lora_b, scale, bias) also out = scale * S @ B.T + bias; with quantize
+    also (xq, sx) = reference.quantize_fp8_rows(x). Returns (S, out or None, xq or None, sx or None). `launch`:
+    shrink_launch of the same operands' key, if the caller keeps it."""
+    if quantize:
+        _require_fp8_arch()
+    (M, K), R = x.shape, lora_a.shape[0]
     shrunk = torch.empty((M, R), device=x.device, dtype=x.dtype)
     lora_b, scale, bias = expand if expand is not None else (x, 0.0, None)
     out = torch.empty((M, lora_b.shape[0]), device=x.device, dtype=x.dtype) if expand is not None else None
+    x_q = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn) if quantize else None
+    x_scale = torch.empty((M,), device=x.device, dtype=torch.float32) if quantize else None
     if M == 0:
-        return shrunk, out
-    launch = launch if launch is not None else shrink_launch(x, lora_a, dropout_p, expand)
+        return shrunk, out, x_q, x_scale
+    launch = launch if launch is not None else shrink_launch(x, lora_a, dropout_p, expand, quantize)
     # Placeholders for what a variant does not read are inputs the kernel never writes (see launch.dropout_args).
     launch((x, lora_a, shrunk, seed if dropout_p > 0.0 else x, lora_b, x if bias is None else bias,
-            x if out is None else out))
-    return shrunk, out
+            x if out is None else out, x if x_q is None else x_q, x if x_scale is None else x_scale))
+    return shrunk, out, x_q, x_scale
 
 
 @on_tensors_device
@@ -459,8 +682,18 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: t
     return _shrink(x, lora_a, dropout_p, seed)[0]
 
 
-def _fused_matmul_plan(M, N, K, R, lhs_strides, rhs_strides, low_strides, up_strides, bias_stride, low_scale,
-                      dropout_p, has_bias, tile, precision, device):
+@on_tensors_device
+def lora_shrink_quantize(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float,
+                         seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(S, xq, sx) in one launch: S = dropout_p(x) @ A.T, (M, r) in x's dtype, and x (M, K) quantised by rows as
+    reference.quantize_fp8_rows does it, bit for bit: xq (M, K) float8_e4m3fn contiguous, sx (M,) fp32. The FP8
+    forward's first launch; x is read once for S and the row amax, and once more (from L2) to write xq."""
+    shrunk, _, x_q, x_scale = _shrink(x, lora_a, dropout_p, seed, quantize=True)
+    return shrunk, x_q, x_scale
+
+
+def _fused_matmul_plan(M, N, K, R, lhs_strides, rhs_strides, low_strides, up_strides, bias_stride, scale_strides,
+                      low_scale, dropout_p, has_bias, fp8, tile, precision, device):
     """The pointer-load fused GEMM's grid, non-tensor arguments and launch options for its key (see fused_matmul)."""
     scalars = dict(
         M=M, N=N, K=K, R=R,
@@ -470,8 +703,9 @@ def _fused_matmul_plan(M, N, K, R, lhs_strides, rhs_strides, low_strides, up_str
         stride_ur=up_strides[0], stride_un=up_strides[1],
         stride_om=N, stride_on=1,  # out is allocated contiguous (M, N)
         stride_bias=bias_stride,
+        stride_lhs_scale=scale_strides[0], stride_rhs_scale=scale_strides[1],
         low_scale=float(low_scale), keep_threshold=dropout_threshold(dropout_p),
-        HAS_BIAS=has_bias, APPLY_DROPOUT=dropout_p > 0.0,
+        HAS_BIAS=has_bias, APPLY_DROPOUT=dropout_p > 0.0, FP8=fp8,
         BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision, **tile.constexprs,
     )
     return (cdiv(M, tile.block_m) * cdiv(N, tile.block_n),), scalars, {"num_warps": tile.num_warps,
@@ -485,7 +719,7 @@ def fused_matmul_launch(lhs, rhs, low, up, low_scale, bias, dropout_p, tile):
     """The fused GEMM's launch for these operands' key (see fused_matmul), to be passed back to it as `launch`."""
     (M, K), N, R = lhs.shape, rhs.shape[1], low.shape[1]
     key = (M, N, K, R, lhs.stride(), rhs.stride(), low.stride(), up.stride(), 0 if bias is None else bias.stride(0),
-           low_scale, dropout_p, bias is not None, tile, dot_precision(lhs.dtype), lhs.device.index)
+           (0, 0), low_scale, dropout_p, bias is not None, False, tile, dot_precision(lhs.dtype), lhs.device.index)
     return _FUSED_MATMUL.bind(traceable(_fused_matmul_kernel), key)
 
 
@@ -503,7 +737,61 @@ def fused_matmul(lhs: torch.Tensor, rhs: torch.Tensor, low: torch.Tensor, up: to
         return out
     launch = launch if launch is not None else fused_matmul_launch(lhs, rhs, low, up, low_scale, bias, dropout_p, tile)
     # Placeholders for what a variant does not read are inputs the kernel never writes (see launch.dropout_args).
-    launch((lhs, rhs, low, up, lhs if bias is None else bias, out, seed if dropout_p > 0.0 else lhs))
+    launch((lhs, rhs, low, up, lhs if bias is None else bias, out, seed if dropout_p > 0.0 else lhs, lhs, lhs))
+    return out
+
+
+# Triton's float8e4nv (e4m3fn), in tl.dot and in casts, needs compute capability 8.9 or later (FP8 tensor cores).
+FP8_MIN_ARCH = 89
+
+
+def _require_fp8_arch() -> None:
+    """A RuntimeError naming the GPU where it has no FP8 (Triton would fail compiling, less clearly)."""
+    if not policy.interpreting() and policy.current_arch() < FP8_MIN_ARCH:
+        raise RuntimeError(f"the FP8 launches need a GPU of compute capability 8.9 or later (e4m3 tensor cores); "
+                           f"this one is sm_{policy.current_arch()}")
+
+
+def fp8_gemm_shared_bytes(tile: policy.GemmTile, rank_block: int, element_size: int) -> int:
+    """policy.gemm_shared_bytes of the FP8 variant: the pipelined operand tiles at 1 byte (e4m3), the low-rank tiles
+    at element_size (out_dtype's)."""
+    operands = tile.num_stages * (tile.block_m + tile.block_n) * tile.block_k
+    return operands + element_size * rank_block * (tile.block_m + tile.block_n) + policy.TRITON_SHARED_OVERHEAD
+
+
+def fp8_gemm_tile(rank: int, out_dtype: torch.dtype) -> policy.GemmTile:
+    """The FP8 fused GEMM's tile where its caller names none: the interpreter's, else the first of GEMM_TILES whose
+    FP8 estimate fits. Counting the 1-byte operands as 1 byte matters on 99 KiB GPUs (sm_89): at 2 bytes the first
+    fitting tile was 128x128x32 w4, which spills there (sm_89 build, triton 3.9, r = 16), and 128x128x64 w8 fits."""
+    if policy.interpreting():
+        return policy.INTERPRETER_TILE
+    return policy.fitting(policy.GEMM_TILES, fp8_gemm_shared_bytes, policy.block_rank(rank), out_dtype)[0]
+
+
+@on_tensors_device
+def fused_matmul_fp8(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.Tensor, rhs_scale: torch.Tensor,
+                     low: torch.Tensor, up: torch.Tensor, low_scale: float, bias: torch.Tensor | None,
+                     dropout_p: float, seed: torch.Tensor | None, out_dtype: torch.dtype, *,
+                     tile: policy.GemmTile | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = (lhs_q @ rhs_q) * lhs_scale[:, None] * rhs_scale[None, :] + low_scale * mask(low @ up) + bias, (M, N) in
+    out_dtype, by the pointer-load kernel's FP8 variant: lhs_q (M, K) and rhs_q (K, N) float8_e4m3fn, rhs_q K-major
+    (the transposed view of a tensor quantised by rows, as reference.quantize_fp8_rows gives it), lhs_scale (M,) and
+    rhs_scale (N,) fp32 powers of two; low (M, R), up (R, N) and bias (N,) in out_dtype, any strides; the keep-mask of
+    the (M, N) output drawn from `seed` when dropout_p > 0. The products of e4m3 values are exact in fp32, the sum
+    accumulates in fp32 and the scaling is exact, so the result differs from the float64 GEMM of the dequantised
+    operands by fp32 accumulation and one rounding into out_dtype. `tile` None: fp8_gemm_tile."""
+    _require_fp8_arch()
+    (M, K), N, R = lhs_q.shape, rhs_q.shape[1], low.shape[1]
+    out = torch.empty((M, N), device=lhs_q.device, dtype=out_dtype) if out is None else out
+    if M == 0 or N == 0:
+        return out
+    tile = fp8_gemm_tile(R, out_dtype) if tile is None else tile
+    key = (M, N, K, R, lhs_q.stride(), rhs_q.stride(), low.stride(), up.stride(),
+           0 if bias is None else bias.stride(0), (lhs_scale.stride(0), rhs_scale.stride(0)), low_scale, dropout_p,
+           bias is not None, True, tile, dot_precision(out_dtype), lhs_q.device.index)
+    _FUSED_MATMUL.launch(traceable(_fused_matmul_kernel), key, (
+        lhs_q, rhs_q, low, up, low if bias is None else bias, out, seed if dropout_p > 0.0 else low, lhs_scale,
+        rhs_scale))
     return out
 
 
@@ -529,7 +817,7 @@ _GRAD_AB_LAYOUTS: dict[tuple, tuple] = {}
 
 
 def _grad_b_plan(M, N, K, R, dtype, write_dx, deterministic, device, dy_strides, s_strides, b_strides, scale,
-                 need_bias_grad, precision):
+                 need_bias_grad, row_amax, precision):
     cfg, token_blocks, (n_splits, n_chunks_per_split), _, token_partials, ds_partials = _grad_ab_layout(
         M, N, K, R, dtype, write_dx, deterministic, device)
     scalars = dict(
@@ -541,7 +829,7 @@ def _grad_b_plan(M, N, K, R, dtype, write_dx, deterministic, device, dy_strides,
         stride_db_partial=N * R, stride_db_n=R, stride_db_r=1,
         stride_dbias_partial=N if need_bias_grad else 0,
         scale=float(scale), chunks_per_split=n_chunks_per_split,
-        HAS_BIAS_GRAD=need_bias_grad, DETERMINISTIC=deterministic,
+        HAS_BIAS_GRAD=need_bias_grad, DETERMINISTIC=deterministic, ROW_AMAX=row_amax,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=policy.block_rank(R), DOT_PRECISION=precision,
     )
     return (token_blocks, n_splits), scalars, launch_options(cfg)
@@ -571,7 +859,41 @@ _GRAD_B = LaunchSite(_grad_b_kernel, _grad_b_plan)
 _GRAD_A = LaunchSite(_grad_a_kernel, _grad_a_plan)
 
 
-def grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_bias_grad, deterministic):
+def _quantize_plan(M, N, t_strides, has_amax, device):
+    """The row quantisation's grid, non-tensor arguments and launch options for its key (see _quantize_rows)."""
+    cfg = _quantize_config(M)
+    scalars = dict(M=M, N=N, stride_tm=t_strides[0], stride_tn=t_strides[1],
+                   stride_qm=N, stride_qn=1,  # q is allocated contiguous (M, N)
+                   HAS_AMAX=has_amax, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+    return (cdiv(M, cfg["BLOCK_M"]),), scalars, launch_options(cfg)
+
+
+_QUANTIZE = LaunchSite(_quantize_rows_kernel, _quantize_plan)
+
+
+def _quantize_rows(t, amax_bits=None):
+    """(q, scale) of t (M, N) by rows; amax_bits (M,) int32 where a launch before has gathered the row amax."""
+    _require_fp8_arch()
+    M, N = t.shape
+    q = torch.empty((M, N), device=t.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((M,), device=t.device, dtype=torch.float32)
+    if M > 0:
+        _QUANTIZE.launch(traceable(_quantize_rows_kernel), (M, N, t.stride(), amax_bits is not None, t.device.index),
+                         (t, q, scale, t if amax_bits is None else amax_bits))
+    return q, scale
+
+
+@on_tensors_device
+def quantize_rows_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) = reference.quantize_fp8_rows(t), bit for bit, in one launch: t (M, N) fp32/fp16/bf16, any
+    strides; q (M, N) float8_e4m3fn contiguous, scale (M,) fp32 powers of two. Each program reads its block of whole
+    rows twice (the amax, then the quantisation: the second read from L2 where the block fits). For W (the forward's
+    operand) and W.T (the input gradient's) at a restart."""
+    return _quantize_rows(t)
+
+
+def grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_bias_grad, deterministic,
+                     quantize_grad_y=False):
     """(layout, dB launch, dA launch) of the two gradient launches for these operands' key (see _grad_ab), to be
     passed back to it as `launches`; lora_a as there (None unless the dA launch also writes dx's start)."""
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
@@ -581,18 +903,22 @@ def grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_b
     a = lora_a if write_dx else x
     return (_grad_ab_layout(*layout_key),
             _GRAD_B.bind(traceable(_grad_b_kernel), (*layout_key, grad_y.stride(), shrunk.stride(), lora_b.stride(),
-                                                     scale, need_bias_grad, precision)),
+                                                     scale, need_bias_grad, quantize_grad_y, precision)),
             _GRAD_A.bind(traceable(_grad_a_kernel), (*layout_key, x.stride(), a.stride(), scale, dropout_p,
                                                      precision)))
 
 
 def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
-             launches=None):
-    """(dA, dB, dS, dbias, dx start or None): dx's start mask(dS @ A) / (1-p) is written by the dA launch when
-    lora_a is given (the cuBLAS-composed engine). `launches`: grad_ab_launches of the same operands' key, if the
-    caller keeps them."""
+             quantize_grad_y=False, launches=None):
+    """(dA, dB, dS, dbias, dx start or None, (dyq, sdy) or None): dx's start mask(dS @ A) / (1-p) is written by the
+    dA launch when lora_a is given (the cuBLAS-composed engine); with quantize_grad_y the dy launch also gathers dy's
+    row amax and a third launch writes dy in e4m3 (the FP8 input gradient's operand). `launches`: grad_ab_launches
+    of the same operands' key, if the caller keeps them."""
+    if quantize_grad_y:
+        _require_fp8_arch()
     if launches is None:
-        launches = grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_bias_grad, deterministic)
+        launches = grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_bias_grad, deterministic,
+                                    quantize_grad_y)
     (_, token_blocks, _, _, token_partials, ds_partials), grad_b_launch, grad_a_launch = launches
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
     write_dx = lora_a is not None
@@ -605,16 +931,19 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     ds_partial = torch.zeros((ds_partials, M, R), device=dev, dtype=torch.float32)
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
     dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if write_dx else None
+    grad_y_amax = torch.zeros((M,), device=dev, dtype=torch.int32) if quantize_grad_y else None
     if token_blocks > 0:
         # Placeholders for what a variant does not read or write are inputs it never writes (see launch.dropout_args).
-        grad_b_launch((grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y))
+        grad_b_launch((grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y,
+                       grad_y if grad_y_amax is None else grad_y_amax))
         a, dx = (lora_a, dx_start) if write_dx else (x, x)
         grad_a_launch((x, ds_partial, grad_shrunk, grad_a, seed if dropout_p > 0.0 else x, a, dx))
     if partials:
         grad_a, grad_b, grad_bias = (t.sum(0) for t in (grad_a, grad_b, grad_bias))
     if x.dtype != torch.float32:  # rounded once into the inputs' dtype
         grad_a, grad_b, grad_bias = grad_a.to(x.dtype), grad_b.to(x.dtype), grad_bias.to(x.dtype)
-    return grad_a, grad_b, grad_shrunk, grad_bias, dx_start
+    grad_y_q = _quantize_rows(grad_y, grad_y_amax) if quantize_grad_y else None
+    return grad_a, grad_b, grad_shrunk, grad_bias, dx_start, grad_y_q
 
 
 @on_tensors_device
@@ -637,7 +966,7 @@ def lora_shrink_expand(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
                        seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, start): S = dropout_p(x) @ A.T and start = s * S @ B.T + bias, (M, N), in one launch: the cuBLAS-composed
     engine's forward accumulates x @ W.T onto start."""
-    return _shrink(x, lora_a, dropout_p, seed, expand=(lora_b, scale, bias))
+    return _shrink(x, lora_a, dropout_p, seed, expand=(lora_b, scale, bias))[:2]
 
 
 @on_tensors_device
@@ -646,6 +975,32 @@ def lora_grad_ab_start(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tens
                        need_bias_grad: bool, deterministic: bool = False):
     """lora_grad_ab's (dA, dB, dbias), and dx's start mask(dS @ A) / (1-p), (M, K), written by the dA launch: the
     cuBLAS-composed engine's backward accumulates dy @ W onto it."""
-    grad_a, grad_b, _, grad_bias, start = _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed,
-                                                   need_bias_grad, deterministic)
+    grad_a, grad_b, _, grad_bias, start, _ = _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed,
+                                                      need_bias_grad, deterministic)
     return grad_a, grad_b, grad_bias, start
+
+
+@on_tensors_device
+def lora_grad_ab_quantize(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
+                          scale: float, dropout_p: float, seed: torch.Tensor | None, need_bias_grad: bool,
+                          deterministic: bool = False):
+    """lora_grad_ab's (dA, dB, dS, dbias), and (dyq, sdy) = reference.quantize_fp8_rows(dy) bit for bit: dyq (M, N)
+    float8_e4m3fn contiguous, sdy (M,) fp32. The dy launch gathers dy's row amax (its programs see a split of each
+    row, hence an atomic max per row and split into an (M,) int32 buffer); a third launch reads dy once more and
+    writes dyq: one extra read of dy and a write of 1 byte per element beside the gradient launches. The FP8 input
+    gradient dx = fused_matmul_fp8(dyq, sdy, W.T's rows quantised, transposed, ..., low=dS, up=A)."""
+    grad_a, grad_b, grad_shrunk, grad_bias, _, (grad_y_q, grad_y_scale) = _grad_ab(
+        grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic, quantize_grad_y=True)
+    return grad_a, grad_b, grad_shrunk, grad_bias, grad_y_q, grad_y_scale
+
+
+@on_tensors_device
+def lora_grad_ab_start_quantize(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lora_a: torch.Tensor,
+                                lora_b: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor | None,
+                                need_bias_grad: bool, deterministic: bool = False):
+    """lora_grad_ab_start's (dA, dB, dbias, dx start) and lora_grad_ab_quantize's (dyq, sdy): for an FP8 engine
+    that accumulates the scaled dyq @ W onto dx's start itself."""
+    grad_a, grad_b, _, grad_bias, start, (grad_y_q, grad_y_scale) = _grad_ab(
+        grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
+        quantize_grad_y=True)
+    return grad_a, grad_b, grad_bias, start, grad_y_q, grad_y_scale

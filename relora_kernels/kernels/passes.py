@@ -212,9 +212,9 @@ def eager_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
                                                                   shrunk))
         return y, shrunk
     if plan.cublas:
-        shrunk, y = lora_linear._shrink(x, lora_a, dropout_p, seed, (lora_b, scale, bias), launch=plan.shrink)
+        shrunk, y, _, _ = lora_linear._shrink(x, lora_a, dropout_p, seed, (lora_b, scale, bias), launch=plan.shrink)
         return y.addmm_(x, weight.T), shrunk
-    shrunk, _ = lora_linear._shrink(x, lora_a, dropout_p, seed, launch=plan.shrink)
+    shrunk = lora_linear._shrink(x, lora_a, dropout_p, seed, launch=plan.shrink)[0]
     return lora_linear.fused_matmul(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, None, tile=plan.tile,
                                     launch=plan.gemm), shrunk
 
@@ -239,11 +239,11 @@ def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                     deterministic))
         return grads
     if plan.cublas:
-        grad_a, grad_b, _, grad_bias, grad_x = lora_linear._grad_ab(
+        grad_a, grad_b, _, grad_bias, grad_x, _ = lora_linear._grad_ab(
             grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
             launches=plan.grad_ab)
         return grad_x.addmm_(grad_y, weight), grad_a, grad_b, grad_bias
-    grad_a, grad_b, grad_shrunk, grad_bias, _ = lora_linear._grad_ab(
+    grad_a, grad_b, grad_shrunk, grad_bias, _, _ = lora_linear._grad_ab(
         grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic, launches=plan.grad_ab)
     if need_input_grad:
         grad_x = lora_linear.fused_matmul(grad_y, weight, grad_shrunk, lora_a, 1.0 / (1.0 - dropout_p), None,

@@ -335,9 +335,10 @@ def failed_row(arch: str, dtype_name: str, rank: int, kernel: str, kwargs: dict,
             "error": _error_text(error)}
 
 
-def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ...] = ()) -> list[dict]:
-    """Build every launch for one (architecture, dtype, rank), also at the named SHAPES (the fixed tiles); one row per
-    distinct build, with its resources and its int64 audit."""
+def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ...] = (),
+              fp8: bool = False) -> list[dict]:
+    """Build every launch for one (architecture, dtype, rank), also at the named SHAPES (the fixed tiles), and with
+    `fp8` the FP8 launches (sm_89 and later); one row per distinct build, with its resources and its int64 audit."""
     builds: dict[str, dict] = {}
     stage = {"label": None}  # names the pass that reaches a fixed-tile build, where it is not the first one
 
@@ -393,7 +394,7 @@ def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ..
             _drive_launchers_strided(dtype, rank)
             stage["label"] = "hopper"
             _drive_hopper_tiles(dtype, rank)
-            if capability >= lora_linear.FP8_MIN_ARCH:  # no FP8 before sm_89
+            if fp8 and capability >= lora_linear.FP8_MIN_ARCH:  # no FP8 before sm_89
                 stage["label"] = "fp8"
                 _drive_fp8_launchers(dtype, rank)
                 stage["label"] = "fp8 strided"
@@ -619,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="*", default=[], choices=[name for name in SHAPES if name != "small"],
                         help="also build the fixed tiles at these shapes: headline = 8192 tokens x 4096 x 4096, "
                              "mlp = 16384 x 4096 x 14336")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also the FP8 launches (sm_89 and later); the op does not launch them yet")
     parser.add_argument("--trace", action="store_true",
                         help="also trace each op as torch.compile sees it (its kernel launches, what each writes)")
     args = parser.parse_args(argv)
@@ -639,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                             if name == "small" or name in args.shapes), "command": "python -m benchmarks.gpu_build "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    jobs = [(arch, dtype, rank, tuple(args.shapes)) for arch in args.arch for dtype in args.dtypes
+    jobs = [(arch, dtype, rank, tuple(args.shapes), args.fp8) for arch in args.arch for dtype in args.dtypes
             for rank in args.ranks]
     start = time.perf_counter()
     # One process per job: Triton keeps the target of device 0 per kernel for the life of a process.

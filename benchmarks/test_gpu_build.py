@@ -26,7 +26,8 @@ GEMM_KERNELS = {"fused_matmul_kernel", "shrink_kernel", "grad_b_kernel", "grad_a
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_build") / "builds.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    options = {"90": ["--ranks", "16", "64", "--shapes", "headline", "mlp", "--trace"], "80": ["--ranks", "256"]}
+    options = {"90": ["--ranks", "16", "64", "--shapes", "headline", "mlp", "--trace", "--fp8"],
+               "80": ["--ranks", "256", "--fp8"]}
     runs = [
         subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_build", "--arch", arch, "--jobs", "1",
                           "--json", str(out.with_suffix(f".{arch}.json")), *arch_options],

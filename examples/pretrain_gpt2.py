@@ -335,21 +335,33 @@ def lr_at(cfg: Config, step: int) -> float:
     """The learning rate of optimizer step `step` (1-based): warmup, cosine, and in relora mode the restart dips.
 
     jagged_cosine counts steps from 0 like LambdaLR, so step `step` reads index step - 1: the first step after the
-    restart made at the end of step k * restart_every reads index k * restart_every, where the dip is 0.
+    restart made at the end of step k * restart_every reads index k * restart_every, where the dip is 0. The initial
+    warm-ups are the exception: read at index step - 1 they would spend step 1 at rate 0, so they read index `step`
+    instead, starting at lr / warmup_steps and reaching the peak at step warmup_steps (warm_up_from_step_one).
     """
     restarting = cfg.mode == "relora" and step - 1 >= cfg.warmup_full_steps  # no dips in the full-rank warm start
     if restarting and cfg.lora_schedule == "restart":
         # The LoRA phase as a run of its own: warmup to the peak, cosine over the steps left, the dips at the same
         # global steps (warmup_full_steps is a multiple of restart_every, checked).
-        return cfg.lr * jagged_cosine(
+        return cfg.lr * warm_up_from_step_one(
             step - 1 - cfg.warmup_full_steps, max_steps=cfg.max_steps - cfg.warmup_full_steps,
             warmup_steps=cfg.warmup_steps, restart_every=cfg.restart_every,
             restart_warmup_steps=cfg.restart_warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
         )
-    return cfg.lr * jagged_cosine(
+    return cfg.lr * warm_up_from_step_one(
         step - 1, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, restart_every=cfg.restart_every,
         restart_warmup_steps=cfg.restart_warmup_steps if restarting else 0, min_lr_ratio=cfg.min_lr_ratio,
     )
+
+
+def warm_up_from_step_one(index: int, **schedule) -> float:
+    """jagged_cosine(index, **schedule), except that its initial warmup, index / warmup_steps (0 at index 0, as
+    LambdaLR expects), runs one index ahead: (index + 1) / warmup_steps, so no optimizer step is spent at rate 0 and
+    the last warmup index is at the peak. jagged_cosine's initial warmup takes precedence over restarts, so this
+    changes no dip; every index from warmup_steps on is jagged_cosine's."""
+    if index < schedule["warmup_steps"]:
+        return (index + 1) / schedule["warmup_steps"]
+    return jagged_cosine(index, **schedule)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device, old=None) -> torch.optim.AdamW:

@@ -130,6 +130,8 @@ def test_example_schedules_against_the_official_statement(schedule):
             t, n, rewarm = t - start, steps - start, W
         else:
             n, rewarm = steps, W if t >= start else 0  # no dips in the full-rank warm start
+        if t < cfg.warmup_steps:  # the example's warm-ups read one index ahead: no step at rate 0
+            t += 1
         env = dict(n=n, first_warmup=cfg.warmup_steps, floor=cfg.min_lr_ratio)
         official = official_multiplier(t, restart_every=R, rewarmup=rewarm, **env)
         ours = pretrain_gpt2.lr_at(cfg, step) / cfg.lr
@@ -140,7 +142,7 @@ def test_example_schedules_against_the_official_statement(schedule):
         assert abs(ours - official - gap) <= 8 * EPS64, (step, ours, official, gap)
     # The LoRA phase's mean learning rate, as a fraction of the peak: the restart schedule's is higher.
     mean = sum(pretrain_gpt2.lr_at(cfg, s) for s in range(start + 1, steps + 1)) / (steps - start) / cfg.lr
-    assert mean == pytest.approx({"continuous": 0.357, "restart": 0.491}[schedule], abs=5e-4)
+    assert mean == pytest.approx({"continuous": 0.357, "restart": 0.496}[schedule], abs=5e-4)
 
 
 def test_restart_schedule_options_are_checked():

@@ -27,11 +27,6 @@ from .. import reference
 from . import lora_linear
 from .launch import on_tensors_device
 
-# Where quantising launches replace the torch ops of the rule, these two names are the call sites.
-quantize_activation_rows = reference.quantize_fp8_rows
-quantize_grad_output_rows = reference.quantize_fp8_rows
-
-
 def scaled_mm(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.Tensor, rhs_scale: torch.Tensor,
               out_dtype: torch.dtype) -> torch.Tensor:
     """(lhs_q @ rhs_q.T) * lhs_scale[:, None] * rhs_scale[None, :] in out_dtype, on torch._scaled_mm with row-wise
@@ -81,8 +76,7 @@ def lora_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torc
                      lora_b: torch.Tensor, scale: float, bias: torch.Tensor | None, dropout_p: float,
                      seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, S): y = deq(xq) @ deq(wq).T + bias + s * S @ B.T in x's dtype, S = dropout_p(x) @ A.T kept for backward."""
-    shrunk = lora_linear.lora_shrink(x, lora_a, dropout_p, seed)
-    x_q, x_scale = quantize_activation_rows(x)
+    shrunk, x_q, x_scale = lora_linear.lora_shrink_quantize(x, lora_a, dropout_p, seed)
     y = scaled_mm(x_q, x_scale, weight_q, weight_scale, x.dtype)
     # y += s * S @ B.T + bias (s folded into B's copy: an (r, N) product, rounded once in x's dtype)
     return _add_low_rank_(y, shrunk, lora_b.T * scale, bias), shrunk
@@ -97,18 +91,17 @@ def lora_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.T
     `need_bias_grad`. dS = s * dy @ B, dB = s * dy.T @ S, dA = dS.T @ x~, dbias = dy.sum(0) from the unquantised dy;
     dx = deq(dyq) @ deq(wtq).T + mask(dS @ A) / (1-p)."""
     if need_input_grad and dropout_p > 0.0:
-        grad_a, grad_b, grad_bias, start = lora_linear.lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, scale,
-                                                                          dropout_p, seed, need_bias_grad,
-                                                                          deterministic)
-        grad_y_q, grad_y_scale = quantize_grad_output_rows(grad_y)
+        grad_a, grad_b, grad_bias, start, grad_y_q, grad_y_scale = lora_linear.lora_grad_ab_start_quantize(
+            grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic)
         # dx = dy @ W (FP8) + mask(dS @ A) / (1-p)
         return start.add_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype)), grad_a, grad_b, \
             grad_bias
-    grad_a, grad_b, grad_shrunk, grad_bias = lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p,
-                                                                      seed, need_bias_grad, deterministic)
     if not need_input_grad:
+        grad_a, grad_b, _, grad_bias = lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed,
+                                                                need_bias_grad, deterministic)
         return x.new_empty((0, x.shape[1])), grad_a, grad_b, grad_bias
-    grad_y_q, grad_y_scale = quantize_grad_output_rows(grad_y)
+    grad_a, grad_b, grad_shrunk, grad_bias, grad_y_q, grad_y_scale = lora_linear.lora_grad_ab_quantize(
+        grad_y, x, shrunk, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic)
     # dx = dy @ W (FP8) + dS @ A
     grad_x = _add_low_rank_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype), grad_shrunk,
                             lora_a, None)

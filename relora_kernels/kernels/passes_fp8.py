@@ -24,8 +24,9 @@ import functools
 import torch
 
 from .. import reference
-from . import lora_linear
+from . import lora_linear, policy
 from .launch import on_tensors_device
+
 
 def scaled_mm(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.Tensor, rhs_scale: torch.Tensor,
               out_dtype: torch.dtype) -> torch.Tensor:
@@ -62,6 +63,18 @@ def scaled_mm_support(device_type: str, device_index: int | None, out_dtype: tor
     return None
 
 
+def fp8_engine(reduction: int) -> str:
+    """The engine of an FP8 frozen GEMM reducing over `reduction` (K forward, N for dx): the engine setting where it
+    is not auto, else policy.predicted_engine's rule on the reduction alone: the Triton fused GEMM saves the composed
+    engine's extra write and read of the output, which weighs less than its predicted efficiency gap once the
+    reduction is long. Its dtype clause (fp32 to cuBLAS) does not apply: the frozen GEMM is e4m3 whatever x's dtype.
+    No tuned-table entries for FP8 yet: the rule is a prediction for FP8 as for bf16, unmeasured."""
+    setting = policy.engine_setting()
+    if setting != "auto":
+        return setting
+    return "cublas" if reduction >= policy.CUBLAS_MIN_REDUCTION else "triton"
+
+
 def _add_low_rank_(out: torch.Tensor, low: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """out += low @ up (+ bias), in place in one addmm: one read and one write of out. Bias rides as one more rank
     (a column of ones in low, bias as a row of up), costing an (M, r+1) and an (r+1, N) copy, small beside out."""
@@ -77,6 +90,10 @@ def lora_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torc
                      seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, S): y = deq(xq) @ deq(wq).T + bias + s * S @ B.T in x's dtype, S = dropout_p(x) @ A.T kept for backward."""
     shrunk, x_q, x_scale = lora_linear.lora_shrink_quantize(x, lora_a, dropout_p, seed)
+    if fp8_engine(x.shape[1]) == "triton":
+        # the FP8 GEMM's accumulator, scaled, then s * S @ B.T + bias, in one launch
+        return lora_linear.fused_matmul_fp8(x_q, x_scale, weight_q.T, weight_scale, shrunk, lora_b.T, scale, bias,
+                                            0.0, None, x.dtype), shrunk
     y = scaled_mm(x_q, x_scale, weight_q, weight_scale, x.dtype)
     # y += s * S @ B.T + bias (s folded into B's copy: an (r, N) product, rounded once in x's dtype)
     return _add_low_rank_(y, shrunk, lora_b.T * scale, bias), shrunk
@@ -90,6 +107,13 @@ def lora_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.T
     """(dx, dA, dB, dbias); dx is an empty (0, K) tensor unless `need_input_grad`, dbias an empty (0,) one unless
     `need_bias_grad`. dS = s * dy @ B, dB = s * dy.T @ S, dA = dS.T @ x~, dbias = dy.sum(0) from the unquantised dy;
     dx = deq(dyq) @ deq(wtq).T + mask(dS @ A) / (1-p)."""
+    if need_input_grad and fp8_engine(grad_y.shape[1]) == "triton":
+        grad_a, grad_b, grad_shrunk, grad_bias, grad_y_q, grad_y_scale = lora_linear.lora_grad_ab_quantize(
+            grad_y, x, shrunk, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic)
+        # dx = dy @ W (FP8) + mask(dS @ A) / (1-p): the mask of the (M, K) output, as the bf16 input gradient's
+        grad_x = lora_linear.fused_matmul_fp8(grad_y_q, grad_y_scale, weight_t_q.T, weight_t_scale, grad_shrunk,
+                                              lora_a, 1.0 / (1.0 - dropout_p), None, dropout_p, seed, x.dtype)
+        return grad_x, grad_a, grad_b, grad_bias
     if need_input_grad and dropout_p > 0.0:
         grad_a, grad_b, grad_bias, start, grad_y_q, grad_y_scale = lora_linear.lora_grad_ab_start_quantize(
             grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic)

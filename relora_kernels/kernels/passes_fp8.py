@@ -1,20 +1,24 @@
-"""The two passes of the LoRA linear with an FP8 (e4m3) frozen weight, on the cuBLAS-composed engine.
+"""The two passes of the LoRA linear with an FP8 (e4m3) frozen weight, each frozen GEMM on its engine (fp8_engine).
 
-    lora_forward_fp8    (y, S)     lora_shrink: S;  y = scaled_mm(xq, wq) (the frozen GEMM on FP8 tensor cores);
-                                   y += s * S @ B.T + bias (addmm, onto y in place)
+    lora_forward_fp8    (y, S)     lora_shrink_quantize: S, xq, sx;
+                                   Triton: y = fused_matmul_fp8(xq, wq) + s * S @ B.T + bias, one launch;
+                                   cuBLAS-composed: y = scaled_mm(xq, wq); y += s * S @ B.T + bias (addmm, in place)
     lora_backward_fp8   (dx, dA, dB, dbias)
-                                   dA, dB, dbias from lora_grad_ab on the unquantised dy and x;
-                                   dx = scaled_mm(dyq, wtq) + mask(dS @ A) / (1-p)
+                                   dA, dB, dbias from the gradient launches on the unquantised dy and x, which also
+                                   write dyq, sdy; dx = dyq @ wtq (FP8, scaled) + mask(dS @ A) / (1-p), by
+                                   fused_matmul_fp8 (Triton) or scaled_mm and an addmm or add (cuBLAS-composed)
 
-xq, sx = quantize_fp8_rows(x) and dyq, sdy = quantize_fp8_rows(dy) (reference.py's rule, one scale per token); W's
-copies wq (N, K) and wtq (K, N) are made once per change of W by the caller (reference.quantize_fp8_weight). The
-low-rank path stays in the activation dtype with fp32 accumulation (docs/DESIGN.md section 1).
+xq, sx = quantize_fp8_rows(x) and dyq, sdy = quantize_fp8_rows(dy) (reference.py's rule, one scale per token, bit for
+bit, written by the launches that read x and dy anyway); W's copies wq (N, K) and wtq (K, N) are made once per change
+of W by the caller (quantize_fp8_weight). The low-rank path stays in the activation dtype with fp32 accumulation
+(docs/DESIGN.md section 1).
 
-torch._scaled_mm cannot accumulate onto a start value as addmm can, so the low-rank term goes the other way: cuBLAS's
-addmm accumulates the rank-r product onto the FP8 GEMM's output, one extra read and write of the (M, N) output (bias
-rides along as one more rank, a column of ones in S). The input gradient does the same without dropout; with dropout
-the mask applies to dS @ A, which a GEMM cannot, so the dA launch writes mask(dS @ A) / (1-p) (lora_grad_ab_start)
-and one add combines it with the FP8 GEMM's output: one more (M, K) write and read than without dropout.
+torch._scaled_mm cannot accumulate onto a start value as addmm can, so on the cuBLAS-composed engine the low-rank term
+goes the other way: cuBLAS's addmm accumulates the rank-r product onto the FP8 GEMM's output, one extra read and
+write of the (M, N) output (bias rides along as one more rank, a column of ones in S). The input gradient does the
+same without dropout; with dropout the mask applies to dS @ A, which a GEMM cannot, so the dA launch writes
+mask(dS @ A) / (1-p) (lora_grad_ab_start_quantize) and one add combines it with the FP8 GEMM's output: one more
+(M, K) write and read than without dropout. The Triton FP8 GEMM adds the term, masked, in its epilogue.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import functools
 import torch
 from torch._library.triton import set_wrap_triton_enabled
 
-from . import _settings, reference
+from . import reference
 from ._backend import deterministic, use_triton
 from ._validate import (
     MAX_RANK,
@@ -285,11 +285,9 @@ def _fp8_gpu_problem(device_index: int) -> str | None:
 
 
 def _check_fp8_kernel_path(x, frozen) -> None:
-    """What the cuBLAS-composed FP8 path needs beyond the shared checks: the engine, FP8 tensor cores and the
-    shapes cuBLAS's FP8 GEMM takes, and a torch._scaled_mm that runs for x's device and dtype."""
-    if _settings.current().engine == "triton":
-        raise ValueError("the engine setting is triton, but the FP8 frozen weight runs on the cuBLAS-composed engine "
-                         "for now: use engine auto or cublas (RELORA_KERNELS_ENGINE), or frozen_dtype=None")
+    """What the FP8 kernel path needs beyond the shared checks: FP8 tensor cores, and where a frozen GEMM runs on the
+    cuBLAS-composed engine, the shapes cuBLAS's FP8 GEMM takes and a torch._scaled_mm that runs for x's device and
+    dtype."""
     check_kernel_dtype("x", x)
     if torch.compiler.is_compiling():
         return  # the device and torch were checked when the graph's first call ran eagerly, or torch's op says why
@@ -298,7 +296,11 @@ def _check_fp8_kernel_path(x, frozen) -> None:
         problem = _fp8_gpu_problem(index)
         if problem is not None:
             raise RuntimeError(problem)
-        n, k = frozen.q.shape
+    n, k = frozen.q.shape
+    engines = {_passes_fp8().fp8_engine(k), _passes_fp8().fp8_engine(n)}  # forward's reduction K, dx's N
+    if "cublas" not in engines:
+        return  # the Triton FP8 launches alone: no torch._scaled_mm
+    if x.device.type == "cuda":
         if n % 16 or k % 16:
             raise ValueError(f"the FP8 frozen weight needs in_features and out_features divisible by 16 on CUDA "
                              f"(cuBLAS's FP8 GEMM), got weight ({n}, {k})")
@@ -321,8 +323,9 @@ def lora_linear_fp8(x, frozen, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0
     device). The low-rank path is lora_linear's (activation dtype, fp32 accumulation, the same dropout mask for the
     same seed); the frozen products accumulate in fp32 and differ from lora_linear's by the e4m3 rounding of x, dy
     and W (relative 2**-4 per operand at most). Autocast casts x, lora_a, lora_b and bias as lora_linear does.
-    Differentiable in x, lora_a, lora_b and bias. On the kernels the FP8 path runs on the cuBLAS-composed engine
-    (torch._scaled_mm): the engine setting triton raises, and a CUDA GPU below compute capability 8.9 raises.
+    Differentiable in x, lora_a, lora_b and bias. On the kernels each frozen GEMM runs on the engine setting's engine
+    (auto: the Triton FP8 GEMM for a reduction below policy.CUBLAS_MIN_REDUCTION, else torch._scaled_mm composed with
+    the Triton launches); a CUDA GPU below compute capability 8.9 raises.
     """
     x, lora_a, lora_b, bias = _autocast_inputs(x, lora_a, lora_b, bias)
     check_lora_linear_fp8_args(x, frozen, lora_a, lora_b, bias)
@@ -348,6 +351,22 @@ def lora_linear_fp8(x, frozen, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0
     else:
         y, _ = LoRALinearFP8Function.apply(*args)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def quantize_fp8_weight(weight):
+    """reference.quantize_fp8_weight(weight), bit for bit: the FP8 copies of a frozen weight W (N, K) by rows of W and
+    of W.T with their row scales, by the quantising launch (one per copy) where the kernels run for W's device; by
+    the reference's torch ops elsewhere, and on a CUDA GPU without FP8 (whose FP8 op refuses by name at its forward,
+    so that moving such a layer there is not what fails). For a refresh of the copies after W changes."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise TypeError(f"weight must be a 2-D floating-point tensor, got {getattr(weight, 'shape', weight)!r}")
+    if not use_triton(weight.device) or (weight.device.type == "cuda" and _fp8_gpu_problem(
+            weight.device.index if weight.device.index is not None else torch.cuda.current_device())):
+        return reference.quantize_fp8_weight(weight)
+    from .kernels import lora_linear as kernels  # imported on first use, as passes
+
+    with torch.no_grad():
+        return reference.FP8Weight(*kernels.quantize_rows_fp8(weight), *kernels.quantize_rows_fp8(weight.T))
 
 
 def merge_and_reinit_(weight, lora_a, lora_b, scale, *, seed):

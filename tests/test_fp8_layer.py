@@ -250,3 +250,27 @@ def test_compiled_fp8_model_is_one_graph_and_gets_fresh_copies(compile_state):
     model[0].refresh_frozen_weight()  # compiled forwards do not check freshness: refreshed before one
     check()
     assert counter.frame_count == 1, f"{counter.frame_count} graphs: a graph break or a recompile"
+
+
+def test_kernel_quantisation_of_the_copies_is_the_references_bit_for_bit(monkeypatch):
+    # functional.quantize_fp8_weight on the kernels (the interpreter here): the quantising launch, once for W and
+    # once for W.T, equal bit for bit to the reference's copies, on a strided W with rows over many magnitudes, a
+    # zero row and a shape no block divides.
+    from helpers import count_launches
+
+    from relora_kernels import functional
+    from relora_kernels.kernels import lora_linear
+
+    rk.configure(backend="triton")
+    calls = count_launches(monkeypatch, lora_linear, ("quantize_rows_fp8",))
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(37, 2 * 45, generator=g) * torch.logspace(-20, 20, 37)[:, None]
+    wide[5] = 0.0
+    weight = wide[:, ::2]
+    got, want = functional.quantize_fp8_weight(weight), reference.quantize_fp8_weight(weight)
+    assert calls == {"quantize_rows_fp8": 2}
+    for name, a, b in zip(reference.FP8Weight._fields, got, want, strict=True):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), name
+        assert torch.equal(bits(a), bits(b)), name
+    with pytest.raises(TypeError, match="weight must be a 2-D floating-point tensor"):
+        functional.quantize_fp8_weight(weight[0])

@@ -1,6 +1,6 @@
-"""lora_linear_fp8: the cuBLAS-composed FP8 path (the Triton launches through the interpreter, torch._scaled_mm on
-the CPU) against the float64 reference on the same quantised operands, and against the unquantised op within the
-error e4m3 allows.
+"""lora_linear_fp8 on both engines (the Triton launches through the interpreter; on the cuBLAS-composed engine
+torch._scaled_mm on the CPU) against the float64 reference on the same quantised operands, and against the
+unquantised op within the error e4m3 allows.
 
 Bounds: on the quantised operands, Higham's a priori bound (helpers.rounding_bound) of the fp32 accumulations (the
 frozen GEMM's K terms, the rank-r terms, the bias) plus DTYPE_ROUNDINGS roundings into the output dtype, each of at
@@ -42,9 +42,9 @@ def path_bound(dtype, fp32_terms: int, magnitude: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture
-def fp8_kernels(monkeypatch):
-    """Force the kernels (the interpreter on CPU), block the op's reference fallback so a test proves the kernels
-    ran, and count the two FP8 passes."""
+def fp8_kernels(monkeypatch, engine):
+    """Force the kernels (the interpreter on CPU) on each engine in turn, block the op's reference fallback so a test
+    proves the kernels ran, and count the two FP8 passes."""
     from relora_kernels import functional
     from relora_kernels.kernels import passes_fp8
 
@@ -55,6 +55,17 @@ def fp8_kernels(monkeypatch):
 
     monkeypatch.setattr(functional, "reference", types.SimpleNamespace(lora_linear_fp8=forbidden))
     return count_launches(monkeypatch, passes_fp8, ("lora_forward_fp8", "lora_backward_fp8"))
+
+
+@pytest.fixture
+def frozen_gemms(monkeypatch):
+    """Count the FP8 frozen GEMMs by engine: torch._scaled_mm (cuBLAS-composed) and the Triton fused GEMM."""
+    from relora_kernels.kernels import lora_linear, passes_fp8
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # the op's probe (once per dtype) is no GEMM of it
+        passes_fp8.scaled_mm_support("cpu", None, dtype)
+    calls = count_launches(monkeypatch, passes_fp8, ("scaled_mm",))
+    return count_launches(monkeypatch, lora_linear, ("fused_matmul_fp8",), calls)
 
 
 def run(fn, frozen, inputs, scale, dropout_p, seed, grad_out, dtype=None):
@@ -120,18 +131,27 @@ def check_against_float64_reference(inputs, scale, dropout_p, seed, dtype):
         assert_within_bound(f"d{name}", grad, want, bounds[name])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-def test_fp8_op_matches_float64_reference_on_quantised_operands(shape, bias, dtype, fp8_kernels):
+# Each shape with and without bias, each dtype with and without bias: half the product, per engine (CI time).
+CASES = [(shape, bias, dtype) for shape, dtypes in zip(SHAPES, ((torch.float32, torch.float16),
+                                                                (torch.float16, torch.float32)), strict=True)
+         for bias, dtype in zip((True, False), dtypes, strict=True)]
+
+
+@pytest.mark.parametrize(("shape", "bias", "dtype"), CASES,
+                         ids=[f"{shape}-{'bias' if bias else 'no-bias'}-{dtype}" for shape, bias, dtype in CASES])
+def test_fp8_op_matches_float64_reference_on_quantised_operands(shape, bias, dtype, fp8_kernels, frozen_gemms,
+                                                                  engine):
     lead, k, n, r, scale = SHAPES[shape]
     check_against_float64_reference(make_inputs(lead, k, n, r, dtype, bias=bias), scale, 0.0, 0, dtype)
     assert fp8_kernels == {"lora_forward_fp8": 1, "lora_backward_fp8": 1}
+    # both frozen GEMMs (y, dx) on the engine set, none on the other
+    assert frozen_gemms == ({"scaled_mm": 2} if engine == "cublas" else {"fused_matmul_fp8": 2})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_fp8_op_with_dropout_matches_float64_reference(dtype, fp8_kernels):
-    # dx takes the other route with dropout (the dA launch writes the masked low-rank start): both are checked.
+    # On the cuBLAS-composed engine dx takes another route with dropout (the dA launch writes the masked low-rank
+    # start); on the Triton engine the fused GEMM applies the mask: each is checked.
     lead, k, n, r, scale = SHAPES["M prime, K and N not multiples of any block, r < 16"]
     check_against_float64_reference(make_inputs(lead, k, n, r, dtype), scale, 0.3, 1234, dtype)
     assert fp8_kernels == {"lora_forward_fp8": 1, "lora_backward_fp8": 1}
@@ -232,12 +252,31 @@ def test_reference_backend_in_bfloat16():
     check_against_float64_reference(make_inputs((37,), 45, 51, 5, torch.bfloat16), 0.5, 0.3, 11, torch.bfloat16)
 
 
-def test_the_triton_engine_is_refused_by_name(fp8_kernels):
+def test_engine_auto_chooses_by_each_gemms_reduction():
+    # auto: the Triton FP8 GEMM below policy.CUBLAS_MIN_REDUCTION, cuBLAS's from it on, whatever x's dtype; a
+    # setting other than auto is used as it is.
+    from relora_kernels.kernels import policy
+    from relora_kernels.kernels.passes_fp8 import fp8_engine
+
+    rk.configure(engine="auto")
+    assert fp8_engine(policy.CUBLAS_MIN_REDUCTION - 1) == "triton"
+    assert fp8_engine(policy.CUBLAS_MIN_REDUCTION) == "cublas"
     rk.configure(engine="triton")
-    inputs = make_inputs((5,), 16, 16, 2, torch.float32)
-    with pytest.raises(ValueError, match="cuBLAS-composed engine"):
-        rk.lora_linear_fp8(inputs["x"], rk.quantize_fp8_weight(inputs["weight"]), inputs["lora_a"],
-                           inputs["lora_b"])
+    assert fp8_engine(10 * policy.CUBLAS_MIN_REDUCTION) == "triton"
+    rk.configure(engine="cublas")
+    assert fp8_engine(16) == "cublas"
+
+
+def test_engine_auto_runs_each_gemm_on_its_engine(monkeypatch, fp8_kernels, frozen_gemms):
+    # K below the threshold and N at it: the forward on the Triton GEMM, dx (reducing N) on torch._scaled_mm.
+    from relora_kernels.kernels import policy
+
+    monkeypatch.setattr(policy, "CUBLAS_MIN_REDUCTION", 32)
+    rk.configure(engine="auto")
+    inputs = make_inputs((5,), 16, 32, 2, torch.float32)
+    run(rk.lora_linear_fp8, rk.quantize_fp8_weight(inputs["weight"]), inputs, 1.0, 0.0, None,
+        grad_output(inputs, 32))
+    assert frozen_gemms == {"fused_matmul_fp8": 1, "scaled_mm": 1}
 
 
 def test_a_gpu_without_fp8_tensor_cores_is_refused_by_name(monkeypatch):
@@ -286,13 +325,18 @@ def op_cases():
     seed = torch.tensor(5)
     shrunk = reference.lora_shrink(x, lora_a, 0.0, None)
     backward = (torch.randn(37, 24), x, frozen.q_t, frozen.scale_t, lora_a, lora_b, shrunk, 0.5)
-    return {
-        "forward, dropout, bias": ("lora_forward_fp8", (x, frozen.q, frozen.scale, lora_a, lora_b, 0.5, bias, 0.2,
-                                                        seed)),
-        "forward": ("lora_forward_fp8", (x, frozen.q, frozen.scale, lora_a, lora_b, 0.5, None, 0.0, None)),
-        "backward, dropout, bias": ("lora_backward_fp8", (*backward, 0.2, seed, True, True, False)),
-        "backward, deterministic": ("lora_backward_fp8", (*backward, 0.0, None, True, False, True)),
-        "backward, no dx": ("lora_backward_fp8", (*backward, 0.0, None, False, False, False)),
+    return {  # (op, its arguments, the engine setting)
+        "forward, dropout, bias, triton": ("lora_forward_fp8", (x, frozen.q, frozen.scale, lora_a, lora_b, 0.5, bias,
+                                                                0.2, seed), "triton"),
+        "forward, cublas": ("lora_forward_fp8", (x, frozen.q, frozen.scale, lora_a, lora_b, 0.5, None, 0.0, None),
+                            "cublas"),
+        "backward, dropout, bias, triton": ("lora_backward_fp8", (*backward, 0.2, seed, True, True, False),
+                                            "triton"),
+        "backward, dropout, bias, cublas": ("lora_backward_fp8", (*backward, 0.2, seed, True, True, False),
+                                            "cublas"),
+        "backward, deterministic, cublas": ("lora_backward_fp8", (*backward, 0.0, None, True, False, True),
+                                            "cublas"),
+        "backward, no dx": ("lora_backward_fp8", (*backward, 0.0, None, False, False, False), "auto"),
     }
 
 
@@ -300,7 +344,8 @@ def op_cases():
 def test_fp8_ops_pass_opcheck(case):
     from relora_kernels import ops
 
-    name, args = op_cases()[case]
+    name, args, engine = op_cases()[case]
+    rk.configure(engine=engine)
     # test_schema is left out: it compares the inputs before and after with float ops torch lacks for float8_e4m3fn.
     torch.library.opcheck(getattr(ops, name), args,
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -1,20 +1,24 @@
-"""The two passes of the LoRA linear with an FP8 (e4m3) frozen weight, on the cuBLAS-composed engine.
+"""The two passes of the LoRA linear with an FP8 (e4m3) frozen weight, each frozen GEMM on its engine (fp8_engine).
 
-    lora_forward_fp8    (y, S)     lora_shrink: S;  y = scaled_mm(xq, wq) (the frozen GEMM on FP8 tensor cores);
-                                   y += s * S @ B.T + bias (addmm, onto y in place)
+    lora_forward_fp8    (y, S)     lora_shrink_quantize: S, xq, sx;
+                                   Triton: y = fused_matmul_fp8(xq, wq) + s * S @ B.T + bias, one launch;
+                                   cuBLAS-composed: y = scaled_mm(xq, wq); y += s * S @ B.T + bias (addmm, in place)
     lora_backward_fp8   (dx, dA, dB, dbias)
-                                   dA, dB, dbias from lora_grad_ab on the unquantised dy and x;
-                                   dx = scaled_mm(dyq, wtq) + mask(dS @ A) / (1-p)
+                                   dA, dB, dbias from the gradient launches on the unquantised dy and x, which also
+                                   write dyq, sdy; dx = dyq @ wtq (FP8, scaled) + mask(dS @ A) / (1-p), by
+                                   fused_matmul_fp8 (Triton) or scaled_mm and an addmm or add (cuBLAS-composed)
 
-xq, sx = quantize_fp8_rows(x) and dyq, sdy = quantize_fp8_rows(dy) (reference.py's rule, one scale per token); W's
-copies wq (N, K) and wtq (K, N) are made once per change of W by the caller (reference.quantize_fp8_weight). The
-low-rank path stays in the activation dtype with fp32 accumulation (docs/DESIGN.md section 1).
+xq, sx = quantize_fp8_rows(x) and dyq, sdy = quantize_fp8_rows(dy) (reference.py's rule, one scale per token, bit for
+bit, written by the launches that read x and dy anyway); W's copies wq (N, K) and wtq (K, N) are made once per change
+of W by the caller (quantize_fp8_weight). The low-rank path stays in the activation dtype with fp32 accumulation
+(docs/DESIGN.md section 1).
 
-torch._scaled_mm cannot accumulate onto a start value as addmm can, so the low-rank term goes the other way: cuBLAS's
-addmm accumulates the rank-r product onto the FP8 GEMM's output, one extra read and write of the (M, N) output (bias
-rides along as one more rank, a column of ones in S). The input gradient does the same without dropout; with dropout
-the mask applies to dS @ A, which a GEMM cannot, so the dA launch writes mask(dS @ A) / (1-p) (lora_grad_ab_start)
-and one add combines it with the FP8 GEMM's output: one more (M, K) write and read than without dropout.
+torch._scaled_mm cannot accumulate onto a start value as addmm can, so on the cuBLAS-composed engine the low-rank term
+goes the other way: cuBLAS's addmm accumulates the rank-r product onto the FP8 GEMM's output, one extra read and
+write of the (M, N) output (bias rides along as one more rank, a column of ones in S). The input gradient does the
+same without dropout; with dropout the mask applies to dS @ A, which a GEMM cannot, so the dA launch writes
+mask(dS @ A) / (1-p) (lora_grad_ab_start_quantize) and one add combines it with the FP8 GEMM's output: one more
+(M, K) write and read than without dropout. The Triton FP8 GEMM adds the term, masked, in its epilogue.
 """
 
 from __future__ import annotations
@@ -24,12 +28,8 @@ import functools
 import torch
 
 from .. import reference
-from . import lora_linear
+from . import lora_linear, policy
 from .launch import on_tensors_device
-
-# Where quantising launches replace the torch ops of the rule, these two names are the call sites.
-quantize_activation_rows = reference.quantize_fp8_rows
-quantize_grad_output_rows = reference.quantize_fp8_rows
 
 
 def scaled_mm(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.Tensor, rhs_scale: torch.Tensor,
@@ -67,6 +67,18 @@ def scaled_mm_support(device_type: str, device_index: int | None, out_dtype: tor
     return None
 
 
+def fp8_engine(reduction: int) -> str:
+    """The engine of an FP8 frozen GEMM reducing over `reduction` (K forward, N for dx): the engine setting where it
+    is not auto, else policy.predicted_engine's rule on the reduction alone: the Triton fused GEMM saves the composed
+    engine's extra write and read of the output, which weighs less than its predicted efficiency gap once the
+    reduction is long. Its dtype clause (fp32 to cuBLAS) does not apply: the frozen GEMM is e4m3 whatever x's dtype.
+    No tuned-table entries for FP8 yet: the rule is a prediction for FP8 as for bf16, unmeasured."""
+    setting = policy.engine_setting()
+    if setting != "auto":
+        return setting
+    return "cublas" if reduction >= policy.CUBLAS_MIN_REDUCTION else "triton"
+
+
 def _add_low_rank_(out: torch.Tensor, low: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """out += low @ up (+ bias), in place in one addmm: one read and one write of out. Bias rides as one more rank
     (a column of ones in low, bias as a row of up), costing an (M, r+1) and an (r+1, N) copy, small beside out."""
@@ -81,8 +93,11 @@ def lora_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torc
                      lora_b: torch.Tensor, scale: float, bias: torch.Tensor | None, dropout_p: float,
                      seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, S): y = deq(xq) @ deq(wq).T + bias + s * S @ B.T in x's dtype, S = dropout_p(x) @ A.T kept for backward."""
-    shrunk = lora_linear.lora_shrink(x, lora_a, dropout_p, seed)
-    x_q, x_scale = quantize_activation_rows(x)
+    shrunk, x_q, x_scale = lora_linear.lora_shrink_quantize(x, lora_a, dropout_p, seed)
+    if fp8_engine(x.shape[1]) == "triton":
+        # the FP8 GEMM's accumulator, scaled, then s * S @ B.T + bias, in one launch
+        return lora_linear.fused_matmul_fp8(x_q, x_scale, weight_q.T, weight_scale, shrunk, lora_b.T, scale, bias,
+                                            0.0, None, x.dtype), shrunk
     y = scaled_mm(x_q, x_scale, weight_q, weight_scale, x.dtype)
     # y += s * S @ B.T + bias (s folded into B's copy: an (r, N) product, rounded once in x's dtype)
     return _add_low_rank_(y, shrunk, lora_b.T * scale, bias), shrunk
@@ -96,19 +111,25 @@ def lora_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.T
     """(dx, dA, dB, dbias); dx is an empty (0, K) tensor unless `need_input_grad`, dbias an empty (0,) one unless
     `need_bias_grad`. dS = s * dy @ B, dB = s * dy.T @ S, dA = dS.T @ x~, dbias = dy.sum(0) from the unquantised dy;
     dx = deq(dyq) @ deq(wtq).T + mask(dS @ A) / (1-p)."""
+    if need_input_grad and fp8_engine(grad_y.shape[1]) == "triton":
+        grad_a, grad_b, grad_shrunk, grad_bias, grad_y_q, grad_y_scale = lora_linear.lora_grad_ab_quantize(
+            grad_y, x, shrunk, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic)
+        # dx = dy @ W (FP8) + mask(dS @ A) / (1-p): the mask of the (M, K) output, as the bf16 input gradient's
+        grad_x = lora_linear.fused_matmul_fp8(grad_y_q, grad_y_scale, weight_t_q.T, weight_t_scale, grad_shrunk,
+                                              lora_a, 1.0 / (1.0 - dropout_p), None, dropout_p, seed, x.dtype)
+        return grad_x, grad_a, grad_b, grad_bias
     if need_input_grad and dropout_p > 0.0:
-        grad_a, grad_b, grad_bias, start = lora_linear.lora_grad_ab_start(grad_y, x, shrunk, lora_a, lora_b, scale,
-                                                                          dropout_p, seed, need_bias_grad,
-                                                                          deterministic)
-        grad_y_q, grad_y_scale = quantize_grad_output_rows(grad_y)
+        grad_a, grad_b, grad_bias, start, grad_y_q, grad_y_scale = lora_linear.lora_grad_ab_start_quantize(
+            grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic)
         # dx = dy @ W (FP8) + mask(dS @ A) / (1-p)
         return start.add_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype)), grad_a, grad_b, \
             grad_bias
-    grad_a, grad_b, grad_shrunk, grad_bias = lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p,
-                                                                      seed, need_bias_grad, deterministic)
     if not need_input_grad:
+        grad_a, grad_b, _, grad_bias = lora_linear.lora_grad_ab(grad_y, x, shrunk, lora_b, scale, dropout_p, seed,
+                                                                need_bias_grad, deterministic)
         return x.new_empty((0, x.shape[1])), grad_a, grad_b, grad_bias
-    grad_y_q, grad_y_scale = quantize_grad_output_rows(grad_y)
+    grad_a, grad_b, grad_shrunk, grad_bias, grad_y_q, grad_y_scale = lora_linear.lora_grad_ab_quantize(
+        grad_y, x, shrunk, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic)
     # dx = dy @ W (FP8) + dS @ A
     grad_x = _add_low_rank_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype), grad_shrunk,
                             lora_a, None)

@@ -35,6 +35,7 @@ from ._validate import (
     check_seed,
     is_dtensor,
 )
+from .reference import FP8Weight
 
 # Seeds drawn for seed=None stay below 2**31 so the kernels see one integer type (no recompilation).
 _DRAWN_SEED_LIMIT = 2**31
@@ -366,7 +367,7 @@ def quantize_fp8_weight(weight):
     from .kernels import lora_linear as kernels  # imported on first use, as passes
 
     with torch.no_grad():
-        return reference.FP8Weight(*kernels.quantize_rows_fp8(weight), *kernels.quantize_rows_fp8(weight.T))
+        return FP8Weight(*kernels.quantize_rows_fp8(weight), *kernels.quantize_rows_fp8(weight.T))
 
 
 def merge_and_reinit_(weight, lora_a, lora_b, scale, *, seed):

@@ -7,7 +7,7 @@ A fresh layer has B = 0, so it computes exactly what its frozen weight does; `me
 and starts the factors over (a ReLoRA restart) without changing the function.
 
 With frozen_dtype="fp8" the layer keeps, beside its master W (the Parameter state_dict saves), two FP8 (e4m3) copies
-of W for the frozen GEMMs (reference.quantize_fp8_weight), as buffers that are never saved: derived data, rebuilt
+of W for the frozen GEMMs (functional.quantize_fp8_weight), as buffers that are never saved: derived data, rebuilt
 from W whenever W changes (LoRALinear.refresh_frozen_weight says how a change is seen).
 """
 
@@ -22,7 +22,7 @@ import torch.nn as nn
 from . import reference
 from ._validate import check_frozen_dtype, check_int, check_probability, is_dtensor
 from .distributed import full_tensor, merge_and_reinit_sharded_
-from .functional import draw_seed, lora_linear, lora_linear_fp8, merge_and_reinit_
+from .functional import draw_seed, lora_linear, lora_linear_fp8, merge_and_reinit_, quantize_fp8_weight
 
 # The FP8 copies' buffer names: W by rows (the forward's operand) and W.T by rows (the input gradient's), each with
 # its row scales; in the order of reference.FP8Weight's fields.
@@ -109,7 +109,7 @@ class LoRALinear(nn.Module):
         if is_dtensor(weight):
             raise TypeError("frozen_dtype='fp8' does not take FSDP2-sharded (DTensor) weights yet: shard a layer "
                             "with frozen_dtype=None, or quantise after gathering")
-        for name, new in zip(_FP8_BUFFERS, reference.quantize_fp8_weight(weight.detach()), strict=True):
+        for name, new in zip(_FP8_BUFFERS, quantize_fp8_weight(weight.detach()), strict=True):
             old = self._buffers[name]
             if old is not None and (old.shape, old.dtype, old.device) == (new.shape, new.dtype, new.device):
                 old.copy_(new)  # in place: a captured graph (CUDA graphs) keeps reading the same memory

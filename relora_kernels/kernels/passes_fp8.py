@@ -39,8 +39,8 @@ def scaled_mm(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.Tensor,
     GEMMs want), the scales fp32. Accumulates in fp32 and rounds once (use_fast_accum off: Hopper's fast
     accumulation keeps fewer bits). reference.fp8_matmul is its twin.
 
-    The package's one call of torch._scaled_mm, a private op whose signature has moved between releases: the
-    arguments go by keyword (so a reordered schema cannot swap them), and a release that returns (out, amax) gives
+    The package's one call of torch._scaled_mm, a private op whose signature has moved between torch versions: the
+    arguments go by keyword (so a reordered schema cannot swap them), and a version that returns (out, amax) gives
     out. scaled_mm_support says whether this torch runs it on a device at all.
     """
     out = torch._scaled_mm(lhs_q, rhs_q.T, scale_a=lhs_scale[:, None], scale_b=rhs_scale[None, :],

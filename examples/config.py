@@ -97,6 +97,9 @@ class Config:
     compile: bool = option(False, "torch.compile the training forward (the LoRA kernels compile into the same graph)")
     fsdp: bool = option(False, "shard every block and the root with FSDP2 (fully_shard) instead of DDP; under "
                                "torchrun")
+    fp8: bool = option(False, "lora / relora: the LoRA layers keep FP8 (e4m3) copies of their frozen weights and run "
+                              "both frozen GEMMs on them (LoRALinear frozen_dtype='fp8'); relora's full-rank warm "
+                              "start stays in its dtype; one process (not with torchrun or --fsdp)")
     seed: int = option(1337, "seeds the model's init, the batches and the LoRA re-initialisations")
     max_bad_steps: int = option(10, "stop after this many non-finite steps in a row")
 
@@ -128,7 +131,7 @@ SCALED_WITH_MAX_STEPS = ("warmup_steps", "restart_every", "restart_warmup_steps"
 RUN_DEFINING = ("mode", "preset", "n_layer", "n_head", "n_embd", "block_size", "intermediate_size", "vocab_size",
                 "tokenizer", "data", "lora_r",
                 "lora_alpha", "seed", "batch_size", "grad_accum", "warmup_full_steps", "restart_every", "prune_ratio",
-                "lora_schedule", "fsdp")  # fsdp: its checkpoints are sharded (DCP), the others one file
+                "lora_schedule", "fsdp", "fp8")  # fsdp: its checkpoints are sharded (DCP), the others one file
 NOT_INHERITED = ("resume", "device", "out_dir", "allow_data_change")  # a resumed run takes these from its own line
 
 
@@ -268,6 +271,8 @@ def check_config(cfg: Config) -> None:
             f"({cfg.warmup_full_steps}) must be < --max_steps ({cfg.max_steps}), or the LoRA phase never starts")
     require(cfg.lora_schedule in ("continuous", "restart"), f"--lora_schedule {cfg.lora_schedule!r} is not one of "
             "continuous, restart")
+    require(not cfg.fp8 or cfg.mode != "full", "--fp8 quantises the LoRA layers' frozen weights: --mode full has none")
+    require(not (cfg.fp8 and cfg.fsdp), "--fp8 does not take --fsdp yet (the FP8 copies do not follow FSDP2's shards)")
     if cfg.mode == "relora" and cfg.lora_schedule == "restart":
         # The LoRA phase's schedule counts from the switch, its dips from the restarts, which count in global steps.
         require(cfg.warmup_full_steps % cfg.restart_every == 0, f"--lora_schedule restart needs --warmup_full_steps "

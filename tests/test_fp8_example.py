@@ -1,0 +1,50 @@
+"""The example's --fp8: the LoRA layers run their frozen GEMMs on FP8 copies of W (LoRALinear frozen_dtype='fp8'),
+through the switch to LoRA and a restart; and the options it does not take yet are refused by name."""
+
+from __future__ import annotations
+
+import math
+
+import config
+import pretrain_gpt2
+import pytest
+import torch
+from test_pretrain_example import read_rows, tiny_args, write_corpus
+
+from relora_kernels import modules
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"mode": "full", "fp8": True}, "--mode full has none"),
+    ({"fsdp": True, "fp8": True}, "--fsdp"),
+])
+def test_fp8_is_refused_where_it_does_not_apply(given, message):
+    with pytest.raises(config.UsageError, match=message):
+        config.resolve_config(dict(given), None, CPU)
+
+
+@pytest.mark.slow
+def test_a_relora_run_with_fp8_trains_on_the_fp8_copies(tmp_path, monkeypatch):
+    fp8_calls = []
+    real = modules.lora_linear_fp8
+
+    def counted(x, frozen, *args, **kwargs):
+        fp8_calls.append(frozen.q.dtype)
+        return real(x, frozen, *args, **kwargs)
+
+    monkeypatch.setattr(modules, "lora_linear_fp8", counted)
+    out = tmp_path / "run"
+    # relora: 8 full-rank steps, the switch, a restart at step 16, 24 steps in all.
+    args = tiny_args(write_corpus(tmp_path / "corpus"), tmp_path / "cache", out, "--fp8", "--max_steps", "24",
+                     "--warmup_full_steps", "8", "--restart_every", "8", "--restart_warmup_steps", "2",
+                     "--warmup_steps", "4", "--eval_every", "24", "--ckpt_every", "24")
+    assert pretrain_gpt2.main(args) == 0
+    rows = read_rows(out)
+    losses = [row["train_loss"] for row in rows if row.get("train_loss") is not None]
+    assert len(losses) == 24 and all(math.isfinite(loss) for loss in losses)
+    vals = [row["val_loss"] for row in rows if row.get("val_loss") is not None]
+    assert vals[-1] < vals[0]  # it trained
+    # The LoRA phase (steps 9-24) ran every LoRA layer on e4m3 copies; the full-rank warm start ran none.
+    assert fp8_calls and set(fp8_calls) == {torch.float8_e4m3fn}

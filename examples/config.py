@@ -99,7 +99,7 @@ class Config:
                                "torchrun")
     fp8: bool = option(False, "lora / relora: the LoRA layers keep FP8 (e4m3) copies of their frozen weights and run "
                               "both frozen GEMMs on them (LoRALinear frozen_dtype='fp8'); relora's full-rank warm "
-                              "start stays in its dtype; one process (not with torchrun or --fsdp)")
+                              "start stays in its dtype; not with --fsdp yet")
     seed: int = option(1337, "seeds the model's init, the batches and the LoRA re-initialisations")
     max_bad_steps: int = option(10, "stop after this many non-finite steps in a row")
 

@@ -137,8 +137,6 @@ def load_config(given: dict, device, multi: bool, master: bool, log, run_scope: 
     cfg = resolve_config(given, ckpt_state["config"] if ckpt_state else None, device)
     require(not cfg.fsdp or multi, "--fsdp runs under torchrun: torchrun --standalone --nproc_per_node=N "
             "examples/pretrain_gpt2.py --fsdp ...")
-    # DDP would broadcast the FP8 buffers, which no test has run yet: one process until one does.
-    require(not (cfg.fp8 and multi), "--fp8 runs in one process for now (not under torchrun)")
     check_lora_rank(cfg, device)
     if given.get("resume") and not ckpts:
         log(f"--resume: no complete checkpoint in {out_dir}/ckpt, starting from scratch")

@@ -294,6 +294,8 @@ def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use
         for p in model.parameters():
             if id(p) not in factors:
                 p.requires_grad_(False)
+    if frozen_dtype == "fp8":
+        ddp_skip_fp8_copies(model)
     return model
 
 
@@ -313,4 +315,25 @@ def merge_lora(model: nn.Module) -> nn.Module:
                         f"state dict into an unsharded model and merge_lora that")
     for name in names:
         _replace(model, name, model.get_submodule(name).to_base())
+    return model
+
+
+# DistributedDataParallel reads this attribute of the module it wraps: the parameters and buffers (qualified names)
+# it neither broadcasts at construction nor, with broadcast_buffers, before each forward.
+_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
+
+
+def ddp_skip_fp8_copies(model: nn.Module) -> nn.Module:
+    """Keep DistributedDataParallel from broadcasting the FP8 copies of `model`'s LoRALinear layers; returns `model`.
+
+    The copies are derived data: each rank quantises them from its W, which DDP does broadcast from rank 0 when it
+    wraps the model (an in-place write that bumps W's version, so each layer re-quantises at its next forward).
+    Broadcasting them too would move 2 bytes per frozen parameter for nothing, and gloo has no float8 type at all
+    ("Invalid scalar type"). apply_lora(frozen_dtype="fp8") calls this on the model it returns; call it on the
+    module you wrap when that is another one (a parent of that model, or one built from LoRALinear layers).
+    """
+    names = [f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+             if isinstance(module, LoRALinear) and module.frozen_dtype == "fp8" for name in _FP8_BUFFERS]
+    ignored = list(getattr(model, _DDP_IGNORE, ()))
+    setattr(model, _DDP_IGNORE, ignored + [name for name in names if name not in ignored])
     return model

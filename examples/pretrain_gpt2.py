@@ -395,7 +395,7 @@ def switch_to_lora(model: GPT | Llama, cfg: Config, device, optimizer=None):
     if optimizer is not None:
         state_by_name = {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
     rk.apply_lora(model, model.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                  frozen_dtype="fp8" if cfg.fp8 else None)
+                  frozen_dtype="fp8" if cfg.fp8 else None, master_device="cpu" if cfg.fp8_master_cpu else None)
     return build_optimizer(model, cfg, device, old=state_by_name)
 
 

@@ -146,7 +146,7 @@ class LoRALinear(nn.Module):
         """Put W's data on the master device (pinned while the copies are on an accelerator), in `dtype` if given;
         the Parameter object is kept (optimizers and user references hold it). Nothing moves if it is there."""
         weight = self.weight
-        if self.master_device is None or weight is None or is_dtensor(weight):
+        if self.master_device is None or is_dtensor(weight):
             return  # a DTensor master is refused by refresh_frozen_weight, by name
         dtype = weight.dtype if dtype is None else dtype
         pinned = self._compute_device().type not in ("cpu", "meta") and _can_pin()
@@ -168,7 +168,8 @@ class LoRALinear(nn.Module):
         """Re-quantise the FP8 copies from W now (frozen_dtype="fp8"; nothing otherwise). The layer does it itself
         whenever W changes through the module or the Parameter (see the table above _set_frozen_dtype); call it
         after writing W's memory by other means (weight.data.add_(...)), and before a torch.compile'd forward after
-        any in-place write to W: compiled graphs do not check the copies' freshness (only eager forwards do)."""
+        any in-place write to W: compiled graphs do not check the copies' freshness (only eager forwards do).
+        With master_device="cpu" it quantises a copy of W made on the compute device (W's trip over the bus)."""
         if self.frozen_dtype != "fp8":
             return
         if is_dtensor(self.weight):

@@ -100,6 +100,9 @@ class Config:
     fp8: bool = option(False, "lora / relora: the LoRA layers keep FP8 (e4m3) copies of their frozen weights and run "
                               "both frozen GEMMs on them (LoRALinear frozen_dtype='fp8'); relora's full-rank warm "
                               "start stays in its dtype; not with --fsdp yet")
+    fp8_master_cpu: bool = option(False, "with --fp8: keep the LoRA layers' master weights in (pinned) CPU memory "
+                                         "(LoRALinear master_device='cpu'), leaving the GPU only the FP8 copies; they "
+                                         "cross to the GPU and back at each restart")
     seed: int = option(1337, "seeds the model's init, the batches and the LoRA re-initialisations")
     max_bad_steps: int = option(10, "stop after this many non-finite steps in a row")
 
@@ -273,6 +276,8 @@ def check_config(cfg: Config) -> None:
             "continuous, restart")
     require(not cfg.fp8 or cfg.mode != "full", "--fp8 quantises the LoRA layers' frozen weights: --mode full has none")
     require(not (cfg.fp8 and cfg.fsdp), "--fp8 does not take --fsdp yet (the FP8 copies do not follow FSDP2's shards)")
+    require(not cfg.fp8_master_cpu or cfg.fp8, "--fp8_master_cpu keeps the master weights of --fp8's layers on the "
+            "CPU: it needs --fp8")
     if cfg.mode == "relora" and cfg.lora_schedule == "restart":
         # The LoRA phase's schedule counts from the switch, its dips from the restarts, which count in global steps.
         require(cfg.warmup_full_steps % cfg.restart_every == 0, f"--lora_schedule restart needs --warmup_full_steps "

@@ -137,6 +137,8 @@ def load_config(given: dict, device, multi: bool, master: bool, log, run_scope: 
     cfg = resolve_config(given, ckpt_state["config"] if ckpt_state else None, device)
     require(not cfg.fsdp or multi, "--fsdp runs under torchrun: torchrun --standalone --nproc_per_node=N "
             "examples/pretrain_gpt2.py --fsdp ...")
+    # DDP wraps a module whose parameters are on one device, and a CPU master is on another than the GPU's.
+    require(not (cfg.fp8_master_cpu and multi), "--fp8_master_cpu runs in one process for now (not under torchrun)")
     check_lora_rank(cfg, device)
     if given.get("resume") and not ckpts:
         log(f"--resume: no complete checkpoint in {out_dir}/ckpt, starting from scratch")
@@ -393,7 +395,7 @@ def switch_to_lora(model: GPT | Llama, cfg: Config, device, optimizer=None):
     if optimizer is not None:
         state_by_name = {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
     rk.apply_lora(model, model.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                  frozen_dtype="fp8" if cfg.fp8 else None)
+                  frozen_dtype="fp8" if cfg.fp8 else None, master_device="cpu" if cfg.fp8_master_cpu else None)
     return build_optimizer(model, cfg, device, old=state_by_name)
 
 

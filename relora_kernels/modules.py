@@ -8,7 +8,9 @@ and starts the factors over (a ReLoRA restart) without changing the function.
 
 With frozen_dtype="fp8" the layer keeps, beside its master W (the Parameter state_dict saves), two FP8 (e4m3) copies
 of W for the frozen GEMMs (functional.quantize_fp8_weight), as buffers that are never saved: derived data, rebuilt
-from W whenever W changes (LoRALinear.refresh_frozen_weight says how a change is seen).
+from W whenever W changes (LoRALinear.refresh_frozen_weight says how a change is seen). Since the frozen GEMMs
+read only the copies, the master can live in (pinned) CPU memory instead (master_device="cpu"): the GPU then holds
+2 bytes per frozen parameter, as a bf16 layer does, and W crosses the bus only at a restart, a load or an export.
 """
 
 from __future__ import annotations
@@ -27,6 +29,23 @@ from .functional import draw_seed, lora_linear, lora_linear_fp8, merge_and_reini
 # The FP8 copies' buffer names: W by rows (the forward's operand) and W.T by rows (the input gradient's), each with
 # its row scales; in the order of reference.FP8Weight's fields.
 _FP8_BUFFERS = ("weight_fp8", "weight_fp8_scale", "weight_t_fp8", "weight_t_fp8_scale")
+
+
+def _check_master_device(master_device, frozen_dtype) -> torch.device | None:
+    if master_device is None:
+        return None
+    if not isinstance(master_device, (str, torch.device)) or torch.device(master_device) != torch.device("cpu"):
+        raise ValueError(f"master_device must be None (the master W moves with the layer) or 'cpu', "
+                         f"got {master_device!r}")
+    if frozen_dtype != "fp8":
+        raise ValueError(f"master_device='cpu' needs frozen_dtype='fp8' (got frozen_dtype={frozen_dtype!r}): only "
+                         "the FP8 copies let the frozen GEMMs run without W on the compute device")
+    return torch.device("cpu")
+
+
+def _can_pin() -> bool:
+    # pin_memory raises on a machine without an accelerator (there is nothing to pin for).
+    return torch.accelerator.is_available()
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -48,6 +67,18 @@ class LoRALinear(nn.Module):
         frozen_dtype: None (the frozen GEMMs in W's dtype) or "fp8": both frozen GEMMs (x @ W.T and dy @ W) on FP8
             (e4m3) copies of W, rowwise-scaled, x and dy quantised per token (functional.lora_linear_fp8). Costs 2
             bytes per frozen parameter beside the master W (1 per copy, plus a scale per row).
+        master_device: None (the master W moves with the layer) or "cpu" (frozen_dtype="fp8" only, else ValueError):
+            W stays in CPU memory through .to() / .cuda() and every other _apply (which still convert its dtype),
+            while the factors, the bias and the FP8 copies move. Pinned once the copies are on an accelerator, so
+            the copies to and fro are DMA (the one up asynchronous); not pinned on a machine without an accelerator
+            (pin_memory raises there) nor before the layer first goes to one. A W assigned from another device
+            (layer.weight = ..., load_state_dict(assign=True), from_linear of a GPU module) is moved there, its
+            Parameter kept. Built on the meta device, the layer still allocates its master in CPU memory,
+            uninitialised (as to_empty would). The GPU then holds 2 bytes per frozen parameter instead of 2 + W's
+            size; the price is W's trip to the GPU at each refresh of the copies and there and back at each restart
+            (merge_and_reinit). `to_linear`, `to_base` and `merge_lora` build the merged layer on the compute device
+            (the factors' device), as the same layer without the option does: move the model to the CPU first to
+            merge without the GPU memory.
 
     Parameters: `weight` (out, in), frozen; `bias` (out,) trainable, or None; `lora_A` (r, in), kaiming-uniform
     with a = sqrt(5) as nn.Linear and PEFT initialise it; `lora_B` (out, r), zero. With frozen_dtype="fp8", the
@@ -56,10 +87,11 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, in_features, out_features, r, alpha=None, dropout=0.0, bias=True, use_rslora=False,
-                 device=None, dtype=None, frozen_dtype=None):
+                 device=None, dtype=None, frozen_dtype=None, master_device=None):
         super().__init__()
         frozen_dtype = check_frozen_dtype(frozen_dtype)
-        self.frozen_dtype = None  # set by _set_frozen_dtype once the weight exists
+        _check_master_device(master_device, frozen_dtype)
+        self.frozen_dtype = self.master_device = None  # set by _set_frozen_dtype once the weight exists
         for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
             check_int(name, value, 1)
         factory = {"device": device, "dtype": dtype}
@@ -75,7 +107,9 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self._set_frozen_dtype(frozen_dtype)
+        # W is drawn on `device` as nn.Linear draws it (the same seed, the same W with or without master_device),
+        # then moved.
+        self._set_frozen_dtype(frozen_dtype, master_device)
 
     # ------------------------------------------------------------------------------------------------------------
     # The FP8 copies of W. A stale copy would silently compute with an old W, so every way W changes re-quantises:
@@ -87,36 +121,84 @@ class LoRALinear(nn.Module):
     #   layer.weight.data = new                                              the data's address, next eager forward
     # What no stamp can see: writes through a tensor that shares W's memory but not its version counter
     # (weight.data.add_(...), a kernel of one's own). Call refresh_frozen_weight() after those.
+    # With master_device="cpu" the same paths refresh through the same calls: each one quantises a copy of W made on
+    # the compute device (_quantize_from), and the restart writes its merged W back to the master before the stamp
+    # is taken (so the stamp records the master's version after the write). A W found off the master device by any
+    # of them (a Parameter put in _parameters directly, weight.data = a GPU tensor) is moved back first
+    # (_place_master).
     # ------------------------------------------------------------------------------------------------------------
 
-    def _set_frozen_dtype(self, frozen_dtype) -> None:
+    def _set_frozen_dtype(self, frozen_dtype, master_device=None) -> None:
         self.frozen_dtype = check_frozen_dtype(frozen_dtype)
+        self.master_device = _check_master_device(master_device, self.frozen_dtype)
         self._fp8_stamp = None  # (W the Parameter, an alias of its data, its version) when the copies were made
         if frozen_dtype == "fp8":
             for name in _FP8_BUFFERS:
                 self.register_buffer(name, None, persistent=False)  # derived from W: never saved
             self.refresh_frozen_weight()
 
+    def _compute_device(self) -> torch.device:
+        """Where the layer computes: its factors' device (W's too, unless master_device keeps W elsewhere)."""
+        return self.lora_A.device
+
+    @torch.no_grad()
+    def _place_master(self, dtype: torch.dtype | None = None) -> None:
+        """Put W's data on the master device (pinned while the copies are on an accelerator), in `dtype` if given;
+        the Parameter object is kept (optimizers and user references hold it). Nothing moves if it is there."""
+        weight = self.weight
+        if self.master_device is None or is_dtensor(weight):
+            return  # a DTensor master is refused by refresh_frozen_weight, by name
+        dtype = weight.dtype if dtype is None else dtype
+        pinned = self._compute_device().type not in ("cpu", "meta") and _can_pin()
+        if (weight.device == self.master_device and weight.dtype == dtype
+                and (not pinned or weight.is_pinned())):
+            return
+        if weight.is_meta:  # built on the meta device (W has no values yet): uninitialised, as to_empty makes it
+            data = torch.empty_like(weight, dtype=dtype, device=self.master_device)
+        else:
+            data = weight.detach().to(self.master_device, dtype)
+        data = data.pin_memory() if pinned else data
+        if torch._has_compatible_shallow_copy_type(weight, data):
+            weight.data = data
+        else:  # meta -> CPU: no .data swap between them (as in Module._apply), so a new Parameter
+            self._parameters["weight"] = nn.Parameter(data, requires_grad=weight.requires_grad)
+
     @torch.no_grad()
     def refresh_frozen_weight(self) -> None:
         """Re-quantise the FP8 copies from W now (frozen_dtype="fp8"; nothing otherwise). The layer does it itself
         whenever W changes through the module or the Parameter (see the table above _set_frozen_dtype); call it
         after writing W's memory by other means (weight.data.add_(...)), and before a torch.compile'd forward after
-        any in-place write to W: compiled graphs do not check the copies' freshness (only eager forwards do)."""
+        any in-place write to W: compiled graphs do not check the copies' freshness (only eager forwards do).
+        With master_device="cpu" it quantises a copy of W made on the compute device (W's trip over the bus)."""
         if self.frozen_dtype != "fp8":
             return
-        weight = self.weight
-        if is_dtensor(weight):
+        if is_dtensor(self.weight):
             raise TypeError("frozen_dtype='fp8' does not take FSDP2-sharded (DTensor) weights yet: shard a layer "
                             "with frozen_dtype=None, or quantise after gathering")
-        for name, new in zip(_FP8_BUFFERS, quantize_fp8_weight(weight.detach()), strict=True):
+        if self.master_device is None:
+            self._quantize_from(self.weight.detach())
+            return
+        self._place_master()
+        self._quantize_from(self._master_on_compute_device())
+
+    def _master_on_compute_device(self) -> torch.Tensor:
+        # Always a copy, even when the layer computes on the CPU too: the CPU runs the path an accelerator takes, and
+        # the restart may write into it without touching the master. From pinned memory the copy is asynchronous;
+        # the work that reads it is queued after it on the same stream.
+        return self.weight.detach().to(self._compute_device(), copy=True, non_blocking=True)
+
+    def _quantize_from(self, weight: torch.Tensor) -> None:
+        """Make the FP8 copies from `weight` (W itself, or its copy on the compute device) and stamp the master W
+        as it is now."""
+        for name, new in zip(_FP8_BUFFERS, quantize_fp8_weight(weight), strict=True):
             old = self._buffers[name]
             if old is not None and (old.shape, old.dtype, old.device) == (new.shape, new.dtype, new.device):
                 old.copy_(new)  # in place: a captured graph (CUDA graphs) keeps reading the same memory
             else:
                 self._buffers[name] = new
         # The alias keeps the quantised data's memory alive, so a later tensor cannot take its address and pass for it.
-        self._fp8_stamp = (weight, weight.detach(), weight._version)
+        master = self.weight
+        self._fp8_stamp = (master, master.detach(), master._version)
 
     def _fp8_copies_stale(self) -> bool:
         if self._fp8_stamp is None:
@@ -140,10 +222,23 @@ class LoRALinear(nn.Module):
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if name == "weight" and self.__dict__.get("frozen_dtype") == "fp8":
-            self.refresh_frozen_weight()
+            self.refresh_frozen_weight()  # moves a master from elsewhere to master_device first
 
     def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
+        if self.__dict__.get("master_device") is None:
+            result = super()._apply(fn, recurse)
+        else:
+            # W sits the conversion out (None is what Module._apply skips; the key keeps its place in the state dict
+            # order), then takes the dtype fn gives a tensor of its dtype, on the master device.
+            master = self._parameters["weight"]
+            self._parameters["weight"] = None
+            try:
+                result = super()._apply(fn, recurse)
+            finally:
+                self._parameters["weight"] = master
+            with torch.no_grad():
+                dtype = fn(torch.empty(0, dtype=master.dtype)).dtype
+            self._place_master(dtype)
         self.refresh_frozen_weight()  # W may have moved or changed dtype (and fn converted the copies too)
         return result
 
@@ -161,11 +256,13 @@ class LoRALinear(nn.Module):
         self.scale = alpha / math.sqrt(self.r) if use_rslora else alpha / self.r
 
     @classmethod
-    def from_linear(cls, module, r, alpha=None, dropout=0.0, use_rslora=False, frozen_dtype=None) -> LoRALinear:
-        """Wrap an nn.Linear (its weight storage is shared, not copied) or a GPT-2 Conv1D (its (in, out) weight is
-        transposed into a new tensor). The result computes the same function until the factors are trained (with
-        frozen_dtype="fp8", up to the FP8 rounding of the frozen GEMMs)."""
+    def from_linear(cls, module, r, alpha=None, dropout=0.0, use_rslora=False, frozen_dtype=None,
+                    master_device=None) -> LoRALinear:
+        """Wrap an nn.Linear (its weight storage is shared, not copied, unless master_device moves it) or a GPT-2
+        Conv1D (its (in, out) weight is transposed into a new tensor). The result computes the same function until
+        the factors are trained (with frozen_dtype="fp8", up to the FP8 rounding of the frozen GEMMs)."""
         frozen_dtype = check_frozen_dtype(frozen_dtype)
+        _check_master_device(master_device, frozen_dtype)
         if isinstance(module, nn.Linear):
             weight = module.weight.detach()
         elif _is_conv1d(module):
@@ -180,7 +277,7 @@ class LoRALinear(nn.Module):
         layer._conv1d_type = type(module) if _is_conv1d(module) else None
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
-        layer._set_frozen_dtype(frozen_dtype)  # once the module's weight is in place: quantised once
+        layer._set_frozen_dtype(frozen_dtype, master_device)  # once the module's weight is in place: quantised once
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,9 +303,21 @@ class LoRALinear(nn.Module):
                 raise ValueError("seed must be given for an FSDP2-sharded layer: every rank must draw the same A")
             merge_and_reinit_sharded_(self.weight, self.lora_A, self.lora_B, self.scale, seed=seed)
             return
-        merge_and_reinit_(self.weight, self.lora_A, self.lora_B, self.scale,
-                          seed=draw_seed() if seed is None else seed)
-        self.refresh_frozen_weight()  # W changed (the merge kernel writes it without bumping its version)
+        seed = draw_seed() if seed is None else seed
+        if self.master_device is None:
+            merge_and_reinit_(self.weight, self.lora_A, self.lora_B, self.scale, seed=seed)
+            self.refresh_frozen_weight()  # W changed (the merge kernel writes it without bumping its version)
+            return
+        # The master off the compute device: merge into a copy of W there with the same kernel, write the merged W
+        # back, and quantise the copies from the device's copy (the bits the master now holds).
+        self._place_master()
+        weight = self._master_on_compute_device()
+        merge_and_reinit_(weight, self.lora_A, self.lora_B, self.scale, seed=seed)
+        # A blocking copy: it returns once the bytes are in the master. A non_blocking copy into pinned memory would
+        # return at once, and a host reader of W (state_dict, torch.save, to_linear on the CPU) follows no stream, so
+        # it could read a half-written master.
+        self.weight.copy_(weight, non_blocking=False)
+        self._quantize_from(weight)  # the stamp after the write: it records the master's version as written
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -218,6 +327,7 @@ class LoRALinear(nn.Module):
         gets the full merged layer as plain tensors.
         """
         weight, lora_a, lora_b, bias = map(full_tensor, (self.weight, self.lora_A, self.lora_B, self.bias))
+        weight = weight.to(lora_a.device)  # a master kept on the CPU: merged on the compute device (see the class)
         with torch.device("meta"):  # no random init (nor RNG draw) for a weight that is replaced at once
             linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
         linear.weight = nn.Parameter(reference.merged_weight(weight, lora_a, lora_b, self.scale))
@@ -242,7 +352,8 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scale={self.scale:g}{', rslora' if self.use_rslora else ''}, "
                 f"dropout={self.dropout:g}, bias={self.bias is not None}"
-                f"{', frozen_dtype=fp8' if self.frozen_dtype == 'fp8' else ''}")
+                f"{', frozen_dtype=fp8' if self.frozen_dtype == 'fp8' else ''}"
+                f"{f', master_device={self.master_device.type}' if self.master_device is not None else ''}")
 
 
 def _matches(name: str, target_modules) -> bool:
@@ -257,7 +368,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use_rslora=False, *,
-               train_others: bool = True, frozen_dtype=None) -> nn.Module:
+               train_others: bool = True, frozen_dtype=None, master_device=None) -> nn.Module:
     """Replace the matching nn.Linear / Conv1D modules of `model` by LoRALinear layers, in place; returns `model`.
 
     target_modules: a str is a regular expression matched in full against each module's qualified name
@@ -272,12 +383,14 @@ def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use
         its defaults (bias="none", no modules_to_save), the usual choice for fine-tuning a pre-trained model.
         Unfreeze what else should train (e.g. a new head) by setting its requires_grad afterwards.
     frozen_dtype: None or "fp8", as LoRALinear's (FP8 copies of each replaced layer's frozen weight).
+    master_device: None or "cpu" (with frozen_dtype="fp8"), as LoRALinear's (each master W kept in CPU memory).
     """
     if not isinstance(target_modules, (str, list, tuple)) or not target_modules:
         raise TypeError(f"target_modules must be a regex str or a non-empty list of names, got {target_modules!r}")
     if not isinstance(train_others, bool):
         raise TypeError(f"train_others must be True or False, got {train_others!r}")
     frozen_dtype = check_frozen_dtype(frozen_dtype)
+    _check_master_device(master_device, frozen_dtype)
     matched = [name for name, module in model.named_modules()
                if name and _is_linear_like(module) and _matches(name, target_modules)]
     if not matched:
@@ -286,7 +399,8 @@ def apply_lora(model: nn.Module, target_modules, r, alpha=None, dropout=0.0, use
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear/Conv1D module; "
                          f"the model's linear modules are: {shown or 'none'}")
     for name in matched:
-        layer = LoRALinear.from_linear(model.get_submodule(name), r, alpha, dropout, use_rslora, frozen_dtype)
+        layer = LoRALinear.from_linear(model.get_submodule(name), r, alpha, dropout, use_rslora, frozen_dtype,
+                                       master_device)
         _replace(model, name, layer)
     if not train_others:
         factors = {id(p) for module in model.modules() if isinstance(module, LoRALinear)

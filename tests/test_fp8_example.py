@@ -1,5 +1,6 @@
 """The example's --fp8: the LoRA layers run their frozen GEMMs on FP8 copies of W (LoRALinear frozen_dtype='fp8'),
-through the switch to LoRA and a restart; and the options it does not take yet are refused by name."""
+through the switch to LoRA and a restart, with --fp8_master_cpu keeping the master weights on the CPU; and the options
+it does not take yet are refused by name."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("given, message", [
     ({"mode": "full", "fp8": True}, "--mode full has none"),
     ({"fsdp": True, "fp8": True}, "--fsdp"),
+    ({"fp8_master_cpu": True}, "--fp8_master_cpu .* needs --fp8"),
 ])
 def test_fp8_is_refused_where_it_does_not_apply(given, message):
     with pytest.raises(config.UsageError, match=message):
@@ -26,20 +28,25 @@ def test_fp8_is_refused_where_it_does_not_apply(given, message):
 
 
 @pytest.mark.slow
-def test_a_relora_run_with_fp8_trains_on_the_fp8_copies(tmp_path, monkeypatch):
-    fp8_calls = []
-    real = modules.lora_linear_fp8
+def test_a_relora_run_with_fp8_and_the_cpu_master_trains_on_the_fp8_copies(tmp_path, monkeypatch):
+    fp8_calls, merged_into = [], []
+    real, real_merge = modules.lora_linear_fp8, modules.merge_and_reinit_
 
     def counted(x, frozen, *args, **kwargs):
         fp8_calls.append(frozen.q.dtype)
         return real(x, frozen, *args, **kwargs)
 
+    def merge(weight, *args, **kwargs):
+        merged_into.append(type(weight))
+        return real_merge(weight, *args, **kwargs)
+
     monkeypatch.setattr(modules, "lora_linear_fp8", counted)
+    monkeypatch.setattr(modules, "merge_and_reinit_", merge)
     out = tmp_path / "run"
     # relora: 8 full-rank steps, the switch, a restart at step 16, 24 steps in all.
-    args = tiny_args(write_corpus(tmp_path / "corpus"), tmp_path / "cache", out, "--fp8", "--max_steps", "24",
-                     "--warmup_full_steps", "8", "--restart_every", "8", "--restart_warmup_steps", "2",
-                     "--warmup_steps", "4", "--eval_every", "24", "--ckpt_every", "24")
+    args = tiny_args(write_corpus(tmp_path / "corpus"), tmp_path / "cache", out, "--fp8", "--fp8_master_cpu",
+                     "--max_steps", "24", "--warmup_full_steps", "8", "--restart_every", "8",
+                     "--restart_warmup_steps", "2", "--warmup_steps", "4", "--eval_every", "24", "--ckpt_every", "24")
     assert pretrain_gpt2.main(args) == 0
     rows = read_rows(out)
     losses = [row["train_loss"] for row in rows if row.get("train_loss") is not None]
@@ -48,3 +55,5 @@ def test_a_relora_run_with_fp8_trains_on_the_fp8_copies(tmp_path, monkeypatch):
     assert vals[-1] < vals[0]  # it trained
     # The LoRA phase (steps 9-24) ran every LoRA layer on e4m3 copies; the full-rank warm start ran none.
     assert fp8_calls and set(fp8_calls) == {torch.float8_e4m3fn}
+    # The restart at step 16 merged every layer into a copy of its master (a plain tensor, not the Parameter).
+    assert merged_into and set(merged_into) == {torch.Tensor}

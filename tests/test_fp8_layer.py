@@ -1,6 +1,8 @@
 """LoRALinear(frozen_dtype="fp8"): the master W stays the saved Parameter, the FP8 copies are derived buffers that
 are never saved and never stale (every path that changes W is tested, each failing if its refresh were removed),
-torch.compile captures the layer whole, and nothing exported holds FP8 data."""
+torch.compile captures the layer whole, and nothing exported holds FP8 data. Every path that changes W is run with
+the master W beside the copies and kept in CPU memory (master_device="cpu"), where each path refreshes through a copy
+of W made on the compute device (tests/test_fp8_master.py has the rest of that option)."""
 
 from __future__ import annotations
 
@@ -57,26 +59,35 @@ def changed_weight(layer):
 X = torch.randn(5, 40, generator=torch.Generator().manual_seed(3))
 
 
-def test_buffers_are_the_copies_of_w_and_never_saved():
-    layer = fp8_layer()
+@pytest.fixture(params=[None, "cpu"], ids=["master-beside", "master-cpu"])
+def master(request):
+    """master_device of the layers a write-path test makes: each path must refresh the copies in both."""
+    return request.param
+
+
+def test_buffers_are_the_copies_of_w_and_never_saved(master):
+    layer = fp8_layer(master_device=master)
     assert_copies_are_of(layer, layer.weight)
     assert list(layer.state_dict()) == ["weight", "bias", "lora_A", "lora_B"]
     assert layer.weight.dtype == torch.float32 and not layer.weight.requires_grad
     # A checkpoint moves between the two kinds of layer in both directions (strict keys).
     plain = rk.LoRALinear(40, 24, r=4, alpha=8)
     plain.load_state_dict(layer.state_dict())
-    layer2 = fp8_layer(seed=1)
+    layer2 = fp8_layer(seed=1, master_device=master)
     layer2.load_state_dict(plain.state_dict())
     assert_copies_are_of(layer2, plain.weight)
 
 
-def test_restart_refreshes_although_the_kernel_bumps_no_version():
+def test_restart_refreshes_although_the_kernel_bumps_no_version(master):
     rk.configure(backend="triton")  # the merge kernel (interpreted) writes W in place
-    layer = fp8_layer()
+    layer = fp8_layer(master_device=master)
     old_q, version = layer.weight_fp8.clone(), layer.weight._version
     want_w = reference.merged_weight(layer.weight, layer.lora_A, layer.lora_B, layer.scale).detach()
     layer.merge_and_reinit(seed=7)
-    assert layer.weight._version == version, "the kernel bumped the version: this test no longer tests the refresh"
+    if master is None:
+        assert layer.weight._version == version, "the kernel bumped the version: this test no longer tests the refresh"
+    else:  # the kernel wrote W's copy on the compute device; the master took it by copy_
+        assert layer.weight.device == torch.device("cpu") and layer.weight._version > version
     torch.testing.assert_close(layer.weight, want_w)  # merged (fp32, one rounding; the kernel's sum order)
     assert not torch.equal(bits(old_q), bits(layer.weight_fp8))
     assert_copies_are_of(layer, layer.weight)  # at once, before any forward
@@ -85,8 +96,8 @@ def test_restart_refreshes_although_the_kernel_bumps_no_version():
 
 
 @pytest.mark.parametrize("assign", [False, True], ids=["copy", "assign"])
-def test_load_state_dict_refreshes_at_once(assign):
-    layer = fp8_layer()
+def test_load_state_dict_refreshes_at_once(assign, master):
+    layer = fp8_layer(master_device=master)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     state["weight"] = changed_weight(layer)
     layer.load_state_dict(state, assign=assign)
@@ -94,8 +105,8 @@ def test_load_state_dict_refreshes_at_once(assign):
     assert_forward_uses_fresh_copies(layer, X)
 
 
-def test_dtype_move_refreshes_at_once():
-    layer = fp8_layer()
+def test_dtype_move_refreshes_at_once(master):
+    layer = fp8_layer(master_device=master)
     layer.to(torch.float64)  # _apply would also have cast the FP8 copies to float64
     assert layer.weight.dtype == torch.float64
     assert_copies_are_of(layer, layer.weight)
@@ -105,8 +116,8 @@ def test_dtype_move_refreshes_at_once():
 
 
 @pytest.mark.parametrize("write", ["copy_", "add_"])
-def test_in_place_write_to_the_parameter_is_seen_by_the_next_forward(write):
-    layer = fp8_layer()
+def test_in_place_write_to_the_parameter_is_seen_by_the_next_forward(write, master):
+    layer = fp8_layer(master_device=master)
     new = changed_weight(layer)
     with torch.no_grad():
         if write == "copy_":
@@ -116,16 +127,16 @@ def test_in_place_write_to_the_parameter_is_seen_by_the_next_forward(write):
     assert_forward_uses_fresh_copies(layer, X)
 
 
-def test_optimizer_step_on_an_unfrozen_weight_is_seen():
-    layer = fp8_layer()
+def test_optimizer_step_on_an_unfrozen_weight_is_seen(master):
+    layer = fp8_layer(master_device=master)
     layer.weight.requires_grad_(True)
     layer.weight.grad = torch.ones_like(layer.weight)
     torch.optim.SGD([layer.weight], lr=0.5).step()
     assert_forward_uses_fresh_copies(layer, X)
 
 
-def test_data_assignment_is_seen_by_the_next_forward():
-    layer = fp8_layer()
+def test_data_assignment_is_seen_by_the_next_forward(master):
+    layer = fp8_layer(master_device=master)
     layer.weight.data = changed_weight(layer)
     assert_forward_uses_fresh_copies(layer, X)
     # Twice in a row, the second onto the first's size: the first W's memory is kept by the stamp, so the
@@ -137,8 +148,8 @@ def test_data_assignment_is_seen_by_the_next_forward():
     assert_forward_uses_fresh_copies(layer, X)
 
 
-def test_new_parameter_is_seen_at_once_and_by_the_forward():
-    layer = fp8_layer()
+def test_new_parameter_is_seen_at_once_and_by_the_forward(master):
+    layer = fp8_layer(master_device=master)
     layer.weight = nn.Parameter(changed_weight(layer), requires_grad=False)
     assert_copies_are_of(layer, layer.weight)
     # Bypassing __setattr__ (as torch's own conversions may): the forward's identity check sees it.
@@ -146,10 +157,10 @@ def test_new_parameter_is_seen_at_once_and_by_the_forward():
     assert_forward_uses_fresh_copies(layer, X)
 
 
-def test_writes_through_data_need_an_explicit_refresh():
+def test_writes_through_data_need_an_explicit_refresh(master):
     # .data shares W's memory but not its version counter: the one write no stamp sees (documented), and what
     # refresh_frozen_weight is for.
-    layer = fp8_layer()
+    layer = fp8_layer(master_device=master)
     old = layer.weight_fp8.clone()
     layer.weight.data.mul_(1.5)
     layer(X)
@@ -180,17 +191,17 @@ def test_bad_frozen_dtype_is_refused_by_name(make):
         make()
 
 
-def test_exports_hold_the_master_weight_not_fp8(tmp_path):
-    layer = fp8_layer()
+def test_exports_hold_the_master_weight_not_fp8(tmp_path, master):
+    layer = fp8_layer(master_device=master)
     merged = layer.to_linear()
     assert merged.weight.dtype == torch.float32
     assert torch.equal(merged.weight, reference.merged_weight(layer.weight, layer.lora_A, layer.lora_B, layer.scale))
-    model = nn.Sequential(fp8_layer())
+    model = nn.Sequential(fp8_layer(master_device=master))
     want = model[0].to_linear().weight
     rk.merge_lora(model)
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, want)
     assert all(t.dtype != reference.FP8_DTYPE for t in model.state_dict().values())
-    adapted = nn.Sequential(fp8_layer())
+    adapted = nn.Sequential(fp8_layer(master_device=master))
     rk.save_peft_adapter(adapted, tmp_path)
     from safetensors.torch import load_file
 
@@ -198,9 +209,9 @@ def test_exports_hold_the_master_weight_not_fp8(tmp_path):
     assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
 
 
-def test_restart_keeps_the_function_up_to_the_fp8_rounding():
+def test_restart_keeps_the_function_up_to_the_fp8_rounding(master):
     # The same layer with and without FP8 copies restarts to the same master W and factors.
-    layer = fp8_layer()
+    layer = fp8_layer(master_device=master)
     plain = rk.LoRALinear(40, 24, r=4, alpha=8)
     plain.load_state_dict(layer.state_dict())
     layer.merge_and_reinit(seed=3)

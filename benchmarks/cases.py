@@ -19,6 +19,13 @@ lora_linear:  y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T; W and bias froz
                  policy.predicted_engine's (the automatic choice users get).
   fused_compile  torch.compile(fullgraph=True, dynamic=True) of a function calling rk.lora_linear (engine auto, chosen
                  when the graph is traced).
+  fused_fp8_triton, fused_fp8_cublas, fused_fp8
+                 rk.lora_linear_fp8 on the engine setting triton / cublas / auto (passes_fp8.fp8_engine per frozen
+                 GEMM): both frozen GEMMs on FP8 (e4m3) copies of W, x and dy quantised per token inside the op, the
+                 low-rank path in the case's dtype. W's copies (rk.quantize_fp8_weight) are made once when the case
+                 is built, outside the timing, as training makes them once per restart. Where this machine has no FP8
+                 GEMM for the engine (a GPU below sm_89; a torch whose torch._scaled_mm lacks the row-wise case) the
+                 provider is skipped with the reason: nothing else is timed in its place.
   The engine is set by `provider_env(provider)` (the variable set, then restored) around building and measuring a
   fused provider's run; sweep.measure_case and the tests enter it, so no provider's setting leaks into another's.
   The fused providers pass seed=None, as LoRALinear does in training: each call draws its dropout seed on the
@@ -37,6 +44,8 @@ time / floor and GB/s against copy_gbps read off directly.
 merge_and_reinit:  W += s * B @ A;  A <- U(-1/sqrt(K), 1/sqrt(K));  B <- 0   (in place)
   eager          PEFT's merge (delta = B @ A * s, then W += delta) and the re-initialisation as separate ops.
   fused          rk.merge_and_reinit_ (the merge kernel, then the reinit kernel).
+  fused_fp8      the restart of an FP8 layer, LoRALinear(frozen_dtype="fp8").merge_and_reinit: fused's two launches,
+                 then both FP8 copies of the merged W re-quantised (W by rows, W.T by rows) into the layer's buffers.
 """
 
 from __future__ import annotations
@@ -56,14 +65,17 @@ import csrc_bench
 import relora_kernels as rk
 
 OPS = ("lora_linear", "merge_and_reinit", "lora_launches")
+FP8_PROVIDERS = ("fused_fp8_triton", "fused_fp8_cublas", "fused_fp8")
 LORA_PROVIDERS = ("floor", "native_floor", "eager", "compile", "native", "fused_triton", "fused_cublas", "fused",
-                  "fused_compile")
+                  *FP8_PROVIDERS, "fused_compile")
 # The engine setting each fused provider runs; fused_compile's is chosen at tracing, as users get it.
-ENGINE_OF = {"fused_triton": "triton", "fused_cublas": "cublas", "fused": "auto", "fused_compile": "auto"}
+ENGINE_OF = {"fused_triton": "triton", "fused_cublas": "cublas", "fused": "auto", "fused_compile": "auto",
+             "fused_fp8_triton": "triton", "fused_fp8_cublas": "cublas", "fused_fp8": "auto"}
 FUSED_PROVIDERS = tuple(ENGINE_OF)
-# Under the interpreter (smoke) the automatic choice is the rule's cuBLAS engine (fp32), the code fused_cublas runs:
-# it runs fwd+bwd only there, which keeps the CPU smoke runs' time flat.
-SMOKE_FWD_BWD_ONLY = ("fused",)
+# Under the interpreter (smoke) the automatic choice is the rule's cuBLAS engine (fp32), the code fused_cublas runs,
+# and the FP8 providers' modes are the bf16 op's (the same autograd, other launches): these run fwd+bwd only there,
+# which keeps the CPU smoke runs' time flat.
+SMOKE_FWD_BWD_ONLY = ("fused", *FP8_PROVIDERS)
 
 
 def smoke_skips(case, provider: str) -> bool:
@@ -72,7 +84,7 @@ def smoke_skips(case, provider: str) -> bool:
 TRITON_LAUNCHES = ("shrink", "forward_matmul", "grad_ab", "input_grad")
 CUBLAS_LAUNCHES = ("shrink_expand", "addmm_fwd", "grad_ab_start", "addmm_dx")
 LAUNCH_PROVIDERS = (*TRITON_LAUNCHES, *CUBLAS_LAUNCHES, "floor_fwd", "floor_bwd", "copy_x")
-MERGE_PROVIDERS = ("eager", "fused")
+MERGE_PROVIDERS = ("eager", "fused", "fused_fp8")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -231,7 +243,9 @@ def providers(op: str) -> tuple[str, ...]:
 
 
 def lora_linear_flops(case: LoraCase, provider: str) -> int:
-    """2 x the multiply-adds of the GEMMs the op needs (bias, dropout and elementwise work not counted).
+    """2 x the multiply-adds of the GEMMs the op needs (bias, dropout and elementwise work not counted). The FP8
+    providers do the same work (their frozen GEMMs on e4m3 operands, the quantisation of x and dy not counted), so
+    their TFLOP/s compare directly with the bf16 op's.
 
     LoRA   fwd  x @ W.T: 2MNK,  S = x~ @ A.T: 2MKr,  S @ B.T: 2MNr
            bwd  dy @ W: 2MNK,  dS @ A: 2MKr,  dS = dy @ B: 2MNr,  dB = dy.T @ S: 2MNr,  dA = dS.T @ x~: 2MKr
@@ -246,10 +260,15 @@ def lora_linear_flops(case: LoraCase, provider: str) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.mode]
 
 
-def merge_bytes(case: MergeCase) -> int:
-    """Bytes merge+reinit must move: read and write W (N, K), read A (r, K) and B (N, r), write A and B."""
+def merge_bytes(case: MergeCase, provider: str = "fused") -> int:
+    """Bytes merge+reinit must move: read and write W (N, K), read A (r, K) and B (N, r), write A and B; fused_fp8
+    also re-quantises W into both copies: W read once per copy, two (N, K) e4m3 copies (1 byte) and their scales
+    (N + K fp32) written."""
     itemsize = DTYPES[case.dtype].itemsize
-    return (2 * case.N * case.K + 2 * case.r * case.K + 2 * case.N * case.r) * itemsize
+    moved = (2 * case.N * case.K + 2 * case.r * case.K + 2 * case.N * case.r) * itemsize
+    if provider == "fused_fp8":
+        moved += 2 * case.N * case.K * itemsize + 2 * case.N * case.K + 4 * (case.N + case.K)
+    return moved
 
 
 def launch_work(case: LaunchCase, provider: str) -> tuple[int, int]:
@@ -285,7 +304,7 @@ def metrics(case, provider: str, median_ms: float | None) -> dict:
     if isinstance(case, LoraCase):
         flops = lora_linear_flops(case, provider)
         return {"flops": flops, "tflops": None if median_ms is None else flops / (median_ms * 1e-3) / 1e12}
-    moved = merge_bytes(case)
+    moved = merge_bytes(case, provider)
     return {"bytes": moved, "gbps": None if median_ms is None else moved / (median_ms * 1e-3) / 1e9}
 
 
@@ -303,6 +322,11 @@ def eager_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p):
 
 def fused_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p):
     return rk.lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed=None)
+
+
+def fused_lora_linear_fp8(x, frozen, bias, lora_a, lora_b, scale, dropout_p):
+    """fused_lora_linear with W's FP8 copies (rk.quantize_fp8_weight) in W's place."""
+    return rk.lora_linear_fp8(x, frozen, lora_a, lora_b, scale, bias, dropout_p, seed=None)
 
 
 @contextlib.contextmanager
@@ -329,12 +353,15 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True, dynamic=True)
 
 
-def chosen_engines(case: LoraCase) -> dict:
+def chosen_engines(case: LoraCase, provider: str = "fused") -> dict:
     """{"engine_fwd", "engine_dx"}: the engine the package takes for the case's forward and input-gradient passes
     under the current engine setting (auto: the table's entry, else policy.predicted_engine), as lora_forward
-    and lora_backward key them (the benchmark's layers have a bias)."""
-    from relora_kernels.kernels import policy
+    and lora_backward key them (the benchmark's layers have a bias); for an FP8 provider, passes_fp8.fp8_engine's
+    for each frozen GEMM (its reduction: K forward, N for dx)."""
+    from relora_kernels.kernels import passes_fp8, policy
 
+    if provider in FP8_PROVIDERS:
+        return {"engine_fwd": passes_fp8.fp8_engine(case.K), "engine_dx": passes_fp8.fp8_engine(case.N)}
     dtype, rank_block = DTYPES[case.dtype], policy.block_rank(case.r)
     forward = policy.GemmLaunch(dtype, rank_block, "forward", True, False, case.M, case.N, case.K)
     input_grad = policy.GemmLaunch(dtype, rank_block, "input_grad", False, case.p > 0, case.M, case.K, case.N)
@@ -379,6 +406,25 @@ def _autograd_callable(forward: Callable, grad_inputs: tuple, grad_y: torch.Tens
     return lambda: torch.autograd.grad(y, grad_inputs, grad_y, retain_graph=True)
 
 
+def fp8_problem(case, device: torch.device) -> str | None:
+    """Why this machine cannot run the FP8 op for `case` (None if it can): a GPU without FP8 tensor cores, or, where
+    the current engine setting puts a frozen GEMM on the cuBLAS-composed engine (passes_fp8.fp8_engine; a
+    LoraCase's reductions K and N, a MergeCase's none), a torch whose torch._scaled_mm lacks the row-wise case into
+    the case's dtype on this device."""
+    from relora_kernels.kernels import lora_linear, passes_fp8
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if 10 * major + minor < lora_linear.FP8_MIN_ARCH:
+            return (f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}: FP8 (e4m3) tensor cores need "
+                    f"sm_{lora_linear.FP8_MIN_ARCH} or later")
+    if not isinstance(case, LoraCase):
+        return None
+    if "cublas" in {passes_fp8.fp8_engine(case.K), passes_fp8.fp8_engine(case.N)}:
+        return passes_fp8.scaled_mm_support(device.type, device.index, DTYPES[case.dtype])
+    return None
+
+
 def _native_ops(device: torch.device):
     reason = csrc_bench.unavailable_reason(require_cuda=True)
     if reason is not None or device.type != "cuda":
@@ -417,16 +463,40 @@ def _native_callable(case: LoraCase, inp: LoraInputs, floor: bool) -> Callable:
 def build_lora_linear(provider: str, case: LoraCase, device: torch.device) -> Callable:
     """The callable that runs `case` with `provider` once; raises Skip where the provider cannot run here. A fused
     provider's engine is the environment's: build and call it inside provider_env(provider)."""
+    if provider in FP8_PROVIDERS and (problem := fp8_problem(case, device)) is not None:
+        raise Skip(problem)
     inp = lora_inputs(case, device)
     if provider in ("native", "native_floor"):
         return _native_callable(case, inp, floor=provider == "native_floor")
     if provider == "floor":
         return _autograd_callable(lambda: F.linear(inp.x, inp.weight, inp.bias), (inp.x,), inp.grad_y, case.mode)
+    if provider in FP8_PROVIDERS:
+        # W's FP8 copies made once, outside the timing: training makes them once per restart, not per step.
+        args = (inp.x, rk.quantize_fp8_weight(inp.weight), inp.bias, inp.lora_a, inp.lora_b, SCALE, case.p)
+        return _autograd_callable(lambda: fused_lora_linear_fp8(*args), (inp.x, inp.lora_a, inp.lora_b), inp.grad_y,
+                                  case.mode)
     fn = {"eager": eager_lora_linear, "compile": compiled(eager_lora_linear), "fused_triton": fused_lora_linear,
           "fused_cublas": fused_lora_linear, "fused": fused_lora_linear,
           "fused_compile": compiled(fused_lora_linear)}[provider]
     args = (inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, SCALE, case.p)
     return _autograd_callable(lambda: fn(*args), (inp.x, inp.lora_a, inp.lora_b), inp.grad_y, case.mode)
+
+
+def fp8_layer_restart(case: MergeCase, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      **layer_options) -> Callable:
+    """The restart of an FP8 layer holding W, A, B, as training runs it: LoRALinear(frozen_dtype="fp8",
+    **layer_options).merge_and_reinit, i.e. rk.merge_and_reinit_ on W, then W's two FP8 copies re-quantised into the
+    layer's buffers. Raises Skip where this machine has no FP8 (the layer would quantise with torch's ops there)."""
+    problem = fp8_problem(case, weight.device)
+    if problem is not None:
+        raise Skip(problem)
+    layer = rk.LoRALinear(case.K, case.N, case.r, alpha=SCALE * case.r, bias=False, device=weight.device,
+                          dtype=weight.dtype, frozen_dtype="fp8", **layer_options)
+    with torch.no_grad():
+        for parameter, value in ((layer.weight, weight), (layer.lora_A, lora_a), (layer.lora_B, lora_b)):
+            parameter.copy_(value)
+    layer.refresh_frozen_weight()
+    return functools.partial(layer.merge_and_reinit, seed=REINIT_SEED)
 
 
 def build_merge(provider: str, case: MergeCase, device: torch.device) -> Callable:
@@ -437,6 +507,8 @@ def build_merge(provider: str, case: MergeCase, device: torch.device) -> Callabl
     weight = torch.randn(case.N, case.K, **like) * bound
     lora_a = torch.empty(case.r, case.K, **like).uniform_(-bound, bound)
     lora_b = torch.randn(case.N, case.r, **like) * 0.02
+    if provider == "fused_fp8":
+        return fp8_layer_restart(case, weight, lora_a, lora_b)
     if provider == "fused":
         return lambda: rk.merge_and_reinit_(weight, lora_a, lora_b, SCALE, seed=REINIT_SEED)
 

@@ -621,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also build the fixed tiles at these shapes: headline = 8192 tokens x 4096 x 4096, "
                              "mlp = 16384 x 4096 x 14336")
     parser.add_argument("--fp8", action="store_true",
-                        help="also the FP8 launches (sm_89 and later); the op does not launch them yet")
+                        help="also the FP8 launches that rk.lora_linear_fp8 and quantize_fp8_weight make (sm_89 "
+                             "and later; ignored for older architectures)")
     parser.add_argument("--trace", action="store_true",
                         help="also trace each op as torch.compile sees it (its kernel launches, what each writes)")
     args = parser.parse_args(argv)

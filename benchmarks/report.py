@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cases import CUBLAS_LAUNCHES, HEADLINE, LAUNCH_PROVIDERS, LORA_PROVIDERS, TRITON_LAUNCHES
+from . import time_model
+from .cases import CUBLAS_LAUNCHES, FP8_PROVIDERS, HEADLINE, LAUNCH_PROVIDERS, LORA_PROVIDERS, TRITON_LAUNCHES
 
 # The performance goals for the automatic choice (`fused`); each engine's provider is checked against the same two.
 SPEEDUP_GOAL = 1.40  # fused fwd+bwd vs eager at the headline case (p = 0.1)
@@ -26,6 +27,13 @@ ENGINE_PROVIDERS = ("fused_triton", "fused_cublas", "fused")
 # fused merge+reinit GB/s / device-to-device copy GB/s at the headline layer: its two launches' fixed costs cap it
 # at 72-80 % with no host cost at all (time_model.merge_copy_fraction), so the goal sits inside that range.
 COPY_GOAL = 0.75
+# The FP8 frozen weight's goals for the automatic choice (`fused_fp8`; each FP8 engine's provider is checked against the
+# same two): fwd+bwd vs eager bf16 and vs this package's bf16 op (`fused`) at the headline case (p = 0.1), and never
+# slower than the bf16 op at any case where both ran.
+FP8_SPEEDUP_GOAL = 2.00
+FP8_OWN_GOAL = 1.40
+# Each FP8 provider's engine in time_model (fused_fp8: the engine the row records, where both passes ran on one).
+_FP8_MODEL_ENGINE = {"fused_fp8_triton": "fp8_triton", "fused_fp8_cublas": "fp8_cublas"}
 REQUIRED = ("device", "torch", "triton", "commit", "date", "copy_gbps", "rows")
 COMMAND = "bash benchmarks/run_gpu.sh"
 
@@ -155,6 +163,8 @@ def goals(results: dict) -> list[Goal]:
                           "not measured" if not compared else f"{compared - len(behind)}/{compared} comparisons won"
                           + ("; behind at " + "; ".join(behind) if behind else "")))
 
+    found += _fp8_goals(groups, headline, eager, case)
+
     copy = results["copy_gbps"]
     merges = {(r["K"], r["N"], r["r"], r["dtype"]): r for r in results["rows"]
               if r["op"] == "merge_and_reinit" and r["provider"] == "fused" and r.get("status") == "ok"}
@@ -167,6 +177,78 @@ def goals(results: dict) -> list[Goal]:
                       f"{fraction:.0%} ({square['gbps']:.0f} of {copy:.0f} GB/s); lowest over all layers "
                       f"{lowest['gbps'] / copy:.0%} at {lowest['K']}x{lowest['N']} r={lowest['r']}"))
     return found
+
+
+def _fp8_goals(groups: dict, headline: dict, eager: float | None, case: str) -> list[Goal]:
+    found = []
+    own = _ms(headline.get("fused"))
+    for provider in FP8_PROVIDERS[::-1]:  # the automatic choice's goals first, then each engine's
+        fp8 = _ms(headline.get(provider))
+        for rival, name, rival_ms, goal in (("eager", "eager", eager, FP8_SPEEDUP_GOAL),
+                                            ("the bf16 op (fused)", "fused", own, FP8_OWN_GOAL)):
+            speedup = _ratio(rival_ms, fp8)
+            found.append(Goal(f"{provider} >= {goal:.2f}x {rival} ({case})",
+                              None if speedup is None else speedup >= goal,
+                              "not measured" if speedup is None else
+                              f"{speedup:.2f}x ({name} {rival_ms:.3f}, {provider} {fp8:.3f} ms)"))
+    compared, behind = 0, []
+    for key, providers in groups.items():
+        own_ms, fp8 = _ms(providers.get("fused")), providers.get("fused_fp8")
+        if own_ms is None or fp8 is None or fp8.get("status") == "skipped":  # skipped: no FP8 on this machine
+            continue
+        compared += 1
+        fp8_ms = _ms(fp8)
+        if fp8_ms is None or fp8_ms > own_ms:  # an FP8 failure where the bf16 op ran counts against it
+            behind.append(f"{_case_name(key)} ({_fmt(fp8_ms)} vs {own_ms:.3g} ms)")
+    found.append(Goal("fused_fp8 never slower than the bf16 op (fused) at any shape", None if not compared else
+                      not behind, "not measured" if not compared else f"{compared - len(behind)}/{compared} "
+                      "comparisons won" + ("; behind at " + "; ".join(behind) if behind else "")))
+    return found
+
+
+def fp8_prediction(key: tuple, provider: str, row: dict | None) -> dict | None:
+    """time_model's prediction for an FP8 provider's fwd+bwd row (an H200's rates, bf16-sized activations):
+    {"ms", "vs_eager", "vs_bf16"} as Bounds; None where the model has none (another mode, fp32 activations, or
+    fused_fp8 with its two frozen GEMMs on different engines: the model prices one engine for both)."""
+    layer, mode, M, K, N, r, p, dtype = key
+    if mode != "fwd+bwd" or dtype not in ("bf16", "fp16"):
+        return None
+    engine = _FP8_MODEL_ENGINE.get(provider)
+    if provider == "fused_fp8" and row and row.get("engine_fwd") and row.get("engine_fwd") == row.get("engine_dx"):
+        engine = f"fp8_{row['engine_fwd']}"
+    if engine is None:
+        return None
+    ratios = time_model.fp8_ratios(M, K, N, r, dropout=p > 0)
+    return {what: ratios[f"{engine}_{what}"] for what in ("ms", "vs_eager", "vs_bf16")}
+
+
+def _fp8_section(groups: dict) -> list[str]:
+    rows = []
+    for key, providers in groups.items():
+        eager, own = _ms(providers.get("eager")), _ms(providers.get("fused"))
+        for provider in (q for q in FP8_PROVIDERS if q in providers):
+            row = providers[provider]
+            fp8 = _ms(row)
+            predicted = fp8_prediction(key, provider, row)
+            engines = f"{row['engine_fwd']}/{row['engine_dx']}" if "engine_fwd" in row else None
+            rows.append([*key[:3], f"{key[3]}->{key[4]}", *key[5:], provider, engines, _cell(row),
+                         predicted["ms"].span(3) if predicted else None,
+                         _ratio(eager, fp8), predicted["vs_eager"].span(2) if predicted else None,
+                         _ratio(own, fp8), predicted["vs_bf16"].span(2) if predicted else None])
+    if not rows:
+        return []
+    lines = ["", "## lora_linear with an FP8 frozen weight: measured, beside the time model's prediction", "",
+             "rk.lora_linear_fp8: both frozen GEMMs on e4m3 copies of W (made once, outside the timing), x and dy "
+             "quantised per token in the op; fused_fp8_triton / fused_fp8_cublas force each engine, fused_fp8 is the "
+             "automatic choice (its engine per frozen GEMM in `engines`). `vs eager`: eager bf16's time over its; "
+             "`vs bf16 op`: the bf16 op's (`fused`, the automatic choice) over its. Columns marked PREDICTED are "
+             "benchmarks/time_model.py's (an H200's rates, optimistic-pessimistic; PERF_NOTES.md, \"FP8 frozen "
+             "weights: predicted time\"), not measurements, for fwd+bwd with 2-byte activations and one engine on "
+             f"both GEMMs. Goals: fused_fp8 >= {FP8_SPEEDUP_GOAL:.1f}x eager and >= {FP8_OWN_GOAL:.1f}x the bf16 op "
+             "at the headline, never slower than the bf16 op.", ""]
+    return lines + _table(["layer", "mode", "M", "K->N", "r", "p", "dtype", "provider", "engines (fwd/dx)", "ms",
+                           "PREDICTED ms", "vs eager", "PREDICTED vs eager", "vs bf16 op", "PREDICTED vs bf16 op"],
+                          rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,6 +308,7 @@ def markdown(results: dict) -> str:
                    *(providers[q]["peak_mem_mb"] if q in providers else None for q in present)]
                   for key, providers in groups.items()]
         lines += _table(["layer", "mode", "M", "K->N", "r", "p", "dtype", *present], memory)
+        lines += _fp8_section(groups)
 
     lines += _launch_section(results)
 
@@ -235,15 +318,20 @@ def markdown(results: dict) -> str:
             merges.setdefault((row["layer"], row["K"], row["N"], row["r"], row["dtype"]), {})[row["provider"]] = row
     if merges:
         lines += ["", "## merge_and_reinit", "",
-                  "GB/s counts the bytes the op must move: W read and written, A and B read and written "
-                  "(cases.merge_bytes); copy = a large device-to-device copy, bytes read + written.", ""]
+                  "GB/s counts the bytes the op must move: W read and written, A and B read and written, and for "
+                  "fused_fp8 (an FP8 layer's restart: the merge, then W's two e4m3 copies re-quantised) W read once "
+                  "per copy and the copies and their scales written (cases.merge_bytes); copy = a large "
+                  "device-to-device copy, bytes read + written. `fp8 / bf16 restart`: fused_fp8's time over fused's.",
+                  ""]
         table = []
         for (layer, K, N, r, dtype), providers in merges.items():
-            gbps = {q: providers[q].get("gbps") if q in providers else None for q in ("eager", "fused")}
-            table.append([layer, f"{K}->{N}", r, dtype, _cell(providers.get("eager")), _cell(providers.get("fused")),
-                          gbps["eager"], gbps["fused"], _ratio(gbps["fused"], results["copy_gbps"])])
-        lines += _table(["layer", "K->N", "r", "dtype", "eager ms", "fused ms", "eager GB/s", "fused GB/s",
-                         "fused / copy"], table)
+            gbps = {q: providers[q].get("gbps") if q in providers else None for q in ("eager", "fused", "fused_fp8")}
+            table.append([layer, f"{K}->{N}", r, dtype, *(_cell(providers.get(q)) for q in ("eager", "fused",
+                                                                                          "fused_fp8")),
+                          gbps["eager"], gbps["fused"], gbps["fused_fp8"], _ratio(gbps["fused"], results["copy_gbps"]),
+                          _ratio(_ms(providers.get("fused_fp8")), _ms(providers.get("fused")))])
+        lines += _table(["layer", "K->N", "r", "dtype", "eager ms", "fused ms", "fused_fp8 ms", "eager GB/s",
+                         "fused GB/s", "fused_fp8 GB/s", "fused / copy", "fp8 / bf16 restart"], table)
 
     pretrain = [row for row in results["rows"] if row["op"] == "pretrain"]
     if pretrain:

@@ -19,15 +19,19 @@
 # and exit code, so a run cut short says how far it got). A part is a function part_<name> run by run_part, which
 # times it and records it; PARTS lists them in order and RESERVE_S the seconds each keeps from the budget for itself
 # (what the parts before it may not use), so a new part is a function, an entry in PARTS and one in RESERVE_S.
-#   build   the kernels for this GPU's architecture, only what the run launches (bf16 and fp16, r = 16, 64, 128),
+#   build   the kernels for this GPU's architecture, only what the run launches (bf16 and fp16, r = 16, 64, 128,
+#           with the FP8 launches from sm_89 on; smoke: bf16 r = 16 only, test_gpu_build.py builds the FP8 ones),
 #           one process per (dtype, rank), into Triton's cache: the sweep's autotuner then times its tiles but
 #           compiles none, and the tests find most of theirs built. gpu_build.md: their resources (a failed build is
 #           a row with its error).
 #   sweep   `python -m benchmarks.sweep --first` without the launch breakdown: floor / eager / compile and the fused
-#           op on each engine and the automatic choice (fused_triton / fused_cublas / fused) at the headline
-#           (8192x4096x4096 r=16 bf16, p = 0.1 and 0), GPT-2 124M fc at 2048 tokens, Llama-8B MLP; merge+reinit vs
-#           a measured copy; one GPT-2 124M training step. <gpu>.json is rewritten after every run; then the report:
-#           <gpu>.md, <gpu>_speedup.png, <gpu>_vs_floor.png.
+#           op on each engine and the automatic choice (fused_triton / fused_cublas / fused), then the same with an
+#           FP8 frozen weight (fused_fp8_triton / fused_fp8_cublas / fused_fp8; skipped rows below sm_89), at the
+#           headline (8192x4096x4096 r=16 bf16, p = 0.1 and 0), GPT-2 124M fc at 2048 tokens, Llama-8B MLP;
+#           merge+reinit vs a measured copy, and an FP8 layer's restart (merge + both FP8 copies re-quantised); one
+#           GPT-2 124M training step. <gpu>.json is rewritten after every run; then the report: <gpu>.md (with the
+#           FP8 table: measured against eager and the bf16 op, beside the time model's prediction, and the FP8
+#           goals), <gpu>_speedup.png, <gpu>_vs_floor.png.
 #   tests   pytest tests/test_gpu.py (bf16 and fp16 against float64, poisoned outputs, a training step under
 #           torch.cuda.set_sync_debug_mode("error")) with RELORA_KERNELS_AUTOTUNE=0: no test autotunes; on
 #           pytest-xdist's 8 workers where it is installed (compiles run in parallel), each test limited to 120 s
@@ -139,7 +143,7 @@ sweep=(--first --strict --out "$out" --name "$name")
 
 part_build() {
     local builds build_dir rc
-    if [ "$smoke" = 1 ]; then builds=(--dtypes bf16 --ranks 16 --jobs 1); else builds=(--dtypes bf16 fp16 --ranks 16 64 128 --jobs 6); fi
+    if [ "$smoke" = 1 ]; then builds=(--dtypes bf16 --ranks 16 --jobs 1); else builds=(--dtypes bf16 fp16 --ranks 16 64 128 --jobs 6 --fp8); fi
     build_dir=$(mktemp -d)
     timeout -k 10 "$(left "$(later $((RUN_RESERVE_S + 30)))")" \
         env TRITON_INTERPRET=0 "$py" -m benchmarks.gpu_build --arch "$capability" "${builds[@]}" --out "$build_dir" \

@@ -16,11 +16,12 @@ that fails (a compile error, an OOM) a row with status "error"; the sweep goes o
 errors).
 
 --first (what benchmarks/run_gpu.sh runs in the few minutes a lent GPU gives): floor, eager, compile and the fused op
-on each engine (fused_triton, fused_cublas) and on the automatic choice (fused) at the headline case with p = 0.1 and
-0, at 2048 tokens of GPT-2 124M's fc (768 -> 3072) and at a Llama-8B MLP layer (8192 x 4096 -> 14336), fwd+bwd, bf16;
-merge+reinit at 4096 x 4096 against the copy bandwidth; the end-to-end step (full_eager, lora_eager, relora_fused);
-then the headline's launch breakdown (both engines' launches). With --smoke the same providers run on the smoke
-grid's tiny shapes (fwd+bwd only).
+on each engine (fused_triton, fused_cublas) and on the automatic choice (fused), then the same three with an FP8
+frozen weight (fused_fp8_triton, fused_fp8_cublas, fused_fp8), at the headline case with p = 0.1 and 0, at 2048
+tokens of GPT-2 124M's fc (768 -> 3072) and at a Llama-8B MLP layer (8192 x 4096 -> 14336), fwd+bwd, bf16;
+merge+reinit at 4096 x 4096 against the copy bandwidth, also an FP8 layer's restart (fused_fp8); the end-to-end step
+(full_eager, lora_eager, relora_fused); then the headline's launch breakdown (both engines' launches). With --smoke
+the same providers run on the smoke grid's tiny shapes (fwd+bwd only).
 
 Runs go in order of importance: the quick grid's cases (the headline first), the end-to-end step, then the rest of
 the grid. The result file is rewritten after every run, so a run cut short (a time limit, a crash, Ctrl-C) keeps
@@ -44,10 +45,11 @@ ALL_OPS = (*cases.OPS, "pretrain")
 ALL_PROVIDERS = tuple(dict.fromkeys(cases.LORA_PROVIDERS + cases.MERGE_PROVIDERS + cases.LAUNCH_PROVIDERS
                                     + e2e.CONFIGS))
 # The providers of the first GPU contact, per op: lora_linear's floor, eager, compile and the fused op on both engines
-# and the automatic choice; merge's two, the end-to-end step without torch.compile (a whole-model compile would cost a
-# minute of a lent GPU's few), every launch of the breakdown (both engines').
-FIRST_PROVIDERS = ("floor", "eager", "compile", "fused_triton", "fused_cublas", "fused", *cases.MERGE_PROVIDERS,
-                   "full_eager", "lora_eager", "relora_fused", *cases.LAUNCH_PROVIDERS)
+# and the automatic choice, in bf16 and with an FP8 frozen weight; merge's (the bf16 restart and the FP8 layer's), the
+# end-to-end step without torch.compile (a whole-model compile would cost a minute of a lent GPU's few), every launch
+# of the breakdown (both engines').
+FIRST_PROVIDERS = ("floor", "eager", "compile", "fused_triton", "fused_cublas", "fused", *cases.FP8_PROVIDERS,
+                   *cases.MERGE_PROVIDERS, "full_eager", "lora_eager", "relora_fused", *cases.LAUNCH_PROVIDERS)
 NO_MEASUREMENT = {"median_ms": None, "p20_ms": None, "p80_ms": None, "peak_mem_mb": None}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -197,7 +199,7 @@ def measure_case(case, provider: str, device: torch.device, smoke: bool) -> dict
         with cases.provider_env(provider if fused else None):
             fn = cases.build(provider, case, device)
             measured = harness.measure(fn, device, smoke)
-            engines = cases.chosen_engines(case) if fused else {}
+            engines = cases.chosen_engines(case, provider) if fused else {}
         return {**row, **measured, **cases.metrics(case, provider, measured["median_ms"]), **engines, "status": "ok"}
     except cases.Skip as skip:
         return {**row, **NO_MEASUREMENT, "status": "skipped", "reason": str(skip)}

@@ -7,6 +7,7 @@ GPU: the headline case (8192 x 4096 -> 4096, r = 16, bf16). CPU: the interpreter
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -70,7 +71,8 @@ def test_merge_and_reinit(provider, device, run_case):
     run_case(_build(provider, MERGE_CASE, device))
 
 
-@pytest.mark.parametrize("provider", ["eager", "compile", *cases.FUSED_PROVIDERS])
+@pytest.mark.parametrize("provider", ["eager", "compile", *(p for p in cases.FUSED_PROVIDERS
+                                                              if p not in cases.FP8_PROVIDERS)])
 def test_providers_compute_lora_linear(provider, device):
     # p = 0: no dropout mask to agree on; compared in float64-accumulated reference terms at the case's dtype.
     case = dataclasses.replace(LORA_CASE, p=0.0, M=min(LORA_CASE.M, 256))
@@ -88,6 +90,100 @@ def test_providers_compute_lora_linear(provider, device):
     for name, got, want in zip(("y", "dx", "dA", "dB"), (y, *grads), (y_ref, *grads_ref), strict=True):
         scale = want.abs().max().item() or 1.0
         assert (got.double() - want).abs().max().item() <= tol * scale, f"{provider}: {name} differs"
+
+
+@pytest.mark.parametrize("provider", cases.FP8_PROVIDERS)
+def test_fp8_providers_compute_the_fp8_op_on_their_engines(provider, device, monkeypatch):
+    # Each frozen GEMM on the provider's engine: torch._scaled_mm (cublas) or the Triton FP8 GEMM, counted.
+    from relora_kernels.kernels import lora_linear, passes_fp8
+
+    case = dataclasses.replace(LORA_CASE, p=0.0, M=min(LORA_CASE.M, 256))
+    with cases.provider_env(provider):
+        problem, engines = cases.fp8_problem(case, device), cases.chosen_engines(case, provider)
+    if problem is not None:
+        pytest.skip(problem)
+    want = {"fused_fp8_triton": ("triton", "triton"), "fused_fp8_cublas": ("cublas", "cublas")}.get(
+        provider, (engines["engine_fwd"], engines["engine_dx"]))
+    assert (engines["engine_fwd"], engines["engine_dx"]) == want
+    inp = cases.lora_inputs(case, device)
+    passes_fp8.scaled_mm_support(inp.x.device.type, inp.x.device.index, inp.x.dtype)  # the op's probe: no GEMM of it
+    calls = {"cublas": 0, "triton": 0}
+    for module, name, engine in ((passes_fp8, "scaled_mm", "cublas"), (lora_linear, "fused_matmul_fp8", "triton")):
+        monkeypatch.setattr(module, name, functools.partial(_counted, calls, engine, getattr(module, name)))
+
+    # Against the float64 reference of the same quantised operands (reference.lora_linear_fp8: x and dy quantised
+    # from their float64 copies give the same e4m3 values), p = 0. Bound, elementwise: a priori, n u32 of the
+    # magnitude |products| sum to (the chain of fp32 accumulations is at most n = M + K + N + r terms long), plus 5
+    # roundings into the case's dtype; the magnitudes are the reference's outputs on |inputs| (every product then
+    # adds with one sign), which bound the sums of |products| along each chain.
+    with cases.provider_env(provider):
+        frozen = rk.quantize_fp8_weight(inp.weight)
+        y = cases.fused_lora_linear_fp8(inp.x, frozen, inp.bias, inp.lora_a, inp.lora_b, cases.SCALE, 0.0)
+        grads = torch.autograd.grad(y, (inp.x, inp.lora_a, inp.lora_b), inp.grad_y)
+    assert calls == {engine: want.count(engine) for engine in ("cublas", "triton")}, calls
+    frozen64 = reference.FP8Weight(*frozen)
+
+    def reference_run(sign):
+        leaves = [sign(t.detach().double()).requires_grad_() for t in (inp.x, inp.lora_a, inp.lora_b, inp.bias)]
+        x, lora_a, lora_b, bias = leaves
+        y64 = reference.lora_linear_fp8(x, frozen64 if sign is _same else _abs_weight(frozen64), lora_a, lora_b,
+                                        cases.SCALE, bias, 0.0)
+        return (y64, *torch.autograd.grad(y64, (x, lora_a, lora_b), sign(inp.grad_y.double())))
+
+    wants, magnitudes = reference_run(_same), reference_run(torch.abs)
+    n = case.M + case.K + case.N + case.r
+    eps32, eps = torch.finfo(torch.float32).eps / 2, torch.finfo(inp.x.dtype).eps / 2
+    for name, got, want, magnitude in zip(("y", "dx", "dA", "dB"), (y, *grads), wants, magnitudes, strict=True):
+        bound = (n * eps32 + 5 * eps) * magnitude.detach()
+        error = (got.double() - want.detach()).abs()
+        bad = error > bound
+        assert not bad.any(), (f"{provider}: {name} off at {int(bad.sum())} of {bad.numel()} elements, first "
+                               f"{bad.nonzero()[:3].tolist()}, max error {error.max():.3g}, bound there "
+                               f"{bound[bad].min():.3g}")
+
+
+def _same(t):
+    return t
+
+
+def _counted(calls, engine, fn, *args, **kwargs):
+    calls[engine] += 1
+    return fn(*args, **kwargs)
+
+
+def _abs_weight(frozen):
+    """|W|'s copies: the same scales, the codes' magnitudes (e4m3 is sign and magnitude: the sign bit cleared, with
+    integer ops that every device has for uint8)."""
+    def magnitude(q):
+        return (q.view(torch.uint8) & 0x7F).view(q.dtype)
+
+    return reference.FP8Weight(magnitude(frozen.q), frozen.scale, magnitude(frozen.q_t), frozen.scale_t)
+
+
+def test_the_fp8_restart_merges_and_requantises_the_layers_copies(device):
+    case = MERGE_CASE
+    with cases.provider_env(None):
+        torch.manual_seed(0)
+        like = {"device": device, "dtype": cases.DTYPES[case.dtype]}
+        weight, lora_a = torch.randn(case.N, case.K, **like), torch.randn(case.r, case.K, **like)
+        lora_b = torch.randn(case.N, case.r, **like)
+        try:
+            restart = cases.fp8_layer_restart(case, weight, lora_a, lora_b)
+        except cases.Skip as skip:
+            pytest.skip(str(skip))
+        layer = restart.func.__self__
+        stale = layer.frozen_weight_fp8().q.clone()
+        restart()
+    # W + s B @ A: the merge kernel and the reference both accumulate r products in fp32 and round once into W's
+    # dtype; apart by at most r u32 of |W| + s |B| @ |A| and one rounding (an ulp) each way.
+    merged = reference.merged_weight(weight, lora_a, lora_b, cases.SCALE).double()
+    magnitude = weight.double().abs() + cases.SCALE * lora_b.double().abs() @ lora_a.double().abs()
+    bound = case.r * torch.finfo(torch.float32).eps / 2 * magnitude + torch.finfo(weight.dtype).eps * merged.abs()
+    assert ((layer.weight.detach().double() - merged).abs() <= bound).all()
+    assert not layer.lora_B.any() and not torch.equal(layer.frozen_weight_fp8().q, stale)
+    for got, want in zip(layer.frozen_weight_fp8(), reference.quantize_fp8_weight(layer.weight.detach()), strict=True):
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                           want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want)
 
 
 @pytest.mark.parametrize("provider", ["fused_triton", "fused_cublas", "fused"])

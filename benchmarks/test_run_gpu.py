@@ -5,12 +5,13 @@ DIR` (.ci/run)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from . import harness
+from . import cases, harness, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,6 +74,21 @@ def test_the_limits_are_options_with_the_defaults_8_files_and_16_mib(tmp_path, c
     assert harness.main(["--check-outputs", str(tmp_path), "--max-file-mib", str(20 / 2**20)]) == 1
     with pytest.raises(SystemExit):
         harness.main(["--check-outputs", str(tmp_path), "--max-files", "0"])
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_the_sweep_part_times_the_fp8_rows_first(smoke):
+    # The sweep part (before the tests, with most of the budget) runs the FP8 providers at every first-contact shape
+    # beside eager and the bf16 op, and the FP8 layer's restart; on the smoke shapes too (CI's smoke run).
+    text = (ROOT / "benchmarks" / "run_gpu.sh").read_text()
+    ops = re.search(r"part_sweep\(\) \{.*?--ops (\S+)", text, re.DOTALL).group(1)
+    pairs = sweep.plan(sweep.parse_args(["--list", "--first", "--ops", ops, *(["--smoke"] if smoke else [])]))
+    lora = [(case, provider) for case, provider in pairs if isinstance(case, cases.LoraCase)]
+    assert {case for case, _ in lora} == {case for case in cases.lora_grid("smoke" if smoke else "first")
+                                          if case.mode == "fwd+bwd"}
+    for shape in {case for case, _ in lora}:
+        assert {p for case, p in lora if case == shape} >= {"eager", "fused", *cases.FP8_PROVIDERS}, shape
+    assert ("merge_and_reinit", "fused_fp8") in {(case.row()["op"], p) for case, p in pairs}
 
 
 @pytest.mark.slow

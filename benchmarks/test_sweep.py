@@ -9,12 +9,13 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import relora_kernels as rk
 
 from . import cases, e2e, harness, report, sweep
 
-SUBSET = ["--smoke", "--ops", "merge_and_reinit,pretrain"]  # 2 merge + 4 pretrain runs
+SUBSET = ["--smoke", "--ops", "merge_and_reinit,pretrain"]  # 3 merge + 4 pretrain runs
 
 
 @pytest.fixture
@@ -63,15 +64,15 @@ def test_an_interrupted_sweep_keeps_the_rows_it_measured(measured, monkeypatch, 
         sweep.main([*SUBSET, "--out", str(tmp_path)])
     results = _read(tmp_path / "cpu-smoke.json")
     assert [row["provider"] for row in results["rows"]] == ["eager", "fused"]
-    assert (results["planned"], results["not_run"]) == (6, 4)
+    assert (results["planned"], results["not_run"]) == (7, 5)
     assert not list(tmp_path.glob("*.partial"))
 
 
 def test_a_spent_budget_starts_no_run_and_the_file_says_so(measured, tmp_path):
     assert sweep.main([*SUBSET, "--out", str(tmp_path), "--budget-s", "0"]) == 0
     results = _read(tmp_path / "cpu-smoke.json")
-    assert (measured, results["rows"], results["planned"], results["not_run"]) == ([], [], 6, 6)
-    assert "incomplete: 6 of 6 planned runs were not run" in report.markdown(results)
+    assert (measured, results["rows"], results["planned"], results["not_run"]) == ([], [], 7, 7)
+    assert "incomplete: 7 of 7 planned runs were not run" in report.markdown(results)
 
 
 def test_resume_runs_only_what_the_file_lacks(measured, tmp_path):
@@ -84,9 +85,10 @@ def test_resume_runs_only_what_the_file_lacks(measured, tmp_path):
 
     assert sweep.main([*SUBSET, "--out", str(tmp_path), "--resume", str(path)]) == 0
     results = _read(path)
-    assert [key[1] for key in measured] == ["eager", "fused", "lora_eager", "relora_fused", "relora_fused_compile"]
-    assert [row["provider"] for row in results["rows"]] == ["eager", "fused", *e2e.CONFIGS]  # the plan's order
-    assert (results["planned"], results["not_run"], results["date"]) == (6, 0, earlier["date"])
+    assert [key[1] for key in measured] == ["eager", "fused", "fused_fp8", "lora_eager", "relora_fused",
+                                           "relora_fused_compile"]
+    assert [row["provider"] for row in results["rows"]] == ["eager", "fused", "fused_fp8", *e2e.CONFIGS]  # plan order
+    assert (results["planned"], results["not_run"], results["date"]) == (7, 0, earlier["date"])
     assert len(results["resumed"]) == 1
 
 
@@ -116,12 +118,18 @@ def test_first_contact_plan_runs_the_headline_comparison_first_and_the_launches_
     pairs = sweep.plan(sweep.parse_args(["--list", "--first"]))
     lora = [(case, provider) for case, provider in pairs if isinstance(case, cases.LoraCase)]
     engines = ("fused_triton", "fused_cublas", "fused")  # both engines and the automatic choice, side by side
-    assert lora[:6] == [(cases.HEADLINE, p) for p in ("floor", "eager", "compile", *engines)]
+    # then the same three with an FP8 frozen weight
+    assert lora[:9] == [(cases.HEADLINE, p) for p in ("floor", "eager", "compile", *engines, *cases.FP8_PROVIDERS)]
     headline_p0 = dataclasses.replace(cases.HEADLINE, p=0.0)
-    assert {p for case, p in lora if case == headline_p0} == {"floor", "eager", "compile", *engines}
+    assert {p for case, p in lora if case == headline_p0} == {"floor", "eager", "compile", *engines,
+                                                              *cases.FP8_PROVIDERS}
     shapes = {(case.M, case.K, case.N, case.p) for case, _ in lora}
     assert shapes == {(8192, 4096, 4096, 0.1), (8192, 4096, 4096, 0.0), (2048, 768, 3072, 0.1),
                       (8192, 4096, 14336, 0.1)}
+    for shape in shapes:  # the FP8 rows at every shape, beside the bf16 op and eager they are held against
+        assert {p for case, p in lora if (case.M, case.K, case.N, case.p) == shape} >= {"eager", "fused",
+                                                                                        *cases.FP8_PROVIDERS}
+    assert [p for case, p in pairs if isinstance(case, cases.MergeCase)] == ["eager", "fused", "fused_fp8"]
     assert {case.mode for case, _ in lora} == {"fwd+bwd"} and {case.dtype for case, _ in lora} == {"bf16"}
     ops = [case.row()["op"] for case, _ in pairs]
     assert ops == sorted(ops, key=["lora_linear", "merge_and_reinit", "pretrain", "lora_launches"].index)
@@ -164,8 +172,35 @@ def test_a_log_gets_one_plain_line_per_run_not_bar_frames(measured, tmp_path, ca
     err = capsys.readouterr().err  # pytest's captured stderr is no terminal
     assert "\r" not in err
     lines = [line for line in err.splitlines() if line.startswith("sweep (smoke) [")]
-    assert len(lines) == 6 and lines[0].startswith("sweep (smoke) [1/6] ok: eager tiny merge")
-    assert lines[-1].startswith("sweep (smoke) [6/6] ok: relora_fused_compile pretrain smoke-tiny")
+    assert len(lines) == 7 and lines[0].startswith("sweep (smoke) [1/7] ok: eager tiny merge")
+    assert lines[-1].startswith("sweep (smoke) [7/7] ok: relora_fused_compile pretrain smoke-tiny")
+
+
+def test_the_fp8_rows_record_their_engines_or_why_they_were_skipped(monkeypatch, tmp_path):
+    # The builds run (W quantised, the machine's FP8 support asked), the measurement is a stand-in: the FP8 math runs
+    # in test_bench_lora.py. fused_fp8_cublas needs torch._scaled_mm on the CPU (torch 2.13 has it; not every torch).
+    from relora_kernels.kernels.passes_fp8 import scaled_mm_support
+
+    monkeypatch.setattr(harness, "measure", lambda fn, device, smoke: dict(sweep.NO_MEASUREMENT))
+    providers = ",".join(cases.FP8_PROVIDERS)
+    argv = ["--smoke", "--first", "--ops", "lora_linear,merge_and_reinit", "--providers", providers,
+            "--out", str(tmp_path)]
+    assert sweep.main(argv) == 0
+    results = _read(tmp_path / "cpu-smoke.json")
+    rows = {(row["op"], row["provider"], row.get("p")): row for row in results["rows"]}
+    assert set(rows) == {*(("lora_linear", p, q) for p in cases.FP8_PROVIDERS for q in (0.0, 0.1)),
+                         ("merge_and_reinit", "fused_fp8", None)}
+    problem = scaled_mm_support("cpu", None, torch.float32)
+    for (op, provider, _), row in rows.items():
+        if provider == "fused_fp8_cublas" and problem is not None:
+            assert row["status"] == "skipped" and row["reason"] == problem and "torch" in row["reason"]
+            continue
+        assert row["status"] == "ok", row
+        if op == "lora_linear":  # the smoke shape's reductions (48, 80) are below the rule's 1536: Triton for auto
+            engine = "cublas" if provider == "fused_fp8_cublas" else "triton"
+            assert (row["engine_fwd"], row["engine_dx"]) == (engine, engine)
+    text = report.markdown(results)
+    assert "## lora_linear with an FP8 frozen weight" in text and "| tiny | fwd+bwd | 64 | 48->80 |" in text
 
 
 class _Terminal:

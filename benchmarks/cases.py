@@ -46,6 +46,8 @@ merge_and_reinit:  W += s * B @ A;  A <- U(-1/sqrt(K), 1/sqrt(K));  B <- 0   (in
   fused          rk.merge_and_reinit_ (the merge kernel, then the reinit kernel).
   fused_fp8      the restart of an FP8 layer, LoRALinear(frozen_dtype="fp8").merge_and_reinit: fused's two launches,
                  then both FP8 copies of the merged W re-quantised (W by rows, W.T by rows) into the layer's buffers.
+  fused_fp8_cpu_master   the same with the master W in (pinned) CPU memory, LoRALinear(master_device="cpu"): W
+                 copied to the device and back around it (a PCIe round trip on a GPU; on the CPU a copy).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def smoke_skips(case, provider: str) -> bool:
 TRITON_LAUNCHES = ("shrink", "forward_matmul", "grad_ab", "input_grad")
 CUBLAS_LAUNCHES = ("shrink_expand", "addmm_fwd", "grad_ab_start", "addmm_dx")
 LAUNCH_PROVIDERS = (*TRITON_LAUNCHES, *CUBLAS_LAUNCHES, "floor_fwd", "floor_bwd", "copy_x")
-MERGE_PROVIDERS = ("eager", "fused", "fused_fp8")
+MERGE_PROVIDERS = ("eager", "fused", "fused_fp8", "fused_fp8_cpu_master")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -266,7 +268,7 @@ def merge_bytes(case: MergeCase, provider: str = "fused") -> int:
     (N + K fp32) written."""
     itemsize = DTYPES[case.dtype].itemsize
     moved = (2 * case.N * case.K + 2 * case.r * case.K + 2 * case.N * case.r) * itemsize
-    if provider == "fused_fp8":
+    if provider.startswith("fused_fp8"):  # the CPU master's bus round trip is not device memory traffic
         moved += 2 * case.N * case.K * itemsize + 2 * case.N * case.K + 4 * (case.N + case.K)
     return moved
 
@@ -509,6 +511,8 @@ def build_merge(provider: str, case: MergeCase, device: torch.device) -> Callabl
     lora_b = torch.randn(case.N, case.r, **like) * 0.02
     if provider == "fused_fp8":
         return fp8_layer_restart(case, weight, lora_a, lora_b)
+    if provider == "fused_fp8_cpu_master":
+        return fp8_layer_restart(case, weight, lora_a, lora_b, master_device="cpu")
     if provider == "fused":
         return lambda: rk.merge_and_reinit_(weight, lora_a, lora_b, SCALE, seed=REINIT_SEED)
 

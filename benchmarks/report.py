@@ -321,7 +321,8 @@ def markdown(results: dict) -> str:
                   "GB/s counts the bytes the op must move: W read and written, A and B read and written, and for "
                   "fused_fp8 (an FP8 layer's restart: the merge, then W's two e4m3 copies re-quantised) W read once "
                   "per copy and the copies and their scales written (cases.merge_bytes); copy = a large "
-                  "device-to-device copy, bytes read + written. `fp8 / bf16 restart`: fused_fp8's time over fused's.",
+                  "device-to-device copy, bytes read + written. `fp8 / bf16 restart`: fused_fp8's time over fused's; "
+                  "`cpu master ms`: fused_fp8 with the master W in pinned CPU memory (its PCIe round trip included).",
                   ""]
         table = []
         for (layer, K, N, r, dtype), providers in merges.items():
@@ -329,9 +330,11 @@ def markdown(results: dict) -> str:
             table.append([layer, f"{K}->{N}", r, dtype, *(_cell(providers.get(q)) for q in ("eager", "fused",
                                                                                           "fused_fp8")),
                           gbps["eager"], gbps["fused"], gbps["fused_fp8"], _ratio(gbps["fused"], results["copy_gbps"]),
-                          _ratio(_ms(providers.get("fused_fp8")), _ms(providers.get("fused")))])
+                          _ratio(_ms(providers.get("fused_fp8")), _ms(providers.get("fused"))),
+                          _cell(providers.get("fused_fp8_cpu_master"))])
         lines += _table(["layer", "K->N", "r", "dtype", "eager ms", "fused ms", "fused_fp8 ms", "eager GB/s",
-                         "fused GB/s", "fused_fp8 GB/s", "fused / copy", "fp8 / bf16 restart"], table)
+                         "fused GB/s", "fused_fp8 GB/s", "fused / copy", "fp8 / bf16 restart", "cpu master ms"],
+                        table)
 
     pretrain = [row for row in results["rows"] if row["op"] == "pretrain"]
     if pretrain:

@@ -160,7 +160,8 @@ def _abs_weight(frozen):
     return reference.FP8Weight(magnitude(frozen.q), frozen.scale, magnitude(frozen.q_t), frozen.scale_t)
 
 
-def test_the_fp8_restart_merges_and_requantises_the_layers_copies(device):
+@pytest.mark.parametrize("layer_options", [{}, {"master_device": "cpu"}], ids=["fused_fp8", "fused_fp8_cpu_master"])
+def test_the_fp8_restart_merges_and_requantises_the_layers_copies(device, layer_options):
     case = MERGE_CASE
     with cases.provider_env(None):
         torch.manual_seed(0)
@@ -168,7 +169,7 @@ def test_the_fp8_restart_merges_and_requantises_the_layers_copies(device):
         weight, lora_a = torch.randn(case.N, case.K, **like), torch.randn(case.r, case.K, **like)
         lora_b = torch.randn(case.N, case.r, **like)
         try:
-            restart = cases.fp8_layer_restart(case, weight, lora_a, lora_b)
+            restart = cases.fp8_layer_restart(case, weight, lora_a, lora_b, **layer_options)
         except cases.Skip as skip:
             pytest.skip(str(skip))
         layer = restart.func.__self__
@@ -181,6 +182,7 @@ def test_the_fp8_restart_merges_and_requantises_the_layers_copies(device):
     bound = case.r * torch.finfo(torch.float32).eps / 2 * magnitude + torch.finfo(weight.dtype).eps * merged.abs()
     assert ((layer.weight.detach().double() - merged).abs() <= bound).all()
     assert not layer.lora_B.any() and not torch.equal(layer.frozen_weight_fp8().q, stale)
+    assert layer.weight.device.type == torch.device(layer_options.get("master_device", device)).type
     for got, want in zip(layer.frozen_weight_fp8(), reference.quantize_fp8_weight(layer.weight.detach()), strict=True):
         assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
                            want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want)

@@ -15,7 +15,7 @@ import relora_kernels as rk
 
 from . import cases, e2e, harness, report, sweep
 
-SUBSET = ["--smoke", "--ops", "merge_and_reinit,pretrain"]  # 3 merge + 4 pretrain runs
+SUBSET = ["--smoke", "--ops", "merge_and_reinit,pretrain"]  # 4 merge + 4 pretrain runs
 
 
 @pytest.fixture
@@ -64,15 +64,15 @@ def test_an_interrupted_sweep_keeps_the_rows_it_measured(measured, monkeypatch, 
         sweep.main([*SUBSET, "--out", str(tmp_path)])
     results = _read(tmp_path / "cpu-smoke.json")
     assert [row["provider"] for row in results["rows"]] == ["eager", "fused"]
-    assert (results["planned"], results["not_run"]) == (7, 5)
+    assert (results["planned"], results["not_run"]) == (8, 6)
     assert not list(tmp_path.glob("*.partial"))
 
 
 def test_a_spent_budget_starts_no_run_and_the_file_says_so(measured, tmp_path):
     assert sweep.main([*SUBSET, "--out", str(tmp_path), "--budget-s", "0"]) == 0
     results = _read(tmp_path / "cpu-smoke.json")
-    assert (measured, results["rows"], results["planned"], results["not_run"]) == ([], [], 7, 7)
-    assert "incomplete: 7 of 7 planned runs were not run" in report.markdown(results)
+    assert (measured, results["rows"], results["planned"], results["not_run"]) == ([], [], 8, 8)
+    assert "incomplete: 8 of 8 planned runs were not run" in report.markdown(results)
 
 
 def test_resume_runs_only_what_the_file_lacks(measured, tmp_path):
@@ -85,10 +85,10 @@ def test_resume_runs_only_what_the_file_lacks(measured, tmp_path):
 
     assert sweep.main([*SUBSET, "--out", str(tmp_path), "--resume", str(path)]) == 0
     results = _read(path)
-    assert [key[1] for key in measured] == ["eager", "fused", "fused_fp8", "lora_eager", "relora_fused",
-                                           "relora_fused_compile"]
-    assert [row["provider"] for row in results["rows"]] == ["eager", "fused", "fused_fp8", *e2e.CONFIGS]  # plan order
-    assert (results["planned"], results["not_run"], results["date"]) == (7, 0, earlier["date"])
+    assert [key[1] for key in measured] == ["eager", "fused", "fused_fp8", "fused_fp8_cpu_master", "lora_eager",
+                                           "relora_fused", "relora_fused_compile"]
+    assert [row["provider"] for row in results["rows"]] == [*cases.MERGE_PROVIDERS, *e2e.CONFIGS]  # plan order
+    assert (results["planned"], results["not_run"], results["date"]) == (8, 0, earlier["date"])
     assert len(results["resumed"]) == 1
 
 
@@ -129,7 +129,8 @@ def test_first_contact_plan_runs_the_headline_comparison_first_and_the_launches_
     for shape in shapes:  # the FP8 rows at every shape, beside the bf16 op and eager they are held against
         assert {p for case, p in lora if (case.M, case.K, case.N, case.p) == shape} >= {"eager", "fused",
                                                                                         *cases.FP8_PROVIDERS}
-    assert [p for case, p in pairs if isinstance(case, cases.MergeCase)] == ["eager", "fused", "fused_fp8"]
+    assert [p for case, p in pairs if isinstance(case, cases.MergeCase)] == ["eager", "fused", "fused_fp8",
+                                                                                  "fused_fp8_cpu_master"]
     assert {case.mode for case, _ in lora} == {"fwd+bwd"} and {case.dtype for case, _ in lora} == {"bf16"}
     ops = [case.row()["op"] for case, _ in pairs]
     assert ops == sorted(ops, key=["lora_linear", "merge_and_reinit", "pretrain", "lora_launches"].index)
@@ -172,8 +173,8 @@ def test_a_log_gets_one_plain_line_per_run_not_bar_frames(measured, tmp_path, ca
     err = capsys.readouterr().err  # pytest's captured stderr is no terminal
     assert "\r" not in err
     lines = [line for line in err.splitlines() if line.startswith("sweep (smoke) [")]
-    assert len(lines) == 7 and lines[0].startswith("sweep (smoke) [1/7] ok: eager tiny merge")
-    assert lines[-1].startswith("sweep (smoke) [7/7] ok: relora_fused_compile pretrain smoke-tiny")
+    assert len(lines) == 8 and lines[0].startswith("sweep (smoke) [1/8] ok: eager tiny merge")
+    assert lines[-1].startswith("sweep (smoke) [8/8] ok: relora_fused_compile pretrain smoke-tiny")
 
 
 def test_the_fp8_rows_record_their_engines_or_why_they_were_skipped(monkeypatch, tmp_path):

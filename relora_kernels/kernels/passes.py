@@ -161,7 +161,7 @@ def _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p, shrunk):
     if tile is None:
         return UNPLANNED if _hopper_tile_possible(gemm) else None
     return ForwardPlan(False, lora_linear.shrink_launch(x, lora_a, dropout_p),
-                        lora_linear.fused_matmul_launch(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, tile), tile)
+                       lora_linear.fused_matmul_launch(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, tile), tile)
 
 
 def _backward_plan(grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad, need_bias_grad,
@@ -172,7 +172,7 @@ def _backward_plan(grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, 
     gemm = _input_grad_gemm(grad_y, weight, lora_a.shape[0], dropout_p)
     if need_input_grad and policy.choose_engine(gemm) == "cublas":
         return BackwardPlan(True, lora_linear.grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p,
-                                                                need_bias_grad, deterministic), None, None)
+                                                               need_bias_grad, deterministic), None, None)
     grad_ab = lora_linear.grad_ab_launches(grad_y, x, shrunk, None, lora_b, scale, dropout_p, need_bias_grad,
                                            deterministic)
     if not need_input_grad:

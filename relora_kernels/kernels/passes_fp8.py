@@ -175,13 +175,13 @@ def _backward_plan(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk
         return UNPLANNED
     if not need_input_grad:
         return BackwardPlan(False, lora_linear.grad_ab_launches(grad_y, x, shrunk, None, lora_b, scale, dropout_p,
-                                                                   need_bias_grad, deterministic), None, None)
+                                                                need_bias_grad, deterministic), None, None)
     if fp8_engine(N) == "cublas":
         # with dropout the dA launch also writes dx's start (lora_grad_ab_start_quantize)
         start_a = lora_a if dropout_p > 0.0 else None
-        return BackwardPlan(True, lora_linear.grad_ab_launches(grad_y, x, shrunk, start_a, lora_b, scale,
-                                                                  dropout_p, need_bias_grad, deterministic,
-                                                                  quantize_grad_y=True), None, None)
+        return BackwardPlan(True, lora_linear.grad_ab_launches(grad_y, x, shrunk, start_a, lora_b, scale, dropout_p,
+                                                               need_bias_grad, deterministic, quantize_grad_y=True),
+                            None, None)
     tile = lora_linear.fp8_gemm_tile(lora_a.shape[0], x.dtype)
     # dyq, sdy and dS as lora_grad_ab_quantize allocates them: only their layout enters the key
     grad_y_q, grad_y_scale = grad_y.new_empty((M, N), dtype=reference.FP8_DTYPE), grad_y.new_empty(

@@ -261,13 +261,46 @@ class LoRALinearFP8Function(torch.autograd.Function):
                 grad_b if need_b else None, grad_bias if need_bias else None, None, None, None, None)
 
 
-_apply_fp8_eagerly = super(torch.autograd.Function, LoRALinearFP8Function).apply
+class EagerLoRALinearFP8Function(torch.autograd.Function):
+    """Autograd of the FP8 op on 2-D plain tensors outside tracing, as EagerLoRALinearFunction is the bf16 op's: the
+    FP8 passes' eager plans (kernels/passes_fp8.py), one output y, S and the seed on ctx."""
+
+    @staticmethod
+    def forward(ctx, x, weight_q, weight_scale, weight_t_q, weight_t_scale, lora_a, lora_b, bias, scale, dropout_p,
+                seed, deterministic):
+        y, ctx.shrunk = _passes_fp8().eager_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias,
+                                                        dropout_p, seed)
+        ctx.save_for_backward(x, weight_t_q, weight_t_scale, lora_a, lora_b)
+        ctx.seed, ctx.scale, ctx.dropout_p, ctx.deterministic = seed, scale, dropout_p, deterministic
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight_t_q, weight_t_scale, lora_a, lora_b = ctx.saved_tensors
+        need_x, need_a, need_b, need_bias = (ctx.needs_input_grad[i] for i in (0, 5, 6, 7))
+        grad_x, grad_a, grad_b, grad_bias = _passes_fp8().eager_backward_fp8(
+            grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, ctx.shrunk, ctx.scale, ctx.dropout_p, ctx.seed,
+            need_x, need_bias, ctx.deterministic)
+        # The FP8 copies and their scales are derived from a frozen W: no gradient. scale, dropout_p and
+        # deterministic are Python scalars, seed an integer tensor: none either.
+        return (grad_x if need_x else None, None, None, None, None, grad_a if need_a else None,
+                grad_b if need_b else None, grad_bias if need_bias else None, None, None, None, None)
+
+
+# The C++ apply, as _apply_eagerly.
+_apply_fp8_eagerly = super(torch.autograd.Function, EagerLoRALinearFP8Function).apply
 
 
 def _passes_fp8():
-    from .kernels import passes_fp8  # imported on first use, as passes
+    global _passes_fp8_module
+    if _passes_fp8_module is None:  # imported on first use, as passes
+        from .kernels import passes_fp8
 
-    return passes_fp8
+        _passes_fp8_module = passes_fp8
+    return _passes_fp8_module
+
+
+_passes_fp8_module = None
 
 
 # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards.
@@ -348,7 +381,7 @@ def lora_linear_fp8(x, frozen, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0
     args = (flat, frozen.q, frozen.scale, frozen.q_t, frozen.scale_t, lora_a, lora_b, bias, scale, dropout_p, seed,
             deterministic())
     if _eager(x) and not torch._C._are_functorch_transforms_active():
-        y, _ = _apply_fp8_eagerly(*args)
+        y = _apply_fp8_eagerly(*args)
     else:
         y, _ = LoRALinearFP8Function.apply(*args)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)

@@ -659,7 +659,7 @@ def _shrink(x, lora_a, dropout_p, seed, expand=None, quantize=False, launch=None
     """S = dropout_p(x) @ A.T; with expand = (lora_b, scale, bias) also out = scale * S @ B.T + bias; with quantize
     also (xq, sx) = reference.quantize_fp8_rows(x). Returns (S, out or None, xq or None, sx or None). `launch`:
     shrink_launch of the same operands' key, if the caller keeps it."""
-    if quantize:
+    if quantize and launch is None:  # a launch bound for quantize was made by a call that passed the check
         _require_fp8_arch()
     (M, K), R = x.shape, lora_a.shape[0]
     shrunk = torch.empty((M, R), device=x.device, dtype=x.dtype)
@@ -768,30 +768,44 @@ def fp8_gemm_tile(rank: int, out_dtype: torch.dtype) -> policy.GemmTile:
     return policy.fitting(policy.GEMM_TILES, fp8_gemm_shared_bytes, policy.block_rank(rank), out_dtype)[0]
 
 
+def fused_matmul_fp8_launch(lhs_q, lhs_scale, rhs_q, rhs_scale, low, up, low_scale, bias, dropout_p, tile,
+                            out_dtype):
+    """The FP8 fused GEMM's launch for these operands' key (see fused_matmul_fp8), to be passed back to it as
+    `launch`."""
+    (M, K), N, R = lhs_q.shape, rhs_q.shape[1], low.shape[1]
+    key = (M, N, K, R, lhs_q.stride(), rhs_q.stride(), low.stride(), up.stride(),
+           0 if bias is None else bias.stride(0), (lhs_scale.stride(0), rhs_scale.stride(0)), low_scale, dropout_p,
+           bias is not None, True, tile, dot_precision(out_dtype), lhs_q.device.index)
+    return _FUSED_MATMUL.bind(traceable(_fused_matmul_kernel), key)
+
+
 @on_tensors_device
 def fused_matmul_fp8(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.Tensor, rhs_scale: torch.Tensor,
                      low: torch.Tensor, up: torch.Tensor, low_scale: float, bias: torch.Tensor | None,
                      dropout_p: float, seed: torch.Tensor | None, out_dtype: torch.dtype, *,
-                     tile: policy.GemmTile | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     tile: policy.GemmTile | None = None, out: torch.Tensor | None = None,
+                     launch=None) -> torch.Tensor:
     """out = (lhs_q @ rhs_q) * lhs_scale[:, None] * rhs_scale[None, :] + low_scale * mask(low @ up) + bias, (M, N) in
     out_dtype, by the pointer-load kernel's FP8 variant: lhs_q (M, K) and rhs_q (K, N) float8_e4m3fn, rhs_q K-major
     (the transposed view of a tensor quantised by rows, as reference.quantize_fp8_rows gives it), lhs_scale (M,) and
     rhs_scale (N,) fp32 powers of two; low (M, R), up (R, N) and bias (N,) in out_dtype, any strides; the keep-mask of
     the (M, N) output drawn from `seed` when dropout_p > 0. The products of e4m3 values are exact in fp32, the sum
     accumulates in fp32 and the scaling is exact, so the result differs from the float64 GEMM of the dequantised
-    operands by fp32 accumulation and one rounding into out_dtype. `tile` None: fp8_gemm_tile."""
-    _require_fp8_arch()
-    (M, K), N, R = lhs_q.shape, rhs_q.shape[1], low.shape[1]
+    operands by fp32 accumulation and one rounding into out_dtype. `tile` None: fp8_gemm_tile. `launch`:
+    fused_matmul_fp8_launch of the same operands' key and tile, if the caller keeps it (a launch bound for FP8
+    operands was made by a call that passed the architecture check)."""
+    if launch is None:
+        _require_fp8_arch()
+    M, N, R = lhs_q.shape[0], rhs_q.shape[1], low.shape[1]
     out = torch.empty((M, N), device=lhs_q.device, dtype=out_dtype) if out is None else out
     if M == 0 or N == 0:
         return out
-    tile = fp8_gemm_tile(R, out_dtype) if tile is None else tile
-    key = (M, N, K, R, lhs_q.stride(), rhs_q.stride(), low.stride(), up.stride(),
-           0 if bias is None else bias.stride(0), (lhs_scale.stride(0), rhs_scale.stride(0)), low_scale, dropout_p,
-           bias is not None, True, tile, dot_precision(out_dtype), lhs_q.device.index)
-    _FUSED_MATMUL.launch(traceable(_fused_matmul_kernel), key, (
-        lhs_q, rhs_q, low, up, low if bias is None else bias, out, seed if dropout_p > 0.0 else low, lhs_scale,
-        rhs_scale))
+    if launch is None:
+        tile = fp8_gemm_tile(R, out_dtype) if tile is None else tile
+        launch = fused_matmul_fp8_launch(lhs_q, lhs_scale, rhs_q, rhs_scale, low, up, low_scale, bias, dropout_p,
+                                         tile, out_dtype)
+    launch((lhs_q, rhs_q, low, up, low if bias is None else bias, out, seed if dropout_p > 0.0 else low, lhs_scale,
+            rhs_scale))
     return out
 
 
@@ -871,15 +885,24 @@ def _quantize_plan(M, N, t_strides, has_amax, device):
 _QUANTIZE = LaunchSite(_quantize_rows_kernel, _quantize_plan)
 
 
-def _quantize_rows(t, amax_bits=None):
-    """(q, scale) of t (M, N) by rows; amax_bits (M,) int32 where a launch before has gathered the row amax."""
-    _require_fp8_arch()
+def quantize_rows_launch(t, has_amax):
+    """The row quantisation's launch for t's key (see _quantize_rows), to be passed back to it as `launch`."""
+    M, N = t.shape
+    return _QUANTIZE.bind(traceable(_quantize_rows_kernel), (M, N, t.stride(), has_amax, t.device.index))
+
+
+def _quantize_rows(t, amax_bits=None, launch=None):
+    """(q, scale) of t (M, N) by rows; amax_bits (M,) int32 where a launch before has gathered the row amax.
+    `launch`: quantize_rows_launch of the same key, if the caller keeps it (made by a call that passed the
+    architecture check)."""
+    if launch is None:
+        _require_fp8_arch()
     M, N = t.shape
     q = torch.empty((M, N), device=t.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty((M,), device=t.device, dtype=torch.float32)
     if M > 0:
-        _QUANTIZE.launch(traceable(_quantize_rows_kernel), (M, N, t.stride(), amax_bits is not None, t.device.index),
-                         (t, q, scale, t if amax_bits is None else amax_bits))
+        launch = launch if launch is not None else quantize_rows_launch(t, amax_bits is not None)
+        launch((t, q, scale, t if amax_bits is None else amax_bits))
     return q, scale
 
 
@@ -894,8 +917,9 @@ def quantize_rows_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_bias_grad, deterministic,
                      quantize_grad_y=False):
-    """(layout, dB launch, dA launch) of the two gradient launches for these operands' key (see _grad_ab), to be
-    passed back to it as `launches`; lora_a as there (None unless the dA launch also writes dx's start)."""
+    """(layout, dB launch, dA launch, dy's quantising launch or None) of the gradient launches for these operands'
+    key (see _grad_ab), to be passed back to it as `launches`; lora_a as there (None unless the dA launch also writes
+    dx's start)."""
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
     write_dx = lora_a is not None
     layout_key = (M, N, K, R, x.dtype, write_dx, deterministic, x.device.index)
@@ -905,7 +929,8 @@ def grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_b
             _GRAD_B.bind(traceable(_grad_b_kernel), (*layout_key, grad_y.stride(), shrunk.stride(), lora_b.stride(),
                                                      scale, need_bias_grad, quantize_grad_y, precision)),
             _GRAD_A.bind(traceable(_grad_a_kernel), (*layout_key, x.stride(), a.stride(), scale, dropout_p,
-                                                     precision)))
+                                                     precision)),
+            quantize_rows_launch(grad_y, True) if quantize_grad_y else None)
 
 
 def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
@@ -913,13 +938,13 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     """(dA, dB, dS, dbias, dx start or None, (dyq, sdy) or None): dx's start mask(dS @ A) / (1-p) is written by the
     dA launch when lora_a is given (the cuBLAS-composed engine); with quantize_grad_y the dy launch also gathers dy's
     row amax and a third launch writes dy in e4m3 (the FP8 input gradient's operand). `launches`: grad_ab_launches
-    of the same operands' key, if the caller keeps them."""
-    if quantize_grad_y:
-        _require_fp8_arch()
+    of the same operands' key, if the caller keeps them (made by a call that passed the architecture check)."""
     if launches is None:
+        if quantize_grad_y:
+            _require_fp8_arch()
         launches = grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_bias_grad, deterministic,
                                     quantize_grad_y)
-    (_, token_blocks, _, _, token_partials, ds_partials), grad_b_launch, grad_a_launch = launches
+    (_, token_blocks, _, _, token_partials, ds_partials), grad_b_launch, grad_a_launch, quantize_launch = launches
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
     write_dx = lora_a is not None
     dev = x.device
@@ -942,7 +967,7 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
         grad_a, grad_b, grad_bias = (t.sum(0) for t in (grad_a, grad_b, grad_bias))
     if x.dtype != torch.float32:  # rounded once into the inputs' dtype
         grad_a, grad_b, grad_bias = grad_a.to(x.dtype), grad_b.to(x.dtype), grad_bias.to(x.dtype)
-    grad_y_q = _quantize_rows(grad_y, grad_y_amax) if quantize_grad_y else None
+    grad_y_q = _quantize_rows(grad_y, grad_y_amax, quantize_launch) if quantize_grad_y else None
     return grad_a, grad_b, grad_shrunk, grad_bias, dx_start, grad_y_q
 
 

@@ -128,58 +128,60 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, l
 # strides, dtype, device, the scalars, matmul precision, and the settings and table in force.
 
 
-class _ForwardPlan(NamedTuple):
-    cublas: bool
+class ForwardPlan(NamedTuple):
+    """A forward pass's plan; passes_fp8.py's plans are of the same form (with its FP8 launches)."""
+    cublas: bool  # the frozen GEMM on cuBLAS
     shrink: object  # lora_linear.shrink_launch (with the expand of the cuBLAS-composed engine)
     gemm: object  # lora_linear.fused_matmul_launch on the Triton engine, else None
     tile: policy.GemmTile | None
 
 
-class _BackwardPlan(NamedTuple):
-    cublas: bool
+class BackwardPlan(NamedTuple):
+    """A backward pass's plan; passes_fp8.py's plans are of the same form (with its FP8 launches)."""
+    cublas: bool  # dy @ W on cuBLAS, with need_input_grad
     grad_ab: tuple  # lora_linear.grad_ab_launches
     gemm: object  # the input gradient's fused_matmul_launch on the Triton engine with need_input_grad, else None
     tile: policy.GemmTile | None
 
 
 # A key whose pass is never planned (an empty input; a Hopper tile, asked per call): the pass runs as above.
-_UNPLANNED = "unplanned"
-_forward_plans: dict[tuple, _ForwardPlan | str] = {}
-_backward_plans: dict[tuple, _BackwardPlan | str] = {}
+UNPLANNED = "unplanned"
+_forward_plans: dict[tuple, ForwardPlan | str] = {}
+_backward_plans: dict[tuple, BackwardPlan | str] = {}
 
 
 def _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p, shrunk):
     M = x.shape[0]
     if M == 0 or weight.shape[0] == 0:
-        return _UNPLANNED
+        return UNPLANNED
     gemm = _forward_gemm(x, weight, lora_a.shape[0], bias)
     if policy.choose_engine(gemm) == "cublas":
-        return _ForwardPlan(True, lora_linear.shrink_launch(x, lora_a, dropout_p, (lora_b, scale, bias)), None, None)
+        return ForwardPlan(True, lora_linear.shrink_launch(x, lora_a, dropout_p, (lora_b, scale, bias)), None, None)
     tile = policy.settled_tile(gemm)
     if tile is None:
-        return _UNPLANNED if _hopper_tile_possible(gemm) else None
-    return _ForwardPlan(False, lora_linear.shrink_launch(x, lora_a, dropout_p),
-                        lora_linear.fused_matmul_launch(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, tile), tile)
+        return UNPLANNED if _hopper_tile_possible(gemm) else None
+    return ForwardPlan(False, lora_linear.shrink_launch(x, lora_a, dropout_p),
+                       lora_linear.fused_matmul_launch(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, tile), tile)
 
 
 def _backward_plan(grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad, need_bias_grad,
                    deterministic):
     M, K = x.shape
     if M == 0 or grad_y.shape[1] == 0:
-        return _UNPLANNED
+        return UNPLANNED
     gemm = _input_grad_gemm(grad_y, weight, lora_a.shape[0], dropout_p)
     if need_input_grad and policy.choose_engine(gemm) == "cublas":
-        return _BackwardPlan(True, lora_linear.grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p,
-                                                                need_bias_grad, deterministic), None, None)
+        return BackwardPlan(True, lora_linear.grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p,
+                                                               need_bias_grad, deterministic), None, None)
     grad_ab = lora_linear.grad_ab_launches(grad_y, x, shrunk, None, lora_b, scale, dropout_p, need_bias_grad,
                                            deterministic)
     if not need_input_grad:
-        return _BackwardPlan(False, grad_ab, None, None)
+        return BackwardPlan(False, grad_ab, None, None)
     tile = policy.settled_tile(gemm)
     if tile is None:
-        return _UNPLANNED if _hopper_tile_possible(gemm) else None
+        return UNPLANNED if _hopper_tile_possible(gemm) else None
     grad_shrunk = shrunk.new_empty(shrunk.shape)  # as _grad_ab allocates it: only its layout enters the key
-    return _BackwardPlan(False, grad_ab, lora_linear.fused_matmul_launch(
+    return BackwardPlan(False, grad_ab, lora_linear.fused_matmul_launch(
         grad_y, weight, grad_shrunk, lora_a, 1.0 / (1.0 - dropout_p), None, dropout_p, tile), tile)
 
 
@@ -190,9 +192,18 @@ def _hopper_tile_possible(gemm: policy.GemmLaunch) -> bool:
     return bool(entry and entry.get("tile") and policy.parse_tile(entry["tile"]).kernel == "tma")
 
 
-def _remember_plan(plans: dict, key: tuple, plan) -> None:
-    if plan is not None:  # None: a choice not yet settled (a tuning still to finish); asked again next call
-        remember(plans, key, plan)
+def unplanned_call(plans: dict, key: tuple, plan, full_pass, args: tuple, make_plan):
+    """A call of a key that has no plan to run (`plan` None: not yet made; UNPLANNED: never made): `full_pass(*args)`
+    without tracing's wrapper, then, where `plan` is None, `make_plan(result)` kept as the key's plan, unless it too is
+    None (a choice not yet settled, such as a tuning still to finish: asked again next call). The eager passes of
+    this module and of passes_fp8.py share it: a planned call is served from `plans[key]` by its caller."""
+    with set_wrap_triton_enabled(False):
+        result = full_pass(*args)
+        if plan is None:
+            made = make_plan(result)
+            if made is not None:
+                remember(plans, key, made)
+    return result
 
 
 @on_tensors_device
@@ -204,13 +215,11 @@ def eager_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
            None if bias is None else bias.stride(), x.dtype, x.device, scale, dropout_p, dot_precision(x.dtype),
            *policy.choices_generation())
     plan = _forward_plans.get(key)
-    if plan is None or plan is _UNPLANNED:
-        with set_wrap_triton_enabled(False):
-            y, shrunk = lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
-            if plan is None:
-                _remember_plan(_forward_plans, key, _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p,
-                                                                  shrunk))
-        return y, shrunk
+    if plan is None or plan is UNPLANNED:
+        return unplanned_call(_forward_plans, key, plan, lora_forward, (x, weight, lora_a, lora_b, scale, bias,
+                                                                        dropout_p, seed),
+                              lambda y_shrunk: _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p,
+                                                             y_shrunk[1]))
     if plan.cublas:
         shrunk, y, _, _ = lora_linear._shrink(x, lora_a, dropout_p, seed, (lora_b, scale, bias), launch=plan.shrink)
         return y.addmm_(x, weight.T), shrunk
@@ -229,15 +238,11 @@ def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
            lora_b.stride(), shrunk.stride(), x.dtype, x.device, scale, dropout_p, need_input_grad, need_bias_grad,
            deterministic, dot_precision(x.dtype), *policy.choices_generation())
     plan = _backward_plans.get(key)
-    if plan is None or plan is _UNPLANNED:
-        with set_wrap_triton_enabled(False):
-            grads = lora_backward(grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed,
-                                              need_input_grad, need_bias_grad, deterministic)
-            if plan is None:
-                _remember_plan(_backward_plans, key, _backward_plan(
-                    grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad, need_bias_grad,
-                    deterministic))
-        return grads
+    if plan is None or plan is UNPLANNED:
+        return unplanned_call(_backward_plans, key, plan, lora_backward, (
+            grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_input_grad, need_bias_grad,
+            deterministic), lambda _: _backward_plan(grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p,
+                                                     need_input_grad, need_bias_grad, deterministic))
     if plan.cublas:
         grad_a, grad_b, _, grad_bias, grad_x, _ = lora_linear._grad_ab(
             grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,

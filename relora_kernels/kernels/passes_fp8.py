@@ -29,7 +29,8 @@ import torch
 
 from .. import reference
 from . import lora_linear, policy
-from .launch import on_tensors_device
+from .launch import dot_precision, on_tensors_device
+from .passes import UNPLANNED, BackwardPlan, ForwardPlan, unplanned_call
 
 
 def scaled_mm(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.Tensor, rhs_scale: torch.Tensor,
@@ -133,4 +134,126 @@ def lora_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.T
     # dx = dy @ W (FP8) + dS @ A
     grad_x = _add_low_rank_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype), grad_shrunk,
                             lora_a, None)
+    return grad_x, grad_a, grad_b, grad_bias
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The eager path: each pass's launches planned once per key, as passes.py plans the bf16 op's (docs/DESIGN.md
+# section 8)
+# ----------------------------------------------------------------------------------------------------------------
+# functional.py calls these outside tracing. The first call of a key runs the pass as above; its plan keeps the
+# frozen GEMMs' engine, the FP8 GEMM's tile and every launch bound (lora_linear's *_launch functions), so later calls
+# of the key go straight to allocating and launching. Nothing here is timed: the engine and the tile are settled by
+# the key's first call. A key holds everything they and the launches depend on: shapes, strides, dtype, device, the
+# scalars, the flags, matmul precision, and the settings and table in force; an empty input is never planned. The
+# plans are passes.py's: `cublas` where the frozen GEMM runs on torch._scaled_mm, `gemm` the FP8 fused GEMM's launch
+# (fused_matmul_fp8_launch), `grad_ab` quantising dy where dx is wanted.
+
+
+_forward_plans: dict[tuple, ForwardPlan | str] = {}
+_backward_plans: dict[tuple, BackwardPlan | str] = {}
+
+
+def _forward_plan(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, shrunk):
+    (M, K), N = x.shape, weight_q.shape[0]
+    if M == 0 or N == 0:
+        return UNPLANNED
+    shrink = lora_linear.shrink_launch(x, lora_a, dropout_p, quantize=True)
+    if fp8_engine(K) == "cublas":
+        return ForwardPlan(True, shrink, None, None)
+    tile = lora_linear.fp8_gemm_tile(lora_a.shape[0], x.dtype)
+    # xq and sx as lora_shrink_quantize allocates them: only their layout enters the key
+    x_q, x_scale = x.new_empty((M, K), dtype=reference.FP8_DTYPE), x.new_empty((M,), dtype=torch.float32)
+    return ForwardPlan(False, shrink, lora_linear.fused_matmul_fp8_launch(
+        x_q, x_scale, weight_q.T, weight_scale, shrunk, lora_b.T, scale, bias, 0.0, tile, x.dtype), tile)
+
+
+def _backward_plan(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad,
+                   need_bias_grad, deterministic):
+    M, N = x.shape[0], grad_y.shape[1]
+    if M == 0 or N == 0:
+        return UNPLANNED
+    if not need_input_grad:
+        return BackwardPlan(False, lora_linear.grad_ab_launches(grad_y, x, shrunk, None, lora_b, scale, dropout_p,
+                                                                need_bias_grad, deterministic), None, None)
+    if fp8_engine(N) == "cublas":
+        # with dropout the dA launch also writes dx's start (lora_grad_ab_start_quantize)
+        start_a = lora_a if dropout_p > 0.0 else None
+        return BackwardPlan(True, lora_linear.grad_ab_launches(grad_y, x, shrunk, start_a, lora_b, scale, dropout_p,
+                                                               need_bias_grad, deterministic, quantize_grad_y=True),
+                            None, None)
+    tile = lora_linear.fp8_gemm_tile(lora_a.shape[0], x.dtype)
+    # dyq, sdy and dS as lora_grad_ab_quantize allocates them: only their layout enters the key
+    grad_y_q, grad_y_scale = grad_y.new_empty((M, N), dtype=reference.FP8_DTYPE), grad_y.new_empty(
+        (M,), dtype=torch.float32)
+    grad_shrunk = shrunk.new_empty(shrunk.shape)
+    return BackwardPlan(False, lora_linear.grad_ab_launches(
+        grad_y, x, shrunk, None, lora_b, scale, dropout_p, need_bias_grad, deterministic, quantize_grad_y=True),
+        lora_linear.fused_matmul_fp8_launch(grad_y_q, grad_y_scale, weight_t_q.T, weight_t_scale, grad_shrunk, lora_a,
+                                            1.0 / (1.0 - dropout_p), None, dropout_p, tile, x.dtype), tile)
+
+
+@on_tensors_device
+def eager_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, lora_a: torch.Tensor,
+                      lora_b: torch.Tensor, scale: float, bias: torch.Tensor | None, dropout_p: float,
+                      seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_forward_fp8, for calls outside tracing (functional.py's eager path), through its key's plan."""
+    key = (x.shape, x.stride(), weight_q.stride(), weight_scale.stride(), lora_a.shape,
+           lora_a.stride(), lora_b.shape, lora_b.stride(), None if bias is None else bias.stride(), x.dtype, x.device,
+           scale, dropout_p, dot_precision(x.dtype), *policy.choices_generation())
+    plan = _forward_plans.get(key)
+    if plan is None or plan is UNPLANNED:
+        return unplanned_call(_forward_plans, key, plan, lora_forward_fp8, (
+            x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, seed),
+            lambda y_shrunk: _forward_plan(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p,
+                                           y_shrunk[1]))
+    shrunk, _, x_q, x_scale = lora_linear._shrink(x, lora_a, dropout_p, seed, quantize=True, launch=plan.shrink)
+    if plan.cublas:
+        y = scaled_mm(x_q, x_scale, weight_q, weight_scale, x.dtype)
+        return _add_low_rank_(y, shrunk, lora_b.T * scale, bias), shrunk
+    return lora_linear.fused_matmul_fp8(x_q, x_scale, weight_q.T, weight_scale, shrunk, lora_b.T, scale, bias, 0.0,
+                                        None, x.dtype, tile=plan.tile, launch=plan.gemm), shrunk
+
+
+@on_tensors_device
+def eager_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.Tensor, weight_t_scale: torch.Tensor,
+                       lora_a: torch.Tensor, lora_b: torch.Tensor, shrunk: torch.Tensor, scale: float,
+                       dropout_p: float, seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool,
+                       deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lora_backward_fp8, for calls outside tracing (functional.py's eager path), through its key's plan."""
+    key = (grad_y.stride(), x.shape, x.stride(), weight_t_q.stride(), weight_t_scale.stride(),
+           lora_a.shape, lora_a.stride(), lora_b.shape, lora_b.stride(), shrunk.stride(), x.dtype, x.device, scale,
+           dropout_p, need_input_grad, need_bias_grad, deterministic, dot_precision(x.dtype),
+           *policy.choices_generation())
+    plan = _backward_plans.get(key)
+    if plan is None or plan is UNPLANNED:
+        return unplanned_call(_backward_plans, key, plan, lora_backward_fp8, (
+            grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_input_grad,
+            need_bias_grad, deterministic), lambda _: _backward_plan(
+                grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad,
+                need_bias_grad, deterministic))
+    if not need_input_grad:
+        grad_a, grad_b, _, grad_bias, _, _ = lora_linear._grad_ab(
+            grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
+            launches=plan.grad_ab)
+        return x.new_empty((0, x.shape[1])), grad_a, grad_b, grad_bias
+    if plan.cublas and dropout_p > 0.0:
+        grad_a, grad_b, _, grad_bias, start, (grad_y_q, grad_y_scale) = lora_linear._grad_ab(
+            grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
+            quantize_grad_y=True, launches=plan.grad_ab)
+        # dx = dy @ W (FP8) + mask(dS @ A) / (1-p)
+        return start.add_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype)), grad_a, grad_b, \
+            grad_bias
+    grad_a, grad_b, grad_shrunk, grad_bias, _, (grad_y_q, grad_y_scale) = lora_linear._grad_ab(
+        grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic, quantize_grad_y=True,
+        launches=plan.grad_ab)
+    if plan.cublas:
+        # dx = dy @ W (FP8) + dS @ A
+        grad_x = _add_low_rank_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype), grad_shrunk,
+                                lora_a, None)
+    else:
+        # dx = dy @ W (FP8) + mask(dS @ A) / (1-p), the mask of the (M, K) output
+        grad_x = lora_linear.fused_matmul_fp8(grad_y_q, grad_y_scale, weight_t_q.T, weight_t_scale, grad_shrunk,
+                                              lora_a, 1.0 / (1.0 - dropout_p), None, dropout_p, seed, x.dtype,
+                                              tile=plan.tile, launch=plan.gemm)
     return grad_x, grad_a, grad_b, grad_bias

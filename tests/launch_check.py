@@ -68,10 +68,7 @@ def main() -> int:
             triton_path, cached_path = run(x)
             # Same compiled kernel (one launcher object per compiled kernel), same grid, same arguments except the
             # freshly allocated output S, which is a new tensor on every call.
-            same_args = len(triton_path[2]) == len(cached_path[2]) and all(
-                _same(a, b) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                               and a.stride() == b.stride() and a.dtype == b.dtype)
-                for a, b in zip(triton_path[2], cached_path[2], strict=True))
+            same_args = _same_arguments(triton_path[2], cached_path[2])
             calls[name] = triton_path[0]
             results[name] = {"same_launcher": triton_path[0] == cached_path[0], "same_grid": triton_path[1] ==
                              cached_path[1], "same_args": same_args, "arguments": len(cached_path[2])}
@@ -90,8 +87,48 @@ def main() -> int:
         results["plan"] = {"launches": [len(v) for v in launchers.values()],
                            "planned_same_kernels": launchers["planned"] == launchers["first"],
                            "misaligned_other_shrink": launchers["planned_misaligned"][0] != launchers["planned"][0]}
+
+        # Every launch a planned eager call makes, bf16 and FP8, forward and backward: the plan's own call of each
+        # compiled launcher passes what the key's first (unplanned) call passed, which went through Triton's own
+        # launch for each new specialisation (shapes used nowhere above, so each is new). Outputs are allocated
+        # afresh per call: those compare by shape, stride and dtype; inputs and scalars must be the same.
+        Mp, Kp, Np, Rp = 48, 64, 32, 8
+        x, dy = torch.randn(Mp, Kp), torch.randn(Mp, Np)
+        weight, lora_a, lora_b = torch.randn(Np, Kp), torch.randn(Rp, Kp), torch.randn(Np, Rp)
+        frozen = rk.quantize_fp8_weight(weight)
+        from relora_kernels.kernels import passes_fp8
+
+        passes_by_op = {
+            "lora_linear": (lambda: passes.eager_forward(x, weight, lora_a, lora_b, 0.5, None, 0.1, seed),
+                          lambda shrunk: passes.eager_backward(dy, x, weight, lora_a, lora_b, shrunk, 0.5, 0.1, seed,
+                                                               True, False)),
+            "lora_linear_fp8": (
+                lambda: passes_fp8.eager_forward_fp8(x, frozen.q, frozen.scale, lora_a, lora_b, 0.5, None, 0.1, seed),
+                lambda shrunk: passes_fp8.eager_backward_fp8(dy, x, frozen.q_t, frozen.scale_t, lora_a, lora_b, shrunk,
+                                                             0.5, 0.1, seed, True, False))}
+        with rk.settings(backend="triton", autotune=False, engine="triton"):
+            for name, (forward, backward) in passes_by_op.items():
+                recorded = {}
+                for call in ("first", "planned"):
+                    RECORDED.clear()
+                    _, shrunk = forward()
+                    backward(shrunk)
+                    recorded[call] = list(RECORDED)
+                first, planned = recorded["first"], recorded["planned"]
+                results[f"planned {name}"] = {
+                    "launches": len(planned),
+                    "same_launches": len(first) == len(planned) and all(
+                        a[0] == b[0] and a[1] == b[1] and _same_arguments(a[2], b[2])
+                        for a, b in zip(first, planned, strict=True))}
     print(json.dumps(results))
     return 0
+
+
+def _same_arguments(first: tuple, planned: tuple) -> bool:
+    return len(first) == len(planned) and all(
+        _same(a, b) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                        and a.stride() == b.stride() and a.dtype == b.dtype)
+        for a, b in zip(first, planned, strict=True))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,11 @@ def test_cached_launch_passes_what_triton_passes_and_follows_a_changed_specialis
     assert results["distinct_kernels"] and results["cache_entries"] == 3, results
     plan = results["plan"]
     assert plan["launches"] == [2, 2, 2] and plan["planned_same_kernels"] and plan["misaligned_other_shrink"], plan
+    # A planned eager fwd+bwd passes each compiled launcher what the unplanned first call (Triton's own launches)
+    # passed: lora_linear's 5 launches (shrink, GEMM; the two gradient launches, GEMM), lora_linear_fp8's 6 (and
+    # dy's quantising launch).
+    assert results["planned lora_linear"] == {"launches": 5, "same_launches": True}, results
+    assert results["planned lora_linear_fp8"] == {"launches": 6, "same_launches": True}, results
 
 
 @pytest.mark.parametrize("engine", ["triton", "cublas"])

@@ -159,9 +159,33 @@ def check_lora_linear_args(x, weight, lora_a, lora_b, bias) -> None:
                          f"got shape {tuple(bias.shape)}")
 
 
+def _lora_linear_fp8_args_pass(x, frozen, lora_a, lora_b, bias) -> bool:
+    """Whether check_lora_linear_fp8_args would pass, as _lora_linear_args_pass for the unquantised op: the layer's
+    good path in one expression; anything unexpected answers False and the full checks name what is wrong."""
+    try:
+        q, scale, q_t, scale_t = frozen
+        (n, k), (r, k_a), (n_b, r_b) = q.shape, lora_a.shape, lora_b.shape
+        dtype, device = x.dtype, x.device
+        good = (type(frozen) is FP8Weight and all(type(t) in _TENSOR_TYPES for t in (x, q, scale, q_t, scale_t,
+                                                                                     lora_a, lora_b))
+                and q.dtype == FP8_DTYPE and q_t.dtype == FP8_DTYPE and scale.dtype == torch.float32
+                and scale_t.dtype == torch.float32 and q_t.shape == (k, n) and scale.shape == (n,)
+                and scale_t.shape == (k,) and dtype.is_floating_point and x.dim() >= 1 and x.shape[-1] == k
+                and k_a == k and n_b == n and r_b == r and r >= 1 and lora_a.dtype == dtype and lora_b.dtype == dtype
+                and all(t.device == device for t in (q, scale, q_t, scale_t, lora_a, lora_b)))
+        if bias is None or not good:
+            return good
+        return (type(bias) in _TENSOR_TYPES and bias.dim() == 1 and bias.shape[0] == n and bias.dtype == dtype
+                and bias.device == device)
+    except (AttributeError, TypeError, ValueError):  # not a 4-field weight, not a tensor, not 2-D: named below
+        return False
+
+
 def check_lora_linear_fp8_args(x, frozen, lora_a, lora_b, bias) -> None:
     """check_lora_linear_args with the frozen weight as its FP8 copies: x, lora_a, lora_b and bias share one dtype
     and device, frozen's tensors are on that device (check_fp8_weight)."""
+    if _lora_linear_fp8_args_pass(x, frozen, lora_a, lora_b, bias):
+        return
     check_float_tensor("x", x)
     check_float_tensor("lora_a", lora_a, ndim=2)
     check_float_tensor("lora_b", lora_b, ndim=2)

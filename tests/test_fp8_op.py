@@ -318,6 +318,41 @@ def test_mismatched_activation_is_refused_by_name():
         rk.lora_linear_fp8(inputs["x"].half(), frozen, inputs["lora_a"], inputs["lora_b"])
 
 
+def test_the_checks_good_path_passes_only_what_the_full_checks_pass():
+    # The one-expression good path (_validate._lora_linear_fp8_args_pass) must answer False wherever the full checks
+    # raise, so every bad call still gets its error naming the argument; and True on good calls, or it saves nothing.
+    from relora_kernels import _validate
+
+    inputs = make_inputs((5,), 24, 16, 2, torch.float32)
+    x, lora_a, lora_b, bias = (inputs[k] for k in ("x", "lora_a", "lora_b", "bias"))
+    frozen = rk.quantize_fp8_weight(inputs["weight"])
+    meta = torch.empty(16, device="meta")
+    calls = {
+        "good": (x, frozen, lora_a, lora_b, bias), "good, 3-D x, no bias": (x[None], frozen, lora_a, lora_b, None),
+        "plain tuple": (x, tuple(frozen), lora_a, lora_b, bias), "q 1-D": (x, frozen._replace(q=frozen.q[0]),
+                                                                            lora_a, lora_b, bias),
+        "q float": (x, frozen._replace(q=frozen.q.float()), lora_a, lora_b, bias),
+        "scale short": (x, frozen._replace(scale=frozen.scale[:-1]), lora_a, lora_b, bias),
+        "scale on meta": (x, frozen._replace(scale=meta), lora_a, lora_b, bias),
+        "q_t untransposed": (x, frozen._replace(q_t=frozen.q), lora_a, lora_b, bias),
+        "scale_t float64": (x, frozen._replace(scale_t=frozen.scale_t.double()), lora_a, lora_b, bias),
+        "x narrow": (x[:, :20], frozen, lora_a, lora_b, bias), "x half": (x.half(), frozen, lora_a, lora_b, bias),
+        "x 0-d": (x[0, 0], frozen, lora_a, lora_b, bias), "x int": (x.int(), frozen, lora_a, lora_b, bias),
+        "lora_a K": (x, frozen, lora_a[:, :20], lora_b, bias), "lora_b r": (x, frozen, lora_a, lora_b[:, :1], bias),
+        "lora_a no rows": (x, frozen, lora_a[:0], lora_b[:, :0], bias),
+        "lora_b half": (x, frozen, lora_a, lora_b.half(), bias), "bias short": (x, frozen, lora_a, lora_b, bias[:-1]),
+        "bias half": (x, frozen, lora_a, lora_b, bias.half()), "bias 2-D": (x, frozen, lora_a, lora_b, bias[None]),
+        "lora_a list": (x, frozen, lora_a.tolist(), lora_b, bias),
+    }
+    for name, args in calls.items():
+        try:
+            _validate.check_lora_linear_fp8_args(*args)
+            passes_in_full = True
+        except (TypeError, ValueError):
+            passes_in_full = False
+        assert _validate._lora_linear_fp8_args_pass(*args) == passes_in_full == name.startswith("good"), name
+
+
 def op_cases():
     inputs = make_inputs((37,), 40, 24, 5, torch.float32)  # M prime, r < 16
     x, lora_a, lora_b, bias = (inputs[k] for k in ("x", "lora_a", "lora_b", "bias"))

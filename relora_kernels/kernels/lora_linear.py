@@ -149,6 +149,22 @@ def _quantize_tile(tile, inv_scale):
     return tl.where(value != value, tl.full(q.shape, _E4M3_NAN_BITS, tl.int8).to(tl.float8e4nv, bitcast=True), q)
 
 
+@triton.jit
+def _store_rows_fp8(t_ptr, q_ptr, scale_ptr, amax_bits, rows, mask_m, N, stride_tm, stride_tn, stride_qm, stride_qn,
+                    BLOCK_N: tl.constexpr):
+    """Rows `rows` of t (.., N) in e4m3 into q, and their scales 2**e into scale_ptr, from the bits of each row's
+    amax (the rule of reference.quantize_fp8_rows): one more pass over the rows, the scale applied as an exact
+    multiplication by 2**-e."""
+    scale_exponent = _fp8_scale_exponent(amax_bits)
+    tl.store(scale_ptr + rows, _power_of_two(scale_exponent), mask=mask_m)
+    inv_scale = _power_of_two(-scale_exponent)
+    for n0 in range(0, N, BLOCK_N):
+        cols, mask_n = _column_chunk(n0, N, BLOCK_N)
+        tile = _load_tile(t_ptr, rows, cols, stride_tm, stride_tn, mask_m, mask_n)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qn, _quantize_tile(tile, inv_scale),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # fwd 1: S = dropout(x) @ A.T
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,14 +226,8 @@ def _shrink_kernel(
         # The FP8 forward's xq and sx: the row amax came with the first pass; a second pass over the same block of
         # x writes it in e4m3 (a read from L2 where the block is still there: 64 rows of 4096 16-bit values are
         # 512 KiB per program, so not all of it, predicted, not measured).
-        scale_exponent = _fp8_scale_exponent(amax_bits)
-        tl.store(sx_ptr + rows, _power_of_two(scale_exponent), mask=mask_m)
-        inv_scale = _power_of_two(-scale_exponent)
-        for k0 in range(0, K, BLOCK_K):
-            cols, mask_k = _column_chunk(k0, K, BLOCK_K)
-            x_tile = _load_tile(x_ptr, rows, cols, stride_xm, stride_xk, mask_m, mask_k)
-            tl.store(xq_ptr + rows[:, None] * stride_xqm + cols[None, :] * stride_xqk,
-                     _quantize_tile(x_tile, inv_scale), mask=mask_m[:, None] & mask_k[None, :])
+        _store_rows_fp8(x_ptr, xq_ptr, sx_ptr, amax_bits, rows, mask_m, K, stride_xm, stride_xk, stride_xqm,
+                        stride_xqk, BLOCK_K)
 
     if EXPAND:
         # The cuBLAS-composed engine's start value, from S as stored (in x's dtype, as the fused GEMM reads it).
@@ -553,14 +563,8 @@ def _quantize_rows_kernel(
             cols, mask_n = _column_chunk(n0, N, BLOCK_N)
             amax_bits = tl.maximum(amax_bits, _row_amax_bits(
                 _load_tile(t_ptr, rows, cols, stride_tm, stride_tn, mask_m, mask_n)))
-    scale_exponent = _fp8_scale_exponent(amax_bits)
-    tl.store(scale_ptr + rows, _power_of_two(scale_exponent), mask=mask_m)
-    inv_scale = _power_of_two(-scale_exponent)
-    for n0 in range(0, N, BLOCK_N):
-        cols, mask_n = _column_chunk(n0, N, BLOCK_N)
-        tile = _load_tile(t_ptr, rows, cols, stride_tm, stride_tn, mask_m, mask_n)
-        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qn, _quantize_tile(tile, inv_scale),
-                 mask=mask_m[:, None] & mask_n[None, :])
+    _store_rows_fp8(t_ptr, q_ptr, scale_ptr, amax_bits, rows, mask_m, N, stride_tm, stride_tn, stride_qm, stride_qn,
+                    BLOCK_N)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -139,24 +139,9 @@ def check_lora_linear_args(x, weight, lora_a, lora_b, bias) -> None:
     """Shapes per docs/DESIGN.md section 1: x (..., K), weight (N, K), lora_a (r, K), lora_b (N, r), bias (N,)."""
     if _lora_linear_args_pass(x, weight, lora_a, lora_b, bias):
         return
-    check_float_tensor("x", x)
-    check_float_tensor("weight", weight, ndim=2)
-    check_float_tensor("lora_a", lora_a, ndim=2)
-    check_float_tensor("lora_b", lora_b, ndim=2)
-    if bias is not None:
-        check_float_tensor("bias", bias, ndim=1)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (..., in_features), got a 0-d tensor")
-    check_same_dtype_and_device(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
-
+    _check_activation_and_factors(x, lora_a, lora_b, bias, weight=weight)
     check_lora_shapes(weight, lora_a, lora_b)
-    k, n = weight.shape[1], weight.shape[0]
-    if x.shape[-1] != k:
-        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's in_features; x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}")
-    if bias is not None and bias.shape[0] != n:
-        raise ValueError(f"bias must have out_features = {n} elements to match weight {tuple(weight.shape)}, "
-                         f"got shape {tuple(bias.shape)}")
+    _check_in_out_features(x, bias, "weight", weight)
 
 
 def _lora_linear_fp8_args_pass(x, frozen, lora_a, lora_b, bias) -> bool:
@@ -186,22 +171,34 @@ def check_lora_linear_fp8_args(x, frozen, lora_a, lora_b, bias) -> None:
     and device, frozen's tensors are on that device (check_fp8_weight)."""
     if _lora_linear_fp8_args_pass(x, frozen, lora_a, lora_b, bias):
         return
+    _check_activation_and_factors(x, lora_a, lora_b, bias)
+    check_fp8_weight(frozen, x)
+    check_lora_shapes(frozen.q, lora_a, lora_b)
+    _check_in_out_features(x, bias, "frozen.q", frozen.q)
+
+
+def _check_activation_and_factors(x, lora_a, lora_b, bias, **weight) -> None:
+    """x (..., K), the factors and bias float tensors of one dtype and device; `weight` (name=W), where given, too."""
     check_float_tensor("x", x)
+    for name, tensor in weight.items():
+        check_float_tensor(name, tensor, ndim=2)
     check_float_tensor("lora_a", lora_a, ndim=2)
     check_float_tensor("lora_b", lora_b, ndim=2)
     if bias is not None:
         check_float_tensor("bias", bias, ndim=1)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., in_features), got a 0-d tensor")
-    check_same_dtype_and_device(x=x, lora_a=lora_a, lora_b=lora_b, bias=bias)
-    check_fp8_weight(frozen, x)
-    check_lora_shapes(frozen.q, lora_a, lora_b)
-    n, k = frozen.q.shape
+    check_same_dtype_and_device(x=x, **weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+
+
+def _check_in_out_features(x, bias, name: str, weight) -> None:
+    """x's last dim is weight's in_features K and bias has its out_features N (weight (N, K), called `name`)."""
+    n, k = weight.shape
     if x.shape[-1] != k:
-        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal the frozen weight's in_features; x "
-                         f"{tuple(x.shape)}, frozen.q {(n, k)}")
+        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal {name}'s in_features; x {tuple(x.shape)}, "
+                         f"{name} {(n, k)}")
     if bias is not None and bias.shape[0] != n:
-        raise ValueError(f"bias must have out_features = {n} elements to match frozen.q {(n, k)}, "
+        raise ValueError(f"bias must have out_features = {n} elements to match {name} {(n, k)}, "
                          f"got shape {tuple(bias.shape)}")
 
 

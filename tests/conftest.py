@@ -33,6 +33,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# CUDA errors after which the process's context is lost: every later CUDA call in it fails with the same error.
+_STICKY_CUDA_ERRORS = ("illegal memory access", "misaligned address", "unspecified launch failure",
+                       "illegal instruction")
+_context_lost = False
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report):
+    global _context_lost
+    if HAS_CUDA and report.failed and any(error in str(report.longrepr) for error in _STICKY_CUDA_ERRORS):
+        _context_lost = True
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    # Under pytest-xdist a worker whose CUDA context a test took down leaves, so that the controller reports that
+    # test as the one it crashed on and starts a fresh worker for the rest, instead of every later test on this
+    # worker failing with the first one's error. Without xdist the run goes on (and those failures follow).
+    if _context_lost and os.environ.get("PYTEST_XDIST_WORKER"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(70)
+
+
 @pytest.fixture(autouse=True)
 def default_switches():
     """Every test starts from the package's default settings, whatever the process inherited (a user's exported

@@ -66,6 +66,13 @@ def _cdiv_rounding_down(a, b):
 
 
 @pytest.fixture(autouse=True)
+def fixed_tiles():
+    """No test tunes the Triton engine's tile unless it says so (test_tuned_fused_gemm_matches_reference): each tile
+    has its own test, and tuning every shape of the others cold would take minutes of compiling and timing."""
+    rk.configure(autotune=False)
+
+
+@pytest.fixture(autouse=True)
 def stand_in_gpu(request, monkeypatch):
     """The dry run's stand-in for the GPU (see the module docstring), for the tests marked gpu."""
     if not GPU_DRY_RUN or request.node.get_closest_marker("gpu") is None:
@@ -196,9 +203,14 @@ def test_merge_and_reinit_at_4096_on_gpu(dtype, triton_backend):
     if dtype == torch.float32:
         assert_within_bound("W", weight, exact, bound)
     else:
-        # Both round once from fp32 sums of 16 exact products: at most one ulp apart, almost always equal.
+        # Both round once from fp32 sums of the same terms in another order: almost always equal. Where the sum
+        # nearly cancels, fp32's rounding of the terms is large against the result (a first GPU run saw 6 of 16.8M
+        # bf16 elements 0.07 apart relatively), so each element is held to the float64 value: the fp32 bound, then
+        # one rounding into the dtype (half an ulp of the value, or half the subnormal step near zero).
         assert values_unknown(weight, expected) or (weight == expected).double().mean() > 0.999
-        torch.testing.assert_close(weight, expected, rtol=torch.finfo(dtype).eps, atol=0.0)
+        info = torch.finfo(dtype)
+        rounded = bound + info.eps / 2 * (exact.abs() + bound) + info.smallest_normal * info.eps / 2
+        assert_within_bound("W", weight, exact, rounded)
     assert_bitwise_equal("A", lora_a, reference.reinit_uniform(4, 16, 4096, device=DEVICE).to(dtype))
     assert values_unknown(lora_b) or not lora_b.any()
 

@@ -106,6 +106,16 @@ def remember(cache: dict, key, value):
     return value
 
 
+def static_ints(value):
+    """`value` (an int, or nested tuples of them, as a launch key or a shape) with every SymInt made an int. Traced
+    with dynamic shapes (torch.compile(dynamic=True), AOTAutograd's dynamic checks) a launcher reads symbolic sizes,
+    which can neither key a cache nor choose a tile or a constexpr; int() specialises the graph on each one (a guard
+    that recompiles for another size), as a compiled kernel's launch needs them known."""
+    if isinstance(value, tuple):
+        return tuple(static_ints(v) for v in value)
+    return int(value) if isinstance(value, torch.SymInt) else value
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints: triton.cdiv is a constexpr function costing microseconds per host call."""
     return -(-a // b)
@@ -204,7 +214,7 @@ class LaunchSite:
     def bind(self, traceable_kernel, key: tuple) -> BoundLaunch | _TracedLaunch:
         """The launch of `key`, to be called with the pointers (as often as wanted, while the key holds)."""
         if traceable_kernel is not self.kernel or _interpreted(self.kernel):
-            return _TracedLaunch(self, key, traceable_kernel)
+            return _TracedLaunch(self, static_ints(key), traceable_kernel)
         bound = self.plans.get(key)
         return bound if bound is not None else remember(self.plans, key, BoundLaunch(self, key))
 

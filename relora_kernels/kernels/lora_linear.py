@@ -48,6 +48,7 @@ from .launch import (
     launch_options,
     on_tensors_device,
     remember,
+    static_ints,
     traceable,
 )
 
@@ -769,7 +770,8 @@ def fp8_gemm_tile(rank: int, out_dtype: torch.dtype) -> policy.GemmTile:
     fitting tile was 128x128x32 w4, which spills there (sm_89 build, triton 3.9, r = 16), and 128x128x64 w8 fits."""
     if policy.interpreting():
         return policy.INTERPRETER_TILE
-    return policy.fitting(policy.GEMM_TILES, fp8_gemm_shared_bytes, policy.block_rank(rank), out_dtype)[0]
+    return policy.fitting(policy.GEMM_TILES, fp8_gemm_shared_bytes, policy.block_rank(static_ints(rank)),
+                          out_dtype)[0]
 
 
 def fused_matmul_fp8_launch(lhs_q, lhs_scale, rhs_q, rhs_scale, low, up, low_scale, bias, dropout_p, tile,
@@ -924,7 +926,7 @@ def grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_b
     """(layout, dB launch, dA launch, dy's quantising launch or None) of the gradient launches for these operands'
     key (see _grad_ab), to be passed back to it as `launches`; lora_a as there (None unless the dA launch also writes
     dx's start)."""
-    (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
+    (M, K), N, R = static_ints((x.shape, grad_y.shape[1], lora_b.shape[1]))
     write_dx = lora_a is not None
     layout_key = (M, N, K, R, x.dtype, write_dx, deterministic, x.device.index)
     precision = dot_precision(x.dtype)

@@ -21,7 +21,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake  # also sees through AOT tracing's functional tensors
 
 from . import fused_gemm_tma, lora_linear, policy
-from .launch import dot_precision, on_tensors_device, remember
+from .launch import dot_precision, on_tensors_device, remember, static_ints
 
 
 def _is_fake(*tensors: torch.Tensor) -> bool:
@@ -32,12 +32,12 @@ def _is_fake(*tensors: torch.Tensor) -> bool:
 
 
 def _forward_gemm(x, weight, rank: int, bias) -> policy.GemmLaunch:
-    (M, K), N = x.shape, weight.shape[0]
+    (M, K), N, rank = static_ints((x.shape, weight.shape[0], rank))
     return policy.GemmLaunch(x.dtype, policy.block_rank(rank), "forward", bias is not None, False, M, N, K)
 
 
 def _input_grad_gemm(grad_y, weight, rank: int, dropout_p: float) -> policy.GemmLaunch:
-    M, (N, K) = grad_y.shape[0], weight.shape
+    M, (N, K), rank = static_ints((grad_y.shape[0], weight.shape, rank))
     return policy.GemmLaunch(grad_y.dtype, policy.block_rank(rank), "input_grad", False, dropout_p > 0.0, M, K, N)
 
 

@@ -379,7 +379,7 @@ def build_all(capability: int, dtype_name: str, rank: int, shapes: tuple[str, ..
         dtype = DTYPES[dtype_name]
         # Every tile tuning would time (the candidates that fit), then the fixed tile of RELORA_KERNELS_AUTOTUNE=0.
         stage["label"] = "tuned"
-        for tile in policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, policy.block_rank(rank),
+        for tile in policy.fitting(policy.gemm_tiles(), policy.gemm_shared_bytes, policy.block_rank(rank),
                                    dtype)[:policy.TUNED_CANDIDATES]:
             with policy.forced_tile(tile):
                 _drive_launchers(dtype, rank)

@@ -119,7 +119,12 @@ def test_first_contact_plan_runs_the_headline_comparison_first_and_the_launches_
     lora = [(case, provider) for case, provider in pairs if isinstance(case, cases.LoraCase)]
     engines = ("fused_triton", "fused_cublas", "fused")  # both engines and the automatic choice, side by side
     # then the same three with an FP8 frozen weight
-    assert lora[:9] == [(cases.HEADLINE, p) for p in ("floor", "eager", "compile", *engines, *cases.FP8_PROVIDERS)]
+    assert lora[:8] == [(cases.HEADLINE, p) for p in ("floor", "eager", *engines, *cases.FP8_PROVIDERS)]
+    # torch.compile's runs (a minute of compiling each) after every other run of the first part, the headline's first
+    compiles = [i for i, (_, provider) in enumerate(pairs) if provider == "compile"]
+    others = [i for i, (case, provider) in enumerate(pairs) if provider != "compile"
+              and not isinstance(case, cases.LaunchCase)]
+    assert compiles and min(compiles) > max(others) and pairs[compiles[0]][0] == cases.HEADLINE
     headline_p0 = dataclasses.replace(cases.HEADLINE, p=0.0)
     assert {p for case, p in lora if case == headline_p0} == {"floor", "eager", "compile", *engines,
                                                               *cases.FP8_PROVIDERS}
@@ -132,7 +137,7 @@ def test_first_contact_plan_runs_the_headline_comparison_first_and_the_launches_
     assert [p for case, p in pairs if isinstance(case, cases.MergeCase)] == ["eager", "fused", "fused_fp8",
                                                                                   "fused_fp8_cpu_master"]
     assert {case.mode for case, _ in lora} == {"fwd+bwd"} and {case.dtype for case, _ in lora} == {"bf16"}
-    ops = [case.row()["op"] for case, _ in pairs]
+    ops = [case.row()["op"] for case, provider in pairs if provider != "compile"]
     assert ops == sorted(ops, key=["lora_linear", "merge_and_reinit", "pretrain", "lora_launches"].index)
     assert [p for case, p in pairs if isinstance(case, e2e.PretrainCase)] == ["full_eager", "lora_eager",
                                                                              "relora_fused"]

@@ -111,7 +111,7 @@ def test_hopper_tiles_are_timed_on_sm90_where_the_operands_are_tma_eligible(monk
     weight = torch.empty(launch["N_out"], launch["K_in"], dtype=torch.bfloat16)
     rhs_t = weight if kind == "forward" else weight.T  # dx = dy @ W reads W.T through its transpose
     tiles = tune.tiles_to_time(launch, (lhs, rhs_t), smoke=False)
-    pointer = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, 16, torch.bfloat16)
+    pointer = policy.fitting(policy.gemm_tiles(), policy.gemm_shared_bytes, 16, torch.bfloat16)
     hopper = policy.tma_tiles(tune.gemm_launch(launch))
     assert hopper and all(tile.kernel == "tma" for tile in hopper)
     assert tiles == pointer + hopper

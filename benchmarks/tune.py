@@ -121,7 +121,7 @@ def tiles_to_time(launch: dict, operands: tuple, smoke: bool) -> list[policy.Gem
     hopper_ok = tma_eligible(*operands)
     if smoke:
         return policy.GEMM_TILES[-2:] + ([policy.INTERPRETER_TMA_TILE] if hopper_ok else [])
-    pointer = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, policy.block_rank(launch["r"]),
+    pointer = policy.fitting(policy.gemm_tiles(), policy.gemm_shared_bytes, policy.block_rank(launch["r"]),
                              cases.DTYPES[launch["dtype"]])
     return pointer + (policy.tma_tiles(gemm_launch(launch)) if hopper_ok else [])
 

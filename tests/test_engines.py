@@ -11,7 +11,7 @@ from helpers import make_inputs
 
 import relora_kernels as rk
 from relora_kernels import _settings as rk_settings
-from relora_kernels.kernels import passes, policy
+from relora_kernels.kernels import lora_linear, passes, policy
 
 H100_SHARED_MEMORY = 232448
 
@@ -87,7 +87,7 @@ def test_table_hit_bucket_and_miss(on_h100, monkeypatch):
 
 def test_tile_choice_fixed_forced_and_a_table_tile_that_does_not_fit(on_h100, monkeypatch):
     headline = launch()
-    first = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, 16, torch.bfloat16)[0]
+    first = policy.fitting(policy.gemm_tiles(), policy.gemm_shared_bytes, 16, torch.bfloat16)[0]
     rk.configure(autotune=False)
     assert policy.gemm_tile(headline, None) == first
     with policy.forced_tile(policy.GEMM_TILES[-1]):
@@ -104,11 +104,32 @@ def test_the_table_tile_comes_before_the_fixed_and_the_tuned_tile(autotune, on_h
     headline = launch(kind="input_grad", bias=False, dropout=True)
     rk.configure(autotune=autotune)
     table_tile = "64x64x64 g8 w4 s4"
-    assert policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, 16, torch.bfloat16)[0].name != table_tile
+    assert policy.fitting(policy.gemm_tiles(), policy.gemm_shared_bytes, 16, torch.bfloat16)[0].name != table_tile
     on_h100(default={headline.variant: {"engine": "triton", "tile": table_tile}})
     assert policy.gemm_tile(headline, lambda tile: pytest.fail("timed a tile the table names")).name == table_tile
-    on_h100(shapes={headline.shape_key: {"engine": "cublas", "tile": "128x128x32 g8 w4 s4"}})
-    assert policy.gemm_tile(headline, None).name == "128x128x32 g8 w4 s4"
+    on_h100(shapes={headline.shape_key: {"engine": "cublas", "tile": "128x128x64 g8 w4 s4"}})
+    assert policy.gemm_tile(headline, None).name == "128x128x64 g8 w4 s4"
+
+
+def test_a_tile_found_wrong_is_never_chosen_on_its_architecture(on_h100, monkeypatch):
+    # policy.WRONG_TILES: on sm_90 no fixed, tuned, table or FP8 choice may fall on a tile a GPU run found computing
+    # wrong results; on another architecture it is still a candidate.
+    monkeypatch.setattr(policy, "TUNER", policy.TileTuner())
+    (wrong,) = policy.WRONG_TILES[90]
+    assert wrong in {tile.name for tile in policy.GEMM_TILES}
+    timed = []
+    chosen = policy.gemm_tile(launch(M=2042, N=1500, K=1000), lambda tile: timed.append(tile.name) or 1.0)
+    assert timed and wrong not in timed and chosen.name != wrong
+    headline = launch()
+    on_h100(shapes={headline.shape_key: {"engine": "triton", "tile": wrong}})
+    assert policy.gemm_tile(headline, None).name != wrong
+    for rank in (16, 256):
+        for dtype in (torch.bfloat16, torch.float32):
+            names = [t.name for t in policy.fitting(policy.gemm_tiles(), policy.gemm_shared_bytes, rank, dtype)]
+            assert wrong not in names and names
+    assert lora_linear.fp8_gemm_tile(16, torch.bfloat16).name != wrong
+    monkeypatch.setattr(policy, "current_arch", lambda: 80)
+    assert wrong in {tile.name for tile in policy.gemm_tiles()}
 
 
 def test_varying_batch_sizes_tune_at_most_once_per_bucket(on_h100, monkeypatch):
@@ -126,7 +147,7 @@ def test_varying_batch_sizes_tune_at_most_once_per_bucket(on_h100, monkeypatch):
     buckets = {launch(M=m).m_bucket for m in range(1000, 9001)}
     assert policy.TUNER.tunings <= len(buckets) == 5
     assert len(timed) == policy.TUNER.tunings * policy.TUNED_CANDIDATES
-    candidates = policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, 16, torch.bfloat16)
+    candidates = policy.fitting(policy.gemm_tiles(), policy.gemm_shared_bytes, 16, torch.bfloat16)
     assert chosen == {min(candidates[:policy.TUNED_CANDIDATES], key=lambda t: t.block_m * t.block_n)}
     # A launch that cannot be timed (traced, or captured into a CUDA graph) never tunes.
     before = policy.TUNER.tunings

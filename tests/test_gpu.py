@@ -264,9 +264,13 @@ def test_every_fused_gemm_tile_is_correct(tile, rank, monkeypatch, kernel_calls,
     # must be left out by the selection (its launch would raise OutOfResources).
     if engine == "cublas":
         pytest.skip("the tiles are the Triton engine's")
+    if tile not in policy.gemm_tiles():
+        # Found wrong on this architecture (policy.WRONG_TILES): never chosen, so not run (it can take the CUDA
+        # context down). Running it again, under a newer Triton, is `python -m benchmarks.isolate_fault`'s job.
+        pytest.skip(f"{tile.name} is left out on sm_{policy.current_arch()} (policy.WRONG_TILES)")
     rank_block = policy.block_rank(rank)
     if policy.gemm_shared_bytes(tile, rank_block, torch.bfloat16.itemsize) > policy.shared_memory_limit():
-        assert tile not in policy.fitting(policy.GEMM_TILES, policy.gemm_shared_bytes, rank_block, torch.bfloat16)
+        assert tile not in policy.fitting(policy.gemm_tiles(), policy.gemm_shared_bytes, rank_block, torch.bfloat16)
         return
     inputs = make_inputs((1000,), 1024, 1500, rank, torch.bfloat16, device=DEVICE)
     with policy.forced_tile(tile):

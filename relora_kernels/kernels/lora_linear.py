@@ -765,12 +765,13 @@ def fp8_gemm_shared_bytes(tile: policy.GemmTile, rank_block: int, element_size: 
 
 
 def fp8_gemm_tile(rank: int, out_dtype: torch.dtype) -> policy.GemmTile:
-    """The FP8 fused GEMM's tile where its caller names none: the interpreter's, else the first of GEMM_TILES whose
-    FP8 estimate fits. Counting the 1-byte operands as 1 byte matters on 99 KiB GPUs (sm_89): at 2 bytes the first
-    fitting tile was 128x128x32 w4, which spills there (sm_89 build, triton 3.9, r = 16), and 128x128x64 w8 fits."""
+    """The FP8 fused GEMM's tile where its caller names none: the interpreter's, else the first of
+    policy.gemm_tiles() whose FP8 estimate fits. Counting the 1-byte operands as 1 byte matters on 99 KiB GPUs
+    (sm_89): at 2 bytes the first fitting tile was 128x128x32 w4, which spills there (sm_89 build, triton 3.9,
+    r = 16), and 128x128x64 w8 fits."""
     if policy.interpreting():
         return policy.INTERPRETER_TILE
-    return policy.fitting(policy.GEMM_TILES, fp8_gemm_shared_bytes, policy.block_rank(static_ints(rank)),
+    return policy.fitting(policy.gemm_tiles(), fp8_gemm_shared_bytes, policy.block_rank(static_ints(rank)),
                           out_dtype)[0]
 
 

@@ -356,18 +356,28 @@ def compiled(fn: Callable) -> Callable:
 
 
 def chosen_engines(case: LoraCase, provider: str = "fused") -> dict:
-    """{"engine_fwd", "engine_dx"}: the engine the package takes for the case's forward and input-gradient passes
-    under the current engine setting (auto: the table's entry, else policy.predicted_engine), as lora_forward
-    and lora_backward key them (the benchmark's layers have a bias); for an FP8 provider, passes_fp8.fp8_engine's
-    for each frozen GEMM (its reduction: K forward, N for dx)."""
-    from relora_kernels.kernels import passes_fp8, policy
+    """{"engine_fwd", "engine_dx", "tile_fwd", "tile_dx"}: the engine the package takes for the case's forward and
+    input-gradient passes under the current engine setting (auto: the table's entry, else policy.predicted_engine),
+    as lora_forward and lora_backward key them (the benchmark's layers have a bias), and where that engine is
+    Triton the fused GEMM's tile it settled on (tuned, fixed or the table's; None where it is still open, e.g. a
+    Hopper tile, which depends on the operands); for an FP8 provider, passes_fp8.fp8_engine's for each frozen GEMM
+    (its reduction: K forward, N for dx) and lora_linear.fp8_gemm_tile's tile. Asked after the timed calls."""
+    from relora_kernels.kernels import lora_linear, passes_fp8, policy
 
+    dtype = DTYPES[case.dtype]
     if provider in FP8_PROVIDERS:
-        return {"engine_fwd": passes_fp8.fp8_engine(case.K), "engine_dx": passes_fp8.fp8_engine(case.N)}
-    dtype, rank_block = DTYPES[case.dtype], policy.block_rank(case.r)
-    forward = policy.GemmLaunch(dtype, rank_block, "forward", True, False, case.M, case.N, case.K)
-    input_grad = policy.GemmLaunch(dtype, rank_block, "input_grad", False, case.p > 0, case.M, case.K, case.N)
-    return {"engine_fwd": policy.choose_engine(forward), "engine_dx": policy.choose_engine(input_grad)}
+        engines = {"engine_fwd": passes_fp8.fp8_engine(case.K), "engine_dx": passes_fp8.fp8_engine(case.N)}
+        tile = lora_linear.fp8_gemm_tile(case.r, dtype).name
+        return {**engines, **{f"tile_{p}": tile if engines[f"engine_{p}"] == "triton" else None for p in ("fwd", "dx")}}
+    rank_block = policy.block_rank(case.r)
+    launches = {"fwd": policy.GemmLaunch(dtype, rank_block, "forward", True, False, case.M, case.N, case.K),
+                "dx": policy.GemmLaunch(dtype, rank_block, "input_grad", False, case.p > 0, case.M, case.K, case.N)}
+    row = {}
+    for name, launch in launches.items():
+        row[f"engine_{name}"] = engine = policy.choose_engine(launch)
+        tile = policy.settled_tile(launch) if engine == "triton" else None
+        row[f"tile_{name}"] = tile.name if tile is not None else None
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -308,6 +308,15 @@ def markdown(results: dict) -> str:
                    *(providers[q]["peak_mem_mb"] if q in providers else None for q in present)]
                   for key, providers in groups.items()]
         lines += _table(["layer", "mode", "M", "K->N", "r", "p", "dtype", *present], memory)
+        tiles = [[*key[:3], f"{key[3]}->{key[4]}", *key[5:], q, row.get("tile_fwd"), row.get("tile_dx")]
+                 for key, providers in groups.items() for q, row in providers.items()
+                 if row.get("tile_fwd") or row.get("tile_dx")]
+        if tiles:
+            lines += ["", "## lora_linear: the Triton engine's tiles", "",
+                      "The fused GEMM's tile each fused row's Triton passes settled on (tuned per launch key, the "
+                      "table's, or the FP8 GEMM's fixed one); none where that pass ran on cuBLAS.", ""]
+            lines += _table(["layer", "mode", "M", "K->N", "r", "p", "dtype", "provider", "tile fwd", "tile dx"],
+                            tiles)
         lines += _fp8_section(groups)
 
     lines += _launch_section(results)

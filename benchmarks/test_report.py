@@ -22,7 +22,8 @@ COPY_GBPS = 3000.0
 
 
 def _lora_rows(case, times, engines=None):
-    engines = engines or {"fused": {"engine_fwd": "cublas", "engine_dx": "triton"},
+    engines = engines or {"fused": {"engine_fwd": "cublas", "engine_dx": "triton", "tile_fwd": None,
+                                    "tile_dx": "128x128x64 g8 w8 s4"},
                           "fused_fp8": {"engine_fwd": "cublas", "engine_dx": "cublas"}}
     return [{**case.row(), "provider": provider, "median_ms": ms, "p20_ms": ms * 0.99, "p80_ms": ms * 1.01,
              "peak_mem_mb": 100.0, **cases.metrics(case, provider, ms), **engines.get(provider, {}), "status": "ok"}
@@ -157,6 +158,9 @@ def test_report_writes_table_plots_and_goals(fake_file, capsys):
             "cublas/triton |") in text
     assert "| fused_triton / floor | fused_triton vs eager | fused_cublas / floor |" in text
     assert "| relora_fused | gpt2-124m | 8192 |" in text and "## Not measured" in text
+    # The tile each Triton pass ran (none for a cuBLAS pass)
+    assert ("| llama-7b.qkvo | fwd+bwd | 8192 | 4096->4096 | 16 | 0.1 | bf16 | fused | — | 128x128x64 g8 w8 s4 |"
+            in text)
     for suffix in ("speedup", "vs_floor"):
         png = fake_file.with_name(f"fake_{suffix}.png")
         assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"

@@ -164,6 +164,7 @@ def test_launchers_register_as_triton_ops():
         assert str(op._opoverload._schema).split("::")[1] == str(registered).split("::")[1], name
 
 
+@pytest.mark.slow
 def test_launchers_trace_with_symbolic_shapes():
     # On a GPU the ops are triton_ops: torch.compile(dynamic=True) and opcheck's AOT checks run each launcher on fake
     # tensors of symbolic sizes, which must neither key a cache nor choose a tile unspecialised (a SymInt is

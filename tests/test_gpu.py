@@ -289,6 +289,19 @@ def test_tuned_fused_gemm_matches_reference(monkeypatch, kernel_calls, poisoned_
 
 
 @gpu
+def test_tuning_at_shapes_off_the_blocks_matches_reference(monkeypatch, kernel_calls, poisoned_outputs):
+    # What a training run does by default: tune each key's tile on its first call, here at a token count, K and N off
+    # every block (r = 1, padded). On an H200 under triton 3.6 this took the CUDA context down while a tile now in
+    # policy.WRONG_TILES was among the candidates timed.
+    rk.configure(autotune=True)
+    monkeypatch.setattr(policy, "TUNER", policy.TileTuner())
+    inputs = make_inputs((2, 1021), 1000, 1500, 1, torch.float16, device=DEVICE)
+    check_against_reference(inputs, 0.5, 0.1, 7, torch.float16)
+    if not GPU_DRY_RUN:
+        assert policy.TUNER.tunings == (2 if policy.engine_setting() == "triton" else 0)
+
+
+@gpu
 def test_table_entries_run_and_are_correct(monkeypatch, kernel_calls, poisoned_outputs):
     # The table path on the GPU: a table naming, for this GPU's architecture, the cuBLAS-composed engine for the
     # forward and the Triton engine with the small 64x64 tile for dx; both passes against the float64 reference.

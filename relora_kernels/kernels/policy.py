@@ -512,7 +512,9 @@ def _choose_tile(launch, time_tile, tma_ok, timeable) -> tuple[GemmTile, bool]:
     entry = table_entry(launch)
     if entry and entry.get("tile"):  # the Triton engine's tile, also where the entry's engine is cuBLAS
         tile = parse_tile(entry["tile"])
-        usable = tile in gemm_tiles() or (tile in tma_tiles(launch) and (tma_ok() if callable(tma_ok) else tma_ok))
+        wrong_here = tile.name in WRONG_TILES.get(current_arch(), ())
+        usable = (tile.kernel == "pointer" and not wrong_here) or (
+            tile in tma_tiles(launch) and (tma_ok() if callable(tma_ok) else tma_ok))
         if usable and gemm_shared_bytes(tile, launch.rank_block, launch.dtype.itemsize) <= shared_memory_limit():
             return tile, tile.kernel == "pointer"  # a Hopper tile depends on the operands' layout: asked each time
     if tile_choice() == "fixed":  # after the table: the autotune setting off only stops tuning

@@ -29,8 +29,16 @@ def test_a_case_runs_and_reports(name):
     result = isolate_fault.run_case(name, device="cpu")
     if name.startswith("forward_gemm"):
         # fp32 accumulation of K + r = 28 products (~28 x 6e-8), then one rounding into fp16 (half an ulp, 4.9e-4
-        # relative): under fp16's eps in norm
+        # relative): under fp16's eps in norm, the bound the tool itself holds a GEMM to
         error = float(re.fullmatch(r"ok, relative error (\S+)", result).group(1))
         assert error < torch.finfo(torch.float16).eps
     else:
         assert result == "ok"
+
+
+def test_a_gemm_off_by_more_than_the_dtype_allows_is_called_wrong(monkeypatch):
+    from relora_kernels.kernels import passes
+
+    forward = passes.lora_forward_matmul
+    monkeypatch.setattr(passes, "lora_forward_matmul", lambda *args: forward(*args) * 1.01)  # 1 % off
+    assert isolate_fault.run_case("forward_gemm/tiny/32x32x32 g8 w4 s2", device="cpu").startswith("WRONG")

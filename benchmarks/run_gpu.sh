@@ -12,6 +12,8 @@
 #   --max-files N       RUN_MAX_FILES (default 8): the folder must end with at most N files (part 5 checks it; a GPU
 #                       run writes 8)
 #   --max-file-mib M    RUN_MAX_FILE_MIB (default 16): each file under M MiB
+#   --skip P[,P]        RUN_SKIP: parts not run (recorded as skipped; their budget goes to the others), e.g. a
+#                       second run that needs only the sweep and the tests: --skip host
 # PYTHON: the interpreter that holds torch (default python3: some GPU images have no plain `python`). Where the
 # checkout has no .git, RELORA_BENCH_COMMIT names the commit measured.
 #
@@ -56,14 +58,16 @@ smoke="${RUN_GPU_SMOKE:-0}"
 budget="${RUN_BUDGET_S:-}"
 max_files="${RUN_MAX_FILES:-8}"
 max_file_mib="${RUN_MAX_FILE_MIB:-16}"
+skip="${RUN_SKIP:-}"
 out=""
-usage="usage: bash benchmarks/run_gpu.sh [--smoke] [--budget-s S] [--max-files N] [--max-file-mib M] [DIR]"
+usage="usage: bash benchmarks/run_gpu.sh [--smoke] [--budget-s S] [--max-files N] [--max-file-mib M] [--skip P[,P]] [DIR]"
 while [ $# -gt 0 ]; do
     case "$1" in
         --smoke) smoke=1 ;;
         --budget-s) budget="${2:?$usage}"; shift ;;
         --max-files) max_files="${2:?$usage}"; shift ;;
         --max-file-mib) max_file_mib="${2:?$usage}"; shift ;;
+        --skip) skip="${2:?$usage}"; shift ;;
         -h|--help) echo "$usage"; exit 0 ;;
         -*) echo "run_gpu.sh: unknown option $1; $usage" >&2; exit 2 ;;
         *) [ -z "$out" ] || { echo "run_gpu.sh: one folder only; $usage" >&2; exit 2; }; out="$1" ;;
@@ -73,6 +77,20 @@ done
 [[ -z "$budget" || "$budget" =~ ^[1-9][0-9]*$ ]] || { echo "run_gpu.sh: --budget-s must be a whole number > 0" >&2; exit 2; }
 [[ "$max_files" =~ ^[1-9][0-9]*$ ]] || { echo "run_gpu.sh: --max-files must be a whole number > 0" >&2; exit 2; }
 [[ "$max_file_mib" =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "run_gpu.sh: --max-file-mib must be a number > 0" >&2; exit 2; }
+
+PARTS=(build sweep tests host rest check)
+# Seconds of the budget each part keeps for itself: the tests' share, the resumed sweep's, the check's. The build
+# and the sweep take what the later parts leave (the sweep also keeps room for its longest single run, a
+# torch.compile, RUN_RESERVE_S).
+declare -A RESERVE_S=([build]=0 [sweep]=0 [tests]=140 [host]=45 [rest]=25 [check]=5)
+RUN_RESERVE_S=60
+declare -A SKIPPED=()
+for part in ${skip//,/ }; do
+    [ -n "${RESERVE_S[$part]+set}" ] || { echo "run_gpu.sh: --skip: no part '$part' (parts: ${PARTS[*]})" >&2; exit 2; }
+    [ "$part" = check ] && { echo "run_gpu.sh: --skip: the check always runs" >&2; exit 2; }
+    SKIPPED[$part]=1 RESERVE_S[$part]=0
+done
+
 export PYTHONUNBUFFERED=1
 out="${out:-benchmarks/results}"
 mkdir -p "$out" || exit 1
@@ -98,12 +116,6 @@ print(device_slug(device_name(torch.device('cuda'))) if cuda else 'cpu-smoke', 1
 echo "run_gpu.sh: $name, sm_$capability, commit $commit, smoke=$smoke, budget ${budget:-none} s," \
     "at most $max_files files of < $max_file_mib MiB"
 
-PARTS=(build sweep tests host rest check)
-# Seconds of the budget each part keeps for itself: the tests' share, the resumed sweep's, the check's. The build
-# and the sweep take what the later parts leave (the sweep also keeps room for its longest single run, a
-# torch.compile, RUN_RESERVE_S).
-declare -A RESERVE_S=([build]=0 [sweep]=0 [tests]=140 [host]=45 [rest]=25 [check]=5)
-RUN_RESERVE_S=60
 
 # Seconds the parts after the current one keep (RESERVE_S), plus $1.
 later() {
@@ -134,6 +146,11 @@ record() {
 run_part() {
     current=$1
     local t=$SECONDS
+    if [ -n "${SKIPPED[$1]+set}" ]; then
+        echo "== part $1: skipped (--skip)"
+        records+=("{\"part\": \"$1\", \"skipped\": true}")
+        return 0
+    fi
     "part_$1"
     record "$1" $((SECONDS - t)) $?
 }

@@ -57,6 +57,14 @@ def test_a_missing_part_is_named(tmp_path, name):
     assert any(p.startswith(name) and "missing" in p for p in harness.check_outputs(tmp_path))
 
 
+def test_a_skipped_part_needs_no_file_but_a_run_part_does(tmp_path):
+    record = {"parts": [{"part": "tests", "skipped": True}, {"part": "build", "seconds": 3, "exit_code": 0}]}
+    folder = _run_folder(tmp_path, **{"run_gpu.json": json.dumps(record)})
+    for name in ("pytest_gpu.txt", "gpu_build.md"):
+        (folder / name).unlink()
+    assert harness.check_outputs(folder) == ["gpu_build.md: missing"]
+
+
 def test_a_file_over_the_size_limit_or_a_subfolder_fails(tmp_path):
     (_run_folder(tmp_path) / "deeper").mkdir()
     problems = harness.check_outputs(tmp_path, max_file_mib=10 / 2**20)
@@ -96,6 +104,7 @@ def test_run_gpu_refuses_bad_options_before_running_anything(tmp_path):
     script = ROOT / "benchmarks" / "run_gpu.sh"
     for args, message in ((["--max-files", "0"], "--max-files must be"), (["--budget-s", "9.5"], "--budget-s must"),
                           (["--max-file-mib", "x"], "--max-file-mib must"), (["--bogus"], "unknown option --bogus"),
+                          (["--skip", "host,bogus"], "no part 'bogus'"), (["--skip", "check"], "check always runs"),
                           ([str(tmp_path / "a"), str(tmp_path / "b")], "one folder only")):
         run = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and message in run.stderr, (args, run.stderr)

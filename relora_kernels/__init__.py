@@ -14,11 +14,12 @@ from ._settings import Settings, configure, settings
 from ._settings import current as current_settings
 from .adapters import load_peft_adapter, save_peft_adapter
 from .functional import lora_linear, lora_linear_fp8, merge_and_reinit_, quantize_fp8_weight
-from .modules import LoRALinear, apply_lora, ddp_skip_fp8_copies, merge_lora
+from .modules import LoRALinear, apply_lora, ddp_skip_fp8_copies, fsdp_shard_fp8_weights, merge_lora
 from .reference import FP8Weight
 from .relora import ReLoRA, jagged_cosine
 
 __all__ = ["lora_linear", "lora_linear_fp8", "quantize_fp8_weight", "FP8Weight", "merge_and_reinit_",
-           "LoRALinear", "apply_lora", "merge_lora", "ddp_skip_fp8_copies", "save_peft_adapter",
+           "LoRALinear", "apply_lora", "merge_lora", "ddp_skip_fp8_copies", "fsdp_shard_fp8_weights",
+           "save_peft_adapter",
            "load_peft_adapter", "ReLoRA", "jagged_cosine", "settings", "configure", "current_settings", "Settings"]
 __version__ = "0.1.0"

@@ -14,6 +14,14 @@ Both steps run through `functional.merge_and_reinit_` on the local tensors, so t
 reference, per RELORA_KERNELS_BACKEND) do the math exactly as they do unsharded. Drawing the whole A on every rank,
 rather than only its own rows, reuses the reinit op unchanged and costs r x K draws, next to the N x K merge;
 the gathered A is the buffer it is drawn into, and the new A is bit-identical to a single process's.
+
+FP8 frozen weights (LoRALinear(frozen_dtype="fp8")) under FSDP2: the layer's W is sharded on dim 0 by the package
+(modules.fsdp_shard_fp8_weights) and left out of FSDP2's all-gather (fully_shard's ignored_params), and each rank
+keeps the FP8 copies of its own rows. The forward copy (W by rows, a scale per row) of a block of rows is that
+block of the whole copy; the backward copy (W.T by rows) is scaled by W's column maxima over all rows, so a rank
+quantises its columns of W.T with the maxima all-reduced (K floats, at each refresh: quantize_fp8_weight_shard), and
+its block is bit for bit that of W.T quantised whole. A forward all-gathers the copies, 1 byte per element where
+FSDP2 would gather W in its dtype (gather_fp8_weight).
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import torch
 import torch.nn as nn
 
 from ._validate import check_lora_shapes, is_dtensor
-from .functional import merge_and_reinit_
+from .functional import merge_and_reinit_, quantize_fp8_weight
+from .reference import FP8Weight
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -107,3 +116,66 @@ def merge_and_reinit_sharded_(weight, lora_a, lora_b, scale, *, seed: int) -> No
         merge_and_reinit_(weight.to_local(), full_a, lora_b.to_local(), scale, seed=seed)
         block = tuple(slice(start, start + size) for start, size in zip(a_offset, a_shape, strict=True))
         lora_a.to_local().copy_(full_a[block])
+
+
+def _row_shard(name: str, t) -> tuple[int, int, int]:
+    """(offset, rows, rows per rank) of this rank's block of DTensor t, sharded on dim 0 over a 1-D mesh as
+    torch.chunk splits it (DTensor's Shard(0): every rank but the last ones holds ceil(N / world) rows)."""
+    from torch.distributed.tensor import Shard
+
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise ValueError(f"{name} must be sharded Shard(0) over a 1-D device mesh (FSDP2's layout), got "
+                         f"{t.placements} over a {t.device_mesh.ndim}-D mesh")
+    shape, offset = _shard_box(name, t, rows_only=True)
+    per_rank = -(-t.shape[0] // t.device_mesh.size())
+    if offset[0] != t.device_mesh.get_local_rank() * per_rank and shape[0] > 0:
+        raise RuntimeError(f"{name}: this rank's rows start at {offset[0]}, not where torch.chunk puts them")
+    return offset[0], shape[0], per_rank
+
+
+def quantize_fp8_weight_shard(weight) -> FP8Weight:
+    """The FP8 copies of this rank's rows of W (a DTensor sharded Shard(0) over a 1-D mesh), as FP8Weight of local
+    tensors: q (n, K) and scale (n,) of its rows; q_t (K, n) of its columns of W.T, scaled by the whole W's column
+    maxima, and scale_t (K,), the same on every rank. Bit for bit the blocks of quantize_fp8_weight(W whole).
+
+    A collective (an all-reduce of K floats): every rank of the mesh calls it, for the layers in the same order.
+    """
+    import torch.distributed as dist
+
+    _row_shard("weight", weight)
+    local = weight.to_local().detach()
+    with torch.no_grad():
+        column_amax = (local.abs().amax(dim=0).float() if local.shape[0] > 0
+                       else local.new_zeros(local.shape[1], dtype=torch.float32))
+        dist.all_reduce(column_amax, op=dist.ReduceOp.MAX, group=weight.device_mesh.get_group())
+        return quantize_fp8_weight(local, column_amax)
+
+
+def _all_gather_blocks(block: torch.Tensor, per_rank: int, group) -> torch.Tensor:
+    """(world, *block's shape with dim -1 padded to per_rank) of every rank's block, gathered as bytes (a float8
+    tensor travels as uint8: gloo has no float8 type)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    padded = block.new_zeros((*block.shape[:-1], per_rank))
+    padded[..., :block.shape[-1]] = block
+    wire = padded.view(torch.uint8) if padded.dtype.itemsize == 1 else padded
+    out = wire.new_empty((world * wire.shape[0], *wire.shape[1:]))  # gathered along dim 0, as gloo requires
+    dist.all_gather_into_tensor(out, wire.contiguous(), group=group)
+    out = out.view(world, *wire.shape)
+    return out.view(padded.dtype) if wire is not padded else out
+
+
+def gather_fp8_weight(local: FP8Weight, weight) -> FP8Weight:
+    """The whole FP8Weight of W from every rank's quantize_fp8_weight_shard(weight) (`local`, this rank's): q (N, K)
+    and scale (N,) gathered by rows, q_t (K, N) by columns; scale_t is every rank's already. 1 byte per element of W
+    per copy crosses the mesh (and 4 per row for the scales). A collective: every rank of the mesh calls it."""
+    _, rows, per_rank = _row_shard("weight", weight)
+    group = weight.device_mesh.get_group()
+    n, k = weight.shape
+    with torch.no_grad():
+        # Rows gathered as columns of the transposed view, so that one helper pads the last dim of every piece.
+        q = _all_gather_blocks(local.q.T, per_rank, group).permute(0, 2, 1).reshape(-1, k)[:n]
+        scale = _all_gather_blocks(local.scale, per_rank, group).reshape(-1)[:n]
+        q_t = _all_gather_blocks(local.q_t, per_rank, group).permute(1, 0, 2).reshape(k, -1)[:, :n]
+    return FP8Weight(q.contiguous(), scale.contiguous(), q_t.contiguous(), local.scale_t)

@@ -387,20 +387,28 @@ def lora_linear_fp8(x, frozen, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
-def quantize_fp8_weight(weight):
-    """reference.quantize_fp8_weight(weight), bit for bit: the FP8 copies of a frozen weight W (N, K) by rows of W and
-    of W.T with their row scales, by the quantising launch (one per copy) where the kernels run for W's device; by
-    the reference's torch ops elsewhere, and on a CUDA GPU without FP8 (whose FP8 op refuses by name at its forward,
-    so that moving such a layer there is not what fails). For a refresh of the copies after W changes."""
+def quantize_fp8_weight(weight, column_amax=None):
+    """reference.quantize_fp8_weight(weight, column_amax), bit for bit: the FP8 copies of a frozen weight W (N, K) by
+    rows of W and of W.T with their row scales, by the quantising launch (one per copy) where the kernels run for W's
+    device; by the reference's torch ops elsewhere, and on a CUDA GPU without FP8 (whose FP8 op refuses by name at
+    its forward, so that moving such a layer there is not what fails). For a refresh of the copies after W changes.
+    column_amax (K,) fp32 on W's device: the maxima W.T's rows are scaled by where W is a block of rows of a larger
+    weight (an FSDP2 shard: distributed.quantize_fp8_weight_shard); default W's own."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise TypeError(f"weight must be a 2-D floating-point tensor, got {getattr(weight, 'shape', weight)!r}")
+    if column_amax is not None and (not isinstance(column_amax, torch.Tensor) or column_amax.dtype != torch.float32
+                                    or column_amax.shape != (weight.shape[1],)
+                                    or column_amax.device != weight.device):
+        raise ValueError(f"column_amax must be fp32 of shape ({weight.shape[1]},) on {weight.device}, got "
+                         f"{getattr(column_amax, 'dtype', type(column_amax))} "
+                         f"{tuple(getattr(column_amax, 'shape', ()))}")
     if not use_triton(weight.device) or (weight.device.type == "cuda" and _fp8_gpu_problem(
             weight.device.index if weight.device.index is not None else torch.cuda.current_device())):
-        return reference.quantize_fp8_weight(weight)
+        return reference.quantize_fp8_weight(weight, column_amax)
     from .kernels import lora_linear as kernels  # imported on first use, as passes
 
     with torch.no_grad():
-        return FP8Weight(*kernels.quantize_rows_fp8(weight), *kernels.quantize_rows_fp8(weight.T))
+        return FP8Weight(*kernels.quantize_rows_fp8(weight), *kernels.quantize_rows_fp8(weight.T, column_amax))
 
 
 def merge_and_reinit_(weight, lora_a, lora_b, scale, *, seed):

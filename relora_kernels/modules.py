@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from . import reference
 from ._validate import check_frozen_dtype, check_int, check_probability, is_dtensor
-from .distributed import full_tensor, merge_and_reinit_sharded_
+from .distributed import (full_tensor, gather_fp8_weight, local_tensor, merge_and_reinit_sharded_,
+                          quantize_fp8_weight_shard)
 from .functional import draw_seed, lora_linear, lora_linear_fp8, merge_and_reinit_, quantize_fp8_weight
 
 # The FP8 copies' buffer names: W by rows (the forward's operand) and W.T by rows (the input gradient's), each with
@@ -132,6 +133,7 @@ class LoRALinear(nn.Module):
         self.frozen_dtype = check_frozen_dtype(frozen_dtype)
         self.master_device = _check_master_device(master_device, self.frozen_dtype)
         self._fp8_stamp = None  # (W the Parameter, an alias of its data, its version) when the copies were made
+        self._fp8_sharded = False  # W sharded by fsdp_shard_fp8_weights: the copies hold this rank's rows
         if frozen_dtype == "fp8":
             for name in _FP8_BUFFERS:
                 self.register_buffer(name, None, persistent=False)  # derived from W: never saved
@@ -173,8 +175,13 @@ class LoRALinear(nn.Module):
         if self.frozen_dtype != "fp8":
             return
         if is_dtensor(self.weight):
-            raise TypeError("frozen_dtype='fp8' does not take FSDP2-sharded (DTensor) weights yet: shard a layer "
-                            "with frozen_dtype=None, or quantise after gathering")
+            if not self._fp8_sharded:
+                raise TypeError("an FSDP2-sharded W (a DTensor) of a frozen_dtype='fp8' layer must be sharded by "
+                                "rk.fsdp_shard_fp8_weights(model), whose result fully_shard takes as ignored_params: "
+                                "FSDP2 would otherwise all-gather W in its own dtype at every step")
+            # A collective (the column maxima's all-reduce): every rank refreshes when every rank's W changes.
+            self._store_copies(quantize_fp8_weight_shard(self.weight))
+            return
         if self.master_device is None:
             self._quantize_from(self.weight.detach())
             return
@@ -190,24 +197,30 @@ class LoRALinear(nn.Module):
     def _quantize_from(self, weight: torch.Tensor) -> None:
         """Make the FP8 copies from `weight` (W itself, or its copy on the compute device) and stamp the master W
         as it is now."""
-        for name, new in zip(_FP8_BUFFERS, quantize_fp8_weight(weight), strict=True):
+        self._store_copies(quantize_fp8_weight(weight))
+
+    def _store_copies(self, copies: reference.FP8Weight) -> None:
+        for name, new in zip(_FP8_BUFFERS, copies, strict=True):
             old = self._buffers[name]
             if old is not None and (old.shape, old.dtype, old.device) == (new.shape, new.dtype, new.device):
                 old.copy_(new)  # in place: a captured graph (CUDA graphs) keeps reading the same memory
             else:
                 self._buffers[name] = new
         # The alias keeps the quantised data's memory alive, so a later tensor cannot take its address and pass for it.
+        # A sharded W is stamped by its local rows, which in-place writes to the DTensor reach.
         master = self.weight
-        self._fp8_stamp = (master, master.detach(), master._version)
+        data = local_tensor(master).detach()
+        self._fp8_stamp = (master, data, data._version)
 
     def _fp8_copies_stale(self) -> bool:
         if self._fp8_stamp is None:
             return True
         weight = self.weight
         source, data, version = self._fp8_stamp
-        return (weight is not source or weight._version != version or weight.device != data.device
-                or weight.data_ptr() != data.data_ptr() or weight.dtype != data.dtype
-                or weight.shape != data.shape or weight.stride() != data.stride())
+        local = local_tensor(weight)
+        return (weight is not source or local._version != version or local.device != data.device
+                or local.data_ptr() != data.data_ptr() or local.dtype != data.dtype
+                or local.shape != data.shape or local.stride() != data.stride())
 
     def frozen_weight_fp8(self) -> reference.FP8Weight:
         """The FP8 copies as the functional op takes them (frozen_dtype="fp8"), refreshed first if W has changed."""
@@ -215,9 +228,15 @@ class LoRALinear(nn.Module):
             raise ValueError("this layer keeps no FP8 copies (frozen_dtype=None); LoRALinear(..., frozen_dtype='fp8')")
         # The stamp check reads Python state and W's version counter, which torch.compile cannot trace; compiled
         # graphs take the copies as they are (refreshed eagerly by every module-level path above).
+        if self._fp8_sharded and not is_dtensor(self.weight):
+            raise RuntimeError("this frozen_dtype='fp8' layer's W was sharded by fsdp_shard_fp8_weights but is whole "
+                               "now: fully_shard gathered it, so it was not given that function's result as "
+                               "ignored_params")
         if not torch.compiler.is_compiling() and self._fp8_copies_stale():
             self.refresh_frozen_weight()
-        return reference.FP8Weight(*(self._buffers[name] for name in _FP8_BUFFERS))
+        copies = reference.FP8Weight(*(self._buffers[name] for name in _FP8_BUFFERS))
+        # Sharded: this rank's rows of the copies, gathered whole for the step (a collective; the GEMMs need all N).
+        return gather_fp8_weight(copies, self.weight) if self._fp8_sharded else copies
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -302,6 +321,7 @@ class LoRALinear(nn.Module):
             if seed is None:
                 raise ValueError("seed must be given for an FSDP2-sharded layer: every rank must draw the same A")
             merge_and_reinit_sharded_(self.weight, self.lora_A, self.lora_B, self.scale, seed=seed)
+            self.refresh_frozen_weight()  # its rows of W changed (a collective with frozen_dtype="fp8", as the merge)
             return
         seed = draw_seed() if seed is None else seed
         if self.master_device is None:
@@ -435,6 +455,47 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # DistributedDataParallel reads this attribute of the module it wraps: the parameters and buffers (qualified names)
 # it neither broadcasts at construction nor, with broadcast_buffers, before each forward.
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
+
+
+def fsdp_shard_fp8_weights(model: nn.Module, mesh=None) -> set[nn.Parameter]:
+    """Shard the frozen W of every frozen_dtype="fp8" LoRALinear of `model` by rows for FSDP2, and return those
+    Parameters: give them to every fully_shard call as `ignored_params`, so that FSDP2 leaves them sharded.
+
+    Each W becomes a DTensor sharded Shard(0) over `mesh` (default: a 1-D mesh of the whole world on W's device
+    type, FSDP2's default, so W's rows split as lora_B's), scattered from rank 0; each rank keeps the FP8 copies of
+    its own rows (distributed.quantize_fp8_weight_shard) and a forward all-gathers the copies, 1 byte per element
+    for each of the two, where FSDP2 would gather W in its dtype. A ReLoRA restart merges each rank's rows and
+    re-quantises them; state_dict holds W as the DTensor (torch.distributed.checkpoint saves it sharded). A
+    collective: call it on every rank, before fully_shard, with the process group initialised. The gathered copies
+    of a layer live from its forward to its backward (FSDP2 would free and re-gather an unsharded W).
+
+    Raises ValueError for a layer with master_device="cpu" (the master is then one whole W in CPU memory), TypeError
+    for a W that is already a DTensor (sharded by FSDP2: shard before fully_shard).
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    layers = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, LoRALinear) and module.frozen_dtype == "fp8"]
+    for name, layer in layers:
+        if layer.master_device is not None:
+            raise ValueError(f"{name}: fsdp_shard_fp8_weights takes no layer with master_device='cpu'")
+        if is_dtensor(layer.weight) and not layer._fp8_sharded:
+            raise TypeError(f"{name}: W is already a DTensor (fully_shard was called before "
+                            f"fsdp_shard_fp8_weights, which must come first)")
+    if layers and not dist.is_initialized():
+        raise RuntimeError("fsdp_shard_fp8_weights needs torch.distributed's process group (init_process_group)")
+    sharded = set()
+    for _, layer in layers:
+        if not layer._fp8_sharded:
+            weight = layer.weight
+            layer_mesh = mesh if mesh is not None else init_device_mesh(weight.device.type, (dist.get_world_size(),))
+            layer._fp8_sharded = True
+            layer.weight = nn.Parameter(distribute_tensor(weight.detach(), layer_mesh, [Shard(0)]),
+                                        requires_grad=False)  # __setattr__ quantises this rank's rows
+        sharded.add(layer.weight)
+    return sharded
 
 
 def ddp_skip_fp8_copies(model: nn.Module) -> nn.Module:

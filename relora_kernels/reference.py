@@ -238,7 +238,7 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     return ((scale_exponent + _FP32_EXPONENT_BIAS) << _FP32_MANTISSA_BITS).view(torch.float32)
 
 
-def quantize_fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_rows(t: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scale) for a 2-D tensor t: q (rows, cols) e4m3fn, contiguous, and scale (rows,) fp32, such that
     t[i, j] ~ q[i, j] * scale[i]. Each row is divided by its own `fp8_scale` and rounded to nearest (ties to even)
     into e4m3; the clamp to +-448 only catches what rounding of the scale could not (never, with these scales),
@@ -246,13 +246,20 @@ def quantize_fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     W (N, K) quantised by rows is the forward's operand (a scale per output feature), W.T (K, N) by rows the input
     gradient's (a scale per input feature); x (M, K) and dy (M, N) by rows, a scale per token.
+
+    amax: (rows,) fp32, each row's largest magnitude over a larger tensor that t's rows are columns of (default:
+    t's own). A shard holding some of W's rows quantises its block of W.T with the whole W's column maxima, so
+    that its block is bit for bit that of W.T quantised whole.
     """
     if t.dim() != 2:
         raise ValueError(f"t must be 2-D, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"t must be a floating-point tensor, got {t.dtype}")
     wide = t.float()
-    amax = wide.abs().amax(dim=1) if t.shape[1] > 0 else wide.new_zeros(t.shape[0])
+    if amax is None:
+        amax = wide.abs().amax(dim=1) if t.shape[1] > 0 else wide.new_zeros(t.shape[0])
+    elif amax.shape != (t.shape[0],) or amax.dtype != torch.float32:
+        raise ValueError(f"amax must be fp32 of shape ({t.shape[0]},), got {amax.dtype} {tuple(amax.shape)}")
     scale = fp8_scale(amax)
     q = (wide / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.contiguous(), scale
@@ -285,13 +292,15 @@ class FP8Weight(NamedTuple):
     scale_t: torch.Tensor  # (K,) fp32, powers of two
 
 
-def quantize_fp8_weight(weight: torch.Tensor) -> FP8Weight:
-    """Both FP8 copies of a 2-D frozen weight W (N, K) and their row scales (quantize_fp8_rows of W and of W.T)."""
+def quantize_fp8_weight(weight: torch.Tensor, column_amax: torch.Tensor | None = None) -> FP8Weight:
+    """Both FP8 copies of a 2-D frozen weight W (N, K) and their row scales (quantize_fp8_rows of W and of W.T).
+    column_amax (K,) fp32: W.T's row maxima to scale by (quantize_fp8_rows' amax), for W a block of rows of a larger
+    weight; default W's own."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise TypeError(f"weight must be a 2-D floating-point tensor, got {getattr(weight, 'shape', weight)!r}")
     with torch.no_grad():
         q, scale = quantize_fp8_rows(weight)
-        q_t, scale_t = quantize_fp8_rows(weight.T)
+        q_t, scale_t = quantize_fp8_rows(weight.T, column_amax)
     return FP8Weight(q, scale, q_t, scale_t)
 
 

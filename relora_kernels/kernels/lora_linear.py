@@ -914,12 +914,15 @@ def _quantize_rows(t, amax_bits=None, launch=None):
 
 
 @on_tensors_device
-def quantize_rows_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scale) = reference.quantize_fp8_rows(t), bit for bit, in one launch: t (M, N) fp32/fp16/bf16, any
+def quantize_rows_fp8(t: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) = reference.quantize_fp8_rows(t, amax), bit for bit, in one launch: t (M, N) fp32/fp16/bf16, any
     strides; q (M, N) float8_e4m3fn contiguous, scale (M,) fp32 powers of two. Each program reads its block of whole
-    rows twice (the amax, then the quantisation: the second read from L2 where the block fits). For W (the forward's
-    operand) and W.T (the input gradient's) at a restart."""
-    return _quantize_rows(t)
+    rows twice (the amax, then the quantisation: the second read from L2 where the block fits), once where `amax`
+    (M,) fp32 gives the rows' maxima. For W (the forward's operand) and W.T (the input gradient's) at a restart."""
+    if amax is None:
+        return _quantize_rows(t)
+    # Non-negative floats order as their bits do: the kernel takes the int32 bits an atomic max would have left.
+    return _quantize_rows(t, amax.contiguous().view(torch.int32))
 
 
 def grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_bias_grad, deterministic,

@@ -1,0 +1,213 @@
+"""Worker of tests/test_fsdp_fp8.py: `torchrun --nproc_per_node=WORLD tests/fsdp_fp8_worker.py OUT_DIR` on CPU
+with gloo, for a model of LoRALinear(frozen_dtype="fp8") layers whose W is sharded by fsdp_shard_fp8_weights and
+left out of fully_shard (ignored_params). Rank 0 writes OUT_DIR/results.json:
+
+  runs       for each backend ("reference", and "triton" when TRITON_INTERPRET=1): at the start, after every ReLoRA
+             restart and after a torch.distributed.checkpoint save and load into a fresh sharded model, each layer's
+             gathered FP8 copies against reference.quantize_fp8_weight of the whole W (bit for bit), the rows of
+             the copies each rank holds, and the sharded model's output against a one-process FP8 model holding
+             the same state (bit for bit: the same GEMMs on the same rows); the losses; the quantising launches run
+  errors     what fsdp_shard_fp8_weights and the layer say to a model sharded the wrong way round
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+
+import relora_kernels as rk
+from relora_kernels import reference
+from relora_kernels.kernels import lora_linear as kernels
+from relora_kernels.relora import ReLoRA
+
+LOCAL_BATCH = 4
+IN_FEATURES = 6
+STEPS = {"reference": 6, "triton": 4}
+RESTART_EVERY = 2
+SEED = 11
+QUANTIZE_CALLS = {"whole": 0, "given_amax": 0}
+
+
+class Model(nn.Module):
+    """Row counts that split unevenly: 7 rows are 4 + 3 on 2 ranks, 2 + 2 + 2 + 1 on 4; the head's 3 rows leave
+    the 4th of 4 ranks none."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = rk.LoRALinear(IN_FEATURES, 7, r=4, alpha=8, frozen_dtype="fp8")
+        self.head = rk.LoRALinear(7, 3, r=2, bias=False, frozen_dtype="fp8")
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.up(x)))
+
+
+def build_model(seed: int = 0) -> Model:
+    torch.manual_seed(seed)
+    model = Model()
+    with torch.no_grad():  # B != 0 from the start, so that the first restart merges something
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0.0, 0.5)
+    return model
+
+
+def lora_layers(model) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, rk.LoRALinear)}
+
+
+def shard(model: Model) -> Model:
+    ignored = rk.fsdp_shard_fp8_weights(model)
+    fully_shard(model.up, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+    return model
+
+
+def count_quantize_calls() -> None:
+    launcher = kernels.quantize_rows_fp8
+
+    def counted(t, amax=None):
+        QUANTIZE_CALLS["whole" if amax is None else "given_amax"] += 1
+        return launcher(t, amax)
+
+    kernels.quantize_rows_fp8 = counted
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype.itemsize == 1 else t.view(torch.int32)
+
+
+def copies_check(model) -> dict:
+    """Per layer: the gathered copies equal to the whole W's quantisation, and this rank's rows of them (all ranks'
+    answers gathered, so a wrong rank is seen)."""
+    mine = {}
+    for name, layer in lora_layers(model).items():
+        whole = reference.quantize_fp8_weight(layer.weight.full_tensor())
+        gathered = layer.frozen_weight_fp8()
+        equal = [bool(torch.equal(bits(g), bits(w))) for g, w in zip(gathered, whole, strict=True)]
+        mine[name] = {"equal": equal, "local_rows": layer.weight_fp8.shape[0],
+                      "local_t_columns": layer.weight_t_fp8.shape[1]}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {name: {"equal": [all(r[name]["equal"][i] for r in everyone) for i in range(4)],
+                   "local_rows": [r[name]["local_rows"] for r in everyone],
+                   "local_t_columns": [r[name]["local_t_columns"] for r in everyone]} for name in mine}
+
+
+def same_output_as_one_process(model, x_local: torch.Tensor) -> bool:
+    """The sharded model's output on this rank's rows, against a one-process FP8 model given the same state."""
+    single = build_model(seed=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            single.get_parameter(name).copy_(rk.distributed.full_tensor(p.detach()))  # bumps W: re-quantised
+        sharded_out = model(x_local)
+        single_out = single(x_local)
+    same = torch.tensor(float(torch.equal(sharded_out, single_out)))
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item())
+
+
+def train(backend: str, rank: int, world: int, out_dir: Path) -> dict:
+    rk.configure(backend=backend)
+    g = torch.Generator().manual_seed(1)
+    steps = STEPS[backend]
+    xs = torch.randn(steps + 1, world * LOCAL_BATCH, IN_FEATURES, generator=g)
+    ys = torch.randn(steps, world * LOCAL_BATCH, 3, generator=g)
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    QUANTIZE_CALLS.update(whole=0, given_amax=0)
+
+    model = shard(build_model())
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2, foreach=False)
+    relora = ReLoRA(model, optimizer, restart_every=RESTART_EVERY, prune_method="zero", seed=SEED)
+    # The one-process run beside it (every rank runs it; it is tiny): each step accumulates the gradients of the
+    # ranks' shares of the global batch, each loss divided by the world size as FSDP2's averaging divides the
+    # gradients, so it performs the ranks' operations on the ranks' shapes.
+    single = build_model()
+    single_optimizer = torch.optim.Adam([p for p in single.parameters() if p.requires_grad], lr=2e-2,
+                                        foreach=False)
+    single_relora = ReLoRA(single, single_optimizer, restart_every=RESTART_EVERY, prune_method="zero", seed=SEED)
+    out = {"checks": [["start", copies_check(model)]], "losses": [], "single_losses": [], "restarts": []}
+    for step in range(1, steps + 1):
+        loss = F.mse_loss(model(xs[step - 1][rows]), ys[step - 1][rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        each = [None] * world
+        dist.all_gather_object(each, loss.item())
+        out["losses"].append(each)
+        single_each = []
+        for k in range(world):
+            share = slice(k * LOCAL_BATCH, (k + 1) * LOCAL_BATCH)
+            part = F.mse_loss(single(xs[step - 1][share]), ys[step - 1][share])
+            (part / world).backward()
+            single_each.append(part.item())
+        single_optimizer.step()
+        single_optimizer.zero_grad()
+        out["single_losses"].append(single_each)
+        if relora.step(step):
+            single_relora.step(step)
+            out["restarts"].append(step)
+            out["checks"].append([f"restart at step {step}", copies_check(model)])
+            # The merge sums B @ A in row blocks of another shape than one process does, so the one-process run
+            # goes on from the sharded W (and re-quantises it), as tests/fsdp_worker.py does.
+            with torch.no_grad():
+                for name, layer in lora_layers(single).items():
+                    layer.weight.copy_(model.get_submodule(name).weight.full_tensor())
+    out["same_output"] = same_output_as_one_process(model, xs[-1][rows])
+
+    checkpoint = out_dir / f"checkpoint_{backend}_{world}"
+    dcp.save(model.state_dict(), checkpoint_id=checkpoint)
+    loaded = shard(build_model(seed=2))
+    state = loaded.state_dict()
+    dcp.load(state, checkpoint_id=checkpoint)
+    loaded.load_state_dict(state)
+    out["checks"].append(["loaded from a checkpoint", copies_check(loaded)])
+    with torch.no_grad():
+        same = torch.tensor(float(torch.equal(loaded(xs[-1][rows]), model(xs[-1][rows]))))
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    out["loaded_same_output"] = bool(same.item())
+    out["quantize_calls"] = dict(QUANTIZE_CALLS)
+    return out
+
+
+def error_checks() -> dict:
+    """fully_shard on FP8 layers whose W fsdp_shard_fp8_weights has not sharded: FSDP2 would all-gather W in its
+    dtype at every step, which the layer refuses by name as FSDP2 puts its DTensor in."""
+    rk.configure(backend="reference")
+    try:
+        fully_shard(build_model())
+        return {"fully_shard_first": "no error"}
+    except TypeError as error:
+        return {"fully_shard_first": str(error)}
+
+
+def main() -> int:
+    out_dir = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    count_quantize_calls()
+    backends = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    results = {"world": world, "runs": {backend: train(backend, rank, world, out_dir) for backend in backends},
+               "errors": error_checks()}
+    if rank == 0:
+        (out_dir / f"results_{world}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    # Without interpreter shutdown, as tests/fsdp_worker.py: gloo's threads kept alive by DTensor's caches can abort
+    # the process during shutdown. The results are written and closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,133 @@
+"""FP8 frozen weights under FSDP2 on 2 and 4 CPU processes with gloo: W sharded by rows by fsdp_shard_fp8_weights
+and left out of fully_shard, each rank's FP8 copies of its own rows, gathered whole for the GEMMs.
+
+One torchrun launch of tests/fsdp_fp8_worker.py per world size (module-scoped fixture) computes everything, for the
+reference backend and for the Triton kernels through the interpreter; the tests read its results. The copies are
+compared bit for bit with the whole W's quantisation (row scales are per row, and the backward copy's are the whole
+W's column maxima, all-reduced), and the training run with a one-process run that performs the ranks' operations
+on the ranks' shapes, so losses and outputs are equal to the bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import relora_kernels as rk
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("fsdp_fp8_worker.py")
+BACKENDS = ("reference", "triton")
+# The worker's layers: out_features, and so the rows each rank holds (torch.chunk's split)
+ROWS = {"up": 7, "head": 3}
+FIELDS = ("q", "scale", "q_t", "scale_t")
+
+
+def _chunks(rows: int, world: int) -> list[int]:
+    per_rank = -(-rows // world)
+    return [max(0, min(per_rank, rows - rank * per_rank)) for rank in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda world: f"world{world}")
+def results(request, tmp_path_factory):
+    world = request.param
+    out_dir = tmp_path_factory.mktemp(f"fsdp_fp8_{world}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT", "TRITON_INTERPRET": "1",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(WORKER),
+           str(out_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads((out_dir / f"results_{world}.json").read_text())
+
+
+def torchrun(test):
+    """A test reading the workers' results: slow (torchrun), and only where gloo exists."""
+    needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+    return pytest.mark.slow(needs_gloo(test))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@torchrun
+def test_each_rank_holds_its_rows_and_the_gathered_copies_are_the_whole_quantisation(results, backend):
+    run = results["runs"][backend]
+    labels = [label for label, _ in run["checks"]]
+    assert labels[0] == "start" and labels[-1] == "loaded from a checkpoint"
+    assert [f"restart at step {step}" for step in run["restarts"]] == labels[1:-1] and run["restarts"]
+    for label, layers in run["checks"]:
+        for name, check in layers.items():
+            assert check["equal"] == [True] * 4, (label, name, dict(zip(FIELDS, check["equal"], strict=True)))
+            rows = _chunks(ROWS[name], results["world"])
+            assert check["local_rows"] == rows and check["local_t_columns"] == rows, (label, name, check)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@torchrun
+def test_training_and_restarts_equal_one_process_to_the_bit(results, backend):
+    run = results["runs"][backend]
+    assert len(run["losses"]) == len(run["single_losses"]) > 0
+    assert run["losses"] == run["single_losses"]
+    assert run["same_output"]  # the same state in one process: the same output
+    assert run["loaded_same_output"]  # a checkpoint of the sharded model loads into a fresh one
+
+
+@torchrun
+def test_the_kernels_quantised_the_shards(results):
+    calls = results["runs"]["triton"]["quantize_calls"]
+    # Each layer's W.T block with the all-reduced maxima: at the start, after each restart, and after the load
+    # (the fresh model's own start, then the loaded W).
+    restarts = len(results["runs"]["triton"]["restarts"])
+    assert calls["given_amax"] == len(ROWS) * (1 + restarts + 2)
+
+
+@torchrun
+def test_fully_shard_without_sharding_the_fp8_weights_first_is_refused_by_name(results):
+    message = results["errors"]["fully_shard_first"]
+    assert "fsdp_shard_fp8_weights" in message and "ignored_params" in message
+
+
+def test_sharding_refuses_a_master_in_cpu_memory():
+    model = nn.Sequential(rk.LoRALinear(8, 4, r=2, frozen_dtype="fp8", master_device="cpu"))
+    with pytest.raises(ValueError, match="master_device='cpu'"):
+        rk.fsdp_shard_fp8_weights(model)
+
+
+def test_sharding_needs_the_process_group():
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        rk.fsdp_shard_fp8_weights(nn.Sequential(rk.LoRALinear(8, 4, r=2, frozen_dtype="fp8")))
+
+
+def test_a_model_without_fp8_layers_has_nothing_to_shard():
+    assert rk.fsdp_shard_fp8_weights(nn.Sequential(rk.LoRALinear(8, 4, r=2), nn.Linear(4, 4))) == set()
+
+
+def test_quantising_a_block_of_rows_with_the_whole_column_maxima_is_that_block_of_the_whole():
+    torch.manual_seed(0)
+    weight = torch.randn(7, 5) * torch.logspace(-3, 3, 5)  # columns of very different magnitudes
+    whole = rk.quantize_fp8_weight(weight)
+    column_amax = weight.abs().amax(dim=0)
+    for rows in (slice(0, 4), slice(4, 7), slice(7, 7)):
+        block = rk.quantize_fp8_weight(weight[rows], column_amax)
+        assert torch.equal(block.q.view(torch.uint8), whole.q[rows].view(torch.uint8))
+        assert torch.equal(block.scale, whole.scale[rows])
+        assert torch.equal(block.q_t.view(torch.uint8), whole.q_t[:, rows].view(torch.uint8))
+        assert torch.equal(block.scale_t, whole.scale_t)
+    # The block's own maxima would scale W.T's rows otherwise: the test above can fail.
+    own = rk.quantize_fp8_weight(weight[:4])
+    assert not torch.equal(own.scale_t, whole.scale_t)
+
+
+@pytest.mark.parametrize("bad", [torch.ones(4), torch.ones(5, dtype=torch.float64), "amax"])
+def test_column_amax_of_the_wrong_shape_or_dtype_is_refused(bad):
+    with pytest.raises(ValueError, match="column_amax"):
+        rk.quantize_fp8_weight(torch.randn(7, 5), bad)

@@ -302,8 +302,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropout_p = self.dropout if self.training else 0.0
         if self.frozen_dtype == "fp8":
-            return lora_linear_fp8(x, self.frozen_weight_fp8(), self.lora_A, self.lora_B, self.scale, self.bias,
-                                   dropout_p)
+            copies = self.frozen_weight_fp8()
+            y = lora_linear_fp8(x, copies, self.lora_A, self.lora_B, self.scale, self.bias, dropout_p)
+            if self._fp8_sharded and y.grad_fn is not None and not torch.compiler.is_compiling():
+                _free_until_backward(copies, y, self)
+            return y
         return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.bias, dropout_p)
 
     def _is_sharded(self) -> bool:
@@ -374,6 +377,30 @@ class LoRALinear(nn.Module):
                 f"dropout={self.dropout:g}, bias={self.bias is not None}"
                 f"{', frozen_dtype=fp8' if self.frozen_dtype == 'fp8' else ''}"
                 f"{f', master_device={self.master_device.type}' if self.master_device is not None else ''}")
+
+
+def _free_until_backward(copies: reference.FP8Weight, y: torch.Tensor, layer: LoRALinear) -> None:
+    """Free the memory of a sharded layer's gathered FP8 copies once its forward is done, and gather them again into
+    the same tensors just before its backward runs, as FSDP2 frees and re-gathers an unsharded parameter: what
+    autograd saved for the backward then holds N x K bytes per copy only while that layer's backward needs them.
+    Freeing the storage keeps the tensors (the saved ones among them) valid objects; on an accelerator the freed
+    memory returns to the allocator in stream order, after the forward's kernels that read it."""
+    gathered = (copies.q, copies.q_t)
+    sizes = [t.untyped_storage().nbytes() for t in gathered]
+    for t in gathered:
+        t.untyped_storage().resize_(0)
+
+    def gather_again(grad_outputs):
+        local = reference.FP8Weight(*(layer._buffers[name] for name in _FP8_BUFFERS))
+        whole = gather_fp8_weight(local, layer.weight)
+        with torch.no_grad():
+            for t, size, new in zip(gathered, sizes, (whole.q, whole.q_t), strict=True):
+                t.untyped_storage().resize_(size)
+                # The bits the forward saw, put back: not a write autograd's version check should refuse.
+                with torch.autograd._unsafe_preserve_version_counter(t):
+                    t.copy_(new)
+
+    y.grad_fn.register_prehook(gather_again)
 
 
 def _matches(name: str, target_modules) -> bool:

@@ -35,6 +35,7 @@ STEPS = {"reference": 6, "triton": 4}
 RESTART_EVERY = 2
 SEED = 11
 QUANTIZE_CALLS = {"whole": 0, "given_amax": 0}
+GATHERS = {"count": 0}  # all-gathers of a piece of the copies (distributed._all_gather_blocks)
 
 
 class Model(nn.Module):
@@ -70,14 +71,20 @@ def shard(model: Model) -> Model:
     return model
 
 
-def count_quantize_calls() -> None:
+def count_calls() -> None:
     launcher = kernels.quantize_rows_fp8
+    gather = rk.distributed._all_gather_blocks
 
     def counted(t, amax=None):
         QUANTIZE_CALLS["whole" if amax is None else "given_amax"] += 1
         return launcher(t, amax)
 
+    def counted_gather(*args):
+        GATHERS["count"] += 1
+        return gather(*args)
+
     kernels.quantize_rows_fp8 = counted
+    rk.distributed._all_gather_blocks = counted_gather
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -133,10 +140,14 @@ def train(backend: str, rank: int, world: int, out_dir: Path) -> dict:
     single_optimizer = torch.optim.Adam([p for p in single.parameters() if p.requires_grad], lr=2e-2,
                                         foreach=False)
     single_relora = ReLoRA(single, single_optimizer, restart_every=RESTART_EVERY, prune_method="zero", seed=SEED)
-    out = {"checks": [["start", copies_check(model)]], "losses": [], "single_losses": [], "restarts": []}
+    out = {"checks": [["start", copies_check(model)]], "losses": [], "single_losses": [], "restarts": [],
+           "gathers_per_step": []}
     for step in range(1, steps + 1):
+        GATHERS["count"] = 0
         loss = F.mse_loss(model(xs[step - 1][rows]), ys[step - 1][rows])
+        out["gathers_per_step"].append([GATHERS["count"]])
         loss.backward()
+        out["gathers_per_step"][-1].append(GATHERS["count"])
         optimizer.step()
         optimizer.zero_grad()
         each = [None] * world
@@ -193,7 +204,7 @@ def main() -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    count_quantize_calls()
+    count_calls()
     backends = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
     results = {"world": world, "runs": {backend: train(backend, rank, world, out_dir) for backend in backends},
                "errors": error_checks()}

@@ -79,6 +79,16 @@ def test_training_and_restarts_equal_one_process_to_the_bit(results, backend):
     assert run["loaded_same_output"]  # a checkpoint of the sharded model loads into a fresh one
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@torchrun
+def test_the_copies_are_gathered_for_the_forward_and_again_for_the_backward(results, backend):
+    # Three pieces per layer (q, its scales, q_t) before its forward, and q and q_t's memory freed after it and
+    # gathered again (the three pieces) before its backward: the training steps' equality above checks their bits.
+    pieces = 3 * len(ROWS)
+    assert results["runs"][backend]["gathers_per_step"] == [[pieces, 2 * pieces]] * len(
+        results["runs"][backend]["losses"])
+
+
 @torchrun
 def test_the_kernels_quantised_the_shards(results):
     calls = results["runs"]["triton"]["quantize_calls"]

@@ -275,7 +275,8 @@ def check_config(cfg: Config) -> None:
     require(cfg.lora_schedule in ("continuous", "restart"), f"--lora_schedule {cfg.lora_schedule!r} is not one of "
             "continuous, restart")
     require(not cfg.fp8 or cfg.mode != "full", "--fp8 quantises the LoRA layers' frozen weights: --mode full has none")
-    require(not (cfg.fp8 and cfg.fsdp), "--fp8 does not take --fsdp yet (the FP8 copies do not follow FSDP2's shards)")
+    require(not (cfg.fp8 and cfg.fsdp), "--fp8 does not take --fsdp in this example yet (the package does: "
+            "relora_kernels.fsdp_shard_fp8_weights; the example's switch to LoRA on a sharded model does not use it)")
     require(not cfg.fp8_master_cpu or cfg.fp8, "--fp8_master_cpu keeps the master weights of --fp8's layers on the "
             "CPU: it needs --fp8")
     if cfg.mode == "relora" and cfg.lora_schedule == "restart":

@@ -2,11 +2,14 @@
 with gloo, for a model of LoRALinear(frozen_dtype="fp8") layers whose W is sharded by fsdp_shard_fp8_weights and
 left out of fully_shard (ignored_params). Rank 0 writes OUT_DIR/results.json:
 
-  runs       for each backend ("reference", and "triton" when TRITON_INTERPRET=1): at the start, after every ReLoRA
+  runs       on the reference backend, and when TRITON_INTERPRET=1 on the kernels with each engine of the frozen
+             GEMMs ("triton": the FP8 Triton GEMM, "cublas": torch._scaled_mm composed): at the start, after every ReLoRA
              restart and after a torch.distributed.checkpoint save and load into a fresh sharded model, each layer's
              gathered FP8 copies against reference.quantize_fp8_weight of the whole W (bit for bit), the rows of
              the copies each rank holds, and the sharded model's output against a one-process FP8 model holding
-             the same state (bit for bit: the same GEMMs on the same rows); the losses; the quantising launches run
+             the same state (bit for bit: the same GEMMs on the same rows); every step's losses and input gradients
+             against that model's from the same state, and the reduced gradients of the factors beside its sum
+             of the shares'; the quantising launches run
   errors     what fsdp_shard_fp8_weights and the layer say to a model sharded the wrong way round
 """
 
@@ -27,6 +30,7 @@ from torch.distributed.fsdp import fully_shard
 import relora_kernels as rk
 from relora_kernels import reference
 from relora_kernels.kernels import lora_linear as kernels
+from relora_kernels.kernels import passes_fp8
 from relora_kernels.relora import ReLoRA
 
 LOCAL_BATCH = 4
@@ -34,7 +38,7 @@ IN_FEATURES = 6
 STEPS = {"reference": 6, "triton": 4}
 RESTART_EVERY = 2
 SEED = 11
-QUANTIZE_CALLS = {"whole": 0, "given_amax": 0}
+QUANTIZE_CALLS = {"whole": 0, "given_amax": 0, "scaled_mm": 0}  # the last: cuBLAS-composed frozen GEMMs
 GATHERS = {"count": 0}  # all-gathers of a piece of the copies (distributed._all_gather_blocks)
 
 
@@ -83,8 +87,15 @@ def count_calls() -> None:
         GATHERS["count"] += 1
         return gather(*args)
 
+    scaled_mm = passes_fp8.scaled_mm
+
+    def counted_scaled_mm(*args, **kwargs):
+        QUANTIZE_CALLS["scaled_mm"] += 1
+        return scaled_mm(*args, **kwargs)
+
     kernels.quantize_rows_fp8 = counted
     rk.distributed._all_gather_blocks = counted_gather
+    passes_fp8.scaled_mm = counted_scaled_mm
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -108,12 +119,22 @@ def copies_check(model) -> dict:
                    "local_t_columns": [r[name]["local_t_columns"] for r in everyone]} for name in mine}
 
 
+def as_list(t: torch.Tensor):
+    return t.detach().double().tolist()  # fp32 -> float64 -> JSON's repr of it: exact
+
+
+@torch.no_grad()
+def sync_state(single, model) -> None:
+    """Give the one-process model the sharded model's state (gathered; W's copy_ bumps its version: re-quantised)."""
+    for name, p in model.named_parameters():
+        single.get_parameter(name).copy_(rk.distributed.full_tensor(p.detach()))
+
+
 def same_output_as_one_process(model, x_local: torch.Tensor) -> bool:
     """The sharded model's output on this rank's rows, against a one-process FP8 model given the same state."""
     single = build_model(seed=1)
+    sync_state(single, model)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            single.get_parameter(name).copy_(rk.distributed.full_tensor(p.detach()))  # bumps W: re-quantised
         sharded_out = model(x_local)
         single_out = single(x_local)
     same = torch.tensor(float(torch.equal(sharded_out, single_out)))
@@ -121,59 +142,73 @@ def same_output_as_one_process(model, x_local: torch.Tensor) -> bool:
     return bool(same.item())
 
 
-def train(backend: str, rank: int, world: int, out_dir: Path) -> dict:
-    rk.configure(backend=backend)
+# A run's name: (backend, engine of the frozen GEMMs)
+RUNS = {"reference": ("reference", "auto"), "triton": ("triton", "triton"), "cublas": ("triton", "cublas")}
+
+
+def train(run: str, rank: int, world: int, out_dir: Path) -> dict:
+    backend, engine = RUNS[run]
+    rk.configure(backend=backend, engine=engine)
     g = torch.Generator().manual_seed(1)
     steps = STEPS[backend]
     xs = torch.randn(steps + 1, world * LOCAL_BATCH, IN_FEATURES, generator=g)
     ys = torch.randn(steps, world * LOCAL_BATCH, 3, generator=g)
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-    QUANTIZE_CALLS.update(whole=0, given_amax=0)
+    QUANTIZE_CALLS.update(whole=0, given_amax=0, scaled_mm=0)
 
     model = shard(build_model())
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2, foreach=False)
     relora = ReLoRA(model, optimizer, restart_every=RESTART_EVERY, prune_method="zero", seed=SEED)
-    # The one-process run beside it (every rank runs it; it is tiny): each step accumulates the gradients of the
-    # ranks' shares of the global batch, each loss divided by the world size as FSDP2's averaging divides the
-    # gradients, so it performs the ranks' operations on the ranks' shapes.
-    single = build_model()
-    single_optimizer = torch.optim.Adam([p for p in single.parameters() if p.requires_grad], lr=2e-2,
-                                        foreach=False)
-    single_relora = ReLoRA(single, single_optimizer, restart_every=RESTART_EVERY, prune_method="zero", seed=SEED)
-    out = {"checks": [["start", copies_check(model)]], "losses": [], "single_losses": [], "restarts": [],
-           "gathers_per_step": []}
+    # The one-process model beside it (every rank runs it; it is tiny) is given the sharded model's state before
+    # every step and computes each rank's share of the global batch, its loss divided by the world size as FSDP2's
+    # averaging divides the gradients: the ranks' operations on the ranks' shapes, so each rank's loss and input
+    # gradient (which FSDP2 does not reduce: dx runs through the gathered W.T copy) equal its share's to the bit.
+    # The reduced gradients of A, B and the bias sum the shares' in another order on more than 2 ranks: recorded
+    # with the shares' magnitudes, for a bound.
+    single = build_model(seed=1)
+    out = {"checks": [["start", copies_check(model)]], "losses": [], "single_losses": [], "dx_equal": [],
+           "grads": [], "restarts": [], "gathers_per_step": []}
     for step in range(1, steps + 1):
+        sync_state(single, model)
+        x = xs[step - 1][rows].clone().requires_grad_(True)
         GATHERS["count"] = 0
-        loss = F.mse_loss(model(xs[step - 1][rows]), ys[step - 1][rows])
+        loss = F.mse_loss(model(x), ys[step - 1][rows])
         out["gathers_per_step"].append([GATHERS["count"]])
         loss.backward()
         out["gathers_per_step"][-1].append(GATHERS["count"])
-        optimizer.step()
-        optimizer.zero_grad()
         each = [None] * world
         dist.all_gather_object(each, loss.item())
         out["losses"].append(each)
-        single_each = []
+
+        trainable = {name: p for name, p in single.named_parameters() if p.requires_grad}
+        summed = {name: torch.zeros_like(p) for name, p in trainable.items()}
+        magnitude = {name: torch.zeros_like(p) for name, p in trainable.items()}
+        single_each, dx_share = [], None
         for k in range(world):
             share = slice(k * LOCAL_BATCH, (k + 1) * LOCAL_BATCH)
-            part = F.mse_loss(single(xs[step - 1][share]), ys[step - 1][share])
-            (part / world).backward()
+            x_share = xs[step - 1][share].clone().requires_grad_(True)
+            part = F.mse_loss(single(x_share), ys[step - 1][share])
+            grads = torch.autograd.grad(part / world, [x_share, *trainable.values()])
             single_each.append(part.item())
-        single_optimizer.step()
-        single_optimizer.zero_grad()
+            dx_share = grads[0] * world if k == rank else dx_share  # the rank's own loss was not divided
+            for name, g in zip(trainable, grads[1:], strict=True):
+                summed[name] += g
+                magnitude[name] += g.abs()
         out["single_losses"].append(single_each)
+        dx_equal = torch.tensor(float(torch.equal(x.grad, dx_share)))
+        dist.all_reduce(dx_equal, op=dist.ReduceOp.MIN)
+        out["dx_equal"].append(bool(dx_equal.item()))
+        out["grads"].append({name: {"sharded": as_list(model.get_parameter(name).grad.full_tensor()),
+                                    "single": as_list(summed[name]), "magnitude": as_list(magnitude[name])}
+                             for name in trainable})
+        optimizer.step()
+        optimizer.zero_grad()
         if relora.step(step):
-            single_relora.step(step)
             out["restarts"].append(step)
             out["checks"].append([f"restart at step {step}", copies_check(model)])
-            # The merge sums B @ A in row blocks of another shape than one process does, so the one-process run
-            # goes on from the sharded W (and re-quantises it), as tests/fsdp_worker.py does.
-            with torch.no_grad():
-                for name, layer in lora_layers(single).items():
-                    layer.weight.copy_(model.get_submodule(name).weight.full_tensor())
     out["same_output"] = same_output_as_one_process(model, xs[-1][rows])
 
-    checkpoint = out_dir / f"checkpoint_{backend}_{world}"
+    checkpoint = out_dir / f"checkpoint_{run}_{world}"
     dcp.save(model.state_dict(), checkpoint_id=checkpoint)
     loaded = shard(build_model(seed=2))
     state = loaded.state_dict()
@@ -191,7 +226,7 @@ def train(backend: str, rank: int, world: int, out_dir: Path) -> dict:
 def error_checks() -> dict:
     """fully_shard on FP8 layers whose W fsdp_shard_fp8_weights has not sharded: FSDP2 would all-gather W in its
     dtype at every step, which the layer refuses by name as FSDP2 puts its DTensor in."""
-    rk.configure(backend="reference")
+    rk.configure(backend="reference", engine="auto")
     try:
         fully_shard(build_model())
         return {"fully_shard_first": "no error"}
@@ -205,8 +240,8 @@ def main() -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     count_calls()
-    backends = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
-    results = {"world": world, "runs": {backend: train(backend, rank, world, out_dir) for backend in backends},
+    runs = ["reference"] + (["triton", "cublas"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    results = {"world": world, "runs": {run: train(run, rank, world, out_dir) for run in runs},
                "errors": error_checks()}
     if rank == 0:
         (out_dir / f"results_{world}.json").write_text(json.dumps(results))

@@ -2,10 +2,11 @@
 and left out of fully_shard, each rank's FP8 copies of its own rows, gathered whole for the GEMMs.
 
 One torchrun launch of tests/fsdp_fp8_worker.py per world size (module-scoped fixture) computes everything, for the
-reference backend and for the Triton kernels through the interpreter; the tests read its results. The copies are
-compared bit for bit with the whole W's quantisation (row scales are per row, and the backward copy's are the whole
-W's column maxima, all-reduced), and the training run with a one-process run that performs the ranks' operations
-on the ranks' shapes, so losses and outputs are equal to the bit.
+reference backend and for the Triton kernels (through the interpreter) on both engines of the frozen GEMMs; the
+tests read its results. The copies are compared bit for bit with the whole W's quantisation (row scales are per
+row, and the backward copy's are the whole W's column maxima, all-reduced), and every training step with a
+one-process model given the same state, which performs the ranks' operations on the ranks' shapes: losses, input
+gradients and outputs equal to the bit, the reduced factor gradients within the rounding of their sum's order.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import relora_kernels as rk
+from helpers import assert_within_bound, rounding_bound
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fsdp_fp8_worker.py")
-BACKENDS = ("reference", "triton")
+RUNS = ("reference", "triton", "cublas")  # the reference; the kernels with each engine of the frozen GEMMs
 # The worker's layers: out_features, and so the rows each rank holds (torch.chunk's split)
 ROWS = {"up": 7, "head": 3}
 FIELDS = ("q", "scale", "q_t", "scale_t")
@@ -55,7 +57,7 @@ def torchrun(test):
     return pytest.mark.slow(needs_gloo(test))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", RUNS)
 @torchrun
 def test_each_rank_holds_its_rows_and_the_gathered_copies_are_the_whole_quantisation(results, backend):
     run = results["runs"][backend]
@@ -69,17 +71,35 @@ def test_each_rank_holds_its_rows_and_the_gathered_copies_are_the_whole_quantisa
             assert check["local_rows"] == rows and check["local_t_columns"] == rows, (label, name, check)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", RUNS)
 @torchrun
-def test_training_and_restarts_equal_one_process_to_the_bit(results, backend):
+def test_every_step_equals_one_process_from_the_same_state(results, backend):
     run = results["runs"][backend]
-    assert len(run["losses"]) == len(run["single_losses"]) > 0
-    assert run["losses"] == run["single_losses"]
-    assert run["same_output"]  # the same state in one process: the same output
+    assert len(run["losses"]) == len(run["single_losses"]) == len(run["dx_equal"]) > 0
+    assert run["losses"] == run["single_losses"]  # each rank's loss, to the bit
+    assert all(run["dx_equal"])  # each rank's input gradient, through the gathered W.T copy: to the bit
+    assert run["same_output"]  # after training and restarts, the same state in one process: the same output
     assert run["loaded_same_output"]  # a checkpoint of the sharded model loads into a fresh one
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", RUNS)
+@torchrun
+def test_the_reduced_factor_gradients_are_the_sum_of_the_shares(results, backend):
+    # FSDP2 sums the ranks' gradients in its own order; the one-process sum adds the shares in rank order. Each is
+    # within gamma_{world-1} |sum| of the exact sum, so they are within twice that of each other; with 2 ranks
+    # there is one addition, the same in both: equal.
+    world = results["world"]
+    for step in results["runs"][backend]["grads"]:
+        for name, grad in step.items():
+            sharded, single = torch.tensor(grad["sharded"]), torch.tensor(grad["single"])
+            if world == 2:
+                assert torch.equal(sharded, single), name
+            else:
+                bound = 2 * rounding_bound(torch.float32, world - 1, torch.tensor(grad["magnitude"]))
+                assert_within_bound(name, sharded, single, bound)
+
+
+@pytest.mark.parametrize("backend", RUNS)
 @torchrun
 def test_the_copies_are_gathered_for_the_forward_and_again_for_the_backward(results, backend):
     # Three pieces per layer (q, its scales, q_t) before its forward, and q and q_t's memory freed after it and
@@ -89,13 +109,17 @@ def test_the_copies_are_gathered_for_the_forward_and_again_for_the_backward(resu
         results["runs"][backend]["losses"])
 
 
+@pytest.mark.parametrize("engine", RUNS[1:])
 @torchrun
-def test_the_kernels_quantised_the_shards(results):
-    calls = results["runs"]["triton"]["quantize_calls"]
+def test_the_kernels_quantised_the_shards(results, engine):
+    calls = results["runs"][engine]["quantize_calls"]
     # Each layer's W.T block with the all-reduced maxima: at the start, after each restart, and after the load
     # (the fresh model's own start, then the loaded W).
-    restarts = len(results["runs"]["triton"]["restarts"])
+    restarts = len(results["runs"][engine]["restarts"])
     assert calls["given_amax"] == len(ROWS) * (1 + restarts + 2)
+    assert results["runs"]["reference"]["quantize_calls"] == {"whole": 0, "given_amax": 0, "scaled_mm": 0}
+    # The engine setting chose the frozen GEMMs' engine: torch._scaled_mm on the cuBLAS-composed one only.
+    assert (calls["scaled_mm"] > 0) == (engine == "cublas"), calls
 
 
 @torchrun

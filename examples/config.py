@@ -99,7 +99,7 @@ class Config:
                                "torchrun")
     fp8: bool = option(False, "lora / relora: the LoRA layers keep FP8 (e4m3) copies of their frozen weights and run "
                               "both frozen GEMMs on them (LoRALinear frozen_dtype='fp8'); relora's full-rank warm "
-                              "start stays in its dtype; not with --fsdp yet")
+                              "start stays in its dtype; with --fsdp each rank keeps the copies of its rows")
     fp8_master_cpu: bool = option(False, "with --fp8: keep the LoRA layers' master weights in (pinned) CPU memory "
                                          "(LoRALinear master_device='cpu'), leaving the GPU only the FP8 copies; they "
                                          "cross to the GPU and back at each restart")
@@ -275,8 +275,6 @@ def check_config(cfg: Config) -> None:
     require(cfg.lora_schedule in ("continuous", "restart"), f"--lora_schedule {cfg.lora_schedule!r} is not one of "
             "continuous, restart")
     require(not cfg.fp8 or cfg.mode != "full", "--fp8 quantises the LoRA layers' frozen weights: --mode full has none")
-    require(not (cfg.fp8 and cfg.fsdp), "--fp8 does not take --fsdp in this example yet (the package does: "
-            "relora_kernels.fsdp_shard_fp8_weights; the example's switch to LoRA on a sharded model does not use it)")
     require(not cfg.fp8_master_cpu or cfg.fp8, "--fp8_master_cpu keeps the master weights of --fp8's layers on the "
             "CPU: it needs --fp8")
     if cfg.mode == "relora" and cfg.lora_schedule == "restart":

@@ -47,6 +47,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+import relora_kernels as rk
 from relora_kernels.utils import publish
 
 _MESH = {}
@@ -61,13 +62,16 @@ def mesh_for(device: torch.device):
 
 
 def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """fully_shard every block of model.h, then the root; moves this rank's shards to `device`."""
+    """fully_shard every block of model.h, then the root; moves this rank's shards to `device`. The frozen weights of
+    FP8 LoRA layers (--fp8) are sharded by rows first and left out of FSDP2's gathers: each rank keeps the FP8
+    copies of its rows, and the layers gather those (rk.fsdp_shard_fp8_weights)."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
     mesh = mesh_for(device)
+    fp8_weights = rk.fsdp_shard_fp8_weights(model, mesh)
     for block in model.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=fp8_weights)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=fp8_weights)
     return model
 
 

@@ -288,7 +288,7 @@ def set_up(argv, run_scope: ExitStack) -> Run:
               skipped=state["skipped_steps"] if state else 0)
     if cfg.fsdp:
         if run.lora_on:
-            rk.apply_lora(model, model.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+            apply_lora(model, cfg)
         run.optimizer = build_optimizer(sharded.shard(model, device), cfg, device)
     else:
         run.optimizer = switch_to_lora(model, cfg, device) if run.lora_on else build_optimizer(model, cfg, device)
@@ -301,7 +301,8 @@ def set_up(argv, run_scope: ExitStack) -> Run:
         f"{cfg.block_size}, vocab {data.vocab_size} | {device} x{world}, {str(dtype).removeprefix('torch.')} | "
         f"{run.tokens_per_step:,} tokens/step, {cfg.max_steps} steps")
     log(f"parameters: {param_counts(model)}" + (f", LoRA r={cfg.lora_r} on every attention and MLP linear"
-                                                if run.lora_on else ""))
+                                                if run.lora_on else "")
+        + (", their frozen weights in FP8 (e4m3) from the switch to LoRA" if cfg.fp8 else ""))
     if state:
         saved_world = state.get("world", 1)
         resharded = f"; written by {saved_world} processes, resharded to {world}" if saved_world != world else ""
@@ -394,9 +395,14 @@ def switch_to_lora(model: GPT | Llama, cfg: Config, device, optimizer=None):
     state_by_name = None
     if optimizer is not None:
         state_by_name = {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
+    apply_lora(model, cfg)
+    return build_optimizer(model, cfg, device, old=state_by_name)
+
+
+def apply_lora(model: GPT | Llama, cfg: Config) -> None:
+    """LoRA layers in place of the model's attention and MLP linears, as the options say."""
     rk.apply_lora(model, model.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                   frozen_dtype="fp8" if cfg.fp8 else None, master_device="cpu" if cfg.fp8_master_cpu else None)
-    return build_optimizer(model, cfg, device, old=state_by_name)
 
 
 def switch_to_lora_sharded(model, model_cfg: GPTConfig | LlamaConfig, cfg: Config, device, optimizer=None):
@@ -416,7 +422,7 @@ def switch_to_lora_sharded(model, model_cfg: GPTConfig | LlamaConfig, cfg: Confi
     new.load_state_dict(full, assign=True)
     if new.tied_head:
         new.lm_head.weight = new.wte.weight  # assign=True loaded the two names as two tensors: tie them again
-    rk.apply_lora(new, new.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    apply_lora(new, cfg)
     sharded.shard(new, device)
     return new, build_optimizer(new, cfg, device, old=state_by_name)
 

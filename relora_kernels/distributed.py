@@ -20,8 +20,8 @@ FP8 frozen weights (LoRALinear(frozen_dtype="fp8")) under FSDP2: the layer's W i
 keeps the FP8 copies of its own rows. The forward copy (W by rows, a scale per row) of a block of rows is that
 block of the whole copy; the backward copy (W.T by rows) is scaled by W's column maxima over all rows, so a rank
 quantises its columns of W.T with the maxima all-reduced (K floats, at each refresh: quantize_fp8_weight_shard), and
-its block is bit for bit that of W.T quantised whole. A forward all-gathers the copies, 1 byte per element where
-FSDP2 would gather W in its dtype (gather_fp8_weight).
+its block is bit for bit that of W.T quantised whole. Each pass all-gathers the one copy it reads (gather_fp8_weight):
+1 byte per element of W for the forward and 1 for the backward, where FSDP2 would gather W in its dtype twice.
 """
 
 from __future__ import annotations
@@ -166,16 +166,21 @@ def _all_gather_blocks(block: torch.Tensor, per_rank: int, group) -> torch.Tenso
     return out.view(padded.dtype) if wire is not padded else out
 
 
-def gather_fp8_weight(local: FP8Weight, weight) -> FP8Weight:
+def gather_fp8_weight(local: FP8Weight, weight, *, rows: bool = True, transposed: bool = True) -> FP8Weight:
     """The whole FP8Weight of W from every rank's quantize_fp8_weight_shard(weight) (`local`, this rank's): q (N, K)
     and scale (N,) gathered by rows, q_t (K, N) by columns; scale_t is every rank's already. 1 byte per element of W
-    per copy crosses the mesh (and 4 per row for the scales). A collective: every rank of the mesh calls it."""
-    _, rows, per_rank = _row_shard("weight", weight)
+    per copy crosses the mesh (and 4 per row for the scales). A collective: every rank of the mesh calls it, with
+    the same choice of copies. rows=False / transposed=False: that copy is not gathered (the local one is returned
+    in its place), for a pass that reads only the other."""
+    _, _, per_rank = _row_shard("weight", weight)
     group = weight.device_mesh.get_group()
     n, k = weight.shape
+    q, scale, q_t = local.q, local.scale, local.q_t
     with torch.no_grad():
-        # Rows gathered as columns of the transposed view, so that one helper pads the last dim of every piece.
-        q = _all_gather_blocks(local.q.T, per_rank, group).permute(0, 2, 1).reshape(-1, k)[:n]
-        scale = _all_gather_blocks(local.scale, per_rank, group).reshape(-1)[:n]
-        q_t = _all_gather_blocks(local.q_t, per_rank, group).permute(1, 0, 2).reshape(k, -1)[:, :n]
-    return FP8Weight(q.contiguous(), scale.contiguous(), q_t.contiguous(), local.scale_t)
+        if rows:
+            # Rows gathered as columns of the transposed view, so that one helper pads the last dim of every piece.
+            q = _all_gather_blocks(q.T, per_rank, group).permute(0, 2, 1).reshape(-1, k)[:n].contiguous()
+            scale = _all_gather_blocks(scale, per_rank, group).reshape(-1)[:n].contiguous()
+        if transposed:
+            q_t = _all_gather_blocks(q_t, per_rank, group).permute(1, 0, 2).reshape(k, -1)[:, :n].contiguous()
+    return FP8Weight(q, scale, q_t, local.scale_t)

@@ -223,7 +223,13 @@ class LoRALinear(nn.Module):
                 or local.shape != data.shape or local.stride() != data.stride())
 
     def frozen_weight_fp8(self) -> reference.FP8Weight:
-        """The FP8 copies as the functional op takes them (frozen_dtype="fp8"), refreshed first if W has changed."""
+        """The FP8 copies as the functional op takes them (frozen_dtype="fp8"), refreshed first if W has changed.
+        Of a layer sharded by fsdp_shard_fp8_weights: gathered whole (a collective)."""
+        copies = self._fp8_local_copies()
+        return gather_fp8_weight(copies, self.weight) if self._fp8_sharded else copies
+
+    def _fp8_local_copies(self) -> reference.FP8Weight:
+        """The copies this process holds (of its rows, when sharded), refreshed first if W has changed."""
         if self.frozen_dtype != "fp8":
             raise ValueError("this layer keeps no FP8 copies (frozen_dtype=None); LoRALinear(..., frozen_dtype='fp8')")
         # The stamp check reads Python state and W's version counter, which torch.compile cannot trace; compiled
@@ -234,9 +240,7 @@ class LoRALinear(nn.Module):
                                "ignored_params")
         if not torch.compiler.is_compiling() and self._fp8_copies_stale():
             self.refresh_frozen_weight()
-        copies = reference.FP8Weight(*(self._buffers[name] for name in _FP8_BUFFERS))
-        # Sharded: this rank's rows of the copies, gathered whole for the step (a collective; the GEMMs need all N).
-        return gather_fp8_weight(copies, self.weight) if self._fp8_sharded else copies
+        return reference.FP8Weight(*(self._buffers[name] for name in _FP8_BUFFERS))
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -302,12 +306,40 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropout_p = self.dropout if self.training else 0.0
         if self.frozen_dtype == "fp8":
-            copies = self.frozen_weight_fp8()
-            y = lora_linear_fp8(x, copies, self.lora_A, self.lora_B, self.scale, self.bias, dropout_p)
-            if self._fp8_sharded and y.grad_fn is not None and not torch.compiler.is_compiling():
-                _free_until_backward(copies, y, self)
-            return y
+            if self._fp8_sharded and not torch.compiler.is_compiling():
+                return self._sharded_fp8_forward(x, dropout_p)
+            return lora_linear_fp8(x, self.frozen_weight_fp8(), self.lora_A, self.lora_B, self.scale, self.bias,
+                                   dropout_p)
         return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.bias, dropout_p)
+
+    def _sharded_fp8_forward(self, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """The forward of a layer sharded by fsdp_shard_fp8_weights: each pass gathers the one copy it reads, just
+        before it runs, and frees it after, as FSDP2 gathers an unsharded W (1 byte per element of W crosses the
+        mesh in each pass, half of what gathering a bf16 W twice costs). The forward GEMM reads W by rows: gathered
+        now. The input gradient's reads W.T: the op is given a tensor of its shape whose memory is allocated and
+        gathered by a hook on the output's grad_fn when the backward reaches this layer (autograd saves the tensor,
+        not its memory). Only where no gradient will flow is nothing left for a backward to gather."""
+        local = self._fp8_local_copies()
+        n, k = self.weight.shape
+        forward_copy = gather_fp8_weight(local, self.weight, transposed=False)
+        transposed = torch.empty((k, n), dtype=local.q_t.dtype, device=local.q_t.device)
+        transposed.untyped_storage().resize_(0)  # no memory until the backward needs it
+        copies = forward_copy._replace(q_t=transposed)
+        y = lora_linear_fp8(x, copies, self.lora_A, self.lora_B, self.scale, self.bias, dropout_p)
+        # The forward's kernels are queued; on an accelerator the memory goes back to the allocator in stream order.
+        forward_copy.q.untyped_storage().resize_(0)
+        if y.grad_fn is not None:
+            nbytes = k * n * transposed.element_size()
+
+            def gather_transposed(grad_outputs):
+                whole = gather_fp8_weight(self._fp8_local_copies(), self.weight, rows=False)
+                transposed.untyped_storage().resize_(nbytes)
+                # Filling the tensor autograd saved, before it reads it: not a write its version check should refuse.
+                with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(transposed):
+                    transposed.copy_(whole.q_t)
+
+            y.grad_fn.register_prehook(gather_transposed)
+        return y
 
     def _is_sharded(self) -> bool:
         return any(map(is_dtensor, (self.weight, self.lora_A, self.lora_B)))
@@ -377,30 +409,6 @@ class LoRALinear(nn.Module):
                 f"dropout={self.dropout:g}, bias={self.bias is not None}"
                 f"{', frozen_dtype=fp8' if self.frozen_dtype == 'fp8' else ''}"
                 f"{f', master_device={self.master_device.type}' if self.master_device is not None else ''}")
-
-
-def _free_until_backward(copies: reference.FP8Weight, y: torch.Tensor, layer: LoRALinear) -> None:
-    """Free the memory of a sharded layer's gathered FP8 copies once its forward is done, and gather them again into
-    the same tensors just before its backward runs, as FSDP2 frees and re-gathers an unsharded parameter: what
-    autograd saved for the backward then holds N x K bytes per copy only while that layer's backward needs them.
-    Freeing the storage keeps the tensors (the saved ones among them) valid objects; on an accelerator the freed
-    memory returns to the allocator in stream order, after the forward's kernels that read it."""
-    gathered = (copies.q, copies.q_t)
-    sizes = [t.untyped_storage().nbytes() for t in gathered]
-    for t in gathered:
-        t.untyped_storage().resize_(0)
-
-    def gather_again(grad_outputs):
-        local = reference.FP8Weight(*(layer._buffers[name] for name in _FP8_BUFFERS))
-        whole = gather_fp8_weight(local, layer.weight)
-        with torch.no_grad():
-            for t, size, new in zip(gathered, sizes, (whole.q, whole.q_t), strict=True):
-                t.untyped_storage().resize_(size)
-                # The bits the forward saw, put back: not a write autograd's version check should refuse.
-                with torch.autograd._unsafe_preserve_version_counter(t):
-                    t.copy_(new)
-
-    y.grad_fn.register_prehook(gather_again)
 
 
 def _matches(name: str, target_modules) -> bool:

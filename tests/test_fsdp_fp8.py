@@ -101,11 +101,11 @@ def test_the_reduced_factor_gradients_are_the_sum_of_the_shares(results, backend
 
 @pytest.mark.parametrize("backend", RUNS)
 @torchrun
-def test_the_copies_are_gathered_for_the_forward_and_again_for_the_backward(results, backend):
-    # Three pieces per layer (q, its scales, q_t) before its forward, and q and q_t's memory freed after it and
-    # gathered again (the three pieces) before its backward: the training steps' equality above checks their bits.
-    pieces = 3 * len(ROWS)
-    assert results["runs"][backend]["gathers_per_step"] == [[pieces, 2 * pieces]] * len(
+def test_each_pass_gathers_only_the_copy_it_reads(results, backend):
+    # Before a layer's forward its copy by rows and their scales (two pieces); before its backward the copy of W.T
+    # (one piece; its scales are every rank's already). The steps' equality above checks the bits gathered.
+    layers = len(ROWS)
+    assert results["runs"][backend]["gathers_per_step"] == [[2 * layers, 3 * layers]] * len(
         results["runs"][backend]["losses"])
 
 

@@ -23,8 +23,13 @@ import torch.nn as nn
 
 from . import reference
 from ._validate import check_frozen_dtype, check_int, check_probability, is_dtensor
-from .distributed import (full_tensor, gather_fp8_weight, local_tensor, merge_and_reinit_sharded_,
-                          quantize_fp8_weight_shard)
+from .distributed import (
+    full_tensor,
+    gather_fp8_weight,
+    local_tensor,
+    merge_and_reinit_sharded_,
+    quantize_fp8_weight_shard,
+)
 from .functional import draw_seed, lora_linear, lora_linear_fp8, merge_and_reinit_, quantize_fp8_weight
 
 # The FP8 copies' buffer names: W by rows (the forward's operand) and W.T by rows (the input gradient's), each with

@@ -1,16 +1,16 @@
 """Worker of tests/test_fsdp_fp8.py: `torchrun --nproc_per_node=WORLD tests/fsdp_fp8_worker.py OUT_DIR` on CPU
 with gloo, for a model of LoRALinear(frozen_dtype="fp8") layers whose W is sharded by fsdp_shard_fp8_weights and
-left out of fully_shard (ignored_params). Rank 0 writes OUT_DIR/results.json:
+left out of fully_shard (ignored_params). Rank 0 writes OUT_DIR/results_WORLD.json:
 
-  runs       on the reference backend, and when TRITON_INTERPRET=1 on the kernels with each engine of the frozen
-             GEMMs ("triton": the FP8 Triton GEMM, "cublas": torch._scaled_mm composed): at the start, after every ReLoRA
-             restart and after a torch.distributed.checkpoint save and load into a fresh sharded model, each layer's
-             gathered FP8 copies against reference.quantize_fp8_weight of the whole W (bit for bit), the rows of
-             the copies each rank holds, and the sharded model's output against a one-process FP8 model holding
-             the same state (bit for bit: the same GEMMs on the same rows); every step's losses and input gradients
-             against that model's from the same state, and the reduced gradients of the factors beside its sum
-             of the shares'; the quantising launches run
-  errors     what fsdp_shard_fp8_weights and the layer say to a model sharded the wrong way round
+  runs       on the reference backend, and when TRITON_INTERPRET=1 on the kernels with each engine of the
+             frozen GEMMs ("triton": the FP8 Triton GEMM, "cublas": torch._scaled_mm composed): at the start,
+             after every ReLoRA restart and after a torch.distributed.checkpoint save and load into a fresh
+             sharded model, each layer's gathered FP8 copies against reference.quantize_fp8_weight of the whole W
+             (bit for bit) and the rows of the copies each rank holds; the sharded model's output against a
+             one-process FP8 model holding the same state (bit for bit: the same GEMMs on the same rows); every
+             step's losses and input gradients against that model's from the same state, the reduced gradients of
+             the factors beside its sum of the shares', and the all-gathers of each pass; the quantising launches
+  errors     what fully_shard says to an FP8 layer fsdp_shard_fp8_weights has not sharded first
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from helpers import assert_within_bound, rounding_bound
 
 import relora_kernels as rk
-from helpers import assert_within_bound, rounding_bound
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fsdp_fp8_worker.py")

@@ -3,6 +3,7 @@
     python -m benchmarks.host_overhead                    # every row, 15 repeats x 40 calls, to stdout
     python -m benchmarks.host_overhead --out DIR          # also DIR/host_overhead.json and .md
     python -m benchmarks.host_overhead --quick            # 3 repeats x 10 calls (CI: the code cannot rot)
+    python -m benchmarks.host_overhead --small-kernels    # the small ATen kernels of one planned fwd+bwd, as JSON
 
 A GPU runs only as fast as the host feeds it: when one call's host time exceeds its GPU time the op is host-bound,
 whatever its kernels do. This measures the host side alone.
@@ -325,6 +326,45 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + f"\n\nConditions: {conditions_text}\n"
 
 
+# ATen ops of the eager path that launch nothing on a GPU (metadata, allocation), and those time_model prices as
+# GEMMs or passes over memory of their own (the cuBLAS GEMMs, and the adds that read their start value back).
+NOT_SMALL_KERNELS = frozenset({"empty", "empty_strided", "permute", "as_strided", "view", "detach", "unsqueeze", "t",
+                               "addmm_", "addmm", "_scaled_mm", "add_"})
+
+
+def small_kernels() -> dict[str, dict[str, int]]:
+    """The small ATen kernels (randint, zeros, casts, ...) one planned fwd+bwd dispatches, per engine with and
+    without FP8 frozen weights: bf16, p = 0.1, bias, launches stubbed. What time_model.EAGER_SMALL_KERNELS prices."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in NOT_SMALL_KERNELS:
+                self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    inputs = _layer_inputs(torch.device("cpu"), bias=True)
+    x, weight, lora_a, lora_b, bias, grad_y = (t.detach().bfloat16().requires_grad_(t.requires_grad) for t in (
+        inputs.x, inputs.weight, inputs.lora_a, inputs.lora_b, inputs.bias, inputs.grad_y))
+    counts = {}
+    with stubbed_launches():
+        for fp8 in (False, True):
+            frozen, op = (rk.quantize_fp8_weight(weight), rk.lora_linear_fp8) if fp8 else (weight, rk.lora_linear)
+            for engine in ENGINES:
+                with rk.settings(engine=engine):
+                    for _ in range(2):  # the second call runs the plan
+                        with Count() as count:
+                            y = op(x, frozen, lora_a, lora_b, 2.0, bias, 0.1)
+                            torch.autograd.grad(y, (x, lora_a, lora_b, bias), grad_y)
+                counts[f"{'fp8 ' if fp8 else ''}{engine}"] = count.ops
+    return counts
+
+
 def run(repeats: int, calls: int, gpt2: bool = True) -> dict:
     torch.set_num_threads(1)
     stubbed = not torch.cuda.is_available()
@@ -347,9 +387,14 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="3 repeats x 10 calls: checks the code, not the goals")
     parser.add_argument("--no-gpt2", dest="gpt2", action="store_false", help="leave out the GPT-2 step")
+    parser.add_argument("--small-kernels", action="store_true",
+                        help="print the small ATen kernels of one planned fwd+bwd per engine as JSON, time nothing")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("host time is measured with compiled kernels: run without TRITON_INTERPRET=1")
+    if args.small_kernels:
+        print(json.dumps(small_kernels()))
+        return 0
     repeats, calls = (3, 10) if args.quick else (args.repeats, args.calls)
     result = run(repeats, calls, args.gpt2)
     text = markdown(result)

@@ -212,7 +212,7 @@ def test_the_time_model_prices_every_launch_of_a_training_step(reports):
             aten.update(row["aten_kernels"])
         gemms = {op: aten.pop(op) for op in ATEN_GEMMS & set(aten)}
         assert sum(gemms.values()) == time_model.CUBLAS_GEMMS[engine], gemms
-        assert dict(aten) == time_model.SMALL_KERNELS_PER_STEP
+        assert dict(aten) == time_model.TRACED_SMALL_KERNELS
 
 
 def test_a_failed_build_is_a_failed_row_and_the_others_go_on(monkeypatch, tmp_path):

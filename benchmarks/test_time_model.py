@@ -5,10 +5,18 @@ The launch lists the model prices are checked against a traced training step in 
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 from . import report, time_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NOTES = (Path(__file__).parent / "PERF_NOTES.md").read_text()
 
@@ -69,3 +77,22 @@ def test_perf_notes_state_the_fp8_predictions_the_model_computes():
 
 def test_the_eager_bytes_are_the_recorded_headline_figure_there():
     assert time_model.eager_bytes(8192, 4096, 4096) == time_model.EAGER_BYTES
+
+
+
+@pytest.mark.slow  # a subprocess: the counts need compiled kernels, not the interpreter's tensor traffic
+def test_the_model_prices_every_small_kernel_of_the_eager_path():
+    # One planned fwd+bwd in bf16 at p > 0 with bias, launches stubbed on the stand-in sm_90 driver (what the
+    # benchmarks time), per engine, with and without FP8 frozen weights: every ATen op it dispatches that launches
+    # a kernel on a GPU and that the model does not price as a pass or a GEMM is one the model lists.
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--small-kernels"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout)
+    assert set(counts) == {"triton", "cublas", "fp8 triton", "fp8 cublas"}
+    for case, small in counts.items():
+        want = dict(time_model.EAGER_SMALL_KERNELS)
+        if case == "fp8 cublas":
+            want.update(time_model.FP8_CUBLAS_SMALL_KERNELS)
+        assert small == want, case

@@ -51,14 +51,13 @@ def results(request, tmp_path_factory):
     return json.loads((out_dir / f"results_{world}.json").read_text())
 
 
-def torchrun(test):
-    """A test reading the workers' results: slow (torchrun), and only where gloo exists."""
-    needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
-    return pytest.mark.slow(needs_gloo(test))
+# The tests reading the workers' results: slow (torchrun), and only where gloo exists.
+needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 
 
 @pytest.mark.parametrize("backend", RUNS)
-@torchrun
+@pytest.mark.slow
+@needs_gloo
 def test_each_rank_holds_its_rows_and_the_gathered_copies_are_the_whole_quantisation(results, backend):
     run = results["runs"][backend]
     labels = [label for label, _ in run["checks"]]
@@ -72,7 +71,8 @@ def test_each_rank_holds_its_rows_and_the_gathered_copies_are_the_whole_quantisa
 
 
 @pytest.mark.parametrize("backend", RUNS)
-@torchrun
+@pytest.mark.slow
+@needs_gloo
 def test_every_step_equals_one_process_from_the_same_state(results, backend):
     run = results["runs"][backend]
     assert len(run["losses"]) == len(run["single_losses"]) == len(run["dx_equal"]) > 0
@@ -83,7 +83,8 @@ def test_every_step_equals_one_process_from_the_same_state(results, backend):
 
 
 @pytest.mark.parametrize("backend", RUNS)
-@torchrun
+@pytest.mark.slow
+@needs_gloo
 def test_the_reduced_factor_gradients_are_the_sum_of_the_shares(results, backend):
     # FSDP2 sums the ranks' gradients in its own order; the one-process sum adds the shares in rank order. Each is
     # within gamma_{world-1} |sum| of the exact sum, so they are within twice that of each other; with 2 ranks
@@ -100,7 +101,8 @@ def test_the_reduced_factor_gradients_are_the_sum_of_the_shares(results, backend
 
 
 @pytest.mark.parametrize("backend", RUNS)
-@torchrun
+@pytest.mark.slow
+@needs_gloo
 def test_each_pass_gathers_only_the_copy_it_reads(results, backend):
     # Before a layer's forward its copy by rows and their scales (two pieces); before its backward the copy of W.T
     # (one piece; its scales are every rank's already). The steps' equality above checks the bits gathered.
@@ -110,7 +112,8 @@ def test_each_pass_gathers_only_the_copy_it_reads(results, backend):
 
 
 @pytest.mark.parametrize("engine", RUNS[1:])
-@torchrun
+@pytest.mark.slow
+@needs_gloo
 def test_the_kernels_quantised_the_shards(results, engine):
     calls = results["runs"][engine]["quantize_calls"]
     # Each layer's W.T block with the all-reduced maxima: at the start, after each restart, and after the load
@@ -122,7 +125,8 @@ def test_the_kernels_quantised_the_shards(results, engine):
     assert (calls["scaled_mm"] > 0) == (engine == "cublas"), calls
 
 
-@torchrun
+@pytest.mark.slow
+@needs_gloo
 def test_fully_shard_without_sharding_the_fp8_weights_first_is_refused_by_name(results):
     message = results["errors"]["fully_shard_first"]
     assert "fsdp_shard_fp8_weights" in message and "ignored_params" in message

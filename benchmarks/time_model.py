@@ -35,27 +35,25 @@ SMALL_KERNEL_US = 2.5  # a launch-bound ATen kernel (seed draw, zeros, casts)
 # scales' epilogue and FP8 kernels younger than bf16's keep a GEMM below that (optimistic 1.9x, pessimistic 1.5x).
 FP8_GEMM_SPEEDUP = (1.9, 1.5)
 FP8 = 1  # bytes an e4m3 element
-# Beyond the bf16 op's launches: the launch that quantises dy once the gradient launch has found its row maxima
-# (reads dy again, writes its e4m3 copy; the maxima are zeroed with the gradient launches' other scratch). x's copy
-# is written by the shrink in a second pass over its token block: from L2 (optimistic) or HBM (pessimistic). The
-# cuBLAS-composed FP8 forward builds the operands of its rank-r addmm ([S, 1] and [s * B.T; bias]): small kernels.
+# Beyond the bf16 op's launches: the zeroed int32 row maxima of dy (one small kernel) and the launch that quantises
+# dy once the gradient launch has found them (reads dy again, writes its e4m3 copy). x's copy is written by the
+# shrink in a second pass over its token block: from L2 (optimistic) or HBM (pessimistic). The cuBLAS-composed FP8
+# forward also builds the operands of its rank-r addmm ([S, 1] and [s * B.T; bias]): four more small kernels.
+FP8_SMALL_KERNELS = {"zeros": 1}
 FP8_CUBLAS_SMALL_KERNELS = {"new_ones": 1, "cat": 2, "mul": 1}
 
 # What one fwd+bwd launches (p > 0, bias, seed drawn on the device), per engine: the Triton kernels in order, the
-# cuBLAS GEMMs, and the small ATen kernels: the seed's randint, the zeroed fp32 buffers and the casts of the fp32
-# gradients into the inputs' dtype. The eager path (what the benchmarks time and this model prices) zeroes one
-# allocation for the dA / dB / dbias accumulators and one for the launches' scratch (dS's partials, FP8's dy row
-# maxima), and casts the accumulators in one; the registered ops, which torch.compile traces, keep the three
-# accumulators apart (an op's outputs may not alias each other): 4 zeros and 3 casts. `benchmarks/test_gpu_build.py`
-# checks the kernels and TRACED_SMALL_KERNELS against a traced step, `benchmarks/test_time_model.py` the eager
-# path's small kernels against its dispatched ops.
+# cuBLAS GEMMs, and the small ATen kernels (the seed's randint, 4 zeros for dA / dB / dbias / dS's partials, 3 casts
+# of the fp32 gradients), the same on the eager path (what the benchmarks time and this model prices) and on the
+# registered ops that torch.compile traces. `benchmarks/test_gpu_build.py` checks the kernels and
+# TRACED_SMALL_KERNELS against a traced step, `benchmarks/test_time_model.py` EAGER_SMALL_KERNELS (and the FP8 ones)
+# against the eager path's dispatched ops.
 TRITON_KERNELS = {
     "triton": ("shrink_kernel", "fused_matmul_kernel", "grad_b_kernel", "grad_a_kernel", "fused_matmul_kernel"),
     "cublas": ("shrink_kernel", "grad_b_kernel", "grad_a_kernel"),
 }
 CUBLAS_GEMMS = {"triton": 0, "cublas": 2}
-EAGER_SMALL_KERNELS = {"randint": 1, "zeros": 2, "_to_copy": 1}
-TRACED_SMALL_KERNELS = {"randint": 1, "zeros": 4, "_to_copy": 3}
+EAGER_SMALL_KERNELS = TRACED_SMALL_KERNELS = {"randint": 1, "zeros": 4, "_to_copy": 3}
 MERGE_LAUNCHES = 2  # the merge reads A and B in every program, so their re-draw cannot join its launch
 # Eager (PEFT-style) beyond the floor: 12 memory-bound launches at p > 0 (10 at p = 0) moving 1.41 GB at the
 # headline (dropout, lora_A, lora_B, the scale, the add, their backward twins and dx's accumulation).
@@ -119,6 +117,7 @@ def step_s(engine: str, M: int, K: int, N: int, r: int, dropout: bool) -> Bounds
         if fp8:
             shrink += FP8 * M * K + (0 if hidden else BF16 * M * K)
             quantise_dy = memory(BF16 * M * N + FP8 * M * N + FP32 * M)
+            small += sum(FP8_SMALL_KERNELS.values()) * SMALL_KERNEL_US * US
             if engine == "cublas":
                 small += sum(FP8_CUBLAS_SMALL_KERNELS.values()) * SMALL_KERNEL_US * US
         if engine == "cublas":

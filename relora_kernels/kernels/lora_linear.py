@@ -33,8 +33,6 @@ engine of each pass.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -945,34 +943,12 @@ def grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_b
             quantize_rows_launch(grad_y, True) if quantize_grad_y else None)
 
 
-def _zeroed_views(shapes, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(buffer, views): one zeroed fp32 allocation and a contiguous view of it per shape, each starting on a
-    16-byte boundary (the alignment a separate allocation would have, which the kernels' specialisation sees)."""
-    offsets, total = [], 0
-    for shape in shapes:
-        offsets.append(total)
-        total += -(-math.prod(shape) // 4) * 4
-    buffer = torch.zeros((total,), device=device, dtype=torch.float32)
-    return buffer, [buffer.as_strided(shape, _contiguous_strides(shape), offset)
-                    for shape, offset in zip(shapes, offsets, strict=True)]
-
-
-def _contiguous_strides(shape) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
-
-
 def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
-             quantize_grad_y=False, launches=None, shared_buffers=False):
+             quantize_grad_y=False, launches=None):
     """(dA, dB, dS, dbias, dx start or None, (dyq, sdy) or None): dx's start mask(dS @ A) / (1-p) is written by the
     dA launch when lora_a is given (the cuBLAS-composed engine); with quantize_grad_y the dy launch also gathers dy's
     row amax and a third launch writes dy in e4m3 (the FP8 input gradient's operand). `launches`: grad_ab_launches
-    of the same operands' key, if the caller keeps them (made by a call that passed the architecture check).
-    shared_buffers: dA, dB and dbias are views of one allocation, the scratch of another (fewer launches; the eager
-    path only, not a registered op)."""
+    of the same operands' key, if the caller keeps them (made by a call that passed the architecture check)."""
     if launches is None:
         if quantize_grad_y:
             _require_fp8_arch()
@@ -982,26 +958,15 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
     write_dx = lora_a is not None
     dev = x.device
-    # With one partial (atomics) the buffers are the sums themselves: 2-D, nothing left to add up. With
-    # shared_buffers (the eager path) the three gradient accumulators are views of one zeroed allocation and the
-    # launches' scratch (dS's partials, dy's row maxima) of another: on an accelerator each fill and each cast is a
-    # launch of its own, and this makes two fills and one cast of what would be four or five and three. Not in the
-    # registered ops: their outputs may not alias each other, and traced, a kernel's write into a view of a larger
-    # buffer becomes a copy of the whole buffer (as_strided_scatter). The accumulators apart from the scratch: what
-    # is returned can become a parameter's .grad and keep its buffer's memory alive.
+    # With one partial (atomics) the buffers are the sums themselves: 2-D, nothing left to add up.
     partials = () if token_partials == 1 else (token_partials,)
-    shapes = ((*partials, R, K), (*partials, N, R), (*partials, N if need_bias_grad else 0))
-    if shared_buffers:
-        accumulators, (grad_a, grad_b, grad_bias) = _zeroed_views(shapes, dev)
-        _, (ds_partial, grad_y_amax) = _zeroed_views(((ds_partials, M, R), (M if quantize_grad_y else 0,)), dev)
-        grad_y_amax = grad_y_amax.view(torch.int32) if quantize_grad_y else None  # zero bits: int32 zeros
-    else:
-        accumulators = None
-        grad_a, grad_b, grad_bias, ds_partial = (torch.zeros(shape, device=dev, dtype=torch.float32)
-                                                 for shape in (*shapes, (ds_partials, M, R)))
-        grad_y_amax = torch.zeros((M,), device=dev, dtype=torch.int32) if quantize_grad_y else None
+    grad_a = torch.zeros((*partials, R, K), device=dev, dtype=torch.float32)
+    grad_b = torch.zeros((*partials, N, R), device=dev, dtype=torch.float32)
+    grad_bias = torch.zeros((*partials, N if need_bias_grad else 0), device=dev, dtype=torch.float32)
+    ds_partial = torch.zeros((ds_partials, M, R), device=dev, dtype=torch.float32)
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
     dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if write_dx else None
+    grad_y_amax = torch.zeros((M,), device=dev, dtype=torch.int32) if quantize_grad_y else None
     if token_blocks > 0:
         # Placeholders for what a variant does not read or write are inputs it never writes (see launch.dropout_args).
         grad_b_launch((grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y,
@@ -1010,14 +975,8 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
         grad_a_launch((x, ds_partial, grad_shrunk, grad_a, seed if dropout_p > 0.0 else x, a, dx))
     if partials:
         grad_a, grad_b, grad_bias = (t.sum(0) for t in (grad_a, grad_b, grad_bias))
-    if x.dtype == torch.float32:
-        pass
-    elif partials or accumulators is None:  # rounded once into the inputs' dtype
+    if x.dtype != torch.float32:  # rounded once into the inputs' dtype
         grad_a, grad_b, grad_bias = grad_a.to(x.dtype), grad_b.to(x.dtype), grad_bias.to(x.dtype)
-    else:  # the same, in one cast of the shared accumulators, seen through the same views
-        rounded = accumulators.to(x.dtype)
-        grad_a, grad_b, grad_bias = (rounded.as_strided(t.shape, t.stride(), t.storage_offset())
-                                     for t in (grad_a, grad_b, grad_bias))
     grad_y_q = _quantize_rows(grad_y, grad_y_amax, quantize_launch) if quantize_grad_y else None
     return grad_a, grad_b, grad_shrunk, grad_bias, dx_start, grad_y_q
 

@@ -246,11 +246,10 @@ def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     if plan.cublas:
         grad_a, grad_b, _, grad_bias, grad_x, _ = lora_linear._grad_ab(
             grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
-            launches=plan.grad_ab, shared_buffers=True)
+            launches=plan.grad_ab)
         return grad_x.addmm_(grad_y, weight), grad_a, grad_b, grad_bias
     grad_a, grad_b, grad_shrunk, grad_bias, _, _ = lora_linear._grad_ab(
-        grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic, launches=plan.grad_ab,
-        shared_buffers=True)
+        grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic, launches=plan.grad_ab)
     if need_input_grad:
         grad_x = lora_linear.fused_matmul(grad_y, weight, grad_shrunk, lora_a, 1.0 / (1.0 - dropout_p), None,
                                           dropout_p, seed, tile=plan.tile, launch=plan.gemm)

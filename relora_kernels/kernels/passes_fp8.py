@@ -235,18 +235,18 @@ def eager_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.
     if not need_input_grad:
         grad_a, grad_b, _, grad_bias, _, _ = lora_linear._grad_ab(
             grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
-            launches=plan.grad_ab, shared_buffers=True)
+            launches=plan.grad_ab)
         return x.new_empty((0, x.shape[1])), grad_a, grad_b, grad_bias
     if plan.cublas and dropout_p > 0.0:
         grad_a, grad_b, _, grad_bias, start, (grad_y_q, grad_y_scale) = lora_linear._grad_ab(
             grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
-            quantize_grad_y=True, launches=plan.grad_ab, shared_buffers=True)
+            quantize_grad_y=True, launches=plan.grad_ab)
         # dx = dy @ W (FP8) + mask(dS @ A) / (1-p)
         return start.add_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype)), grad_a, grad_b, \
             grad_bias
     grad_a, grad_b, grad_shrunk, grad_bias, _, (grad_y_q, grad_y_scale) = lora_linear._grad_ab(
         grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic, quantize_grad_y=True,
-        launches=plan.grad_ab, shared_buffers=True)
+        launches=plan.grad_ab)
     if plan.cublas:
         # dx = dy @ W (FP8) + dS @ A
         grad_x = _add_low_rank_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype), grad_shrunk,

@@ -37,7 +37,10 @@ lora_launches: each kernel launch of the fused op alone, on the launchers (no au
 and a copy of x that bound them: where the fused op's time goes. The Triton engine's: shrink, forward_matmul,
 grad_ab (both gradient kernels), input_grad; the cuBLAS-composed engine's: shrink_expand (S and y's start),
 addmm_fwd (y.addmm_(x, W.T) onto it), grad_ab_start (both gradient kernels, the dA one also writing dx's start),
-addmm_dx (dx.addmm_(dy, W)); yardsticks floor_fwd (F.linear), floor_bwd (dy @ W), copy_x (x.copy_, the
+addmm_dx (dx.addmm_(dy, W)); with W's FP8 copies (made once): the Triton engine's fp8_shrink_quantize (S, x's e4m3
+copy and row scales), fp8_forward_matmul, fp8_grad_ab_quantize (both gradient kernels, then dy's e4m3 copy),
+fp8_input_grad, and the cuBLAS-composed engine's FP8 GEMMs fp8_scaled_mm_fwd and fp8_scaled_mm_dx (torch._scaled_mm
+alone: the FP8 GEMM's own rate); yardsticks floor_fwd (F.linear), floor_bwd (dy @ W), copy_x (x.copy_, the
 memory-bound kernels' yardstick). Each row carries its FLOPs and the fewest bytes it must move (launch_work), so
 time / floor and GB/s against copy_gbps read off directly.
 
@@ -85,7 +88,12 @@ def smoke_skips(case, provider: str) -> bool:
     return provider in SMOKE_FWD_BWD_ONLY and getattr(case, "mode", "fwd+bwd") not in ("fwd+bwd", "launch")
 TRITON_LAUNCHES = ("shrink", "forward_matmul", "grad_ab", "input_grad")
 CUBLAS_LAUNCHES = ("shrink_expand", "addmm_fwd", "grad_ab_start", "addmm_dx")
-LAUNCH_PROVIDERS = (*TRITON_LAUNCHES, *CUBLAS_LAUNCHES, "floor_fwd", "floor_bwd", "copy_x")
+# With FP8 frozen weights: the Triton engine's launches, and the cuBLAS-composed engine's two FP8 GEMMs
+# (torch._scaled_mm; its Triton launches are the same quantising shrink and gradient launches).
+FP8_TRITON_LAUNCHES = ("fp8_shrink_quantize", "fp8_forward_matmul", "fp8_grad_ab_quantize", "fp8_input_grad")
+FP8_CUBLAS_GEMMS = ("fp8_scaled_mm_fwd", "fp8_scaled_mm_dx")
+FP8_LAUNCHES = (*FP8_TRITON_LAUNCHES, *FP8_CUBLAS_GEMMS)
+LAUNCH_PROVIDERS = (*TRITON_LAUNCHES, *CUBLAS_LAUNCHES, *FP8_LAUNCHES, "floor_fwd", "floor_bwd", "copy_x")
 MERGE_PROVIDERS = ("eager", "fused", "fused_fp8", "fused_fp8_cpu_master")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -291,8 +299,22 @@ def launch_work(case: LaunchCase, provider: str) -> tuple[int, int]:
         "floor_fwd": (2 * M * N * K, M * K + N * K + M * N),
         "floor_bwd": (2 * M * N * K, M * N + N * K + M * K),
         "copy_x": (0, 2 * M * K),
+    }.get(provider)
+    if work is not None:
+        return work[0], work[1] * size
+    # FP8: (FLOPs, bytes in the activation dtype, bytes of e4m3 elements and fp32 scales)
+    flops, wide, narrow = {
+        "fp8_shrink_quantize": (2 * M * K * r, M * K + r * K + M * r, M * K + 4 * M),  # x, A -> S, xq, sx
+        # xq, sx, wq, sw, S, B, bias -> y
+        "fp8_forward_matmul": (2 * M * N * K + 2 * M * N * r, M * r + N * r + N + M * N, M * K + N * K + 4 * (M + N)),
+        # dy, x, B, S -> dS, dyq, sdy
+        "fp8_grad_ab_quantize": (4 * M * N * r + 2 * M * K * r, M * N + M * K + N * r + 2 * M * r, M * N + 4 * M),
+        # dyq, sdy, wtq, swt, dS, A -> dx
+        "fp8_input_grad": (2 * M * N * K + 2 * M * K * r, M * r + r * K + M * K, M * N + N * K + 4 * (M + K)),
+        "fp8_scaled_mm_fwd": (2 * M * N * K, M * N, M * K + N * K + 4 * (M + N)),  # xq, sx, wq, sw -> y
+        "fp8_scaled_mm_dx": (2 * M * N * K, M * K, M * N + N * K + 4 * (M + K)),  # dyq, sdy, wtq, swt -> dx
     }[provider]
-    return work[0], work[1] * size
+    return flops, wide * size + narrow
 
 
 def metrics(case, provider: str, median_ms: float | None) -> dict:
@@ -536,11 +558,14 @@ def build_merge(provider: str, case: MergeCase, device: torch.device) -> Callabl
 
 
 def build_launch(provider: str, case: LaunchCase, device: torch.device) -> Callable:
-    """One launcher of the fused op on realistic inputs (its inputs made once by the other launchers)."""
+    """One launcher of the fused op on realistic inputs (its inputs made once by the other launchers). Raises Skip
+    for an FP8 launch where this machine has no FP8 (or, for the cuBLAS FP8 GEMMs, no torch._scaled_mm for it)."""
     from relora_kernels.kernels import lora_linear as launchers
     from relora_kernels.kernels import passes
     from relora_kernels.kernels.launch import eager_launches
 
+    if provider in FP8_LAUNCHES:
+        return _build_fp8_launch(provider, case, device)
     inp = lora_inputs(case, device)
     x, weight, bias, lora_a, lora_b, grad_y = (t.detach() for t in (inp.x, inp.weight, inp.bias, inp.lora_a,
                                                                       inp.lora_b, inp.grad_y))
@@ -571,6 +596,46 @@ def build_launch(provider: str, case: LaunchCase, device: torch.device) -> Calla
     def run():
         # As the op launches them eagerly: outside a triton_op, torch's tracing wrapper would time its own dispatch.
         with eager_launches():
+            return launch()
+
+    return run
+
+
+def _build_fp8_launch(provider: str, case: LaunchCase, device: torch.device) -> Callable:
+    from relora_kernels.kernels import lora_linear as launchers
+    from relora_kernels.kernels import passes_fp8
+    from relora_kernels.kernels.launch import eager_launches
+
+    problem = fp8_problem(case, device)
+    if problem is None and provider in FP8_CUBLAS_GEMMS:
+        problem = passes_fp8.scaled_mm_support(device.type, device.index, DTYPES[case.dtype])
+    if problem is not None:
+        raise Skip(problem)
+    inp = lora_inputs(case, device)
+    x, weight, bias, lora_a, lora_b, grad_y = (t.detach() for t in (inp.x, inp.weight, inp.bias, inp.lora_a,
+                                                                      inp.lora_b, inp.grad_y))
+    p, seed = case.p, torch.tensor(REINIT_SEED, device=device) if case.p > 0 else None
+    with eager_launches():  # the inputs each launch reads, made once by the launches before it
+        frozen = rk.quantize_fp8_weight(weight)
+        shrunk, x_q, x_scale = launchers.lora_shrink_quantize(x, lora_a, p, seed)
+        _, _, grad_shrunk, _, grad_y_q, grad_y_scale = launchers.lora_grad_ab_quantize(grad_y, x, shrunk, lora_b,
+                                                                                      SCALE, p, seed, True)
+    launch = {
+        "fp8_shrink_quantize": lambda: launchers.lora_shrink_quantize(x, lora_a, p, seed),
+        "fp8_forward_matmul": lambda: launchers.fused_matmul_fp8(x_q, x_scale, frozen.q.T, frozen.scale, shrunk,
+                                                                 lora_b.T, SCALE, bias, 0.0, None, x.dtype),
+        "fp8_grad_ab_quantize": lambda: launchers.lora_grad_ab_quantize(grad_y, x, shrunk, lora_b, SCALE, p, seed,
+                                                                        True),
+        "fp8_input_grad": lambda: launchers.fused_matmul_fp8(grad_y_q, grad_y_scale, frozen.q_t.T, frozen.scale_t,
+                                                             grad_shrunk, lora_a, 1.0 / (1.0 - p), None, p, seed,
+                                                             x.dtype),
+        "fp8_scaled_mm_fwd": lambda: passes_fp8.scaled_mm(x_q, x_scale, frozen.q, frozen.scale, x.dtype),
+        "fp8_scaled_mm_dx": lambda: passes_fp8.scaled_mm(grad_y_q, grad_y_scale, frozen.q_t, frozen.scale_t,
+                                                         x.dtype),
+    }[provider]
+
+    def run():
+        with eager_launches():  # as the op launches them eagerly (see build_launch)
             return launch()
 
     return run

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import time_model
-from .cases import CUBLAS_LAUNCHES, FP8_PROVIDERS, HEADLINE, LAUNCH_PROVIDERS, LORA_PROVIDERS, TRITON_LAUNCHES
+from .cases import (
+    CUBLAS_LAUNCHES,
+    FP8_CUBLAS_GEMMS,
+    FP8_PROVIDERS,
+    FP8_TRITON_LAUNCHES,
+    HEADLINE,
+    LAUNCH_PROVIDERS,
+    LORA_PROVIDERS,
+    TRITON_LAUNCHES,
+)
 
 # The performance goals for the automatic choice (`fused`); each engine's provider is checked against the same two.
 SPEEDUP_GOAL = 1.40  # fused fwd+bwd vs eager at the headline case (p = 0.1)
@@ -363,11 +372,17 @@ def markdown(results: dict) -> str:
 
 
 # A GEMM launch is held against cuBLAS's GEMM of the same shape; a memory-bound one against a copy of x.
+# An FP8 GEMM's yardstick is the bf16 GEMM of its shape (the cuBLAS FP8 GEMM's ratio is its rate over bf16's), the
+# Triton FP8 GEMM's the cuBLAS FP8 one.
 _LAUNCH_YARDSTICK = {"forward_matmul": "floor_fwd", "input_grad": "floor_bwd", "addmm_fwd": "floor_fwd",
                      "addmm_dx": "floor_bwd", "shrink": "copy_x", "grad_ab": "copy_x", "shrink_expand": "copy_x",
-                     "grad_ab_start": "copy_x"}
-_MEMORY_BOUND = ("shrink", "grad_ab", "shrink_expand", "grad_ab_start")
-_ENGINE_OF_LAUNCH = {**dict.fromkeys(TRITON_LAUNCHES, "triton"), **dict.fromkeys(CUBLAS_LAUNCHES, "cublas")}
+                     "grad_ab_start": "copy_x", "fp8_shrink_quantize": "copy_x", "fp8_grad_ab_quantize": "copy_x",
+                     "fp8_forward_matmul": "fp8_scaled_mm_fwd", "fp8_input_grad": "fp8_scaled_mm_dx",
+                     "fp8_scaled_mm_fwd": "floor_fwd", "fp8_scaled_mm_dx": "floor_bwd"}
+_MEMORY_BOUND = ("shrink", "grad_ab", "shrink_expand", "grad_ab_start", "fp8_shrink_quantize", "fp8_grad_ab_quantize")
+_ENGINE_OF_LAUNCH = {**dict.fromkeys(TRITON_LAUNCHES, "triton"), **dict.fromkeys(CUBLAS_LAUNCHES, "cublas"),
+                     **dict.fromkeys(FP8_TRITON_LAUNCHES, "fp8_triton"),
+                     **dict.fromkeys(FP8_CUBLAS_GEMMS, "fp8_cublas")}
 
 
 def _launch_section(results: dict) -> list[str]:
@@ -381,14 +396,17 @@ def _launch_section(results: dict) -> list[str]:
     lines = ["", "## lora_launches: where the fused op's time goes", "",
              "Each launch alone, on the launchers (no autograd), per engine: the Triton engine's shrink, "
              "forward_matmul, grad_ab, input_grad; the cuBLAS-composed engine's shrink_expand, addmm_fwd, "
-             "grad_ab_start, addmm_dx. `vs yardstick`: a GEMM launch's time over cuBLAS's GEMM of the same shape "
-             "(floor_fwd / floor_bwd), a memory-bound launch's GB/s (the fewest bytes it must move, "
+             "grad_ab_start, addmm_dx; with FP8 frozen weights the Triton engine's fp8_shrink_quantize, "
+             "fp8_forward_matmul, fp8_grad_ab_quantize, fp8_input_grad and the cuBLAS-composed engine's FP8 GEMMs "
+             "fp8_scaled_mm_fwd / _dx. `vs yardstick`: a GEMM launch's time over cuBLAS's GEMM of the same shape "
+             "(floor_fwd / floor_bwd; a Triton FP8 GEMM's over the cuBLAS FP8 GEMM's, whose own ratio is its time "
+             "over the bf16 GEMM's), a memory-bound launch's GB/s (the fewest bytes it must move, "
              "cases.launch_work) over copy_x's.", ""]
     table, totals = [], []
     for (layer, M, K, N, r, p, dtype), providers in groups.items():
         floor = [_ms(providers.get(q)) for q in ("floor_fwd", "floor_bwd")]
         sums = []
-        for launches in (TRITON_LAUNCHES, CUBLAS_LAUNCHES):
+        for launches in (TRITON_LAUNCHES, CUBLAS_LAUNCHES, FP8_TRITON_LAUNCHES):
             times = [_ms(providers.get(q)) for q in launches]
             sums.append(None if None in times or None in floor else sum(times) / sum(floor))
         totals.append([layer, M, f"{K}->{N}", r, p, dtype, *sums])
@@ -405,7 +423,7 @@ def _launch_section(results: dict) -> list[str]:
     lines += ["", "Each engine's launches summed, over floor_fwd + floor_bwd (its fwd+bwd without autograd or the "
               "dropout seed's draw, over the floor's two GEMMs):", ""]
     return lines + _table(["layer", "M", "K->N", "r", "p", "dtype", "triton launches / floor",
-                           "cublas launches / floor"], totals)
+                           "cublas launches / floor", "fp8 triton launches / floor"], totals)
 
 
 def headline(results: dict) -> str:

@@ -198,8 +198,11 @@ def test_launch_breakdown_holds_each_launch_against_its_yardstick():
     # the cuBLAS engine's addmm_ calls at 0.46, its Triton launches at 0.03 and 0.06.
     copy_ms = cases.launch_work(case, "copy_x")[1] / 2.0e12 * 1e3
     shrink_ms = cases.launch_work(case, "shrink")[1] / 1.0e12 * 1e3
+    # With FP8: the cuBLAS FP8 GEMMs at 0.25 ms, the Triton FP8 GEMMs at 0.3, its quantising launches at 0.04, 0.07.
     times = {"shrink": shrink_ms, "forward_matmul": 0.5, "grad_ab": 0.05, "input_grad": 0.5, "shrink_expand": 0.03,
-             "addmm_fwd": 0.46, "grad_ab_start": 0.06, "addmm_dx": 0.46, "floor_fwd": 0.45, "floor_bwd": 0.45,
+             "addmm_fwd": 0.46, "grad_ab_start": 0.06, "addmm_dx": 0.46, "fp8_shrink_quantize": 0.04,
+             "fp8_forward_matmul": 0.3, "fp8_grad_ab_quantize": 0.07, "fp8_input_grad": 0.3,
+             "fp8_scaled_mm_fwd": 0.25, "fp8_scaled_mm_dx": 0.25, "floor_fwd": 0.45, "floor_bwd": 0.45,
              "copy_x": copy_ms}
     rows = [{**case.row(), "provider": provider, "median_ms": ms, "p20_ms": ms, "p80_ms": ms, "peak_mem_mb": 0.0,
              **cases.metrics(case, provider, ms), "status": "ok"} for provider, ms in times.items()]
@@ -212,6 +215,13 @@ def test_launch_breakdown_holds_each_launch_against_its_yardstick():
     assert float(table["shrink"][11]) == pytest.approx(0.5, rel=5e-3)  # half the copy's GB/s
     expand_gbps = cases.launch_work(case, "shrink_expand")[1] / 0.03e-3 / 1e9
     assert float(table["shrink_expand"][11]) == pytest.approx(expand_gbps / 2000, rel=5e-3)
-    (totals,) = [line for line in lines if len(line) == 8]  # each engine's launches over the floor, side by side
+    # FP8: the Triton GEMM against the cuBLAS FP8 GEMM, that one against the bf16 GEMM (its rate over bf16's).
+    assert table["fp8_forward_matmul"][6] == "fp8_triton" and table["fp8_scaled_mm_dx"][6] == "fp8_cublas"
+    assert float(table["fp8_forward_matmul"][11]) == pytest.approx(0.3 / 0.25, rel=5e-3)
+    assert float(table["fp8_scaled_mm_fwd"][11]) == pytest.approx(0.25 / 0.45, rel=5e-3)
+    quantize_gbps = cases.launch_work(case, "fp8_shrink_quantize")[1] / 0.04e-3 / 1e9
+    assert float(table["fp8_shrink_quantize"][11]) == pytest.approx(quantize_gbps / 2000, rel=5e-3)
+    (totals,) = [line for line in lines if len(line) == 9]  # each engine's launches over the floor, side by side
     assert float(totals[6]) == pytest.approx((shrink_ms + 0.5 + 0.05 + 0.5) / 0.9, rel=5e-3)  # 3 digits
     assert float(totals[7]) == pytest.approx((0.03 + 0.46 + 0.06 + 0.46) / 0.9, rel=5e-3)
+    assert float(totals[8]) == pytest.approx((0.04 + 0.3 + 0.07 + 0.3) / 0.9, rel=5e-3)

@@ -15,7 +15,6 @@ left out of fully_shard (ignored_params). Rank 0 writes OUT_DIR/results_WORLD.js
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import finish_gloo_worker
 from torch.distributed.fsdp import fully_shard
 
 import relora_kernels as rk
@@ -234,7 +234,7 @@ def error_checks() -> dict:
         return {"fully_shard_first": str(error)}
 
 
-def main() -> int:
+def main() -> None:
     out_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -247,17 +247,8 @@ def main() -> int:
         runs.remove("cublas")
     results = {"world": world, "runs": {run: train(run, rank, world, out_dir) for run in runs},
                "not_run": {"cublas": without} if without is not None else {}, "errors": error_checks()}
-    if rank == 0:
-        (out_dir / f"results_{world}.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    finish_gloo_worker(results, out_dir / f"results_{world}.json", rank)
 
 
 if __name__ == "__main__":
-    code = main()
-    # Without interpreter shutdown, as tests/fsdp_worker.py: gloo's threads kept alive by DTensor's caches can abort
-    # the process during shutdown. The results are written and closed by now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    main()

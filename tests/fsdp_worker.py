@@ -16,7 +16,6 @@ of the global batch, each half's loss halved, so it performs the same operations
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import finish_gloo_worker
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -282,7 +282,7 @@ def pruning_checks(rank: int) -> dict:
     return result
 
 
-def main() -> int:
+def main() -> None:
     out_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -305,18 +305,8 @@ def main() -> int:
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, per_rank)
     results["per_rank"] = gathered
-    if rank == 0:
-        (out_dir / "results.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    finish_gloo_worker(results, out_dir / "results.json", rank)
 
 
 if __name__ == "__main__":
-    code = main()
-    # Without interpreter shutdown: DTensor's caches keep the mesh, hence gloo's threads, alive past
-    # destroy_process_group, and one of them freeing a finished collective during shutdown aborts the process
-    # (pytorch issue #190489). results.json is written and closed by now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    main()

@@ -129,3 +129,22 @@ def fp8_quantisation_error(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     """A bound on |deq(quantize_fp8_rows(t)) - t| element by element, in float64: 2**-4 |t| + 2**-10 * the row's
     scale (the larger of the normal and the subnormal rounding error, summed for simplicity)."""
     return E4M3_HALF_ULP * t.detach().double().abs() + E4M3_SUBNORMAL_HALF_STEP * scale.double()[:, None]
+
+
+def finish_gloo_worker(results: dict, path, rank: int) -> None:
+    """End a torchrun worker of the FSDP tests: rank 0 writes `results` to `path` as JSON, every rank waits for it,
+    then leaves without interpreter shutdown. DTensor's caches keep the mesh, hence gloo's threads, alive past
+    destroy_process_group, and one of them freeing a finished collective during shutdown aborts the process (pytorch
+    issue #190489); the results are written and closed by then."""
+    import json
+    import sys
+
+    import torch.distributed as dist
+
+    if rank == 0:
+        path.write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

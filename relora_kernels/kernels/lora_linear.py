@@ -945,10 +945,11 @@ def grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_b
 
 def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
              quantize_grad_y=False, launches=None):
-    """(dA, dB, dS, dbias, dx start or None, (dyq, sdy) or None): dx's start mask(dS @ A) / (1-p) is written by the
-    dA launch when lora_a is given (the cuBLAS-composed engine); with quantize_grad_y the dy launch also gathers dy's
-    row amax and a third launch writes dy in e4m3 (the FP8 input gradient's operand). `launches`: grad_ab_launches
-    of the same operands' key, if the caller keeps them (made by a call that passed the architecture check)."""
+    """(dA, dB, dS, dbias (None unless need_bias_grad), dx start or None, (dyq, sdy) or None): dx's start
+    mask(dS @ A) / (1-p) is written by the dA launch when lora_a is given (the cuBLAS-composed engine); with
+    quantize_grad_y the dy launch also gathers dy's row amax and a third launch writes dy in e4m3 (the FP8 input
+    gradient's operand). `launches`: grad_ab_launches of the same operands' key, if the caller keeps them (made by a
+    call that passed the architecture check)."""
     if launches is None:
         if quantize_grad_y:
             _require_fp8_arch()
@@ -962,7 +963,8 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     partials = () if token_partials == 1 else (token_partials,)
     grad_a = torch.zeros((*partials, R, K), device=dev, dtype=torch.float32)
     grad_b = torch.zeros((*partials, N, R), device=dev, dtype=torch.float32)
-    grad_bias = torch.zeros((*partials, N if need_bias_grad else 0), device=dev, dtype=torch.float32)
+    # Not allocated when not asked for: the ops return an empty one (_bias_grad_or_empty), the eager path None.
+    grad_bias = torch.zeros((*partials, N), device=dev, dtype=torch.float32) if need_bias_grad else None
     ds_partial = torch.zeros((ds_partials, M, R), device=dev, dtype=torch.float32)
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
     dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if write_dx else None
@@ -974,11 +976,19 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
         a, dx = (lora_a, dx_start) if write_dx else (x, x)
         grad_a_launch((x, ds_partial, grad_shrunk, grad_a, seed if dropout_p > 0.0 else x, a, dx))
     if partials:
-        grad_a, grad_b, grad_bias = (t.sum(0) for t in (grad_a, grad_b, grad_bias))
+        grad_a, grad_b = grad_a.sum(0), grad_b.sum(0)
+        grad_bias = None if grad_bias is None else grad_bias.sum(0)
     if x.dtype != torch.float32:  # rounded once into the inputs' dtype
-        grad_a, grad_b, grad_bias = grad_a.to(x.dtype), grad_b.to(x.dtype), grad_bias.to(x.dtype)
+        grad_a, grad_b = grad_a.to(x.dtype), grad_b.to(x.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(x.dtype)
     grad_y_q = _quantize_rows(grad_y, grad_y_amax, quantize_launch) if quantize_grad_y else None
     return grad_a, grad_b, grad_shrunk, grad_bias, dx_start, grad_y_q
+
+
+def _bias_grad_or_empty(grad_bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """What the gradient launchers return for dbias: an empty (0,) tensor where it was not asked for, as a registered
+    op cannot return None."""
+    return grad_bias if grad_bias is not None else x.new_empty((0,))
 
 
 @on_tensors_device
@@ -992,7 +1002,9 @@ def lora_grad_ab(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, lo
     atomics into zeroed buffers, or, when `deterministic`, written to their own slices and summed in a fixed order
     (bit-identical run to run on one GPU model, at the cost of token_blocks x (N + K) x r x 4 bytes of scratch).
     """
-    return _grad_ab(grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic)[:4]
+    grad_a, grad_b, grad_shrunk, grad_bias, _, _ = _grad_ab(grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed,
+                                                            need_bias_grad, deterministic)
+    return grad_a, grad_b, grad_shrunk, _bias_grad_or_empty(grad_bias, x)
 
 
 @on_tensors_device
@@ -1012,7 +1024,7 @@ def lora_grad_ab_start(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tens
     cuBLAS-composed engine's backward accumulates dy @ W onto it."""
     grad_a, grad_b, _, grad_bias, start, _ = _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed,
                                                       need_bias_grad, deterministic)
-    return grad_a, grad_b, grad_bias, start
+    return grad_a, grad_b, _bias_grad_or_empty(grad_bias, x), start
 
 
 @on_tensors_device
@@ -1026,7 +1038,7 @@ def lora_grad_ab_quantize(grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.T
     gradient dx = fused_matmul_fp8(dyq, sdy, W.T's rows quantised, transposed, ..., low=dS, up=A)."""
     grad_a, grad_b, grad_shrunk, grad_bias, _, (grad_y_q, grad_y_scale) = _grad_ab(
         grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic, quantize_grad_y=True)
-    return grad_a, grad_b, grad_shrunk, grad_bias, grad_y_q, grad_y_scale
+    return grad_a, grad_b, grad_shrunk, _bias_grad_or_empty(grad_bias, x), grad_y_q, grad_y_scale
 
 
 @on_tensors_device
@@ -1038,4 +1050,4 @@ def lora_grad_ab_start_quantize(grad_y: torch.Tensor, x: torch.Tensor, shrunk: t
     grad_a, grad_b, _, grad_bias, start, (grad_y_q, grad_y_scale) = _grad_ab(
         grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
         quantize_grad_y=True)
-    return grad_a, grad_b, grad_bias, start, grad_y_q, grad_y_scale
+    return grad_a, grad_b, _bias_grad_or_empty(grad_bias, x), start, grad_y_q, grad_y_scale

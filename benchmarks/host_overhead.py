@@ -15,8 +15,9 @@ are compiled for sm_90 by Triton's own compiler on the first call, outside the t
 torch's own ops in the rows (F.linear, the cuBLAS-composed engine's addmm, autograd's bookkeeping, the eager
 baseline) run on the CPU, tiny: their time is an upper bound of their dispatch on a GPU. With CUDA the launches are
 real and the timed calls run on the GPU (its queue is far from full at these sizes, so the host is what is timed).
-One thread; each row is the thread's CPU time per call, the minimum over `repeats` of the mean of `calls` calls,
-and every ratio is to rows of the same run.
+One thread; each row is the thread's CPU time per call, the minimum over `repeats` rounds of the mean of `calls`
+calls, the rows taking turns within each round (the GPT-2 rows apart, with fewer of both), and every ratio is to
+rows of the same run.
 
 Rows (fp32, M=64 tokens, K=48, N=80, r=16 unless named):
   floor               F.linear(x, W, bias) forward + backward (dx): the frozen GEMMs alone
@@ -41,8 +42,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 from unittest import mock
 
 import torch
@@ -125,20 +128,32 @@ def stubbed_launches():
         driver.set_active(previous)
 
 
-def _best_per_call(fn, repeats: int, calls: int) -> float:
-    """CPU seconds per call on this thread: the minimum over `repeats` of the mean of `calls` calls (after one
-    warm-up call). CPU time, not wall time: the host's own cost, which a busy machine does not inflate by the time
-    the thread waits for a core."""
-    fn()
+class Timed(NamedTuple):
+    """A row to time: one call, and the engine setting it runs under."""
+    call: Callable[[], None]
+    engine: str = "auto"
+
+
+def best_per_call(rows: dict[str, Timed], repeats: int, calls: int) -> dict[str, float]:
+    """CPU seconds per call of each row on this thread: the minimum over `repeats` rounds of the mean of `calls`
+    calls (after one warm-up call each). CPU time, not wall time: the host's own cost, which a busy machine does not
+    inflate by the time the thread waits for a core. The rows take turns within each round, so a machine whose speed
+    drifts during the run (frequency, a neighbour on the host) slows every row of a round alike, and the ratios of one
+    run compare rows timed under the same conditions."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for row in rows.values():
+        with rk.settings(engine=row.engine):
+            row.call()
     sync()
-    best = float("inf")
+    best = dict.fromkeys(rows, float("inf"))
     for _ in range(repeats):
-        start = time.thread_time()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.thread_time() - start) / calls)
-        sync()
+        for name, row in rows.items():
+            with rk.settings(engine=row.engine):
+                start = time.thread_time()
+                for _ in range(calls):
+                    row.call()
+                best[name] = min(best[name], (time.thread_time() - start) / calls)
+                sync()
     return best
 
 
@@ -163,17 +178,15 @@ def _fwd_bwd(forward, inputs):
     return call
 
 
-def layer_rows(device, repeats: int, calls: int) -> dict[str, float]:
+def layer_rows(device) -> dict[str, Timed]:
     rows = {}
     plain = _layer_inputs(device, bias=True)
-    rows["floor"] = _best_per_call(
-        _fwd_bwd(lambda: F.linear(plain.x, plain.weight, plain.bias),
-                 SimpleNamespace(x=plain.x, lora_a=None, lora_b=None, bias=plain.bias, grad_y=plain.grad_y)),
-        repeats, calls)
+    rows["floor"] = Timed(_fwd_bwd(lambda: F.linear(plain.x, plain.weight, plain.bias),
+                                   SimpleNamespace(x=plain.x, lora_a=None, lora_b=None, bias=plain.bias,
+                                                   grad_y=plain.grad_y)))
     for p in DROPOUTS:
-        rows[f"eager p={p:g}"] = _best_per_call(
-            _fwd_bwd(lambda p=p: eager_lora_linear(plain.x, plain.weight, plain.bias, plain.lora_a, plain.lora_b,
-                                                   2.0, p), plain), repeats, calls)
+        rows[f"eager p={p:g}"] = Timed(_fwd_bwd(lambda p=p: eager_lora_linear(
+            plain.x, plain.weight, plain.bias, plain.lora_a, plain.lora_b, 2.0, p), plain))
     for engine in ENGINES:
         for p in DROPOUTS:
             for bias in (True, False):
@@ -182,13 +195,11 @@ def layer_rows(device, repeats: int, calls: int) -> dict[str, float]:
                 def forward(inputs=inputs, p=p):
                     return rk.lora_linear(inputs.x, inputs.weight, inputs.lora_a, inputs.lora_b, 2.0, inputs.bias, p)
 
-                with rk.settings(engine=engine):
-                    rows[f"fused {engine} p={p:g}{' bias' if bias else ''}"] = _best_per_call(
-                        _fwd_bwd(forward, inputs), repeats, calls)
+                rows[f"fused {engine} p={p:g}{' bias' if bias else ''}"] = Timed(_fwd_bwd(forward, inputs), engine)
     return rows
 
 
-def fp8_rows(device, repeats: int, calls: int) -> dict[str, float]:
+def fp8_rows(device) -> dict[str, Timed]:
     from relora_kernels.kernels.passes_fp8 import scaled_mm_support
 
     rows = {}
@@ -204,12 +215,11 @@ def fp8_rows(device, repeats: int, calls: int) -> dict[str, float]:
             def forward(inputs=inputs, frozen=frozen, p=p):
                 return rk.lora_linear_fp8(inputs.x, frozen, inputs.lora_a, inputs.lora_b, 2.0, inputs.bias, p)
 
-            with rk.settings(engine=engine):
-                rows[f"fp8 {engine} p={p:g} bias"] = _best_per_call(_fwd_bwd(forward, inputs), repeats, calls)
+            rows[f"fp8 {engine} p={p:g} bias"] = Timed(_fwd_bwd(forward, inputs), engine)
     return rows
 
 
-def merge_rows(device, repeats: int, calls: int) -> dict[str, float]:
+def merge_rows(device) -> dict[str, Timed]:
     generator = torch.Generator().manual_seed(0)
     K, N, r = SHAPE["K"], SHAPE["N"], SHAPE["r"]
     weight, lora_a, lora_b = (torch.randn(*s, generator=generator).to(device) for s in ((N, K), (r, K), (N, r)))
@@ -219,9 +229,8 @@ def merge_rows(device, repeats: int, calls: int) -> dict[str, float]:
         torch.empty_like(lora_b)
         weight.addmm_(lora_b, lora_a, alpha=1e-6)
 
-    return {"merge_floor": _best_per_call(merge_floor, repeats, calls),
-            "merge_and_reinit_": _best_per_call(lambda: rk.merge_and_reinit_(weight, lora_a, lora_b, 1e-6, seed=1),
-                                                repeats, calls)}
+    return {"merge_floor": Timed(merge_floor),
+            "merge_and_reinit_": Timed(lambda: rk.merge_and_reinit_(weight, lora_a, lora_b, 1e-6, seed=1))}
 
 
 class EagerLoRALinear(nn.Module):
@@ -254,7 +263,7 @@ def _gpt2_model(eager: bool, device):
     return model
 
 
-def gpt2_rows(device, repeats: int, calls: int) -> dict[str, float]:
+def gpt2_rows(device) -> dict[str, Timed]:
     rows = {}
     tokens = torch.randint(256, (1, 17), generator=torch.Generator().manual_seed(0)).to(device)
     for name, eager in (("gpt2 step eager", True), ("gpt2 step fused", False)):
@@ -268,7 +277,7 @@ def gpt2_rows(device, repeats: int, calls: int) -> dict[str, float]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        rows[name] = _best_per_call(step, max(1, repeats // 3), max(1, calls // 8))
+        rows[name] = Timed(step)
     return rows
 
 
@@ -370,11 +379,9 @@ def run(repeats: int, calls: int, gpt2: bool = True) -> dict:
     stubbed = not torch.cuda.is_available()
     device = torch.device("cpu" if stubbed else "cuda")
     with stubbed_launches() if stubbed else rk.settings(backend="triton"):
-        rows = layer_rows(device, repeats, calls)
-        rows |= fp8_rows(device, repeats, calls)
-        rows |= merge_rows(device, repeats, calls)
-        if gpt2:
-            rows |= gpt2_rows(device, repeats, calls)
+        rows = best_per_call(layer_rows(device) | fp8_rows(device) | merge_rows(device), repeats, calls)
+        if gpt2:  # a step is ~200 layer calls: fewer rounds and calls
+            rows |= best_per_call(gpt2_rows(device), max(1, repeats // 3), max(1, calls // 8))
     table = ratios(rows)
     return {"seconds": rows, "ratios": table, "goals_met": goals_met(table),
             "conditions": conditions(stubbed, repeats, calls)}

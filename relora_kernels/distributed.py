@@ -157,13 +157,15 @@ def _all_gather_blocks(block: torch.Tensor, per_rank: int, group) -> torch.Tenso
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
-    padded = block.new_zeros((*block.shape[:-1], per_rank))
-    padded[..., :block.shape[-1]] = block
-    wire = padded.view(torch.uint8) if padded.dtype.itemsize == 1 else padded
-    out = wire.new_empty((world * wire.shape[0], *wire.shape[1:]))  # gathered along dim 0, as gloo requires
-    dist.all_gather_into_tensor(out, wire.contiguous(), group=group)
-    out = out.view(world, *wire.shape)
-    return out.view(padded.dtype) if wire is not padded else out
+    # Padded as bytes too (e4m3's zero is the zero byte): compiled, a float8 tensor takes nothing but views, as
+    # Inductor's lowering of a write into a slice of one mixes its dtype with a mask's.
+    wire = block.view(torch.uint8) if block.dtype.itemsize == 1 else block
+    padded = wire.new_zeros((*wire.shape[:-1], per_rank))
+    padded[..., :wire.shape[-1]] = wire
+    out = padded.new_empty((world * padded.shape[0], *padded.shape[1:]))  # gathered along dim 0, as gloo requires
+    dist.all_gather_into_tensor(out, padded, group=group)
+    out = out.view(world, *padded.shape)
+    return out.view(block.dtype) if wire is not block else out
 
 
 def gather_fp8_weight(local: FP8Weight, weight, *, rows: bool = True, transposed: bool = True) -> FP8Weight:
@@ -172,7 +174,12 @@ def gather_fp8_weight(local: FP8Weight, weight, *, rows: bool = True, transposed
     per copy crosses the mesh (and 4 per row for the scales). A collective: every rank of the mesh calls it, with
     the same choice of copies. rows=False / transposed=False: that copy is not gathered (the local one is returned
     in its place), for a pass that reads only the other."""
-    _, _, per_rank = _row_shard("weight", weight)
+    if torch.compiler.is_compiling():
+        # The layout was checked eagerly when the layer was sharded (fsdp_shard_fp8_weights) and is refreshed
+        # eagerly; traced, only the arithmetic (Dynamo cannot trace the placements' checks).
+        per_rank = -(-weight.shape[0] // weight.device_mesh.size())
+    else:
+        _, _, per_rank = _row_shard("weight", weight)
     group = weight.device_mesh.get_group()
     n, k = weight.shape
     q, scale, q_t = local.q, local.scale, local.q_t

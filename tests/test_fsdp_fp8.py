@@ -134,6 +134,17 @@ def test_the_kernels_quantised_the_shards(results, engine):
     assert (calls["scaled_mm"] > 0) == (engine == "cublas"), calls
 
 
+@pytest.mark.parametrize("engine", RUNS[1:])
+@pytest.mark.slow
+@needs_gloo
+def test_compiled_sharded_fp8_layers_equal_eager(results, engine):
+    # Compiled, a sharded layer gathers its copies inside its graph (functional collectives, fullgraph); the
+    # kernels are opaque ops there, so a step gives eager's loss, input gradient and reduced gradients to the bit.
+    run_of(results, engine)  # skips where the engine did not run
+    same = results["compiled"][engine]
+    assert same and all(same.values()), same
+
+
 @pytest.mark.slow
 @needs_gloo
 def test_fully_shard_without_sharding_the_fp8_weights_first_is_refused_by_name(results):

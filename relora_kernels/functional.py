@@ -60,6 +60,18 @@ def _passes():
 _passes_module = None
 
 
+def _merge_launchers():
+    global _merge_module
+    if _merge_module is None:  # imported on first use, as ops; then a global's read, not an import per restart
+        from .kernels import merge
+
+        _merge_module = merge
+    return _merge_module
+
+
+_merge_module = None
+
+
 def _eager(x: torch.Tensor) -> bool:
     """Whether this call runs eagerly on plain tensors: then the autograd function calls the launchers itself
     (no torch.library dispatch, no wrap_triton), which costs the host a fraction of the registered ops' dispatch.
@@ -439,9 +451,7 @@ def merge_and_reinit_(weight, lora_a, lora_b, scale, *, seed):
     check_kernel_dtype("weight", weight)
     # The kernels write through pointers: no autograd to keep out of it.
     if _eager(weight):
-        from .kernels import merge
-
-        merge.merge_and_reinit_eagerly(weight, lora_a, lora_b, scale, seed)
+        _merge_launchers().merge_and_reinit_eagerly(weight, lora_a, lora_b, scale, seed)
     else:
         ops = _ops()
         with torch.no_grad():  # the registered ops mutate parameters that require grad

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from triton.runtime import _allocation
 
 from . import policy
 from .jit_helpers import grouped_tile, keep_mask
@@ -69,8 +71,6 @@ _TMA_MAX_STRIDE = 2**40  # bytes (cuTensorMapEncodeTiled)
 def _base_address(tensor: torch.Tensor) -> int:
     """data_ptr, or where tracing has no data (torch.compile's fake tensors) the view's offset into a storage that
     torch's allocators align to 512 bytes."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return tensor.storage_offset() * tensor.element_size() if is_fake(tensor) else tensor.data_ptr()
 
 
@@ -117,8 +117,6 @@ def _use_scratch_allocator() -> None:
     autograd runs the backward (the dx launch) on its own device threads. Hence this check before every eager launch
     (a ContextVar get). Compiled graphs need nothing from here: Inductor's launcher sets its own torch allocator
     before every launch of a Triton kernel, user-defined (wrap_triton) ones included."""
-    from triton.runtime import _allocation
-
     current = getattr(_allocation, "_allocator", None)
     if current is None or isinstance(current.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)

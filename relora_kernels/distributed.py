@@ -118,6 +118,12 @@ def merge_and_reinit_sharded_(weight, lora_a, lora_b, scale, *, seed: int) -> No
         lora_a.to_local().copy_(full_a[block])
 
 
+def _rows_per_rank(t) -> int:
+    """The rows of a block of DTensor t sharded Shard(0) over a 1-D mesh, as torch.chunk splits it: ceil(N / world)
+    (the last ranks may hold fewer, or none)."""
+    return -(-t.shape[0] // t.device_mesh.size())
+
+
 def _row_shard(name: str, t) -> tuple[int, int, int]:
     """(offset, rows, rows per rank) of this rank's block of DTensor t, sharded on dim 0 over a 1-D mesh as
     torch.chunk splits it (DTensor's Shard(0): every rank but the last ones holds ceil(N / world) rows)."""
@@ -127,7 +133,7 @@ def _row_shard(name: str, t) -> tuple[int, int, int]:
         raise ValueError(f"{name} must be sharded Shard(0) over a 1-D device mesh (FSDP2's layout), got "
                          f"{t.placements} over a {t.device_mesh.ndim}-D mesh")
     shape, offset = _shard_box(name, t, rows_only=True)
-    per_rank = -(-t.shape[0] // t.device_mesh.size())
+    per_rank = _rows_per_rank(t)
     if offset[0] != t.device_mesh.get_local_rank() * per_rank and shape[0] > 0:
         raise RuntimeError(f"{name}: this rank's rows start at {offset[0]}, not where torch.chunk puts them")
     return offset[0], shape[0], per_rank
@@ -177,7 +183,7 @@ def gather_fp8_weight(local: FP8Weight, weight, *, rows: bool = True, transposed
     if torch.compiler.is_compiling():
         # The layout was checked eagerly when the layer was sharded (fsdp_shard_fp8_weights) and is refreshed
         # eagerly; traced, only the arithmetic (Dynamo cannot trace the placements' checks).
-        per_rank = -(-weight.shape[0] // weight.device_mesh.size())
+        per_rank = _rows_per_rank(weight)
     else:
         _, _, per_rank = _row_shard("weight", weight)
     group = weight.device_mesh.get_group()

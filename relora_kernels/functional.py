@@ -16,6 +16,7 @@ section 8).
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 from torch._library.triton import set_wrap_triton_enabled
@@ -48,28 +49,19 @@ def _ops():
     return ops
 
 
-def _passes():
-    global _passes_module
-    if _passes_module is None:  # imported on first use, as ops
-        from .kernels import passes
+def _kernels():
+    """The kernel modules the eager paths call (passes, passes_fp8, merge), imported on first use so that the reference
+    path never needs triton, then a global's read: an import statement costs microseconds of host time on every call
+    it is in."""
+    global _kernel_modules
+    if _kernel_modules is None:
+        from .kernels import merge, passes, passes_fp8
 
-        _passes_module = passes
-    return _passes_module
-
-
-_passes_module = None
-
-
-def _merge_launchers():
-    global _merge_module
-    if _merge_module is None:  # imported on first use, as ops; then a global's read, not an import per restart
-        from .kernels import merge
-
-        _merge_module = merge
-    return _merge_module
+        _kernel_modules = SimpleNamespace(passes=passes, passes_fp8=passes_fp8, merge=merge)
+    return _kernel_modules
 
 
-_merge_module = None
+_kernel_modules = None
 
 
 def _eager(x: torch.Tensor) -> bool:
@@ -100,7 +92,7 @@ class EagerLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic):
-        y, ctx.shrunk = _passes().eager_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
+        y, ctx.shrunk = _kernels().passes.eager_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_a, lora_b)
         ctx.seed, ctx.scale, ctx.dropout_p, ctx.deterministic = seed, scale, dropout_p, deterministic
         return y
@@ -108,7 +100,7 @@ class EagerLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_a, lora_b = ctx.saved_tensors
-        grad_x, grad_a, grad_b, grad_bias = _passes().eager_backward(
+        grad_x, grad_a, grad_b, grad_bias = _kernels().passes.eager_backward(
             grad_y, x, weight, lora_a, lora_b, ctx.shrunk, ctx.scale, ctx.dropout_p, ctx.seed,
             ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.deterministic)
         return _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias)
@@ -122,7 +114,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic):
         if _eager(x):  # a functorch transform over plain tensors
             with set_wrap_triton_enabled(False):
-                return _passes().lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
+                return _kernels().passes.lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
         return _ops().lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
 
     @staticmethod
@@ -141,7 +133,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 ctx.needs_input_grad[4], ctx.deterministic)
         if _eager(grad_y):
             with set_wrap_triton_enabled(False):
-                grad_x, grad_a, grad_b, grad_bias = _passes().lora_backward(*args)
+                grad_x, grad_a, grad_b, grad_bias = _kernels().passes.lora_backward(*args)
         else:
             grad_x, grad_a, grad_b, grad_bias = _ops().lora_backward(*args)
         return _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias)
@@ -242,7 +234,7 @@ class LoRALinearFP8Function(torch.autograd.Function):
                 deterministic):
         if _eager(x):
             with set_wrap_triton_enabled(False):
-                return _passes_fp8().lora_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias,
+                return _kernels().passes_fp8.lora_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias,
                                                       dropout_p, seed)
         return _ops().lora_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, seed)
 
@@ -264,7 +256,7 @@ class LoRALinearFP8Function(torch.autograd.Function):
                 need_bias, ctx.deterministic)
         if _eager(grad_y):
             with set_wrap_triton_enabled(False):
-                grad_x, grad_a, grad_b, grad_bias = _passes_fp8().lora_backward_fp8(*args)
+                grad_x, grad_a, grad_b, grad_bias = _kernels().passes_fp8.lora_backward_fp8(*args)
         else:
             grad_x, grad_a, grad_b, grad_bias = _ops().lora_backward_fp8(*args)
         # The FP8 copies and their scales are derived from a frozen W: no gradient. scale, dropout_p and
@@ -280,7 +272,7 @@ class EagerLoRALinearFP8Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_q, weight_scale, weight_t_q, weight_t_scale, lora_a, lora_b, bias, scale, dropout_p,
                 seed, deterministic):
-        y, ctx.shrunk = _passes_fp8().eager_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias,
+        y, ctx.shrunk = _kernels().passes_fp8.eager_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias,
                                                         dropout_p, seed)
         ctx.save_for_backward(x, weight_t_q, weight_t_scale, lora_a, lora_b)
         ctx.seed, ctx.scale, ctx.dropout_p, ctx.deterministic = seed, scale, dropout_p, deterministic
@@ -290,7 +282,7 @@ class EagerLoRALinearFP8Function(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight_t_q, weight_t_scale, lora_a, lora_b = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = (ctx.needs_input_grad[i] for i in (0, 5, 6, 7))
-        grad_x, grad_a, grad_b, grad_bias = _passes_fp8().eager_backward_fp8(
+        grad_x, grad_a, grad_b, grad_bias = _kernels().passes_fp8.eager_backward_fp8(
             grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, ctx.shrunk, ctx.scale, ctx.dropout_p, ctx.seed,
             need_x, need_bias, ctx.deterministic)
         # The FP8 copies and their scales are derived from a frozen W: no gradient. scale, dropout_p and
@@ -301,18 +293,6 @@ class EagerLoRALinearFP8Function(torch.autograd.Function):
 
 # The C++ apply, as _apply_eagerly.
 _apply_fp8_eagerly = super(torch.autograd.Function, EagerLoRALinearFP8Function).apply
-
-
-def _passes_fp8():
-    global _passes_fp8_module
-    if _passes_fp8_module is None:  # imported on first use, as passes
-        from .kernels import passes_fp8
-
-        _passes_fp8_module = passes_fp8
-    return _passes_fp8_module
-
-
-_passes_fp8_module = None
 
 
 # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards.
@@ -343,14 +323,15 @@ def _check_fp8_kernel_path(x, frozen) -> None:
         if problem is not None:
             raise RuntimeError(problem)
     n, k = frozen.q.shape
-    engines = {_passes_fp8().fp8_engine(k), _passes_fp8().fp8_engine(n)}  # forward's reduction K, dx's N
+    fp8_engine = _kernels().passes_fp8.fp8_engine
+    engines = {fp8_engine(k), fp8_engine(n)}  # forward's reduction K, dx's N
     if "cublas" not in engines:
         return  # the Triton FP8 launches alone: no torch._scaled_mm
     if x.device.type == "cuda":
         if n % 16 or k % 16:
             raise ValueError(f"the FP8 frozen weight needs in_features and out_features divisible by 16 on CUDA "
                              f"(cuBLAS's FP8 GEMM), got weight ({n}, {k})")
-    problem = _passes_fp8().scaled_mm_support(x.device.type, x.device.index, x.dtype)
+    problem = _kernels().passes_fp8.scaled_mm_support(x.device.type, x.device.index, x.dtype)
     if problem is not None:
         raise RuntimeError(f"the FP8 frozen weight cannot run here: {problem}")
 
@@ -451,7 +432,7 @@ def merge_and_reinit_(weight, lora_a, lora_b, scale, *, seed):
     check_kernel_dtype("weight", weight)
     # The kernels write through pointers: no autograd to keep out of it.
     if _eager(weight):
-        _merge_launchers().merge_and_reinit_eagerly(weight, lora_a, lora_b, scale, seed)
+        _kernels().merge.merge_and_reinit_eagerly(weight, lora_a, lora_b, scale, seed)
     else:
         ops = _ops()
         with torch.no_grad():  # the registered ops mutate parameters that require grad

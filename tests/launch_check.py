@@ -120,6 +120,37 @@ def main() -> int:
                     "same_launches": len(first) == len(planned) and all(
                         a[0] == b[0] and a[1] == b[1] and _same_arguments(a[2], b[2])
                         for a, b in zip(first, planned, strict=True))}
+
+        # A planned call whose inputs are all aligned starts each plan's compiled kernel without working out its
+        # specialisation (launch.AlignedLaunch): that kernel must be the one of the operands' dtype and alignment.
+        # The same shapes in fp16, then bf16 (whose keys differ from fp16's by the dtype alone: both dot in tf32)
+        # after fp32 get their own kernels, planned or not; a planned backward whose dy is 4 bytes off gets the
+        # kernels compiled for that alignment, and the aligned call after it fp32's again.
+        def fwd_bwd_launchers(dtype, grad_y=None):
+            cast = [t.to(dtype) for t in (x, dy, weight, lora_a, lora_b)]
+            x_, dy_, weight_, lora_a_, lora_b_ = cast
+            RECORDED.clear()
+            _, shrunk = passes.eager_forward(x_, weight_, lora_a_, lora_b_, 0.5, None, 0.1, seed)
+            passes.eager_backward(dy_ if grad_y is None else grad_y, x_, weight_, lora_a_, lora_b_, shrunk, 0.5, 0.1,
+                                  seed, True, False)
+            return [call[0] for call in RECORDED]
+
+        dy_buffer = torch.randn(Mp * Np + 4)
+        dy_misaligned = dy_buffer[1: Mp * Np + 1].view(Mp, Np)
+        with rk.settings(backend="triton", autotune=False, engine="triton"):
+            fp32 = fwd_bwd_launchers(torch.float32)
+            fp16 = [fwd_bwd_launchers(torch.float16) for _ in range(2)]  # unplanned, then planned
+            bf16 = [fwd_bwd_launchers(torch.bfloat16) for _ in range(2)]
+            misaligned_dy = [fwd_bwd_launchers(torch.float32, dy_misaligned) for _ in range(2)]
+            fp32_again = fwd_bwd_launchers(torch.float32)
+        results["aligned launches"] = {
+            "planned_are_their_own": [fp16[1] == fp16[0], bf16[1] == bf16[0]],
+            "no_kernel_shared_across_dtypes": not (set(fp16[1]) & set(fp32) or set(bf16[1]) & set(fp16[1] + fp32)),
+            # the forward's two launches and the dA launch (which does not read dy) are fp32's own kernels; the dB
+            # launch and the input gradient's GEMM read dy: the kernels compiled for its alignment
+            "misaligned_dy_same": [run[:2] + run[3:4] == fp32[:2] + fp32[3:4] for run in misaligned_dy],
+            "misaligned_dy_other": [run[2] != fp32[2] and run[4] != fp32[4] for run in misaligned_dy],
+            "fp32_again_same": fp32_again == fp32}
     print(json.dumps(results))
     return 0
 

@@ -41,6 +41,12 @@ def test_cached_launch_passes_what_triton_passes_and_follows_a_changed_specialis
     # dy's quantising launch).
     assert results["planned lora_linear"] == {"launches": 5, "same_launches": True}, results
     assert results["planned lora_linear_fp8"] == {"launches": 6, "same_launches": True}, results
+    # The planned call's aligned launches (no per-pointer specialisation worked out) start the kernel of the
+    # operands' dtype and alignment: fp16 and bf16 after fp32 at the same shapes, a 4-bytes-off dy after aligned ones.
+    assert results["aligned launches"] == {
+        "planned_are_their_own": [True, True], "no_kernel_shared_across_dtypes": True,
+        "misaligned_dy_same": [True, True], "misaligned_dy_other": [True, True],
+        "fp32_again_same": True}, results
 
 
 @pytest.mark.parametrize("engine", ["triton", "cublas"])

@@ -698,7 +698,7 @@ def lora_shrink_quantize(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float
 
 
 def _fused_matmul_plan(M, N, K, R, lhs_strides, rhs_strides, low_strides, up_strides, bias_stride, scale_strides,
-                      low_scale, dropout_p, has_bias, fp8, tile, precision, device):
+                      low_scale, dropout_p, has_bias, fp8, tile, dtype, precision, device):
     """The pointer-load fused GEMM's grid, non-tensor arguments and launch options for its key (see fused_matmul)."""
     scalars = dict(
         M=M, N=N, K=K, R=R,
@@ -724,7 +724,8 @@ def fused_matmul_launch(lhs, rhs, low, up, low_scale, bias, dropout_p, tile):
     """The fused GEMM's launch for these operands' key (see fused_matmul), to be passed back to it as `launch`."""
     (M, K), N, R = lhs.shape, rhs.shape[1], low.shape[1]
     key = (M, N, K, R, lhs.stride(), rhs.stride(), low.stride(), up.stride(), 0 if bias is None else bias.stride(0),
-           (0, 0), low_scale, dropout_p, bias is not None, False, tile, dot_precision(lhs.dtype), lhs.device.index)
+           (0, 0), low_scale, dropout_p, bias is not None, False, tile, lhs.dtype, dot_precision(lhs.dtype),
+           lhs.device.index)
     return _FUSED_MATMUL.bind(traceable(_fused_matmul_kernel), key)
 
 
@@ -782,7 +783,7 @@ def fused_matmul_fp8_launch(lhs_q, lhs_scale, rhs_q, rhs_scale, low, up, low_sca
     (M, K), N, R = lhs_q.shape, rhs_q.shape[1], low.shape[1]
     key = (M, N, K, R, lhs_q.stride(), rhs_q.stride(), low.stride(), up.stride(),
            0 if bias is None else bias.stride(0), (lhs_scale.stride(0), rhs_scale.stride(0)), low_scale, dropout_p,
-           bias is not None, True, tile, dot_precision(out_dtype), lhs_q.device.index)
+           bias is not None, True, tile, out_dtype, dot_precision(out_dtype), lhs_q.device.index)
     return _FUSED_MATMUL.bind(traceable(_fused_matmul_kernel), key)
 
 
@@ -880,7 +881,7 @@ _GRAD_B = LaunchSite(_grad_b_kernel, _grad_b_plan)
 _GRAD_A = LaunchSite(_grad_a_kernel, _grad_a_plan)
 
 
-def _quantize_plan(M, N, t_strides, has_amax, device):
+def _quantize_plan(M, N, t_strides, dtype, has_amax, device):
     """The row quantisation's grid, non-tensor arguments and launch options for its key (see _quantize_rows)."""
     cfg = _quantize_config(M)
     scalars = dict(M=M, N=N, stride_tm=t_strides[0], stride_tn=t_strides[1],
@@ -895,7 +896,7 @@ _QUANTIZE = LaunchSite(_quantize_rows_kernel, _quantize_plan)
 def quantize_rows_launch(t, has_amax):
     """The row quantisation's launch for t's key (see _quantize_rows), to be passed back to it as `launch`."""
     M, N = t.shape
-    return _QUANTIZE.bind(traceable(_quantize_rows_kernel), (M, N, t.stride(), has_amax, t.device.index))
+    return _QUANTIZE.bind(traceable(_quantize_rows_kernel), (M, N, t.stride(), t.dtype, has_amax, t.device.index))
 
 
 def _quantize_rows(t, amax_bits=None, launch=None):

@@ -13,6 +13,7 @@ lora_forward and lora_backward as torch.library ops and functional.py calls them
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -21,7 +22,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake  # also sees through AOT tracing's functional tensors
 
 from . import fused_gemm_tma, lora_linear, policy
-from .launch import dot_precision, on_tensors_device, remember, static_ints
+from .launch import all_aligned, dot_precision, on_tensors_device, remember, static_ints
 
 
 def _is_fake(*tensors: torch.Tensor) -> bool:
@@ -134,6 +135,7 @@ class ForwardPlan(NamedTuple):
     shrink: object  # lora_linear.shrink_launch (with the expand of the cuBLAS-composed engine)
     gemm: object  # lora_linear.fused_matmul_launch on the Triton engine, else None
     tile: policy.GemmTile | None
+    aligned: ForwardPlan | None = None  # the same plan with each launch's AlignedLaunch (with_aligned_twin)
 
 
 class BackwardPlan(NamedTuple):
@@ -142,6 +144,29 @@ class BackwardPlan(NamedTuple):
     grad_ab: tuple  # lora_linear.grad_ab_launches
     gemm: object  # the input gradient's fused_matmul_launch on the Triton engine with need_input_grad, else None
     tile: policy.GemmTile | None
+    aligned: BackwardPlan | None = None  # the same plan with each launch's AlignedLaunch (with_aligned_twin)
+
+
+def with_aligned_twin(make_plan):
+    """A plan maker whose ForwardPlan or BackwardPlan comes with its twin for calls whose inputs are all 16-byte
+    aligned (the common case, tested once per call by launch.all_aligned): the same launches, each as its
+    AlignedLaunch, which skips working out each pointer's specialisation. What the pass allocates is aligned, and
+    the plan's key fixes every operand's dtype (x's; the checks of functional.py give every input x's dtype)."""
+
+    @functools.wraps(make_plan)
+    def make(*args):
+        plan = make_plan(*args)
+        if plan is None or plan is UNPLANNED:
+            return plan
+        if isinstance(plan, ForwardPlan):
+            twin = plan._replace(shrink=plan.shrink.aligned, gemm=plan.gemm and plan.gemm.aligned)
+        else:
+            layout, grad_b, grad_a, quantize = plan.grad_ab
+            twin = plan._replace(grad_ab=(layout, grad_b.aligned, grad_a.aligned, quantize and quantize.aligned),
+                                 gemm=plan.gemm and plan.gemm.aligned)
+        return plan._replace(aligned=twin)
+
+    return make
 
 
 # A key whose pass is never planned (an empty input; a Hopper tile, asked per call): the pass runs as above.
@@ -150,6 +175,7 @@ _forward_plans: dict[tuple, ForwardPlan | str] = {}
 _backward_plans: dict[tuple, BackwardPlan | str] = {}
 
 
+@with_aligned_twin
 def _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p, shrunk):
     M = x.shape[0]
     if M == 0 or weight.shape[0] == 0:
@@ -164,6 +190,7 @@ def _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p, shrunk):
                        lora_linear.fused_matmul_launch(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, tile), tile)
 
 
+@with_aligned_twin
 def _backward_plan(grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad, need_bias_grad,
                    deterministic):
     M, K = x.shape
@@ -220,6 +247,8 @@ def eager_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
                                                                         dropout_p, seed),
                               lambda y_shrunk: _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p,
                                                              y_shrunk[1]))
+    if all_aligned(x, weight, lora_a, lora_b, bias, seed):
+        plan = plan.aligned
     if plan.cublas:
         shrunk, y, _, _ = lora_linear._shrink(x, lora_a, dropout_p, seed, (lora_b, scale, bias), launch=plan.shrink)
         return y.addmm_(x, weight.T), shrunk
@@ -235,14 +264,16 @@ def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                    deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """lora_backward, for calls outside tracing (functional.py's eager path), through its key's plan."""
     key = (grad_y.stride(), x.shape, x.stride(), weight.stride(), lora_a.shape, lora_a.stride(), lora_b.shape,
-           lora_b.stride(), shrunk.stride(), x.dtype, x.device, scale, dropout_p, need_input_grad, need_bias_grad,
-           deterministic, dot_precision(x.dtype), *policy.choices_generation())
+           lora_b.stride(), shrunk.stride(), x.dtype, grad_y.dtype, x.device, scale, dropout_p, need_input_grad,
+           need_bias_grad, deterministic, dot_precision(x.dtype), *policy.choices_generation())
     plan = _backward_plans.get(key)
     if plan is None or plan is UNPLANNED:
         return unplanned_call(_backward_plans, key, plan, lora_backward, (
             grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_input_grad, need_bias_grad,
             deterministic), lambda _: _backward_plan(grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p,
                                                      need_input_grad, need_bias_grad, deterministic))
+    if all_aligned(grad_y, x, weight, lora_a, lora_b, seed):  # shrunk is the forward's own allocation
+        plan = plan.aligned
     if plan.cublas:
         grad_a, grad_b, _, grad_bias, grad_x, _ = lora_linear._grad_ab(
             grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,

@@ -29,8 +29,8 @@ import torch
 
 from .. import reference
 from . import lora_linear, policy
-from .launch import dot_precision, on_tensors_device
-from .passes import UNPLANNED, BackwardPlan, ForwardPlan, unplanned_call
+from .launch import all_aligned, dot_precision, on_tensors_device
+from .passes import UNPLANNED, BackwardPlan, ForwardPlan, unplanned_call, with_aligned_twin
 
 
 def scaled_mm(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.Tensor, rhs_scale: torch.Tensor,
@@ -154,6 +154,7 @@ _forward_plans: dict[tuple, ForwardPlan | str] = {}
 _backward_plans: dict[tuple, BackwardPlan | str] = {}
 
 
+@with_aligned_twin
 def _forward_plan(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, shrunk):
     (M, K), N = x.shape, weight_q.shape[0]
     if M == 0 or N == 0:
@@ -168,6 +169,7 @@ def _forward_plan(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropou
         x_q, x_scale, weight_q.T, weight_scale, shrunk, lora_b.T, scale, bias, 0.0, tile, x.dtype), tile)
 
 
+@with_aligned_twin
 def _backward_plan(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad,
                    need_bias_grad, deterministic):
     M, N = x.shape[0], grad_y.shape[1]
@@ -207,6 +209,8 @@ def eager_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: tor
             x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, seed),
             lambda y_shrunk: _forward_plan(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p,
                                            y_shrunk[1]))
+    if all_aligned(x, weight_q, weight_scale, lora_a, lora_b, bias, seed):
+        plan = plan.aligned
     shrunk, _, x_q, x_scale = lora_linear._shrink(x, lora_a, dropout_p, seed, quantize=True, launch=plan.shrink)
     if plan.cublas:
         y = scaled_mm(x_q, x_scale, weight_q, weight_scale, x.dtype)
@@ -222,8 +226,8 @@ def eager_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.
                        deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """lora_backward_fp8, for calls outside tracing (functional.py's eager path), through its key's plan."""
     key = (grad_y.stride(), x.shape, x.stride(), weight_t_q.stride(), weight_t_scale.stride(),
-           lora_a.shape, lora_a.stride(), lora_b.shape, lora_b.stride(), shrunk.stride(), x.dtype, x.device, scale,
-           dropout_p, need_input_grad, need_bias_grad, deterministic, dot_precision(x.dtype),
+           lora_a.shape, lora_a.stride(), lora_b.shape, lora_b.stride(), shrunk.stride(), x.dtype, grad_y.dtype,
+           x.device, scale, dropout_p, need_input_grad, need_bias_grad, deterministic, dot_precision(x.dtype),
            *policy.choices_generation())
     plan = _backward_plans.get(key)
     if plan is None or plan is UNPLANNED:
@@ -232,6 +236,8 @@ def eager_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.
             need_bias_grad, deterministic), lambda _: _backward_plan(
                 grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad,
                 need_bias_grad, deterministic))
+    if all_aligned(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, seed):  # shrunk: the forward's own
+        plan = plan.aligned
     if not need_input_grad:
         grad_a, grad_b, _, grad_bias, _, _ = lora_linear._grad_ab(
             grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,

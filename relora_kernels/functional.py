@@ -87,22 +87,23 @@ def _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias):
 
 class EagerLoRALinearFunction(torch.autograd.Function):
     """Autograd of the kernel path on 2-D plain tensors outside tracing: the passes' eager plans (kernels/passes.py),
-    one output y. S and the seed are kept on ctx as attributes: intermediates no caller ever sees, so nothing can
-    modify them in place before backward, which is what save_for_backward's version checks guard against."""
+    one output y. S, the seed and the forward pass's key (its backward's plan is found under it) are kept on ctx, in
+    one tuple: intermediates no caller ever sees, so nothing can modify them in place before backward, which is what
+    save_for_backward's version checks guard against."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic):
-        y, ctx.shrunk = _kernels().passes.eager_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
+        y, shrunk, key = _kernels().passes.eager_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_a, lora_b)
-        ctx.seed, ctx.scale, ctx.dropout_p, ctx.deterministic = seed, scale, dropout_p, deterministic
+        ctx.state = (shrunk, scale, dropout_p, seed, deterministic, key)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_a, lora_b = ctx.saved_tensors
         grad_x, grad_a, grad_b, grad_bias = _kernels().passes.eager_backward(
-            grad_y, x, weight, lora_a, lora_b, ctx.shrunk, ctx.scale, ctx.dropout_p, ctx.seed,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.deterministic)
+            grad_y, x, weight, lora_a, lora_b, *ctx.state[:4], ctx.needs_input_grad[0], ctx.needs_input_grad[4],
+            *ctx.state[4:])
         return _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias)
 
 
@@ -267,15 +268,15 @@ class LoRALinearFP8Function(torch.autograd.Function):
 
 class EagerLoRALinearFP8Function(torch.autograd.Function):
     """Autograd of the FP8 op on 2-D plain tensors outside tracing, as EagerLoRALinearFunction is the bf16 op's: the
-    FP8 passes' eager plans (kernels/passes_fp8.py), one output y, S and the seed on ctx."""
+    FP8 passes' eager plans (kernels/passes_fp8.py), one output y, S, the seed and the forward's key on ctx."""
 
     @staticmethod
     def forward(ctx, x, weight_q, weight_scale, weight_t_q, weight_t_scale, lora_a, lora_b, bias, scale, dropout_p,
                 seed, deterministic):
-        y, ctx.shrunk = _kernels().passes_fp8.eager_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias,
-                                                        dropout_p, seed)
+        y, shrunk, key = _kernels().passes_fp8.eager_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale,
+                                                                 bias, dropout_p, seed)
         ctx.save_for_backward(x, weight_t_q, weight_t_scale, lora_a, lora_b)
-        ctx.seed, ctx.scale, ctx.dropout_p, ctx.deterministic = seed, scale, dropout_p, deterministic
+        ctx.state = (shrunk, scale, dropout_p, seed, deterministic, key)
         return y
 
     @staticmethod
@@ -283,8 +284,7 @@ class EagerLoRALinearFP8Function(torch.autograd.Function):
         x, weight_t_q, weight_t_scale, lora_a, lora_b = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = (ctx.needs_input_grad[i] for i in (0, 5, 6, 7))
         grad_x, grad_a, grad_b, grad_bias = _kernels().passes_fp8.eager_backward_fp8(
-            grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, ctx.shrunk, ctx.scale, ctx.dropout_p, ctx.seed,
-            need_x, need_bias, ctx.deterministic)
+            grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, *ctx.state[:4], need_x, need_bias, *ctx.state[4:])
         # The FP8 copies and their scales are derived from a frozen W: no gradient. scale, dropout_p and
         # deterministic are Python scalars, seed an integer tensor: none either.
         return (grad_x if need_x else None, None, None, None, None, grad_a if need_a else None,

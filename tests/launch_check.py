@@ -100,19 +100,19 @@ def main() -> int:
 
         passes_by_op = {
             "lora_linear": (lambda: passes.eager_forward(x, weight, lora_a, lora_b, 0.5, None, 0.1, seed),
-                          lambda shrunk: passes.eager_backward(dy, x, weight, lora_a, lora_b, shrunk, 0.5, 0.1, seed,
-                                                               True, False)),
+                            lambda shrunk, key: passes.eager_backward(dy, x, weight, lora_a, lora_b, shrunk, 0.5, 0.1,
+                                                                      seed, True, False, False, key)),
             "lora_linear_fp8": (
                 lambda: passes_fp8.eager_forward_fp8(x, frozen.q, frozen.scale, lora_a, lora_b, 0.5, None, 0.1, seed),
-                lambda shrunk: passes_fp8.eager_backward_fp8(dy, x, frozen.q_t, frozen.scale_t, lora_a, lora_b, shrunk,
-                                                             0.5, 0.1, seed, True, False))}
+                lambda shrunk, key: passes_fp8.eager_backward_fp8(dy, x, frozen.q_t, frozen.scale_t, lora_a, lora_b,
+                                                                  shrunk, 0.5, 0.1, seed, True, False, False, key))}
         with rk.settings(backend="triton", autotune=False, engine="triton"):
             for name, (forward, backward) in passes_by_op.items():
                 recorded = {}
                 for call in ("first", "planned"):
                     RECORDED.clear()
-                    _, shrunk = forward()
-                    backward(shrunk)
+                    _, shrunk, key = forward()
+                    backward(shrunk, key)
                     recorded[call] = list(RECORDED)
                 first, planned = recorded["first"], recorded["planned"]
                 results[f"planned {name}"] = {
@@ -130,9 +130,9 @@ def main() -> int:
             cast = [t.to(dtype) for t in (x, dy, weight, lora_a, lora_b)]
             x_, dy_, weight_, lora_a_, lora_b_ = cast
             RECORDED.clear()
-            _, shrunk = passes.eager_forward(x_, weight_, lora_a_, lora_b_, 0.5, None, 0.1, seed)
+            _, shrunk, key = passes.eager_forward(x_, weight_, lora_a_, lora_b_, 0.5, None, 0.1, seed)
             passes.eager_backward(dy_ if grad_y is None else grad_y, x_, weight_, lora_a_, lora_b_, shrunk, 0.5, 0.1,
-                                  seed, True, False)
+                                  seed, True, False, False, key)
             return [call[0] for call in RECORDED]
 
         dy_buffer = torch.randn(Mp * Np + 4)

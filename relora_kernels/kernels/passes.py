@@ -236,36 +236,38 @@ def unplanned_call(plans: dict, key: tuple, plan, full_pass, args: tuple, make_p
 @on_tensors_device
 def eager_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                   bias: torch.Tensor | None, dropout_p: float,
-                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """lora_forward, for calls outside tracing (functional.py's eager path), through its key's plan."""
+                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """lora_forward, for calls outside tracing (functional.py's eager path), through its key's plan. Returns (y, S,
+    the key), the key for the backward of the same call (eager_backward's `forward_key`)."""
     key = (x.shape, x.stride(), weight.stride(), lora_a.shape, lora_a.stride(), lora_b.shape, lora_b.stride(),
            None if bias is None else bias.stride(), x.dtype, x.device, scale, dropout_p, dot_precision(x.dtype),
            *policy.choices_generation())
     plan = _forward_plans.get(key)
     if plan is None or plan is UNPLANNED:
-        return unplanned_call(_forward_plans, key, plan, lora_forward, (x, weight, lora_a, lora_b, scale, bias,
-                                                                        dropout_p, seed),
-                              lambda y_shrunk: _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p,
-                                                             y_shrunk[1]))
+        return (*unplanned_call(_forward_plans, key, plan, lora_forward, (x, weight, lora_a, lora_b, scale, bias,
+                                                                          dropout_p, seed),
+                                lambda y_shrunk: _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p,
+                                                               y_shrunk[1])), key)
     if all_aligned(x, weight, lora_a, lora_b, bias, seed):
         plan = plan.aligned
     if plan.cublas:
         shrunk, y, _, _ = lora_linear._shrink(x, lora_a, dropout_p, seed, (lora_b, scale, bias), launch=plan.shrink)
-        return y.addmm_(x, weight.T), shrunk
+        return y.addmm_(x, weight.T), shrunk, key
     shrunk = lora_linear._shrink(x, lora_a, dropout_p, seed, launch=plan.shrink)[0]
     return lora_linear.fused_matmul(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, None, tile=plan.tile,
-                                    launch=plan.gemm), shrunk
+                                    launch=plan.gemm), shrunk, key
 
 
 @on_tensors_device
 def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                    lora_b: torch.Tensor, shrunk: torch.Tensor, scale: float, dropout_p: float,
-                   seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool,
-                   deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lora_backward, for calls outside tracing (functional.py's eager path), through its key's plan."""
-    key = (grad_y.stride(), x.shape, x.stride(), weight.stride(), lora_a.shape, lora_a.stride(), lora_b.shape,
-           lora_b.stride(), shrunk.stride(), x.dtype, grad_y.dtype, x.device, scale, dropout_p, need_input_grad,
-           need_bias_grad, deterministic, dot_precision(x.dtype), *policy.choices_generation())
+                   seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool, deterministic: bool,
+                   forward_key: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lora_backward, for calls outside tracing (functional.py's eager path), through its key's plan: `forward_key`,
+    the key eager_forward returned for x, weight, lora_a, lora_b (the same tensors, saved) and S (its own), and what
+    only the backward knows."""
+    key = (forward_key, grad_y.stride(), grad_y.dtype, need_input_grad, need_bias_grad, deterministic,
+           dot_precision(x.dtype), *policy.choices_generation())
     plan = _backward_plans.get(key)
     if plan is None or plan is UNPLANNED:
         return unplanned_call(_backward_plans, key, plan, lora_backward, (

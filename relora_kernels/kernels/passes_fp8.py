@@ -198,37 +198,39 @@ def _backward_plan(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk
 @on_tensors_device
 def eager_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, lora_a: torch.Tensor,
                       lora_b: torch.Tensor, scale: float, bias: torch.Tensor | None, dropout_p: float,
-                      seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """lora_forward_fp8, for calls outside tracing (functional.py's eager path), through its key's plan."""
+                      seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """lora_forward_fp8, for calls outside tracing (functional.py's eager path), through its key's plan. Returns (y,
+    S, the key), the key for the backward of the same call (eager_backward_fp8's `forward_key`)."""
     key = (x.shape, x.stride(), weight_q.stride(), weight_scale.stride(), lora_a.shape,
            lora_a.stride(), lora_b.shape, lora_b.stride(), None if bias is None else bias.stride(), x.dtype, x.device,
            scale, dropout_p, dot_precision(x.dtype), *policy.choices_generation())
     plan = _forward_plans.get(key)
     if plan is None or plan is UNPLANNED:
-        return unplanned_call(_forward_plans, key, plan, lora_forward_fp8, (
+        return (*unplanned_call(_forward_plans, key, plan, lora_forward_fp8, (
             x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, seed),
             lambda y_shrunk: _forward_plan(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p,
-                                           y_shrunk[1]))
+                                           y_shrunk[1])), key)
     if all_aligned(x, weight_q, weight_scale, lora_a, lora_b, bias, seed):
         plan = plan.aligned
     shrunk, _, x_q, x_scale = lora_linear._shrink(x, lora_a, dropout_p, seed, quantize=True, launch=plan.shrink)
     if plan.cublas:
         y = scaled_mm(x_q, x_scale, weight_q, weight_scale, x.dtype)
-        return _add_low_rank_(y, shrunk, lora_b.T * scale, bias), shrunk
+        return _add_low_rank_(y, shrunk, lora_b.T * scale, bias), shrunk, key
     return lora_linear.fused_matmul_fp8(x_q, x_scale, weight_q.T, weight_scale, shrunk, lora_b.T, scale, bias, 0.0,
-                                        None, x.dtype, tile=plan.tile, launch=plan.gemm), shrunk
+                                        None, x.dtype, tile=plan.tile, launch=plan.gemm), shrunk, key
 
 
 @on_tensors_device
 def eager_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.Tensor, weight_t_scale: torch.Tensor,
                        lora_a: torch.Tensor, lora_b: torch.Tensor, shrunk: torch.Tensor, scale: float,
                        dropout_p: float, seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool,
-                       deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lora_backward_fp8, for calls outside tracing (functional.py's eager path), through its key's plan."""
-    key = (grad_y.stride(), x.shape, x.stride(), weight_t_q.stride(), weight_t_scale.stride(),
-           lora_a.shape, lora_a.stride(), lora_b.shape, lora_b.stride(), shrunk.stride(), x.dtype, grad_y.dtype,
-           x.device, scale, dropout_p, need_input_grad, need_bias_grad, deterministic, dot_precision(x.dtype),
-           *policy.choices_generation())
+                       deterministic: bool, forward_key: tuple
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lora_backward_fp8, for calls outside tracing (functional.py's eager path), through its key's plan:
+    `forward_key`, the key eager_forward_fp8 returned for x, lora_a, lora_b (the same tensors, saved) and S (its
+    own), and what only the backward knows, W.T's copy among it."""
+    key = (forward_key, grad_y.stride(), grad_y.dtype, weight_t_q.stride(), weight_t_scale.stride(), need_input_grad,
+           need_bias_grad, deterministic, dot_precision(x.dtype), *policy.choices_generation())
     plan = _backward_plans.get(key)
     if plan is None or plan is UNPLANNED:
         return unplanned_call(_backward_plans, key, plan, lora_backward_fp8, (

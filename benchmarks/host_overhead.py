@@ -19,9 +19,10 @@ One thread; each row is the thread's CPU time per call, the minimum over `repeat
 calls, the rows taking turns within each round (the GPT-2 rows apart, with fewer of both), and every ratio is to
 rows of the same run.
 
-Rows (fp32, M=64 tokens, K=48, N=80, r=16 unless named):
-  floor               F.linear(x, W, bias) forward + backward (dx): the frozen GEMMs alone
-  eager p=P           PEFT's LoRA forward (benchmarks.cases.eager_lora_linear) + backward, dropout P (0, 0.1)
+Rows (fp32, M=64 tokens, K=48, N=80, r=16 unless named; " bias": the layer has a bias, which the backward's
+gradients include; every fused row is compared with the floor and eager rows of the same bias):
+  floor [bias]        F.linear(x, W[, bias]) forward + backward (dx): the frozen GEMMs alone
+  eager p=P [bias]    PEFT's LoRA forward (benchmarks.cases.eager_lora_linear) + backward, dropout P (0, 0.1)
   fused E p=P [bias]  rk.lora_linear on engine E (triton, cublas), forward + backward
   fp8 E p=P bias      rk.lora_linear_fp8 (W's e4m3 copies made once, outside the timing) on engine E, forward +
                       backward, against the bf16 op's row ("/ bf16 op"); no goal of its own. Left out, with the
@@ -182,15 +183,20 @@ def _fwd_bwd(forward, inputs):
     return call
 
 
+def _bias_suffix(bias: bool) -> str:
+    return " bias" if bias else ""
+
+
 def layer_rows(device) -> dict[str, Timed]:
     rows = {}
-    plain = _layer_inputs(device, bias=True)
-    rows["floor"] = Timed(_fwd_bwd(lambda: F.linear(plain.x, plain.weight, plain.bias),
-                                   SimpleNamespace(x=plain.x, lora_a=None, lora_b=None, bias=plain.bias,
-                                                   grad_y=plain.grad_y)))
-    for p in DROPOUTS:
-        rows[f"eager p={p:g}"] = Timed(_fwd_bwd(lambda p=p: eager_lora_linear(
-            plain.x, plain.weight, plain.bias, plain.lora_a, plain.lora_b, 2.0, p), plain))
+    for bias in (True, False):
+        plain = _layer_inputs(device, bias)
+        rows["floor" + _bias_suffix(bias)] = Timed(_fwd_bwd(
+            lambda plain=plain: F.linear(plain.x, plain.weight, plain.bias),
+            SimpleNamespace(x=plain.x, lora_a=None, lora_b=None, bias=plain.bias, grad_y=plain.grad_y)))
+        for p in DROPOUTS:
+            rows[f"eager p={p:g}{_bias_suffix(bias)}"] = Timed(_fwd_bwd(lambda p=p, plain=plain: eager_lora_linear(
+                plain.x, plain.weight, plain.bias, plain.lora_a, plain.lora_b, 2.0, p), plain))
     for engine in ENGINES:
         for p in DROPOUTS:
             for bias in (True, False):
@@ -199,7 +205,7 @@ def layer_rows(device) -> dict[str, Timed]:
                 def forward(inputs=inputs, p=p):
                     return rk.lora_linear(inputs.x, inputs.weight, inputs.lora_a, inputs.lora_b, 2.0, inputs.bias, p)
 
-                rows[f"fused {engine} p={p:g}{' bias' if bias else ''}"] = Timed(_fwd_bwd(forward, inputs), engine)
+                rows[f"fused {engine} p={p:g}{_bias_suffix(bias)}"] = Timed(_fwd_bwd(forward, inputs), engine)
     return rows
 
 
@@ -289,16 +295,16 @@ def gpt2_rows(device) -> dict[str, Timed]:
 
 
 def ratios(rows: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Each fused row against floor and against eager at its dropout; merge and the GPT-2 step against theirs."""
+    """Each fused row against floor and against eager at its dropout, both with its bias or without; merge and the
+    GPT-2 step against theirs."""
     out = {}
     for name, seconds in rows.items():
-        if name.startswith("fused "):
+        if name.startswith(("fused ", "fp8 ")):
             p = name.split("p=")[1].split()[0]
-            out[name] = {"floor": seconds / rows["floor"], "eager": seconds / rows[f"eager p={p}"]}
-        elif name.startswith("fp8 "):
-            p = name.split("p=")[1].split()[0]
-            out[name] = {"floor": seconds / rows["floor"], "eager": seconds / rows[f"eager p={p}"],
-                         "bf16_op": seconds / rows["fused " + name.removeprefix("fp8 ")]}
+            bias = _bias_suffix(name.endswith(" bias"))
+            out[name] = {"floor": seconds / rows["floor" + bias], "eager": seconds / rows[f"eager p={p}{bias}"]}
+            if name.startswith("fp8 "):
+                out[name]["bf16_op"] = seconds / rows["fused " + name.removeprefix("fp8 ")]
     if "merge_and_reinit_" in rows:
         out["merge_and_reinit_"] = {"merge_floor": rows["merge_and_reinit_"] / rows["merge_floor"]}
     if "gpt2 step fused" in rows:

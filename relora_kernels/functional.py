@@ -206,10 +206,11 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
     dropout_p = check_dropout_p(dropout_p)
     if seed is not None:
         check_seed(seed)  # also when p = 0, so a bad seed never passes unnoticed
+    device = x.device
     # Drawn only when used, so p = 0 leaves torch's generator untouched.
-    seed = _dropout_seed(seed, dropout_p, x.device)
+    seed = None if dropout_p == 0.0 else _dropout_seed(seed, dropout_p, device)
 
-    if not use_triton(x.device):
+    if not use_triton(device):
         return reference.lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
 
     check_kernel_dtype("x", x)  # one dtype for all, checked above
@@ -218,11 +219,10 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
         raise ValueError(f"lora_a has r = {rank} rows; the Triton kernels support r <= {MAX_RANK}")
     out_features, in_features = weight.shape
     flat = x if x.dim() == 2 else x.reshape(-1, in_features)
-    args = (flat, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic())
     if _eager(x) and not torch._C._are_functorch_transforms_active():
-        y = _apply_eagerly(*args)
+        y = _apply_eagerly(flat, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic())
     else:
-        y, _ = LoRALinearFunction.apply(*args)
+        y, _ = LoRALinearFunction.apply(flat, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic())
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 

@@ -23,6 +23,7 @@ from benchmarks.host_overhead import stubbed_launches  # noqa: E402 (after the c
 from relora_kernels.kernels import lora_linear, passes  # noqa: E402
 
 RECORDED: list[tuple] = []
+HOOKS_PASSED: list[bool] = []
 
 
 class _RecordingLaunch:
@@ -32,6 +33,7 @@ class _RecordingLaunch:
     def __call__(self, *args):
         # grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook, the arguments
         RECORDED.append((id(self), args[:3], args[9:]))
+        HOOKS_PASSED.append(args[7] is not None)  # the launch-enter hook Triton's own launch hands its launcher
 
 
 def _same(a, b) -> bool:
@@ -151,6 +153,28 @@ def main() -> int:
             "misaligned_dy_same": [run[:2] + run[3:4] == fp32[:2] + fp32[3:4] for run in misaligned_dy],
             "misaligned_dy_other": [run[2] != fp32[2] and run[4] != fp32[4] for run in misaligned_dy],
             "fp32_again_same": fp32_again == fp32}
+
+        # A launch hook (a profiler's) must see every launch of a planned call: with one set, the aligned launches
+        # take Triton's own path, which hands the hook to the launcher; without, the planned path passes none.
+        from triton import knobs
+
+        def hooked_launches(hook):
+            previous = knobs.runtime.launch_enter_hook
+            chain = hasattr(previous, "add")  # a HookChain (triton >= 3.5), else the hook itself or None
+            if hook is not None:
+                previous.add(hook) if chain else setattr(knobs.runtime, "launch_enter_hook", hook)
+            try:
+                HOOKS_PASSED.clear()
+                fwd_bwd_launchers(torch.float32)
+                return list(HOOKS_PASSED)
+            finally:
+                if hook is not None:
+                    previous.remove(hook) if chain else setattr(knobs.runtime, "launch_enter_hook", previous)
+
+        seen = []
+        with rk.settings(backend="triton", autotune=False, engine="triton"):
+            results["launch hooks"] = {"hooked": hooked_launches(lambda metadata: seen.append(metadata)),
+                                       "unhooked": hooked_launches(None)}
     print(json.dumps(results))
     return 0
 

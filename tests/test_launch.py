@@ -47,6 +47,9 @@ def test_cached_launch_passes_what_triton_passes_and_follows_a_changed_specialis
         "planned_are_their_own": [True, True], "no_kernel_shared_across_dtypes": True,
         "misaligned_dy_same": [True, True], "misaligned_dy_other": [True, True],
         "fp32_again_same": True}, results
+    # With a launch hook set (a profiler's) every launch of a planned call goes through Triton's own launch, which
+    # hands the hook to the launcher; without one, none is passed.
+    assert results["launch hooks"] == {"hooked": [True] * 5, "unhooked": [False] * 5}, results
 
 
 @pytest.mark.parametrize("engine", ["triton", "cublas"])

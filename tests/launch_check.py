@@ -175,6 +175,19 @@ def main() -> int:
         with rk.settings(backend="triton", autotune=False, engine="triton"):
             results["launch hooks"] = {"hooked": hooked_launches(lambda metadata: seen.append(metadata)),
                                        "unhooked": hooked_launches(None)}
+
+        # An AlignedLaunch whose first launch is handed a pointer off 16-byte alignment refuses it (its caller must
+        # take the BoundLaunch), rather than keeping that kernel for aligned ones.
+        from relora_kernels.kernels.launch import AlignedLaunch
+
+        bound = lora_linear.shrink_launch(misaligned, lora_a, 0.1)
+        shrunk = torch.empty(M, R)
+        try:
+            AlignedLaunch(bound)((misaligned, lora_a, shrunk, seed, misaligned, misaligned, misaligned, misaligned,
+                                  misaligned))
+            results["aligned_launch_refuses_misaligned"] = False
+        except ValueError as error:
+            results["aligned_launch_refuses_misaligned"] = "not 16-byte aligned" in str(error)
     print(json.dumps(results))
     return 0
 

@@ -50,6 +50,7 @@ def test_cached_launch_passes_what_triton_passes_and_follows_a_changed_specialis
     # With a launch hook set (a profiler's) every launch of a planned call goes through Triton's own launch, which
     # hands the hook to the launcher; without one, none is passed.
     assert results["launch hooks"] == {"hooked": [True] * 5, "unhooked": [False] * 5}, results
+    assert results["aligned_launch_refuses_misaligned"], results
 
 
 @pytest.mark.parametrize("engine", ["triton", "cublas"])

@@ -742,8 +742,24 @@ def fused_matmul(lhs: torch.Tensor, rhs: torch.Tensor, low: torch.Tensor, up: to
     if M == 0 or N == 0:
         return out
     launch = launch if launch is not None else fused_matmul_launch(lhs, rhs, low, up, low_scale, bias, dropout_p, tile)
+    _launch_fused_matmul(launch, lhs, rhs, low, up, bias, out, dropout_p, seed)
+    return out
+
+
+def _launch_fused_matmul(launch, lhs, rhs, low, up, bias, out, dropout_p, seed) -> None:
     # Placeholders for what a variant does not read are inputs the kernel never writes (see launch.dropout_args).
     launch((lhs, rhs, low, up, lhs if bias is None else bias, out, seed if dropout_p > 0.0 else lhs, lhs, lhs))
+
+
+def forward_matmul_planned(x: torch.Tensor, weight: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
+                           bias: torch.Tensor | None, launch) -> torch.Tensor:
+    """y = x @ W.T + bias + s * S @ B.T, (M, N), by `launch`: a plan's fused_matmul_launch(x, weight.T, shrunk,
+    lora_b.T, s, bias, 0.0, tile) for these operands' key (M, N > 0). W and B are handed to it untransposed: a
+    launch reads only an operand's address, which is its transpose's, and holds the transposes' strides; so the call
+    makes no view of either (a view costs ~4-5 us of host time in a training step's call, as much as an
+    allocation)."""
+    out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
+    _launch_fused_matmul(launch, x, weight, shrunk, lora_b, bias, out, 0.0, None)
     return out
 
 

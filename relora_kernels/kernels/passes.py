@@ -254,8 +254,7 @@ def eager_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
         shrunk, y, _, _ = lora_linear._shrink(x, lora_a, dropout_p, seed, (lora_b, scale, bias), launch=plan.shrink)
         return y.addmm_(x, weight.T), shrunk, key
     shrunk = lora_linear._shrink(x, lora_a, dropout_p, seed, launch=plan.shrink)[0]
-    return lora_linear.fused_matmul(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, None, tile=plan.tile,
-                                    launch=plan.gemm), shrunk, key
+    return lora_linear.forward_matmul_planned(x, weight, shrunk, lora_b, bias, plan.gemm), shrunk, key
 
 
 @on_tensors_device

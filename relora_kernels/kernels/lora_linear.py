@@ -828,8 +828,23 @@ def fused_matmul_fp8(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.
         tile = fp8_gemm_tile(R, out_dtype) if tile is None else tile
         launch = fused_matmul_fp8_launch(lhs_q, lhs_scale, rhs_q, rhs_scale, low, up, low_scale, bias, dropout_p,
                                          tile, out_dtype)
+    _launch_fused_matmul_fp8(launch, lhs_q, lhs_scale, rhs_q, rhs_scale, low, up, bias, out, dropout_p, seed)
+    return out
+
+
+def _launch_fused_matmul_fp8(launch, lhs_q, lhs_scale, rhs_q, rhs_scale, low, up, bias, out, dropout_p, seed) -> None:
     launch((lhs_q, rhs_q, low, up, low if bias is None else bias, out, seed if dropout_p > 0.0 else low, lhs_scale,
             rhs_scale))
+
+
+def forward_matmul_fp8_planned(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
+                               weight_scale: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
+                               bias: torch.Tensor | None, launch) -> torch.Tensor:
+    """forward_matmul_planned's FP8 twin: y = deq(xq) @ deq(wq).T + bias + s * S @ B.T, (M, N) in S's dtype, by a
+    plan's fused_matmul_fp8_launch(xq, sx, wq.T, sw, S, B.T, s, bias, 0.0, tile, S's dtype) for these operands' key,
+    handed W's copy and B untransposed (their addresses are their transposes'): no view of either per call."""
+    out = torch.empty((x_q.shape[0], weight_q.shape[0]), device=x_q.device, dtype=shrunk.dtype)
+    _launch_fused_matmul_fp8(launch, x_q, x_scale, weight_q, weight_scale, shrunk, lora_b, bias, out, 0.0, None)
     return out
 
 

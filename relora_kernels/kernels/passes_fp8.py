@@ -216,8 +216,8 @@ def eager_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: tor
     if plan.cublas:
         y = scaled_mm(x_q, x_scale, weight_q, weight_scale, x.dtype)
         return _add_low_rank_(y, shrunk, lora_b.T * scale, bias), shrunk, key
-    return lora_linear.fused_matmul_fp8(x_q, x_scale, weight_q.T, weight_scale, shrunk, lora_b.T, scale, bias, 0.0,
-                                        None, x.dtype, tile=plan.tile, launch=plan.gemm), shrunk, key
+    return lora_linear.forward_matmul_fp8_planned(x_q, x_scale, weight_q, weight_scale, shrunk, lora_b, bias,
+                                                  plan.gemm), shrunk, key
 
 
 @on_tensors_device

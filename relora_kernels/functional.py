@@ -101,9 +101,10 @@ class EagerLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_a, lora_b = ctx.saved_tensors
+        shrunk, scale, dropout_p, seed, deterministic, key = ctx.state
         grad_x, grad_a, grad_b, grad_bias = _kernels().passes.eager_backward(
-            grad_y, x, weight, lora_a, lora_b, *ctx.state[:4], ctx.needs_input_grad[0], ctx.needs_input_grad[4],
-            *ctx.state[4:])
+            grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, ctx.needs_input_grad[0],
+            ctx.needs_input_grad[4], deterministic, key)
         return _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias)
 
 
@@ -208,7 +209,7 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
         check_seed(seed)  # also when p = 0, so a bad seed never passes unnoticed
     device = x.device
     # Drawn only when used, so p = 0 leaves torch's generator untouched.
-    seed = None if dropout_p == 0.0 else _dropout_seed(seed, dropout_p, device)
+    seed = _dropout_seed(seed, dropout_p, device)
 
     if not use_triton(device):
         return reference.lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
@@ -283,8 +284,10 @@ class EagerLoRALinearFP8Function(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight_t_q, weight_t_scale, lora_a, lora_b = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = (ctx.needs_input_grad[i] for i in (0, 5, 6, 7))
+        shrunk, scale, dropout_p, seed, deterministic, key = ctx.state
         grad_x, grad_a, grad_b, grad_bias = _kernels().passes_fp8.eager_backward_fp8(
-            grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, *ctx.state[:4], need_x, need_bias, *ctx.state[4:])
+            grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_x, need_bias,
+            deterministic, key)
         # The FP8 copies and their scales are derived from a frozen W: no gradient. scale, dropout_p and
         # deterministic are Python scalars, seed an integer tensor: none either.
         return (grad_x if need_x else None, None, None, None, None, grad_a if need_a else None,

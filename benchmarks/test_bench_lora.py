@@ -194,7 +194,6 @@ def test_each_fused_provider_runs_its_engine_and_restores_the_setting(provider, 
 
     # A key's first call chooses the engine of each pass (later ones run the plan it made): start with no plans.
     monkeypatch.setattr(passes, "_forward_plans", {})
-    monkeypatch.setattr(passes, "_backward_plans", {})
 
     rk.configure(engine="triton" if provider == "fused_cublas" else "cublas")  # overridden within the provider
     before = policy.engine_setting()

@@ -76,36 +76,39 @@ def _eager(x: torch.Tensor) -> bool:
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias):
-    """backward's return: the gradients asked for, in forward's argument order. dW = dy.T @ x only if the caller
-    unfroze W (a full-rank phase); LoRA training keeps W frozen. scale, dropout_p and deterministic are Python
-    scalars, seed an integer tensor: no gradient."""
+def _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias, no_grads=(None,) * 4):
+    """backward's return: the gradients asked for, in forward's argument order (x, weight, lora_a, lora_b, bias, then
+    the arguments in `no_grads`). dW = dy.T @ x only if the caller unfroze W (a full-rank phase); LoRA training keeps
+    W frozen. scale, dropout_p and deterministic are Python scalars, seed an integer tensor, the plan's key and the
+    plan Python objects: no gradient."""
     need_x, need_weight, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
     return (grad_x if need_x else None, grad_y.T @ x if need_weight else None, grad_a if need_a else None,
-            grad_b if need_b else None, grad_bias if need_bias else None, None, None, None, None)
+            grad_b if need_b else None, grad_bias if need_bias else None, *no_grads)
 
 
 class EagerLoRALinearFunction(torch.autograd.Function):
     """Autograd of the kernel path on 2-D plain tensors outside tracing: the passes' eager plans (kernels/passes.py),
-    one output y. S, the seed and the forward pass's key (its backward's plan is found under it) are kept on ctx, in
-    one tuple: intermediates no caller ever sees, so nothing can modify them in place before backward, which is what
-    save_for_backward's version checks guard against."""
+    one output y. `key` is the call's plan key (passes.forward_key), `plan` its plan where the caller found one. S,
+    the seed and the forward's plan (which keeps its backward's plans) are kept on ctx, in one tuple: intermediates
+    no caller ever sees, so nothing can modify them in place before backward, which is what save_for_backward's
+    version checks guard against."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic):
-        y, shrunk, key = _kernels().passes.eager_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic, key, plan):
+        y, shrunk, plan = _kernel_modules.passes.eager_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p,
+                                                               seed, key, plan)
         ctx.save_for_backward(x, weight, lora_a, lora_b)
-        ctx.state = (shrunk, scale, dropout_p, seed, deterministic, key)
+        ctx.state = (shrunk, scale, dropout_p, seed, deterministic, plan)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_a, lora_b = ctx.saved_tensors
-        shrunk, scale, dropout_p, seed, deterministic, key = ctx.state
-        grad_x, grad_a, grad_b, grad_bias = _kernels().passes.eager_backward(
+        shrunk, scale, dropout_p, seed, deterministic, plan = ctx.state
+        grad_x, grad_a, grad_b, grad_bias = _kernel_modules.passes.eager_backward(
             grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, ctx.needs_input_grad[0],
-            ctx.needs_input_grad[4], deterministic, key)
-        return _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias)
+            ctx.needs_input_grad[4], deterministic, plan)
+        return _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias, (None,) * 6)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -201,6 +204,14 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
     and each input's gradient comes back in the input's own dtype (e.g. fp32 parameters, bf16 compute).
     Differentiable in x, lora_a, lora_b and bias (and in weight, with a plain matmul, if it requires grad).
     """
+    planned = _planned_call(_kernel_modules and _kernel_modules.passes, x, weight, lora_a, lora_b, bias, scale,
+                            dropout_p)
+    if planned is not None:  # a call like one already checked and planned: straight to its plan
+        if seed is not None:
+            check_seed(seed)
+        return _lora_linear_eagerly(x, weight, lora_a, lora_b, bias, scale, dropout_p,
+                                    _dropout_seed(seed, dropout_p, x.device), *planned)
+
     x, weight, lora_a, lora_b, bias = _autocast_inputs(x, weight, lora_a, lora_b, bias)
     check_lora_linear_args(x, weight, lora_a, lora_b, bias)
     scale = check_scalar("scale", scale)
@@ -218,12 +229,37 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
     rank = lora_a.shape[0]
     if rank > MAX_RANK:
         raise ValueError(f"lora_a has r = {rank} rows; the Triton kernels support r <= {MAX_RANK}")
+    if _eager(x) and not torch._C._are_functorch_transforms_active():
+        key = _kernels().passes.forward_key(x, weight, lora_a, lora_b, bias, scale, dropout_p)
+        return _lora_linear_eagerly(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, key, None)
     out_features, in_features = weight.shape
     flat = x if x.dim() == 2 else x.reshape(-1, in_features)
-    if _eager(x) and not torch._C._are_functorch_transforms_active():
-        y = _apply_eagerly(flat, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic())
-    else:
-        y, _ = LoRALinearFunction.apply(flat, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic())
+    y, _ = LoRALinearFunction.apply(flat, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic())
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def _planned_call(passes, x, *args) -> tuple | None:
+    """(key, plan) where an eager call of lora_linear (or lora_linear_fp8, `passes` passes_fp8) can skip its checks:
+    its key (`passes.forward_key(x, *args)`) has a plan that launches by itself. The key holds everything the checks
+    read, so the checks passed on a call of that key when the plan was made, and would pass again. Else None: no
+    kernels loaded yet, scalars that are not floats (the checks convert them), autocast (which casts first),
+    tracing or a functorch transform (the ops' path), or anything the key cannot be made of (the checks name it)."""
+    if (passes is None or type(args[-1]) is not float or type(args[-2]) is not float or _any_autocast_enabled()
+            or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+        return None
+    try:
+        key = passes.forward_key(x, *args)
+    except (AttributeError, TypeError, ValueError):  # an argument of the wrong kind: the checks name it
+        return None
+    plan = passes.planned_forward(key)
+    return None if plan is None else (key, plan)
+
+
+def _lora_linear_eagerly(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, key, plan):
+    """lora_linear's checked call on plain tensors outside tracing: EagerLoRALinearFunction on x's (M, K) view."""
+    out_features, in_features = weight.shape
+    flat = x if x.dim() == 2 else x.reshape(-1, in_features)
+    y = _apply_eagerly(flat, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic(), key, plan)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
@@ -269,29 +305,29 @@ class LoRALinearFP8Function(torch.autograd.Function):
 
 class EagerLoRALinearFP8Function(torch.autograd.Function):
     """Autograd of the FP8 op on 2-D plain tensors outside tracing, as EagerLoRALinearFunction is the bf16 op's: the
-    FP8 passes' eager plans (kernels/passes_fp8.py), one output y, S, the seed and the forward's key on ctx."""
+    FP8 passes' eager plans (kernels/passes_fp8.py), one output y, S, the seed and the forward's plan on ctx."""
 
     @staticmethod
     def forward(ctx, x, weight_q, weight_scale, weight_t_q, weight_t_scale, lora_a, lora_b, bias, scale, dropout_p,
-                seed, deterministic):
-        y, shrunk, key = _kernels().passes_fp8.eager_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale,
-                                                                 bias, dropout_p, seed)
+                seed, deterministic, key, plan):
+        y, shrunk, plan = _kernel_modules.passes_fp8.eager_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b,
+                                                                       scale, bias, dropout_p, seed, key, plan)
         ctx.save_for_backward(x, weight_t_q, weight_t_scale, lora_a, lora_b)
-        ctx.state = (shrunk, scale, dropout_p, seed, deterministic, key)
+        ctx.state = (shrunk, scale, dropout_p, seed, deterministic, plan)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight_t_q, weight_t_scale, lora_a, lora_b = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = (ctx.needs_input_grad[i] for i in (0, 5, 6, 7))
-        shrunk, scale, dropout_p, seed, deterministic, key = ctx.state
-        grad_x, grad_a, grad_b, grad_bias = _kernels().passes_fp8.eager_backward_fp8(
+        shrunk, scale, dropout_p, seed, deterministic, plan = ctx.state
+        grad_x, grad_a, grad_b, grad_bias = _kernel_modules.passes_fp8.eager_backward_fp8(
             grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_x, need_bias,
-            deterministic, key)
+            deterministic, plan)
         # The FP8 copies and their scales are derived from a frozen W: no gradient. scale, dropout_p and
-        # deterministic are Python scalars, seed an integer tensor: none either.
+        # deterministic are Python scalars, seed an integer tensor, the key and the plan Python objects: none either.
         return (grad_x if need_x else None, None, None, None, None, grad_a if need_a else None,
-                grad_b if need_b else None, grad_bias if need_bias else None, None, None, None, None)
+                grad_b if need_b else None, grad_bias if need_bias else None, None, None, None, None, None, None)
 
 
 # The C++ apply, as _apply_eagerly.
@@ -357,6 +393,14 @@ def lora_linear_fp8(x, frozen, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0
     (auto: the Triton FP8 GEMM for a reduction below policy.CUBLAS_MIN_REDUCTION, else torch._scaled_mm composed with
     the Triton launches); a CUDA GPU below compute capability 8.9 raises.
     """
+    planned = _planned_call(_kernel_modules and _kernel_modules.passes_fp8, x, frozen, lora_a, lora_b, bias, scale,
+                            dropout_p)
+    if planned is not None:  # a call like one already checked and planned: straight to its plan
+        if seed is not None:
+            check_seed(seed)
+        return _lora_linear_fp8_eagerly(x, frozen, lora_a, lora_b, bias, scale, dropout_p,
+                                        _dropout_seed(seed, dropout_p, x.device), *planned)
+
     x, lora_a, lora_b, bias = _autocast_inputs(x, lora_a, lora_b, bias)
     check_lora_linear_fp8_args(x, frozen, lora_a, lora_b, bias)
     scale = check_scalar("scale", scale)
@@ -372,14 +416,23 @@ def lora_linear_fp8(x, frozen, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0
     rank = lora_a.shape[0]
     if rank > MAX_RANK:
         raise ValueError(f"lora_a has r = {rank} rows; the Triton kernels support r <= {MAX_RANK}")
+    if _eager(x) and not torch._C._are_functorch_transforms_active():
+        key = _kernels().passes_fp8.forward_key(x, frozen, lora_a, lora_b, bias, scale, dropout_p)
+        return _lora_linear_fp8_eagerly(x, frozen, lora_a, lora_b, bias, scale, dropout_p, seed, key, None)
     out_features, in_features = frozen.q.shape
     flat = x if x.dim() == 2 else x.reshape(-1, in_features)
-    args = (flat, frozen.q, frozen.scale, frozen.q_t, frozen.scale_t, lora_a, lora_b, bias, scale, dropout_p, seed,
-            deterministic())
-    if _eager(x) and not torch._C._are_functorch_transforms_active():
-        y = _apply_fp8_eagerly(*args)
-    else:
-        y, _ = LoRALinearFP8Function.apply(*args)
+    y, _ = LoRALinearFP8Function.apply(flat, frozen.q, frozen.scale, frozen.q_t, frozen.scale_t, lora_a, lora_b, bias,
+                                       scale, dropout_p, seed, deterministic())
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def _lora_linear_fp8_eagerly(x, frozen, lora_a, lora_b, bias, scale, dropout_p, seed, key, plan):
+    """lora_linear_fp8's checked call on plain tensors outside tracing: EagerLoRALinearFP8Function on x's (M, K)
+    view."""
+    out_features, in_features = frozen.q.shape
+    flat = x if x.dim() == 2 else x.reshape(-1, in_features)
+    y = _apply_fp8_eagerly(flat, frozen.q, frozen.scale, frozen.q_t, frozen.scale_t, lora_a, lora_b, bias, scale,
+                           dropout_p, seed, deterministic(), key, plan)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 

@@ -87,7 +87,8 @@ def main() -> int:
             launchers = {}
             for name, x in (("first", aligned), ("planned", aligned), ("planned_misaligned", misaligned)):
                 RECORDED.clear()
-                passes.eager_forward(x, weight, lora_a, lora_b, 0.5, None, 0.1, seed)
+                passes.eager_forward(x, weight, lora_a, lora_b, 0.5, None, 0.1, seed,
+                                     passes.forward_key(x, weight, lora_a, lora_b, None, 0.5, 0.1))
                 launchers[name] = [call[0] for call in RECORDED]  # the shrink's launcher, then the GEMM's
         results["plan"] = {"launches": [len(v) for v in launchers.values()],
                            "planned_same_kernels": launchers["planned"] == launchers["first"],
@@ -104,20 +105,23 @@ def main() -> int:
         from relora_kernels.kernels import passes_fp8
 
         passes_by_op = {
-            "lora_linear": (lambda: passes.eager_forward(x, weight, lora_a, lora_b, 0.5, None, 0.1, seed),
-                            lambda shrunk, key: passes.eager_backward(dy, x, weight, lora_a, lora_b, shrunk, 0.5, 0.1,
-                                                                      seed, True, False, False, key)),
+            "lora_linear": (lambda: passes.eager_forward(x, weight, lora_a, lora_b, 0.5, None, 0.1, seed,
+                                     passes.forward_key(x, weight, lora_a, lora_b, None, 0.5, 0.1)),
+                            lambda shrunk, plan: passes.eager_backward(dy, x, weight, lora_a, lora_b, shrunk, 0.5, 0.1,
+                                                                      seed, True, False, False, plan)),
             "lora_linear_fp8": (
-                lambda: passes_fp8.eager_forward_fp8(x, frozen.q, frozen.scale, lora_a, lora_b, 0.5, None, 0.1, seed),
-                lambda shrunk, key: passes_fp8.eager_backward_fp8(dy, x, frozen.q_t, frozen.scale_t, lora_a, lora_b,
-                                                                  shrunk, 0.5, 0.1, seed, True, False, False, key))}
+                lambda: passes_fp8.eager_forward_fp8(
+                    x, frozen.q, frozen.scale, lora_a, lora_b, 0.5, None, 0.1, seed,
+                    passes_fp8.forward_key(x, frozen, lora_a, lora_b, None, 0.5, 0.1)),
+                lambda shrunk, plan: passes_fp8.eager_backward_fp8(dy, x, frozen.q_t, frozen.scale_t, lora_a, lora_b,
+                                                                  shrunk, 0.5, 0.1, seed, True, False, False, plan))}
         with rk.settings(backend="triton", autotune=False, engine="triton"):
             for name, (forward, backward) in passes_by_op.items():
                 recorded = {}
                 for call in ("first", "planned"):
                     RECORDED.clear()
-                    _, shrunk, key = forward()
-                    backward(shrunk, key)
+                    _, shrunk, plan = forward()
+                    backward(shrunk, plan)
                     recorded[call] = list(RECORDED)
                 first, planned = recorded["first"], recorded["planned"]
                 results[f"planned {name}"] = {
@@ -135,9 +139,10 @@ def main() -> int:
             cast = [t.to(dtype) for t in (x, dy, weight, lora_a, lora_b)]
             x_, dy_, weight_, lora_a_, lora_b_ = cast
             RECORDED.clear()
-            _, shrunk, key = passes.eager_forward(x_, weight_, lora_a_, lora_b_, 0.5, None, 0.1, seed)
+            _, shrunk, plan = passes.eager_forward(x_, weight_, lora_a_, lora_b_, 0.5, None, 0.1, seed,
+                                                  passes.forward_key(x_, weight_, lora_a_, lora_b_, None, 0.5, 0.1))
             passes.eager_backward(dy_ if grad_y is None else grad_y, x_, weight_, lora_a_, lora_b_, shrunk, 0.5, 0.1,
-                                  seed, True, False, False, key)
+                                  seed, True, False, False, plan)
             return [call[0] for call in RECORDED]
 
         dy_buffer = torch.randn(Mp * Np + 4)

@@ -53,10 +53,10 @@ def _check_against_reference(inputs, dropout_p, seed, y, grads, grad_y):
 def test_a_planned_call_runs_the_plan_and_matches_the_reference(triton_backend, engine, dropout_p, bias,
                                                                   monkeypatch):
     monkeypatch.setattr(passes, "_forward_plans", {})
-    monkeypatch.setattr(passes, "_backward_plans", {})
     inputs = make_inputs((M,), K, N, R, torch.float32, bias=bias)
     first = _fwd_bwd(inputs, dropout_p, seed=11)
-    assert len(passes._forward_plans) == len(passes._backward_plans) == 1, "the first call planned nothing"
+    (plan,) = passes._forward_plans.values()  # the backward's plans are kept by its forward's
+    assert len(plan.backward_plans) == 1, "the first call planned nothing"
 
     # The second call must not run the unplanned passes: make them fail.
     def unplanned(*args, **kwargs):
@@ -90,3 +90,36 @@ def test_a_change_of_settings_is_not_served_by_an_old_plan(triton_backend, monke
     _fwd_bwd(inputs, 0.0, seed=1)
     _fwd_bwd(inputs, 0.0, seed=1)
     assert engines == ["cublas", "cublas"], engines
+
+
+def test_a_planned_call_skips_the_checks_yet_refuses_what_they_refuse(triton_backend, monkeypatch):
+    """functional.py looks a call's plan up before its argument checks, and a plan's key holds everything they read:
+    a call of a planned key must not run them, and every call they would refuse must still be refused, by name."""
+    from relora_kernels import functional
+
+    monkeypatch.setattr(passes, "_forward_plans", {})
+    inputs = make_inputs((3, 7), K, N, R, torch.float32)  # 3-D x: the key is x's as given, before flattening
+    x, weight, lora_a, lora_b, bias = (inputs[name] for name in ("x", "weight", "lora_a", "lora_b", "bias"))
+    # The key's first call: checked, planned. scale 1.0 and dropout_p 0.0, which True and False equal and hash alike.
+    want = rk.lora_linear(x, weight, lora_a, lora_b, 1.0, bias, 0.0, 3)
+    checks = []
+    real_check = functional.check_lora_linear_args
+    monkeypatch.setattr(functional, "check_lora_linear_args", lambda *args: checks.append(1) or real_check(*args))
+    got = rk.lora_linear(x, weight, lora_a, lora_b, 1.0, bias, 0.0, 3)
+    assert checks == [], "a planned call ran the argument checks"
+    assert torch.equal(got, want)
+
+    refused = {
+        "scale": (dict(scale=True), TypeError),  # the key must not take True for 1.0
+        "dropout_p": (dict(dropout_p=False), TypeError),
+        "seed": (dict(seed="3"), TypeError),
+        "lora_b": (dict(lora_b=lora_b.double()), TypeError),
+        "bias": (dict(bias=bias[:-1]), ValueError),
+        "weight": (dict(weight=weight.tolist()), TypeError),
+        "x": (dict(x=x.to("meta")), ValueError),
+    }
+    good = dict(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, scale=1.0, bias=bias, dropout_p=0.0, seed=3)
+    for name, (change, error) in refused.items():
+        with pytest.raises(error, match=name):
+            rk.lora_linear(**{**good, **change})
+    assert len(checks) == len(refused) - 1  # the bad seed is refused before the checks of the tensors

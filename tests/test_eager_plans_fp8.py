@@ -45,12 +45,12 @@ def _first_and_planned_call(monkeypatch, dropout_p, bias, need_x, break_plan=Non
     """The op's first call of a key and its second (planned) one, the unplanned passes made to fail for the second;
     `break_plan(inputs, frozen)` may spoil the plans in between. Checks both against the reference and each other."""
     monkeypatch.setattr(passes_fp8, "_forward_plans", {})
-    monkeypatch.setattr(passes_fp8, "_backward_plans", {})
     inputs = make_inputs((M,), K, N, R, torch.float32, bias=bias)
     frozen = rk.quantize_fp8_weight(inputs["weight"])
     grad_out = grad_output(inputs, N)
     first = _fwd_bwd(rk.lora_linear_fp8, frozen, inputs, dropout_p, grad_out, need_x)
-    assert len(passes_fp8._forward_plans) == len(passes_fp8._backward_plans) == 1, "the first call planned nothing"
+    (plan,) = passes_fp8._forward_plans.values()  # the backward's plans are kept by its forward's
+    assert len(plan.backward_plans) == 1, "the first call planned nothing"
     if break_plan is not None:
         break_plan(inputs, frozen)
 
@@ -83,13 +83,15 @@ def test_a_broken_plan_is_caught(triton_backend, engine, monkeypatch):
     # The backward's plan rebuilt for twice the LoRA scale, under the key of the true one: its gradient launches
     # compute dS, dA and dB twice too large, which the reference and the first call must both catch.
     def break_plan(inputs, frozen):
-        (key, plan), = passes_fp8._backward_plans.items()
+        (forward_plan,) = passes_fp8._forward_plans.values()
+        backward_plans = forward_plan.backward_plans
+        (key, plan), = backward_plans.items()
         grad_y = torch.empty(M, N)  # as autograd hands it: contiguous
         shrunk = torch.empty(M, R)
-        passes_fp8._backward_plans[key] = passes_fp8._backward_plan(
+        backward_plans[key] = passes_fp8._backward_plan(
             grad_y, inputs["x"], frozen.q_t, frozen.scale_t, inputs["lora_a"], inputs["lora_b"], shrunk, 2 * SCALE,
             0.0, True, True, False)
-        assert passes_fp8._backward_plans[key].cublas == plan.cublas
+        assert backward_plans[key].cublas == plan.cublas
 
     with pytest.raises(AssertionError, match="dlora_a|dlora_b|dx"):
         _first_and_planned_call(monkeypatch, 0.0, True, True, break_plan)

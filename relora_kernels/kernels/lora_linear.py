@@ -751,16 +751,22 @@ def _launch_fused_matmul(launch, lhs, rhs, low, up, bias, out, dropout_p, seed) 
     launch((lhs, rhs, low, up, lhs if bias is None else bias, out, seed if dropout_p > 0.0 else lhs, lhs, lhs))
 
 
-def forward_matmul_planned(x: torch.Tensor, weight: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
-                           bias: torch.Tensor | None, launch) -> torch.Tensor:
-    """y = x @ W.T + bias + s * S @ B.T, (M, N), by `launch`: a plan's fused_matmul_launch(x, weight.T, shrunk,
-    lora_b.T, s, bias, 0.0, tile) for these operands' key (M, N > 0). W and B are handed to it untransposed: a
-    launch reads only an operand's address, which is its transpose's, and holds the transposes' strides; so the call
-    makes no view of either (a view costs ~4-5 us of host time in a training step's call, as much as an
-    allocation)."""
-    out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
-    _launch_fused_matmul(launch, x, weight, shrunk, lora_b, bias, out, 0.0, None)
-    return out
+def forward_planned(shrink, gemm, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    bias: torch.Tensor | None, dropout_p: float,
+                    seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, S) of the Triton engine's forward by a plan's two launches, for these operands' key (M, N > 0): `shrink`,
+    shrink_launch(x, lora_a, dropout_p), then `gemm`, fused_matmul_launch(x, weight.T, S, lora_b.T, s, bias, 0.0,
+    tile). The planned call's whole forward in one function: its two allocations and two launches, nothing else
+    (each helper call between costs the host ~1-3 us of a training step's call). W and B are handed to the GEMM
+    untransposed: a launch reads only an operand's address, which is its transpose's, and holds the transposes'
+    strides; so the call makes no view of either (a view costs ~4-5 us, as much as an allocation)."""
+    M = x.shape[0]
+    shrunk = torch.empty((M, lora_a.shape[0]), device=x.device, dtype=x.dtype)
+    out = torch.empty((M, weight.shape[0]), device=x.device, dtype=x.dtype)
+    # The pointer orders of _shrink and _launch_fused_matmul, placeholders as there (see launch.dropout_args).
+    shrink((x, lora_a, shrunk, seed if dropout_p > 0.0 else x, x, x, x, x, x))
+    gemm((x, weight, shrunk, lora_b, x if bias is None else bias, out, x, x, x))
+    return out, shrunk
 
 
 # Triton's float8e4nv (e4m3fn), in tl.dot and in casts, needs compute capability 8.9 or later (FP8 tensor cores).
@@ -840,7 +846,7 @@ def _launch_fused_matmul_fp8(launch, lhs_q, lhs_scale, rhs_q, rhs_scale, low, up
 def forward_matmul_fp8_planned(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
                                weight_scale: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
                                bias: torch.Tensor | None, launch) -> torch.Tensor:
-    """forward_matmul_planned's FP8 twin: y = deq(xq) @ deq(wq).T + bias + s * S @ B.T, (M, N) in S's dtype, by a
+    """forward_planned's fused GEMM in FP8: y = deq(xq) @ deq(wq).T + bias + s * S @ B.T, (M, N) in S's dtype, by a
     plan's fused_matmul_fp8_launch(xq, sx, wq.T, sw, S, B.T, s, bias, 0.0, tile, S's dtype) for these operands' key,
     handed W's copy and B untransposed (their addresses are their transposes'): no view of either per call."""
     out = torch.empty((x_q.shape[0], weight_q.shape[0]), device=x_q.device, dtype=shrunk.dtype)

@@ -130,11 +130,16 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, l
 
 
 class ForwardPlan(NamedTuple):
-    """A forward pass's plan; passes_fp8.py's plans are of the same form (with its FP8 launches)."""
+    """A forward pass's plan; passes_fp8.py's plans are of the same form (with its FP8 launches). One whose shrink is
+    None runs the pass in full on every call (UNPLANNED_FORWARD: an empty input, or a Hopper tile, granted per
+    call); it still keeps its backward's plans."""
     cublas: bool  # the frozen GEMM on cuBLAS
     shrink: object  # lora_linear.shrink_launch (with the expand of the cuBLAS-composed engine)
     gemm: object  # lora_linear.fused_matmul_launch on the Triton engine, else None
     tile: policy.GemmTile | None
+    # The plans of this forward's backward, by what only the backward knows (eager_backward's key): the forward's
+    # own key is not rebuilt and hashed again by every backward.
+    backward_plans: dict | None = None
     aligned: ForwardPlan | None = None  # the same plan with each launch's AlignedLaunch (with_aligned_twin)
 
 
@@ -151,7 +156,8 @@ def with_aligned_twin(make_plan):
     """A plan maker whose ForwardPlan or BackwardPlan comes with its twin for calls whose inputs are all 16-byte
     aligned (the common case, tested once per call by launch.all_aligned): the same launches, each as its
     AlignedLaunch, which skips working out each pointer's specialisation. What the pass allocates is aligned, and
-    the plan's key fixes every operand's dtype (x's; the checks of functional.py give every input x's dtype)."""
+    the plan's key fixes every operand's dtype (x's; the checks of functional.py give every input x's dtype). A
+    ForwardPlan's twin shares its backward plans."""
 
     @functools.wraps(make_plan)
     def make(*args):
@@ -159,6 +165,9 @@ def with_aligned_twin(make_plan):
         if plan is None or plan is UNPLANNED:
             return plan
         if isinstance(plan, ForwardPlan):
+            if plan.shrink is None:  # UNPLANNED_FORWARD: nothing to launch
+                return plan._replace(backward_plans={})
+            plan = plan._replace(backward_plans={})
             twin = plan._replace(shrink=plan.shrink.aligned, gemm=plan.gemm and plan.gemm.aligned)
         else:
             layout, grad_b, grad_a, quantize = plan.grad_ab
@@ -169,23 +178,47 @@ def with_aligned_twin(make_plan):
     return make
 
 
-# A key whose pass is never planned (an empty input; a Hopper tile, asked per call): the pass runs as above.
+# A key whose pass is never planned (an empty input; a Hopper tile, asked per call): the pass runs as above. A forward
+# key is given UNPLANNED_FORWARD, a ForwardPlan that launches nothing itself but keeps its backward's plans.
 UNPLANNED = "unplanned"
-_forward_plans: dict[tuple, ForwardPlan | str] = {}
-_backward_plans: dict[tuple, BackwardPlan | str] = {}
+UNPLANNED_FORWARD = ForwardPlan(False, None, None, None)
+_forward_plans: dict[tuple, ForwardPlan] = {}
+
+
+def forward_key(x, weight, lora_a, lora_b, bias, scale: float, dropout_p: float) -> tuple:
+    """The key of an eager forward call's plan: every operand's type, shape, strides, dtype and device (x as the
+    caller gave it, before any flattening), the scalars, and the choices in force (matmul precision, settings, the
+    table). Everything functional.py's argument checks and backend choice read is in it, so a key that has a plan
+    belongs to calls those checks passed: functional.py's eager path looks the plan up first and skips them."""
+    return (type(x), x.shape, x.stride(), x.dtype, x.device,
+            type(weight), weight.shape, weight.stride(), weight.dtype, weight.device,
+            type(lora_a), lora_a.shape, lora_a.stride(), lora_a.dtype, lora_a.device,
+            type(lora_b), lora_b.shape, lora_b.stride(), lora_b.dtype, lora_b.device,
+            None if bias is None else (type(bias), bias.shape, bias.stride(), bias.dtype, bias.device),
+            scale, dropout_p, dot_precision(x.dtype), *policy.choices_generation())
+
+
+def planned_forward(key: tuple) -> ForwardPlan | None:
+    """The plan of `key` if it launches by itself, else None (functional.py's look-up before its checks)."""
+    return launching(_forward_plans.get(key))
+
+
+def launching(plan: ForwardPlan | None) -> ForwardPlan | None:
+    """`plan` if it launches by itself (not UNPLANNED_FORWARD's kind), else None."""
+    return plan if plan is not None and plan.shrink is not None else None
 
 
 @with_aligned_twin
 def _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p, shrunk):
     M = x.shape[0]
     if M == 0 or weight.shape[0] == 0:
-        return UNPLANNED
+        return UNPLANNED_FORWARD
     gemm = _forward_gemm(x, weight, lora_a.shape[0], bias)
     if policy.choose_engine(gemm) == "cublas":
         return ForwardPlan(True, lora_linear.shrink_launch(x, lora_a, dropout_p, (lora_b, scale, bias)), None, None)
     tile = policy.settled_tile(gemm)
     if tile is None:
-        return UNPLANNED if _hopper_tile_possible(gemm) else None
+        return UNPLANNED_FORWARD if _hopper_tile_possible(gemm) else None
     return ForwardPlan(False, lora_linear.shrink_launch(x, lora_a, dropout_p),
                        lora_linear.fused_matmul_launch(x, weight.T, shrunk, lora_b.T, scale, bias, 0.0, tile), tile)
 
@@ -220,10 +253,11 @@ def _hopper_tile_possible(gemm: policy.GemmLaunch) -> bool:
 
 
 def unplanned_call(plans: dict, key: tuple, plan, full_pass, args: tuple, make_plan):
-    """A call of a key that has no plan to run (`plan` None: not yet made; UNPLANNED: never made): `full_pass(*args)`
-    without tracing's wrapper, then, where `plan` is None, `make_plan(result)` kept as the key's plan, unless it too is
-    None (a choice not yet settled, such as a tuning still to finish: asked again next call). The eager passes of
-    this module and of passes_fp8.py share it: a planned call is served from `plans[key]` by its caller."""
+    """A call of a key that has no plan to run (`plan` None: not yet made; UNPLANNED or UNPLANNED_FORWARD: never
+    made): `full_pass(*args)` without tracing's wrapper, then, where `plan` is None, `make_plan(result)` kept as the
+    key's plan, unless it too is None (a choice not yet settled, such as a tuning still to finish: asked again next
+    call). The eager passes of this module and of passes_fp8.py share it: a planned call is served from `plans[key]`
+    by its caller."""
     with set_wrap_triton_enabled(False):
         result = full_pass(*args)
         if plan is None:
@@ -233,46 +267,58 @@ def unplanned_call(plans: dict, key: tuple, plan, full_pass, args: tuple, make_p
     return result
 
 
+def full_pass(pass_, args: tuple):
+    """`pass_(*args)` without tracing's wrapper and without a plan: the backward of a forward that has none (a choice
+    not yet settled when it ran)."""
+    with set_wrap_triton_enabled(False):
+        return pass_(*args)
+
+
 @on_tensors_device
 def eager_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                  bias: torch.Tensor | None, dropout_p: float,
-                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """lora_forward, for calls outside tracing (functional.py's eager path), through its key's plan. Returns (y, S,
-    the key), the key for the backward of the same call (eager_backward's `forward_key`)."""
-    key = (x.shape, x.stride(), weight.stride(), lora_a.shape, lora_a.stride(), lora_b.shape, lora_b.stride(),
-           None if bias is None else bias.stride(), x.dtype, x.device, scale, dropout_p, dot_precision(x.dtype),
-           *policy.choices_generation())
-    plan = _forward_plans.get(key)
-    if plan is None or plan is UNPLANNED:
-        return (*unplanned_call(_forward_plans, key, plan, lora_forward, (x, weight, lora_a, lora_b, scale, bias,
-                                                                          dropout_p, seed),
-                                lambda y_shrunk: _forward_plan(x, weight, lora_a, lora_b, scale, bias, dropout_p,
-                                                               y_shrunk[1])), key)
-    if all_aligned(x, weight, lora_a, lora_b, bias, seed):
-        plan = plan.aligned
-    if plan.cublas:
-        shrunk, y, _, _ = lora_linear._shrink(x, lora_a, dropout_p, seed, (lora_b, scale, bias), launch=plan.shrink)
-        return y.addmm_(x, weight.T), shrunk, key
-    shrunk = lora_linear._shrink(x, lora_a, dropout_p, seed, launch=plan.shrink)[0]
-    return lora_linear.forward_matmul_planned(x, weight, shrunk, lora_b, bias, plan.gemm), shrunk, key
+                  bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None, key: tuple,
+                  plan: ForwardPlan | None = None) -> tuple[torch.Tensor, torch.Tensor, ForwardPlan | None]:
+    """lora_forward, for calls outside tracing (functional.py's eager path), through the plan of `key` (forward_key
+    of the call's operands as the caller gave them, x before any flattening): `plan`, where the caller has looked it
+    up (planned_forward), else found here. Returns (y, S, the key's plan), the plan, which holds its backward's, for
+    the backward of the same call (eager_backward's `forward_plan`); None where the key has no plan yet."""
+    if plan is None:
+        plan = _forward_plans.get(key)
+        if plan is None or plan.shrink is None:
+            y, shrunk = unplanned_call(_forward_plans, key, plan, lora_forward, (
+                x, weight, lora_a, lora_b, scale, bias, dropout_p, seed), lambda y_shrunk: _forward_plan(
+                    x, weight, lora_a, lora_b, scale, bias, dropout_p, y_shrunk[1]))
+            return y, shrunk, _forward_plans.get(key)
+    launches = plan.aligned if all_aligned(x, weight, lora_a, lora_b, bias, seed) else plan
+    if launches.cublas:
+        shrunk, y, _, _ = lora_linear._shrink(x, lora_a, dropout_p, seed, (lora_b, scale, bias),
+                                              launch=launches.shrink)
+        return y.addmm_(x, weight.T), shrunk, plan
+    return (*lora_linear.forward_planned(launches.shrink, launches.gemm, x, weight, lora_a, lora_b, bias, dropout_p,
+                                         seed), plan)
 
 
 @on_tensors_device
 def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                    lora_b: torch.Tensor, shrunk: torch.Tensor, scale: float, dropout_p: float,
                    seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool, deterministic: bool,
-                   forward_key: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lora_backward, for calls outside tracing (functional.py's eager path), through its key's plan: `forward_key`,
-    the key eager_forward returned for x, weight, lora_a, lora_b (the same tensors, saved) and S (its own), and what
-    only the backward knows."""
-    key = (forward_key, grad_y.stride(), grad_y.dtype, need_input_grad, need_bias_grad, deterministic,
-           dot_precision(x.dtype), *policy.choices_generation())
-    plan = _backward_plans.get(key)
+                   forward_plan: ForwardPlan | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lora_backward, for calls outside tracing (functional.py's eager path), through its plan among `forward_plan`'s
+    backward plans: forward_plan is what eager_forward returned for x, weight, lora_a, lora_b (the same tensors,
+    saved) and S (its own), which fixes their layout; the key adds what only the backward knows. Without a forward
+    plan the pass runs in full."""
+    args = (grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_input_grad, need_bias_grad,
+            deterministic)
+    if forward_plan is None:
+        return full_pass(lora_backward, args)
+    plans = forward_plan.backward_plans
+    key = (grad_y.stride(), grad_y.dtype, need_input_grad, need_bias_grad, deterministic, dot_precision(x.dtype),
+           *policy.choices_generation())
+    plan = plans.get(key)
     if plan is None or plan is UNPLANNED:
-        return unplanned_call(_backward_plans, key, plan, lora_backward, (
-            grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_input_grad, need_bias_grad,
-            deterministic), lambda _: _backward_plan(grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p,
-                                                     need_input_grad, need_bias_grad, deterministic))
+        return unplanned_call(plans, key, plan, lora_backward, args, lambda _: _backward_plan(
+            grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad, need_bias_grad,
+            deterministic))
     if all_aligned(grad_y, x, weight, lora_a, lora_b, seed):  # shrunk is the forward's own allocation
         plan = plan.aligned
     if plan.cublas:

@@ -30,7 +30,16 @@ import torch
 from .. import reference
 from . import lora_linear, policy
 from .launch import all_aligned, dot_precision, on_tensors_device
-from .passes import UNPLANNED, BackwardPlan, ForwardPlan, unplanned_call, with_aligned_twin
+from .passes import (
+    UNPLANNED,
+    UNPLANNED_FORWARD,
+    BackwardPlan,
+    ForwardPlan,
+    full_pass,
+    launching,
+    unplanned_call,
+    with_aligned_twin,
+)
 
 
 def scaled_mm(lhs_q: torch.Tensor, lhs_scale: torch.Tensor, rhs_q: torch.Tensor, rhs_scale: torch.Tensor,
@@ -150,15 +159,34 @@ def lora_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.T
 # (fused_matmul_fp8_launch), `grad_ab` quantising dy where dx is wanted.
 
 
-_forward_plans: dict[tuple, ForwardPlan | str] = {}
-_backward_plans: dict[tuple, BackwardPlan | str] = {}
+_forward_plans: dict[tuple, ForwardPlan] = {}
+
+
+def forward_key(x, frozen, lora_a, lora_b, bias, scale: float, dropout_p: float) -> tuple:
+    """passes.forward_key of the FP8 op: the frozen weight's copies (an FP8Weight) in place of W, each tensor's
+    type, shape, strides, dtype and device. Everything functional.py's checks of the FP8 op read is in it (the
+    device's FP8 support and torch._scaled_mm's with it), so a key that has a plan belongs to calls they passed."""
+    q, q_scale, q_t, q_t_scale = frozen
+    return (type(x), x.shape, x.stride(), x.dtype, x.device, type(frozen),
+            type(q), q.shape, q.stride(), q.dtype, q.device, type(q_scale), q_scale.shape, q_scale.stride(),
+            q_scale.dtype, q_scale.device, type(q_t), q_t.shape, q_t.stride(), q_t.dtype, q_t.device,
+            type(q_t_scale), q_t_scale.shape, q_t_scale.stride(), q_t_scale.dtype, q_t_scale.device,
+            type(lora_a), lora_a.shape, lora_a.stride(), lora_a.dtype, lora_a.device,
+            type(lora_b), lora_b.shape, lora_b.stride(), lora_b.dtype, lora_b.device,
+            None if bias is None else (type(bias), bias.shape, bias.stride(), bias.dtype, bias.device),
+            scale, dropout_p, dot_precision(x.dtype), *policy.choices_generation())
+
+
+def planned_forward(key: tuple) -> ForwardPlan | None:
+    """The plan of `key` if it launches by itself, else None (functional.py's look-up before its checks)."""
+    return launching(_forward_plans.get(key))
 
 
 @with_aligned_twin
 def _forward_plan(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, shrunk):
     (M, K), N = x.shape, weight_q.shape[0]
     if M == 0 or N == 0:
-        return UNPLANNED
+        return UNPLANNED_FORWARD
     shrink = lora_linear.shrink_launch(x, lora_a, dropout_p, quantize=True)
     if fp8_engine(K) == "cublas":
         return ForwardPlan(True, shrink, None, None)
@@ -198,46 +226,50 @@ def _backward_plan(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk
 @on_tensors_device
 def eager_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, lora_a: torch.Tensor,
                       lora_b: torch.Tensor, scale: float, bias: torch.Tensor | None, dropout_p: float,
-                      seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """lora_forward_fp8, for calls outside tracing (functional.py's eager path), through its key's plan. Returns (y,
-    S, the key), the key for the backward of the same call (eager_backward_fp8's `forward_key`)."""
-    key = (x.shape, x.stride(), weight_q.stride(), weight_scale.stride(), lora_a.shape,
-           lora_a.stride(), lora_b.shape, lora_b.stride(), None if bias is None else bias.stride(), x.dtype, x.device,
-           scale, dropout_p, dot_precision(x.dtype), *policy.choices_generation())
-    plan = _forward_plans.get(key)
-    if plan is None or plan is UNPLANNED:
-        return (*unplanned_call(_forward_plans, key, plan, lora_forward_fp8, (
-            x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, seed),
-            lambda y_shrunk: _forward_plan(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p,
-                                           y_shrunk[1])), key)
-    if all_aligned(x, weight_q, weight_scale, lora_a, lora_b, bias, seed):
-        plan = plan.aligned
-    shrunk, _, x_q, x_scale = lora_linear._shrink(x, lora_a, dropout_p, seed, quantize=True, launch=plan.shrink)
-    if plan.cublas:
+                      seed: torch.Tensor | None, key: tuple,
+                      plan: ForwardPlan | None = None) -> tuple[torch.Tensor, torch.Tensor, ForwardPlan | None]:
+    """lora_forward_fp8, for calls outside tracing (functional.py's eager path), through the plan of `key`
+    (forward_key of the call's operands as the caller gave them), as passes.eager_forward: `plan` where the caller
+    has looked it up. Returns (y, S, the key's plan or None), the plan for eager_backward_fp8's `forward_plan`."""
+    if plan is None:
+        plan = _forward_plans.get(key)
+        if plan is None or plan.shrink is None:
+            y, shrunk = unplanned_call(_forward_plans, key, plan, lora_forward_fp8, (
+                x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, seed),
+                lambda y_shrunk: _forward_plan(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p,
+                                               y_shrunk[1]))
+            return y, shrunk, _forward_plans.get(key)
+    launches = plan.aligned if all_aligned(x, weight_q, weight_scale, lora_a, lora_b, bias, seed) else plan
+    shrunk, _, x_q, x_scale = lora_linear._shrink(x, lora_a, dropout_p, seed, quantize=True, launch=launches.shrink)
+    if launches.cublas:
         y = scaled_mm(x_q, x_scale, weight_q, weight_scale, x.dtype)
-        return _add_low_rank_(y, shrunk, lora_b.T * scale, bias), shrunk, key
+        return _add_low_rank_(y, shrunk, lora_b.T * scale, bias), shrunk, plan
     return lora_linear.forward_matmul_fp8_planned(x_q, x_scale, weight_q, weight_scale, shrunk, lora_b, bias,
-                                                  plan.gemm), shrunk, key
+                                                  launches.gemm), shrunk, plan
 
 
 @on_tensors_device
 def eager_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.Tensor, weight_t_scale: torch.Tensor,
                        lora_a: torch.Tensor, lora_b: torch.Tensor, shrunk: torch.Tensor, scale: float,
                        dropout_p: float, seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool,
-                       deterministic: bool, forward_key: tuple
+                       deterministic: bool, forward_plan: ForwardPlan | None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lora_backward_fp8, for calls outside tracing (functional.py's eager path), through its key's plan:
-    `forward_key`, the key eager_forward_fp8 returned for x, lora_a, lora_b (the same tensors, saved) and S (its
-    own), and what only the backward knows, W.T's copy among it."""
-    key = (forward_key, grad_y.stride(), grad_y.dtype, weight_t_q.stride(), weight_t_scale.stride(), need_input_grad,
+    """lora_backward_fp8, for calls outside tracing (functional.py's eager path), through its plan among
+    `forward_plan`'s backward plans, as passes.eager_backward: forward_plan is what eager_forward_fp8 returned for
+    x, lora_a, lora_b (the same tensors, saved) and S (its own); the key adds what only the backward knows, W.T's
+    copy among it. Without a forward plan the pass runs in full."""
+    args = (grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_input_grad,
+            need_bias_grad, deterministic)
+    if forward_plan is None:
+        return full_pass(lora_backward_fp8, args)
+    plans = forward_plan.backward_plans
+    key = (grad_y.stride(), grad_y.dtype, weight_t_q.stride(), weight_t_scale.stride(), need_input_grad,
            need_bias_grad, deterministic, dot_precision(x.dtype), *policy.choices_generation())
-    plan = _backward_plans.get(key)
+    plan = plans.get(key)
     if plan is None or plan is UNPLANNED:
-        return unplanned_call(_backward_plans, key, plan, lora_backward_fp8, (
-            grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_input_grad,
-            need_bias_grad, deterministic), lambda _: _backward_plan(
-                grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad,
-                need_bias_grad, deterministic))
+        return unplanned_call(plans, key, plan, lora_backward_fp8, args, lambda _: _backward_plan(
+            grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad,
+            need_bias_grad, deterministic))
     if all_aligned(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, seed):  # shrunk: the forward's own
         plan = plan.aligned
     if not need_input_grad:

@@ -244,8 +244,9 @@ def _planned_call(passes, x, *args) -> tuple | None:
     read, so the checks passed on a call of that key when the plan was made, and would pass again. Else None: no
     kernels loaded yet, scalars that are not floats (the checks convert them), autocast (which casts first),
     tracing or a functorch transform (the ops' path), or anything the key cannot be made of (the checks name it)."""
-    if (passes is None or type(args[-1]) is not float or type(args[-2]) is not float or _any_autocast_enabled()
-            or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+    # Compiling first: torch.compile reads it as a constant and traces nothing else here.
+    if (torch.compiler.is_compiling() or passes is None or type(args[-1]) is not float or type(args[-2]) is not float
+            or _any_autocast_enabled() or torch._C._are_functorch_transforms_active()):
         return None
     try:
         key = passes.forward_key(x, *args)

@@ -52,13 +52,19 @@ def on_tensors_device(launcher):
 
     @functools.wraps(launcher)
     def launch(first: torch.Tensor, *args, **kwargs):
-        device = first.device
-        if device.type != "cuda" or device.index == torch.cuda.current_device():
+        if not off_current_device(first):
             return launcher(first, *args, **kwargs)
-        with torch.cuda.device(device):
+        with torch.cuda.device(first.device):
             return launcher(first, *args, **kwargs)
 
     return launch
+
+
+def off_current_device(t: torch.Tensor) -> bool:
+    """Whether `t` is on a CUDA device other than the current one, where a launch would go: on_tensors_device's test,
+    which the eager passes (kernels/passes.py) make themselves rather than pay a wrapper's call on every call."""
+    device = t.device
+    return device.type == "cuda" and device.index != torch.cuda.current_device()
 
 
 # torch.backends.cuda.matmul.fp32_precision's own getter (torch >= 2.9), called directly: the attribute goes through

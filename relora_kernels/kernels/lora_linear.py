@@ -769,6 +769,16 @@ def forward_planned(shrink, gemm, x: torch.Tensor, weight: torch.Tensor, lora_a:
     return out, shrunk
 
 
+def input_grad_planned(gemm, grad_y: torch.Tensor, weight: torch.Tensor, grad_shrunk: torch.Tensor,
+                       lora_a: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """dx = dy @ W + mask(dS @ A) / (1-p), (M, K), by a plan's `gemm`, fused_matmul_launch(dy, weight, dS, lora_a,
+    1 / (1-p), None, dropout_p, tile), for these operands' key (M, K > 0): fused_matmul's allocation and launch
+    without its generic arguments (the planned backward's dx)."""
+    out = torch.empty((grad_y.shape[0], weight.shape[1]), device=grad_y.device, dtype=grad_y.dtype)
+    _launch_fused_matmul(gemm, grad_y, weight, grad_shrunk, lora_a, None, out, dropout_p, seed)
+    return out
+
+
 # Triton's float8e4nv (e4m3fn), in tl.dot and in casts, needs compute capability 8.9 or later (FP8 tensor cores).
 FP8_MIN_ARCH = 89
 

@@ -22,7 +22,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake  # also sees through AOT tracing's functional tensors
 
 from . import fused_gemm_tma, lora_linear, policy
-from .launch import all_aligned, dot_precision, on_tensors_device, remember, static_ints
+from .launch import all_aligned, dot_precision, off_current_device, on_tensors_device, remember, static_ints
 
 
 def _is_fake(*tensors: torch.Tensor) -> bool:
@@ -274,14 +274,17 @@ def full_pass(pass_, args: tuple):
         return pass_(*args)
 
 
-@on_tensors_device
 def eager_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                   bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None, key: tuple,
                   plan: ForwardPlan | None = None) -> tuple[torch.Tensor, torch.Tensor, ForwardPlan | None]:
     """lora_forward, for calls outside tracing (functional.py's eager path), through the plan of `key` (forward_key
     of the call's operands as the caller gave them, x before any flattening): `plan`, where the caller has looked it
     up (planned_forward), else found here. Returns (y, S, the key's plan), the plan, which holds its backward's, for
-    the backward of the same call (eager_backward's `forward_plan`); None where the key has no plan yet."""
+    the backward of the same call (eager_backward's `forward_plan`); None where the key has no plan yet. On x's
+    device, as on_tensors_device would run it."""
+    if off_current_device(x):
+        with torch.cuda.device(x.device):
+            return eager_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, key, plan)
     if plan is None:
         plan = _forward_plans.get(key)
         if plan is None or plan.shrink is None:
@@ -298,7 +301,6 @@ def eager_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
                                          seed), plan)
 
 
-@on_tensors_device
 def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                    lora_b: torch.Tensor, shrunk: torch.Tensor, scale: float, dropout_p: float,
                    seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool, deterministic: bool,
@@ -306,9 +308,12 @@ def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     """lora_backward, for calls outside tracing (functional.py's eager path), through its plan among `forward_plan`'s
     backward plans: forward_plan is what eager_forward returned for x, weight, lora_a, lora_b (the same tensors,
     saved) and S (its own), which fixes their layout; the key adds what only the backward knows. Without a forward
-    plan the pass runs in full."""
+    plan the pass runs in full. On dy's device, as on_tensors_device would run it."""
     args = (grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_input_grad, need_bias_grad,
             deterministic)
+    if off_current_device(grad_y):
+        with torch.cuda.device(grad_y.device):
+            return eager_backward(*args, forward_plan)
     if forward_plan is None:
         return full_pass(lora_backward, args)
     plans = forward_plan.backward_plans
@@ -329,8 +334,7 @@ def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     grad_a, grad_b, grad_shrunk, grad_bias, _, _ = lora_linear._grad_ab(
         grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic, launches=plan.grad_ab)
     if need_input_grad:
-        grad_x = lora_linear.fused_matmul(grad_y, weight, grad_shrunk, lora_a, 1.0 / (1.0 - dropout_p), None,
-                                          dropout_p, seed, tile=plan.tile, launch=plan.gemm)
+        grad_x = lora_linear.input_grad_planned(plan.gemm, grad_y, weight, grad_shrunk, lora_a, dropout_p, seed)
     else:
         grad_x = x.new_empty((0, x.shape[1]))
     return grad_x, grad_a, grad_b, grad_bias

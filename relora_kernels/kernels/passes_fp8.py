@@ -29,7 +29,7 @@ import torch
 
 from .. import reference
 from . import lora_linear, policy
-from .launch import all_aligned, dot_precision, on_tensors_device
+from .launch import all_aligned, dot_precision, off_current_device, on_tensors_device
 from .passes import (
     UNPLANNED,
     UNPLANNED_FORWARD,
@@ -223,14 +223,18 @@ def _backward_plan(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk
                                             1.0 / (1.0 - dropout_p), None, dropout_p, tile, x.dtype), tile)
 
 
-@on_tensors_device
 def eager_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, lora_a: torch.Tensor,
                       lora_b: torch.Tensor, scale: float, bias: torch.Tensor | None, dropout_p: float,
                       seed: torch.Tensor | None, key: tuple,
                       plan: ForwardPlan | None = None) -> tuple[torch.Tensor, torch.Tensor, ForwardPlan | None]:
     """lora_forward_fp8, for calls outside tracing (functional.py's eager path), through the plan of `key`
     (forward_key of the call's operands as the caller gave them), as passes.eager_forward: `plan` where the caller
-    has looked it up. Returns (y, S, the key's plan or None), the plan for eager_backward_fp8's `forward_plan`."""
+    has looked it up. Returns (y, S, the key's plan or None), the plan for eager_backward_fp8's `forward_plan`. On
+    x's device, as on_tensors_device would run it."""
+    if off_current_device(x):
+        with torch.cuda.device(x.device):
+            return eager_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p, seed, key,
+                                     plan)
     if plan is None:
         plan = _forward_plans.get(key)
         if plan is None or plan.shrink is None:
@@ -248,7 +252,6 @@ def eager_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: tor
                                                   launches.gemm), shrunk, plan
 
 
-@on_tensors_device
 def eager_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.Tensor, weight_t_scale: torch.Tensor,
                        lora_a: torch.Tensor, lora_b: torch.Tensor, shrunk: torch.Tensor, scale: float,
                        dropout_p: float, seed: torch.Tensor | None, need_input_grad: bool, need_bias_grad: bool,
@@ -257,9 +260,12 @@ def eager_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.
     """lora_backward_fp8, for calls outside tracing (functional.py's eager path), through its plan among
     `forward_plan`'s backward plans, as passes.eager_backward: forward_plan is what eager_forward_fp8 returned for
     x, lora_a, lora_b (the same tensors, saved) and S (its own); the key adds what only the backward knows, W.T's
-    copy among it. Without a forward plan the pass runs in full."""
+    copy among it. Without a forward plan the pass runs in full. On dy's device, as on_tensors_device would run it."""
     args = (grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_input_grad,
             need_bias_grad, deterministic)
+    if off_current_device(grad_y):
+        with torch.cuda.device(grad_y.device):
+            return eager_backward_fp8(*args, forward_plan)
     if forward_plan is None:
         return full_pass(lora_backward_fp8, args)
     plans = forward_plan.backward_plans

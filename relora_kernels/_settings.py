@@ -10,7 +10,8 @@ naming the variable. After that, `relora_kernels.settings(...)` changes them for
 good). The settings are one immutable object replaced as a whole, so a reader on any thread (autograd runs the
 backward on its own) sees one consistent set; a change applies to the whole process, since the backward of a
 forward run inside the block may run on another thread. The launch plans the kernels cache are keyed by the
-settings' generation, so a change reaches the next call.
+settings' generation, the number of the settings' values, so a change reaches the next call, and a block that
+changes them and restores them (a benchmark's rounds, an evaluation under other settings) finds its plans again.
 """
 
 from __future__ import annotations
@@ -80,8 +81,17 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> Settings:
 
 _lock = threading.Lock()
 _current = from_environment()
-# Bumped at every change: what launch-plan caches key on (an int compares in one step on the hot path).
+# The number of each settings value seen (Settings is a frozen dataclass: equal values, one entry), and the number
+# of those in force: what launch-plan caches key on (an int compares in one step on the hot path). A value keeps its
+# number, so restoring settings restores the plans made under them; there are at most a few dozen values.
+_generations: dict[Settings, int] = {_current: 0}
 generation = 0
+
+
+def _set(settings: Settings) -> None:
+    global _current, generation
+    _current = settings
+    generation = _generations.setdefault(settings, len(_generations))
 
 
 def current() -> Settings:
@@ -91,19 +101,15 @@ def current() -> Settings:
 
 def configure(**changes) -> Settings:
     """Change the settings for good (e.g. `configure(engine="cublas")`); returns the previous ones."""
-    global _current, generation
     with _lock:
         previous = _current
-        _current = dataclasses.replace(_current, **changes) if changes else _current
-        generation += 1
+        _set(dataclasses.replace(_current, **changes) if changes else _current)
     return previous
 
 
 def _restore(settings: Settings) -> None:
-    global _current, generation
     with _lock:
-        _current = settings
-        generation += 1
+        _set(settings)
 
 
 @contextlib.contextmanager

@@ -123,3 +123,30 @@ def test_a_planned_call_skips_the_checks_yet_refuses_what_they_refuse(triton_bac
         with pytest.raises(error, match=name):
             rk.lora_linear(**{**good, **change})
     assert len(checks) == len(refused) - 1  # the bad seed is refused before the checks of the tensors
+
+
+def test_settings_changed_and_restored_find_their_plans_again(triton_backend, monkeypatch):
+    """Plans are keyed by the settings' values (their generation is the number of those values): a block under other
+    settings plans its own calls, and after it the first settings' plan serves again, with nothing run in full."""
+    from relora_kernels import _settings
+
+    monkeypatch.setattr(passes, "_forward_plans", {})
+    inputs = make_inputs((M,), K, N, R, torch.float32)
+    rk.configure(engine="triton")
+    triton_generation = _settings.generation
+    _fwd_bwd(inputs, 0.0, seed=1)  # planned on the Triton engine
+    with rk.settings(engine="cublas"):
+        assert _settings.generation != triton_generation
+        _fwd_bwd(inputs, 0.0, seed=1)  # planned on the cuBLAS-composed engine
+    assert _settings.generation == triton_generation
+    assert sorted(plan.cublas for plan in passes._forward_plans.values()) == [False, True]
+
+    def unplanned(*args, **kwargs):
+        raise AssertionError("restored settings ran the passes in full: their plan was not found")
+
+    monkeypatch.setattr(passes, "lora_forward", unplanned)
+    monkeypatch.setattr(passes, "lora_backward", unplanned)
+    for _ in range(2):  # the Triton engine's plan again, and the cuBLAS-composed one's after a second toggle
+        _fwd_bwd(inputs, 0.0, seed=1)
+        with rk.settings(engine="cublas"):
+            _fwd_bwd(inputs, 0.0, seed=1)

@@ -6,7 +6,8 @@ Two engines compute the same op, with the same dropout masks, seeds and saved te
              the frozen GEMM onto it (torch's addmm with beta = 1): one more write and read of the output
 The engine setting (relora_kernels.settings: auto|triton|cublas; RELORA_KERNELS_ENGINE seeds it). auto takes the
 engine-and-tile table's entry for the launch (TUNED_TABLE, written by `python -m benchmarks.tune` on a GPU), else the
-analytic rule `predicted_engine`; the choice is cached per launch key and settings generation.
+analytic rule `predicted_engine`; the choice is cached per launch key and settings generation (the number of the
+settings' values: equal settings, equal choices).
 
 The Triton engine's GEMM tile: the table's, else the first fitting tile (the autotune setting off,
 RELORA_KERNELS_AUTOTUNE=0), else tuned once per launch key (the default). A key counts tokens by power-of-two

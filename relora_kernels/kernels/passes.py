@@ -22,7 +22,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake  # also sees through AOT tracing's functional tensors
 
 from . import fused_gemm_tma, lora_linear, policy
-from .launch import all_aligned, dot_precision, off_current_device, on_tensors_device, remember, static_ints
+from .launch import all_aligned, off_current_device, on_tensors_device, remember, static_ints
 
 
 def _is_fake(*tensors: torch.Tensor) -> bool:
@@ -195,17 +195,14 @@ def forward_key(x, weight, lora_a, lora_b, bias, scale: float, dropout_p: float)
             type(lora_a), lora_a.shape, lora_a.stride(), lora_a.dtype, lora_a.device,
             type(lora_b), lora_b.shape, lora_b.stride(), lora_b.dtype, lora_b.device,
             None if bias is None else (type(bias), bias.shape, bias.stride(), bias.dtype, bias.device),
-            scale, dropout_p, dot_precision(x.dtype), *policy.choices_generation())
+            scale, dropout_p, *policy.choices_generation(x.dtype))
 
 
 def planned_forward(key: tuple) -> ForwardPlan | None:
     """The plan of `key` if it launches by itself, else None (functional.py's look-up before its checks)."""
-    return launching(_forward_plans.get(key))
-
-
-def launching(plan: ForwardPlan | None) -> ForwardPlan | None:
-    """`plan` if it launches by itself (not UNPLANNED_FORWARD's kind), else None."""
+    plan = _forward_plans.get(key)
     return plan if plan is not None and plan.shrink is not None else None
+
 
 
 @with_aligned_twin
@@ -317,8 +314,8 @@ def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     if forward_plan is None:
         return full_pass(lora_backward, args)
     plans = forward_plan.backward_plans
-    key = (grad_y.stride(), grad_y.dtype, need_input_grad, need_bias_grad, deterministic, dot_precision(x.dtype),
-           *policy.choices_generation())
+    key = (grad_y.stride(), grad_y.dtype, need_input_grad, need_bias_grad, deterministic,
+           *policy.choices_generation(x.dtype))
     plan = plans.get(key)
     if plan is None or plan is UNPLANNED:
         return unplanned_call(plans, key, plan, lora_backward, args, lambda _: _backward_plan(

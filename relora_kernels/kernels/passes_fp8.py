@@ -29,14 +29,13 @@ import torch
 
 from .. import reference
 from . import lora_linear, policy
-from .launch import all_aligned, dot_precision, off_current_device, on_tensors_device
+from .launch import all_aligned, off_current_device, on_tensors_device
 from .passes import (
     UNPLANNED,
     UNPLANNED_FORWARD,
     BackwardPlan,
     ForwardPlan,
     full_pass,
-    launching,
     unplanned_call,
     with_aligned_twin,
 )
@@ -174,12 +173,13 @@ def forward_key(x, frozen, lora_a, lora_b, bias, scale: float, dropout_p: float)
             type(lora_a), lora_a.shape, lora_a.stride(), lora_a.dtype, lora_a.device,
             type(lora_b), lora_b.shape, lora_b.stride(), lora_b.dtype, lora_b.device,
             None if bias is None else (type(bias), bias.shape, bias.stride(), bias.dtype, bias.device),
-            scale, dropout_p, dot_precision(x.dtype), *policy.choices_generation())
+            scale, dropout_p, *policy.choices_generation(x.dtype))
 
 
 def planned_forward(key: tuple) -> ForwardPlan | None:
     """The plan of `key` if it launches by itself, else None (functional.py's look-up before its checks)."""
-    return launching(_forward_plans.get(key))
+    plan = _forward_plans.get(key)
+    return plan if plan is not None and plan.shrink is not None else None
 
 
 @with_aligned_twin
@@ -270,7 +270,7 @@ def eager_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.
         return full_pass(lora_backward_fp8, args)
     plans = forward_plan.backward_plans
     key = (grad_y.stride(), grad_y.dtype, weight_t_q.stride(), weight_t_scale.stride(), need_input_grad,
-           need_bias_grad, deterministic, dot_precision(x.dtype), *policy.choices_generation())
+           need_bias_grad, deterministic, *policy.choices_generation(x.dtype))
     plan = plans.get(key)
     if plan is None or plan is UNPLANNED:
         return unplanned_call(plans, key, plan, lora_backward_fp8, args, lambda _: _backward_plan(

@@ -51,7 +51,7 @@ import triton
 # module-level name here, which the kernel modules call as policy.interpreting() and tests may replace.
 from .. import _settings as settings
 from .._backend import interpreting
-from .launch import next_power_of_2, remember
+from .launch import dot_precision, next_power_of_2, remember
 
 ENGINES = ("triton", "cublas")
 ENGINE_SETTINGS = settings.ENGINES
@@ -501,10 +501,11 @@ def settled_tile(launch: GemmLaunch) -> GemmTile | None:
     return _tile_cache.get((launch, settings.generation, current_arch(), id(tuned_table()), shared_memory_limit()))
 
 
-def choices_generation() -> tuple:
-    """What the engine and tile choices depend on beyond a launch's own key: the settings' generation and the table
-    read. A plan made under other choices is not used (passes.py keys its plans with this)."""
-    return settings.generation, id(tuned_table()), bool(_forced_tiles)
+def choices_generation(dtype: torch.dtype) -> tuple:
+    """What a launch's plan depends on beyond its own key, for operands of `dtype`: the settings' generation, the
+    table read, a forced tile, and the dot's precision (launch.dot_precision: torch's fp32 matmul setting). A plan made
+    under other choices is not used (passes.py keys its plans with this), and one call makes the whole tuple."""
+    return settings.generation, id(tuned_table()), bool(_forced_tiles), dot_precision(dtype)
 
 
 def _choose_tile(launch, time_tile, tma_ok, timeable) -> tuple[GemmTile, bool]:

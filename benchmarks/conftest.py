@@ -6,6 +6,7 @@ performance numbers. Every test runs with the kernels forced (the fused provider
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,15 @@ HAS_CUDA = torch.cuda.is_available()
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def no_eager_plans(monkeypatch):
+    """Every test starts with no eager plans, as tests/conftest.py's fixture of that name says why."""
+    for name in ("relora_kernels.kernels.passes", "relora_kernels.kernels.passes_fp8"):
+        module = sys.modules.get(name)
+        if module is not None:
+            monkeypatch.setattr(module, "_forward_plans", {})
 
 
 @pytest.fixture(autouse=True)

@@ -57,6 +57,17 @@ def pytest_runtest_logfinish(nodeid, location):
 
 
 @pytest.fixture(autouse=True)
+def no_eager_plans(monkeypatch):
+    """Every test starts with no eager plans (kernels/passes.py, passes_fp8.py), so a key's first call in a test runs
+    its passes in full, as its first call in a process does: plans are keyed by the settings' values, so a plan made
+    by an earlier test under equal settings would otherwise serve it. A module not yet imported has none."""
+    for name in ("relora_kernels.kernels.passes", "relora_kernels.kernels.passes_fp8"):
+        module = sys.modules.get(name)
+        if module is not None:
+            monkeypatch.setattr(module, "_forward_plans", {})
+
+
+@pytest.fixture(autouse=True)
 def default_switches():
     """Every test starts from the package's default settings, whatever the process inherited (a user's exported
     RELORA_KERNELS_* variables), and whatever it changes (rk.configure) is undone after it."""

@@ -209,8 +209,8 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0.0, 
     if planned is not None:  # a call like one already checked and planned: straight to its plan
         if seed is not None:
             check_seed(seed)
-        return _lora_linear_eagerly(x, weight, lora_a, lora_b, bias, scale, dropout_p,
-                                    _dropout_seed(seed, dropout_p, x.device), *planned)
+        seed = None if dropout_p == 0.0 else _dropout_seed(seed, dropout_p, x.device)  # no call where it is None
+        return _lora_linear_eagerly(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, *planned)
 
     x, weight, lora_a, lora_b, bias = _autocast_inputs(x, weight, lora_a, lora_b, bias)
     check_lora_linear_args(x, weight, lora_a, lora_b, bias)
@@ -399,8 +399,8 @@ def lora_linear_fp8(x, frozen, lora_a, lora_b, scale=1.0, bias=None, dropout_p=0
     if planned is not None:  # a call like one already checked and planned: straight to its plan
         if seed is not None:
             check_seed(seed)
-        return _lora_linear_fp8_eagerly(x, frozen, lora_a, lora_b, bias, scale, dropout_p,
-                                        _dropout_seed(seed, dropout_p, x.device), *planned)
+        seed = None if dropout_p == 0.0 else _dropout_seed(seed, dropout_p, x.device)  # no call where it is None
+        return _lora_linear_fp8_eagerly(x, frozen, lora_a, lora_b, bias, scale, dropout_p, seed, *planned)
 
     x, lora_a, lora_b, bias = _autocast_inputs(x, lora_a, lora_b, bias)
     check_lora_linear_fp8_args(x, frozen, lora_a, lora_b, bias)

@@ -12,9 +12,9 @@ dtypes and 16-byte alignment on top of the key) goes through `kernel[grid]`, Tri
 needed; later ones call the compiled kernel's launcher directly, with the arguments in the order Triton passes them.
 So a changed stride, shape or alignment is a new key, which Triton then resolves itself. Working the
 specialisation out costs ~2.3 us per launch of 9 pointers; a caller that knows its pointers are all 16-byte aligned
-(a planned eager pass, which tests its inputs once: `all_aligned`) launches through the key's `AlignedLaunch`
-instead, which keeps that one specialisation's kernel: every site's key fixes the dtypes of the pointers its callers
-pass. Launch hooks (a profiler's) take Triton's own path, as do the interpreter and tracing
+(a planned eager pass, which tests its inputs once: `aligned_launches_apply`) launches through the key's
+`AlignedLaunch` instead, which keeps that one specialisation's kernel: every site's key fixes the dtypes of the
+pointers its callers pass. Launch hooks (a profiler's) take Triton's own path, as do the interpreter and tracing
 (`torch.library.wrap_triton`), where every launch is configured anew.
 
 Beside it, what every launcher of the kernel modules shares: `traceable` (how a kernel is launched, fixed at import),
@@ -72,19 +72,15 @@ def off_current_device(t: torch.Tensor) -> bool:
 _fp32_matmul_precision = getattr(torch._C, "_get_fp32_precision_getter", None)
 
 
-def _fp32_matmul_allows_tf32() -> bool:
-    """torch's own setting for fp32 matmuls. `fp32_precision` (torch >= 2.9) reflects the legacy `allow_tf32` and
-    `set_float32_matmul_precision` as well, whereas reading `allow_tf32` raises once the new API has been used."""
-    if _fp32_matmul_precision is None:
-        return torch.backends.cuda.matmul.allow_tf32
-    return _fp32_matmul_precision("cuda", "matmul") == "tf32"
-
-
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's own matmul setting (full fp32 unless TF32 was allowed); 16-bit ones ignore it."""
-    if dtype == torch.float32 and not _fp32_matmul_allows_tf32():
-        return "ieee"
-    return "tf32"
+    """fp32 inputs follow torch's own matmul setting (full fp32 unless TF32 was allowed); 16-bit ones ignore it.
+    `fp32_precision` (torch >= 2.9) reflects the legacy `allow_tf32` and `set_float32_matmul_precision` as well,
+    whereas reading `allow_tf32` raises once the new API has been used. Every plan key asks it: one frame."""
+    if dtype != torch.float32:
+        return "tf32"
+    if _fp32_matmul_precision is None:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if _fp32_matmul_precision("cuda", "matmul") == "tf32" else "ieee"
 
 
 def dropout_args(dropout_p: float, seed: torch.Tensor | None, fallback: torch.Tensor) -> dict:
@@ -150,12 +146,6 @@ class _Compiled:
         self.run, self.function, self.packed_metadata = compiled.run, compiled.function, compiled.packed_metadata
 
 
-def _hooked(hook) -> bool:
-    """Whether a launch hook is set: Triton's hooks are chains (empty unless a profiler adds to them), older ones
-    None or a function."""
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
 class BoundLaunch:
     """One key's launches from a site: its grid, the arguments after the pointers and the launch options, computed
     once, and the compiled kernel of each specialisation seen. Calling it with the pointers launches. The passes keep
@@ -205,17 +195,24 @@ def _specialisation(device, pointers: tuple) -> tuple:
 
 
 def _launch_hooked() -> bool:
-    return _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)
+    """Whether a launch hook is set, then every launch goes through Triton's own path, which calls it: Triton's hooks
+    are chains (triton >= 3.5: empty unless a profiler adds to them), older ones None or a function. Asked on every
+    planned launch, so in one frame."""
+    runtime = knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return ((enter is not None and bool(getattr(enter, "calls", True)))
+            or (leave is not None and bool(getattr(leave, "calls", True))))
 
 
-def all_aligned(*tensors: torch.Tensor | None) -> bool:
-    """Whether every tensor given (None skipped) starts on a 16-byte boundary, as Triton's default specialisation
-    of a pointer asks: one test for a pass's inputs, whose launches then take their AlignedLaunch."""
+def aligned_launches_apply(*tensors: torch.Tensor | None) -> bool:
+    """Whether a planned pass given these inputs may start its launches as AlignedLaunches: every tensor (None
+    skipped) starts on a 16-byte boundary, as Triton's default specialisation of a pointer asks, and no launch hook
+    is set (a hook asks for Triton's own launch path, which calls it). One test per pass, not per launch."""
     address = 0
     for t in tensors:
         if t is not None:
             address |= t.data_ptr()
-    return address % 16 == 0
+    return address % 16 == 0 and not _launch_hooked()
 
 
 class AlignedLaunch:
@@ -223,7 +220,8 @@ class AlignedLaunch:
     pointer's dtype (each LaunchSite's key holds the dtypes its callers' operands share): the compiled kernel of
     that one specialisation, found by the first launch, started without working the specialisation out per pointer
     (~2.3 us of host time per launch for 9 pointers). The planned eager passes (kernels/passes.py) test their inputs
-    with `all_aligned` once per call; what they allocate, the allocators align."""
+    (and that no launch hook is set) with `aligned_launches_apply` once per call; what they allocate, the allocators
+    align."""
 
     __slots__ = ("bound", "compiled")
 
@@ -232,7 +230,7 @@ class AlignedLaunch:
 
     def __call__(self, pointers: tuple) -> None:
         compiled = self.compiled
-        if compiled is None or _launch_hooked():
+        if compiled is None:
             self._first(pointers)
             return
         # BoundLaunch._run, inline: a frame less on every planned launch.

@@ -22,7 +22,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake  # also sees through AOT tracing's functional tensors
 
 from . import fused_gemm_tma, lora_linear, policy
-from .launch import all_aligned, off_current_device, on_tensors_device, remember, static_ints
+from .launch import aligned_launches_apply, off_current_device, on_tensors_device, remember, static_ints
 
 
 def _is_fake(*tensors: torch.Tensor) -> bool:
@@ -154,7 +154,7 @@ class BackwardPlan(NamedTuple):
 
 def with_aligned_twin(make_plan):
     """A plan maker whose ForwardPlan or BackwardPlan comes with its twin for calls whose inputs are all 16-byte
-    aligned (the common case, tested once per call by launch.all_aligned): the same launches, each as its
+    aligned (the common case, tested once per call by launch.aligned_launches_apply): the same launches, each as its
     AlignedLaunch, which skips working out each pointer's specialisation. What the pass allocates is aligned, and
     the plan's key fixes every operand's dtype (x's; the checks of functional.py give every input x's dtype). A
     ForwardPlan's twin shares its backward plans."""
@@ -289,7 +289,7 @@ def eager_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
                 x, weight, lora_a, lora_b, scale, bias, dropout_p, seed), lambda y_shrunk: _forward_plan(
                     x, weight, lora_a, lora_b, scale, bias, dropout_p, y_shrunk[1]))
             return y, shrunk, _forward_plans.get(key)
-    launches = plan.aligned if all_aligned(x, weight, lora_a, lora_b, bias, seed) else plan
+    launches = plan.aligned if aligned_launches_apply(x, weight, lora_a, lora_b, bias, seed) else plan
     if launches.cublas:
         shrunk, y, _, _ = lora_linear._shrink(x, lora_a, dropout_p, seed, (lora_b, scale, bias),
                                               launch=launches.shrink)
@@ -321,7 +321,7 @@ def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         return unplanned_call(plans, key, plan, lora_backward, args, lambda _: _backward_plan(
             grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad, need_bias_grad,
             deterministic))
-    if all_aligned(grad_y, x, weight, lora_a, lora_b, seed):  # shrunk is the forward's own allocation
+    if aligned_launches_apply(grad_y, x, weight, lora_a, lora_b, seed):  # shrunk is the forward's own allocation
         plan = plan.aligned
     if plan.cublas:
         grad_a, grad_b, _, grad_bias, grad_x, _ = lora_linear._grad_ab(

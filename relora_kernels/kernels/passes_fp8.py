@@ -29,7 +29,7 @@ import torch
 
 from .. import reference
 from . import lora_linear, policy
-from .launch import all_aligned, off_current_device, on_tensors_device
+from .launch import aligned_launches_apply, off_current_device, on_tensors_device
 from .passes import (
     UNPLANNED,
     UNPLANNED_FORWARD,
@@ -243,7 +243,7 @@ def eager_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: tor
                 lambda y_shrunk: _forward_plan(x, weight_q, weight_scale, lora_a, lora_b, scale, bias, dropout_p,
                                                y_shrunk[1]))
             return y, shrunk, _forward_plans.get(key)
-    launches = plan.aligned if all_aligned(x, weight_q, weight_scale, lora_a, lora_b, bias, seed) else plan
+    launches = plan.aligned if aligned_launches_apply(x, weight_q, weight_scale, lora_a, lora_b, bias, seed) else plan
     shrunk, _, x_q, x_scale = lora_linear._shrink(x, lora_a, dropout_p, seed, quantize=True, launch=launches.shrink)
     if launches.cublas:
         y = scaled_mm(x_q, x_scale, weight_q, weight_scale, x.dtype)
@@ -276,7 +276,8 @@ def eager_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.
         return unplanned_call(plans, key, plan, lora_backward_fp8, args, lambda _: _backward_plan(
             grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, need_input_grad,
             need_bias_grad, deterministic))
-    if all_aligned(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, seed):  # shrunk: the forward's own
+    # shrunk is the forward's own allocation
+    if aligned_launches_apply(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, seed):
         plan = plan.aligned
     if not need_input_grad:
         grad_a, grad_b, _, grad_bias, _, _ = lora_linear._grad_ab(

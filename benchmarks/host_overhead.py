@@ -16,8 +16,8 @@ torch's own ops in the rows (F.linear, the cuBLAS-composed engine's addmm, autog
 baseline) run on the CPU, tiny: their time is an upper bound of their dispatch on a GPU. With CUDA the launches are
 real and the timed calls run on the GPU (its queue is far from full at these sizes, so the host is what is timed).
 One thread; each row is the thread's CPU time per call, the minimum over `repeats` rounds of the mean of `calls`
-calls, the rows taking turns within each round (the GPT-2 rows apart, with fewer of both), and every ratio is to
-rows of the same run.
+calls, the rows taking turns in a shuffled order within each round (the GPT-2 rows apart, with fewer of both), and
+every ratio is to rows of the same run.
 
 Rows (fp32, M=64 tokens, K=48, N=80, r=16 unless named; " bias": the layer has a bias, which the backward's
 gradients include; every fused row is compared with the floor and eager rows of the same bias):
@@ -45,6 +45,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -144,15 +145,21 @@ def best_per_call(rows: dict[str, Timed], repeats: int, calls: int) -> dict[str,
     calls (after one warm-up call each). CPU time, not wall time: the host's own cost, which a busy machine does not
     inflate by the time the thread waits for a core. The rows take turns within each round, so a machine whose speed
     drifts during the run (frequency, a neighbour on the host) slows every row of a round alike, and the ratios of one
-    run compare rows timed under the same conditions."""
+    run compare rows timed under the same conditions. The order of the turns is shuffled every round (seeded, so a run
+    is repeatable): a row runs faster right after one that runs much the same code (its caches warm; two copies of the
+    fused call taking turns measured 5-7 us apart out of ~165, the second the faster whichever copy it was), so a
+    fixed order would favour whichever row follows its likeness."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for row in rows.values():
         with rk.settings(engine=row.engine):
             row.call()
     sync()
     best = dict.fromkeys(rows, float("inf"))
+    order, shuffle = list(rows), random.Random(0).shuffle
     for _ in range(repeats):
-        for name, row in rows.items():
+        shuffle(order)
+        for name in order:
+            row = rows[name]
             with rk.settings(engine=row.engine):
                 start = time.thread_time()
                 for _ in range(calls):

@@ -162,6 +162,34 @@ def main() -> int:
             "misaligned_dy_other": [run[2] != fp32[2] and run[4] != fp32[4] for run in misaligned_dy],
             "fp32_again_same": fp32_again == fp32}
 
+        # The eager restart (merge.merge_and_reinit_eagerly) takes its AlignedLaunches where W, A and B are aligned:
+        # each dtype at the same shapes gets its own merge and reinit kernels, twice the same; an A 4 bytes off gets
+        # the kernels compiled for that alignment, and the aligned call after it the first ones again.
+        from relora_kernels.kernels import merge
+
+        a_buffer = torch.randn(Rp * Kp + 4)
+
+        def restart_launchers(dtype, misaligned_a=False):
+            w, a, b = (t.to(dtype) for t in (weight, lora_a, lora_b))
+            if misaligned_a:
+                a = a_buffer.to(dtype)[1: Rp * Kp + 1].view(Rp, Kp)
+            RECORDED.clear()
+            merge.merge_and_reinit_eagerly(w, a, b, 0.5, 3)
+            return [call[0] for call in RECORDED]
+
+        with rk.settings(backend="triton", autotune=False):
+            restarts = {dtype: [restart_launchers(dtype) for _ in range(2)]
+                        for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+            misaligned_a = restart_launchers(torch.float32, misaligned_a=True)
+            fp32_again = restart_launchers(torch.float32)
+        firsts = [runs[0] for runs in restarts.values()]
+        results["restart launches"] = {
+            "launches": [len(run) for runs in restarts.values() for run in runs],
+            "same_twice": [runs[0] == runs[1] for runs in restarts.values()],
+            "no_kernel_shared_across_dtypes": len({k for run in firsts for k in run}) == sum(map(len, firsts)),
+            "misaligned_a_other": [k != fp32 for k, fp32 in zip(misaligned_a, firsts[0], strict=True)],
+            "fp32_again_same": fp32_again == firsts[0]}
+
         # A launch hook (a profiler's) must see every launch of a planned call: with one set, the aligned launches
         # take Triton's own path, which hands the hook to the launcher; without, the planned path passes none.
         from triton import knobs

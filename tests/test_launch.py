@@ -47,6 +47,10 @@ def test_cached_launch_passes_what_triton_passes_and_follows_a_changed_specialis
         "planned_are_their_own": [True, True], "no_kernel_shared_across_dtypes": True,
         "misaligned_dy_same": [True, True], "misaligned_dy_other": [True, True],
         "fp32_again_same": True}, results
+    # The eager restart's aligned launches (merge, reinit) likewise: a kernel per dtype, another for an A 4 bytes off.
+    assert results["restart launches"] == {
+        "launches": [2] * 6, "same_twice": [True] * 3, "no_kernel_shared_across_dtypes": True,
+        "misaligned_a_other": [True, True], "fp32_again_same": True}, results
     # With a launch hook set (a profiler's) every launch of a planned call goes through Triton's own launch, which
     # hands the hook to the launcher; without one, none is passed.
     assert results["launch hooks"] == {"hooked": [True] * 5, "unhooked": [False] * 5}, results

@@ -21,7 +21,15 @@ import triton.language as tl
 from .. import random_stream
 from .._validate import MAX_RANK
 from . import policy
-from .launch import LaunchSite, cdiv, launch_options, on_tensors_device, traceable
+from .launch import (
+    LaunchSite,
+    aligned_launches_apply,
+    cdiv,
+    launch_options,
+    off_current_device,
+    on_tensors_device,
+    traceable,
+)
 
 _RANDOM_SHIFT = tl.constexpr(random_stream.RANDOM_SHIFT)
 _INV_RANDOM_RANGE = tl.constexpr(random_stream.UNIT_SCALE)
@@ -126,7 +134,9 @@ def _merge_plan(N, K, R, dtype, w_strides, a_strides, b_strides, scale, device):
     return (cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"])), scalars, launch_options(cfg)
 
 
-def _reinit_plan(R, K, N, a_strides, b_strides, seed):
+def _reinit_plan(R, K, N, a_strides, b_strides, seed, dtype, device):
+    # dtype and device only key the launch: its compiled kernel is of A's and B's dtype on that device (an
+    # AlignedLaunch keeps one).
     block = 1024 if not policy.interpreting() else 256
     scalars = dict(R=R, K=K, N=N, stride_ar=a_strides[0], stride_ak=a_strides[1], stride_bn=b_strides[0],
                    stride_br=b_strides[1], seed=seed, bound=K**-0.5 if K else 0.0, BLOCK=block)
@@ -137,21 +147,26 @@ _MERGE = LaunchSite(_merge_kernel, _merge_plan)
 _REINIT = LaunchSite(_reinit_kernel, _reinit_plan)
 
 
-def _merge(weight, lora_a, lora_b, scale, kernel) -> None:
+def _merge(weight, lora_a, lora_b, scale, kernel, aligned=False) -> None:
+    """`aligned`: every pointer starts on 16 bytes and no launch hook is set (launch.aligned_launches_apply), so the
+    launch may take its AlignedLaunch; the key fixes the pointers' dtypes (A's and B's are W's)."""
     (N, K), R = weight.shape, lora_a.shape[0]
     if R > MAX_RANK:
         raise ValueError(f"lora_a has r = {R} rows; the Triton kernels support r <= {MAX_RANK}")
     if weight.numel() == 0:
         return
-    _MERGE.launch(kernel, (N, K, R, weight.dtype, weight.stride(), lora_a.stride(), lora_b.stride(), scale,
-                           weight.device.index), (weight, lora_a, lora_b))
+    launch = _MERGE.bind(kernel, (N, K, R, weight.dtype, weight.stride(), lora_a.stride(), lora_b.stride(), scale,
+                                  weight.device.index))
+    (launch.aligned if aligned else launch)((weight, lora_a, lora_b))
 
 
-def _reinit(lora_a, lora_b, seed, kernel) -> None:
+def _reinit(lora_a, lora_b, seed, kernel, aligned=False) -> None:
     (R, K), N = lora_a.shape, lora_b.shape[0]
     if R * K + N * R == 0:
         return
-    _REINIT.launch(kernel, (R, K, N, lora_a.stride(), lora_b.stride(), seed), (lora_a, lora_b))
+    launch = _REINIT.bind(kernel, (R, K, N, lora_a.stride(), lora_b.stride(), seed, lora_a.dtype,
+                                   lora_a.device.index))
+    (launch.aligned if aligned else launch)((lora_a, lora_b))
 
 
 @on_tensors_device
@@ -166,10 +181,15 @@ def reinit_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, seed: int) -> None:
     _reinit(lora_a, lora_b, seed, traceable(_reinit_kernel))
 
 
-@on_tensors_device
 def merge_and_reinit_eagerly(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                              seed: int) -> None:
     """merge_lora_weight_, then reinit_lora_: for calls outside tracing (functional.py's eager path), which launch
-    the kernels themselves, not through tracing's wrapper."""
-    _merge(weight, lora_a, lora_b, scale, _merge_kernel)
-    _reinit(lora_a, lora_b, seed, _reinit_kernel)
+    the kernels themselves, not through tracing's wrapper; on W's device, as on_tensors_device would run them, with
+    one alignment test for both launches."""
+    if off_current_device(weight):
+        with torch.cuda.device(weight.device):
+            merge_and_reinit_eagerly(weight, lora_a, lora_b, scale, seed)
+            return
+    aligned = aligned_launches_apply(weight, lora_a, lora_b)
+    _merge(weight, lora_a, lora_b, scale, _merge_kernel, aligned)
+    _reinit(lora_a, lora_b, seed, _reinit_kernel, aligned)

@@ -43,10 +43,9 @@ FP8_SMALL_KERNELS = {"zeros": 1}
 FP8_CUBLAS_SMALL_KERNELS = {"new_ones": 1, "cat": 2, "mul": 1}
 
 # What one fwd+bwd launches (p > 0, bias, seed drawn on the device), per engine: the Triton kernels in order, the
-# cuBLAS GEMMs, and the small ATen kernels (the seed's randint, the zeroed buffers of dA / dB / dbias / dS's partials,
-# 3 casts of the fp32 gradients): the eager path (what the benchmarks time and this model prices) zeroes one
-# allocation for the four (lora_linear.GradientSums), the registered ops that torch.compile traces four buffers
-# (a custom op's outputs may not alias one another). `benchmarks/test_gpu_build.py` checks the kernels and
+# cuBLAS GEMMs, and the small ATen kernels (the seed's randint, 4 zeros for dA / dB / dbias / dS's partials, 3 casts
+# of the fp32 gradients), the same on the eager path (what the benchmarks time and this model prices) and on the
+# registered ops that torch.compile traces. `benchmarks/test_gpu_build.py` checks the kernels and
 # TRACED_SMALL_KERNELS against a traced step, `benchmarks/test_time_model.py` EAGER_SMALL_KERNELS (and the FP8 ones)
 # against the eager path's dispatched ops.
 TRITON_KERNELS = {
@@ -54,8 +53,7 @@ TRITON_KERNELS = {
     "cublas": ("shrink_kernel", "grad_b_kernel", "grad_a_kernel"),
 }
 CUBLAS_GEMMS = {"triton": 0, "cublas": 2}
-EAGER_SMALL_KERNELS = {"randint": 1, "zeros": 1, "_to_copy": 3}
-TRACED_SMALL_KERNELS = {"randint": 1, "zeros": 4, "_to_copy": 3}
+EAGER_SMALL_KERNELS = TRACED_SMALL_KERNELS = {"randint": 1, "zeros": 4, "_to_copy": 3}
 MERGE_LAUNCHES = 2  # the merge reads A and B in every program, so their re-draw cannot join its launch
 # Eager (PEFT-style) beyond the floor: 12 memory-bound launches at p > 0 (10 at p = 0) moving 1.41 GB at the
 # headline (dropout, lora_A, lora_B, the scale, the add, their backward twins and dx's accumulation).

@@ -33,9 +33,6 @@ engine of each pass.
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -977,55 +974,22 @@ def quantize_rows_fp8(t: torch.Tensor, amax: torch.Tensor | None = None) -> tupl
     return _quantize_rows(t, amax.contiguous().view(torch.int32))
 
 
-class GradientSums(NamedTuple):
-    """Where a planned backward's gradient launches add up their sums: one zeroed fp32 allocation of `elements`,
-    the dS partials at its start (the launches take the allocation's own address for them), then dA, dB and dbias
-    (None unless asked for), each as (shape, strides, offset) starting on 16 bytes as Triton's default pointer
-    specialisation asks. One allocation where the ops path makes four: on a GPU each is an allocation and a fill
-    launch."""
-
-    elements: int
-    grad_a: tuple
-    grad_b: tuple
-    grad_bias: tuple | None
-
-
-def _gradient_sums(layout, M, N, K, R, need_bias_grad) -> GradientSums:
-    _, _, _, _, token_partials, ds_partials = layout
-    partials = () if token_partials == 1 else (token_partials,)
-    offset = ds_partials * M * R
-    views = []
-    for shape in ((*partials, R, K), (*partials, N, R), (*partials, N) if need_bias_grad else None):
-        if shape is None:
-            views.append(None)
-            continue
-        offset = cdiv(offset, _FP32_PER_16_BYTES) * _FP32_PER_16_BYTES
-        views.append((shape, tuple(math.prod(shape[i + 1:]) for i in range(len(shape))), offset))
-        offset += math.prod(shape)
-    return GradientSums(offset, *views)
-
-
-_FP32_PER_16_BYTES = 4
-
-
 def grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_bias_grad, deterministic,
                      quantize_grad_y=False):
-    """(layout, dB launch, dA launch, dy's quantising launch or None, GradientSums) of the gradient launches for
-    these operands' key (see _grad_ab), to be passed back to it as `launches` by the planned backward; lora_a as
-    there (None unless the dA launch also writes dx's start)."""
+    """(layout, dB launch, dA launch, dy's quantising launch or None) of the gradient launches for these operands'
+    key (see _grad_ab), to be passed back to it as `launches`; lora_a as there (None unless the dA launch also writes
+    dx's start)."""
     (M, K), N, R = static_ints((x.shape, grad_y.shape[1], lora_b.shape[1]))
     write_dx = lora_a is not None
     layout_key = (M, N, K, R, x.dtype, write_dx, deterministic, x.device.index)
     precision = dot_precision(x.dtype)
     a = lora_a if write_dx else x
-    layout = _grad_ab_layout(*layout_key)
-    return (layout,
+    return (_grad_ab_layout(*layout_key),
             _GRAD_B.bind(traceable(_grad_b_kernel), (*layout_key, grad_y.stride(), shrunk.stride(), lora_b.stride(),
                                                      scale, need_bias_grad, quantize_grad_y, precision)),
             _GRAD_A.bind(traceable(_grad_a_kernel), (*layout_key, x.stride(), a.stride(), scale, dropout_p,
                                                      precision)),
-            quantize_rows_launch(grad_y, True) if quantize_grad_y else None,
-            _gradient_sums(layout, M, N, K, R, need_bias_grad))
+            quantize_rows_launch(grad_y, True) if quantize_grad_y else None)
 
 
 def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
@@ -1034,31 +998,23 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     mask(dS @ A) / (1-p) is written by the dA launch when lora_a is given (the cuBLAS-composed engine); with
     quantize_grad_y the dy launch also gathers dy's row amax and a third launch writes dy in e4m3 (the FP8 input
     gradient's operand). `launches`: grad_ab_launches of the same operands' key, if the caller keeps them (made by a
-    call that passed the architecture check): then the sums share one allocation (GradientSums), where a
-    registered op's outputs may not."""
-    planned = launches is not None
-    if not planned:
+    call that passed the architecture check)."""
+    if launches is None:
         if quantize_grad_y:
             _require_fp8_arch()
         launches = grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_bias_grad, deterministic,
                                     quantize_grad_y)
-    layout, grad_b_launch, grad_a_launch, quantize_launch, sums = launches
-    _, token_blocks, _, _, token_partials, ds_partials = layout
+    (_, token_blocks, _, _, token_partials, ds_partials), grad_b_launch, grad_a_launch, quantize_launch = launches
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
     write_dx = lora_a is not None
     dev = x.device
-    # With one partial (atomics) the buffers are the sums themselves: 2-D, nothing left to add up. dbias is not
-    # allocated when not asked for: the ops return an empty one (_bias_grad_or_empty), the eager path None.
-    if planned:
-        ds_partial = torch.zeros((sums.elements,), device=dev, dtype=torch.float32)
-        grad_a, grad_b = ds_partial.as_strided(*sums.grad_a), ds_partial.as_strided(*sums.grad_b)
-        grad_bias = ds_partial.as_strided(*sums.grad_bias) if need_bias_grad else None
-    else:
-        partials = () if token_partials == 1 else (token_partials,)
-        grad_a = torch.zeros((*partials, R, K), device=dev, dtype=torch.float32)
-        grad_b = torch.zeros((*partials, N, R), device=dev, dtype=torch.float32)
-        grad_bias = torch.zeros((*partials, N), device=dev, dtype=torch.float32) if need_bias_grad else None
-        ds_partial = torch.zeros((ds_partials, M, R), device=dev, dtype=torch.float32)
+    # With one partial (atomics) the buffers are the sums themselves: 2-D, nothing left to add up.
+    partials = () if token_partials == 1 else (token_partials,)
+    grad_a = torch.zeros((*partials, R, K), device=dev, dtype=torch.float32)
+    grad_b = torch.zeros((*partials, N, R), device=dev, dtype=torch.float32)
+    # Not allocated when not asked for: the ops return an empty one (_bias_grad_or_empty), the eager path None.
+    grad_bias = torch.zeros((*partials, N), device=dev, dtype=torch.float32) if need_bias_grad else None
+    ds_partial = torch.zeros((ds_partials, M, R), device=dev, dtype=torch.float32)
     grad_shrunk = torch.empty((M, R), device=dev, dtype=x.dtype)
     dx_start = torch.empty((M, K), device=dev, dtype=x.dtype) if write_dx else None
     grad_y_amax = torch.zeros((M,), device=dev, dtype=torch.int32) if quantize_grad_y else None
@@ -1068,7 +1024,7 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
                        grad_y if grad_y_amax is None else grad_y_amax))
         a, dx = (lora_a, dx_start) if write_dx else (x, x)
         grad_a_launch((x, ds_partial, grad_shrunk, grad_a, seed if dropout_p > 0.0 else x, a, dx))
-    if token_partials > 1:
+    if partials:
         grad_a, grad_b = grad_a.sum(0), grad_b.sum(0)
         grad_bias = None if grad_bias is None else grad_bias.sum(0)
     if x.dtype != torch.float32:  # rounded once into the inputs' dtype

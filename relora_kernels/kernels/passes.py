@@ -170,8 +170,8 @@ def with_aligned_twin(make_plan):
             plan = plan._replace(backward_plans={})
             twin = plan._replace(shrink=plan.shrink.aligned, gemm=plan.gemm and plan.gemm.aligned)
         else:
-            layout, grad_b, grad_a, quantize, sums = plan.grad_ab
-            twin = plan._replace(grad_ab=(layout, grad_b.aligned, grad_a.aligned, quantize and quantize.aligned, sums),
+            layout, grad_b, grad_a, quantize = plan.grad_ab
+            twin = plan._replace(grad_ab=(layout, grad_b.aligned, grad_a.aligned, quantize and quantize.aligned),
                                  gemm=plan.gemm and plan.gemm.aligned)
         return plan._replace(aligned=twin)
 

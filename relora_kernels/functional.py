@@ -88,23 +88,24 @@ def _input_grads(ctx, grad_y, x, grad_x, grad_a, grad_b, grad_bias, no_grads=(No
 
 class EagerLoRALinearFunction(torch.autograd.Function):
     """Autograd of the kernel path on 2-D plain tensors outside tracing: the passes' eager plans (kernels/passes.py),
-    one output y. `key` is the call's plan key (passes.forward_key), `plan` its plan where the caller found one. S,
-    the seed and the forward's plan (which keeps its backward's plans) are kept on ctx, in one tuple: intermediates
-    no caller ever sees, so nothing can modify them in place before backward, which is what save_for_backward's
-    version checks guard against."""
+    one output y. `key` is the call's plan key (passes.forward_key), `plan` its plan where the caller found one. S is
+    saved with the inputs, so that backward frees it (a graph kept alive by y after backward, as a training loop's
+    loss is until the next step's, holds no (M, r) tensor per layer) and saved-tensor hooks (offloading,
+    checkpointing) see it; the scalars, the seed and the forward's plan (which keeps its backward's plans) are kept on
+    ctx in one tuple."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic, key, plan):
         y, shrunk, plan = _kernel_modules.passes.eager_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p,
                                                                seed, key, plan)
-        ctx.save_for_backward(x, weight, lora_a, lora_b)
-        ctx.state = (shrunk, scale, dropout_p, seed, deterministic, plan)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, shrunk)
+        ctx.state = (scale, dropout_p, seed, deterministic, plan)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_a, lora_b = ctx.saved_tensors
-        shrunk, scale, dropout_p, seed, deterministic, plan = ctx.state
+        x, weight, lora_a, lora_b, shrunk = ctx.saved_tensors
+        scale, dropout_p, seed, deterministic, plan = ctx.state
         grad_x, grad_a, grad_b, grad_bias = _kernel_modules.passes.eager_backward(
             grad_y, x, weight, lora_a, lora_b, shrunk, scale, dropout_p, seed, ctx.needs_input_grad[0],
             ctx.needs_input_grad[4], deterministic, plan)
@@ -306,22 +307,22 @@ class LoRALinearFP8Function(torch.autograd.Function):
 
 class EagerLoRALinearFP8Function(torch.autograd.Function):
     """Autograd of the FP8 op on 2-D plain tensors outside tracing, as EagerLoRALinearFunction is the bf16 op's: the
-    FP8 passes' eager plans (kernels/passes_fp8.py), one output y, S, the seed and the forward's plan on ctx."""
+    FP8 passes' eager plans (kernels/passes_fp8.py), one output y, S saved with the inputs as there."""
 
     @staticmethod
     def forward(ctx, x, weight_q, weight_scale, weight_t_q, weight_t_scale, lora_a, lora_b, bias, scale, dropout_p,
                 seed, deterministic, key, plan):
         y, shrunk, plan = _kernel_modules.passes_fp8.eager_forward_fp8(x, weight_q, weight_scale, lora_a, lora_b,
                                                                        scale, bias, dropout_p, seed, key, plan)
-        ctx.save_for_backward(x, weight_t_q, weight_t_scale, lora_a, lora_b)
-        ctx.state = (shrunk, scale, dropout_p, seed, deterministic, plan)
+        ctx.save_for_backward(x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk)
+        ctx.state = (scale, dropout_p, seed, deterministic, plan)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight_t_q, weight_t_scale, lora_a, lora_b = ctx.saved_tensors
+        x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = (ctx.needs_input_grad[i] for i in (0, 5, 6, 7))
-        shrunk, scale, dropout_p, seed, deterministic, plan = ctx.state
+        scale, dropout_p, seed, deterministic, plan = ctx.state
         grad_x, grad_a, grad_b, grad_bias = _kernel_modules.passes_fp8.eager_backward_fp8(
             grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, shrunk, scale, dropout_p, seed, need_x, need_bias,
             deterministic, plan)

@@ -4,6 +4,8 @@ settings must not reuse a plan made under other ones."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from helpers import assert_within_bound, linear_magnitude, make_inputs, rounding_bound
@@ -150,3 +152,40 @@ def test_settings_changed_and_restored_find_their_plans_again(triton_backend, mo
         _fwd_bwd(inputs, 0.0, seed=1)
         with rk.settings(engine="cublas"):
             _fwd_bwd(inputs, 0.0, seed=1)
+
+
+def _saved_by_the_eager_function(op, *args):
+    """Weak references to what `op(*args)`'s autograd node saves (seen through saved-tensor hooks, as offloading and
+    checkpointing see it), and its output, whose graph the caller keeps alive."""
+    saved = []
+
+    def pack(t):
+        saved.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = op(*args)
+    return saved, y
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-op", "fp8-op"])
+def test_backward_frees_s_while_the_graph_lives_on(triton_backend, fp8):
+    """S, the (M, r) intermediate the backward reads, is saved as torch saves its own: saved-tensor hooks see it, and
+    the backward frees it even though y, and so the graph, lives on (as a training loop's loss does until the next
+    step's forward has run: a graph holding S would keep one per layer through that forward)."""
+    if fp8:
+        from test_fp8_op import _PROBLEM
+        if _PROBLEM is not None:
+            pytest.skip(f"no FP8 GEMM on the CPU here: {_PROBLEM}")
+    inputs = make_inputs((M,), K, N, R, torch.float32, bias=True)
+    x, weight, lora_a, lora_b, bias = (inputs[name] for name in ("x", "weight", "lora_a", "lora_b", "bias"))
+    for t in (x, lora_a, lora_b, bias):
+        t.requires_grad_(True)
+    frozen = rk.quantize_fp8_weight(weight) if fp8 else weight
+    op = rk.lora_linear_fp8 if fp8 else rk.lora_linear
+    for call in range(2):  # the first call runs the passes in full, the second its plan
+        saved, y = _saved_by_the_eager_function(op, x, frozen, lora_a, lora_b, 0.5, bias, 0.1, 3)
+        assert any(s() is not None and s().shape == (M, R) for s in saved), f"call {call}: S was not saved"
+        y.backward(torch.ones_like(y))
+        kept = [s().shape for s in saved if s() is not None and s().shape == (M, R)]
+        assert not kept, f"call {call}: the graph still holds S after backward"

@@ -667,11 +667,11 @@ def _shrink(x, lora_a, dropout_p, seed, expand=None, quantize=False, launch=None
     if quantize and launch is None:  # a launch bound for quantize was made by a call that passed the check
         _require_fp8_arch()
     (M, K), R = x.shape, lora_a.shape[0]
-    shrunk = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    shrunk = x.new_empty(M, R)
     lora_b, scale, bias = expand if expand is not None else (x, 0.0, None)
-    out = torch.empty(M, lora_b.shape[0], device=x.device, dtype=x.dtype) if expand is not None else None
-    x_q = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn) if quantize else None
-    x_scale = torch.empty(M, device=x.device, dtype=torch.float32) if quantize else None
+    out = x.new_empty(M, lora_b.shape[0]) if expand is not None else None
+    x_q = x.new_empty(M, K, dtype=torch.float8_e4m3fn) if quantize else None
+    x_scale = x.new_empty(M, dtype=torch.float32) if quantize else None
     if M == 0:
         return shrunk, out, x_q, x_scale
     launch = launch if launch is not None else shrink_launch(x, lora_a, dropout_p, expand, quantize)
@@ -761,8 +761,8 @@ def forward_planned(shrink, gemm, x: torch.Tensor, weight: torch.Tensor, lora_a:
     untransposed: a launch reads only an operand's address, which is its transpose's, and holds the transposes'
     strides; so the call makes no view of either (a view costs ~4-5 us, as much as an allocation)."""
     M = x.shape[0]
-    shrunk = torch.empty(M, lora_a.shape[0], device=x.device, dtype=x.dtype)
-    out = torch.empty(M, weight.shape[0], device=x.device, dtype=x.dtype)
+    shrunk = x.new_empty(M, lora_a.shape[0])
+    out = x.new_empty(M, weight.shape[0])
     # The pointer orders of _shrink and _launch_fused_matmul, placeholders as there (see launch.dropout_args).
     shrink((x, lora_a, shrunk, seed if dropout_p > 0.0 else x, x, x, x, x, x))
     gemm((x, weight, shrunk, lora_b, x if bias is None else bias, out, x, x, x))
@@ -774,7 +774,7 @@ def input_grad_planned(gemm, grad_y: torch.Tensor, weight: torch.Tensor, grad_sh
     """dx = dy @ W + mask(dS @ A) / (1-p), (M, K), by a plan's `gemm`, fused_matmul_launch(dy, weight, dS, lora_a,
     1 / (1-p), None, dropout_p, tile), for these operands' key (M, K > 0): fused_matmul's allocation and launch
     without its generic arguments (the planned backward's dx)."""
-    out = torch.empty(grad_y.shape[0], weight.shape[1], device=grad_y.device, dtype=grad_y.dtype)
+    out = grad_y.new_empty(grad_y.shape[0], weight.shape[1])
     # _launch_fused_matmul's pointer order, placeholders as there, without its frame.
     gemm((grad_y, weight, grad_shrunk, lora_a, grad_y, out, seed if dropout_p > 0.0 else grad_y, grad_y, grad_y))
     return out
@@ -860,7 +860,7 @@ def forward_matmul_fp8_planned(x_q: torch.Tensor, x_scale: torch.Tensor, weight_
     """forward_planned's fused GEMM in FP8: y = deq(xq) @ deq(wq).T + bias + s * S @ B.T, (M, N) in S's dtype, by a
     plan's fused_matmul_fp8_launch(xq, sx, wq.T, sw, S, B.T, s, bias, 0.0, tile, S's dtype) for these operands' key,
     handed W's copy and B untransposed (their addresses are their transposes'): no view of either per call."""
-    out = torch.empty(x_q.shape[0], weight_q.shape[0], device=x_q.device, dtype=shrunk.dtype)
+    out = shrunk.new_empty(x_q.shape[0], weight_q.shape[0])
     _launch_fused_matmul_fp8(launch, x_q, x_scale, weight_q, weight_scale, shrunk, lora_b, bias, out, 0.0, None)
     return out
 
@@ -954,8 +954,8 @@ def _quantize_rows(t, amax_bits=None, launch=None):
     if launch is None:
         _require_fp8_arch()
     M, N = t.shape
-    q = torch.empty(M, N, device=t.device, dtype=torch.float8_e4m3fn)
-    scale = torch.empty(M, device=t.device, dtype=torch.float32)
+    q = t.new_empty(M, N, dtype=torch.float8_e4m3fn)
+    scale = t.new_empty(M, dtype=torch.float32)
     if M > 0:
         launch = launch if launch is not None else quantize_rows_launch(t, amax_bits is not None)
         launch((t, q, scale, t if amax_bits is None else amax_bits))
@@ -1007,17 +1007,16 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     (_, token_blocks, _, _, token_partials, ds_partials), grad_b_launch, grad_a_launch, quantize_launch = launches
     (M, K), N, R = x.shape, grad_y.shape[1], lora_b.shape[1]
     write_dx = lora_a is not None
-    dev = x.device
     # With one partial (atomics) the buffers are the sums themselves: 2-D, nothing left to add up.
     partials = () if token_partials == 1 else (token_partials,)
-    grad_a = torch.zeros(*partials, R, K, device=dev, dtype=torch.float32)
-    grad_b = torch.zeros(*partials, N, R, device=dev, dtype=torch.float32)
+    grad_a = x.new_zeros(*partials, R, K, dtype=torch.float32)
+    grad_b = x.new_zeros(*partials, N, R, dtype=torch.float32)
     # Not allocated when not asked for: the ops return an empty one (_bias_grad_or_empty), the eager path None.
-    grad_bias = torch.zeros(*partials, N, device=dev, dtype=torch.float32) if need_bias_grad else None
-    ds_partial = torch.zeros(ds_partials, M, R, device=dev, dtype=torch.float32)
-    grad_shrunk = torch.empty(M, R, device=dev, dtype=x.dtype)
-    dx_start = torch.empty(M, K, device=dev, dtype=x.dtype) if write_dx else None
-    grad_y_amax = torch.zeros(M, device=dev, dtype=torch.int32) if quantize_grad_y else None
+    grad_bias = x.new_zeros(*partials, N, dtype=torch.float32) if need_bias_grad else None
+    ds_partial = x.new_zeros(ds_partials, M, R, dtype=torch.float32)
+    grad_shrunk = x.new_empty(M, R)
+    dx_start = x.new_empty(M, K) if write_dx else None
+    grad_y_amax = x.new_zeros(M, dtype=torch.int32) if quantize_grad_y else None
     if token_blocks > 0:
         # Placeholders for what a variant does not read or write are inputs it never writes (see launch.dropout_args).
         grad_b_launch((grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y,

@@ -104,17 +104,20 @@ def test_launches_run_on_their_tensors_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", device)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
-    class OnSecondGpu:
-        device = torch.device("cuda", 1)
+    class OnGpu:  # what the guard reads of a CUDA tensor
+        is_cuda = True
 
-    class OnFirstGpu:
-        device = torch.device("cuda", 0)
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+        def get_device(self):
+            return self.device.index
 
     guarded = launch.on_tensors_device(lambda first, *args: launched.append(list(entered)))
-    guarded(OnSecondGpu(), 2)
+    guarded(OnGpu(1), 2)
     assert launched == [[torch.device("cuda", 1)]] and entered[-1] == "left"
     entered.clear()
-    guarded(OnFirstGpu(), 2)  # already the current device: no switch (it costs the host a few microseconds)
+    guarded(OnGpu(0), 2)  # already the current device: no switch (it costs the host a few microseconds)
     assert entered == [] and launched[-1] == []
     guarded(torch.zeros(1), 2)  # a CPU tensor (the interpreter) makes no CUDA device current
     assert entered == []

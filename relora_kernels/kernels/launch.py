@@ -62,9 +62,9 @@ def on_tensors_device(launcher):
 
 def off_current_device(t: torch.Tensor) -> bool:
     """Whether `t` is on a CUDA device other than the current one, where a launch would go: on_tensors_device's test,
-    which the eager passes (kernels/passes.py) make themselves rather than pay a wrapper's call on every call."""
-    device = t.device
-    return device.type == "cuda" and device.index != torch.cuda.current_device()
+    which the eager passes (kernels/passes.py) make themselves rather than pay a wrapper's call on every call.
+    `is_cuda` and `get_device()` read the tensor in C; `t.device.type` builds a device and a string on every call."""
+    return t.is_cuda and t.get_device() != torch.cuda.current_device()
 
 
 # torch.backends.cuda.matmul.fp32_precision's own getter (torch >= 2.9), called directly: the attribute goes through

@@ -40,6 +40,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
+from benchmarks import time_model
 from relora_kernels import settings as rk_settings
 from relora_kernels._validate import MAX_RANK
 from relora_kernels.kernels import fused_gemm_tma, lora_linear, merge, passes, policy
@@ -513,6 +514,7 @@ def _graph_launches(graph) -> dict:
             opaque.append(str(node.target))
         elif str(node.target).startswith("aten."):
             op = str(node.target).split(".")[1]
+            op = time_model.SAME_KERNEL.get(op, op)
             aten.add(op)
             if op not in METADATA_OPS:
                 kernels[op] = kernels.get(op, 0) + 1

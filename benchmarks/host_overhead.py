@@ -357,14 +357,16 @@ def markdown(result: dict) -> str:
 
 # ATen ops of the eager path that launch nothing on a GPU (metadata, allocation), and those time_model prices as
 # GEMMs or passes over memory of their own (the cuBLAS GEMMs, and the adds that read their start value back).
-NOT_SMALL_KERNELS = frozenset({"empty", "empty_strided", "permute", "as_strided", "view", "detach", "unsqueeze", "t",
-                               "addmm_", "addmm", "_scaled_mm", "add_"})
+NOT_SMALL_KERNELS = frozenset({"empty", "empty_strided", "new_empty", "permute", "as_strided", "view", "detach",
+                               "unsqueeze", "t", "addmm_", "addmm", "_scaled_mm", "add_"})
 
 
 def small_kernels() -> dict[str, dict[str, int]]:
     """The small ATen kernels (randint, zeros, casts, ...) one planned fwd+bwd dispatches, per engine with and
     without FP8 frozen weights: bf16, p = 0.1, bias, launches stubbed. What time_model.EAGER_SMALL_KERNELS prices."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from benchmarks import time_model
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -373,6 +375,7 @@ def small_kernels() -> dict[str, dict[str, int]]:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
+            name = time_model.SAME_KERNEL.get(name, name)
             if name not in NOT_SMALL_KERNELS:
                 self.ops[name] = self.ops.get(name, 0) + 1
             return func(*args, **(kwargs or {}))

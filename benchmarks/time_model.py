@@ -53,6 +53,9 @@ TRITON_KERNELS = {
     "cublas": ("shrink_kernel", "grad_b_kernel", "grad_a_kernel"),
 }
 CUBLAS_GEMMS = {"triton": 0, "cublas": 2}
+# ATen ops that launch the same small kernel under another name, as the counts above name it: a new_zeros is a zeros
+# (the eager path allocates with x.new_zeros, which is cheaper on the host than torch.zeros).
+SAME_KERNEL = {"new_zeros": "zeros"}
 EAGER_SMALL_KERNELS = TRACED_SMALL_KERNELS = {"randint": 1, "zeros": 4, "_to_copy": 3}
 MERGE_LAUNCHES = 2  # the merge reads A and B in every program, so their re-draw cannot join its launch
 # Eager (PEFT-style) beyond the floor: 12 memory-bound launches at p > 0 (10 at p = 0) moving 1.41 GB at the

@@ -189,3 +189,25 @@ def test_backward_frees_s_while_the_graph_lives_on(triton_backend, fp8):
         y.backward(torch.ones_like(y))
         kept = [s().shape for s in saved if s() is not None and s().shape == (M, R)]
         assert not kept, f"call {call}: the graph still holds S after backward"
+
+
+def test_a_retained_graph_runs_backward_again_and_a_freed_one_refuses(triton_backend):
+    """S saved for backward as torch saves its own tensors: with retain_graph the second backward finds it and adds
+    the same gradients again, bit for bit (deterministic sums: on a GPU the default atomics need not add up in the
+    same order twice); after a backward without it, a third is refused as torch refuses it."""
+    rk.configure(deterministic=True)
+    inputs = make_inputs((M,), K, N, R, torch.float32, bias=True)
+    leaves = {name: t.detach().requires_grad_(name != "weight") for name, t in inputs.items()}
+    grad_y = torch.randn((M, N), generator=torch.Generator().manual_seed(5))
+    for call in range(2):  # the first call runs the passes in full, the second its plan
+        for leaf in leaves.values():
+            leaf.grad = None
+        y = rk.lora_linear(leaves["x"], leaves["weight"], leaves["lora_a"], leaves["lora_b"], 0.5, leaves["bias"],
+                           0.25, 7)
+        y.backward(grad_y, retain_graph=True)
+        once = {name: leaf.grad.clone() for name, leaf in leaves.items() if leaf.grad is not None}
+        y.backward(grad_y)
+        for name, grad in once.items():  # g + g is exact in floating point
+            assert torch.equal(leaves[name].grad, 2 * grad), (call, name)
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            y.backward(grad_y)

@@ -196,8 +196,8 @@ def _specialisation(device, pointers: tuple) -> tuple:
 
 def _launch_hooked() -> bool:
     """Whether a launch hook is set, then every launch goes through Triton's own path, which calls it: Triton's hooks
-    are chains (triton >= 3.5: empty unless a profiler adds to them), older ones None or a function. Asked on every
-    planned launch, so in one frame."""
+    are chains (triton >= 3.5: empty unless a profiler adds to them), older ones None or a function. Asked once per
+    planned pass (aligned_launches_apply) and by each launch that takes Triton's own path, so in one frame."""
     runtime = knobs.runtime
     enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
     return ((enter is not None and bool(getattr(enter, "calls", True)))

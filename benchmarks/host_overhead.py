@@ -4,6 +4,7 @@
     python -m benchmarks.host_overhead --out DIR          # also DIR/host_overhead.json and .md
     python -m benchmarks.host_overhead --quick            # 3 repeats x 10 calls (CI: the code cannot rot)
     python -m benchmarks.host_overhead --small-kernels    # the small ATen kernels of one planned fwd+bwd, as JSON
+    python -m benchmarks.host_overhead --shape 16,16,16,16  # the layer rows at another M,K,N,r
 
 A GPU runs only as fast as the host feeds it: when one call's host time exceeds its GPU time the op is host-bound,
 whatever its kernels do. This measures the host side alone.
@@ -19,8 +20,8 @@ One thread; each row is the thread's CPU time per call, the minimum over `repeat
 calls, the rows taking turns in a shuffled order within each round (the GPT-2 rows apart, with fewer of both), and
 every ratio is to rows of the same run.
 
-Rows (fp32, M=64 tokens, K=48, N=80, r=16 unless named; " bias": the layer has a bias, which the backward's
-gradients include; every fused row is compared with the floor and eager rows of the same bias):
+Rows (fp32, M=64 tokens, K=48, N=80, r=16 unless named or --shape given; " bias": the layer has a bias, which the
+backward's gradients include; every fused row is compared with the floor and eager rows of the same bias):
   floor [bias]        F.linear(x, W[, bias]) forward + backward (dx): the frozen GEMMs alone
   eager p=P [bias]    PEFT's LoRA forward (benchmarks.cases.eager_lora_linear) + backward, dropout P (0, 0.1)
   fused E p=P [bias]  rk.lora_linear on engine E (triton, cublas), forward + backward
@@ -169,9 +170,9 @@ def best_per_call(rows: dict[str, Timed], repeats: int, calls: int) -> dict[str,
     return best
 
 
-def _layer_inputs(device, bias: bool):
+def _layer_inputs(device, bias: bool, shape: dict):
     generator = torch.Generator().manual_seed(0)
-    M, K, N, r = SHAPE["M"], SHAPE["K"], SHAPE["N"], SHAPE["r"]
+    M, K, N, r = shape["M"], shape["K"], shape["N"], shape["r"]
 
     def randn(*shape, grad=False):
         return torch.randn(*shape, generator=generator).to(device).requires_grad_(grad)
@@ -194,10 +195,10 @@ def _bias_suffix(bias: bool) -> str:
     return " bias" if bias else ""
 
 
-def layer_rows(device) -> dict[str, Timed]:
+def layer_rows(device, shape: dict = SHAPE) -> dict[str, Timed]:
     rows = {}
     for bias in (True, False):
-        plain = _layer_inputs(device, bias)
+        plain = _layer_inputs(device, bias, shape)
         rows["floor" + _bias_suffix(bias)] = Timed(_fwd_bwd(
             lambda plain=plain: F.linear(plain.x, plain.weight, plain.bias),
             SimpleNamespace(x=plain.x, lora_a=None, lora_b=None, bias=plain.bias, grad_y=plain.grad_y)))
@@ -207,7 +208,7 @@ def layer_rows(device) -> dict[str, Timed]:
     for engine in ENGINES:
         for p in DROPOUTS:
             for bias in (True, False):
-                inputs = _layer_inputs(device, bias)
+                inputs = _layer_inputs(device, bias, shape)
 
                 def forward(inputs=inputs, p=p):
                     return rk.lora_linear(inputs.x, inputs.weight, inputs.lora_a, inputs.lora_b, 2.0, inputs.bias, p)
@@ -216,7 +217,7 @@ def layer_rows(device) -> dict[str, Timed]:
     return rows
 
 
-def fp8_rows(device) -> dict[str, Timed]:
+def fp8_rows(device, shape: dict = SHAPE) -> dict[str, Timed]:
     from relora_kernels.kernels.passes_fp8 import scaled_mm_support
 
     rows = {}
@@ -226,7 +227,7 @@ def fp8_rows(device) -> dict[str, Timed]:
             print(f"host_overhead: fp8 {engine} rows left out: {problem}", file=sys.stderr)
             continue
         for p in DROPOUTS:
-            inputs = _layer_inputs(device, bias=True)
+            inputs = _layer_inputs(device, True, shape)
             frozen = rk.quantize_fp8_weight(inputs.weight)
 
             def forward(inputs=inputs, frozen=frozen, p=p):
@@ -236,9 +237,9 @@ def fp8_rows(device) -> dict[str, Timed]:
     return rows
 
 
-def merge_rows(device) -> dict[str, Timed]:
+def merge_rows(device, shape: dict = SHAPE) -> dict[str, Timed]:
     generator = torch.Generator().manual_seed(0)
-    K, N, r = SHAPE["K"], SHAPE["N"], SHAPE["r"]
+    K, N, r = shape["K"], shape["N"], shape["r"]
     weight, lora_a, lora_b = (torch.randn(*s, generator=generator).to(device) for s in ((N, K), (r, K), (N, r)))
 
     def merge_floor():
@@ -325,15 +326,16 @@ def goals_met(table: dict[str, dict[str, float]]) -> dict[str, bool]:
             if not name.startswith("fp8 ") for against, value in against_values.items()}
 
 
-def conditions(stubbed: bool, repeats: int, calls: int) -> dict:
+def conditions(stubbed: bool, repeats: int, calls: int, shape: dict = SHAPE) -> dict:
     import triton
 
     return {
         "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "threads": 1,
         "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
         "launches": "stand-in sm_90 driver, no driver call" if stubbed else "real, on " + torch.cuda.get_device_name(),
-        "shape": SHAPE, "dtype": "fp32", "repeats": repeats, "calls": calls,
-        "command": "python -m benchmarks.host_overhead" + (" --quick" if repeats < 15 else ""),
+        "shape": shape, "dtype": "fp32", "repeats": repeats, "calls": calls,
+        "command": "python -m benchmarks.host_overhead" + (" --quick" if repeats < 15 else "")
+        + ("" if shape == SHAPE else " --shape " + ",".join(str(shape[d]) for d in "MKNr")),
     }
 
 
@@ -397,17 +399,29 @@ def small_kernels() -> dict[str, dict[str, int]]:
     return counts
 
 
-def run(repeats: int, calls: int, gpt2: bool = True) -> dict:
+def run(repeats: int, calls: int, gpt2: bool = True, shape: dict = SHAPE) -> dict:
     torch.set_num_threads(1)
     stubbed = not torch.cuda.is_available()
     device = torch.device("cpu" if stubbed else "cuda")
     with stubbed_launches() if stubbed else rk.settings(backend="triton"):
-        rows = best_per_call(layer_rows(device) | fp8_rows(device) | merge_rows(device), repeats, calls)
+        rows = best_per_call(layer_rows(device, shape) | fp8_rows(device, shape) | merge_rows(device, shape), repeats,
+                             calls)
         if gpt2:  # a step is ~200 layer calls: fewer rounds and calls
             rows |= best_per_call(gpt2_rows(device), max(1, repeats // 3), max(1, calls // 8))
     table = ratios(rows)
     return {"seconds": rows, "ratios": table, "goals_met": goals_met(table),
-            "conditions": conditions(stubbed, repeats, calls)}
+            "conditions": conditions(stubbed, repeats, calls, shape)}
+
+
+def _shape(text: str) -> dict:
+    """--shape's value: four positive integers M,K,N,r."""
+    try:
+        sizes = [int(size) for size in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 4 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected four positive integers M,K,N,r, got {text!r}")
+    return dict(zip("MKNr", sizes, strict=True))
 
 
 def main(argv=None) -> int:
@@ -417,6 +431,9 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="3 repeats x 10 calls: checks the code, not the goals")
     parser.add_argument("--no-gpt2", dest="gpt2", action="store_false", help="leave out the GPT-2 step")
+    parser.add_argument("--shape", type=_shape, default=SHAPE, metavar="M,K,N,r",
+                        help="the layer rows' shape (default 64,48,80,16); the smaller, the less of the CPU's own "
+                             "matmuls (which a GPU runs) is left in the floor, eager and cuBLAS-composed rows")
     parser.add_argument("--small-kernels", action="store_true",
                         help="print the small ATen kernels of one planned fwd+bwd per engine as JSON, time nothing")
     args = parser.parse_args(argv)
@@ -426,7 +443,7 @@ def main(argv=None) -> int:
         print(json.dumps(small_kernels()))
         return 0
     repeats, calls = (3, 10) if args.quick else (args.repeats, args.calls)
-    result = run(repeats, calls, args.gpt2)
+    result = run(repeats, calls, args.gpt2, args.shape)
     text = markdown(result)
     print(text)
     if args.out:

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_host_overhead_benchmark_runs_and_reports_every_row(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--quick", "--shape", "32,16,48,8",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "host_overhead.json").read_text())
     fused = [f"fused {e} p={p}{b}" for e in ("triton", "cublas") for p in ("0", "0.1") for b in (" bias", "")]
@@ -36,6 +36,8 @@ def test_host_overhead_benchmark_runs_and_reports_every_row(tmp_path):
     assert all(set(result["ratios"][name]) == {"floor", "eager", "bf16_op"} for name in fp8)
     assert not any(key.startswith("fp8 ") for key in result["goals_met"])  # reported, no goal of their own
     assert "stand-in sm_90" in result["conditions"]["launches"] or "real" in result["conditions"]["launches"]
+    assert result["conditions"]["shape"] == {"M": 32, "K": 16, "N": 48, "r": 8}
+    assert result["conditions"]["command"].endswith("--quick --shape 32,16,48,8")
     assert (tmp_path / "host_overhead.md").read_text().startswith("| row |")
 
 
@@ -44,3 +46,10 @@ def test_host_overhead_refuses_the_interpreter():
     done = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--quick"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "without TRITON_INTERPRET=1" in done.stderr
+
+
+@pytest.mark.parametrize("text", ["64,48,80", "64,48,80,16,1", "64,0,80,16", "64,48,x,16", ""])
+def test_host_overhead_refuses_a_shape_that_is_not_four_positive_integers(text):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--quick", "--shape", text], cwd=ROOT,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "four positive integers M,K,N,r" in done.stderr

@@ -23,6 +23,9 @@ every ratio is to rows of the same run.
 Rows (fp32, M=64 tokens, K=48, N=80, r=16 unless named or --shape given; " bias": the layer has a bias, which the
 backward's gradients include; every fused row is compared with the floor and eager rows of the same bias):
   floor [bias]        F.linear(x, W[, bias]) forward + backward (dx): the frozen GEMMs alone
+  autograd floor      a torch.autograd.Function with the fused op's eleven arguments whose forward and backward
+                      only allocate their outputs (no bias): what torch's autograd alone costs any op written as
+                      one, the part of every fused row no Python code of this package can remove; no goal
   eager p=P [bias]    PEFT's LoRA forward (benchmarks.cases.eager_lora_linear) + backward, dropout P (0, 0.1)
   fused E p=P [bias]  rk.lora_linear on engine E (triton, cublas), forward + backward
   fp8 E p=P bias      rk.lora_linear_fp8 (W's e4m3 copies made once, outside the timing) on engine E, forward +
@@ -195,8 +198,34 @@ def _bias_suffix(bias: bool) -> str:
     return " bias" if bias else ""
 
 
+class _AllocatingFunction(torch.autograd.Function):
+    """The fused op's eager autograd function with nothing inside: the same eleven arguments, a forward and a
+    backward that only allocate their outputs and save what the op saves. What torch's autograd alone costs a call
+    of any op written as a Python autograd function, applied as the op applies its own (the C++ apply)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, deterministic, key, plan):
+        y = x.new_empty(x.shape[0], weight.shape[0])
+        shrunk = x.new_empty(x.shape[0], lora_a.shape[0])
+        ctx.save_for_backward(x, weight, lora_a, lora_b, shrunk)
+        ctx.state = (scale, dropout_p, seed, deterministic, plan)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, _, lora_a, lora_b, _ = ctx.saved_tensors
+        return (x.new_empty(x.shape), None, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape),
+                *(None,) * 7)
+
+
+_apply_allocating = super(torch.autograd.Function, _AllocatingFunction).apply
+
+
 def layer_rows(device, shape: dict = SHAPE) -> dict[str, Timed]:
     rows = {}
+    bare = _layer_inputs(device, False, shape)
+    rows["autograd floor"] = Timed(_fwd_bwd(lambda: _apply_allocating(
+        bare.x, bare.weight, bare.lora_a, bare.lora_b, None, 2.0, 0.0, None, False, (), None), bare))
     for bias in (True, False):
         plain = _layer_inputs(device, bias, shape)
         rows["floor" + _bias_suffix(bias)] = Timed(_fwd_bwd(

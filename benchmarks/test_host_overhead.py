@@ -29,7 +29,7 @@ def test_host_overhead_benchmark_runs_and_reports_every_row(tmp_path):
     fp8_engines = ("triton",) + (("cublas",) if scaled_mm_support("cpu", None, torch.float32) is None else ())
     fp8 = [f"fp8 {e} p={p} bias" for e in fp8_engines for p in ("0", "0.1")]
     baselines = [f"{row}{b}" for row in ("floor", "eager p=0", "eager p=0.1") for b in (" bias", "")]
-    assert set(result["seconds"]) == {*baselines, *fused, *fp8, "merge_floor", "merge_and_reinit_",
+    assert set(result["seconds"]) == {*baselines, *fused, *fp8, "autograd floor", "merge_floor", "merge_and_reinit_",
                                       "gpt2 step eager", "gpt2 step fused"}
     assert all(seconds > 0 for seconds in result["seconds"].values())
     assert set(result["ratios"]) == {*fused, *fp8, "merge_and_reinit_", "gpt2 step fused"}

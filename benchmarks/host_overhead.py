@@ -355,7 +355,7 @@ def goals_met(table: dict[str, dict[str, float]]) -> dict[str, bool]:
             if not name.startswith("fp8 ") for against, value in against_values.items()}
 
 
-def conditions(stubbed: bool, repeats: int, calls: int, shape: dict = SHAPE) -> dict:
+def conditions(stubbed: bool, repeats: int, calls: int, shape: dict = SHAPE, gpt2: bool = True) -> dict:
     import triton
 
     return {
@@ -364,6 +364,7 @@ def conditions(stubbed: bool, repeats: int, calls: int, shape: dict = SHAPE) -> 
         "launches": "stand-in sm_90 driver, no driver call" if stubbed else "real, on " + torch.cuda.get_device_name(),
         "shape": shape, "dtype": "fp32", "repeats": repeats, "calls": calls,
         "command": "python -m benchmarks.host_overhead" + (" --quick" if repeats < 15 else "")
+        + ("" if gpt2 else " --no-gpt2")
         + ("" if shape == SHAPE else " --shape " + ",".join(str(shape[d]) for d in "MKNr")),
     }
 
@@ -439,7 +440,7 @@ def run(repeats: int, calls: int, gpt2: bool = True, shape: dict = SHAPE) -> dic
             rows |= best_per_call(gpt2_rows(device), max(1, repeats // 3), max(1, calls // 8))
     table = ratios(rows)
     return {"seconds": rows, "ratios": table, "goals_met": goals_met(table),
-            "conditions": conditions(stubbed, repeats, calls, shape)}
+            "conditions": conditions(stubbed, repeats, calls, shape, gpt2)}
 
 
 def _shape(text: str) -> dict:

@@ -173,7 +173,7 @@ def best_per_call(rows: dict[str, Timed], repeats: int, calls: int) -> dict[str,
     return best
 
 
-def _layer_inputs(device, bias: bool, shape: dict):
+def _layer_inputs(device, bias: bool, shape: dict = SHAPE):
     generator = torch.Generator().manual_seed(0)
     M, K, N, r = shape["M"], shape["K"], shape["N"], shape["r"]
 

@@ -33,16 +33,17 @@ lora_linear:  y = x @ W.T + bias + s * dropout_p(x) @ A.T @ B.T; W and bias froz
 Modes: fwd (a forward with autograd recording, as in training), bwd (the backward of a graph built once outside the
 timing, run with retain_graph; the native providers call their backward function on saved tensors), fwd+bwd.
 
-lora_launches: each kernel launch of the fused op alone, on the launchers (no autograd), next to the cuBLAS GEMMs
-and a copy of x that bound them: where the fused op's time goes. The Triton engine's: shrink, forward_matmul,
-grad_ab (both gradient kernels), input_grad; the cuBLAS-composed engine's: shrink_expand (S and y's start),
-addmm_fwd (y.addmm_(x, W.T) onto it), grad_ab_start (both gradient kernels, the dA one also writing dx's start),
-addmm_dx (dx.addmm_(dy, W)); with W's FP8 copies (made once): the Triton engine's fp8_shrink_quantize (S, x's e4m3
-copy and row scales), fp8_forward_matmul, fp8_grad_ab_quantize (both gradient kernels, then dy's e4m3 copy),
-fp8_input_grad, and the cuBLAS-composed engine's FP8 GEMMs fp8_scaled_mm_fwd and fp8_scaled_mm_dx (torch._scaled_mm
-alone: the FP8 GEMM's own rate); yardsticks floor_fwd (F.linear), floor_bwd (dy @ W), copy_x (x.copy_, the
-memory-bound kernels' yardstick). Each row carries its FLOPs and the fewest bytes it must move (launch_work), so
-time / floor and GB/s against copy_gbps read off directly.
+lora_launches: each kernel launch of the fused op alone, on the launchers (no autograd), next to the cuBLAS GEMMs and
+a copy of x that bound them: where the fused op's time goes. The Triton engine's: shrink, forward_matmul, grad_ab
+(both gradient kernels), input_grad; the cuBLAS-composed engine's: shrink_expand (S and y's start), addmm_fwd
+(y.addmm_(x, W.T) onto it), grad_ab_start (both gradient kernels, the dA one also writing dx's start), addmm_dx
+(dx.addmm_(dy, W)); with W's FP8 copies (made once): the Triton engine's fp8_shrink_quantize (S, x's e4m3 copy and
+row scales), fp8_forward_matmul, fp8_grad_ab_quantize (both gradient kernels, then dy's e4m3 copy), fp8_input_grad,
+and the cuBLAS-composed engine's FP8 GEMMs fp8_scaled_mm_fwd and fp8_scaled_mm_dx (torch._scaled_mm alone: the FP8
+GEMM's own rate), and the forward's in two other modes of torch._scaled_mm, row-wise with fast accumulation
+(fp8_scaled_mm_fwd_fast_accum) and per-tensor with unit scales (fp8_scaled_mm_fwd_tensorwise); yardsticks floor_fwd
+(F.linear), floor_bwd (dy @ W), copy_x (x.copy_, the memory-bound kernels' yardstick). Each row carries its FLOPs and
+the fewest bytes it must move (launch_work), so time / floor and GB/s against copy_gbps read off directly.
 
 merge_and_reinit:  W += s * B @ A;  A <- U(-1/sqrt(K), 1/sqrt(K));  B <- 0   (in place)
   eager          PEFT's merge (delta = B @ A * s, then W += delta) and the re-initialisation as separate ops.
@@ -92,7 +93,12 @@ CUBLAS_LAUNCHES = ("shrink_expand", "addmm_fwd", "grad_ab_start", "addmm_dx")
 # (torch._scaled_mm; its Triton launches are the same quantising shrink and gradient launches).
 FP8_TRITON_LAUNCHES = ("fp8_shrink_quantize", "fp8_forward_matmul", "fp8_grad_ab_quantize", "fp8_input_grad")
 FP8_CUBLAS_GEMMS = ("fp8_scaled_mm_fwd", "fp8_scaled_mm_dx")
-FP8_LAUNCHES = (*FP8_TRITON_LAUNCHES, *FP8_CUBLAS_GEMMS)
+# The forward's FP8 GEMM in the two other modes of torch._scaled_mm that could be faster than the engine's (row-wise
+# scales, exact fp32 accumulation): row-wise with Hopper's fast accumulation, and cuBLAS's per-tensor FP8 GEMM with
+# unit scales (the row and column scales, powers of two, then applied exactly by a pass over the output). Timed, not
+# used by the op: which one runs at FP8's rate decides how the cuBLAS-composed FP8 engine should call it.
+FP8_GEMM_MODES = {"fp8_scaled_mm_fwd_fast_accum": "rowwise_fast_accum", "fp8_scaled_mm_fwd_tensorwise": "tensorwise"}
+FP8_LAUNCHES = (*FP8_TRITON_LAUNCHES, *FP8_CUBLAS_GEMMS, *FP8_GEMM_MODES)
 LAUNCH_PROVIDERS = (*TRITON_LAUNCHES, *CUBLAS_LAUNCHES, *FP8_LAUNCHES, "floor_fwd", "floor_bwd", "copy_x")
 MERGE_PROVIDERS = ("eager", "fused", "fused_fp8", "fused_fp8_cpu_master")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -313,6 +319,8 @@ def launch_work(case: LaunchCase, provider: str) -> tuple[int, int]:
         "fp8_input_grad": (2 * M * N * K + 2 * M * K * r, M * r + r * K + M * K, M * N + N * K + 4 * (M + K)),
         "fp8_scaled_mm_fwd": (2 * M * N * K, M * N, M * K + N * K + 4 * (M + N)),  # xq, sx, wq, sw -> y
         "fp8_scaled_mm_dx": (2 * M * N * K, M * K, M * N + N * K + 4 * (M + K)),  # dyq, sdy, wtq, swt -> dx
+        "fp8_scaled_mm_fwd_fast_accum": (2 * M * N * K, M * N, M * K + N * K + 4 * (M + N)),
+        "fp8_scaled_mm_fwd_tensorwise": (2 * M * N * K, M * N, M * K + N * K + 8),  # xq, wq, two unit scales -> y
     }[provider]
     return flops, wide * size + narrow
 
@@ -607,7 +615,7 @@ def _build_fp8_launch(provider: str, case: LaunchCase, device: torch.device) -> 
     from relora_kernels.kernels.launch import eager_launches
 
     problem = fp8_problem(case, device)
-    if problem is None and provider in FP8_CUBLAS_GEMMS:
+    if problem is None and (provider in FP8_CUBLAS_GEMMS or provider in FP8_GEMM_MODES):
         problem = passes_fp8.scaled_mm_support(device.type, device.index, DTYPES[case.dtype])
     if problem is not None:
         raise Skip(problem)
@@ -632,13 +640,33 @@ def _build_fp8_launch(provider: str, case: LaunchCase, device: torch.device) -> 
         "fp8_scaled_mm_fwd": lambda: passes_fp8.scaled_mm(x_q, x_scale, frozen.q, frozen.scale, x.dtype),
         "fp8_scaled_mm_dx": lambda: passes_fp8.scaled_mm(grad_y_q, grad_y_scale, frozen.q_t, frozen.scale_t,
                                                          x.dtype),
+        **{mode_provider: functools.partial(_scaled_mm_in_mode, mode, x_q, x_scale, frozen.q, frozen.scale, x.dtype)
+           for mode_provider, mode in FP8_GEMM_MODES.items()},
     }[provider]
+    if provider in FP8_GEMM_MODES:
+        try:  # a mode this torch or this GPU lacks is a row not measured, with torch's reason
+            launch()
+        except (RuntimeError, TypeError, NotImplementedError) as error:
+            raise Skip(f"torch {torch.__version__}: torch._scaled_mm ({FP8_GEMM_MODES[provider]}): "
+                       f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
 
     def run():
         with eager_launches():  # as the op launches them eagerly (see build_launch)
             return launch()
 
     return run
+
+
+def _scaled_mm_in_mode(mode: str, lhs_q, lhs_scale, rhs_q, rhs_scale, out_dtype) -> torch.Tensor:
+    """lhs_q @ rhs_q.T on torch._scaled_mm in one of FP8_GEMM_MODES: row-wise scales with fast accumulation, or unit
+    tensor-wise scales (the product left unscaled). Arguments by keyword, as passes_fp8.scaled_mm passes them."""
+    if mode == "tensorwise":
+        one = lhs_scale.new_ones(())
+        out = torch._scaled_mm(lhs_q, rhs_q.T, scale_a=one, scale_b=one, out_dtype=out_dtype, use_fast_accum=False)
+    else:
+        out = torch._scaled_mm(lhs_q, rhs_q.T, scale_a=lhs_scale[:, None], scale_b=rhs_scale[None, :],
+                               out_dtype=out_dtype, use_fast_accum=True)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def build(provider: str, case, device: torch.device) -> Callable:

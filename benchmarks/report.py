@@ -20,6 +20,7 @@ from . import time_model
 from .cases import (
     CUBLAS_LAUNCHES,
     FP8_CUBLAS_GEMMS,
+    FP8_GEMM_MODES,
     FP8_PROVIDERS,
     FP8_TRITON_LAUNCHES,
     HEADLINE,
@@ -378,11 +379,12 @@ _LAUNCH_YARDSTICK = {"forward_matmul": "floor_fwd", "input_grad": "floor_bwd", "
                      "addmm_dx": "floor_bwd", "shrink": "copy_x", "grad_ab": "copy_x", "shrink_expand": "copy_x",
                      "grad_ab_start": "copy_x", "fp8_shrink_quantize": "copy_x", "fp8_grad_ab_quantize": "copy_x",
                      "fp8_forward_matmul": "fp8_scaled_mm_fwd", "fp8_input_grad": "fp8_scaled_mm_dx",
-                     "fp8_scaled_mm_fwd": "floor_fwd", "fp8_scaled_mm_dx": "floor_bwd"}
+                     "fp8_scaled_mm_fwd": "floor_fwd", "fp8_scaled_mm_dx": "floor_bwd",
+                     **dict.fromkeys(FP8_GEMM_MODES, "fp8_scaled_mm_fwd")}
 _MEMORY_BOUND = ("shrink", "grad_ab", "shrink_expand", "grad_ab_start", "fp8_shrink_quantize", "fp8_grad_ab_quantize")
 _ENGINE_OF_LAUNCH = {**dict.fromkeys(TRITON_LAUNCHES, "triton"), **dict.fromkeys(CUBLAS_LAUNCHES, "cublas"),
                      **dict.fromkeys(FP8_TRITON_LAUNCHES, "fp8_triton"),
-                     **dict.fromkeys(FP8_CUBLAS_GEMMS, "fp8_cublas")}
+                     **dict.fromkeys((*FP8_CUBLAS_GEMMS, *FP8_GEMM_MODES), "fp8_cublas")}
 
 
 def _launch_section(results: dict) -> list[str]:
@@ -398,10 +400,13 @@ def _launch_section(results: dict) -> list[str]:
              "forward_matmul, grad_ab, input_grad; the cuBLAS-composed engine's shrink_expand, addmm_fwd, "
              "grad_ab_start, addmm_dx; with FP8 frozen weights the Triton engine's fp8_shrink_quantize, "
              "fp8_forward_matmul, fp8_grad_ab_quantize, fp8_input_grad and the cuBLAS-composed engine's FP8 GEMMs "
-             "fp8_scaled_mm_fwd / _dx. `vs yardstick`: a GEMM launch's time over cuBLAS's GEMM of the same shape "
-             "(floor_fwd / floor_bwd; a Triton FP8 GEMM's over the cuBLAS FP8 GEMM's, whose own ratio is its time "
-             "over the bf16 GEMM's), a memory-bound launch's GB/s (the fewest bytes it must move, "
-             "cases.launch_work) over copy_x's.", ""]
+             "fp8_scaled_mm_fwd / _dx, beside the forward's FP8 GEMM in torch._scaled_mm's other modes "
+             "(fp8_scaled_mm_fwd_fast_accum: row-wise, fast accumulation; fp8_scaled_mm_fwd_tensorwise: unit "
+             "per-tensor scales, the scaling left to a pass over the output). `vs yardstick`: a GEMM launch's time "
+             "over cuBLAS's GEMM of the same shape (floor_fwd / floor_bwd; a Triton FP8 GEMM's over the cuBLAS FP8 "
+             "GEMM's, whose own ratio is its time over the bf16 GEMM's; the other modes' over the engine's "
+             "fp8_scaled_mm_fwd), a memory-bound launch's GB/s (the fewest bytes it must move, cases.launch_work) "
+             "over copy_x's.", ""]
     table, totals = [], []
     for (layer, M, K, N, r, p, dtype), providers in groups.items():
         floor = [_ms(providers.get(q)) for q in ("floor_fwd", "floor_bwd")]

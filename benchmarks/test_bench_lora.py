@@ -50,6 +50,37 @@ def test_lora_launch(provider, device, run_case):
     run_case(_build(provider, cases.launch_grid("quick" if HAS_CUDA else "smoke")[0], device))
 
 
+def test_the_tensorwise_fp8_gemm_scaled_after_is_the_engines_rowwise_product(device):
+    # fp8_scaled_mm_fwd_tensorwise times cuBLAS's per-tensor FP8 GEMM with unit scales, the row and column scales left
+    # to a pass over the output: that pass multiplies by powers of two, exact, so the two ways give one product up to
+    # their own roundings. Each is an fp32 sum of exact e4m3 products (error <= K * 2**-24 * |xq| @ |wq|.T, scaled),
+    # rounded once into the output dtype (<= u * |value|); two of them apart by at most twice that. A scale applied
+    # twice or not at all is off by a factor of 2**k instead.
+    from relora_kernels.kernels import passes_fp8
+
+    case = cases.launch_grid("quick" if HAS_CUDA else "smoke")[0]
+    dtype = cases.DTYPES[case.dtype]
+    problem = cases.fp8_problem(case, device) or passes_fp8.scaled_mm_support(device.type, device.index, dtype)
+    if problem is not None:
+        pytest.skip(problem)
+    generator = torch.Generator().manual_seed(0)
+    # Rows of very different sizes, so that the scales differ by many powers of two.
+    x = (torch.randn(case.M, case.K, generator=generator) * 2.0 ** torch.randint(-6, 7, (case.M, 1),
+                                                                                 generator=generator)).to(device)
+    weight = (torch.randn(case.N, case.K, generator=generator) * 2.0 ** torch.randint(-6, 7, (case.N, 1),
+                                                                                      generator=generator)).to(device)
+    x_q, x_scale = reference.quantize_fp8_rows(x)
+    w_q, w_scale = reference.quantize_fp8_rows(weight)
+    rowwise = passes_fp8.scaled_mm(x_q, x_scale, w_q, w_scale, dtype).double()
+    unscaled = cases._scaled_mm_in_mode("tensorwise", x_q, x_scale, w_q, w_scale, dtype).double()
+    scaled_after = unscaled * x_scale.double()[:, None] * w_scale.double()[None, :]
+    exact = reference.dequantize_fp8_rows(x_q, x_scale) @ reference.dequantize_fp8_rows(w_q, w_scale).T
+    magnitude = reference.dequantize_fp8_rows(x_q, x_scale).abs() @ reference.dequantize_fp8_rows(w_q, w_scale).abs().T
+    one_way = torch.finfo(dtype).eps / 2 * exact.abs() + case.K * 2.0 ** -24 * magnitude * (1 + torch.finfo(dtype).eps)
+    assert (scaled_after - rowwise).abs().le(2 * one_way).all()
+    assert (rowwise - exact).abs().le(one_way).all()  # the engine's product itself, as the bound assumes
+
+
 @pytest.mark.parametrize("provider", [*cases.TRITON_LAUNCHES, *cases.CUBLAS_LAUNCHES])
 def test_each_launch_row_times_the_launch_not_the_tracing_wrapper(provider, device, monkeypatch):
     # Outside a triton_op, torch.library.wrap_triton dispatches every launch through its higher-order op (~380 us

@@ -202,8 +202,8 @@ def test_launch_breakdown_holds_each_launch_against_its_yardstick():
     times = {"shrink": shrink_ms, "forward_matmul": 0.5, "grad_ab": 0.05, "input_grad": 0.5, "shrink_expand": 0.03,
              "addmm_fwd": 0.46, "grad_ab_start": 0.06, "addmm_dx": 0.46, "fp8_shrink_quantize": 0.04,
              "fp8_forward_matmul": 0.3, "fp8_grad_ab_quantize": 0.07, "fp8_input_grad": 0.3,
-             "fp8_scaled_mm_fwd": 0.25, "fp8_scaled_mm_dx": 0.25, "floor_fwd": 0.45, "floor_bwd": 0.45,
-             "copy_x": copy_ms}
+             "fp8_scaled_mm_fwd": 0.25, "fp8_scaled_mm_dx": 0.25, "fp8_scaled_mm_fwd_fast_accum": 0.2,
+             "fp8_scaled_mm_fwd_tensorwise": 0.15, "floor_fwd": 0.45, "floor_bwd": 0.45, "copy_x": copy_ms}
     rows = [{**case.row(), "provider": provider, "median_ms": ms, "p20_ms": ms, "p80_ms": ms, "peak_mem_mb": 0.0,
              **cases.metrics(case, provider, ms), "status": "ok"} for provider, ms in times.items()]
     text = report.markdown({**fake_results(), "rows": rows})
@@ -219,6 +219,10 @@ def test_launch_breakdown_holds_each_launch_against_its_yardstick():
     assert table["fp8_forward_matmul"][6] == "fp8_triton" and table["fp8_scaled_mm_dx"][6] == "fp8_cublas"
     assert float(table["fp8_forward_matmul"][11]) == pytest.approx(0.3 / 0.25, rel=5e-3)
     assert float(table["fp8_scaled_mm_fwd"][11]) == pytest.approx(0.25 / 0.45, rel=5e-3)
+    # The forward's FP8 GEMM in torch._scaled_mm's other modes, against the engine's own (row-wise, exact accumulation).
+    assert table["fp8_scaled_mm_fwd_tensorwise"][6] == "fp8_cublas"
+    assert float(table["fp8_scaled_mm_fwd_fast_accum"][11]) == pytest.approx(0.2 / 0.25, rel=5e-3)
+    assert float(table["fp8_scaled_mm_fwd_tensorwise"][11]) == pytest.approx(0.15 / 0.25, rel=5e-3)
     quantize_gbps = cases.launch_work(case, "fp8_shrink_quantize")[1] / 0.04e-3 / 1e9
     assert float(table["fp8_shrink_quantize"][11]) == pytest.approx(quantize_gbps / 2000, rel=5e-3)
     (totals,) = [line for line in lines if len(line) == 9]  # each engine's launches over the floor, side by side

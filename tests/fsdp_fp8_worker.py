@@ -1,6 +1,6 @@
-"""Worker of tests/test_fsdp_fp8.py: `torchrun --nproc_per_node=WORLD tests/fsdp_fp8_worker.py OUT_DIR` on CPU
-with gloo, for a model of LoRALinear(frozen_dtype="fp8") layers whose W is sharded by fsdp_shard_fp8_weights and
-left out of fully_shard (ignored_params). Rank 0 writes OUT_DIR/results_WORLD.json:
+"""Worker of tests/test_fsdp_fp8.py: `torchrun --nproc_per_node=WORLD tests/fsdp_fp8_worker.py OUT_DIR
+[--compiled]` on CPU with gloo, for a model of LoRALinear(frozen_dtype="fp8") layers whose W is sharded by
+fsdp_shard_fp8_weights and left out of fully_shard (ignored_params). Rank 0 writes OUT_DIR/results_WORLD.json:
 
   runs       on the reference backend, and when TRITON_INTERPRET=1 on the kernels with each engine of the
              frozen GEMMs ("triton": the FP8 Triton GEMM, "cublas": torch._scaled_mm composed): at the start,
@@ -11,8 +11,9 @@ left out of fully_shard (ignored_params). Rank 0 writes OUT_DIR/results_WORLD.js
              step's losses and input gradients against that model's from the same state, the reduced gradients of
              the factors beside its sum of the shares', and the all-gathers of each pass; the quantising launches
   errors     what fully_shard says to an FP8 layer fsdp_shard_fp8_weights has not sharded first
-  compiled   on the kernels with each engine: every FP8 layer of a sharded model compiled (fullgraph), one step
-             against the same model eager: loss, input gradient and reduced gradients equal, per name
+  compiled   with --compiled, on the kernels with each engine: every FP8 layer of a sharded model compiled
+             (fullgraph), one step against the same model eager: loss, input gradient and reduced gradients equal,
+             per name (each rank's first compile costs ~10 s of CPU)
 """
 
 from __future__ import annotations
@@ -264,7 +265,7 @@ def error_checks() -> dict:
 
 
 def main() -> None:
-    out_dir = Path(sys.argv[1])
+    out_dir, compiled = Path(sys.argv[1]), sys.argv[2:] == ["--compiled"]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -278,7 +279,7 @@ def main() -> None:
                "not_run": {"cublas": without} if without is not None else {}, "errors": error_checks()}
     # Each rank compiles into a cache of its own: ranks sharing one can load a library another is still writing.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(out_dir / f"inductor_cache_{rank}")
-    results["compiled"] = {run: compiled_check(run, rank, world) for run in runs if run != "reference"}
+    results["compiled"] = {run: compiled_check(run, rank, world) for run in runs if run != "reference" and compiled}
     finish_gloo_worker(results, out_dir / f"results_{world}.json", rank)
 
 

@@ -2,11 +2,12 @@
 and left out of fully_shard, each rank's FP8 copies of its own rows, gathered whole for the GEMMs.
 
 One torchrun launch of tests/fsdp_fp8_worker.py per world size (module-scoped fixture) computes everything, for the
-reference backend and for the Triton kernels (through the interpreter) on both engines of the frozen GEMMs; the
-tests read its results. The copies are compared bit for bit with the whole W's quantisation (row scales are per
-row, and the backward copy's are the whole W's column maxima, all-reduced), and every training step with a
-one-process model given the same state, which performs the ranks' operations on the ranks' shapes: losses, input
-gradients and outputs equal to the bit, the reduced factor gradients within the rounding of their sum's order.
+reference backend and for the Triton kernels (through the interpreter) on both engines of the frozen GEMMs, and at
+4 processes the compiled layers; the tests read its results. The copies are compared bit for bit with the whole W's
+quantisation (row scales are per row, and the backward copy's are the whole W's column maxima, all-reduced), and
+every training step with a one-process model given the same state, which performs the ranks' operations on the
+ranks' shapes: losses, input gradients and outputs equal to the bit, the reduced factor gradients within the
+rounding of their sum's order.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ RUNS = ("reference", "triton", "cublas")  # the reference; the kernels with each
 # The worker's layers: out_features, and so the rows each rank holds (torch.chunk's split)
 ROWS = {"up": 7, "head": 3}
 FIELDS = ("q", "scale", "q_t", "scale_t")
+# The world size whose launch also compiles the layers: its ranks split both layers unevenly and one of them holds
+# none of the head's rows, which covers what 2 processes would.
+COMPILED_AT_WORLD = 4
+# Under pytest-xdist (--dist loadgroup) one worker runs this module: each world size's launch is made once.
+pytestmark = pytest.mark.xdist_group("fsdp_fp8")
 
 
 def _chunks(rows: int, world: int) -> list[int]:
@@ -38,17 +44,30 @@ def _chunks(rows: int, world: int) -> list[int]:
     return [max(0, min(per_rank, rows - rank * per_rank)) for rank in range(world)]
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda world: f"world{world}")
-def results(request, tmp_path_factory):
-    world = request.param
-    out_dir = tmp_path_factory.mktemp(f"fsdp_fp8_{world}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT", "TRITON_INTERPRET": "1",
-           "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(WORKER),
-           str(out_dir)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return json.loads((out_dir / f"results_{world}.json").read_text())
+@pytest.fixture(scope="module")
+def results_at(tmp_path_factory):
+    """results_at(world): the worker's results at that world size, launched once per process whatever order the
+    tests run in (the compiled test reads the 4-process launch outside the parametrised fixture's order)."""
+    launched = {}
+
+    def at(world: int) -> dict:
+        if world not in launched:
+            out_dir = tmp_path_factory.mktemp(f"fsdp_fp8_{world}")
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT", "TRITON_INTERPRET": "1",
+                   "PYTHONPATH": str(ROOT)}
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                   str(WORKER), str(out_dir), *(["--compiled"] if world == COMPILED_AT_WORLD else [])]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+            launched[world] = json.loads((out_dir / f"results_{world}.json").read_text())
+        return launched[world]
+
+    return at
+
+
+@pytest.fixture(scope="module", params=[2, COMPILED_AT_WORLD], ids=lambda world: f"world{world}")
+def results(request, results_at):
+    return results_at(request.param)
 
 
 def run_of(results, name: str) -> dict:
@@ -137,9 +156,10 @@ def test_the_kernels_quantised_the_shards(results, engine):
 @pytest.mark.parametrize("engine", RUNS[1:])
 @pytest.mark.slow
 @needs_gloo
-def test_compiled_sharded_fp8_layers_equal_eager(results, engine):
+def test_compiled_sharded_fp8_layers_equal_eager(results_at, engine):
     # Compiled, a sharded layer gathers its copies inside its graph (functional collectives, fullgraph); the
     # kernels are opaque ops there, so a step gives eager's loss, input gradient and reduced gradients to the bit.
+    results = results_at(COMPILED_AT_WORLD)
     run_of(results, engine)  # skips where the engine did not run
     same = results["compiled"][engine]
     assert same and all(same.values()), same

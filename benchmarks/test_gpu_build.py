@@ -17,8 +17,7 @@ import pytest
 
 from benchmarks import time_model
 
-# The builds run in a subprocess; under pytest-xdist (--dist loadgroup) one worker runs this module, so they run once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gpu_build")]
+pytestmark = pytest.mark.slow  # the builds run in a subprocess
 ROOT = Path(__file__).resolve().parent.parent
 GEMM_KERNELS = {"fused_matmul_kernel", "shrink_kernel", "grad_b_kernel", "grad_a_kernel", "merge_kernel"}
 

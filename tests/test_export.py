@@ -21,8 +21,6 @@ RELORA_8 = ("--mode", "relora", "--max_steps", "8", "--warmup_full_steps", "2", 
             "--restart_warmup_steps", "1", "--warmup_steps", "1", "--eval_every", "4", "--ckpt_every", "4",
             "--lr", "3e-3")
 FAMILIES = {"gpt2": (), "llama": ("--preset", "llama-tiny", "--intermediate_size", "64")}
-# Under pytest-xdist (--dist loadgroup) one worker runs this module: the trained runs are made once.
-pytestmark = pytest.mark.xdist_group("export")
 
 
 @pytest.fixture(scope="module")

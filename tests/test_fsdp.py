@@ -32,10 +32,8 @@ SEED = 11  # the worker's ReLoRA seed
 LAYERS = {"block.up": (8 / 4, 4, 6), "block.mid": (1.0, 1, 7), "head": (1.0, 2, 5)}
 BACKENDS = ("reference", "triton")
 
-# Under pytest-xdist (--dist loadgroup) one worker runs this module: the torchrun launch is made once.
 pytestmark = [pytest.mark.slow,  # torchrun
-              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"),
-              pytest.mark.xdist_group("fsdp")]
+              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")]
 
 
 @pytest.fixture(scope="module")

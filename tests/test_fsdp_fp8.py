@@ -35,8 +35,6 @@ FIELDS = ("q", "scale", "q_t", "scale_t")
 # The world size whose launch also compiles the layers: its ranks split both layers unevenly and one of them holds
 # none of the head's rows, which covers what 2 processes would.
 COMPILED_AT_WORLD = 4
-# Under pytest-xdist (--dist loadgroup) one worker runs this module: each world size's launch is made once.
-pytestmark = pytest.mark.xdist_group("fsdp_fp8")
 
 
 def _chunks(rows: int, world: int) -> list[int]:

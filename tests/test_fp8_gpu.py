@@ -43,6 +43,19 @@ def test_fp8_op_on_gpu_matches_float64_reference(shape, dropout_p):
     check_against_float64_reference(make_inputs(lead, k, n, 16, dtype, device="cuda"), 0.5, dropout_p, 7, dtype)
 
 
+def test_a_planned_fp8_call_matches_float64_reference():
+    # The second call of a key runs its plan: each compiled launcher started by kernels/launch.py itself (its
+    # AlignedLaunch), not by Triton's own launch as the first call.
+    dtype = torch.bfloat16
+    if (reason := _skip_reason(dtype)) is not None:
+        pytest.skip(reason)
+    rk.configure(backend="triton")
+    lead, k, n = SHAPES["4096 x 768 x 3072"]
+    inputs = make_inputs(lead, k, n, 16, dtype, device="cuda")
+    for _ in range(2):
+        check_against_float64_reference(inputs, 0.5, 0.1, 7, dtype)
+
+
 def test_a_gpu_without_fp8_tensor_cores_raises_naming_it():
     if GPU_DRY_RUN or not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

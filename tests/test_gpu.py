@@ -144,6 +144,18 @@ def test_realistic_shapes_match_float64_reference(shape, rank, dropout_p, dtype,
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_planned_call_matches_float64_reference(dtype, kernel_calls, poisoned_outputs):
+    # The second call of a key runs its plan (kernels/passes.py): each compiled launcher started by kernels/launch.py
+    # itself (its AlignedLaunch), not by Triton's own launch as the first call; poisoned, an output it left unwritten
+    # fails.
+    inputs = make_inputs((2048,), 768, 3072, 16, dtype, device=DEVICE)
+    for _ in range(2):
+        check_against_reference(inputs, 2.0, 0.1, 2025, dtype)
+    assert kernel_calls == {"lora_forward": 2, "lora_backward": 2}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rank", [1, 17, 128, 256])
 def test_odd_ranks_and_3d_input(rank, dtype, kernel_calls, poisoned_outputs):
     # r = 1 and r < 16 are padded to 16, r = 17 to 32; 3-D x with a prime token count (2 x 1021).

@@ -5,6 +5,7 @@
     python -m benchmarks.host_overhead --quick            # 3 repeats x 10 calls (CI: the code cannot rot)
     python -m benchmarks.host_overhead --small-kernels    # the small ATen kernels of one planned fwd+bwd, as JSON
     python -m benchmarks.host_overhead --shape 16,16,16,16  # the layer rows at another M,K,N,r
+    python -m benchmarks.host_overhead --backward engine  # layer rows as within a model's backward (see below)
 
 A GPU runs only as fast as the host feeds it: when one call's host time exceeds its GPU time the op is host-bound,
 whatever its kernels do. This measures the host side alone.
@@ -18,7 +19,10 @@ baseline) run on the CPU, tiny: their time is an upper bound of their dispatch o
 real and the timed calls run on the GPU (its queue is far from full at these sizes, so the host is what is timed).
 One thread; each row is the thread's CPU time per call, the minimum over `repeats` rounds of the mean of `calls`
 calls, the rows taking turns in a shuffled order within each round (the GPT-2 rows apart, with fewer of both), and
-every ratio is to rows of the same run.
+every ratio is to rows of the same run. Each layer row runs its backward with torch.autograd.grad, as a call of the
+op by itself would; that function's Python checks of its arguments (~25-30 us of every layer row on a 2-vCPU x86_64
+VM) are paid once per backward call, which a model makes once per step for all its layers: `--backward engine` runs
+the autograd engine alone instead, the per-layer share of a model's step (the GPT-2 rows are whole steps either way).
 
 Rows (fp32, M=64 tokens, K=48, N=80, r=16 unless named or --shape given; " bias": the layer has a bias, which the
 backward's gradients include; every fused row is compared with the floor and eager rows of the same bias):
@@ -185,11 +189,26 @@ def _layer_inputs(device, bias: bool, shape: dict = SHAPE):
                            grad_y=randn(M, N))
 
 
-def _fwd_bwd(forward, inputs):
+def _engine_backward(y: torch.Tensor, wrt: list[torch.Tensor], grad_y: torch.Tensor):
+    """torch.autograd.grad without its Python wrapper: the autograd engine's run over the graph, as torch.autograd.grad
+    calls it once its checks of the arguments have passed. Those checks (~23-31 us on the project's CPU machines for
+    1-4 inputs) are paid once per backward call: once per training step, not once per layer."""
+    from torch.autograd.graph import _engine_run_backward
+
+    return _engine_run_backward((y,), (grad_y,), False, False, tuple(wrt), False, accumulate_grad=False)
+
+
+# How a row runs its backward (--backward): torch.autograd.grad, as one call of the op by itself would; or the
+# autograd engine alone, as a layer's backward runs within a model's (the wrapper's checks are the step's).
+BACKWARDS = {"grad": torch.autograd.grad, "engine": _engine_backward}
+
+
+def _fwd_bwd(forward, inputs, backward: str = "grad"):
     wrt = [t for t in (inputs.x, inputs.lora_a, inputs.lora_b, inputs.bias) if t is not None]
+    run_backward = BACKWARDS[backward]
 
     def call():
-        torch.autograd.grad(forward(), wrt, inputs.grad_y)
+        run_backward(forward(), wrt, inputs.grad_y)
 
     return call
 
@@ -221,19 +240,19 @@ class _AllocatingFunction(torch.autograd.Function):
 _apply_allocating = super(torch.autograd.Function, _AllocatingFunction).apply
 
 
-def layer_rows(device, shape: dict = SHAPE) -> dict[str, Timed]:
+def layer_rows(device, shape: dict = SHAPE, backward: str = "grad") -> dict[str, Timed]:
     rows = {}
     bare = _layer_inputs(device, False, shape)
     rows["autograd floor"] = Timed(_fwd_bwd(lambda: _apply_allocating(
-        bare.x, bare.weight, bare.lora_a, bare.lora_b, None, 2.0, 0.0, None, False, (), None), bare))
+        bare.x, bare.weight, bare.lora_a, bare.lora_b, None, 2.0, 0.0, None, False, (), None), bare, backward))
     for bias in (True, False):
         plain = _layer_inputs(device, bias, shape)
         rows["floor" + _bias_suffix(bias)] = Timed(_fwd_bwd(
             lambda plain=plain: F.linear(plain.x, plain.weight, plain.bias),
-            SimpleNamespace(x=plain.x, lora_a=None, lora_b=None, bias=plain.bias, grad_y=plain.grad_y)))
+            SimpleNamespace(x=plain.x, lora_a=None, lora_b=None, bias=plain.bias, grad_y=plain.grad_y), backward))
         for p in DROPOUTS:
             rows[f"eager p={p:g}{_bias_suffix(bias)}"] = Timed(_fwd_bwd(lambda p=p, plain=plain: eager_lora_linear(
-                plain.x, plain.weight, plain.bias, plain.lora_a, plain.lora_b, 2.0, p), plain))
+                plain.x, plain.weight, plain.bias, plain.lora_a, plain.lora_b, 2.0, p), plain, backward))
     for engine in ENGINES:
         for p in DROPOUTS:
             for bias in (True, False):
@@ -242,11 +261,11 @@ def layer_rows(device, shape: dict = SHAPE) -> dict[str, Timed]:
                 def forward(inputs=inputs, p=p):
                     return rk.lora_linear(inputs.x, inputs.weight, inputs.lora_a, inputs.lora_b, 2.0, inputs.bias, p)
 
-                rows[f"fused {engine} p={p:g}{_bias_suffix(bias)}"] = Timed(_fwd_bwd(forward, inputs), engine)
+                rows[f"fused {engine} p={p:g}{_bias_suffix(bias)}"] = Timed(_fwd_bwd(forward, inputs, backward), engine)
     return rows
 
 
-def fp8_rows(device, shape: dict = SHAPE) -> dict[str, Timed]:
+def fp8_rows(device, shape: dict = SHAPE, backward: str = "grad") -> dict[str, Timed]:
     from relora_kernels.kernels.passes_fp8 import scaled_mm_support
 
     rows = {}
@@ -262,7 +281,7 @@ def fp8_rows(device, shape: dict = SHAPE) -> dict[str, Timed]:
             def forward(inputs=inputs, frozen=frozen, p=p):
                 return rk.lora_linear_fp8(inputs.x, frozen, inputs.lora_a, inputs.lora_b, 2.0, inputs.bias, p)
 
-            rows[f"fp8 {engine} p={p:g} bias"] = Timed(_fwd_bwd(forward, inputs), engine)
+            rows[f"fp8 {engine} p={p:g} bias"] = Timed(_fwd_bwd(forward, inputs, backward), engine)
     return rows
 
 
@@ -355,7 +374,8 @@ def goals_met(table: dict[str, dict[str, float]]) -> dict[str, bool]:
             if not name.startswith("fp8 ") for against, value in against_values.items()}
 
 
-def conditions(stubbed: bool, repeats: int, calls: int, shape: dict = SHAPE, gpt2: bool = True) -> dict:
+def conditions(stubbed: bool, repeats: int, calls: int, shape: dict = SHAPE, gpt2: bool = True,
+               backward: str = "grad") -> dict:
     import triton
 
     return {
@@ -363,9 +383,11 @@ def conditions(stubbed: bool, repeats: int, calls: int, shape: dict = SHAPE, gpt
         "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
         "launches": "stand-in sm_90 driver, no driver call" if stubbed else "real, on " + torch.cuda.get_device_name(),
         "shape": shape, "dtype": "fp32", "repeats": repeats, "calls": calls,
+        "layer backward": "torch.autograd.grad" if backward == "grad" else "the autograd engine alone",
         "command": "python -m benchmarks.host_overhead" + (" --quick" if repeats < 15 else "")
         + ("" if gpt2 else " --no-gpt2")
-        + ("" if shape == SHAPE else " --shape " + ",".join(str(shape[d]) for d in "MKNr")),
+        + ("" if shape == SHAPE else " --shape " + ",".join(str(shape[d]) for d in "MKNr"))
+        + ("" if backward == "grad" else " --backward " + backward),
     }
 
 
@@ -429,18 +451,18 @@ def small_kernels() -> dict[str, dict[str, int]]:
     return counts
 
 
-def run(repeats: int, calls: int, gpt2: bool = True, shape: dict = SHAPE) -> dict:
+def run(repeats: int, calls: int, gpt2: bool = True, shape: dict = SHAPE, backward: str = "grad") -> dict:
     torch.set_num_threads(1)
     stubbed = not torch.cuda.is_available()
     device = torch.device("cpu" if stubbed else "cuda")
     with stubbed_launches() if stubbed else rk.settings(backend="triton"):
-        rows = best_per_call(layer_rows(device, shape) | fp8_rows(device, shape) | merge_rows(device, shape), repeats,
-                             calls)
+        rows = best_per_call(layer_rows(device, shape, backward) | fp8_rows(device, shape, backward)
+                             | merge_rows(device, shape), repeats, calls)
         if gpt2:  # a step is ~200 layer calls: fewer rounds and calls
             rows |= best_per_call(gpt2_rows(device), max(1, repeats // 3), max(1, calls // 8))
     table = ratios(rows)
     return {"seconds": rows, "ratios": table, "goals_met": goals_met(table),
-            "conditions": conditions(stubbed, repeats, calls, shape, gpt2)}
+            "conditions": conditions(stubbed, repeats, calls, shape, gpt2, backward)}
 
 
 def _shape(text: str) -> dict:
@@ -464,6 +486,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", type=_shape, default=SHAPE, metavar="M,K,N,r",
                         help="the layer rows' shape (default 64,48,80,16); the smaller, the less of the CPU's own "
                              "matmuls (which a GPU runs) is left in the floor, eager and cuBLAS-composed rows")
+    parser.add_argument("--backward", choices=tuple(BACKWARDS), default="grad",
+                        help="how the layer rows run their backward: torch.autograd.grad (default), or the autograd "
+                             "engine alone, without the wrapper's argument checks, which a model pays once per step")
     parser.add_argument("--small-kernels", action="store_true",
                         help="print the small ATen kernels of one planned fwd+bwd per engine as JSON, time nothing")
     args = parser.parse_args(argv)
@@ -473,7 +498,7 @@ def main(argv=None) -> int:
         print(json.dumps(small_kernels()))
         return 0
     repeats, calls = (3, 10) if args.quick else (args.repeats, args.calls)
-    result = run(repeats, calls, args.gpt2, args.shape)
+    result = run(repeats, calls, args.gpt2, args.shape, args.backward)
     text = markdown(result)
     print(text)
     if args.out:

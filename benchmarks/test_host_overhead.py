@@ -53,3 +53,33 @@ def test_host_overhead_refuses_a_shape_that_is_not_four_positive_integers(text):
     done = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--quick", "--shape", text], cwd=ROOT,
                           env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "four positive integers M,K,N,r" in done.stderr
+
+
+def test_the_engine_backward_gives_what_torch_autograd_grad_gives():
+    """--backward engine times the same backward as the default, less torch.autograd.grad's argument checks."""
+    from benchmarks.host_overhead import BACKWARDS
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=generator, dtype=torch.float64)
+                       for shape in ((5, 3), (4, 3), (4,)))
+    wrt = [x.requires_grad_(), bias.requires_grad_()]
+    grad_y = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    by_grad, by_engine = (BACKWARDS[name](torch.nn.functional.linear(x, weight, bias), wrt, grad_y)
+                          for name in ("grad", "engine"))
+    assert len(by_grad) == len(by_engine) == 2
+    for got, want in zip(by_engine, by_grad, strict=True):
+        assert torch.equal(got, want)  # the same graph run by the same engine
+    # and both are dx = dy @ W, dbias = dy.sum(0): float64 sums of 4 and 5 terms, each rounding bounded by n * eps
+    eps = torch.finfo(torch.float64).eps
+    assert torch.all((by_engine[0] - grad_y @ weight).abs() <= 4 * eps * (grad_y.abs() @ weight.abs()))
+    assert torch.all((by_engine[1] - grad_y.sum(0)).abs() <= 5 * eps * grad_y.abs().sum(0))
+    assert x.grad is None and bias.grad is None  # like torch.autograd.grad: nothing accumulated into .grad
+
+
+def test_the_conditions_name_the_layer_rows_backward():
+    from benchmarks.host_overhead import SHAPE, conditions
+
+    engine = conditions(True, 15, 40, SHAPE, False, "engine")
+    assert engine["layer backward"] == "the autograd engine alone"
+    assert engine["command"] == "python -m benchmarks.host_overhead --no-gpt2 --backward engine"
+    assert conditions(True, 15, 40)["command"] == "python -m benchmarks.host_overhead"

@@ -20,9 +20,10 @@ real and the timed calls run on the GPU (its queue is far from full at these siz
 One thread; each row is the thread's CPU time per call, the minimum over `repeats` rounds of the mean of `calls`
 calls, the rows taking turns in a shuffled order within each round (the GPT-2 rows apart, with fewer of both), and
 every ratio is to rows of the same run. Each layer row runs its backward with torch.autograd.grad, as a call of the
-op by itself would; that function's Python checks of its arguments (~25-30 us of every layer row on a 2-vCPU x86_64
-VM) are paid once per backward call, which a model makes once per step for all its layers: `--backward engine` runs
-the autograd engine alone instead, the per-layer share of a model's step (the GPT-2 rows are whole steps either way).
+op by itself would; that function's Python checks of its arguments (a layer row is 23-47 us faster without them
+on a 2-vCPU x86_64 VM) are paid once per backward call, which a model makes once per step for all its layers:
+`--backward engine` runs the autograd engine alone instead, the per-layer share of a model's step (the GPT-2 rows
+are whole steps either way).
 
 Rows (fp32, M=64 tokens, K=48, N=80, r=16 unless named or --shape given; " bias": the layer has a bias, which the
 backward's gradients include; every fused row is compared with the floor and eager rows of the same bias):

@@ -66,6 +66,7 @@ from unittest import mock
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.graph import _engine_run_backward
 
 import relora_kernels as rk
 from benchmarks.cases import eager_lora_linear
@@ -194,8 +195,6 @@ def _engine_backward(y: torch.Tensor, wrt: list[torch.Tensor], grad_y: torch.Ten
     """torch.autograd.grad without its Python wrapper: the autograd engine's run over the graph, as torch.autograd.grad
     calls it once its checks of the arguments have passed. Those checks (~23-31 us on the project's CPU machines for
     1-4 inputs) are paid once per backward call: once per training step, not once per layer."""
-    from torch.autograd.graph import _engine_run_backward
-
     return _engine_run_backward((y,), (grad_y,), False, False, tuple(wrt), False, accumulate_grad=False)
 
 

@@ -20,7 +20,7 @@ real and the timed calls run on the GPU (its queue is far from full at these siz
 One thread; each row is the thread's CPU time per call, the minimum over `repeats` rounds of the mean of `calls`
 calls, the rows taking turns in a shuffled order within each round (the GPT-2 rows apart, with fewer of both), and
 every ratio is to rows of the same run. Each layer row runs its backward with torch.autograd.grad, as a call of the
-op by itself would; that function's Python checks of its arguments (a layer row is 23-47 us faster without them
+op by itself would; that function's Python checks of its arguments (a layer row is 25-42 us faster without them
 on a 2-vCPU x86_64 VM) are paid once per backward call, which a model makes once per step for all its layers:
 `--backward engine` runs the autograd engine alone instead, the per-layer share of a model's step (the GPT-2 rows
 are whole steps either way).

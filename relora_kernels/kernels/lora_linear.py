@@ -133,10 +133,14 @@ def _round_to_e4m3(value):
     # The grid's step is 2**(max(exponent, -6) - 3): drop that many low bits of the 24-bit significand, rounding to
     # nearest-even. Below 2**-10 everything rounds to zero, so the shift stops at 25 (an fp32 zero or subnormal,
     # whose significand this counts with the implicit bit, also goes to zero there).
-    shift = tl.minimum(_E4M3_DROPPED_BITS + tl.maximum(_E4M3_MIN_EXPONENT - exponent, 0), 25)
+    # No `constant - tensor` inside a call's arguments: triton 3.7's and 3.8's interpreters pass it on as a constexpr
+    # (they unwrap one only where it is assigned), which tl.maximum / tl.minimum refuse ("cannot convert ... to
+    # tensor").
+    normal_exponent = tl.maximum(exponent, _E4M3_MIN_EXPONENT)
+    shift = tl.minimum(normal_exponent - exponent + _E4M3_DROPPED_BITS, 25)
     significand = (magnitude & _FP32_MANTISSA) | _FP32_IMPLICIT_BIT
     steps = (significand + (1 << (shift - 1)) - 1 + ((significand >> shift) & 1)) >> shift
-    step = _power_of_two(tl.maximum(exponent, _E4M3_MIN_EXPONENT) - 3)
+    step = _power_of_two(normal_exponent - 3)
     rounded = (steps.to(tl.float32) * step).to(tl.int32, bitcast=True) | sign  # at most 16 steps: exact
     return rounded.to(tl.float32, bitcast=True)
 

@@ -117,8 +117,11 @@ _FP8_MMA = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*\.e4m3\.e4m3\b")
 
 
 def _atomics(ptx: str) -> dict:
-    """The kernel's global reductions (fp32 atomics) by width: a vectorised one adds 2 or 4 elements at once."""
-    widths = re.findall(r"\bred\.global\.[\w.]*?add(\.v[24])?\.f32", ptx)
+    """The kernel's global reductions (fp32 atomics) by width: a vectorised one adds 2 or 4 elements at once. Triton
+    3.9 writes a `tl.atomic_add` whose result is unused as `red.global...`, 3.6-3.8 mostly as `atom.global...` with a
+    result nobody reads; ptxas makes both the same REDG instruction (sm_90 SASS of the gradient kernels under 3.6-3.9),
+    so both count."""
+    widths = re.findall(r"\b(?:red|atom)\.global\.[\w.]*?add(\.v[24])?\.f32", ptx)
     return {"vector": sum(bool(w) for w in widths), "scalar": sum(not w for w in widths)}
 
 

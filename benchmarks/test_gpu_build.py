@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import time_model
+from relora_kernels.kernels import policy
 
 pytestmark = pytest.mark.slow  # the builds run in a subprocess
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +65,10 @@ def test_every_kernel_is_built_for_each_architecture(builds):
 
 
 FP8_PATHS = {"fp8", "fp8 strided"}
+# Builds that spill under one Triton only, in bytes of stack: triton 3.8's sm_90 build of the FP8 shrink with dropout
+# at r = 64 keeps 8 bytes on the stack (at r = 16 none, nor under triton 3.7 and 3.9; benchmarks.gpu_build,
+# 2026-12-05). A speed cost (a local store and load per program), not an error; any other spill fails.
+KNOWN_SPILLS = {((3, 8), "shrink_kernel", "apply_dropout quantize", 64): 8}
 
 
 def test_fp8_launches_build_for_hopper_on_fp8_tensor_cores(builds):
@@ -77,8 +82,9 @@ def test_fp8_launches_build_for_hopper_on_fp8_tensor_cores(builds):
             ("quantize_rows_kernel", "-"), ("quantize_rows_kernel", "has_amax"),
             ("fused_matmul_kernel", "has_bias fp8"), ("fused_matmul_kernel", "fp8"),
             ("fused_matmul_kernel", "apply_dropout fp8")} <= variants, variants
+    triton_version = policy.TRITON_VERSION
     for row in fp8:
-        assert row["stack_bytes"] == 0, row
+        assert row["stack_bytes"] <= KNOWN_SPILLS.get((triton_version, row["kernel"], row["variant"], row["r"]), 0), row
         if "fp8" in row["variant"].split():
             assert row["wgmma"] and row["fp8_mma"], row
 
@@ -254,6 +260,23 @@ def test_a_failed_build_is_a_failed_row_and_the_others_go_on(monkeypatch, tmp_pa
            "failed**: RuntimeError: PassManager::run failed |" in table
     assert [row["error"] for row in json.loads((tmp_path / "gpu_build.json").read_text())["rows"]] == [
         failed["error"], job_row["error"]]
+
+
+def test_global_fp32_sums_count_in_either_spelling_tritons_write():
+    # PTX lines as triton 3.9 (red) and triton 3.6-3.8 (atom, its result unused) write a tl.atomic_add into four fp32
+    # slots at once and into one; a max (an FP8 row's amax) and a 16-bit add are no fp32 sums. In process, no build.
+    from benchmarks import gpu_build
+
+    ptx = "\n".join([
+        "\t@%p15 red.global.gpu.relaxed.add.v4.f32 [ %rd86 + 0 ], { %r94, %r95, %r96, %r97 };",
+        "\t@%p19 atom.global.gpu.relaxed.add.v4.f32 { %r227, %r228, %r229, %r230 }, [ %rd100 + 0 ], "
+        "{ %r231, %r232, %r233, %r234 };",
+        "\t@%p13 red.global.gpu.relaxed.add.f32 [ %rd68 + 0 ], %r109;",
+        "\t@%p17 atom.global.gpu.relaxed.add.f32 %r143, [ %rd64 + 0 ], %r144;",
+        "\t@%p2 atom.global.gpu.relaxed.max.s32 %r1, [ %rd5 + 0 ], %r2;",
+        "\t@%p3 red.global.add.noftz.bf16 [ %rd6 + 0 ], %rs1;",
+    ])
+    assert gpu_build._atomics(ptx) == {"vector": 2, "scalar": 2}
 
 
 class _SerialPool:

@@ -255,6 +255,15 @@ def test_each_fused_provider_runs_its_engine_and_restores_the_setting(provider, 
         assert policy.engine_setting() == before
 
 
+def test_each_torch_version_builds_the_native_baseline_apart():
+    # Two torch releases with one CUDA tag share torch's build folder (keyed by Python and CUDA): the build's name
+    # keeps them apart, and a name is a C identifier (torch defines TORCH_EXTENSION_NAME from it).
+    versions = ("2.12.1+cu130", "2.14.1+cu130", "2.13.0+cpu", "2.13.0", "2.15.0.dev20261201+cu132")
+    names = {csrc_bench.extension_name(version) for version in versions}
+    assert len(names) == len(versions) and all(name.isidentifier() for name in names), names
+    assert csrc_bench.extension_name() == csrc_bench.extension_name(torch.__version__)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_native_matches_reference(p):
     # The C++ baseline's math, on the CPU when there is no GPU (ATen ops run on any device).

@@ -6,8 +6,9 @@
 
 The build goes through torch.utils.cpp_extension (ninja + a C++ compiler; no nvcc: the source only calls ATen
 operators). The compiled library is cached under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and
-rebuilt only when the source changes. Where it cannot be built or used, `load` raises NativeUnavailable whose
-message says why, and `unavailable_reason` returns that reason without raising.
+rebuilt only when the source changes, one build per torch version (`extension_name`). Where it cannot be built or
+used, `load` raises NativeUnavailable whose message says why, and `unavailable_reason` returns that reason without
+raising.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ import torch
 
 SOURCE = Path(__file__).with_name("lora_native.cpp")
 EXTENSION_NAME = "relora_bench_native"
+
+
+def extension_name(torch_version: str = torch.__version__) -> str:
+    """The build's name, torch's version in it: torch keys its build folders by Python and CUDA version only, so two
+    torch releases with one CUDA tag (2.12.1+cu130, 2.14.1+cu130) would share one, and a process that waits for
+    another's build there loads what that one built, against the other torch (it crashed so)."""
+    return f"{EXTENSION_NAME}_torch_" + "".join(c if c.isalnum() else "_" for c in torch_version)
 
 
 class NativeUnavailable(RuntimeError):
@@ -57,7 +65,7 @@ def _build_and_load(verbose: bool):
     from torch.utils.cpp_extension import load as build
 
     try:
-        build(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False,
+        build(name=extension_name(), sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False,
               verbose=verbose)
     except (RuntimeError, OSError, ImportError) as error:  # compiler or linker failure; the log is in the message
         raise NativeUnavailable(f"building {SOURCE.name} failed: {error}") from error

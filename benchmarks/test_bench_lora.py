@@ -256,7 +256,7 @@ def test_each_fused_provider_runs_its_engine_and_restores_the_setting(provider, 
 
 
 def test_each_torch_version_builds_the_native_baseline_apart():
-    # Two torch releases with one CUDA tag share torch's build folder (keyed by Python and CUDA): the build's name
+    # Two torch versions with one CUDA tag share torch's build folder (keyed by Python and CUDA): the build's name
     # keeps them apart, and a name is a C identifier (torch defines TORCH_EXTENSION_NAME from it).
     versions = ("2.12.1+cu130", "2.14.1+cu130", "2.13.0+cpu", "2.13.0", "2.15.0.dev20261201+cu132")
     names = {csrc_bench.extension_name(version) for version in versions}

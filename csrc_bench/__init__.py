@@ -26,7 +26,7 @@ EXTENSION_NAME = "relora_bench_native"
 
 def extension_name(torch_version: str = torch.__version__) -> str:
     """The build's name, torch's version in it: torch keys its build folders by Python and CUDA version only, so two
-    torch releases with one CUDA tag (2.12.1+cu130, 2.14.1+cu130) would share one, and a process that waits for
+    torch versions with one CUDA tag (2.12.1+cu130, 2.14.1+cu130) would share one, and a process that waits for
     another's build there loads what that one built, against the other torch (it crashed so)."""
     return f"{EXTENSION_NAME}_torch_" + "".join(c if c.isalnum() else "_" for c in torch_version)
 

@@ -133,9 +133,7 @@ def _round_to_e4m3(value):
     # The grid's step is 2**(max(exponent, -6) - 3): drop that many low bits of the 24-bit significand, rounding to
     # nearest-even. Below 2**-10 everything rounds to zero, so the shift stops at 25 (an fp32 zero or subnormal,
     # whose significand this counts with the implicit bit, also goes to zero there).
-    # No `constant - tensor` inside a call's arguments: triton 3.7's and 3.8's interpreters pass it on as a constexpr
-    # (they unwrap one only where it is assigned), which tl.maximum / tl.minimum refuse ("cannot convert ... to
-    # tensor").
+    # The tensor comes first: no module constant on the left inside a call's arguments (tests/test_kernel_source.py).
     normal_exponent = tl.maximum(exponent, _E4M3_MIN_EXPONENT)
     shift = tl.minimum(normal_exponent - exponent + _E4M3_DROPPED_BITS, 25)
     significand = (magnitude & _FP32_MANTISSA) | _FP32_IMPLICIT_BIT

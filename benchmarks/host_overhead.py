@@ -374,12 +374,26 @@ def goals_met(table: dict[str, dict[str, float]]) -> dict[str, bool]:
             if not name.startswith("fp8 ") for against, value in against_values.items()}
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The host CPU's model name (Linux's cpuinfo, else what the platform module knows): host time depends on it, and
+    two machines of one architecture and core count can differ ~2x in these rows."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def conditions(stubbed: bool, repeats: int, calls: int, shape: dict = SHAPE, gpt2: bool = True,
                backward: str = "grad") -> dict:
     import triton
 
     return {
-        "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "threads": 1,
+        "machine": platform.processor() or platform.machine(), "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(), "threads": 1,
         "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
         "launches": "stand-in sm_90 driver, no driver call" if stubbed else "real, on " + torch.cuda.get_device_name(),
         "shape": shape, "dtype": "fp32", "repeats": repeats, "calls": calls,

@@ -83,3 +83,15 @@ def test_the_conditions_name_the_layer_rows_backward():
     assert engine["layer backward"] == "the autograd engine alone"
     assert engine["command"] == "python -m benchmarks.host_overhead --no-gpt2 --backward engine"
     assert conditions(True, 15, 40)["command"] == "python -m benchmarks.host_overhead"
+
+
+def test_the_conditions_name_the_cpu_model(tmp_path):
+    from benchmarks.host_overhead import conditions, cpu_model
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+    assert cpu_model(cpuinfo) == "AMD EPYC 9654 96-Core Processor"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t:\n")  # no name given: the platform's answer instead
+    assert cpu_model(cpuinfo) == cpu_model(tmp_path / "missing") != ""
+    assert conditions(True, 15, 40)["cpu"] == cpu_model()

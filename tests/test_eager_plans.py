@@ -51,9 +51,11 @@ def _check_against_reference(inputs, dropout_p, seed, y, grads, grad_y):
                                                                                  magnitudes[name]))
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
 @pytest.mark.parametrize("dropout_p, bias", [(0.0, True), (0.25, False)], ids=["p0-bias", "p0.25-no-bias"])
 def test_a_planned_call_runs_the_plan_and_matches_the_reference(triton_backend, engine, dropout_p, bias,
-                                                                  monkeypatch):
+                                                                  deterministic, monkeypatch):
+    rk.configure(deterministic=deterministic)  # the planned backward's two ways of adding up dA, dB, dbias
     monkeypatch.setattr(passes, "_forward_plans", {})
     inputs = make_inputs((M,), K, N, R, torch.float32, bias=bias)
     first = _fwd_bwd(inputs, dropout_p, seed=11)
@@ -87,7 +89,18 @@ def test_a_change_of_settings_is_not_served_by_an_old_plan(triton_backend, monke
         engines.append("cublas" if expand is not None else "triton")
         return real(x, lora_a, dropout_p, seed, expand, launch)
 
+    def spy_planned(name, engine):  # a planned forward does not go through _shrink
+        real_planned = getattr(passes.lora_linear, name)
+
+        def planned(*args):
+            engines.append(engine)
+            return real_planned(*args)
+
+        monkeypatch.setattr(passes.lora_linear, name, planned)
+
     monkeypatch.setattr(passes.lora_linear, "_shrink", spy)
+    spy_planned("forward_planned", "triton")
+    spy_planned("forward_composed_planned", "cublas")
     rk.configure(engine="cublas")
     _fwd_bwd(inputs, 0.0, seed=1)
     _fwd_bwd(inputs, 0.0, seed=1)

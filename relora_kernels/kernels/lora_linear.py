@@ -474,7 +474,7 @@ def _grad_b_kernel(
 def _grad_a_kernel(
     x_ptr,  # (M, K)
     ds_partial_ptr,  # (num_ds_partials, M, R) fp32: _grad_b_kernel's dy @ B partials
-    ds_ptr,  # (M, R) output dS, in x's dtype
+    ds_ptr,  # (M, R) output dS, in x's dtype, unless WRITE_DX
     da_ptr,  # (token blocks, R, K) fp32 output: dA partials, one per token block (a single one with atomics)
     seed_ptr,  # () int64 dropout seed, read only when APPLY_DROPOUT
     a_ptr,  # (R, K), read only when WRITE_DX
@@ -502,9 +502,10 @@ def _grad_a_kernel(
     for ds_partial in range(0, num_ds_partials):
         ds += tl.load(ds_ptrs + tl.cast(ds_partial, tl.int64) * stride_dsp_partial, mask=mask_mr, other=0.0)
     ds = ds * tl.cast(scale, tl.float32)
-    if split == 0:
-        tl.store(ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-                 ds.to(ds_ptr.dtype.element_ty), mask=mask_mr)
+    if not WRITE_DX:  # with dx's start written here (the cuBLAS-composed engine) nothing reads dS afterwards
+        if split == 0:
+            tl.store(ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+                     ds.to(ds_ptr.dtype.element_ty), mask=mask_mr)
     # dS enters dA (and the dx term) in the input dtype, as it would in the eager computation.
     ds_rounded = ds.to(x_ptr.dtype.element_ty)
     ds_t = tl.trans(ds_rounded)
@@ -782,6 +783,50 @@ def input_grad_planned(gemm, grad_y: torch.Tensor, weight: torch.Tensor, grad_sh
     return out
 
 
+def forward_composed_planned(shrink, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                             lora_b: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
+                             seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, S) of the cuBLAS-composed engine's forward by a plan's `shrink`, shrink_launch(x, lora_a, dropout_p,
+    (lora_b, s, bias)), for these operands' key (M, N > 0): S and y's start s * S @ B.T + bias in one launch, then
+    cuBLAS adds x @ W.T; _shrink's allocations and launch without its generic arguments."""
+    M = x.shape[0]
+    shrunk = x.new_empty(M, lora_a.shape[0])
+    out = x.new_empty(M, weight.shape[0])
+    # _shrink's pointer order, placeholders as there (see launch.dropout_args).
+    shrink((x, lora_a, shrunk, seed if dropout_p > 0.0 else x, lora_b, x if bias is None else bias, out, x, x))
+    return out.addmm_(x, weight.T), shrunk
+
+
+def grad_ab_planned(launches, grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor,
+                    lora_a: torch.Tensor | None, lora_b: torch.Tensor, dropout_p: float, seed: torch.Tensor | None,
+                    need_bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dA, dB, dS or dx's start, dbias or None) by a plan's grad_ab_launches for these operands' key, reduced with
+    atomics (not deterministic), dy not quantised, M > 0: _grad_ab's allocations and two launches without its
+    generic arguments (the planned backward's). dx's start where lora_a is given (the cuBLAS-composed engine), as
+    there."""
+    _, grad_b_launch, grad_a_launch, _ = launches
+    M, K = x.shape
+    N, R = lora_b.shape
+    # With atomics the zeroed buffers are the sums themselves (one partial each).
+    grad_a = x.new_zeros(R, K, dtype=torch.float32)
+    grad_b = x.new_zeros(N, R, dtype=torch.float32)
+    grad_bias = x.new_zeros(N, dtype=torch.float32) if need_bias_grad else None
+    ds_partial = x.new_zeros(1, M, R, dtype=torch.float32)
+    # _grad_ab's pointer orders, placeholders as there (see launch.dropout_args).
+    grad_b_launch((grad_y, shrunk, lora_b, ds_partial, grad_b, grad_y if grad_bias is None else grad_bias, grad_y))
+    mask_seed = seed if dropout_p > 0.0 else x
+    if lora_a is None:
+        second = x.new_empty(M, R)  # dS
+        grad_a_launch((x, ds_partial, second, grad_a, mask_seed, x, x))
+    else:
+        second = x.new_empty(M, K)  # dx's start
+        grad_a_launch((x, ds_partial, x, grad_a, mask_seed, lora_a, second))
+    if x.dtype != torch.float32:  # rounded once into the inputs' dtype
+        grad_a, grad_b = grad_a.to(x.dtype), grad_b.to(x.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(x.dtype)
+    return grad_a, grad_b, second, grad_bias
+
+
 # Triton's float8e4nv (e4m3fn), in tl.dot and in casts, needs compute capability 8.9 or later (FP8 tensor cores).
 FP8_MIN_ARCH = 89
 
@@ -997,7 +1042,8 @@ def grad_ab_launches(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, need_b
 def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
              quantize_grad_y=False, launches=None):
     """(dA, dB, dS, dbias (None unless need_bias_grad), dx start or None, (dyq, sdy) or None): dx's start
-    mask(dS @ A) / (1-p) is written by the dA launch when lora_a is given (the cuBLAS-composed engine); with
+    mask(dS @ A) / (1-p) is written by the dA launch, instead of dS (None then), when lora_a is given (the
+    cuBLAS-composed engine); with
     quantize_grad_y the dy launch also gathers dy's row amax and a third launch writes dy in e4m3 (the FP8 input
     gradient's operand). `launches`: grad_ab_launches of the same operands' key, if the caller keeps them (made by a
     call that passed the architecture check)."""
@@ -1016,15 +1062,16 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
     # Not allocated when not asked for: the ops return an empty one (_bias_grad_or_empty), the eager path None.
     grad_bias = x.new_zeros(*partials, N, dtype=torch.float32) if need_bias_grad else None
     ds_partial = x.new_zeros(ds_partials, M, R, dtype=torch.float32)
-    grad_shrunk = x.new_empty(M, R)
+    # dS is written where it is the input gradient's operand, dx's start where the dA launch writes that instead.
+    grad_shrunk = None if write_dx else x.new_empty(M, R)
     dx_start = x.new_empty(M, K) if write_dx else None
     grad_y_amax = x.new_zeros(M, dtype=torch.int32) if quantize_grad_y else None
     if token_blocks > 0:
         # Placeholders for what a variant does not read or write are inputs it never writes (see launch.dropout_args).
         grad_b_launch((grad_y, shrunk, lora_b, ds_partial, grad_b, grad_bias if need_bias_grad else grad_y,
                        grad_y if grad_y_amax is None else grad_y_amax))
-        a, dx = (lora_a, dx_start) if write_dx else (x, x)
-        grad_a_launch((x, ds_partial, grad_shrunk, grad_a, seed if dropout_p > 0.0 else x, a, dx))
+        a, dx, ds = (lora_a, dx_start, x) if write_dx else (x, x, grad_shrunk)
+        grad_a_launch((x, ds_partial, ds, grad_a, seed if dropout_p > 0.0 else x, a, dx))
     if partials:
         grad_a, grad_b = grad_a.sum(0), grad_b.sum(0)
         grad_bias = None if grad_bias is None else grad_bias.sum(0)

@@ -291,9 +291,8 @@ def eager_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
             return y, shrunk, _forward_plans.get(key)
     launches = plan.aligned if aligned_launches_apply(x, weight, lora_a, lora_b, bias, seed) else plan
     if launches.cublas:
-        shrunk, y, _, _ = lora_linear._shrink(x, lora_a, dropout_p, seed, (lora_b, scale, bias),
-                                              launch=launches.shrink)
-        return y.addmm_(x, weight.T), shrunk, plan
+        return (*lora_linear.forward_composed_planned(launches.shrink, x, weight, lora_a, lora_b, bias, dropout_p,
+                                                      seed), plan)
     return (*lora_linear.forward_planned(launches.shrink, launches.gemm, x, weight, lora_a, lora_b, bias, dropout_p,
                                          seed), plan)
 
@@ -323,15 +322,20 @@ def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             deterministic))
     if aligned_launches_apply(grad_y, x, weight, lora_a, lora_b, seed):  # shrunk is the forward's own allocation
         plan = plan.aligned
-    if plan.cublas:
-        grad_a, grad_b, _, grad_bias, grad_x, _ = lora_linear._grad_ab(
-            grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
+    # The gradient launches write dS, or, cuBLAS-composed, dx's start mask(dS @ A) / (1-p) instead: `second`.
+    start_a = lora_a if plan.cublas else None
+    if deterministic:  # partial sums to add up: the general launcher
+        grad_a, grad_b, grad_shrunk, grad_bias, start, _ = lora_linear._grad_ab(
+            grad_y, x, shrunk, start_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
             launches=plan.grad_ab)
-        return grad_x.addmm_(grad_y, weight), grad_a, grad_b, grad_bias
-    grad_a, grad_b, grad_shrunk, grad_bias, _, _ = lora_linear._grad_ab(
-        grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic, launches=plan.grad_ab)
+        second = grad_shrunk if start is None else start
+    else:
+        grad_a, grad_b, second, grad_bias = lora_linear.grad_ab_planned(
+            plan.grad_ab, grad_y, x, shrunk, start_a, lora_b, dropout_p, seed, need_bias_grad)
+    if plan.cublas:
+        return second.addmm_(grad_y, weight), grad_a, grad_b, grad_bias
     if need_input_grad:
-        grad_x = lora_linear.input_grad_planned(plan.gemm, grad_y, weight, grad_shrunk, lora_a, dropout_p, seed)
+        grad_x = lora_linear.input_grad_planned(plan.gemm, grad_y, weight, second, lora_a, dropout_p, seed)
     else:
         grad_x = x.new_empty((0, x.shape[1]))
     return grad_x, grad_a, grad_b, grad_bias

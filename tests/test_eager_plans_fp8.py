@@ -74,8 +74,11 @@ def _first_and_planned_call(monkeypatch, dropout_p, bias, need_x, break_plan=Non
 CASES = {"p0-bias": (0.0, True, True), "p0.3-no-bias": (0.3, False, True), "p0.3-bias-no-dx": (0.3, True, False)}
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
 @pytest.mark.parametrize("case", CASES)
-def test_a_planned_call_runs_the_plan_and_matches_the_reference(triton_backend, engine, case, monkeypatch):
+def test_a_planned_call_runs_the_plan_and_matches_the_reference(triton_backend, engine, case, deterministic,
+                                                                  monkeypatch):
+    rk.configure(deterministic=deterministic)  # the planned backward's two ways of adding up dA, dB, dbias
     _first_and_planned_call(monkeypatch, *CASES[case])
 
 

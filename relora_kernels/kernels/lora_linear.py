@@ -799,12 +799,12 @@ def forward_composed_planned(shrink, x: torch.Tensor, weight: torch.Tensor, lora
 
 def grad_ab_planned(launches, grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor,
                     lora_a: torch.Tensor | None, lora_b: torch.Tensor, dropout_p: float, seed: torch.Tensor | None,
-                    need_bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(dA, dB, dS or dx's start, dbias or None) by a plan's grad_ab_launches for these operands' key, reduced with
-    atomics (not deterministic), dy not quantised, M > 0: _grad_ab's allocations and two launches without its
-    generic arguments (the planned backward's). dx's start where lora_a is given (the cuBLAS-composed engine), as
-    there."""
-    _, grad_b_launch, grad_a_launch, _ = launches
+                    need_bias_grad: bool) -> tuple:
+    """(dA, dB, dS or dx's start, dbias or None, (dyq, sdy) or None) by a plan's grad_ab_launches for these operands'
+    key, reduced with atomics (not deterministic), M > 0: _grad_ab's allocations and launches without its generic
+    arguments (the planned backwards'). dx's start where lora_a is given (the cuBLAS-composed engine), dy quantised
+    where the launches include its quantising launch (the FP8 backward), as there."""
+    _, grad_b_launch, grad_a_launch, quantize_launch = launches
     M, K = x.shape
     N, R = lora_b.shape
     # With atomics the zeroed buffers are the sums themselves (one partial each).
@@ -812,8 +812,10 @@ def grad_ab_planned(launches, grad_y: torch.Tensor, x: torch.Tensor, shrunk: tor
     grad_b = x.new_zeros(N, R, dtype=torch.float32)
     grad_bias = x.new_zeros(N, dtype=torch.float32) if need_bias_grad else None
     ds_partial = x.new_zeros(1, M, R, dtype=torch.float32)
+    grad_y_amax = None if quantize_launch is None else x.new_zeros(M, dtype=torch.int32)
     # _grad_ab's pointer orders, placeholders as there (see launch.dropout_args).
-    grad_b_launch((grad_y, shrunk, lora_b, ds_partial, grad_b, grad_y if grad_bias is None else grad_bias, grad_y))
+    grad_b_launch((grad_y, shrunk, lora_b, ds_partial, grad_b, grad_y if grad_bias is None else grad_bias,
+                   grad_y if grad_y_amax is None else grad_y_amax))
     mask_seed = seed if dropout_p > 0.0 else x
     if lora_a is None:
         second = x.new_empty(M, R)  # dS
@@ -824,7 +826,26 @@ def grad_ab_planned(launches, grad_y: torch.Tensor, x: torch.Tensor, shrunk: tor
     if x.dtype != torch.float32:  # rounded once into the inputs' dtype
         grad_a, grad_b = grad_a.to(x.dtype), grad_b.to(x.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(x.dtype)
-    return grad_a, grad_b, second, grad_bias
+    if quantize_launch is None:
+        return grad_a, grad_b, second, grad_bias, None
+    grad_y_q = grad_y.new_empty(M, N, dtype=torch.float8_e4m3fn)
+    grad_y_scale = grad_y.new_empty(M, dtype=torch.float32)
+    quantize_launch((grad_y, grad_y_q, grad_y_scale, grad_y_amax))  # _quantize_rows's pointer order
+    return grad_a, grad_b, second, grad_bias, (grad_y_q, grad_y_scale)
+
+
+def shrink_quantize_planned(shrink, x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float,
+                            seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(S, xq, sx) of the FP8 forward's first launch by a plan's `shrink`, shrink_launch(x, lora_a, dropout_p,
+    quantize=True), for these operands' key (M > 0): _shrink's allocations and launch without its generic
+    arguments."""
+    M, K = x.shape
+    shrunk = x.new_empty(M, lora_a.shape[0])
+    x_q = x.new_empty(M, K, dtype=torch.float8_e4m3fn)
+    x_scale = x.new_empty(M, dtype=torch.float32)
+    # _shrink's pointer order, placeholders as there (see launch.dropout_args).
+    shrink((x, lora_a, shrunk, seed if dropout_p > 0.0 else x, x, x, x, x_q, x_scale))
+    return shrunk, x_q, x_scale
 
 
 # Triton's float8e4nv (e4m3fn), in tl.dot and in casts, needs compute capability 8.9 or later (FP8 tensor cores).
@@ -909,6 +930,19 @@ def forward_matmul_fp8_planned(x_q: torch.Tensor, x_scale: torch.Tensor, weight_
     handed W's copy and B untransposed (their addresses are their transposes'): no view of either per call."""
     out = shrunk.new_empty(x_q.shape[0], weight_q.shape[0])
     _launch_fused_matmul_fp8(launch, x_q, x_scale, weight_q, weight_scale, shrunk, lora_b, bias, out, 0.0, None)
+    return out
+
+
+def input_grad_fp8_planned(launch, grad_y_q: torch.Tensor, grad_y_scale: torch.Tensor, weight_t_q: torch.Tensor,
+                           weight_t_scale: torch.Tensor, grad_shrunk: torch.Tensor, lora_a: torch.Tensor,
+                           dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """input_grad_planned in FP8: dx = deq(dyq) @ deq(W.T's copy).T + mask(dS @ A) / (1-p), (M, K) in dS's dtype,
+    by a plan's fused_matmul_fp8_launch(dyq, sdy, W.T's copy transposed, its scales, dS, A, 1 / (1-p), None,
+    dropout_p, tile, dS's dtype) for these operands' key (M, K > 0), handed W.T's copy untransposed (its address is
+    its transpose's): no view per call, nor fused_matmul_fp8's generic arguments and device guard."""
+    out = grad_shrunk.new_empty(grad_y_q.shape[0], weight_t_q.shape[0])
+    _launch_fused_matmul_fp8(launch, grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, grad_shrunk, lora_a, None,
+                             out, dropout_p, seed)
     return out
 
 

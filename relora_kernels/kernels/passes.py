@@ -330,7 +330,7 @@ def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             launches=plan.grad_ab)
         second = grad_shrunk if start is None else start
     else:
-        grad_a, grad_b, second, grad_bias = lora_linear.grad_ab_planned(
+        grad_a, grad_b, second, grad_bias, _ = lora_linear.grad_ab_planned(
             plan.grad_ab, grad_y, x, shrunk, start_a, lora_b, dropout_p, seed, need_bias_grad)
     if plan.cublas:
         return second.addmm_(grad_y, weight), grad_a, grad_b, grad_bias

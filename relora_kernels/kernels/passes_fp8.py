@@ -244,7 +244,7 @@ def eager_forward_fp8(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: tor
                                                y_shrunk[1]))
             return y, shrunk, _forward_plans.get(key)
     launches = plan.aligned if aligned_launches_apply(x, weight_q, weight_scale, lora_a, lora_b, bias, seed) else plan
-    shrunk, _, x_q, x_scale = lora_linear._shrink(x, lora_a, dropout_p, seed, quantize=True, launch=launches.shrink)
+    shrunk, x_q, x_scale = lora_linear.shrink_quantize_planned(launches.shrink, x, lora_a, dropout_p, seed)
     if launches.cublas:
         y = scaled_mm(x_q, x_scale, weight_q, weight_scale, x.dtype)
         return _add_low_rank_(y, shrunk, lora_b.T * scale, bias), shrunk, plan
@@ -279,28 +279,30 @@ def eager_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.
     # shrunk is the forward's own allocation
     if aligned_launches_apply(grad_y, x, weight_t_q, weight_t_scale, lora_a, lora_b, seed):
         plan = plan.aligned
+    # The gradient launches write dS, or, cuBLAS-composed with dropout, dx's start mask(dS @ A) / (1-p) instead
+    # (`second`), and quantise dy where dx is asked for.
+    start_a = lora_a if need_input_grad and plan.cublas and dropout_p > 0.0 else None
+    if deterministic:  # partial sums to add up: the general launcher
+        grad_a, grad_b, grad_shrunk, grad_bias, start, grad_y_quantized = lora_linear._grad_ab(
+            grad_y, x, shrunk, start_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
+            quantize_grad_y=need_input_grad, launches=plan.grad_ab)
+        second = grad_shrunk if start is None else start
+    else:
+        grad_a, grad_b, second, grad_bias, grad_y_quantized = lora_linear.grad_ab_planned(
+            plan.grad_ab, grad_y, x, shrunk, start_a, lora_b, dropout_p, seed, need_bias_grad)
     if not need_input_grad:
-        grad_a, grad_b, _, grad_bias, _, _ = lora_linear._grad_ab(
-            grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
-            launches=plan.grad_ab)
         return x.new_empty((0, x.shape[1])), grad_a, grad_b, grad_bias
-    if plan.cublas and dropout_p > 0.0:
-        grad_a, grad_b, _, grad_bias, start, (grad_y_q, grad_y_scale) = lora_linear._grad_ab(
-            grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
-            quantize_grad_y=True, launches=plan.grad_ab)
+    grad_y_q, grad_y_scale = grad_y_quantized
+    if start_a is not None:
         # dx = dy @ W (FP8) + mask(dS @ A) / (1-p)
-        return start.add_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype)), grad_a, grad_b, \
+        return second.add_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype)), grad_a, grad_b, \
             grad_bias
-    grad_a, grad_b, grad_shrunk, grad_bias, _, (grad_y_q, grad_y_scale) = lora_linear._grad_ab(
-        grad_y, x, shrunk, None, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic, quantize_grad_y=True,
-        launches=plan.grad_ab)
     if plan.cublas:
         # dx = dy @ W (FP8) + dS @ A
-        grad_x = _add_low_rank_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype), grad_shrunk,
+        grad_x = _add_low_rank_(scaled_mm(grad_y_q, grad_y_scale, weight_t_q, weight_t_scale, x.dtype), second,
                                 lora_a, None)
     else:
         # dx = dy @ W (FP8) + mask(dS @ A) / (1-p), the mask of the (M, K) output
-        grad_x = lora_linear.fused_matmul_fp8(grad_y_q, grad_y_scale, weight_t_q.T, weight_t_scale, grad_shrunk,
-                                              lora_a, 1.0 / (1.0 - dropout_p), None, dropout_p, seed, x.dtype,
-                                              tile=plan.tile, launch=plan.gemm)
+        grad_x = lora_linear.input_grad_fp8_planned(plan.gemm, grad_y_q, grad_y_scale, weight_t_q, weight_t_scale,
+                                                    second, lora_a, dropout_p, seed)
     return grad_x, grad_a, grad_b, grad_bias

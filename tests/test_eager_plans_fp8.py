@@ -41,13 +41,32 @@ def _check_against_reference(inputs, frozen, dropout_p, grad_out, y, grads):
         assert_within_bound(f"d{name}", grad, grads64[name], bounds[name])
 
 
-def _first_and_planned_call(monkeypatch, dropout_p, bias, need_x, break_plan=None):
+def every_other_column(t: torch.Tensor) -> torch.Tensor:
+    """The same values, as a view that skips every other element of its last dimension."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def _strided(inputs: dict, grad_out: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Every operand as a strided view of the same values: x, A, B and the bias every other column, W column-major
+    (its FP8 copies are contiguous whatever its layout), dy column-major."""
+    views = {name: None if t is None else every_other_column(t) for name, t in inputs.items()}
+    views["weight"] = inputs["weight"].T.contiguous().T
+    return views, grad_out.T.contiguous().T
+
+
+def _first_and_planned_call(monkeypatch, dropout_p, bias, need_x, break_plan=None, strided=False):
     """The op's first call of a key and its second (planned) one, the unplanned passes made to fail for the second;
-    `break_plan(inputs, frozen)` may spoil the plans in between. Checks both against the reference and each other."""
+    `break_plan(inputs, frozen)` may spoil the plans in between; `strided`: every operand a strided view. Checks
+    both against the reference and each other."""
     monkeypatch.setattr(passes_fp8, "_forward_plans", {})
     inputs = make_inputs((M,), K, N, R, torch.float32, bias=bias)
-    frozen = rk.quantize_fp8_weight(inputs["weight"])
     grad_out = grad_output(inputs, N)
+    if strided:
+        inputs, grad_out = _strided(inputs, grad_out)
+        assert not any(t.is_contiguous() for t in (*inputs.values(), grad_out) if t is not None)
+    frozen = rk.quantize_fp8_weight(inputs["weight"])
     first = _fwd_bwd(rk.lora_linear_fp8, frozen, inputs, dropout_p, grad_out, need_x)
     (plan,) = passes_fp8._forward_plans.values()  # the backward's plans are kept by its forward's
     assert len(plan.backward_plans) == 1, "the first call planned nothing"
@@ -80,6 +99,12 @@ def test_a_planned_call_runs_the_plan_and_matches_the_reference(triton_backend, 
                                                                   monkeypatch):
     rk.configure(deterministic=deterministic)  # the planned backward's two ways of adding up dA, dB, dbias
     _first_and_planned_call(monkeypatch, *CASES[case])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_planned_call_on_strided_operands(triton_backend, engine, case, monkeypatch):
+    # The plan's launches were bound once with the key's strides: each operand's own must reach every launch.
+    _first_and_planned_call(monkeypatch, *CASES[case], strided=True)
 
 
 def test_a_broken_plan_is_caught(triton_backend, engine, monkeypatch):

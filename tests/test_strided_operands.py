@@ -101,3 +101,28 @@ def test_strided_merge_and_reinit(operand, layout, backend, monkeypatch):
     assert torch.equal(tensors["lora_a"], reference.reinit_uniform(21, R, K))
     assert torch.equal(tensors["lora_b"], torch.zeros(N, R))
     assert base[untouched].isnan().all(), "an element outside the view was written"
+
+
+@pytest.mark.parametrize("dtype, deterministic", MODES, ids=["fp32-atomics", "fp32-deterministic", "fp16-atomics"])
+@pytest.mark.parametrize("operand, layout", CASES, ids=[f"{o}-{lay}" for o, lay in CASES])
+def test_strided_operand_planned_call(operand, layout, dtype, deterministic, triton_backend, engine, monkeypatch):
+    """A key's second call runs its plan, whose launches were bound once with the key's strides: on every strided
+    operand it must give the first call's result (checked against the reference above) bit for bit, without running
+    the passes in full."""
+    from relora_kernels.kernels import passes
+
+    if deterministic:
+        rk.configure(deterministic=True)
+    inputs, grad_out = strided_inputs(operand, layout, dtype)
+    scale, p, seed = 0.7, 0.2, 99
+    first = run(rk.lora_linear, inputs, scale, p, seed, grad_out)
+
+    def unplanned(*args, **kwargs):
+        raise AssertionError("a planned key ran the passes in full")
+
+    monkeypatch.setattr(passes, "lora_forward", unplanned)
+    monkeypatch.setattr(passes, "lora_backward", unplanned)
+    second = run(rk.lora_linear, inputs, scale, p, seed, grad_out)
+    assert torch.equal(first[0], second[0])
+    for name in GRAD_NAMES:
+        assert torch.equal(first[1][name], second[1][name]), name

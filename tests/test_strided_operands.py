@@ -102,6 +102,19 @@ def test_strided_merge_and_reinit(operand, layout, backend, monkeypatch):
     assert torch.equal(tensors["lora_b"], torch.zeros(N, R))
     assert base[untouched].isnan().all(), "an element outside the view was written"
 
+    # The next restart of the same views (the launches bound by the first call, as a training run's later restarts
+    # run them), after training has moved B.
+    tensors["lora_b"].copy_(torch.randn(N, R, generator=torch.Generator().manual_seed(3)))
+    previous = {name: t.clone() for name, t in tensors.items()}
+    merged = reference.merged_weight(previous["weight"].double(), previous["lora_a"].double(),
+                                     previous["lora_b"].double(), 0.5)
+    torch_twin = reference.merged_weight(previous["weight"], previous["lora_a"], previous["lora_b"], 0.5)
+    rk.merge_and_reinit_(tensors["weight"], tensors["lora_a"], tensors["lora_b"], 0.5, seed=22)
+    assert_within_torch_error("W after the second restart", tensors["weight"].contiguous(), merged, torch_twin)
+    assert torch.equal(tensors["lora_a"], reference.reinit_uniform(22, R, K))
+    assert torch.equal(tensors["lora_b"], torch.zeros(N, R))
+    assert base[untouched].isnan().all(), "an element outside the view was written"
+
 
 @pytest.mark.parametrize("dtype, deterministic", MODES, ids=["fp32-atomics", "fp32-deterministic", "fp16-atomics"])
 @pytest.mark.parametrize("operand, layout", CASES, ids=[f"{o}-{lay}" for o, lay in CASES])

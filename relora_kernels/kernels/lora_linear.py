@@ -1077,10 +1077,9 @@ def _grad_ab(grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bia
              quantize_grad_y=False, launches=None):
     """(dA, dB, dS, dbias (None unless need_bias_grad), dx start or None, (dyq, sdy) or None): dx's start
     mask(dS @ A) / (1-p) is written by the dA launch, instead of dS (None then), when lora_a is given (the
-    cuBLAS-composed engine); with
-    quantize_grad_y the dy launch also gathers dy's row amax and a third launch writes dy in e4m3 (the FP8 input
-    gradient's operand). `launches`: grad_ab_launches of the same operands' key, if the caller keeps them (made by a
-    call that passed the architecture check)."""
+    cuBLAS-composed engine); with quantize_grad_y the dy launch also gathers dy's row amax and a third launch writes
+    dy in e4m3 (the FP8 input gradient's operand). `launches`: grad_ab_launches of the same operands' key, if the
+    caller keeps them (made by a call that passed the architecture check)."""
     if launches is None:
         if quantize_grad_y:
             _require_fp8_arch()

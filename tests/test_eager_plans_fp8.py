@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import assert_within_bound, make_inputs
 from test_fp8_op import _PROBLEM, bounds_on_quantised_operands, grad_output
+from test_strided_operands import every_other_column
 
 import relora_kernels as rk
 from relora_kernels import reference
@@ -39,13 +40,6 @@ def _check_against_reference(inputs, frozen, dropout_p, grad_out, y, grads):
     assert set(grads) == set(grads64)
     for name, grad in grads.items():
         assert_within_bound(f"d{name}", grad, grads64[name], bounds[name])
-
-
-def every_other_column(t: torch.Tensor) -> torch.Tensor:
-    """The same values, as a view that skips every other element of its last dimension."""
-    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype)
-    wide[..., ::2] = t
-    return wide[..., ::2]
 
 
 def _strided(inputs: dict, grad_out: torch.Tensor) -> tuple[dict, torch.Tensor]:

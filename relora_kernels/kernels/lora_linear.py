@@ -798,13 +798,18 @@ def forward_composed_planned(shrink, x: torch.Tensor, weight: torch.Tensor, lora
 
 
 def grad_ab_planned(launches, grad_y: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor,
-                    lora_a: torch.Tensor | None, lora_b: torch.Tensor, dropout_p: float, seed: torch.Tensor | None,
-                    need_bias_grad: bool) -> tuple:
+                    lora_a: torch.Tensor | None, lora_b: torch.Tensor, scale: float, dropout_p: float,
+                    seed: torch.Tensor | None, need_bias_grad: bool, deterministic: bool) -> tuple:
     """(dA, dB, dS or dx's start, dbias or None, (dyq, sdy) or None) by a plan's grad_ab_launches for these operands'
-    key, reduced with atomics (not deterministic), M > 0: _grad_ab's allocations and launches without its generic
-    arguments (the planned backwards'). dx's start where lora_a is given (the cuBLAS-composed engine), dy quantised
-    where the launches include its quantising launch (the FP8 backward), as there."""
+    key, M > 0 (the planned backwards'): dx's start where lora_a is given (the cuBLAS-composed engine), dy quantised
+    where the launches include its quantising launch (the FP8 backward), as _grad_ab does. With atomics, _grad_ab's
+    allocations and launches without its generic arguments; deterministic (partial sums to add up), _grad_ab."""
     _, grad_b_launch, grad_a_launch, quantize_launch = launches
+    if deterministic:
+        grad_a, grad_b, grad_shrunk, grad_bias, start, grad_y_quantized = _grad_ab(
+            grad_y, x, shrunk, lora_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
+            quantize_grad_y=quantize_launch is not None, launches=launches)
+        return grad_a, grad_b, grad_shrunk if start is None else start, grad_bias, grad_y_quantized
     M, K = x.shape
     N, R = lora_b.shape
     # With atomics the zeroed buffers are the sums themselves (one partial each).

@@ -323,15 +323,9 @@ def eager_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     if aligned_launches_apply(grad_y, x, weight, lora_a, lora_b, seed):  # shrunk is the forward's own allocation
         plan = plan.aligned
     # The gradient launches write dS, or, cuBLAS-composed, dx's start mask(dS @ A) / (1-p) instead: `second`.
-    start_a = lora_a if plan.cublas else None
-    if deterministic:  # partial sums to add up: the general launcher
-        grad_a, grad_b, grad_shrunk, grad_bias, start, _ = lora_linear._grad_ab(
-            grad_y, x, shrunk, start_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
-            launches=plan.grad_ab)
-        second = grad_shrunk if start is None else start
-    else:
-        grad_a, grad_b, second, grad_bias, _ = lora_linear.grad_ab_planned(
-            plan.grad_ab, grad_y, x, shrunk, start_a, lora_b, dropout_p, seed, need_bias_grad)
+    grad_a, grad_b, second, grad_bias, _ = lora_linear.grad_ab_planned(
+        plan.grad_ab, grad_y, x, shrunk, lora_a if plan.cublas else None, lora_b, scale, dropout_p, seed,
+        need_bias_grad, deterministic)
     if plan.cublas:
         return second.addmm_(grad_y, weight), grad_a, grad_b, grad_bias
     if need_input_grad:

@@ -282,14 +282,8 @@ def eager_backward_fp8(grad_y: torch.Tensor, x: torch.Tensor, weight_t_q: torch.
     # The gradient launches write dS, or, cuBLAS-composed with dropout, dx's start mask(dS @ A) / (1-p) instead
     # (`second`), and quantise dy where dx is asked for.
     start_a = lora_a if need_input_grad and plan.cublas and dropout_p > 0.0 else None
-    if deterministic:  # partial sums to add up: the general launcher
-        grad_a, grad_b, grad_shrunk, grad_bias, start, grad_y_quantized = lora_linear._grad_ab(
-            grad_y, x, shrunk, start_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic,
-            quantize_grad_y=need_input_grad, launches=plan.grad_ab)
-        second = grad_shrunk if start is None else start
-    else:
-        grad_a, grad_b, second, grad_bias, grad_y_quantized = lora_linear.grad_ab_planned(
-            plan.grad_ab, grad_y, x, shrunk, start_a, lora_b, dropout_p, seed, need_bias_grad)
+    grad_a, grad_b, second, grad_bias, grad_y_quantized = lora_linear.grad_ab_planned(
+        plan.grad_ab, grad_y, x, shrunk, start_a, lora_b, scale, dropout_p, seed, need_bias_grad, deterministic)
     if not need_input_grad:
         return x.new_empty((0, x.shape[1])), grad_a, grad_b, grad_bias
     grad_y_q, grad_y_scale = grad_y_quantized

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import assert_within_bound, make_inputs
 from test_fp8_op import _PROBLEM, bounds_on_quantised_operands, grad_output
-from test_strided_operands import every_other_column
+from test_strided_operands import column_major, every_other_column
 
 import relora_kernels as rk
 from relora_kernels import reference
@@ -46,8 +46,8 @@ def _strided(inputs: dict, grad_out: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """Every operand as a strided view of the same values: x, A, B and the bias every other column, W column-major
     (its FP8 copies are contiguous whatever its layout), dy column-major."""
     views = {name: None if t is None else every_other_column(t) for name, t in inputs.items()}
-    views["weight"] = inputs["weight"].T.contiguous().T
-    return views, grad_out.T.contiguous().T
+    views["weight"] = column_major(inputs["weight"])
+    return views, column_major(grad_out)
 
 
 def _first_and_planned_call(monkeypatch, dropout_p, bias, need_x, break_plan=None, strided=False):

@@ -14,6 +14,7 @@ from test_lora_linear import GRAD_NAMES, run
 
 import relora_kernels as rk
 from relora_kernels import reference
+from relora_kernels.kernels import passes
 
 M, K, N, R = 29, 40, 36, 6
 
@@ -91,29 +92,25 @@ def test_strided_merge_and_reinit(operand, layout, backend, monkeypatch):
     rk.configure(backend=backend)
     inputs = make_inputs((1,), K, N, R, torch.float32)
     tensors = {name: inputs[name] for name in ("weight", "lora_a", "lora_b")}
-    merged = reference.merged_weight(tensors["weight"].double(), tensors["lora_a"].double(),
-                                     tensors["lora_b"].double(), 0.5)
-    torch_twin = reference.merged_weight(tensors["weight"], tensors["lora_a"], tensors["lora_b"], 0.5)
     base, tensors[operand] = poisoned_view(tensors[operand], layout)
     untouched = base.isnan()
-    rk.merge_and_reinit_(tensors["weight"], tensors["lora_a"], tensors["lora_b"], 0.5, seed=21)
-    assert_within_torch_error("W", tensors["weight"].contiguous(), merged, torch_twin)
-    assert torch.equal(tensors["lora_a"], reference.reinit_uniform(21, R, K))
-    assert torch.equal(tensors["lora_b"], torch.zeros(N, R))
-    assert base[untouched].isnan().all(), "an element outside the view was written"
 
+    def restart_and_check(seed: int, label: str) -> None:
+        before = {name: t.contiguous() for name, t in tensors.items()}
+        merged = reference.merged_weight(before["weight"].double(), before["lora_a"].double(),
+                                         before["lora_b"].double(), 0.5)
+        torch_twin = reference.merged_weight(before["weight"], before["lora_a"], before["lora_b"], 0.5)
+        rk.merge_and_reinit_(tensors["weight"], tensors["lora_a"], tensors["lora_b"], 0.5, seed=seed)
+        assert_within_torch_error(label, tensors["weight"].contiguous(), merged, torch_twin)
+        assert torch.equal(tensors["lora_a"], reference.reinit_uniform(seed, R, K))
+        assert torch.equal(tensors["lora_b"], torch.zeros(N, R))
+        assert base[untouched].isnan().all(), "an element outside the view was written"
+
+    restart_and_check(21, "W")
     # The next restart of the same views (the launches bound by the first call, as a training run's later restarts
     # run them), after training has moved B.
     tensors["lora_b"].copy_(torch.randn(N, R, generator=torch.Generator().manual_seed(3)))
-    previous = {name: t.clone() for name, t in tensors.items()}
-    merged = reference.merged_weight(previous["weight"].double(), previous["lora_a"].double(),
-                                     previous["lora_b"].double(), 0.5)
-    torch_twin = reference.merged_weight(previous["weight"], previous["lora_a"], previous["lora_b"], 0.5)
-    rk.merge_and_reinit_(tensors["weight"], tensors["lora_a"], tensors["lora_b"], 0.5, seed=22)
-    assert_within_torch_error("W after the second restart", tensors["weight"].contiguous(), merged, torch_twin)
-    assert torch.equal(tensors["lora_a"], reference.reinit_uniform(22, R, K))
-    assert torch.equal(tensors["lora_b"], torch.zeros(N, R))
-    assert base[untouched].isnan().all(), "an element outside the view was written"
+    restart_and_check(22, "W after the second restart")
 
 
 @pytest.mark.parametrize("dtype, deterministic", MODES, ids=["fp32-atomics", "fp32-deterministic", "fp16-atomics"])
@@ -122,8 +119,6 @@ def test_strided_operand_planned_call(operand, layout, dtype, deterministic, tri
     """A key's second call runs its plan, whose launches were bound once with the key's strides: on every strided
     operand it must give the first call's result (checked against the reference above) bit for bit, without running
     the passes in full."""
-    from relora_kernels.kernels import passes
-
     if deterministic:
         rk.configure(deterministic=True)
     inputs, grad_out = strided_inputs(operand, layout, dtype)
